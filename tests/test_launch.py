@@ -1,0 +1,435 @@
+"""run.sh launch paths: launcher lines, .env handling, VESSL rendering, shellcheck, real 2-process training.
+
+Every test runs the real ./run.sh as a subprocess with a scrubbed environment, TMPDIR and the .env file
+pointed into tmp_path, so nothing depends on (or writes to) the developer's .env or the repo.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_SH = ROOT / "run.sh"
+TRAINER = ROOT / "weighted_mtp.py"
+
+# Variables that would change what run.sh does; every test starts without them.
+SCRUB_PREFIXES = ("MLFLOW_", "AWS_", "VESSL_", "WMTP_", "GIT_")
+SCRUB = {"NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "RDZV_ID", "NPROC_PER_NODE",
+         "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "PORT"}
+
+PROD_CREDS = {
+    "MLFLOW_TRACKING_USERNAME": "wmtp_admin",
+    "MLFLOW_TRACKING_PASSWORD": "prod-password-123",
+    "AWS_ACCESS_KEY_ID": "AKIAEXAMPLEEXAMPLE",
+    "AWS_SECRET_ACCESS_KEY": "prod-aws-secret-456",
+}
+TRICKY = "p&ss|w/rd\\\"'$x y"  # p&ss|w/rd\"'$x y
+
+
+def base_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(SCRUB_PREFIXES) and k not in SCRUB}
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir(exist_ok=True)
+    env.update(TMPDIR=str(tmpdir), WMTP_ENV_FILE=str(tmp_path / "no.env"), WMTP_GPU_COUNT="0")
+    env.update(extra)
+    return env
+
+
+def run_sh(args, env, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RUN_SH), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, **kw)
+
+
+def tmpdir_entries(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in (tmp_path / "tmpdir").iterdir())
+
+
+# ------------------------------------------------------------------------------------------ shell
+@pytest.mark.parametrize("script", ["run.sh", ".ci/run"])
+def test_shellcheck_clean(script):
+    if shutil.which("shellcheck") is None:
+        pytest.fail("shellcheck is not installed (.ci/run installs it: apt-get install -y shellcheck)")
+    res = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_scripts_are_executable():
+    for script in ("run.sh", ".ci/run"):
+        assert os.stat(ROOT / script).st_mode & stat.S_IXUSR, script
+
+
+def test_help_lists_commands(tmp_path):
+    res = run_sh(["help"], base_env(tmp_path))
+    assert res.returncode == 0
+    for word in ("demo", "test", "ui", "vessl", "server", "doctor", "bench", "--dry-run", "NPROC_PER_NODE"):
+        assert word in res.stdout
+
+
+def test_unknown_pipeline_exits_2_and_lists_pipelines(tmp_path):
+    res = run_sh(["verifyable", "--local"], base_env(tmp_path))
+    assert res.returncode == 2
+    assert "unknown pipeline 'verifyable'" in res.stderr
+    assert "baseline, critic, verifiable, rho1" in res.stderr
+    assert res.stdout == ""
+
+
+def test_no_python_is_a_clear_error(tmp_path):
+    empty = tmp_path / "emptybin"
+    empty.mkdir()
+    env = {"PATH": str(empty), "WMTP_VENV": str(tmp_path / "venv"), "HOME": str(tmp_path)}
+    res = subprocess.run(["/bin/bash", str(RUN_SH), "test"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 1
+    assert "python3 not found" in res.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+# ---------------------------------------------------------------------------- production variables
+@pytest.mark.parametrize("missing", sorted(PROD_CREDS))
+def test_missing_production_variable_is_named(tmp_path, missing):
+    creds = {k: v for k, v in PROD_CREDS.items() if k != missing}
+    res = run_sh(["verifiable", "--dry-run"], base_env(tmp_path, **creds))
+    assert res.returncode == 1
+    assert f"not set: {missing}." in res.stderr
+    for other in creds:
+        assert other not in res.stderr.split("not set:")[1].split(".")[0]
+    assert res.stdout == ""  # nothing launched, not even the command line
+
+
+def test_dotenv_lines_count_and_missing_one_is_named(tmp_path):
+    dotenv = tmp_path / "my.env"
+    # Plain KEY=value lines (not exported) plus one value with shell-special characters, quoted.
+    dotenv.write_text("MLFLOW_TRACKING_USERNAME=wmtp_admin\n"
+                      "MLFLOW_TRACKING_PASSWORD='p&ss|w rd$x'\n"
+                      "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\n")
+    res = run_sh(["critic", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    assert res.returncode == 1
+    assert "not set: AWS_SECRET_ACCESS_KEY." in res.stderr
+    # ... and an exported variable counts as well as a .env line
+    res = run_sh(["critic", "--dry-run"],
+                 base_env(tmp_path, WMTP_ENV_FILE=str(dotenv), AWS_SECRET_ACCESS_KEY="x"))
+    assert "not set" not in res.stderr
+    assert res.stdout.splitlines()[0].startswith("+ python -m weighted_mtp train --config configs/critic/critic.yaml")
+
+
+def test_dotenv_example_placeholders_count_as_missing(tmp_path):
+    dotenv = tmp_path / "copied.env"
+    shutil.copy(ROOT / ".env.example", dotenv)  # copied and not filled in
+    res = run_sh(["baseline", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    assert res.returncode == 1
+    assert ("not set: MLFLOW_TRACKING_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY." in res.stderr), res.stderr
+
+
+def test_unreadable_dotenv_is_a_clear_error(tmp_path):
+    dotenv = tmp_path / "bad.env"
+    dotenv.write_text("AWS_ACCESS_KEY_ID=<your-key>\n")  # unquoted < > is shell redirection
+    res = run_sh(["baseline", "--local", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    assert res.returncode != 0
+    assert f"could not read {dotenv}" in res.stderr
+
+
+def test_local_needs_no_credentials(tmp_path):
+    res = run_sh(["rho1", "--local", "--dry-run"], base_env(tmp_path))
+    assert "not set" not in res.stderr
+    assert res.stdout.splitlines()[0] == (
+        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model")
+
+
+# ------------------------------------------------------------------------------------ launcher lines
+def config_ready(*configs: str) -> bool:
+    return TRAINER.exists() and all((ROOT / c).exists() for c in configs)
+
+
+LAUNCH_CASES = {
+    "cpu": ({}, ["--local"],
+            "python -m weighted_mtp train --config configs/verifiable/verifiable_local.yaml --use-micro-model"),
+    "cpu-2proc": ({"NPROC_PER_NODE": "2"}, ["--local"],
+                  "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
+                  " --config configs/verifiable/verifiable_local.yaml --use-micro-model"),
+    "2gpu": ({"WMTP_GPU_COUNT": "2", **PROD_CREDS}, [],
+             "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train --config configs/verifiable/verifiable.yaml"),
+    "cuda-visible-2-of-8": ({"WMTP_GPU_COUNT": "8", "CUDA_VISIBLE_DEVICES": "0,1", **PROD_CREDS}, [],
+                            "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
+                            " --config configs/verifiable/verifiable.yaml"),
+    "cuda-visible-none": ({"WMTP_GPU_COUNT": "8", "CUDA_VISIBLE_DEVICES": "", **PROD_CREDS}, [],
+                          "python -m weighted_mtp train --config configs/verifiable/verifiable.yaml"),
+    "2nodes": ({"WMTP_GPU_COUNT": "4", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", **PROD_CREDS}, [],
+               "torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:29400"
+               " --rdzv_id=wmtp-verifiable -m weighted_mtp train --config configs/verifiable/verifiable.yaml"),
+    "2nodes-port-id": ({"WMTP_GPU_COUNT": "4", "NNODES": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "1234",
+                        "RDZV_ID": "job7", **PROD_CREDS}, [],
+                       "torchrun --nnodes=2 --nproc_per_node=4 --rdzv_backend=c10d --rdzv_endpoint=10.0.0.1:1234"
+                       " --rdzv_id=job7 -m weighted_mtp train --config configs/verifiable/verifiable.yaml"),
+}
+
+
+@pytest.mark.parametrize("case", list(LAUNCH_CASES))
+def test_dry_run_prints_the_launcher_line(tmp_path, case):
+    env_extra, flags, expected = LAUNCH_CASES[case]
+    extra_args = ["--override", "training.max_steps=3", "--override", "experiment.description=a b&c"]
+    res = run_sh(["verifiable", *flags, "--dry-run", *extra_args], base_env(tmp_path, **env_extra))
+    first = res.stdout.splitlines()[0] if res.stdout else ""
+    # What is printed is what a user would type: it splits back into the exact argv.
+    assert first.startswith("+ "), res.stdout + res.stderr
+    assert shlex.split(first[2:]) == shlex.split(expected) + extra_args
+    cfg = "configs/verifiable/verifiable_local.yaml" if flags else "configs/verifiable/verifiable.yaml"
+    if config_ready(cfg):
+        # The rest is the merged config, from the trainer's single-process --dry-run; nothing trains.
+        assert res.returncode == 0, res.stderr
+        merged = yaml.safe_load("\n".join(res.stdout.splitlines()[1:]))
+        assert merged["experiment"]["pipeline"] == "verifiable"
+        assert merged["training"]["max_steps"] == 3
+        assert merged["experiment"]["description"] == "a b&c"
+
+
+def test_multi_node_without_master_addr_names_it(tmp_path):
+    res = run_sh(["baseline", "--local", "--dry-run"], base_env(tmp_path, NNODES="2"))
+    assert res.returncode == 1
+    assert "MASTER_ADDR" in res.stderr
+    assert res.stdout == ""
+
+
+@pytest.mark.parametrize("var,value", [("NPROC_PER_NODE", "two"), ("NNODES", "0"), ("WMTP_GPU_COUNT", "x")])
+def test_bad_counts_are_named(tmp_path, var, value):
+    res = run_sh(["baseline", "--local", "--dry-run"], base_env(tmp_path, **{var: value}))
+    assert res.returncode == 1
+    assert var in res.stderr
+
+
+# --------------------------------------------------------------------------------------------- vessl
+VESSL_BASE = {"VESSL_CLUSTER": "my-cluster", "VESSL_PRESET": "gpu-a100-4", "GIT_URL": "https://github.com/org/weighted-mtp",
+              "GIT_REF": "0123abcd"}
+
+
+def vessl_env(tmp_path, **extra):
+    return base_env(tmp_path, **VESSL_BASE, **extra)
+
+
+def test_vessl_template_has_one_whole_value_placeholder_per_line():
+    import re
+    for line in (ROOT / "vessl.yaml").read_text().splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        found = re.findall(r"\{\{[A-Za-z0-9_]+\}\}", line)
+        assert len(found) <= 1, line
+        if found:
+            assert line.rstrip().endswith(": " + found[0]) or line.strip() == "- " + found[0], line
+
+
+def test_vessl_inline_secrets_survive_special_characters(tmp_path):
+    uri = "http://mlflow.example:5000/?a=1&b=2|c=/d\\e 'f' \"g\" $h"
+    env = vessl_env(tmp_path, MLFLOW_TRACKING_URI=uri, MLFLOW_TRACKING_PASSWORD=TRICKY,
+                    MLFLOW_TRACKING_USERNAME="wmtp_admin", AWS_ACCESS_KEY_ID="AKIA&|x",
+                    AWS_SECRET_ACCESS_KEY="s3cr3t\\&\\1|{{MLFLOW_TRACKING_PASSWORD}}",
+                    AWS_DEFAULT_REGION="eu-north-1")
+    res = run_sh(["vessl", "verifiable", "--print", "--inline-secrets"], env)
+    assert res.returncode == 0, res.stderr
+    doc = yaml.safe_load(res.stdout)
+    e = doc["env"]
+    assert e["MLFLOW_TRACKING_PASSWORD"] == {"value": TRICKY, "secret": True}
+    assert e["MLFLOW_TRACKING_USERNAME"] == {"value": "wmtp_admin", "secret": True}
+    assert e["AWS_ACCESS_KEY_ID"] == {"value": "AKIA&|x", "secret": True}
+    # a value that contains another placeholder is not substituted a second time
+    assert e["AWS_SECRET_ACCESS_KEY"] == {"value": "s3cr3t\\&\\1|{{MLFLOW_TRACKING_PASSWORD}}", "secret": True}
+    assert e["MLFLOW_TRACKING_URI"] == uri
+    assert e["MLFLOW_S3_ENDPOINT_URL"] == ""  # optional and unset: empty (run.sh unsets it before Python)
+    assert e["AWS_DEFAULT_REGION"] == "eu-north-1"
+    assert e["WMTP_PIPELINE"] == "verifiable"
+    assert e["WMTP_LOCAL"] == ""
+    assert doc["name"] == "wmtp-verifiable"
+    assert doc["resources"] == {"cluster": "my-cluster", "preset": "gpu-a100-4"}
+    assert "cuda" in doc["image"] and "pytorch" in doc["image"]
+    assert doc["import"] == {"/root/weighted-mtp": {"git": {"url": "https://github.com/org/weighted-mtp",
+                                                            "ref": "0123abcd"}}}
+    step = doc["run"][0]
+    assert step["workdir"] == "/root/weighted-mtp"
+    assert './run.sh "$WMTP_PIPELINE" ${WMTP_LOCAL:+--local}' in step["command"]
+    assert tmpdir_entries(tmp_path) == []
+
+
+def test_vessl_default_uses_secret_references_and_no_secret_value(tmp_path):
+    secrets = {"MLFLOW_TRACKING_USERNAME": "user-zq81", "MLFLOW_TRACKING_PASSWORD": TRICKY,
+               "AWS_ACCESS_KEY_ID": "AKIAZQ81ZQ81", "AWS_SECRET_ACCESS_KEY": "secret-zq81-value"}
+    res = run_sh(["vessl", "critic", "--local", "--print"], vessl_env(tmp_path, **secrets))
+    assert res.returncode == 0, res.stderr
+    for value in secrets.values():
+        assert value not in res.stdout and value not in res.stderr
+    assert "p&ss" not in res.stdout
+    e = yaml.safe_load(res.stdout)["env"]
+    assert e["MLFLOW_TRACKING_USERNAME"] == {"secret": "wmtp-mlflow-username"}
+    assert e["MLFLOW_TRACKING_PASSWORD"] == {"secret": "wmtp-mlflow-password"}
+    assert e["AWS_ACCESS_KEY_ID"] == {"secret": "wmtp-aws-access-key-id"}
+    assert e["AWS_SECRET_ACCESS_KEY"] == {"secret": "wmtp-aws-secret-access-key"}
+    assert e["WMTP_PIPELINE"] == "critic" and e["WMTP_LOCAL"] == "1"
+    assert e["AWS_DEFAULT_REGION"] == "eu-north-1"  # the guide's region by default
+    assert tmpdir_entries(tmp_path) == []
+
+
+def test_vessl_reads_dotenv(tmp_path):
+    dotenv = tmp_path / "v.env"
+    dotenv.write_text("VESSL_CLUSTER=from-dotenv\nMLFLOW_TRACKING_PASSWORD='a&b|c'\n")
+    env = vessl_env(tmp_path, WMTP_ENV_FILE=str(dotenv), MLFLOW_TRACKING_USERNAME="u",
+                    AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    res = run_sh(["vessl", "rho1", "--print", "--inline-secrets"], env)
+    assert res.returncode == 0, res.stderr
+    doc = yaml.safe_load(res.stdout)
+    assert doc["resources"]["cluster"] == "from-dotenv"
+    assert doc["env"]["MLFLOW_TRACKING_PASSWORD"]["value"] == "a&b|c"
+
+
+@pytest.mark.parametrize("broken", ["missing-required", "missing-secret", "newline"])
+def test_vessl_failing_halfway_leaves_nothing(tmp_path, broken):
+    env = vessl_env(tmp_path, MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_PASSWORD=TRICKY,
+                    AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="s")
+    if broken == "missing-required":
+        del env["VESSL_PRESET"]
+        want = "VESSL_PRESET"
+    elif broken == "missing-secret":
+        del env["AWS_SECRET_ACCESS_KEY"]  # the last placeholder: the sed script is written by then
+        want = "AWS_SECRET_ACCESS_KEY"
+    else:
+        env["AWS_SECRET_ACCESS_KEY"] = "line1\nline2"
+        want = "AWS_SECRET_ACCESS_KEY contains a line break"
+    res = run_sh(["vessl", "baseline", "--print", "--inline-secrets"], env)
+    assert res.returncode != 0
+    assert want in res.stderr
+    assert res.stdout == ""
+    assert TRICKY not in res.stderr
+    assert tmpdir_entries(tmp_path) == []
+
+
+def test_vessl_bad_args(tmp_path):
+    res = run_sh(["vessl", "nope", "--print"], vessl_env(tmp_path))
+    assert res.returncode == 2 and "unknown pipeline" in res.stderr
+    res = run_sh(["vessl", "baseline", "--frobnicate"], vessl_env(tmp_path))
+    assert res.returncode == 2 and "--frobnicate" in res.stderr
+
+
+def _fake_bin(tmp_path: Path) -> tuple[Path, Path]:
+    """A `vessl` that records its argv, the file's mode and content; a `sed` wrapper that logs argv."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    record = tmp_path / "record"
+    record.mkdir()
+    real_sed = shutil.which("sed")
+    (fake / "vessl").write_text(f"""#!/bin/sh
+printf '%s\\n' "$@" > {record}/vessl-argv
+stat -c %a "$4" > {record}/mode
+cp "$4" {record}/run.yaml
+echo submitted
+""")
+    (fake / "sed").write_text(f"""#!/bin/sh
+printf '%s\\n' "$@" >> {record}/sed-argv
+exec {real_sed} "$@"
+""")
+    for f in ("vessl", "sed"):
+        (fake / f).chmod(0o755)
+    return fake, record
+
+
+def test_vessl_submits_a_private_temp_file_and_removes_it(tmp_path):
+    fake, record = _fake_bin(tmp_path)
+    env = vessl_env(tmp_path, MLFLOW_TRACKING_USERNAME="u", MLFLOW_TRACKING_PASSWORD=TRICKY,
+                    AWS_ACCESS_KEY_ID="k", AWS_SECRET_ACCESS_KEY="aws-secret-zq81")
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    res = run_sh(["vessl", "verifiable", "--inline-secrets"], env)
+    assert res.returncode == 0, res.stderr
+    assert "submitted" in res.stdout
+    argv = (record / "vessl-argv").read_text().splitlines()
+    assert argv[:3] == ["run", "create", "-f"]
+    assert argv[3].startswith(str(tmp_path / "tmpdir") + "/")
+    assert (record / "mode").read_text().strip() == "600"
+    assert yaml.safe_load((record / "run.yaml").read_text())["env"]["MLFLOW_TRACKING_PASSWORD"]["value"] == TRICKY
+    # sed got the values from a script file (-f), never on its command line
+    sed_argv = (record / "sed-argv").read_text()
+    assert "-f" in sed_argv.splitlines()
+    assert "p&ss" not in sed_argv and "aws-secret-zq81" not in sed_argv
+    assert not Path(argv[3]).exists()
+    assert tmpdir_entries(tmp_path) == []
+
+
+def test_vessl_without_cli_says_how_to_submit(tmp_path):
+    env = vessl_env(tmp_path)
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep)
+                                  if p and not (Path(p) / "vessl").exists())
+    res = run_sh(["vessl", "baseline"], env)
+    assert res.returncode == 1
+    assert "vessl CLI is not installed" in res.stderr
+    assert "--print" in res.stderr and "vessl run create -f" in res.stderr
+    assert tmpdir_entries(tmp_path) == []
+
+
+# -------------------------------------------------------------------------------- .env.example, CI
+def test_env_example_has_the_guides_variables_and_only_placeholders():
+    text = (ROOT / ".env.example").read_text()
+    values = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values[key] = shlex.split(value)[0] if value else ""
+    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        assert key in values, key
+    assert "MLFLOW_S3_ENDPOINT_URL" in text
+    for secret in ("MLFLOW_TRACKING_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert values[secret].startswith("<") and values[secret].endswith(">"), secret
+    assert values["MLFLOW_TRACKING_USERNAME"] == "wmtp_admin"
+
+
+def test_test_command_treats_no_tests_as_failure(tmp_path):
+    empty = tmp_path / "no_tests_here"
+    empty.mkdir()
+    res = run_sh(["test", str(empty), "-p", "no:cacheprovider"], base_env(tmp_path))
+    assert res.returncode != 0
+    assert "no tests" in res.stderr
+
+
+# ------------------------------------------------------------------------- real 2-process training
+REPO_LITTER = ("mlflow.db", "mlruns", "mlartifacts", "checkpoints", "outputs")
+
+
+@pytest.mark.skipif(not TRAINER.exists(), reason="weighted_mtp.py has not landed yet")
+def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
+    from mlflow.entities import ViewType
+    from mlflow.tracking import MlflowClient
+
+    before = {name for name in REPO_LITTER if (ROOT / name).exists()}
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    # Create the experiment first so its artifacts land in tmp_path, not ./mlruns of the CWD.
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("weighted-mtp/production", artifact_location=str(tmp_path / "artifacts"))
+
+    env = base_env(tmp_path, MLFLOW_TRACKING_URI=uri, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
+    common = ["--override", "training.max_steps=3", "--override", f"checkpoint.dir={tmp_path}/ckpt",
+              "--override", f"mlflow.tracking_uri={uri}"]
+    critic = run_sh(["critic", "--local", *common], env, timeout=600)
+    assert critic.returncode == 0, critic.stdout[-3000:] + critic.stderr[-3000:]
+    res = run_sh(["verifiable", "--local", *common], env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.splitlines()[0].startswith(
+        "+ torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
+        " --config configs/verifiable/verifiable_local.yaml --use-micro-model")
+
+    exp = client.get_experiment_by_name("weighted-mtp/production")
+    assert exp.experiment_id == exp_id
+    runs = client.search_runs([exp_id], run_view_type=ViewType.ALL, max_results=100)
+    by_name = {}
+    for r in runs:
+        by_name.setdefault(r.info.run_name, []).append(r)
+    assert sorted(by_name) == ["critic-pretrain", "verifiable-wmtp"]
+    assert len(by_name["verifiable-wmtp"]) == 1  # one run per job, whatever the world size
+    assert len(by_name["critic-pretrain"]) == 1
+    assert by_name["verifiable-wmtp"][0].info.status == "FINISHED"
+    assert by_name["critic-pretrain"][0].info.status == "FINISHED"
+    after = {name for name in REPO_LITTER if (ROOT / name).exists()}
+    assert after == before, f"the run wrote into the repo: {after - before}"
