@@ -1,0 +1,457 @@
+"""
+Checkpoints that survive spot machines.
+
+- save_checkpoint / load_checkpoint: atomic local files with a sha256 sidecar, so a crash mid-save never leaves
+  a half-written checkpoint behind and corruption is detected at load time.
+- CheckpointUploader: background upload into the MLflow run's own artifacts (boto3 straight to S3 when the
+  artifact location is s3://, MlflowClient otherwise), retention by step number, and a wait() that says which
+  checkpoints are only local. Only rank 0 creates one.
+- resolve_checkpoint: a local path, s3://..., runs:/<id>/... or "auto" -> a local file (cached).
+
+Nothing here logs credentials: messages name local paths and artifact URIs only.
+mlflow and boto3 are imported lazily so that `import s3ckpt` stays cheap for local-only use.
+"""
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+log = logging.getLogger("weighted_mtp.s3ckpt")
+
+MULTIPART_CHUNK = 64 * 2**20     # multipart threshold and part size for S3 uploads
+BACKOFF_START_S, BACKOFF_MAX_S = 0.5, 30.0
+# errors that waiting does not heal; everything else (refused connections, timeouts, 5xx, throttling,
+# a bucket being re-created after an outage) is retried until the retry budget is spent
+PERMANENT_ERRORS = ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch")
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupted, truncated, or cannot be found / downloaded."""
+
+
+# -----------------------------------------------------------------------------
+# local files
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class _HashingWriter:
+    """File wrapper for torch.save: hashes the bytes on their way to disk, so saving needs no second read."""
+    def __init__(self, f):
+        self.f, self.h = f, hashlib.sha256()
+
+    def write(self, b):
+        self.h.update(b)
+        return self.f.write(b)
+
+    def flush(self):
+        self.f.flush()
+
+
+def _atomic_write(path, write):
+    """Runs write(f) on a uniquely named temp file beside path, fsyncs it and renames it onto path.
+    Readers see the old file or the new one, never a mix; on error no temp file is left behind."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: two writers never share a temp file
+    try:
+        with open(tmp, "wb") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def save_checkpoint(state, path):
+    """Saves state to path atomically and writes <path>.sha256 (hex digest of the file's bytes) atomically after it.
+    The checkpoint is replaced by os.replace, so an earlier hard link (a queued upload's snapshot) keeps the old bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(f):
+        w = _HashingWriter(f)
+        torch.save(state, w)
+        return w.h.hexdigest()
+
+    _write_sidecar(path, _atomic_write(path, write))
+    try:  # fsync the directory too, so the renames themselves survive a power cut
+        fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def _read_text(path):
+    path = Path(path)
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _write_sidecar(path, digest):
+    """Writes <path>.sha256 atomically; digest None removes it (a stale one would fail the checksum)."""
+    if digest is None:
+        Path(f"{path}.sha256").unlink(missing_ok=True)
+    else:
+        _atomic_write(Path(f"{path}.sha256"), lambda f: f.write(f"{digest}\n".encode()))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Loads a checkpoint; when <path>.sha256 exists the bytes must match it. Raises CheckpointError otherwise."""
+    path = Path(path)
+    expected = _read_text(f"{path}.sha256")
+    if path.is_file() and expected is not None and _sha256(path) != expected:
+        raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
+    try:
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError:
+            # weights_only refused a type (e.g. a numpy RNG state): these are our own files, so unpickle them fully
+            return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+
+
+def checkpoint_step(name):
+    """'checkpoint_step_120.pt' (or any path / S3 key ending so) -> 120; None for every other name."""
+    m = re.fullmatch(r"checkpoint_step_(\d+)\.pt", Path(str(name)).name)
+    return int(m.group(1)) if m else None
+
+
+def _expired(names, save_total_limit):
+    """The step checkpoints among names beyond the newest save_total_limit, by step number (never by name or
+    mtime: '100' < '20' as strings). Best, final and other files are never returned; None or < 0 keeps all."""
+    if save_total_limit is None or save_total_limit < 0:
+        return []
+    steps = sorted((checkpoint_step(n), n) for n in names if checkpoint_step(n) is not None)
+    return [n for _, n in steps[:max(len(steps) - save_total_limit, 0)]]
+
+
+def prune_local_checkpoints(ckpt_dir, save_total_limit):
+    """Removes the step checkpoints of ckpt_dir beyond the newest save_total_limit (and their .sha256).
+    Keeps checkpoint_best.pt and checkpoint_final.pt. Returns the removed checkpoint paths, oldest first."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        return []
+    removed = []
+    for name in _expired([p.name for p in d.glob("checkpoint_step_*.pt")], save_total_limit):
+        (d / name).unlink(missing_ok=True)
+        Path(f"{d / name}.sha256").unlink(missing_ok=True)
+        removed.append(d / name)
+    return removed
+
+
+# -----------------------------------------------------------------------------
+# S3 and MLflow
+
+def s3_client(max_attempts=5, connect_timeout=10, read_timeout=120):
+    """A boto3 S3 client configured from the environment (MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL,
+    AWS_DEFAULT_REGION, the usual AWS_* credentials), with standard-mode retries and timeouts."""
+    import boto3
+    from botocore.config import Config
+    endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or None
+    config = Config(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout, read_timeout=read_timeout,
+        # boto3 >= 1.36 adds CRC checksums to every request by default; several S3-compatible stores reject them
+        request_checksum_calculation="when_required", response_checksum_validation="when_required",
+        # custom endpoints (MinIO, moto, ...) rarely resolve bucket subdomains
+        s3={"addressing_style": "path"} if endpoint else None,
+    )
+    # a Session per client: boto3 clients are thread-safe, the default session is not
+    return boto3.session.Session().client("s3", endpoint_url=endpoint,
+                                          region_name=os.environ.get("AWS_DEFAULT_REGION"), config=config)
+
+
+def _split_s3(uri):
+    u = urlparse(uri)
+    return u.netloc, u.path.strip("/")
+
+
+def _is_permanent(e):
+    return isinstance(e, FileNotFoundError) or any(code in str(e) for code in PERMANENT_ERRORS)
+
+
+def _failure(fut):
+    """A done future's exception, "cancelled", or None when it succeeded."""
+    return "cancelled" if fut.cancelled() else fut.exception()
+
+
+class CheckpointUploader:
+    """Uploads checkpoints into one MLflow run's artifacts in background threads.
+
+    Every upload works on a snapshot (hard link) taken when it is submitted, retries transient errors with
+    exponential backoff for retry_budget_s, and is verified (object size) on S3. Uploads of the same name land
+    in submission order. A cleanup runs after every upload submitted before it. wait() reports what is only local.
+    """
+
+    def __init__(self, run_id, tracking_uri=None, max_workers=2, retry_budget_s=300.0, snapshot_dir=None,
+                 client=None):
+        from mlflow import MlflowClient
+        self.run_id, self.tracking_uri, self.retry_budget_s = run_id, tracking_uri, retry_budget_s
+        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
+        self.mlflow = MlflowClient(tracking_uri)
+        self.artifact_uri = self.mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
+        self.s3 = None
+        if self.artifact_uri.startswith("s3://"):
+            self.bucket, self.prefix = _split_s3(self.artifact_uri)
+            self.s3 = client or s3_client()
+        self._uploads = cf.ThreadPoolExecutor(max_workers, thread_name_prefix="ckpt-upload")
+        # cleanups wait on uploads: in their own thread, so they can never take every upload worker and deadlock
+        self._cleanups = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-cleanup")
+        self._lock = threading.Lock()
+        self._latest = {}           # remote name -> (future, local path) of its newest submitted upload
+        self._cleanup_futures = []
+        self._stop = threading.Event()
+
+    def upload_to_s3_async(self, checkpoint_path, artifact_path="checkpoints"):
+        """Returns at once a Future of the remote URI. The file (and its .sha256) is snapshotted now, so a later
+        overwrite or local pruning cannot change or lose what gets uploaded. Never raises: a failure, even of the
+        snapshot, is the future's exception and is reported by wait()."""
+        src = Path(checkpoint_path)
+        name = f"{artifact_path.strip('/')}/{src.name}"
+        try:
+            snap = self._snapshot(src)
+        except Exception as e:
+            log.error("cannot queue the upload of %s: %s", src, e)
+            snap, fut = None, cf.Future()
+            fut.set_exception(e)
+        with self._lock:
+            if snap is not None:
+                prev = self._latest.get(name, (None, None))[0]
+                fut = self._uploads.submit(self._upload, snap, name, str(src), prev)
+            self._latest[name] = (fut, str(src))
+        return fut
+
+    def cleanup_s3_checkpoints(self, save_total_limit, artifact_path="checkpoints"):
+        """Returns a Future of the deleted remote names. Once every upload submitted before this call has finished,
+        deletes the remote step checkpoints beyond the newest save_total_limit (and their .sha256); keeps
+        checkpoint_best.pt, checkpoint_final.pt and any name an upload submitted later still writes."""
+        with self._lock:
+            before = [f for f, _ in self._latest.values() if not f.done()]
+            fut = self._cleanups.submit(self._cleanup, before, save_total_limit, artifact_path.strip("/"))
+            self._cleanup_futures.append(fut)
+        return fut
+
+    def wait(self, timeout=None):
+        """Waits up to timeout seconds for every queued upload and cleanup. Returns the local paths whose newest
+        upload failed or has not finished, each logged (an empty list: every submitted checkpoint is safe remotely)."""
+        with self._lock:
+            latest, cleanups = list(self._latest.values()), list(self._cleanup_futures)
+        done, _ = cf.wait([f for f, _ in latest] + cleanups, timeout=timeout)
+        unsafe = []
+        for fut, local in latest:
+            if fut not in done:
+                log.error("checkpoint %s is only local: its upload did not finish within %ss", local, timeout)
+            elif _failure(fut):
+                log.error("checkpoint %s is only local: its upload failed (%s)", local, _failure(fut))
+            else:
+                continue
+            unsafe.append(local)
+        for fut in cleanups:
+            if fut in done and _failure(fut):
+                log.warning("remote checkpoint cleanup failed: %s", _failure(fut))
+        return list(dict.fromkeys(unsafe))
+
+    def close(self):
+        """Shuts the executors down without blocking: queued tasks are cancelled and a retrying upload gives up
+        after its current attempt. Call wait() first."""
+        self._stop.set()
+        self._uploads.shutdown(wait=False, cancel_futures=True)
+        self._cleanups.shutdown(wait=False, cancel_futures=True)
+
+    # --- workers
+
+    def _snapshot(self, src):
+        root = self.snapshot_dir or src.parent / ".upload-snapshots"
+        d = root / uuid.uuid4().hex
+        d.mkdir(parents=True)
+        try:
+            for p in (src, Path(f"{src}.sha256")):
+                if p is src or p.exists():
+                    try:
+                        os.link(p, d / p.name)  # the trainer writes by os.replace: this inode keeps today's bytes
+                    except OSError:  # another filesystem or no hard links: a copy, still taken now
+                        shutil.copy2(p, d / p.name)  # (a missing file raises here too)
+        except Exception:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        return d / src.name
+
+    def _upload(self, snap, name, local, prev):
+        if prev is not None:
+            cf.wait([prev])  # an older upload of this name must land first, or it would overwrite the newer one
+        files = [(snap, name)]
+        if Path(f"{snap}.sha256").exists():
+            files.append((Path(f"{snap}.sha256"), f"{name}.sha256"))
+        deadline, delay, attempt = time.monotonic() + self.retry_budget_s, BACKOFF_START_S, 1
+        while True:
+            try:
+                uri = [self._put(f, n) for f, n in files][0]
+                break
+            except Exception as e:
+                left = deadline - time.monotonic()
+                if _is_permanent(e) or left <= 0 or self._stop.is_set():
+                    log.error("upload of %s failed after %d attempt(s): %s (snapshot kept at %s)",
+                              local, attempt, e, snap)
+                    raise
+                log.warning("upload of %s failed (attempt %d: %s); retrying in %.1fs", local, attempt, e,
+                            min(delay, left))
+                self._stop.wait(min(delay, left))
+                delay, attempt = min(2 * delay, BACKOFF_MAX_S), attempt + 1
+        shutil.rmtree(snap.parent, ignore_errors=True)
+        log.info("uploaded %s -> %s", local, uri)
+        return uri
+
+    def _put(self, path, name):
+        if self.s3 is None:
+            # local file store or mlflow-artifacts:/ proxy: the tracking client knows the way; explicit run id
+            # because the fluent API's active run is thread-local
+            self.mlflow.log_artifact(self.run_id, str(path), os.path.dirname(name))
+            return f"{self.artifact_uri}/{name}"
+        from boto3.s3.transfer import TransferConfig
+        key = f"{self.prefix}/{name}".lstrip("/")
+        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK,
+                                max_concurrency=4)
+        self.s3.upload_file(str(path), self.bucket, key, Config=config)
+        size = self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
+        if size != path.stat().st_size:
+            raise IOError(f"s3://{self.bucket}/{key} holds {size} bytes, the local file {path.stat().st_size}")
+        return f"s3://{self.bucket}/{key}"
+
+    def _cleanup(self, before, save_total_limit, artifact_path):
+        cf.wait(before)  # the newer checkpoints it keeps must be remote before the older ones go
+        names = set(self._list(artifact_path))
+        deleted = []
+        for name in _expired(names, save_total_limit):
+            remote = f"{artifact_path}/{name}"
+            with self._lock:
+                fut = self._latest.get(remote, (None, None))[0]
+            if fut is not None and not fut.done():
+                continue  # an upload queued after this cleanup writes this object: leave it
+            for n in (name, f"{name}.sha256"):
+                if n in names:
+                    self._delete(f"{artifact_path}/{n}")
+            deleted.append(remote)
+        if deleted:
+            log.info("removed remote checkpoints %s", deleted)
+        return deleted
+
+    def _list(self, artifact_path):
+        if self.s3 is None:
+            return [Path(f.path).name for f in self.mlflow.list_artifacts(self.run_id, artifact_path) if not f.is_dir]
+        prefix = f"{self.prefix}/{artifact_path}/".lstrip("/")
+        names = []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if "/" not in o["Key"][len(prefix):]]
+        return names
+
+    def _delete(self, name):
+        if self.s3 is None:
+            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+            # raises (and the cleanup future reports it) where the store cannot delete
+            get_artifact_repository(self.artifact_uri, tracking_uri=self.tracking_uri).delete_artifacts(name)
+        else:
+            # one DeleteObject per key: DeleteObjects needs a Content-MD5/CRC that some S3-compatible stores reject
+            self.s3.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}".lstrip("/"))
+
+
+# -----------------------------------------------------------------------------
+# download
+
+def _download_s3(bucket, key, cache_dir):
+    from botocore.exceptions import BotoCoreError, ClientError
+    s3, dst = s3_client(), Path(cache_dir) / "s3" / bucket / key
+    try:
+        size = s3.head_object(Bucket=bucket, Key=key)["ContentLength"]
+        try:
+            digest = s3.get_object(Bucket=bucket, Key=f"{key}.sha256")["Body"].read().decode().strip()
+        except ClientError as e:
+            if e.response["Error"]["Code"] not in ("NoSuchKey", "404"):
+                raise
+            digest = None  # uploaded without one: the size alone decides
+        # checkpoints of one model all have the same size: the digest, when there is one, tells versions apart
+        if dst.is_file() and dst.stat().st_size == size and _read_text(f"{dst}.sha256") == digest:
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(dst, lambda f: s3.download_fileobj(bucket, key, f))
+    except (BotoCoreError, ClientError) as e:
+        raise CheckpointError(f"s3://{bucket}/{key}: cannot download ({e})") from e
+    _write_sidecar(dst, digest)
+    return dst
+
+
+def _download_mlflow(uri, run_id, path, cache_dir, tracking_uri):
+    import mlflow
+    dst = Path(cache_dir) / "runs" / run_id / path
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".download-", dir=dst.parent)  # same filesystem: os.replace is atomic
+    try:
+        get = lambda u: mlflow.artifacts.download_artifacts(artifact_uri=u, dst_path=tmp, tracking_uri=tracking_uri)
+        os.replace(get(uri), dst)
+        try:
+            digest = _read_text(get(f"{uri}.sha256"))
+        except Exception:
+            digest = None  # uploaded without one
+    except Exception as e:
+        raise CheckpointError(f"{uri}: cannot download ({e})") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _write_sidecar(dst, digest)
+    return dst
+
+
+def resolve_checkpoint(uri, cache_dir, tracking_uri=None, experiment=None, run_name=None,
+                       artifact="checkpoints/checkpoint_best.pt"):
+    """Returns a local file for uri: a local path as it is; s3://bucket/key and runs:/<run_id>/<path> downloaded
+    atomically into cache_dir (with their .sha256 when the remote has one, so load_checkpoint verifies them);
+    "auto" = `artifact` of the newest FINISHED run named run_name in `experiment`. Raises CheckpointError."""
+    uri = str(uri)
+    if uri != "auto" and not uri.startswith(("s3://", "runs:/")):
+        path = Path(uri).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file")
+        return path
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    try:
+        if uri == "auto":
+            client = MlflowClient(tracking_uri)
+            exp = client.get_experiment_by_name(experiment) if experiment else None
+            runs = client.search_runs(
+                [exp.experiment_id],
+                filter_string=f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
+                order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+            if not runs:
+                raise CheckpointError(f"no finished '{run_name}' run in experiment '{experiment}': "
+                                      "run that pipeline first")
+            uri = f"runs:/{runs[0].info.run_id}/{artifact}"
+        if uri.startswith("s3://"):
+            return _download_s3(*_split_s3(uri), cache_dir)
+        run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
+        base = MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri.rstrip("/")
+        if base.startswith("s3://"):
+            bucket, prefix = _split_s3(base)
+            return _download_s3(bucket, f"{prefix}/{path}".lstrip("/"), cache_dir)
+        return _download_mlflow(uri, run_id, path, cache_dir, tracking_uri)
+    except MlflowException as e:
+        raise CheckpointError(f"{uri}: {e}") from e

@@ -1,0 +1,310 @@
+"""s3ckpt against a real S3 HTTP endpoint (moto's server) and a real MLflow sqlite store. Nothing is mocked."""
+import concurrent.futures as cf
+import hashlib
+import logging
+import os
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import s3ckpt
+from s3ckpt import (CheckpointError, CheckpointUploader, checkpoint_step, load_checkpoint, prune_local_checkpoints,
+                    resolve_checkpoint, s3_client, save_checkpoint)
+from s3server import BUCKET, moto_s3, s3_server  # noqa: F401  (fixtures)
+
+S3_LOCATION = f"s3://{BUCKET}/mlflow-artifacts/exp"
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """One sqlite store for the module (creating one costs ~1 s); every test makes its own experiment."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def new_run(tracking, location, experiment=None, run_name="baseline-mtp", status=None, start_time=None):
+    client = MlflowClient(tracking)
+    experiment = experiment or f"exp-{uuid.uuid4().hex[:8]}"
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=str(location))
+    run = client.create_run(exp_id, start_time=start_time, run_name=run_name)
+    if status:
+        client.set_terminated(run.info.run_id, status)
+    return run.info.run_id
+
+
+def ckpt(d, name, value, n=64):
+    """A small checkpoint whose bytes depend on value."""
+    return save_checkpoint({"step": value, "w": torch.full((n,), float(value))}, Path(d) / name)
+
+
+def s3_objects(run_id, tracking):
+    """{name under checkpoints/: bytes} of the run's S3 artifacts."""
+    bucket, prefix = s3ckpt._split_s3(MlflowClient(tracking).get_run(run_id).info.artifact_uri)
+    s3 = s3_client()
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/").get("Contents", [])]
+    return {k.rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def fast_client():
+    # one botocore attempt and a 1 s connect timeout, so the uploader's own retry loop is what the test sees
+    return s3_client(max_attempts=1, connect_timeout=1, read_timeout=5)
+
+
+# ----------------------------------------------------------------------------- local files
+
+def test_save_load_round_trip(tmp_path):
+    state = {"model": {"w": torch.randn(3, 4)}, "step": 7, "config": {"lr": 1e-3, "name": "x"}, "hist": [1, 2.5],
+             "rng": torch.get_rng_state(), "best_val_loss": float("inf")}
+    path = save_checkpoint(state, tmp_path / "ckpt" / "checkpoint_step_7.pt")
+    out = load_checkpoint(path)
+    assert torch.equal(out["model"]["w"], state["model"]["w"]) and torch.equal(out["rng"], state["rng"])
+    assert (out["step"], out["config"], out["hist"], out["best_val_loss"]) == (7, state["config"], [1, 2.5], float("inf"))
+    assert Path(f"{path}.sha256").read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
+    save_checkpoint({"step": 8}, path)  # overwrite in place
+    assert load_checkpoint(path) == {"step": 8}
+    assert sorted(os.listdir(path.parent)) == ["checkpoint_step_7.pt", "checkpoint_step_7.pt.sha256"]  # no temp files
+
+
+def test_corrupt_truncated_missing(tmp_path):
+    path = ckpt(tmp_path, "checkpoint_best.pt", 1, n=4096)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        load_checkpoint(path)
+    Path(f"{path}.sha256").unlink()  # without a sidecar a truncated file is still refused
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_checkpoint_step():
+    assert checkpoint_step("checkpoint_step_120.pt") == 120
+    assert checkpoint_step("a/b/checkpoint_step_7.pt") == 7
+    assert [checkpoint_step(n) for n in ("checkpoint_best.pt", "checkpoint_step_7.pt.sha256", "checkpoint_step_.pt")] \
+        == [None, None, None]
+
+
+def test_prune_orders_by_step_number(tmp_path):
+    for step in (5, 10, 20, 100):
+        ckpt(tmp_path, f"checkpoint_step_{step}.pt", step)
+    ckpt(tmp_path, "checkpoint_best.pt", 0)
+    ckpt(tmp_path, "checkpoint_final.pt", 0)
+    removed = prune_local_checkpoints(tmp_path, 2)
+    assert removed == [tmp_path / "checkpoint_step_5.pt", tmp_path / "checkpoint_step_10.pt"]
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {f"{n}{s}" for n in ("checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_step_20.pt",
+                                        "checkpoint_step_100.pt") for s in ("", ".sha256")}
+    assert prune_local_checkpoints(tmp_path, None) == [] and prune_local_checkpoints(tmp_path / "x", 1) == []
+
+
+# ----------------------------------------------------------------------------- uploads
+
+def test_s3_upload_then_cleanup_keeps_best_final_newest(moto_s3, tracking, tmp_path):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=30, client=fast_client())
+    first = up.upload_to_s3_async(ckpt(tmp_path, "checkpoint_step_1.pt", 1)).result(30)
+    assert first == f"{S3_LOCATION}/{run_id}/artifacts/checkpoints/checkpoint_step_1.pt"
+    moto_s3.stop()  # S3 down: everything below queues, and the cleanup must wait for the uploads before it
+    local = {}
+    for name in [f"checkpoint_step_{s}.pt" for s in range(1, 7)] + ["checkpoint_best.pt", "checkpoint_final.pt"]:
+        p = ckpt(tmp_path, name, checkpoint_step(name) or 99)
+        local[name] = p.read_bytes()
+        up.upload_to_s3_async(p)
+    deleted = up.cleanup_s3_checkpoints(2)
+    moto_s3.start()  # back (empty, as a restarted moto_server): the queued uploads retry and land
+    assert up.wait(30) == []
+    assert deleted.result() == [f"checkpoints/checkpoint_step_{s}.pt" for s in (1, 2, 3, 4)]
+    objects = s3_objects(run_id, tracking)
+    kept = ("checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_step_5.pt", "checkpoint_step_6.pt")
+    assert sorted(objects) == sorted(f"{n}{s}" for n in kept for s in ("", ".sha256"))
+    for name in kept:
+        assert objects[name] == local[name]
+        assert objects[f"{name}.sha256"].decode().strip() == hashlib.sha256(local[name]).hexdigest()
+    assert not any((tmp_path / ".upload-snapshots").iterdir())  # snapshots go once uploaded
+    up.close()
+
+
+def test_cleanup_spares_names_an_upload_still_writes(s3_server, tracking, tmp_path):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking)
+    for step in (1, 2, 3, 4):
+        up.upload_to_s3_async(ckpt(tmp_path, f"checkpoint_step_{step}.pt", step)).result(30)
+    # stand-ins for uploads in flight (white box: deterministic timing): one submitted before the cleanup,
+    # which the cleanup waits for, and a re-upload of step 1 submitted after it, which it must not delete
+    before, after = cf.Future(), cf.Future()
+    up._latest["checkpoints/checkpoint_best.pt"] = (before, "best")
+    cleanup = up.cleanup_s3_checkpoints(2)
+    up._latest["checkpoints/checkpoint_step_1.pt"] = (after, "step 1")
+    time.sleep(0.2)
+    assert not cleanup.done()
+    before.set_result("ok")
+    assert cleanup.result(30) == ["checkpoints/checkpoint_step_2.pt"]
+    after.set_result("ok")
+    assert {n for n in s3_objects(run_id, tracking) if not n.endswith(".sha256")} == \
+        {"checkpoint_step_1.pt", "checkpoint_step_3.pt", "checkpoint_step_4.pt"}
+    up.close()
+
+
+def test_multipart_upload(s3_server, tracking, tmp_path, monkeypatch):
+    monkeypatch.setattr(s3ckpt, "MULTIPART_CHUNK", 5 * 2**20)  # S3's smallest part
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking)
+    p = save_checkpoint({"w": torch.randn(3 * 2**20)}, tmp_path / "checkpoint_final.pt")  # 12 MiB: 3 parts
+    up.upload_to_s3_async(p).result(60)
+    assert s3_objects(run_id, tracking)["checkpoint_final.pt"] == p.read_bytes()
+    up.close()
+
+
+def test_same_name_uploads_land_in_submission_order(s3_server, tracking, tmp_path):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking, max_workers=2)
+    # a big old best and a small new one: without ordering the old one would finish last and win
+    up.upload_to_s3_async(save_checkpoint({"w": torch.randn(4 * 2**20)}, tmp_path / "checkpoint_best.pt"))
+    newest = save_checkpoint({"w": torch.ones(4)}, tmp_path / "checkpoint_best.pt")
+    up.upload_to_s3_async(newest)
+    assert up.wait(60) == []
+    assert s3_objects(run_id, tracking)["checkpoint_best.pt"] == newest.read_bytes()
+    up.close()
+
+
+def test_snapshot_is_taken_at_submit_time(moto_s3, tracking, tmp_path):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=30, client=fast_client())
+    moto_s3.stop()  # S3 down: the uploads stay queued while the trainer moves on
+    first = ckpt(tmp_path, "checkpoint_best.pt", 1).read_bytes()
+    step = ckpt(tmp_path, "checkpoint_step_1.pt", 1)
+    step_bytes = step.read_bytes()
+    futures = [up.upload_to_s3_async(tmp_path / "checkpoint_best.pt"), up.upload_to_s3_async(step)]
+    ckpt(tmp_path, "checkpoint_best.pt", 2)  # a newer best replaces the file (os.replace)
+    (tmp_path / "checkpoint_step_1.pt").unlink()  # and local pruning removes the step checkpoint
+    os.remove(tmp_path / "checkpoint_best.pt")
+    moto_s3.start()
+    assert [f.result(30) for f in futures] and up.wait(30) == []
+    objects = s3_objects(run_id, tracking)
+    assert objects["checkpoint_best.pt"] == first and objects["checkpoint_step_1.pt"] == step_bytes
+    assert objects["checkpoint_best.pt.sha256"].decode().strip() == hashlib.sha256(first).hexdigest()
+    up.close()
+
+
+def test_local_artifact_store(tracking, tmp_path):
+    run_id = new_run(tracking, (tmp_path / "artifacts").as_uri())
+    up = CheckpointUploader(run_id, tracking_uri=tracking)
+    assert up.s3 is None
+    ckdir = tmp_path / "ckpt"
+    for step in (1, 2, 10, 20):
+        up.upload_to_s3_async(ckpt(ckdir, f"checkpoint_step_{step}.pt", step))
+    best = ckpt(ckdir, "checkpoint_best.pt", 7)
+    assert up.upload_to_s3_async(best).result(30).endswith(f"/{run_id}/artifacts/checkpoints/checkpoint_best.pt")
+    up.cleanup_s3_checkpoints(2)
+    assert up.wait(30) == []
+    client = MlflowClient(tracking)
+    names = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    assert names == {f"{n}{s}" for n in ("checkpoint_best.pt", "checkpoint_step_10.pt", "checkpoint_step_20.pt")
+                     for s in ("", ".sha256")}
+    got = client.download_artifacts(run_id, "checkpoints/checkpoint_best.pt", str(tmp_path / "dl"))
+    assert Path(got).read_bytes() == best.read_bytes()
+    # runs:/ on a non-S3 store goes through mlflow, and brings the sidecar so load_checkpoint verifies it
+    path = resolve_checkpoint(f"runs:/{run_id}/checkpoints/checkpoint_step_20.pt", tmp_path / "cache", tracking)
+    assert load_checkpoint(path)["step"] == 20 and Path(f"{path}.sha256").exists()
+    up.close()
+
+
+# ----------------------------------------------------------------------------- outages
+
+def test_outage_then_recovery_within_budget(moto_s3, tracking, tmp_path, caplog):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=30, client=fast_client())
+    moto_s3.stop()
+    p = ckpt(tmp_path, "checkpoint_step_1.pt", 1)
+    with caplog.at_level(logging.WARNING, logger="weighted_mtp.s3ckpt"):
+        fut = up.upload_to_s3_async(p)
+        time.sleep(1.0)
+        assert not fut.done()
+        moto_s3.start()  # same port, empty: the bucket is re-created, as after a real restart
+        assert up.wait(30) == []
+    assert "retrying" in caplog.text
+    assert s3_objects(run_id, tracking)["checkpoint_step_1.pt"] == p.read_bytes()
+    up.close()
+
+
+def test_outage_longer_than_budget_reports_local_paths(moto_s3, tracking, tmp_path, caplog):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=0.5, client=fast_client())
+    moto_s3.stop()
+    p = ckpt(tmp_path, "checkpoint_final.pt", 1)
+    with caplog.at_level(logging.ERROR, logger="weighted_mtp.s3ckpt"):
+        fut = up.upload_to_s3_async(p)
+        assert up.wait(20) == [str(p)]
+    assert str(p) in caplog.text and "testing" not in caplog.text  # the path is named, the secret never
+    with pytest.raises(Exception):
+        fut.result()
+    assert len(list((tmp_path / ".upload-snapshots").iterdir())) == 1  # the failed snapshot is kept
+    up.close()
+
+
+def test_wait_timeout_then_close(moto_s3, tracking, tmp_path):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=300, client=fast_client())
+    moto_s3.stop()
+    p = ckpt(tmp_path, "checkpoint_best.pt", 1)
+    fut = up.upload_to_s3_async(p)
+    t = time.monotonic()
+    assert up.wait(0.3) == [str(p)]  # still retrying: not safe yet
+    assert time.monotonic() - t < 2
+    up.close()  # gives up after the current attempt instead of retrying for 300 s
+    with pytest.raises(Exception):
+        fut.result(10)
+    assert up.wait(1) == [str(p)]
+    assert up.upload_to_s3_async(tmp_path / "missing.pt").exception() is not None  # never raises in the loop
+
+
+# ----------------------------------------------------------------------------- download
+
+def test_resolve_s3_and_runs_uri(s3_server, tracking, tmp_path):
+    run_id = new_run(tracking, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=tracking)
+    p = ckpt(tmp_path / "ckpt", "checkpoint_best.pt", 1)
+    uri = up.upload_to_s3_async(p).result(30)
+    cache = tmp_path / "cache"
+    got = resolve_checkpoint(uri, cache)
+    assert got.read_bytes() == p.read_bytes() and load_checkpoint(got)["step"] == 1
+    inode = got.stat().st_ino
+    assert resolve_checkpoint(uri, cache).stat().st_ino == inode  # cached: not downloaded again
+    up.upload_to_s3_async(ckpt(tmp_path / "ckpt", "checkpoint_best.pt", 2)).result(30)  # same size, new bytes
+    assert load_checkpoint(resolve_checkpoint(uri, cache))["step"] == 2
+    got = resolve_checkpoint(f"runs:/{run_id}/checkpoints/checkpoint_best.pt", cache, tracking)
+    assert load_checkpoint(got)["step"] == 2
+    assert not [n for n in os.listdir(got.parent) if n.endswith(".tmp")]
+    with pytest.raises(CheckpointError, match="cannot download"):
+        resolve_checkpoint(f"s3://{BUCKET}/nope/checkpoint_best.pt", cache)
+    up.close()
+
+
+def test_resolve_auto_picks_newest_finished_run(s3_server, tracking, tmp_path):
+    exp = f"auto-{uuid.uuid4().hex[:8]}"
+    cases = [("critic-pretrain", "FINISHED", 1), ("critic-pretrain", "FINISHED", 2),
+             ("critic-pretrain", "FAILED", 3), ("critic-pretrain", None, 4), ("baseline-mtp", "FINISHED", 5)]
+    for name, status, value in cases:
+        run_id = new_run(tracking, S3_LOCATION, exp, name, start_time=1_700_000_000_000 + value * 1000)
+        up = CheckpointUploader(run_id, tracking_uri=tracking)
+        up.upload_to_s3_async(ckpt(tmp_path / str(value), "checkpoint_best.pt", value)).result(30)
+        up.close()
+        if status:
+            MlflowClient(tracking).set_terminated(run_id, status)
+    got = resolve_checkpoint("auto", tmp_path / "cache", tracking, experiment=exp, run_name="critic-pretrain")
+    assert load_checkpoint(got)["step"] == 2  # the newest FINISHED one: not the failed or the running run
+    with pytest.raises(CheckpointError) as e:
+        resolve_checkpoint("auto", tmp_path / "cache", tracking, experiment=exp, run_name="rho1-wmtp")
+    assert str(e.value) == f"no finished 'rho1-wmtp' run in experiment '{exp}': run that pipeline first"
+
+
+def test_resolve_local_and_missing(tmp_path):
+    p = ckpt(tmp_path, "checkpoint_best.pt", 1)
+    assert resolve_checkpoint(str(p), tmp_path / "cache") == p
+    with pytest.raises(CheckpointError, match="nope.pt"):
+        resolve_checkpoint(tmp_path / "nope.pt", tmp_path / "cache")
