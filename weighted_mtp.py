@@ -801,9 +801,10 @@ def baseline_loss(ctx, model, batch, meter):
 def critic_loss(ctx, model, batch, meter):
     t = ctx["cfg"]["training"]
     tokens, labels, rewards = batch
-    _, values = model(tokens, n_heads=0, values=True)
+    ce, valid, values = policy_ce(model, tokens, labels, ctx["H"], values=True)  # CE only for the head-loss metrics
     targets, value_mask = W.value_targets(values, rewards, labels != -100, t["gamma"], t["critic_lambda"])
     loss = W.value_loss(values, targets, value_mask)
+    log_head_losses(meter, "train", ce.detach(), valid)
     meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())
     return loss
 
@@ -876,8 +877,9 @@ def evaluate(ctx, model, examples, checker):
     for chunk in batches_of(mine, cfg["training"]["batch_size"]):
         tokens, labels, rewards = collate(chunk, ctx["tok"].pad_id, device)
         with ctx["autocast"]():
+            ce, valid, values = policy_ce(model, tokens, labels, ctx["H"], values=pipeline == "critic")
+            log_head_losses(meter, "val", ce, valid)
             if pipeline == "critic":
-                _, values = model(tokens, n_heads=0, values=True)
                 mask = labels != -100
                 t = cfg["training"]
                 targets, vmask = W.value_targets(values, rewards, mask, t["gamma"], t["critic_lambda"])
@@ -891,9 +893,6 @@ def evaluate(ctx, model, examples, checker):
                 last = (vmask * torch.arange(vmask.shape[1], device=device)).argmax(1)
                 last_values += values.gather(1, last[:, None]).squeeze(1).tolist()
                 last_rewards += rewards.tolist()
-                continue
-            ce, valid, _ = policy_ce(model, tokens, labels, ctx["H"])
-        log_head_losses(meter, "val", ce, valid)
     out = meter.reduce()
     if pipeline == "critic":
         var_t = out.pop("ev/t2") - out.pop("ev/t") ** 2
@@ -943,7 +942,8 @@ def greedy_decode(model, prompts, eos_id, pad_id, max_new, device):
         lengths = lengths + (~done).long()
         if done.all():
             break
-    return [tokens[i, len(p):].tolist() for i, p in enumerate(prompts)]
+    ends = (lengths + done.long()).tolist()  # a finished row's EOS sits at its length
+    return [tokens[i, len(p):ends[i]].tolist() for i, p in enumerate(prompts)]
 
 
 def accuracy(ctx, model, examples, checker):
@@ -1014,6 +1014,7 @@ def train(cfg, use_micro=False):
     t, pipeline = cfg["training"], cfg["experiment"]["pipeline"]
     rank, world, device = setup_distributed(t["collective_timeout_s"])
     master = rank == 0
+    log.setLevel(logging.INFO if master else logging.WARNING)
     run_name = cfg["mlflow"]["run_name"] or RUN_NAMES[pipeline]
     ckpt_root = Path(cfg["checkpoint"]["dir"])
     H = cfg["model"]["n_future_tokens"]
@@ -1033,12 +1034,14 @@ def train(cfg, use_micro=False):
                                      tok, ds["max_length"], ds["on_overlong"], ds["validation"])
 
     init = cfg["critic"]["checkpoint"] if pipeline == "verifiable" else cfg["model"]["init_from"]
+    started_from = ""
     resume_path = broadcast(str(find_resume(cfg, run_name, ckpt_root) or "") if master else None)
     if init and not resume_path:
         source = "critic" if pipeline == "verifiable" else "baseline"
         artifact = "checkpoints/checkpoint_best.pt" if source == "critic" else "checkpoints/checkpoint_final.pt"
         path = broadcast(str(resolve_uri(cfg, init, source, artifact, ckpt_root / ".cache")) if master else None)
         load_state(model, s3ckpt.load_checkpoint(path)["model"], path)
+        started_from = f", initialised from {init} ({path})"
     reference = None
     if pipeline == "rho1":
         reference = build_model(cfg, use_micro, value_head=False)[1]
@@ -1112,7 +1115,7 @@ def train(cfg, use_micro=False):
                 uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg))
             log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
                      f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"
-                     + (f", resumed at step {start_step} from {resume_path}" if resume_path else ""))
+                     + started_from + (f", resumed at step {start_step} from {resume_path}" if resume_path else ""))
         ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
         if cfg["model"]["compile"]:
             ddp_model = torch.compile(ddp_model)
@@ -1184,7 +1187,7 @@ def train(cfg, use_micro=False):
         status = "FINISHED"
         if master:
             log.info(f"done: {total_steps} steps in {time.time() - t_start:.1f}s, best val/loss {best_val:.4f}")
-        return {"run_id": run_id, "steps": total_steps, **val}
+        return {"run_id": run_id, "steps": total_steps, "model": model, **val}
     except Exception:
         log.exception(f"training failed ({pipeline}, run {run_id})")
         raise
@@ -1259,7 +1262,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("weighted_mtp").setLevel(logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING)
     try:
         if args.command == "report":
             return report(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", args.experiment)

@@ -1,0 +1,28 @@
+"""Shared helpers: a tiny micro-model config and an embedded MLflow store per test (never the repo's mlflow.db)."""
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# Small enough that a pipeline runs in seconds, big enough that every code path is exercised (H=3 heads, GQA).
+TINY = ["model.micro.dim=32", "model.micro.n_trunk_layers=1", "model.micro.n_heads=2", "model.micro.n_kv_heads=1",
+        "model.n_future_tokens=3", "data_sampling.n_samples=64", "data_sampling.val_samples=8",
+        "training.batch_size=4", "training.max_steps=4", "training.log_interval=2", "training.eval_interval=2",
+        "training.warmup_steps=1", "checkpoint.save_every=2"]
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    """An embedded sqlite MLflow store in tmp_path, set as MLFLOW_TRACKING_URI."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def tiny_config(pipeline, tmp_path, *overrides):
+    import weighted_mtp as wm
+    return wm.load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
+                          [*TINY, f"checkpoint.dir={tmp_path}/ckpt", *overrides])

@@ -1,0 +1,116 @@
+"""The Meta MTP layout: strict save/load, head shapes, RoPE convention, memory-efficient CE == naive, LoRA."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import weighted_mtp as wm
+import weights as W
+
+ARGS = wm.ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, n_future_tokens=3)
+
+
+def tiny_model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return wm.MTPTransformer(ARGS, **kw)
+
+
+def test_layout_and_shapes():
+    model = tiny_model()
+    keys = model.state_dict().keys()
+    assert len(model.layers) == 2 and len(model.extra_heads) == 2    # n_layers - H + 1 = 2: one trunk block + head 0
+    for key in ["tok_embeddings.weight", "layers.1.attention.wq.weight", "layers.0.feed_forward.w3.weight",
+                "extra_heads.1.attention_norm.weight", "extra_heads.0.ffn_norm.weight", "norm.weight", "output.weight"]:
+        assert key in keys
+    assert model.layers[0].attention.wk.weight.shape == (2 * 8, 32)   # GQA: n_kv_heads * head_dim
+    logits, values = model(torch.randint(0, 50, (2, 7)))
+    assert logits.shape == (2, 7, 3, 50) and values is None
+    ce, values = tiny_model(value_head=True)(torch.randint(0, 50, (2, 7)), torch.zeros(2, 7, 3, dtype=torch.long), values=True)
+    assert ce.shape == (2, 7, 3) and values.shape == (2, 7)
+
+
+def test_meta_format_round_trip_is_strict_and_exact(tmp_path):
+    model = tiny_model().eval()
+    wm.save_meta(model, tmp_path)
+    assert json.loads((tmp_path / "params.json").read_text())["n_future_tokens"] == 3
+    loaded = wm.MTPTransformer(wm.model_args_from_meta(tmp_path)).eval()
+    wm.load_meta_weights(loaded, tmp_path)
+    tokens = torch.randint(0, 50, (2, 9))
+    assert torch.equal(model(tokens)[0], loaded(tokens)[0])
+
+    state = torch.load(tmp_path / "consolidated.pth")
+    state.pop("extra_heads.1.ffn_norm.weight")
+    torch.save(state, tmp_path / "consolidated.pth")
+    with pytest.raises(wm.UserError, match=r"consolidated.pth \(vs params.json\): does not match the model \(missing \['extra_heads.1.ffn_norm.weight'\]\)"):
+        wm.load_meta_weights(wm.MTPTransformer(ARGS), tmp_path)
+
+
+def test_rope_matches_metas_complex_formulation():
+    x = torch.randn(1, 5, 2, 8)
+    cos, sin = wm.rope_angles(8, 5, 10000.0, "cpu")
+    freqs = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
+    cis = torch.polar(torch.ones(5, 4), torch.outer(torch.arange(5).float(), freqs))
+    expected = torch.view_as_real(torch.view_as_complex(x.reshape(1, 5, 2, 4, 2)) * cis[None, :, None, :]).flatten(3)
+    torch.testing.assert_close(wm.apply_rope(x, cos, sin), expected)
+
+
+def test_causal_right_padding_never_changes_a_sequence():
+    model = tiny_model().eval()
+    short = torch.randint(0, 50, (1, 5))
+    padded = torch.cat([short, torch.full((1, 4), 7)], dim=1)
+    torch.testing.assert_close(model(short)[0], model(padded)[0][:, :5])
+
+
+def test_memory_efficient_ce_equals_naive_logits_in_loss_and_gradients():
+    tokens = torch.randint(0, 50, (3, 10))
+    labels = tokens.clone()
+    labels[:, :4] = -100
+    targets = W.shift_targets(labels, 3)
+    valid = targets != -100
+    wts = torch.rand(3, 10, 3)
+    efficient, naive = tiny_model(memory_efficient_loss=True), tiny_model(memory_efficient_loss=False)
+    ce_fast, _ = efficient(tokens, targets)
+    loss_fast = W.mtp_loss(ce_fast, valid, wts)
+    loss_fast.backward()
+    logits, _ = naive(tokens)   # the reference: the whole [B,T,H,V] tensor at once
+    ce_ref = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none").view(3, 10, 3)
+    loss_ref = W.mtp_loss(ce_ref, valid, wts)
+    loss_ref.backward()
+    torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
+    for (name, a), (_, b) in zip(efficient.named_parameters(), naive.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_lora_starts_at_the_base_trains_only_adapters_and_merges_for_export(tmp_path):
+    model = tiny_model(value_head=True).eval()
+    tokens = torch.randint(0, 50, (2, 6))
+    before = model(tokens)[0]
+    wm.apply_lora(model, rank=4, alpha=8.0)
+    torch.testing.assert_close(model(tokens)[0], before)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable[0] == "extra_heads.0.attention.wk.lora_a" and "value_head.weight" in trainable
+    assert all(".lora_" in n or n.startswith("value_head.") for n in trainable)
+    assert len(trainable) == 4 * 7 * 2 + 2              # 4 blocks x 7 projections x (A, B) + value head
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if ".lora_b" in n:
+                p.fill_(0.01)
+    changed = model(tokens)[0]
+    wm.save_meta(model, tmp_path)
+    plain = wm.MTPTransformer(ARGS).eval()
+    wm.load_meta_weights(plain, tmp_path)
+    torch.testing.assert_close(plain(tokens)[0], changed, atol=1e-5, rtol=1e-5)
+
+
+def test_load_state_rejects_another_model_size():
+    big = wm.MTPTransformer(wm.ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16, n_future_tokens=3))
+    with pytest.raises(wm.UserError, match=r"ckpt.pt: does not match the model \(shape \['tok_embeddings.weight \(50, 64\) != \(50, 32\)'"):
+        wm.load_state(tiny_model(), big.state_dict(), "ckpt.pt")
+
+
+def test_micro_model_has_a_shared_trunk():
+    cfg = wm.load_config(wm.ROOT / "configs/baseline/baseline_local.yaml")
+    tok, model = wm.build_model(cfg, use_micro=True, value_head=False)
+    assert isinstance(tok, wm.ByteTokenizer) and model.args.vocab_size == 259
+    assert len(model.layers) - 1 == 2 and len(model.extra_heads) == 3

@@ -1,0 +1,123 @@
+"""Each pipeline end to end on the tiny micro model, read back from a real (sqlite) MLflow store."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import weighted_mtp as wm
+from conftest import ROOT, TINY, tiny_config
+
+COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "val/loss",
+          *[f"{split}/head_{k}_loss" for split in ("train", "val") for k in range(3)]]
+EXPECTED = {
+    "baseline": COMMON + ["val/accuracy"],
+    "critic": COMMON + ["train/value_loss", "val/explained_variance", "val/auc"],
+    "verifiable": COMMON + ["val/accuracy", "train/td_error_mean", "train/weight_mean", "train/weight_entropy",
+                            "train/value_loss", "train/weight_min", "train/weight_max"],
+    "rho1": COMMON + ["val/accuracy", "train/excess_loss_mean", "train/weight_sparsity"],
+}
+
+
+def only_run(client, name):
+    exp = client.get_experiment_by_name("weighted-mtp/production")
+    runs = client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{name}'")
+    assert len(runs) == 1
+    return runs[0]
+
+
+def artifact_files(client, run_id, path=""):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += artifact_files(client, run_id, f.path) if f.is_dir else [f.path]
+    return sorted(out)
+
+
+def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
+    client = MlflowClient(tracking)
+    for pipeline in ["baseline", "critic", "verifiable", "rho1"]:
+        result = wm.train(tiny_config(pipeline, tmp_path), use_micro=True)
+        run = only_run(client, wm.RUN_NAMES[pipeline])
+        assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
+        assert run.data.tags["pipeline"] == pipeline and run.data.tags["wmtp.steps"] == "4"
+        assert sorted(run.data.metrics) == sorted(EXPECTED[pipeline]), pipeline
+        params = run.data.params
+        assert params["training.learning_rate"] == str(tiny_config(pipeline, tmp_path)["training"]["learning_rate"])
+        assert params["experiment.name"] == f"{pipeline}-local" and params["experiment.pipeline"] == pipeline
+        assert params["model.micro.dim"] == "32" and params["mlflow.tags.device"] == "cpu"
+        assert artifact_files(client, run.info.run_id) == [
+            "checkpoints/checkpoint_best.pt", "checkpoints/checkpoint_best.pt.sha256",
+            "checkpoints/checkpoint_final.pt", "checkpoints/checkpoint_final.pt.sha256",
+            "checkpoints/checkpoint_step_2.pt", "checkpoints/checkpoint_step_2.pt.sha256",
+            "config.yaml", "logs/training.log"]
+        history = client.get_metric_history(run.info.run_id, "train/loss")
+        assert [m.step for m in history] == [2, 4]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [2, 4]
+        log_text = open(client.download_artifacts(run.info.run_id, "logs/training.log", str(tmp_path))).read()
+        assert f"run {run.info.run_id}" in log_text and "done: 4 steps" in log_text
+    # verifiable started from the critic's best checkpoint: its value head, not a fresh one
+    critic = only_run(client, "critic-pretrain")
+    verifiable_log = open(client.download_artifacts(only_run(client, "verifiable-wmtp").info.run_id,
+                                                    "logs/training.log", str(tmp_path / "v"))).read()
+    assert critic.info.run_id in verifiable_log
+    # the critic trained the value head only
+    critic_state = torch.load(client.download_artifacts(critic.info.run_id, "checkpoints/checkpoint_final.pt", str(tmp_path / "c")))
+    baseline_init = wm.build_model(tiny_config("critic", tmp_path), True, value_head=True)[1].state_dict()
+    changed = sorted(k for k, v in critic_state["model"].items() if not torch.equal(v, baseline_init[k]))
+    assert changed == ["value_head.bias", "value_head.weight"]
+
+
+def test_verifiable_without_a_critic_says_which_pipeline_to_run_first(tracking, tmp_path):
+    with pytest.raises(wm.UserError, match="no finished 'critic-pretrain' run in experiment 'weighted-mtp/production': "
+                                           "run the critic pipeline first"):
+        wm.train(tiny_config("verifiable", tmp_path), use_micro=True)
+    exp = MlflowClient(tracking).get_experiment_by_name("weighted-mtp/production")
+    assert exp is None or MlflowClient(tracking).search_runs([exp.experiment_id]) == []   # no empty run left behind
+
+
+def test_baseline_loss_decreases_over_50_steps(tracking, tmp_path):
+    cfg = tiny_config("baseline", tmp_path, "training.max_steps=50", "training.log_interval=5",
+                      "training.eval_interval=0", "data_sampling.n_samples=400", "checkpoint.save_every=0")
+    run_id = wm.train(cfg, use_micro=True)["run_id"]
+    losses = [m.value for m in MlflowClient(tracking).get_metric_history(run_id, "train/loss")]
+    assert len(losses) == 10
+    assert losses[-1] < 0.6 * losses[0] and sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_a_diverging_run_ends_failed_with_the_error_in_its_log(tracking, tmp_path):
+    cfg = tiny_config("baseline", tmp_path, "training.learning_rate=1e30", "training.max_skipped_steps=2",
+                      "training.max_steps=20", "training.warmup_steps=0")
+    with pytest.raises(RuntimeError, match="non-finite steps in a row"):
+        wm.train(cfg, use_micro=True)
+    client = MlflowClient(tracking)
+    run = only_run(client, "baseline-mtp")
+    assert run.info.status == "FAILED"
+    log_text = open(client.download_artifacts(run.info.run_id, "logs/training.log", str(tmp_path))).read()
+    assert "non-finite steps in a row (training.max_skipped_steps)" in log_text and "Traceback" in log_text
+
+
+def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tmp_path):
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        import weighted_mtp as wm
+        cfg = wm.load_config({str(ROOT / 'configs/verifiable/verifiable_local.yaml')!r},
+                             {TINY!r} + ["checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=",
+                                         "training.gradient_accumulation_steps=2"])
+        out = wm.train(cfg, use_micro=True)
+        torch.save(out["model"].state_dict(), f"{tmp_path}/rank{{os.environ['RANK']}}.pt")
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    run = only_run(MlflowClient(tracking), "verifiable-wmtp")
+    assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "4"
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    initial = wm.build_model(wm.load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY), True, True)[1].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
