@@ -51,19 +51,6 @@ def _sha256(path):
     return h.hexdigest()
 
 
-class _HashingWriter:
-    """File wrapper for torch.save: hashes the bytes on their way to disk, so saving needs no second read."""
-    def __init__(self, f):
-        self.f, self.h = f, hashlib.sha256()
-
-    def write(self, b):
-        self.h.update(b)
-        return self.f.write(b)
-
-    def flush(self):
-        self.f.flush()
-
-
 def _atomic_write(path, write):
     """Runs write(f) on a uniquely named temp file beside path, fsyncs it and renames it onto path.
     Readers see the old file or the new one, never a mix; on error no temp file is left behind."""
@@ -71,14 +58,13 @@ def _atomic_write(path, write):
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")  # unique: two writers never share a temp file
     try:
         with open(tmp, "wb") as f:
-            result = write(f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return result
 
 
 def save_checkpoint(state, path):
@@ -86,13 +72,10 @@ def save_checkpoint(state, path):
     The checkpoint is replaced by os.replace, so an earlier hard link (a queued upload's snapshot) keeps the old bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-
-    def write(f):
-        w = _HashingWriter(f)
-        torch.save(state, w)
-        return w.h.hexdigest()
-
-    _write_sidecar(path, _atomic_write(path, write))
+    # old sidecar first: a crash in between leaves a checkpoint unverified, never a good one that fails its checksum
+    Path(f"{path}.sha256").unlink(missing_ok=True)
+    _atomic_write(path, lambda f: torch.save(state, f))
+    _write_sidecar(path, _sha256(path))  # hashed from disk (page cache): what a later load will read
     try:  # fsync the directory too, so the renames themselves survive a power cut
         fd = os.open(path.parent, os.O_RDONLY)
         os.fsync(fd)
@@ -229,16 +212,14 @@ class CheckpointUploader:
         snapshot, is the future's exception and is reported by wait()."""
         src = Path(checkpoint_path)
         name = f"{artifact_path.strip('/')}/{src.name}"
-        try:
-            snap = self._snapshot(src)
-        except Exception as e:
-            log.error("cannot queue the upload of %s: %s", src, e)
-            snap, fut = None, cf.Future()
-            fut.set_exception(e)
         with self._lock:
-            if snap is not None:
-                prev = self._latest.get(name, (None, None))[0]
-                fut = self._uploads.submit(self._upload, snap, name, str(src), prev)
+            prev = self._latest.get(name, (None, None))[0]
+            try:
+                fut = self._uploads.submit(self._upload, self._snapshot(src), name, str(src), prev)
+            except Exception as e:  # no such file, disk full, already closed: report it, never stop training
+                log.error("cannot queue the upload of %s: %s", src, e)
+                fut = cf.Future()
+                fut.set_exception(e)
             self._latest[name] = (fut, str(src))
         return fut
 

@@ -20,13 +20,13 @@ S3_LOCATION = f"s3://{BUCKET}/mlflow-artifacts/exp"
 
 
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
+def mlflow_db(tmp_path_factory):
     """One sqlite store for the module (creating one costs ~1 s); every test makes its own experiment."""
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
 
 
-def new_run(tracking, location, experiment=None, run_name="baseline-mtp", status=None, start_time=None):
-    client = MlflowClient(tracking)
+def new_run(mlflow_db, location, experiment=None, run_name="baseline-mtp", status=None, start_time=None):
+    client = MlflowClient(mlflow_db)
     experiment = experiment or f"exp-{uuid.uuid4().hex[:8]}"
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=str(location))
@@ -41,12 +41,17 @@ def ckpt(d, name, value, n=64):
     return save_checkpoint({"step": value, "w": torch.full((n,), float(value))}, Path(d) / name)
 
 
-def s3_objects(run_id, tracking):
+def s3_objects(run_id, mlflow_db):
     """{name under checkpoints/: bytes} of the run's S3 artifacts."""
-    bucket, prefix = s3ckpt._split_s3(MlflowClient(tracking).get_run(run_id).info.artifact_uri)
+    bucket, prefix = s3ckpt._split_s3(MlflowClient(mlflow_db).get_run(run_id).info.artifact_uri)
     s3 = s3_client()
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/").get("Contents", [])]
     return {k.rsplit("/", 1)[1]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    monkeypatch.setattr(s3ckpt, "BACKOFF_START_S", 0.1)
 
 
 def fast_client():
@@ -104,9 +109,9 @@ def test_prune_orders_by_step_number(tmp_path):
 
 # ----------------------------------------------------------------------------- uploads
 
-def test_s3_upload_then_cleanup_keeps_best_final_newest(moto_s3, tracking, tmp_path):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=30, client=fast_client())
+def test_s3_upload_then_cleanup_keeps_best_final_newest(moto_s3, fast_retries, mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db, retry_budget_s=30, client=fast_client())
     first = up.upload_to_s3_async(ckpt(tmp_path, "checkpoint_step_1.pt", 1)).result(30)
     assert first == f"{S3_LOCATION}/{run_id}/artifacts/checkpoints/checkpoint_step_1.pt"
     moto_s3.stop()  # S3 down: everything below queues, and the cleanup must wait for the uploads before it
@@ -119,7 +124,7 @@ def test_s3_upload_then_cleanup_keeps_best_final_newest(moto_s3, tracking, tmp_p
     moto_s3.start()  # back (empty, as a restarted moto_server): the queued uploads retry and land
     assert up.wait(30) == []
     assert deleted.result() == [f"checkpoints/checkpoint_step_{s}.pt" for s in (1, 2, 3, 4)]
-    objects = s3_objects(run_id, tracking)
+    objects = s3_objects(run_id, mlflow_db)
     kept = ("checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_step_5.pt", "checkpoint_step_6.pt")
     assert sorted(objects) == sorted(f"{n}{s}" for n in kept for s in ("", ".sha256"))
     for name in kept:
@@ -129,9 +134,9 @@ def test_s3_upload_then_cleanup_keeps_best_final_newest(moto_s3, tracking, tmp_p
     up.close()
 
 
-def test_cleanup_spares_names_an_upload_still_writes(s3_server, tracking, tmp_path):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking)
+def test_cleanup_spares_names_an_upload_still_writes(s3_server, mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
     for step in (1, 2, 3, 4):
         up.upload_to_s3_async(ckpt(tmp_path, f"checkpoint_step_{step}.pt", step)).result(30)
     # stand-ins for uploads in flight (white box: deterministic timing): one submitted before the cleanup,
@@ -145,36 +150,36 @@ def test_cleanup_spares_names_an_upload_still_writes(s3_server, tracking, tmp_pa
     before.set_result("ok")
     assert cleanup.result(30) == ["checkpoints/checkpoint_step_2.pt"]
     after.set_result("ok")
-    assert {n for n in s3_objects(run_id, tracking) if not n.endswith(".sha256")} == \
+    assert {n for n in s3_objects(run_id, mlflow_db) if not n.endswith(".sha256")} == \
         {"checkpoint_step_1.pt", "checkpoint_step_3.pt", "checkpoint_step_4.pt"}
     up.close()
 
 
-def test_multipart_upload(s3_server, tracking, tmp_path, monkeypatch):
+def test_multipart_upload(s3_server, mlflow_db, tmp_path, monkeypatch):
     monkeypatch.setattr(s3ckpt, "MULTIPART_CHUNK", 5 * 2**20)  # S3's smallest part
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking)
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
     p = save_checkpoint({"w": torch.randn(3 * 2**20)}, tmp_path / "checkpoint_final.pt")  # 12 MiB: 3 parts
     up.upload_to_s3_async(p).result(60)
-    assert s3_objects(run_id, tracking)["checkpoint_final.pt"] == p.read_bytes()
+    assert s3_objects(run_id, mlflow_db)["checkpoint_final.pt"] == p.read_bytes()
     up.close()
 
 
-def test_same_name_uploads_land_in_submission_order(s3_server, tracking, tmp_path):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking, max_workers=2)
+def test_same_name_uploads_land_in_submission_order(s3_server, mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db, max_workers=2)
     # a big old best and a small new one: without ordering the old one would finish last and win
     up.upload_to_s3_async(save_checkpoint({"w": torch.randn(4 * 2**20)}, tmp_path / "checkpoint_best.pt"))
     newest = save_checkpoint({"w": torch.ones(4)}, tmp_path / "checkpoint_best.pt")
     up.upload_to_s3_async(newest)
     assert up.wait(60) == []
-    assert s3_objects(run_id, tracking)["checkpoint_best.pt"] == newest.read_bytes()
+    assert s3_objects(run_id, mlflow_db)["checkpoint_best.pt"] == newest.read_bytes()
     up.close()
 
 
-def test_snapshot_is_taken_at_submit_time(moto_s3, tracking, tmp_path):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=30, client=fast_client())
+def test_snapshot_is_taken_at_submit_time(moto_s3, fast_retries, mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db, retry_budget_s=30, client=fast_client())
     moto_s3.stop()  # S3 down: the uploads stay queued while the trainer moves on
     first = ckpt(tmp_path, "checkpoint_best.pt", 1).read_bytes()
     step = ckpt(tmp_path, "checkpoint_step_1.pt", 1)
@@ -185,15 +190,15 @@ def test_snapshot_is_taken_at_submit_time(moto_s3, tracking, tmp_path):
     os.remove(tmp_path / "checkpoint_best.pt")
     moto_s3.start()
     assert [f.result(30) for f in futures] and up.wait(30) == []
-    objects = s3_objects(run_id, tracking)
+    objects = s3_objects(run_id, mlflow_db)
     assert objects["checkpoint_best.pt"] == first and objects["checkpoint_step_1.pt"] == step_bytes
     assert objects["checkpoint_best.pt.sha256"].decode().strip() == hashlib.sha256(first).hexdigest()
     up.close()
 
 
-def test_local_artifact_store(tracking, tmp_path):
-    run_id = new_run(tracking, (tmp_path / "artifacts").as_uri())
-    up = CheckpointUploader(run_id, tracking_uri=tracking)
+def test_local_artifact_store(mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, (tmp_path / "artifacts").as_uri())
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
     assert up.s3 is None
     ckdir = tmp_path / "ckpt"
     for step in (1, 2, 10, 20):
@@ -202,23 +207,23 @@ def test_local_artifact_store(tracking, tmp_path):
     assert up.upload_to_s3_async(best).result(30).endswith(f"/{run_id}/artifacts/checkpoints/checkpoint_best.pt")
     up.cleanup_s3_checkpoints(2)
     assert up.wait(30) == []
-    client = MlflowClient(tracking)
+    client = MlflowClient(mlflow_db)
     names = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
     assert names == {f"{n}{s}" for n in ("checkpoint_best.pt", "checkpoint_step_10.pt", "checkpoint_step_20.pt")
                      for s in ("", ".sha256")}
     got = client.download_artifacts(run_id, "checkpoints/checkpoint_best.pt", str(tmp_path / "dl"))
     assert Path(got).read_bytes() == best.read_bytes()
     # runs:/ on a non-S3 store goes through mlflow, and brings the sidecar so load_checkpoint verifies it
-    path = resolve_checkpoint(f"runs:/{run_id}/checkpoints/checkpoint_step_20.pt", tmp_path / "cache", tracking)
+    path = resolve_checkpoint(f"runs:/{run_id}/checkpoints/checkpoint_step_20.pt", tmp_path / "cache", mlflow_db)
     assert load_checkpoint(path)["step"] == 20 and Path(f"{path}.sha256").exists()
     up.close()
 
 
 # ----------------------------------------------------------------------------- outages
 
-def test_outage_then_recovery_within_budget(moto_s3, tracking, tmp_path, caplog):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=30, client=fast_client())
+def test_outage_then_recovery_within_budget(moto_s3, fast_retries, mlflow_db, tmp_path, caplog):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db, retry_budget_s=30, client=fast_client())
     moto_s3.stop()
     p = ckpt(tmp_path, "checkpoint_step_1.pt", 1)
     with caplog.at_level(logging.WARNING, logger="weighted_mtp.s3ckpt"):
@@ -228,13 +233,13 @@ def test_outage_then_recovery_within_budget(moto_s3, tracking, tmp_path, caplog)
         moto_s3.start()  # same port, empty: the bucket is re-created, as after a real restart
         assert up.wait(30) == []
     assert "retrying" in caplog.text
-    assert s3_objects(run_id, tracking)["checkpoint_step_1.pt"] == p.read_bytes()
+    assert s3_objects(run_id, mlflow_db)["checkpoint_step_1.pt"] == p.read_bytes()
     up.close()
 
 
-def test_outage_longer_than_budget_reports_local_paths(moto_s3, tracking, tmp_path, caplog):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=0.5, client=fast_client())
+def test_outage_longer_than_budget_reports_local_paths(moto_s3, mlflow_db, tmp_path, caplog):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db, retry_budget_s=0.5, client=fast_client())
     moto_s3.stop()
     p = ckpt(tmp_path, "checkpoint_final.pt", 1)
     with caplog.at_level(logging.ERROR, logger="weighted_mtp.s3ckpt"):
@@ -247,9 +252,9 @@ def test_outage_longer_than_budget_reports_local_paths(moto_s3, tracking, tmp_pa
     up.close()
 
 
-def test_wait_timeout_then_close(moto_s3, tracking, tmp_path):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking, retry_budget_s=300, client=fast_client())
+def test_wait_timeout_then_close(moto_s3, mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db, retry_budget_s=300, client=fast_client())
     moto_s3.stop()
     p = ckpt(tmp_path, "checkpoint_best.pt", 1)
     fut = up.upload_to_s3_async(p)
@@ -265,9 +270,9 @@ def test_wait_timeout_then_close(moto_s3, tracking, tmp_path):
 
 # ----------------------------------------------------------------------------- download
 
-def test_resolve_s3_and_runs_uri(s3_server, tracking, tmp_path):
-    run_id = new_run(tracking, S3_LOCATION)
-    up = CheckpointUploader(run_id, tracking_uri=tracking)
+def test_resolve_s3_and_runs_uri(s3_server, mlflow_db, tmp_path):
+    run_id = new_run(mlflow_db, S3_LOCATION)
+    up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
     p = ckpt(tmp_path / "ckpt", "checkpoint_best.pt", 1)
     uri = up.upload_to_s3_async(p).result(30)
     cache = tmp_path / "cache"
@@ -277,7 +282,7 @@ def test_resolve_s3_and_runs_uri(s3_server, tracking, tmp_path):
     assert resolve_checkpoint(uri, cache).stat().st_ino == inode  # cached: not downloaded again
     up.upload_to_s3_async(ckpt(tmp_path / "ckpt", "checkpoint_best.pt", 2)).result(30)  # same size, new bytes
     assert load_checkpoint(resolve_checkpoint(uri, cache))["step"] == 2
-    got = resolve_checkpoint(f"runs:/{run_id}/checkpoints/checkpoint_best.pt", cache, tracking)
+    got = resolve_checkpoint(f"runs:/{run_id}/checkpoints/checkpoint_best.pt", cache, mlflow_db)
     assert load_checkpoint(got)["step"] == 2
     assert not [n for n in os.listdir(got.parent) if n.endswith(".tmp")]
     with pytest.raises(CheckpointError, match="cannot download"):
@@ -285,21 +290,21 @@ def test_resolve_s3_and_runs_uri(s3_server, tracking, tmp_path):
     up.close()
 
 
-def test_resolve_auto_picks_newest_finished_run(s3_server, tracking, tmp_path):
+def test_resolve_auto_picks_newest_finished_run(s3_server, mlflow_db, tmp_path):
     exp = f"auto-{uuid.uuid4().hex[:8]}"
     cases = [("critic-pretrain", "FINISHED", 1), ("critic-pretrain", "FINISHED", 2),
              ("critic-pretrain", "FAILED", 3), ("critic-pretrain", None, 4), ("baseline-mtp", "FINISHED", 5)]
     for name, status, value in cases:
-        run_id = new_run(tracking, S3_LOCATION, exp, name, start_time=1_700_000_000_000 + value * 1000)
-        up = CheckpointUploader(run_id, tracking_uri=tracking)
+        run_id = new_run(mlflow_db, S3_LOCATION, exp, name, start_time=1_700_000_000_000 + value * 1000)
+        up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
         up.upload_to_s3_async(ckpt(tmp_path / str(value), "checkpoint_best.pt", value)).result(30)
         up.close()
         if status:
-            MlflowClient(tracking).set_terminated(run_id, status)
-    got = resolve_checkpoint("auto", tmp_path / "cache", tracking, experiment=exp, run_name="critic-pretrain")
+            MlflowClient(mlflow_db).set_terminated(run_id, status)
+    got = resolve_checkpoint("auto", tmp_path / "cache", mlflow_db, experiment=exp, run_name="critic-pretrain")
     assert load_checkpoint(got)["step"] == 2  # the newest FINISHED one: not the failed or the running run
     with pytest.raises(CheckpointError) as e:
-        resolve_checkpoint("auto", tmp_path / "cache", tracking, experiment=exp, run_name="rho1-wmtp")
+        resolve_checkpoint("auto", tmp_path / "cache", mlflow_db, experiment=exp, run_name="rho1-wmtp")
     assert str(e.value) == f"no finished 'rho1-wmtp' run in experiment '{exp}': run that pipeline first"
 
 
