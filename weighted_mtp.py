@@ -392,11 +392,12 @@ def apply_lora(model, rank, alpha):
                 setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha))
 
 
-def load_state(model, state, source):
+def load_state(model, state, source, partial=False):
     """Load `state` into `model`, strictly but for value-head and LoRA keys (absent from policy checkpoints and
-    Meta files, freshly initialised then); a mismatch is a UserError naming the source and the keys."""
+    Meta files, freshly initialised then) — and any key when `partial` (a LoRA run saves only what it trains);
+    a mismatch is a UserError naming the source and the keys."""
     own = model.state_dict()
-    optional = lambda k: k.startswith("value_head.") or ".lora_" in k
+    optional = lambda k: partial or k.startswith("value_head.") or ".lora_" in k
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state and not optional(k)]
     shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
@@ -451,13 +452,21 @@ def micro_args(cfg, vocab_size):
 
 
 def build_model(cfg, use_micro, value_head):
-    """The micro model (random init from training.seed, byte tokenizer) or a Meta-format directory."""
+    """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or a Meta-format
+    directory, with LoRA adapters when model.lora.rank > 0 — built before any checkpoint loads into it."""
     mcfg = cfg["model"]
     torch.manual_seed(cfg["training"]["seed"])  # every rank builds the same initial weights
     if use_micro or not mcfg["path"]:
         tok = ByteTokenizer()
         model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg["memory_efficient_loss"])
-        return tok, model
+    else:
+        tok, model = load_meta_model(mcfg, value_head)
+    if mcfg["lora"]["rank"] > 0:
+        apply_lora(model, mcfg["lora"]["rank"], mcfg["lora"]["alpha"])
+    return tok, model
+
+
+def load_meta_model(mcfg, value_head):
     tok_path = Path(mcfg["tokenizer"] or Path(mcfg["path"]) / "tokenizer.model")
     if not tok_path.exists():
         raise UserError(f"model.tokenizer: {tok_path} does not exist")
@@ -991,10 +1000,20 @@ def set_rng_state(state):
 
 
 def model_state(model):
-    """LoRA runs save the trainable tensors only (the base is model.path); everything else saves the whole model."""
+    """(state, partial): LoRA runs save the trainable tensors only (the base is model.path), others the whole model."""
     if any(isinstance(m, LoRALinear) for m in model.modules()):
-        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, True
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, False
+
+
+def load_checkpoint_into(model, path):
+    """Load a trainer checkpoint's model weights; returns the whole checkpoint dict."""
+    try:
+        state = s3ckpt.load_checkpoint(path)
+    except s3ckpt.CheckpointError as e:
+        raise UserError(str(e))
+    load_state(model, state["model"], path, partial=state.get("model_partial", False))
+    return state
 
 
 def find_resume(cfg, run_name, root):
@@ -1040,22 +1059,20 @@ def train(cfg, use_micro=False):
         source = "critic" if pipeline == "verifiable" else "baseline"
         artifact = "checkpoints/checkpoint_best.pt" if source == "critic" else "checkpoints/checkpoint_final.pt"
         path = broadcast(str(resolve_uri(cfg, init, source, artifact, ckpt_root / ".cache")) if master else None)
-        load_state(model, s3ckpt.load_checkpoint(path)["model"], path)
+        load_checkpoint_into(model, path)
         started_from = f", initialised from {init} ({path})"
     reference = None
     if pipeline == "rho1":
-        reference = build_model(cfg, use_micro, value_head=False)[1]
+        reference = build_model(cfg, use_micro, value_head=False)[1]  # the policy's architecture, LoRA included
         ref = cfg["reference"]["path"]
         if ref and (Path(ref) / "params.json").exists():
             load_meta_weights(reference, ref)
         elif ref:
             path = broadcast(str(resolve_uri(cfg, ref, "baseline", "checkpoints/checkpoint_final.pt", ckpt_root / ".cache")) if master else None)
-            load_state(reference, s3ckpt.load_checkpoint(path)["model"], path)
+            load_checkpoint_into(reference, path)
         else:
             reference.load_state_dict(model.state_dict())
         reference.requires_grad_(False).eval().to(device)
-    if cfg["model"]["lora"]["rank"] > 0:
-        apply_lora(model, cfg["model"]["lora"]["rank"], cfg["model"]["lora"]["alpha"])
     if pipeline == "critic":  # trunk and LM heads frozen: only the value head learns
         model.requires_grad_(False)
         model.value_head.requires_grad_(True)
@@ -1074,8 +1091,7 @@ def train(cfg, use_micro=False):
            "autocast": autocast, "reference": reference, "ema": None, "step": 0}
     start_step, position, best_val, run_id = 0, 0, float("inf"), None
     if resume_path:
-        state = s3ckpt.load_checkpoint(resume_path)
-        load_state(model, state["model"], resume_path)
+        state = load_checkpoint_into(model, resume_path)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, position, best_val = state["step"], state["position"], state["best_val_loss"]
@@ -1091,8 +1107,9 @@ def train(cfg, use_micro=False):
     def save(name, step, finished=False):
         if not master:
             return
+        weights, partial = model_state(model)
         path = s3ckpt.save_checkpoint({
-            "model": model_state(model), "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
+            "model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
             "step": step, "position": position, "rng": rng_state(), "ema": ctx["ema"], "config": cfg,
             "run_id": run_id, "best_val_loss": best_val, "pipeline": pipeline, "finished": finished,
             "model_args": dataclasses.asdict(model.args)}, run_dir / name)

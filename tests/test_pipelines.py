@@ -121,3 +121,17 @@ def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tm
     initial = wm.build_model(wm.load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY), True, True)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
+
+
+def test_lora_runs_save_only_what_they_train_and_still_chain(tracking, tmp_path):
+    lora = ["model.lora.rank=2", "checkpoint.save_every=0"]
+    baseline = wm.train(tiny_config("baseline", tmp_path, *lora), use_micro=True)
+    final = torch.load(next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt")))
+    assert final["model_partial"] and final["model"] and all(".lora_" in k for k in final["model"])
+    # rho1's reference (auto = that baseline) is the base plus the saved adapters: not the untouched base
+    rho1 = wm.train(tiny_config("rho1", tmp_path, *lora), use_micro=True)
+    assert rho1["run_id"] != baseline["run_id"] and rho1["steps"] == 4
+    reference = wm.build_model(tiny_config("rho1", tmp_path, *lora), True, False)[1]
+    wm.load_checkpoint_into(reference, next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt")))
+    key = "layers.0.attention.wq.lora_b"
+    assert torch.equal(reference.state_dict()[key], final["model"][key]) and final["model"][key].abs().sum() > 0
