@@ -21,6 +21,7 @@ import os
 import queue
 import random
 import re
+import signal
 import sys
 import threading
 import time
@@ -719,8 +720,9 @@ class MetricLogger:
     """Metrics go into a queue; a thread sends them with log_batch every `interval` seconds and keeps them, retrying
     with backoff, while the server is slow or away — the training loop never waits on the network."""
 
-    def __init__(self, client, run_id, interval=1.0):
+    def __init__(self, client, run_id, interval=1.0, logged_through=0):
         self.client, self.run_id, self.interval = client, run_id, interval
+        self.logged_through = logged_through  # a resumed run repeats steps up to its checkpoint; logged ones are kept
         self.queue, self.pending, self.idle = queue.Queue(), [], threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
@@ -728,6 +730,8 @@ class MetricLogger:
 
     def log(self, metrics, step):
         from mlflow.entities import Metric
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             self.queue.put(Metric(key, float(value), now, step))
@@ -758,8 +762,8 @@ class MetricLogger:
 
 
 def start_tracking(cfg, run_name, resume_run_id):
-    """Rank 0: (client, run_id) — the experiment created if needed, a new run (params, tags, config.yaml) or the
-    resumed one continued."""
+    """Rank 0: (client, run_id, last logged step) — the experiment created if needed, a new run (params, tags,
+    config.yaml) or the resumed one continued."""
     from mlflow import MlflowClient
     uri = tracking_uri(cfg)
     client = MlflowClient(uri)
@@ -768,7 +772,8 @@ def start_tracking(cfg, run_name, resume_run_id):
         cfg["mlflow"]["experiment"], artifact_location=experiment_artifact_location(cfg, uri))
     if resume_run_id:
         client.update_run(resume_run_id, status="RUNNING")
-        return client, resume_run_id
+        history = client.get_metric_history(resume_run_id, "train/loss")
+        return client, resume_run_id, max((m.step for m in history), default=0)
     tags = {"pipeline": cfg["experiment"]["pipeline"], **{str(k): str(v) for k, v in cfg["mlflow"]["tags"].items()}}
     if cfg["experiment"]["description"]:
         tags["mlflow.note.content"] = cfg["experiment"]["description"]
@@ -778,7 +783,7 @@ def start_tracking(cfg, run_name, resume_run_id):
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i:i + 100])
     client.log_text(run.info.run_id, yaml.safe_dump(redacted(cfg), sort_keys=False), "config.yaml")
-    return client, run.info.run_id
+    return client, run.info.run_id, 0
 
 
 def redacted(tree):
@@ -1029,6 +1034,58 @@ def find_resume(cfg, run_name, root):
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
+def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested=0):
+    """One optimizer step over the micro-batches (DDP syncs gradients on the last one), clipped to max_grad_norm.
+
+    Returns (finite, stop): a non-finite loss or gradient on any rank skips the step everywhere, a signal on any
+    rank stops every rank after it — both decided by the step's one collective, so ranks never disagree."""
+    world, accum = ctx["world"], len(batches)
+    step_loss = torch.zeros((), device=ctx["device"])
+    for micro, batch in enumerate(batches):
+        sync = ddp_model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
+        with sync:
+            with ctx["autocast"]():
+                loss = LOSSES[ctx["pipeline"]](ctx, ddp_model, batch, meter)
+            (loss / accum).backward()
+        n_tok = (batch[1] != -100).sum()
+        meter.add("train/loss", loss.detach() * n_tok, n_tok)
+        step_loss += loss.detach() / accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, ctx["cfg"]["training"]["max_grad_norm"])  # the pre-clip norm
+    health, stop = all_reduce(torch.stack([step_loss + grad_norm, torch.tensor(float(stop_requested), device=ctx["device"])])).tolist()
+    finite = math.isfinite(health)
+    if finite:
+        optimizer.step()
+        meter.add("train/grad_norm", grad_norm, 1)
+    optimizer.zero_grad(set_to_none=True)
+    return finite, stop > 0
+
+
+class Preempted(Exception):
+    """A SIGTERM/SIGINT stopped training at a step boundary after a resumable checkpoint was written."""
+
+    def __init__(self, signum, checkpoint):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary."""
+
+    def __init__(self):
+        self.received = 0
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        if self.received:  # a second signal: the user means it
+            raise KeyboardInterrupt
+        self.received = signum
+        log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
+
+
 def train(cfg, use_micro=False):
     t, pipeline = cfg["training"], cfg["experiment"]["pipeline"]
     rank, world, device = setup_distributed(t["collective_timeout_s"])
@@ -1099,8 +1156,9 @@ def train(cfg, use_micro=False):
 
     # --- the run: from here on it ends FINISHED or FAILED, with training.log uploaded either way
     client = metrics = uploader = file_log = None
+    logged_through = 0
     if master and cfg["mlflow"]["enable_logging"]:
-        client, run_id = start_tracking(cfg, run_name, run_id)
+        client, run_id, logged_through = start_tracking(cfg, run_name, run_id)
     run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = ckpt_root / run_name / run_id
 
@@ -1120,7 +1178,7 @@ def train(cfg, use_micro=False):
             if uploader:
                 uploader.cleanup_s3_checkpoints(cfg["checkpoint"]["save_total_limit"])
 
-    status = "FAILED"
+    status, resume_from, stop_signal = "FAILED", None, None
     try:
         if master:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -1128,7 +1186,7 @@ def train(cfg, use_micro=False):
             file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
             log.addHandler(file_log)
             if client:
-                metrics = MetricLogger(client, run_id)
+                metrics = MetricLogger(client, run_id, logged_through=logged_through)
                 uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg))
             log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
                      f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"
@@ -1137,44 +1195,37 @@ def train(cfg, use_micro=False):
         if cfg["model"]["compile"]:
             ddp_model = torch.compile(ddp_model)
         meter, skipped, tokens_seen, t_log = Meter(device), 0, torch.zeros((), device=device), time.time()
+        stop_signal = StopSignal()
         t_start, val = time.time(), {}
         for step in range(start_step, total_steps):
             ctx["step"] = step
             lr = learning_rate(step, total_steps, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            for micro in range(accum):
+            batches = []
+            for _ in range(accum):
                 epoch, index = divmod(position, batches_per_epoch)
                 order = epoch_order(len(train_examples), epoch, s["seed"], rank, world)
-                chunk = [train_examples[i] for i in order[index * t["batch_size"]:(index + 1) * t["batch_size"]]]
+                batches.append(collate([train_examples[i] for i in order[index * t["batch_size"]:(index + 1) * t["batch_size"]]],
+                                       tok.pad_id, device))
                 position += 1
-                batch = collate(chunk, tok.pad_id, device)
-                sync = ddp_model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-                with sync:
-                    with autocast():
-                        loss = LOSSES[pipeline](ctx, ddp_model, batch, meter)
-                    (loss / accum).backward()
-                n_tok = (batch[1] != -100).sum()
-                meter.add("train/loss", loss.detach() * n_tok, n_tok)
-                step_loss += loss.detach() / accum
-                tokens_seen += (batch[0] != tok.pad_id).sum()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, t["max_grad_norm"])
-            finite = bool(torch.isfinite(all_reduce(step_loss + grad_norm)))  # the one sync of a step: ranks agree to skip
+                tokens_seen += (batches[-1][0] != tok.pad_id).sum()
+            finite, stop = train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_signal.received)
+            done = step + 1
+            if os.environ.get("WMTP_TEST_FAULT") == f"{rank}:{done}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+                raise RuntimeError(f"WMTP_TEST_FAULT: rank {rank} fails once at step {done}")  # for the restart tests
+            if stop:
+                save(f"checkpoint_step_{done}.pt", done)
+                raise Preempted(stop_signal.received or signal.SIGTERM, run_dir / f"checkpoint_step_{done}.pt")
             if not finite:
                 skipped += 1
-                optimizer.zero_grad(set_to_none=True)
                 meter.add("train/skipped_steps", skipped, 1)
-                log.warning(f"step {step}: non-finite loss or gradient, step skipped ({skipped} in a row)")
+                log.warning(f"step {done}: non-finite loss or gradient, step skipped ({skipped} in a row)")
                 if skipped >= t["max_skipped_steps"]:
                     raise RuntimeError(f"{skipped} non-finite steps in a row (training.max_skipped_steps): "
                                        f"lower training.learning_rate or check the data")
                 continue
             skipped = 0
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            meter.add("train/grad_norm", grad_norm, 1)
-            done = step + 1
             if done % t["log_interval"] == 0 or done == total_steps:
                 elapsed = time.time() - t_log
                 stats = meter.reduce()
@@ -1205,23 +1256,31 @@ def train(cfg, use_micro=False):
         if master:
             log.info(f"done: {total_steps} steps in {time.time() - t_start:.1f}s, best val/loss {best_val:.4f}")
         return {"run_id": run_id, "steps": total_steps, "model": model, **val}
+    except Preempted as e:
+        status, resume_from = "KILLED", e.checkpoint
+        log.warning(f"{e}")
+        raise
     except Exception:
         log.exception(f"training failed ({pipeline}, run {run_id})")
         raise
     finally:
+        if stop_signal:
+            stop_signal.restore()
         if master:
-            finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, total_steps)
+            finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, total_steps, resume_from)
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, steps):
-    """Drain metrics and uploads (bounded), say what stayed local, upload training.log, end the run."""
-    if metrics and not metrics.close(timeout=cfg["checkpoint"]["upload_timeout_s"]):
+def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, steps, resume_from=None):
+    """Drain metrics and uploads (bounded: the preemption grace period when preempted), say what stayed local,
+    upload training.log, end the run — KILLED runs with a tag naming the checkpoint to resume from."""
+    timeout = cfg["checkpoint"]["preempt_grace_s" if status == "KILLED" else "upload_timeout_s"]
+    if metrics and not metrics.close(timeout=timeout):
         log.error("some metrics could not be sent to the tracking server")
     if uploader:
-        log.info(f"waiting up to {cfg['checkpoint']['upload_timeout_s']}s for checkpoint uploads")
-        local_only = uploader.wait(cfg["checkpoint"]["upload_timeout_s"])
+        log.info(f"waiting up to {timeout}s for checkpoint uploads")
+        local_only = uploader.wait(timeout)
         uploader.close()
         if local_only:
             log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
@@ -1230,6 +1289,8 @@ def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status
         file_log.close()
         log.removeHandler(file_log)
     if client:
+        if resume_from:
+            client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
         client.set_tag(run_id, "wmtp.steps", str(steps))
         if (run_dir / "training.log").exists():
             client.log_artifact(run_id, str(run_dir / "training.log"), "logs")
@@ -1292,6 +1353,9 @@ def main(argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        return 128 + e.signum  # what a shell reports for a process the signal ended: torchrun sees a failure
 
 
 if __name__ == "__main__":
