@@ -786,6 +786,94 @@ def start_tracking(cfg, run_name, resume_run_id):
     return client, run.info.run_id, 0
 
 
+ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_ENDPOINT_URL",
+            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def tracking_checks(cfg, timeout=5.0):
+    """Yield (ok, line) for the guide's troubleshooting steps, in order, stopping at the first failure: server
+    reachable (/health), credentials accepted by the API (/health answers 200 even to a wrong password),
+    experiment visible, S3 artifact root writable (put + delete of a probe object)."""
+    import requests
+    uri = tracking_uri(cfg)
+    experiment, artifact_root = cfg["mlflow"]["experiment"], cfg["mlflow"]["s3_artifacts"]
+    if uri.startswith("http"):
+        try:
+            requests.get(f"{uri}/health", timeout=timeout).raise_for_status()
+        except requests.RequestException as e:
+            yield False, f"tracking server {uri} unreachable ({type(e).__name__}): is it up? is MLFLOW_TRACKING_URI right?"
+            return
+        yield True, f"tracking server {uri} reachable"
+        auth = (os.environ.get("MLFLOW_TRACKING_USERNAME", ""), os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
+        try:
+            r = requests.get(f"{uri}/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": experiment},
+                             auth=auth if auth[0] else None, timeout=timeout)
+        except requests.RequestException as e:
+            yield False, f"tracking server {uri} API unreachable ({type(e).__name__})"
+            return
+        if r.status_code == 401:
+            yield False, (f"tracking server {uri} answered 401 Unauthorized: wrong MLFLOW_TRACKING_USERNAME/PASSWORD "
+                          f"(check .env: grep MLFLOW .env)")
+            return
+        if r.status_code == 403:
+            yield False, f"tracking server {uri} answered 403: user '{auth[0]}' may not read experiment '{experiment}'"
+            return
+        yield True, f"credentials accepted by {uri} (user '{auth[0] or '-'}')"
+        if r.status_code == 200:
+            artifact_root = r.json()["experiment"]["artifact_location"]
+            yield True, f"experiment '{experiment}' visible (artifacts at {artifact_root})"
+        else:
+            yield True, f"experiment '{experiment}' does not exist yet: the first run creates it"
+    else:
+        yield True, f"embedded tracking store {uri} (no server to check)"
+    if not artifact_root.startswith("s3://"):
+        yield True, f"artifact store {artifact_root or 'local'}: not S3, nothing to check"
+        return
+    bucket, _, prefix = artifact_root[len("s3://"):].partition("/")
+    key = f"{prefix.rstrip('/')}/.wmtp-probe-{os.getpid()}-{int(time.time())}".lstrip("/")
+    try:
+        client = s3ckpt.s3_client(max_attempts=2, connect_timeout=timeout, read_timeout=timeout)
+        client.put_object(Bucket=bucket, Key=key, Body=b"probe")
+        client.delete_object(Bucket=bucket, Key=key)
+    except Exception as e:
+        code = getattr(e, "response", {}).get("Error", {}).get("Code", type(e).__name__)
+        yield False, (f"S3 bucket '{bucket}' not writable at {artifact_root} ({code}): check AWS_ACCESS_KEY_ID/"
+                      f"AWS_SECRET_ACCESS_KEY/AWS_DEFAULT_REGION and MLFLOW_S3_ENDPOINT_URL")
+        return
+    yield True, f"S3 bucket '{bucket}' reachable and writable under {artifact_root}"
+
+
+def preflight(cfg):
+    """The trainer's fail-fast: the same checks as `doctor`, before any run exists or any step is taken."""
+    for ok, line in tracking_checks(cfg):
+        if not ok:
+            raise UserError(line)
+
+
+def doctor(cfg, env_path):
+    """Print one line per check with its fix; exit code 0 only when all pass. Never prints a secret's value."""
+    found = Path(env_path).exists()
+    set_vars = [v for v in ENV_VARS if os.environ.get(v)]
+    needed = tracking_uri(cfg).startswith("http") or cfg["mlflow"]["s3_artifacts"].startswith("s3://")
+    lines = [(found or bool(set_vars) or not needed, f"{env_path} {'found' if found else 'not found (copy .env.example to .env)'}; "
+                                       f"set: {', '.join(set_vars) or 'none'}")]
+    lines += list(tracking_checks(cfg))
+    for ok, line in lines:
+        print(f"{'ok ' if ok else 'FAIL'} {line}")
+    return 0 if all(ok for ok, _ in lines) else 1
+
+
+def start_system_metrics(cfg, run_id, resumed):
+    """MLflow's own monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on a thread of rank 0."""
+    interval = cfg["mlflow"]["system_metrics_interval_s"]
+    if not interval:
+        return None
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resumed, tracking_uri=tracking_uri(cfg))
+    monitor.start()
+    return monitor
+
+
 def redacted(tree):
     return {k: redacted(v) if isinstance(v, dict) else v for k, v in tree.items() if not SECRET_KEY.search(str(k))}
 
@@ -1155,9 +1243,10 @@ def train(cfg, use_micro=False):
         ctx["ema"], run_id = state["ema"], state["run_id"]
 
     # --- the run: from here on it ends FINISHED or FAILED, with training.log uploaded either way
-    client = metrics = uploader = file_log = None
+    client = metrics = uploader = file_log = system = None
     logged_through = 0
     if master and cfg["mlflow"]["enable_logging"]:
+        preflight(cfg)
         client, run_id, logged_through = start_tracking(cfg, run_name, run_id)
     run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = ckpt_root / run_name / run_id
@@ -1187,6 +1276,7 @@ def train(cfg, use_micro=False):
             log.addHandler(file_log)
             if client:
                 metrics = MetricLogger(client, run_id, logged_through=logged_through)
+                system = start_system_metrics(cfg, run_id, resumed=bool(resume_path))
                 uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg))
             log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
                      f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"
@@ -1267,6 +1357,8 @@ def train(cfg, use_micro=False):
         if stop_signal:
             stop_signal.restore()
         if master:
+            if system:
+                system.finish()
             finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, total_steps, resume_from)
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1334,6 +1426,10 @@ def main(argv=None):
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", nargs="?", const="auto", help="PATH, URI or auto (default when given without a value)")
     p.add_argument("--dry-run", action="store_true", help="print the merged config and exit")
+    d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
+    d.add_argument("--config", default=str(ROOT / "configs" / "defaults.yaml"))
+    d.add_argument("--env-file", default=".env")
+    d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")
     r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
     r.add_argument("--tracking-uri", default="")
@@ -1341,6 +1437,8 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
+        if args.command == "doctor":
+            return doctor(load_config(args.config, args.override), args.env_file)
         if args.command == "report":
             return report(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", args.experiment)
         overrides = args.override + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
