@@ -513,7 +513,7 @@ cmd_server() {
   [ "$persistent" = 1 ] || pg_flags+=(-c fsync=off -c synchronous_commit=off -c full_page_writes=off)
   spawn postgres "$state/postgres.log" ${PG_AS[@]+"${PG_AS[@]}"} "$pgbin/postgres" "${pg_flags[@]}"
   local pg_pid=${SERVICE_PIDS[${#SERVICE_PIDS[@]} - 1]#*:} i=0
-  until "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" 2>/dev/null; do
+  until "$pgbin/pg_isready" -q -h 127.0.0.1 -p "$pg_port" -U wmtp -d postgres 2>/dev/null; do
     alive "$pg_pid" || die "postgres exited: $(tail -n 5 "$state/postgres.log" | tr '\n' ' ')"
     [ "$i" -lt 300 ] || die "postgres not ready after 30 s (log: $state/postgres.log)"
     sleep 0.1; i=$((i + 1))
