@@ -335,19 +335,17 @@ class MTPTransformer(nn.Module):
         """tokens [B,T] -> (out, values [B,T] or None).
 
         out = CE [B,T,h] of head k against targets[..., k] when targets [B,T,>=h] are given (0 where -100),
-        else logits [B,T,h,V]; h = n_heads (default H; 0 = no LM output, for the critic)."""
-        h_count = self.args.n_future_tokens if n_heads is None else n_heads
+        else logits [B,T,h,V]; h = n_heads, default H (a reference model or greedy decoding needs head 0 only)."""
+        h_count = n_heads or self.args.n_future_tokens
         cos, sin = rope_angles(self.args.dim // self.args.n_heads, tokens.shape[1], self.args.rope_theta, tokens.device)
         h = self.tok_embeddings(tokens)
         for layer in self.layers[:-1]:
             h = layer(h, cos, sin)
-        heads = [self.layers[-1], *self.extra_heads][:max(h_count, 1 if values else 0)]
-        states = [head(h, cos, sin) for head in heads]
+        states = [head(h, cos, sin) for head in [self.layers[-1], *self.extra_heads][:h_count]]
         vals = self.value_head(self.norm(states[0]).detach()).squeeze(-1).float() if values else None
         if targets is None:
-            return (torch.stack([self.output(self.norm(s)) for s in states[:h_count]], dim=2) if h_count else None), vals
-        ce = [self.head_ce(s, targets[..., k]) for k, s in enumerate(states[:h_count])]
-        return (torch.stack(ce, dim=2) if ce else None), vals
+            return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
+        return torch.stack([self.head_ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
 
     def head_ce(self, state, target):
         # Checkpointing norm -> output -> CE keeps one head's [B,T,V] logits alive at a time, in forward and in
@@ -1181,7 +1179,6 @@ def train(cfg, use_micro=False):
     log.setLevel(logging.INFO if master else logging.WARNING)
     run_name = cfg["mlflow"]["run_name"] or RUN_NAMES[pipeline]
     ckpt_root = Path(cfg["checkpoint"]["dir"])
-    H = cfg["model"]["n_future_tokens"]
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
 
     # --- everything that can reject bad input comes before the MLflow run exists
@@ -1200,7 +1197,7 @@ def train(cfg, use_micro=False):
     init = cfg["critic"]["checkpoint"] if pipeline == "verifiable" else cfg["model"]["init_from"]
     started_from = ""
     resume_path = broadcast(str(find_resume(cfg, run_name, ckpt_root) or "") if master else None)
-    if init and not resume_path:
+    if init:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
         source = "critic" if pipeline == "verifiable" else "baseline"
         artifact = "checkpoints/checkpoint_best.pt" if source == "critic" else "checkpoints/checkpoint_final.pt"
         path = broadcast(str(resolve_uri(cfg, init, source, artifact, ckpt_root / ".cache")) if master else None)
