@@ -101,28 +101,52 @@ def test_a_diverging_run_ends_failed_with_the_error_in_its_log(tracking, tmp_pat
     assert "non-finite steps in a row (training.max_skipped_steps)" in log_text and "Traceback" in log_text
 
 
-def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tmp_path):
+def torchrun_train(tmp_path, tracking, config, overrides, nproc=2):
+    """Train under `torchrun --nproc_per_node=nproc` (gloo); returns each rank's final state dict."""
+    out = tmp_path / "ranks"
+    out.mkdir(parents=True, exist_ok=True)
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         import weighted_mtp as wm
-        cfg = wm.load_config({str(ROOT / 'configs/verifiable/verifiable_local.yaml')!r},
-                             {TINY!r} + ["checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=",
-                                         "training.gradient_accumulation_steps=2"])
-        out = wm.train(cfg, use_micro=True)
-        torch.save(out["model"].state_dict(), f"{tmp_path}/rank{{os.environ['RANK']}}.pt")
+        cfg = wm.load_config({str(ROOT / config)!r}, {TINY + [f"checkpoint.dir={tmp_path}/ckpt"] + overrides!r})
+        model = wm.train(cfg, use_micro=True)["model"]
+        torch.save(model.state_dict(), f"{out}/rank{{os.environ['RANK']}}.pt")
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)],
                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+
+
+def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tmp_path):
+    a, b = torchrun_train(tmp_path, tracking, "configs/verifiable/verifiable_local.yaml",
+                          ["critic.checkpoint=", "training.gradient_accumulation_steps=2"])
     run = only_run(MlflowClient(tracking), "verifiable-wmtp")
     assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "4"
-    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     initial = wm.build_model(wm.load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY), True, True)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
+
+
+def test_memory_efficient_loss_trains_like_the_naive_one_under_ddp(tracking, tmp_path):
+    extra = ["critic.checkpoint="]
+    efficient = torchrun_train(tmp_path / "a", tracking, "configs/verifiable/verifiable_local.yaml", extra)[0]
+    naive = torchrun_train(tmp_path / "b", tracking, "configs/verifiable/verifiable_local.yaml",
+                           extra + ["model.memory_efficient_loss=false"])[0]
+    for key in efficient:
+        torch.testing.assert_close(efficient[key], naive[key], atol=1e-5, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("pipeline", ["baseline", "rho1"])
+def test_memory_efficient_loss_trains_like_the_naive_one(tracking, tmp_path, pipeline):
+    extra = ["reference.path=", "mlflow.enable_logging=false"]
+    efficient = wm.train(tiny_config(pipeline, tmp_path / "a", *extra), use_micro=True)["model"].state_dict()
+    naive = wm.train(tiny_config(pipeline, tmp_path / "b", *extra, "model.memory_efficient_loss=false"), use_micro=True)["model"].state_dict()
+    for key in efficient:
+        torch.testing.assert_close(efficient[key], naive[key], atol=1e-5, rtol=1e-5, msg=key)
 
 
 def test_lora_runs_save_only_what_they_train_and_still_chain(tracking, tmp_path):
