@@ -1245,7 +1245,7 @@ def train(cfg, use_micro=False):
     if master and cfg["mlflow"]["enable_logging"]:
         preflight(cfg)
         client, run_id, logged_through = start_tracking(cfg, run_name, run_id)
-    run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     run_dir = ckpt_root / run_name / run_id
 
     def save(name, step, finished=False):
