@@ -409,12 +409,20 @@ def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("weighted-mtp/production", artifact_location=str(tmp_path / "artifacts"))
 
-    env = base_env(tmp_path, MLFLOW_TRACKING_URI=uri, NPROC_PER_NODE="2", OMP_NUM_THREADS="1")
-    common = ["--override", "training.max_steps=3", "--override", f"checkpoint.dir={tmp_path}/ckpt",
-              "--override", f"mlflow.tracking_uri={uri}"]
-    critic = run_sh(["critic", "--local", *common], env, timeout=600)
-    assert critic.returncode == 0, critic.stdout[-3000:] + critic.stderr[-3000:]
-    res = run_sh(["verifiable", "--local", *common], env, timeout=600)
+    env = base_env(tmp_path, MLFLOW_TRACKING_URI=uri, OMP_NUM_THREADS="1")
+    try:  # the suite's tiny micro-model settings (tests/conftest.py), to keep this under a minute
+        from conftest import TINY
+    except ImportError:
+        TINY = []
+    common = [a for kv in [*TINY, "training.max_steps=3", f"checkpoint.dir={tmp_path}/ckpt",
+                           f"mlflow.tracking_uri={uri}"] for a in ("--override", kv)]
+    # verifiable starts from the newest finished critic (critic.checkpoint: auto), and the local
+    # critic from the newest baseline: train both first, one process each, in the same store.
+    for prereq in ("baseline", "critic"):
+        res = run_sh([prereq, "--local", *common], env, timeout=600)
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert res.stdout.startswith(f"+ python -m weighted_mtp train --config configs/{prereq}/{prereq}_local.yaml")
+    res = run_sh(["verifiable", "--local", *common], {**env, "NPROC_PER_NODE": "2"}, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert res.stdout.splitlines()[0].startswith(
         "+ torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
@@ -426,10 +434,8 @@ def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
     by_name = {}
     for r in runs:
         by_name.setdefault(r.info.run_name, []).append(r)
-    assert sorted(by_name) == ["critic-pretrain", "verifiable-wmtp"]
+    assert sorted(by_name) == ["baseline-mtp", "critic-pretrain", "verifiable-wmtp"]
     assert len(by_name["verifiable-wmtp"]) == 1  # one run per job, whatever the world size
-    assert len(by_name["critic-pretrain"]) == 1
-    assert by_name["verifiable-wmtp"][0].info.status == "FINISHED"
-    assert by_name["critic-pretrain"][0].info.status == "FINISHED"
+    assert [r.info.status for rs in by_name.values() for r in rs] == ["FINISHED"] * 3
     after = {name for name in REPO_LITTER if (ROOT / name).exists()}
     assert after == before, f"the run wrote into the repo: {after - before}"
