@@ -630,7 +630,9 @@ cmd_test() {
 
 cmd_ui() {
   bootstrap
-  exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "${PORT:-5000}" "$@"
+  # One worker: several race to create the tables of a fresh mlflow.db (and are slower on 2 cores).
+  exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "${PORT:-5000}" \
+    --workers 1 "$@"
 }
 
 main() {

@@ -93,6 +93,61 @@ def test_no_python_is_a_clear_error(tmp_path):
     assert not (tmp_path / "venv").exists()
 
 
+# --------------------------------------------------------------------------------------- bootstrap
+def _fake_venv(tmp_path: Path) -> tuple[Path, Path]:
+    """A venv whose python logs each call: pip and pytest succeed, `import torch` only after torch was
+    pip-installed, everything else (the stamp's sha256) runs on the real interpreter."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    log = tmp_path / "python.log"
+    log.touch()
+    py = venv / "bin" / "python"
+    py.write_text(f"""#!/bin/sh
+printf '%s\\n' "$*" >> {log}
+case "$1 $2" in
+  "-m pip"|"-m pytest"|"-m weighted_mtp") exit 0 ;;
+  "-c import torch") grep -q 'pip install torch==2.13.0' {log}; exit $? ;;
+esac
+exec {sys.executable} "$@"
+""")
+    py.chmod(0o755)
+    return venv, log
+
+
+def _calls(log: Path) -> list[str]:
+    return [c for c in log.read_text().splitlines() if not c.startswith("-c import hashlib")]
+
+
+def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp_path):
+    import hashlib
+    venv, log = _fake_venv(tmp_path)
+    env = base_env(tmp_path, WMTP_VENV=str(venv))
+    sha = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+
+    res = run_sh(["test", "-k", "nothing"], env)
+    assert res.returncode == 0, res.stderr
+    assert _calls(log) == ["-c import torch", "-m pip install torch==2.13.0",
+                           f"-m pip install -e {ROOT}[test]", "-m pytest -k nothing"]
+    assert (venv / ".wmtp-installed-test").read_text().strip() == sha
+    assert (venv / ".wmtp-installed").read_text().strip() == sha  # the test extras include the plain install
+
+    log.write_text("")
+    assert run_sh(["test"], env).returncode == 0
+    assert _calls(log) == ["-m pytest"]  # nothing re-installed: pyproject.toml unchanged
+
+    log.write_text("")  # the plain install is satisfied too: dry-run goes straight to the trainer
+    res = run_sh(["baseline", "--local", "--dry-run"], env)
+    assert res.returncode == 0, res.stderr
+    assert _calls(log) == ["-m weighted_mtp train --config configs/baseline/baseline_local.yaml "
+                           "--use-micro-model --dry-run"]
+
+    (venv / ".wmtp-installed-test").write_text("sha256-of-an-older-pyproject\n")
+    log.write_text("pip install torch==2.13.0\n")  # torch is there by now
+    assert run_sh(["test"], env).returncode == 0
+    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest"]
+    assert (venv / ".wmtp-installed-test").read_text().strip() == sha
+
+
 # ---------------------------------------------------------------------------- production variables
 @pytest.mark.parametrize("missing", sorted(PROD_CREDS))
 def test_missing_production_variable_is_named(tmp_path, missing):
@@ -403,7 +458,11 @@ def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
-    before = {name for name in REPO_LITTER if (ROOT / name).exists()}
+    def litter():
+        return {name for name in REPO_LITTER if (ROOT / name).exists()} | {
+            str(p) for name in REPO_LITTER if (ROOT / name).is_dir() for p in (ROOT / name).rglob("*")}
+
+    before = litter()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     # Create the experiment first so its artifacts land in tmp_path, not ./mlruns of the CWD.
     client = MlflowClient(tracking_uri=uri)
@@ -437,5 +496,5 @@ def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
     assert sorted(by_name) == ["baseline-mtp", "critic-pretrain", "verifiable-wmtp"]
     assert len(by_name["verifiable-wmtp"]) == 1  # one run per job, whatever the world size
     assert [r.info.status for rs in by_name.values() for r in rs] == ["FINISHED"] * 3
-    after = {name for name in REPO_LITTER if (ROOT / name).exists()}
+    after = litter()
     assert after == before, f"the run wrote into the repo: {after - before}"
