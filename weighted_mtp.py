@@ -716,37 +716,44 @@ def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
 
 class MetricLogger:
     """Metrics go into a queue; a thread sends them with log_batch every `interval` seconds and keeps them, retrying
-    with backoff, while the server is slow or away — the training loop never waits on the network."""
+    with backoff, while the server is slow or away — the training loop never waits on the network.
+
+    Metrics are (key, value, timestamp_ms, step) tuples; `unsent()` goes into each checkpoint, so a process killed
+    with metrics still queued loses none: the resumed run sends them (`replay`) before its own."""
 
     def __init__(self, client, run_id, interval=1.0, logged_through=0):
         self.client, self.run_id, self.interval = client, run_id, interval
         self.logged_through = logged_through  # a resumed run repeats steps up to its checkpoint; logged ones are kept
-        self.queue, self.pending, self.idle = queue.Queue(), [], threading.Event()
-        self.stopping = False
+        self.queue, self.pending, self.stopping = queue.Queue(), [], False
         self.thread = threading.Thread(target=self._loop, name="mlflow-metrics", daemon=True)
         self.thread.start()
 
     def log(self, metrics, step):
-        from mlflow.entities import Metric
-        if step <= self.logged_through:
-            return
         now = int(time.time() * 1000)
-        for key, value in metrics.items():
-            self.queue.put(Metric(key, float(value), now, step))
+        self.replay([(key, float(value), now, step) for key, value in metrics.items()])
+
+    def replay(self, items):
+        for item in items:
+            if item[3] > self.logged_through:
+                self.queue.put(item)
+
+    def unsent(self):
+        return list(self.pending) + list(self.queue.queue)
 
     def _loop(self):
+        from mlflow.entities import Metric
         failures = 0
         while True:
             time.sleep(self.interval if failures == 0 else min(30.0, 2.0 ** failures))
             while not self.queue.empty():
                 self.pending.append(self.queue.get())
             try:
-                for i in range(0, len(self.pending), 1000):  # MLflow's per-request limit
-                    self.client.log_batch(self.run_id, metrics=self.pending[i:i + 1000])
-                    self.pending[i:i + 1000] = [None] * len(self.pending[i:i + 1000])
-                self.pending, failures = [], 0
+                while self.pending:
+                    batch = self.pending[:1000]  # MLflow's per-request limit
+                    self.client.log_batch(self.run_id, metrics=[Metric(*m) for m in batch])
+                    del self.pending[:len(batch)]
+                failures = 0
             except Exception as e:
-                self.pending = [m for m in self.pending if m is not None]
                 failures += 1
                 log.warning(f"metric logging failed ({type(e).__name__}); {len(self.pending)} metrics kept, retrying")
             if self.stopping and not self.pending and self.queue.empty():
@@ -1231,13 +1238,13 @@ def train(cfg, use_micro=False):
 
     ctx = {"cfg": cfg, "pipeline": pipeline, "H": H, "tok": tok, "device": device, "rank": rank, "world": world,
            "autocast": autocast, "reference": reference, "ema": None, "step": 0}
-    start_step, position, best_val, run_id = 0, 0, float("inf"), None
+    start_step, position, best_val, run_id, unsent_metrics = 0, 0, float("inf"), None, []
     if resume_path:
         state = load_checkpoint_into(model, resume_path)
         optimizer.load_state_dict(state["optimizer"])
         set_rng_state(state["rng"])
         start_step, position, best_val = state["step"], state["position"], state["best_val_loss"]
-        ctx["ema"], run_id = state["ema"], state["run_id"]
+        ctx["ema"], run_id, unsent_metrics = state["ema"], state["run_id"], state.get("unsent_metrics", [])
 
     # --- the run: from here on it ends FINISHED or FAILED, with training.log uploaded either way
     client = metrics = uploader = file_log = system = None
@@ -1252,7 +1259,7 @@ def train(cfg, use_micro=False):
         if not master:
             return
         weights, partial = model_state(model)
-        path = s3ckpt.save_checkpoint({
+        path = s3ckpt.save_checkpoint({"unsent_metrics": metrics.unsent() if metrics else [],
             "model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
             "step": step, "position": position, "rng": rng_state(), "ema": ctx["ema"], "config": cfg,
             "run_id": run_id, "best_val_loss": best_val, "pipeline": pipeline, "finished": finished,
@@ -1273,8 +1280,10 @@ def train(cfg, use_micro=False):
             log.addHandler(file_log)
             if client:
                 metrics = MetricLogger(client, run_id, logged_through=logged_through)
+                metrics.replay(unsent_metrics)
                 system = start_system_metrics(cfg, run_id, resumed=bool(resume_path))
-                uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg))
+                uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg),
+                                                     retry_budget_s=cfg["checkpoint"]["upload_retry_budget_s"])
             log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
                      f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"
                      + started_from + (f", resumed at step {start_step} from {resume_path}" if resume_path else ""))
@@ -1362,28 +1371,36 @@ def train(cfg, use_micro=False):
 
 
 def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, steps, resume_from=None):
-    """Drain metrics and uploads (bounded: the preemption grace period when preempted), say what stayed local,
-    upload training.log, end the run — KILLED runs with a tag naming the checkpoint to resume from."""
+    """Drain metrics and uploads (bounded: the preemption grace period when preempted), upload training.log through
+    the same retrying uploader, tag what stayed only local, end the run — KILLED ones tagged with the checkpoint to
+    resume from. The run is ended whatever fails on the way."""
     timeout = cfg["checkpoint"]["preempt_grace_s" if status == "KILLED" else "upload_timeout_s"]
-    if metrics and not metrics.close(timeout=timeout):
-        log.error("some metrics could not be sent to the tracking server")
-    if uploader:
-        log.info(f"waiting up to {timeout}s for checkpoint uploads")
-        local_only = uploader.wait(timeout)
-        uploader.close()
-        if local_only:
-            log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
-            client.set_tag(run_id, "checkpoints_local_only", ", ".join(local_only))
-    if file_log:
-        file_log.close()
-        log.removeHandler(file_log)
-    if client:
-        if resume_from:
-            client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
-        client.set_tag(run_id, "wmtp.steps", str(steps))
-        if (run_dir / "training.log").exists():
-            client.log_artifact(run_id, str(run_dir / "training.log"), "logs")
-        client.set_terminated(run_id, status)
+    try:
+        if metrics and not metrics.close(timeout=timeout):
+            log.error("some metrics could not be sent to the tracking server")
+        local_only = []
+        if uploader:
+            log.info(f"waiting up to {timeout}s for checkpoint uploads")
+            local_only = [p for p in uploader.wait(timeout) if Path(p).exists()]  # pruned ones are not wanted anywhere
+            if local_only:
+                log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
+        if file_log:
+            file_log.close()
+            log.removeHandler(file_log)
+        if uploader:
+            if (run_dir / "training.log").exists():
+                uploader.upload_to_s3_async(run_dir / "training.log", artifact_path="logs")
+                local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
+            uploader.close()
+        if client:
+            if local_only:
+                client.set_tag(run_id, "checkpoints_local_only", ", ".join(local_only))
+            if resume_from:
+                client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
+            client.set_tag(run_id, "wmtp.steps", str(steps))
+    finally:
+        if client:
+            client.set_terminated(run_id, status)
 
 
 # -----------------------------------------------------------------------------

@@ -305,13 +305,6 @@ def test_outage_mid_run_training_continues_and_uploads_land_after_recovery(moto_
     assert not any((run_dir / ".upload-snapshots").iterdir())  # every snapshot uploaded, then removed
 
 
-LONG_OUTAGE_BUGS = (
-    "finish_run uploads logs/training.log with client.log_artifact after the uploader gave up: with S3 still down "
-    "it raises botocore EndpointConnectionError out of train(), so set_terminated never runs (run left RUNNING); "
-    "and checkpoints_local_only also names checkpoint_step_2.pt and checkpoint_step_3.pt, which local retention "
-    "has deleted: they are not local at all")
-
-
 def outage_from_step_2(proxy, ckpt):
     def go():
         if wait_for(lambda: any(ckpt.glob("*/checkpoint_step_2.pt")), 120):
@@ -321,7 +314,6 @@ def outage_from_step_2(proxy, ckpt):
     return t
 
 
-@pytest.mark.xfail(strict=True, reason=LONG_OUTAGE_BUGS)
 def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path):
     watcher = outage_from_step_2(proxy, tmp_path / "ckpt" / "baseline-mtp")
     t0 = time.monotonic()
@@ -333,16 +325,13 @@ def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoi
     run = MlflowClient(store).get_run(run_id)
     assert run.info.status == "FINISHED"
     local_only = run.data.tags["checkpoints_local_only"].split(", ")
-    # what S3 lacks and the disk still has: best, final and the kept step checkpoints, by their local paths
-    assert sorted(local_only) == sorted(str(run_dir / n) for n in KEPT)
+    # what S3 lacks and the disk still has: best, final, the kept step checkpoints and the log, by their local paths
+    assert sorted(local_only) == sorted(str(run_dir / n) for n in [*KEPT, "training.log"])
     assert all(Path(p).is_file() for p in local_only)
     on_s3 = s3_objects(moto_s3, run.info.artifact_uri)
     assert not any(f"checkpoints/{n}" in on_s3 for n in KEPT)
 
 
-@pytest.mark.xfail(strict=True, reason="no config key for the upload retry budget: the trainer builds "
-                                       "CheckpointUploader(run_id, uri) with the default retry_budget_s=300 "
-                                       "(and then: " + LONG_OUTAGE_BUGS + ")")
 def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path):
     watcher = outage_from_step_2(proxy, tmp_path / "ckpt" / "baseline-mtp")
     t0 = time.monotonic()
@@ -354,7 +343,7 @@ def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_check
     run_dir = tmp_path / "ckpt" / "baseline-mtp" / result["run_id"]
     run = MlflowClient(store).get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert sorted(run.data.tags["checkpoints_local_only"].split(", ")) == sorted(str(run_dir / n) for n in KEPT)
+    assert sorted(run.data.tags["checkpoints_local_only"].split(", ")) == sorted(str(run_dir / n) for n in [*KEPT, "training.log"])
 
 
 # ----------------------------------------------------------------------------- 4. resume after SIGKILL
@@ -450,10 +439,6 @@ def test_sigkill_then_resume_auto_continues_the_run_to_the_same_weights(killed_a
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="train/loss of steps 2 and 4, queued in the killed process's MetricLogger "
-                                       "(sent every 1 s, off the loop), die with it; the resume restarts at the step-4 "
-                                       "checkpoint, logs only steps > 4, and never re-sends what the checkpoint "
-                                       "covered: history [6, 8] instead of [2, 4, 6, 8]")
 def test_sigkill_then_resume_auto_leaves_no_gap_in_the_metric_history(killed_and_resumed):
     client, run = only_run(killed_and_resumed["uri"])
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [2, 4, 6, 8]
