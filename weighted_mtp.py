@@ -864,7 +864,7 @@ def doctor(cfg, env_path):
                                        f"set: {', '.join(set_vars) or 'none'}")]
     lines += list(tracking_checks(cfg))
     for ok, line in lines:
-        print(f"{'ok ' if ok else 'FAIL'} {line}")
+        print(f"{'ok' if ok else 'FAIL':<4} {line}")
     return 0 if all(ok for ok, _ in lines) else 1
 
 
