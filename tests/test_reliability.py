@@ -1,0 +1,317 @@
+"""Never lose a run: SIGTERM (spot reclaim), elastic restarts, a crashing rank, NaN losses.
+
+Real processes only: `torchrun` (gloo, CPU, 2 workers) or `python -m weighted_mtp`, a sqlite MLflow store in a tmp
+dir, and for the preemption test a moto S3 server reached over HTTP, exactly as a run reaches MinIO or AWS.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import ROOT, TINY
+from s3server import BUCKET, CREDENTIALS, MotoS3
+
+EXPERIMENT = "weighted-mtp/production"
+BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def train_args(ckpt_dir, *overrides, resume=None):
+    args = ["-m", "weighted_mtp", "train", "--config", BASELINE, "--use-micro-model"]
+    for o in [*TINY, f"checkpoint.dir={ckpt_dir}", *overrides]:
+        args += ["--override", o]
+    return args + (["--resume", resume] if resume else [])
+
+
+def environment(tracking_uri, **extra):
+    """The subprocess env: one thread per process, the tmp MLflow store, the repo importable from a tmp CWD (so
+    nothing is ever written into the repo), and no ambient AWS profile."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
+                        "WMTP_TEST_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")}
+    env.update(OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(ROOT),
+               GLOO_SOCKET_IFNAME="lo", **extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """An MLflow sqlite store with its tables created once: every run copies it instead of paying the schema
+    migrations (seconds) in its first process."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+def store(empty_store, directory):
+    shutil.copy(empty_store, directory / "mlflow.db")
+    return f"sqlite:///{directory}/mlflow.db"
+
+
+def runs_of(uri):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    return client, (client.search_runs([exp.experiment_id]) if exp else [])
+
+
+def steps(client, run_id, key="train/loss"):
+    return [m.step for m in client.get_metric_history(run_id, key)]
+
+
+def artifact_files(client, run_id, path=""):
+    out = []
+    for f in client.list_artifacts(run_id, path):
+        out += artifact_files(client, run_id, f.path) if f.is_dir else [f.path]
+    return sorted(out)
+
+
+def final_model(ckpt_dir):
+    (path,) = Path(ckpt_dir).glob("baseline-mtp/*/checkpoint_final.pt")
+    return torch.load(path, weights_only=False)["model"]
+
+
+def wait_until(predicate, timeout, proc=None, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before {what}:\n{proc.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def logged_steps(ckpt_dir):
+    """Steps rank 0 has logged so far, from the run's local training.log."""
+    logs = list(Path(ckpt_dir).glob("baseline-mtp/*/training.log"))
+    return logs[0].read_text().count(" train/loss=") if logs else 0
+
+
+# -----------------------------------------------------------------------------
+# SIGTERM mid-run, then --resume auto
+
+# 150 steps of ~30 ms: the signal lands well inside training. log_interval=1 so that "one continuous history" is
+# exactly the steps 1..150, whatever step the signal lands on; save_every=0 and eval_interval=0 so that the only
+# step checkpoint is the one the preemption writes.
+PREEMPT = ["training.max_steps=150", "training.log_interval=1", "training.eval_interval=0", "checkpoint.save_every=0",
+           "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts"]
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, empty_store):
+    """A 2-process run SIGTERMed mid-training, the same run resumed with --resume auto, and an uninterrupted
+    reference run with the same seed (its own checkpoint dir, MLflow off; it runs beside the first one)."""
+    tmp = tmp_path_factory.mktemp("preempt")
+    s3 = MotoS3().start()
+    ref_dir = tmp / "reference"
+    reference = subprocess.Popen(TORCHRUN + train_args(ref_dir, *PREEMPT, "mlflow.enable_logging=false"),
+                                 cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        uri, ckpt = store(empty_store, tmp), tmp / "ckpt"
+        env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+        # How the signal arrives: on Kubernetes (VESSL) the kubelet sends SIGTERM to the container's main process
+        # only, and run.sh execs torchrun, so torchrun's agent receives it and forwards it to its workers (which
+        # torchrun starts in their own sessions: nothing else reaches them); it SIGKILLs them 30 s later.
+        proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT), cwd=tmp, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            wait_until(lambda: logged_steps(ckpt) >= 3, 90, proc, "training to log 3 steps")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=90)
+        finally:
+            proc.kill()
+        client, runs = runs_of(uri)
+        killed = client.get_run(runs[0].info.run_id) if len(runs) == 1 else None
+        local = sorted(ckpt.glob("baseline-mtp/*/checkpoint_step_*.pt"))
+        s3_objects = {o["Key"]: s3.client().get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+                      for o in s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+        stopped_history = steps(client, killed.info.run_id) if killed else []
+
+        resumed = subprocess.run(TORCHRUN + train_args(ckpt, *PREEMPT, resume="auto"), cwd=tmp, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
+        reference.communicate(timeout=120)
+        yield types.SimpleNamespace(uri=uri, ckpt=ckpt, rc=proc.returncode, stderr=err, killed=killed, local=local,
+                                    s3=s3_objects, stopped_history=stopped_history, resumed=resumed,
+                                    reference=reference, ref_dir=ref_dir)
+    finally:
+        reference.kill()
+        s3.stop()
+
+
+def test_sigterm_writes_a_checkpoint_to_disk_and_s3_and_ends_the_run_killed(preempted):
+    p = preempted
+    assert p.rc != 0, p.stderr[-3000:]
+    assert p.killed is not None and p.killed.info.status == "KILLED", p.stderr[-3000:]
+    run_id = p.killed.info.run_id
+    (local,) = p.local  # the preemption's checkpoint, the only step checkpoint of this config
+    n = int(local.stem.rsplit("_", 1)[1])
+    assert local.parent == p.ckpt / "baseline-mtp" / run_id and 3 < n < 150
+    assert p.killed.data.tags["resume_from"] == f"runs:/{run_id}/checkpoints/checkpoint_step_{n}.pt ({local})"
+    assert p.killed.data.tags["wmtp.steps"] == "150" and "checkpoints_local_only" not in p.killed.data.tags
+    # every rank says why it stopped and where to resume from
+    assert p.stderr.count(f"preempted: stopped by SIGTERM; resume from {local}\n") == 2, p.stderr[-3000:]
+    # in S3, under the run's own artifact prefix, byte for byte what is on disk
+    prefix = f"mlflow-artifacts/weighted-mtp-production/{run_id}/artifacts"
+    assert p.killed.info.artifact_uri == f"s3://{BUCKET}/{prefix}"
+    assert p.s3[f"{prefix}/checkpoints/checkpoint_step_{n}.pt"] == local.read_bytes()
+    assert p.s3[f"{prefix}/checkpoints/checkpoint_step_{n}.pt.sha256"] == Path(f"{local}.sha256").read_bytes()
+    assert b"SIGTERM received: stopping at the end of this step" in p.s3[f"{prefix}/logs/training.log"]
+    saved = torch.load(local, weights_only=False)
+    assert saved["step"] == n and saved["position"] == n and saved["run_id"] == run_id and not saved["finished"]
+
+
+def test_resume_auto_finishes_the_same_run_with_the_weights_of_an_uninterrupted_run(preempted):
+    p = preempted
+    assert p.resumed.returncode == 0, p.resumed.stderr[-3000:]
+    assert p.reference.returncode == 0
+    client, runs = runs_of(p.uri)
+    assert [r.info.run_id for r in runs] == [p.killed.info.run_id]  # the same run continued: exactly one
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "150"
+    n = int(p.local[0].stem.rsplit("_", 1)[1])
+    assert f", resumed at step {n} from {p.local[0]}" in p.resumed.stderr
+    resumed, reference = final_model(p.ckpt), final_model(p.ref_dir)
+    assert sorted(resumed) == sorted(reference)
+    worst = max((resumed[k].double() - reference[k].double()).abs().max().item() for k in reference)
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.xfail(strict=True, reason="the step at which a SIGTERM stops training is trained and checkpointed but "
+                   "its metrics are never logged (train() raises Preempted before the log block, the resumed run "
+                   "starts after it): train/loss misses that step")
+def test_preempted_and_resumed_run_has_one_continuous_metric_history(preempted):
+    p = preempted
+    client, runs = runs_of(p.uri)
+    n = int(p.local[0].stem.rsplit("_", 1)[1])
+    assert p.stopped_history == list(range(1, n + 1))  # everything up to the checkpoint, the stop step included
+    assert steps(client, runs[0].info.run_id) == list(range(1, 151))  # then the rest: no gap, no duplicate
+
+
+# -----------------------------------------------------------------------------
+# elastic restart, crash without restart, NaN
+
+
+def test_max_restarts_resumes_from_the_newest_checkpoint_into_the_same_run(tmp_path, empty_store):
+    uri = store(empty_store, tmp_path)
+    r = subprocess.run(
+        [*TORCHRUN, "--max_restarts=1",
+         *train_args(tmp_path / "ckpt", "training.max_steps=10", "checkpoint.save_every=2", "checkpoint.resume=auto")],
+        # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it torchrun's restarted gloo workers read the previous
+        # attempt's addresses from the shared rendezvous store and hang or fail in connectFullMesh (pytorch#135712;
+        # reproduced here with a 15-line torch-only script) — run.sh must export it for --max_restarts to work
+        cwd=tmp_path, env=environment(uri, WMTP_TEST_FAULT="1:6", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"),
+        capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("RuntimeError: WMTP_TEST_FAULT: rank 1 fails once at step 6\n") >= 1  # it did fail
+    client, runs = runs_of(uri)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "10"
+    assert steps(client, run.info.run_id) == [2, 4, 6, 8, 10]
+    assert steps(client, run.info.run_id, "val/loss") == [2, 4, 6, 8, 10]
+    # rank 1 died before step 6's logging collective, so the newest checkpoint is step 4's
+    log_text = Path(client.download_artifacts(run.info.run_id, "logs/training.log", str(tmp_path))).read_text()
+    run_dir = tmp_path / "ckpt" / "baseline-mtp" / run.info.run_id
+    assert f", resumed at step 4 from {run_dir / 'checkpoint_step_4.pt'}" in log_text
+    assert "done: 10 steps" in log_text
+
+
+@pytest.mark.xfail(strict=False, reason="RACE (fails about 1 run in 3 here): when rank 1 dies, torchrun SIGTERMs "
+                   "rank 0 about when rank 0 reaches finish_run(), and train() has already restored the default SIGTERM "
+                   "handler (stop_signal.restore() runs before finish_run in the finally block), so rank 0 is killed "
+                   "mid-cleanup: the run stays RUNNING and logs/training.log is never uploaded")
+def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_checkpoint(tmp_path, empty_store):
+    uri = store(empty_store, tmp_path)
+    t0 = time.monotonic()
+    r = subprocess.run(TORCHRUN + train_args(tmp_path / "ckpt", "training.max_steps=10", "checkpoint.save_every=2"),
+                       cwd=tmp_path, env=environment(uri, WMTP_TEST_FAULT="1:4"), capture_output=True, text=True,
+                       timeout=120)  # no hang: rank 0 must not wait out collective_timeout_s (1800 s)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert elapsed < 60, elapsed
+    assert "RuntimeError: WMTP_TEST_FAULT: rank 1 fails once at step 4\n" in r.stderr
+    client, runs = runs_of(uri)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    # the newest checkpoint (step 2: rank 1 died before step 4's checkpoint) is in the run's artifacts
+    assert artifact_files(client, run.info.run_id) == [
+        "checkpoints/checkpoint_best.pt", "checkpoints/checkpoint_best.pt.sha256",
+        "checkpoints/checkpoint_step_2.pt", "checkpoints/checkpoint_step_2.pt.sha256",
+        "config.yaml", "logs/training.log"]
+    local = tmp_path / "ckpt" / "baseline-mtp" / run.info.run_id / "checkpoint_step_2.pt"
+    remote = client.download_artifacts(run.info.run_id, "checkpoints/checkpoint_step_2.pt", str(tmp_path / "dl"))
+    assert Path(remote).read_bytes() == local.read_bytes()
+    log_text = Path(client.download_artifacts(run.info.run_id, "logs/training.log", str(tmp_path))).read_text()
+    assert f"ERROR training failed (baseline, run {run.info.run_id})\nTraceback (most recent call last):" in log_text
+    assert "Connection closed by peer" in log_text  # rank 0's own traceback: its collective saw rank 1 go
+
+
+@pytest.mark.xfail(strict=True, reason="train/skipped_steps is never logged: a skipped step adds it to the Meter and "
+                   "`continue`s past the logging block, and the run raises after max_skipped_steps in a row before "
+                   "any log step reduces the Meter")
+def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, empty_store):
+    uri = store(empty_store, tmp_path)
+    r = subprocess.run([sys.executable, *train_args(tmp_path / "ckpt", "training.learning_rate=1e30",
+                                                   "training.max_skipped_steps=3", "training.max_steps=20",
+                                                   "training.warmup_steps=0", "training.log_interval=1")],
+                       cwd=tmp_path, env=environment(uri), capture_output=True, text=True, timeout=120)
+    message = "3 non-finite steps in a row (training.max_skipped_steps): lower training.learning_rate or check the data"
+    assert r.returncode == 1 and f"RuntimeError: {message}\n" in r.stderr, r.stderr[-3000:]
+    client, runs = runs_of(uri)
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FAILED"
+    log_text = Path(client.download_artifacts(run.info.run_id, "logs/training.log", str(tmp_path))).read_text()
+    assert f"RuntimeError: {message}\n" in log_text and "Traceback" in log_text
+    # step 1 is finite (its update is what blows the weights up); steps 2, 3, 4 are skipped
+    for k in (1, 2, 3):
+        assert f"step {k + 1}: non-finite loss or gradient, step skipped ({k} in a row)" in log_text
+    skipped = client.get_metric_history(run.info.run_id, "train/skipped_steps")
+    assert [(m.step, m.value) for m in skipped] == [(2, 1.0), (3, 2.0), (4, 3.0)]
+
+
+def worker_pids(agent_pid):
+    return [int(p) for p in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()]
+
+
+@pytest.mark.xfail(strict=False, reason="TIMING-DEPENDENT (fails nearly always): StopSignal treats any second signal "
+                   "as 'the user means it' and raises KeyboardInterrupt, and the default handler is back before "
+                   "finish_run: when SIGTERM reaches every process (Slurm scancel, systemd's control-group kill), "
+                   "each worker gets it twice (directly, then forwarded by torchrun), so the run ends FAILED (or stays "
+                   "RUNNING) without its preemption checkpoint instead of KILLED")
+def test_sigterm_to_every_process_still_checkpoints_and_ends_killed(tmp_path, empty_store):
+    uri, ckpt = store(empty_store, tmp_path), tmp_path / "ckpt"
+    proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT[:-1]), cwd=tmp_path, env=environment(uri),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: logged_steps(ckpt) >= 3, 90, proc, "training to log 3 steps")
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2
+        for pid in workers:
+            os.kill(pid, signal.SIGTERM)
+        # the agent's copy arrives a moment later, as it does whenever the workers see theirs first
+        wait_until(lambda: "SIGTERM received" in next(ckpt.glob("baseline-mtp/*/training.log")).read_text(), 30)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    client, runs = runs_of(uri)
+    assert len(runs) == 1
+    local = sorted(ckpt.glob("baseline-mtp/*/checkpoint_step_*.pt"))
+    assert len(local) == 1, err[-3000:]
+    run = runs[0]
+    assert run.info.status == "KILLED", err[-3000:]
+    assert run.data.tags["resume_from"] == f"runs:/{run.info.run_id}/checkpoints/{local[0].name} ({local[0]})"
+    assert artifact_files(client, run.info.run_id) == sorted([
+        f"checkpoints/{local[0].name}", f"checkpoints/{local[0].name}.sha256", "config.yaml", "logs/training.log"])
