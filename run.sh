@@ -219,6 +219,8 @@ cmd_train() {
   [ "$local_" = 0 ] || train+=(--use-micro-model)
   train+=(${args[@]+"${args[@]}"})
 
+  # torchrun --max_restarts: restarted gloo workers must not reuse the old rendezvous store (pytorch#135712).
+  export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
   # torchrun forces OMP_NUM_THREADS=1 when unset; give each process its share of the cores.
   if [ -z "${OMP_NUM_THREADS:-}" ]; then
     OMP_NUM_THREADS=$(($(cpu_count) / nproc))

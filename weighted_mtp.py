@@ -61,6 +61,8 @@ def read_yaml(path):
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})")
+    except ValueError as e:  # PyYAML's constructors, e.g. an impossible date such as 2001-13-45
+        raise UserError(f"{path}: invalid YAML ({e})")
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -82,7 +84,7 @@ def checked_value(value, default, key, source):
     if kind is str and value is None:
         return ""
     if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        with contextlib.suppress(ValueError):  # YAML 1.1 reads 1e-5 (no dot) as a string
+        with contextlib.suppress(ValueError, OverflowError):  # YAML 1.1 reads 1e-5 (no dot) as a string
             return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
@@ -95,7 +97,7 @@ def merge(base, update, source, defaults, prefix=""):
         if key not in defaults:
             close = difflib.get_close_matches(dotted, list(dotted_keys(DEFAULTS)), n=1, cutoff=0.5)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise UserError(f"{source}: unknown key '{dotted}'{hint}")
+            raise UserError(f"{source}: unknown key {dotted!r}{hint}")
         if isinstance(defaults[key], dict) and defaults[key]:
             if not isinstance(value, dict):
                 raise UserError(f"{source}: '{dotted}' must be a mapping, got {value!r}")
@@ -110,7 +112,7 @@ def parse_override(text):
         raise UserError(f"--override {text}: expected key=value, e.g. training.learning_rate=1e-4")
     try:
         value = yaml.safe_load(raw) if raw else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # not YAML (or an impossible date): the string it is
         value = raw
     tree = value
     for part in reversed(key.split(".")):
@@ -132,6 +134,14 @@ RANGES = [  # (key, ok, what it must be)
     ("training.batch_size", lambda v: v >= 1, ">= 1"),
     ("training.gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
     ("training.learning_rate", lambda v: v > 0, "> 0"),
+    ("training.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("model.lora.alpha", lambda v: v > 0, "> 0"),
+    ("model.micro.norm_eps", lambda v: v > 0, "> 0"),
+    ("model.micro.dim", lambda v: v >= 2, ">= 2"),
+    ("model.micro.n_trunk_layers", lambda v: v >= 1, ">= 1 (a shared trunk)"),
+    ("model.micro.n_heads", lambda v: v >= 1, ">= 1"),
+    ("model.micro.n_kv_heads", lambda v: v >= 1, ">= 1"),
+    ("model.micro.multiple_of", lambda v: v >= 1, ">= 1"),
     ("training.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
     ("training.warmup_steps", lambda v: v >= 0, ">= 0"),
     ("training.max_grad_norm", lambda v: v > 0, "> 0"),
@@ -167,7 +177,10 @@ def load_config(path, overrides=()):
     for key, ok, what in RANGES:
         if not ok(get(cfg, key)):
             raise UserError(f"{path}: '{key}' must be {what}, got {get(cfg, key)!r}")
-    t = cfg["training"]
+    t, micro = cfg["training"], cfg["model"]["micro"]
+    if micro["dim"] % (2 * micro["n_heads"]) or micro["n_heads"] % micro["n_kv_heads"]:
+        raise UserError(f"{path}: 'model.micro.dim' ({micro['dim']}) must split into 'model.micro.n_heads' "
+                        f"({micro['n_heads']}) heads of even size, and n_heads be a multiple of n_kv_heads ({micro['n_kv_heads']})")
     if t["weight_clip_min"] >= t["weight_clip_max"]:
         raise UserError(f"{path}: 'training.weight_clip_min' ({t['weight_clip_min']}) must be < "
                         f"'training.weight_clip_max' ({t['weight_clip_max']})")
@@ -210,7 +223,10 @@ class SentencePieceTokenizer:
     """Meta's tokenizer.model; sentencepiece is an optional extra, imported only here."""
 
     def __init__(self, path):
-        import sentencepiece
+        try:
+            import sentencepiece
+        except ImportError:
+            raise UserError(f"model.tokenizer: {path} needs the sentencepiece package (pip install sentencepiece)")
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
         self.pad_id = self.eos_id  # pads sit after EOS and are masked out of every loss, so any id will do
@@ -517,7 +533,7 @@ BUILTIN = {"arith": (arith_records, check_arith)}
 def read_jsonl(path):
     """Records of a JSONL file; a bad line is a UserError naming file and line."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read ({e})")
     records = []
@@ -528,6 +544,8 @@ def read_jsonl(path):
             record = json.loads(line)
         except ValueError as e:
             raise UserError(f"{path}:{number}: not valid JSON ({e.msg})")
+        except RecursionError:
+            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)")
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object")
         for key in ("instruction", "output"):
@@ -1173,9 +1191,11 @@ class StopSignal:
             signal.signal(signum, handler)
 
     def handle(self, signum, frame):
-        if self.received:  # a second signal: the user means it
+        # A second Ctrl-C means "now". A second SIGTERM does not: torchrun forwards the one every process of a
+        # container already got, and SIGKILLs 30 s later anyway.
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.received = signum
+        self.received = self.received or signum
         log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
 
 
@@ -1310,19 +1330,11 @@ def train(cfg, use_micro=False):
             done = step + 1
             if os.environ.get("WMTP_TEST_FAULT") == f"{rank}:{done}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
                 raise RuntimeError(f"WMTP_TEST_FAULT: rank {rank} fails once at step {done}")  # for the restart tests
-            if stop:
-                save(f"checkpoint_step_{done}.pt", done)
-                raise Preempted(stop_signal.received or signal.SIGTERM, run_dir / f"checkpoint_step_{done}.pt")
+            skipped = 0 if finite else skipped + 1
             if not finite:
-                skipped += 1
                 meter.add("train/skipped_steps", skipped, 1)
                 log.warning(f"step {done}: non-finite loss or gradient, step skipped ({skipped} in a row)")
-                if skipped >= t["max_skipped_steps"]:
-                    raise RuntimeError(f"{skipped} non-finite steps in a row (training.max_skipped_steps): "
-                                       f"lower training.learning_rate or check the data")
-                continue
-            skipped = 0
-            if done % t["log_interval"] == 0 or done == total_steps:
+            if done % t["log_interval"] == 0 or done == total_steps or stop or not finite:
                 elapsed = time.time() - t_log
                 stats = meter.reduce()
                 stats["train/learning_rate"] = lr
@@ -1336,6 +1348,14 @@ def train(cfg, use_micro=False):
                     log.info(" ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
                     if metrics:
                         metrics.log(stats, done)
+            if stop:
+                save(f"checkpoint_step_{done}.pt", done)
+                raise Preempted(stop_signal.received or signal.SIGTERM, run_dir / f"checkpoint_step_{done}.pt")
+            if skipped >= t["max_skipped_steps"]:
+                raise RuntimeError(f"{skipped} non-finite steps in a row (training.max_skipped_steps): "
+                                   f"lower training.learning_rate or check the data")
+            if not finite:
+                continue
             if (t["eval_interval"] and done % t["eval_interval"] == 0) or done == total_steps:
                 val = evaluate(ctx, model, val_examples, checker)
                 if master:
@@ -1360,12 +1380,12 @@ def train(cfg, use_micro=False):
         log.exception(f"training failed ({pipeline}, run {run_id})")
         raise
     finally:
-        if stop_signal:
-            stop_signal.restore()
-        if master:
+        if master:  # still under StopSignal: torchrun's SIGTERM after a crash must not cut the cleanup short
             if system:
                 system.finish()
             finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, total_steps, resume_from)
+        if stop_signal:
+            stop_signal.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -1375,6 +1395,9 @@ def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status
     the same retrying uploader, tag what stayed only local, end the run — KILLED ones tagged with the checkpoint to
     resume from. The run is ended whatever fails on the way."""
     timeout = cfg["checkpoint"]["preempt_grace_s" if status == "KILLED" else "upload_timeout_s"]
+    if client and resume_from:  # first, in case the grace period ends with a SIGKILL
+        client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
+        client.set_terminated(run_id, status)
     try:
         if metrics and not metrics.close(timeout=timeout):
             log.error("some metrics could not be sent to the tracking server")
@@ -1395,8 +1418,6 @@ def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status
         if client:
             if local_only:
                 client.set_tag(run_id, "checkpoints_local_only", ", ".join(local_only))
-            if resume_from:
-                client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
             client.set_tag(run_id, "wmtp.steps", str(steps))
     finally:
         if client:

@@ -185,9 +185,6 @@ def test_resume_auto_finishes_the_same_run_with_the_weights_of_an_uninterrupted_
     assert worst <= 1e-6, worst
 
 
-@pytest.mark.xfail(strict=True, reason="the step at which a SIGTERM stops training is trained and checkpointed but "
-                   "its metrics are never logged (train() raises Preempted before the log block, the resumed run "
-                   "starts after it): train/loss misses that step")
 def test_preempted_and_resumed_run_has_one_continuous_metric_history(preempted):
     p = preempted
     client, runs = runs_of(p.uri)
@@ -225,10 +222,6 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_into_the_same_run(tmp_p
     assert "done: 10 steps" in log_text
 
 
-@pytest.mark.xfail(strict=False, reason="RACE (fails about 1 run in 3 here): when rank 1 dies, torchrun SIGTERMs "
-                   "rank 0 about when rank 0 reaches finish_run(), and train() has already restored the default SIGTERM "
-                   "handler (stop_signal.restore() runs before finish_run in the finally block), so rank 0 is killed "
-                   "mid-cleanup: the run stays RUNNING and logs/training.log is never uploaded")
 def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_checkpoint(tmp_path, empty_store):
     uri = store(empty_store, tmp_path)
     t0 = time.monotonic()
@@ -256,9 +249,6 @@ def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_check
     assert "Connection closed by peer" in log_text  # rank 0's own traceback: its collective saw rank 1 go
 
 
-@pytest.mark.xfail(strict=True, reason="train/skipped_steps is never logged: a skipped step adds it to the Meter and "
-                   "`continue`s past the logging block, and the run raises after max_skipped_steps in a row before "
-                   "any log step reduces the Meter")
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, empty_store):
     uri = store(empty_store, tmp_path)
     r = subprocess.run([sys.executable, *train_args(tmp_path / "ckpt", "training.learning_rate=1e30",
@@ -284,11 +274,6 @@ def worker_pids(agent_pid):
     return [int(p) for p in Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()]
 
 
-@pytest.mark.xfail(strict=False, reason="TIMING-DEPENDENT (fails nearly always): StopSignal treats any second signal "
-                   "as 'the user means it' and raises KeyboardInterrupt, and the default handler is back before "
-                   "finish_run: when SIGTERM reaches every process (Slurm scancel, systemd's control-group kill), "
-                   "each worker gets it twice (directly, then forwarded by torchrun), so the run ends FAILED (or stays "
-                   "RUNNING) without its preemption checkpoint instead of KILLED")
 def test_sigterm_to_every_process_still_checkpoints_and_ends_killed(tmp_path, empty_store):
     uri, ckpt = store(empty_store, tmp_path), tmp_path / "ckpt"
     proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT[:-1]), cwd=tmp_path, env=environment(uri),

@@ -329,7 +329,8 @@ def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoi
     assert sorted(local_only) == sorted(str(run_dir / n) for n in [*KEPT, "training.log"])
     assert all(Path(p).is_file() for p in local_only)
     on_s3 = s3_objects(moto_s3, run.info.artifact_uri)
-    assert not any(f"checkpoints/{n}" in on_s3 for n in KEPT)
+    # written after the outage began; an older best may have made it just before, the newest did not
+    assert not any(f"checkpoints/{n}" in on_s3 for n in KEPT if n != "checkpoint_best.pt")
 
 
 def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path):
