@@ -1,0 +1,451 @@
+"""
+bench.py: what the trainer's features cost, as ratios of two things measured side by side in one process.
+
+    python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P5 (+ P6 on a GPU), checkpoint, logging
+    python bench.py --scaling [--out bench/results.json]    # tokens/s and peak memory over seq x H (slow)
+
+Every figure runs the trainer's own code (weighted_mtp.train_step, LOSSES, MTPTransformer, MetricLogger, s3ckpt)
+against a plain alternative. The two sides alternate (A B, B A, ...) so that whatever else the machine does hits
+both alike; each repeat gives one ratio and the table shows its median, min and max over the repeats. P1-P5 and
+the checkpoint/logging ratios run on the CPU (2 threads) with the micro model scaled up (dim 256, seq 256,
+batch 8, H=4); P6 only where CUDA is present. Ratios, not absolute times, are the point: they carry across machines.
+"""
+import os
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the profiler (peak_memory) would print two lines per step
+import argparse
+import contextlib
+import copy
+import dataclasses
+import json
+import logging
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import s3ckpt
+import weighted_mtp as wm
+
+ROOT = Path(__file__).resolve().parent
+CPU = torch.device("cpu")
+BYTES = wm.ByteTokenizer.vocab_size
+PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+             ("L4", 121e12), ("A10G", 70e12)]  # dense bf16 FLOP/s by GPU name, first match wins
+FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=7, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False)
+QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=3, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True)
+
+# -----------------------------------------------------------------------------
+# the trainer, set up as train() sets it up, and timing
+
+
+def setup(pipeline="baseline", H=4, dim=256, vocab=BYTES, device=CPU, args=None):
+    """(ctx, model, optimizer, params, meter) as train() builds them; rho1's reference is a frozen copy."""
+    cfg = wm.load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
+                         [f"experiment.pipeline={pipeline}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}"])
+    t = cfg["training"]
+    torch.manual_seed(t["seed"])
+    args = args or wm.micro_args(cfg, vocab)
+    with device:
+        model = wm.MTPTransformer(args, pipeline in ("critic", "verifiable"), cfg["model"]["memory_efficient_loss"])
+    reference = copy.deepcopy(model).requires_grad_(False).eval() if pipeline == "rho1" else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"], fused=device.type == "cuda")
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
+    ctx = {"cfg": cfg, "pipeline": pipeline, "H": args.n_future_tokens, "tok": wm.ByteTokenizer(), "device": device,
+           "rank": 0, "world": 1, "autocast": autocast, "reference": reference, "ema": None,
+           "step": t["td_ema_warmup_steps"]}  # past the EMA warm-up: the steady state
+    return ctx, model, optimizer, params, wm.Meter(device)
+
+
+def trainer_step(trainer, batch):
+    ctx, model, optimizer, params, meter = trainer
+    return lambda: wm.train_step(ctx, model, optimizer, params, [batch], meter)
+
+
+def make_batch(B, T, vocab=BYTES, device=CPU):
+    """B rows of T random tokens through the trainer's collate: first quarter prompt (-100), every other row correct."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(B):
+        ids = torch.randint(0, 256 if vocab == BYTES else vocab, (T,), generator=g).tolist()
+        rows.append((ids, [-100] * (T // 4) + ids[T // 4:], float(i % 2 == 0), {}))
+    return wm.collate(rows, wm.ByteTokenizer.pad_id, device)
+
+
+def timed(fn, device=CPU):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def compare(a, b, S, settle=lambda: None, warmup=2):
+    """time(b) / time(a) per repeat: S.steps calls of each, alternating (A B, B A, ...), each side's time the median
+    of its calls (robust to other processes on a shared machine). settle() runs untimed after every call."""
+    for _ in range(warmup):
+        a(), settle(), b(), settle()
+    ratios = []
+    for r in range(S.repeats):
+        times = {a: [], b: []}
+        for i in range(S.steps):
+            for fn in ((a, b) if (r + i) % 2 == 0 else (b, a)):
+                times[fn].append(timed(fn))
+                settle()
+        ratios.append(statistics.median(times[b]) / statistics.median(times[a]))
+    return ratios
+
+
+def compare_blocks(a_block, b_block, S):
+    """mean step time of b_block() / a_block() (each returns its S.block step times), blocks alternating per
+    repeat. For costs that come and go in the background (uploads, metric flushes): a median would hide them."""
+    ratios = []
+    for r in range(S.repeats):
+        first, second = (a_block, b_block) if r % 2 == 0 else (b_block, a_block)
+        times = {first: first(), second: second()}
+        ratios.append(statistics.mean(times[b_block]) / statistics.mean(times[a_block]))
+    return ratios
+
+
+@contextlib.contextmanager
+def spare_core():
+    """torch threads - 1 (at least 1) for the figures with background threads: a GPU run leaves them idle CPU cores;
+    on a CPU run that uses every core, any other thread stalls torch's parallel regions, whatever it does."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def summary(ratios, goal, higher_is_better=False, **extra):
+    med = statistics.median(ratios)
+    return {"median": med, "min": min(ratios), "max": max(ratios), "goal": goal,
+            "ok": med >= goal if higher_is_better else med <= goal, "ratios": [round(r, 4) for r in ratios], **extra}
+
+
+def flops_per_token(args, T):
+    """(whole model, one head): model FLOPs of a training step per token (PaLM, appendix B): 6 per weight of every
+    matmul the token passes, plus 12·dim·T per block for attention. A head is its block plus one unembedding."""
+    with torch.device("meta"):
+        block = 6 * sum(p.numel() for p in wm.Block(args).parameters() if p.dim() == 2) + 12 * args.dim * T
+    head = block + 6 * args.dim * args.vocab_size
+    return (args.n_layers - args.n_future_tokens) * block + args.n_future_tokens * head, head
+
+
+def peak_memory(step, model, optimizer, batch, device=CPU):
+    """Peak bytes of one training step: what is alive at its start (weights, optimizer state, batch) plus the highest
+    the step's own allocations climb. CUDA: torch.cuda.max_memory_allocated. CPU: torch.profiler(profile_memory)
+    records every tensor allocation and free of the CPU allocator with its running total from the profile's start;
+    the maximum of that total is the step's transient peak. (Process RSS would count allocator caches and the
+    Python heap too; tracemalloc sees no tensor memory.)"""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        return torch.cuda.max_memory_allocated()
+    alive = [*model.parameters(), *model.buffers(), *batch,
+             *(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))]
+    start = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}.values())
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return start + max([0, *totals])
+
+
+# -----------------------------------------------------------------------------
+# the figures
+
+
+def p1_verifiable(S):
+    """P1: verifiable train_step / baseline train_step: same weights, batch and H; the extra is the value head,
+    TD errors, GAE, whitening, EMA and the weighted loss."""
+    batch = make_batch(S.batch, S.seq)
+    base, ver = setup("baseline", dim=S.dim), setup("verifiable", dim=S.dim)
+    return summary(compare(trainer_step(base, batch), trainer_step(ver, batch), S), 1.10)
+
+
+def p2_rho1(S):
+    """P2: rho1 train_step / baseline train_step; the extra is the frozen reference's forward and the top-k."""
+    batch = make_batch(S.batch, S.seq)
+    base, rho1 = setup("baseline", dim=S.dim), setup("rho1", dim=S.dim)
+    return summary(compare(trainer_step(base, batch), trainer_step(rho1, batch), S), 1.40)
+
+
+def bare_step(model, optimizer, batch):
+    """What a plain fine-tuning script does: logits, next-token cross-entropy, backward, AdamW."""
+    tokens, labels, _ = batch
+    logits, _ = model(tokens)  # [B, T, 1, V]
+    loss = F.cross_entropy(logits[:, :-1, 0].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def p3_overhead(S):
+    """P3: baseline train_step with H=1 / a bare PyTorch loop on the same model (own AdamW): the trainer's own cost."""
+    batch = make_batch(S.batch, S.seq)
+    trainer = setup("baseline", H=1, dim=S.dim)
+    model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0)
+    return summary(compare(lambda: bare_step(model, bare_opt, batch), trainer_step(trainer, batch), S), 1.05)
+
+
+def p4_memory(S):
+    """P4: peak memory of a baseline train_step, H=4 / H=1, vocab 32000 (the logits dominate). See peak_memory()."""
+    batch, tiny = make_batch(S.mem_batch, S.seq, 32000), make_batch(1, 16, 32000)
+    peaks = {1: [], 4: []}
+    for H in peaks:
+        trainer = setup("baseline", H=H, dim=S.dim, vocab=32000)
+        trainer_step(trainer, tiny)()  # creates the optimizer state, cheaply
+        for _ in range(2):  # deterministic: two repeats show it
+            peaks[H].append(peak_memory(trainer_step(trainer, batch), trainer[1], trainer[2], batch))
+    return summary([b / a for a, b in zip(peaks[1], peaks[4])], 1.30, peak_mib={f"H{H}": p[0] / 2**20 for H, p in peaks.items()},
+                   method="CPU: weights + optimizer state + batch, plus the profiler's peak of tensor allocations in the step")
+
+
+def p5_heads(S):
+    """P5: baseline train_step, H=4 / H=1 (same trunk and batch). Goal 1 + 3·share + 0.05, share = model FLOPs of
+    one head (block + unembedding) per token / those of the whole H=1 model."""
+    batch = make_batch(S.batch, S.seq)
+    one, four = setup("baseline", H=1, dim=S.dim), setup("baseline", H=4, dim=S.dim)
+    total, head = flops_per_token(one[1].args, S.seq)
+    share = head / total
+    return summary(compare(trainer_step(one, batch), trainer_step(four, batch), S), 1 + 3 * share + 0.05, head_share=share)
+
+
+def p6_mfu(S):
+    """P6 (CUDA only): model FLOPs utilisation of a ~1B MTP model (H=4), bf16 autocast, seq 2048:
+    flops_per_token · tokens/s / the GPU's peak dense bf16 FLOP/s."""
+    device, name = torch.device("cuda"), torch.cuda.get_device_name()
+    peak = next((v for key, v in PEAK_BF16 if key in name), None)
+    if peak is None:
+        return {"skipped": f"no peak bf16 FLOP/s known for {name}"}
+    args = wm.ModelArgs(dim=2048, n_layers=20, n_heads=16, n_kv_heads=8, vocab_size=32000, multiple_of=256, n_future_tokens=4)
+    trainer = setup("baseline", device=device, args=args)
+    step, T = trainer_step(trainer, make_batch(S.gpu_batch, 2048, 32000, device)), 2048
+    for _ in range(3):
+        step()
+    mfus = [flops_per_token(args, T)[0] * S.gpu_batch * T / timed(step, device) / peak for _ in range(S.repeats)]
+    return summary(mfus, 0.40, higher_is_better=True, gpu=name, params=sum(p.numel() for p in trainer[1].parameters()),
+                   batch=S.gpu_batch, seq=T)
+
+
+def checkpoint_state(trainer):
+    """What train()'s save() writes."""
+    ctx, model, optimizer = trainer[:3]
+    weights, partial = wm.model_state(model)
+    return {"model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": 1},
+            "step": 1, "position": 1, "rng": wm.rng_state(), "ema": ctx["ema"], "config": ctx["cfg"], "run_id": "bench",
+            "best_val_loss": 1.0, "pipeline": ctx["pipeline"], "finished": False, "model_args": dataclasses.asdict(model.args)}
+
+
+@contextlib.contextmanager
+def s3_run(tmp):
+    """moto's S3 server (ThreadedMotoServer, 127.0.0.1, port 0) in a child process at nice 19 — S3 is another
+    machine in production: its request handling is not the trainer's cost, so it gets only CPU the trainer leaves
+    idle — and an MLflow run in a sqlite store whose artifacts live at s3://wmtp/bench. Yields its CheckpointUploader."""
+    code = ("import logging, os, sys; os.nice(19); from moto.server import ThreadedMotoServer; logging.getLogger('werkzeug').setLevel(40);"
+            "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False); s.start();"
+            "print(s.get_host_and_port()[1], flush=True); sys.stdin.read()")  # lives until our end of stdin closes
+    moto = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        os.environ.update(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{int(moto.stdout.readline())}", AWS_ACCESS_KEY_ID="bench",
+                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
+            os.environ.pop(key, None)
+        s3ckpt.s3_client().create_bucket(Bucket="wmtp")
+        from mlflow import MlflowClient
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        client = MlflowClient(uri)
+        run = client.create_run(client.create_experiment("bench", artifact_location="s3://wmtp/bench"))
+        uploader = s3ckpt.CheckpointUploader(run.info.run_id, uri)
+        yield uploader
+        uploader.wait(120)
+        uploader.close()
+    finally:
+        moto.stdin.close()
+        moto.wait(30)
+
+
+def s3_figures(S, tmp):
+    """ckpt_stall: the training loop's block per step checkpoint (s3ckpt.save_checkpoint, upload_to_s3_async, local
+    pruning, remote cleanup submit: train()'s save()) / a plain local torch.save of the same state; uploads settle
+    between calls. upload_step: train_step time while a checkpoint upload is in flight / without one."""
+    trainer, batch = setup("baseline", dim=S.dim), make_batch(S.batch, S.seq)
+    step = trainer_step(trainer, batch)
+    step(), step()
+    state, run_dir, n = checkpoint_state(trainer), Path(tmp) / "run", [0]
+    with s3_run(tmp) as uploader, spare_core() as threads:
+        def trainer_save():
+            n[0] += 1
+            uploader.upload_to_s3_async(s3ckpt.save_checkpoint(state, run_dir / f"checkpoint_step_{n[0]}.pt"))
+            s3ckpt.prune_local_checkpoints(run_dir, 3)
+            uploader.cleanup_s3_checkpoints(3)
+        stall = compare(lambda: torch.save(state, Path(tmp) / "plain.pt"), trainer_save, S, settle=lambda: uploader.wait(120))
+        ckpt = s3ckpt.save_checkpoint(state, run_dir / "checkpoint_best.pt")
+
+        def with_upload():
+            times, fut = [], None
+            for _ in range(S.block):
+                if fut is None or fut.done():
+                    fut = uploader.upload_to_s3_async(ckpt)
+                times.append(timed(step))
+            uploader.wait(120)
+            return times
+        upload = compare_blocks(lambda: [timed(step) for _ in range(S.block)], with_upload, S)
+    mib = ckpt.stat().st_size / 2**20
+    return {"ckpt_stall": summary(stall, 1.1, checkpoint_mib=mib),
+            "upload_step": summary(upload, 1.05, checkpoint_mib=mib, torch_threads=threads)}
+
+
+def up(url):
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def mlflow_server(tmp):
+    """A local `mlflow server` (sqlite, 127.0.0.1, a free port, one worker) at nice 19, standing in for a remote
+    server as moto does for S3; stopped with its process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = ["nice", "-n", "19", str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
+           "--default-artifact-root", f"{tmp}/server-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+        while not up(f"{url}/health"):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError("mlflow server did not start")
+            time.sleep(0.3)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+
+
+def log_figure(S, tmp):
+    """log_overhead: verifiable train_step + Meter.reduce + MetricLogger.log of 20 metrics every step / the same
+    with logging off. The logger sends in a background thread; blocks long enough for several flushes."""
+    trainer, batch = setup("verifiable", dim=S.dim), make_batch(S.batch, S.seq)
+    meter, step_no = trainer[4], [0]
+    from mlflow import MlflowClient
+
+    def logged_step(metrics):
+        trainer_step(trainer, batch)()
+        stats = {**meter.reduce(), "train/learning_rate": 3e-4, "train/tokens_per_sec": 1.0}
+        stats.update({f"system/bench_{i}": float(i) for i in range(20 - len(stats))})
+        if metrics:
+            step_no[0] += 1
+            metrics.log(stats, step_no[0])
+
+    def block(metrics=None):
+        return [timed(lambda: logged_step(metrics)) for _ in range(S.block)]
+
+    with (contextlib.nullcontext(f"sqlite:///{tmp}/mlflow.db") if S.quick else mlflow_server(tmp)) as uri, spare_core() as threads:
+        client = MlflowClient(uri)
+        run_id = client.create_run(client.create_experiment("bench-logging")).info.run_id
+        block()
+
+        def logging_on():
+            metrics = wm.MetricLogger(client, run_id)
+            times = block(metrics)
+            metrics.close(60)  # the final flush is the end of the run's, not a step's
+            return times
+        ratios = compare_blocks(block, logging_on, S)
+    backend = "sqlite (embedded)" if S.quick else "mlflow server (sqlite)"
+    return {"log_overhead": summary(ratios, 1.01, backend=backend, metrics_per_step=20, torch_threads=threads)}
+
+
+# -----------------------------------------------------------------------------
+# scaling, output, main
+
+
+def scaling(device):
+    """tokens/s and peak memory of a baseline train_step, micro model (dim 256, 2 trunk blocks), vocab 32000, batch 1."""
+    rows = []
+    for T in (256, 512, 1024, 2048):
+        for H in (1, 2, 4, 8):
+            trainer, batch = setup("baseline", H=H, dim=256, vocab=32000, device=device), make_batch(1, T, 32000, device)
+            trainer_step(trainer, make_batch(1, 16, 32000, device))()  # creates the optimizer state, cheaply
+            step = trainer_step(trainer, batch)
+            t = min(timed(step, device) for _ in range(3))
+            rows.append({"seq": T, "H": H, "tokens_per_s": T / t, "peak_mib": peak_memory(step, *trainer[1:3], batch, device) / 2**20})
+            print(f"seq {T:5d} H {H}: {T / t:9.0f} tok/s  {rows[-1]['peak_mib']:8.0f} MiB", flush=True)
+    print("\n| seq | " + " | ".join(f"H={H} tok/s (peak MiB)" for H in (1, 2, 4, 8)) + " |\n|---|---|---|---|---|")
+    for T in (256, 512, 1024, 2048):
+        print(f"| {T} | " + " | ".join(f"{r['tokens_per_s']:,.0f} ({r['peak_mib']:,.0f})" for r in rows if r["seq"] == T) + " |")
+    return {"model": "micro dim 256, 2 trunk blocks, vocab 32000, batch 1", "device": str(device), "rows": rows}
+
+
+def print_table(results):
+    print("\n| figure | median | min | max | goal | ok |\n|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if "skipped" in r:
+            print(f"| {name} | skipped: {r['skipped']} | | | | |")
+        elif "median" in r:
+            print(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {'≥' if name == 'P6' else '≤'} "
+                  f"{r['goal']:.3f} | {'yes' if r['ok'] else 'NO'} |")
+
+
+def cpu_name():
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
+    return platform.processor() or "cpu"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
+    parser.add_argument("--scaling", action="store_true", help="only the seq x H scaling grid, merged into --out")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+    S, out = (QUICK if args.quick else FULL), Path(args.out)
+    old = json.loads(out.read_text()) if out.exists() else {}
+    if args.scaling:
+        results = {**old, "scaling": scaling(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}
+    else:
+        results, t0 = {}, time.time()
+        figures = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads] + ([p6_mfu] if torch.cuda.is_available() else [])
+        for fig in figures:
+            results[fig.__name__[:2].upper()] = fig(S)
+            print(f"{fig.__name__}: {results[fig.__name__[:2].upper()].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)
+        with tempfile.TemporaryDirectory(prefix="wmtp-bench-") as tmp:
+            for fig in (s3_figures, log_figure):
+                results.update(fig(S, tmp))
+                print(f"{fig.__name__} ({time.time() - t0:.0f}s)", flush=True)
+        gpu = f"; P6 on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+        results["meta"] = {"device": f"{cpu_name()}, {torch.get_num_threads()} torch threads{gpu}", "torch": torch.__version__,
+                           "repeats": S.repeats, "quick": S.quick, "seconds": round(time.time() - t0, 1), "sizes": vars(S)}
+        results.update({"scaling": old["scaling"]} if "scaling" in old else {})
+        print_table(results)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
