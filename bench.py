@@ -60,7 +60,7 @@ def setup(pipeline="baseline", H=4, dim=256, vocab=BYTES, device=CPU, args=None)
         model = wm.MTPTransformer(args, pipeline in ("critic", "verifiable"), cfg["model"]["memory_efficient_loss"])
     reference = copy.deepcopy(model).requires_grad_(False).eval() if pipeline == "rho1" else None
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"], fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"], fused=True)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
     ctx = {"cfg": cfg, "pipeline": pipeline, "H": args.n_future_tokens, "tok": wm.ByteTokenizer(), "device": device,
            "rank": 0, "world": 1, "autocast": autocast, "reference": reference, "ema": None,
@@ -189,7 +189,8 @@ def p2_rho1(S):
 
 
 def bare_step(model, optimizer, batch):
-    """What a plain fine-tuning script does: logits, next-token cross-entropy, backward, AdamW."""
+    """What a plain fine-tuning script does: logits, next-token cross-entropy, backward, AdamW (no clipping, no
+    NaN guard)."""
     tokens, labels, _ = batch
     logits, _ = model(tokens)  # [B, T, 1, V]
     loss = F.cross_entropy(logits[:, :-1, 0].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -202,7 +203,7 @@ def p3_overhead(S):
     """P3: baseline train_step with H=1 / a bare PyTorch loop on the same model (own AdamW): the trainer's own cost."""
     batch = make_batch(S.batch, S.seq)
     trainer = setup("baseline", H=1, dim=S.dim)
-    model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0)
+    model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0, fused=True)  # as train()
     return summary(compare(lambda: bare_step(model, bare_opt, batch), trainer_step(trainer, batch), S), 1.05)
 
 
@@ -284,20 +285,25 @@ def s3_run(tmp):
 
 
 def s3_figures(S, tmp):
-    """ckpt_stall: the training loop's block per step checkpoint (s3ckpt.save_checkpoint, upload_to_s3_async, local
-    pruning, remote cleanup submit: train()'s save()) / a plain local torch.save of the same state; uploads settle
-    between calls. upload_step: train_step time while a checkpoint upload is in flight / without one."""
+    """ckpt_stall: the training loop's block per step checkpoint (train()'s save(): CheckpointWriter.save, whose
+    write, upload and retention run in the background) / a plain local torch.save of the same state; writes and
+    uploads settle between calls. upload_step: train_step time while a checkpoint upload is in flight / without one."""
     trainer, batch = setup("baseline", dim=S.dim), make_batch(S.batch, S.seq)
     step = trainer_step(trainer, batch)
     step(), step()
     state, run_dir, n = checkpoint_state(trainer), Path(tmp) / "run", [0]
     with s3_run(tmp) as uploader, spare_core() as threads:
+        writer = s3ckpt.CheckpointWriter(3, uploader)
+
         def trainer_save():
             n[0] += 1
-            uploader.upload_to_s3_async(s3ckpt.save_checkpoint(state, run_dir / f"checkpoint_step_{n[0]}.pt"))
-            s3ckpt.prune_local_checkpoints(run_dir, 3)
-            uploader.cleanup_s3_checkpoints(3)
-        stall = compare(lambda: torch.save(state, Path(tmp) / "plain.pt"), trainer_save, S, settle=lambda: uploader.wait(120))
+            writer.save(state, run_dir / f"checkpoint_step_{n[0]}.pt")
+
+        def settle():
+            writer.wait()
+            uploader.wait(120)
+        stall = compare(lambda: torch.save(state, Path(tmp) / "plain.pt"), trainer_save, S, settle=settle)
+        writer.close()
         ckpt = s3ckpt.save_checkpoint(state, run_dir / "checkpoint_best.pt")
 
         def with_upload():

@@ -54,7 +54,8 @@ usage: ./run.sh <command> [args]
   server                    PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow server with
                             basic auth; prints the client's .env lines; Ctrl-C stops everything
   doctor [args]             python -m weighted_mtp doctor (default --config configs/defaults.yaml)
-  bench [args]              python -m weighted_mtp bench
+  bench [args]              python bench.py: side-by-side speed ratios (--quick, --scaling,
+                            --threads N, --out PATH; default bench/results.json)
 
 environment
   .env (or $WMTP_ENV_FILE)  sourced by <pipeline>, vessl and doctor; its values win over the environment
@@ -651,7 +652,7 @@ main() {
       load_env; bootstrap
       case " $* " in *" --config "* | *" --config="*) ;; *) set -- --config configs/defaults.yaml "$@" ;; esac
       exec "$PYTHON" -m weighted_mtp doctor "$@" ;;
-    bench) bootstrap; exec "$PYTHON" -m weighted_mtp bench "$@" ;;
+    bench) bootstrap test; exec "$PYTHON" bench.py "$@" ;;   # test extras: the upload ratios need moto
     -*) usage >&2; exit 2 ;;
     *) cmd_train "$sub" "$@" ;;
   esac

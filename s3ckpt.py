@@ -3,6 +3,7 @@ Checkpoints that survive spot machines.
 
 - save_checkpoint / load_checkpoint: atomic local files with a sha256 sidecar, so a crash mid-save never leaves
   a half-written checkpoint behind and corruption is detected at load time.
+- CheckpointWriter: the trainer's save — a CPU copy now, the write, upload hand-off and retention in the background.
 - CheckpointUploader: background upload into the MLflow run's own artifacts (boto3 straight to S3 when the
   artifact location is s3://, MlflowClient otherwise), retention by step number, and a wait() that says which
   checkpoints are only local. Only rank 0 creates one.
@@ -12,6 +13,7 @@ Nothing here logs credentials: messages name local paths and artifact URIs only.
 mlflow and boto3 are imported lazily so that `import s3ckpt` stays cheap for local-only use.
 """
 import concurrent.futures as cf
+import copy
 import hashlib
 import logging
 import os
@@ -141,6 +143,57 @@ def prune_local_checkpoints(ckpt_dir, save_total_limit):
         Path(f"{d / name}.sha256").unlink(missing_ok=True)
         removed.append(d / name)
     return removed
+
+
+def cpu_copy(state):
+    """state with every tensor replaced by a detached CPU copy (and every other leaf deep-copied): what a background
+    write may serialise while training keeps changing the originals in place."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: cpu_copy(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(cpu_copy(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class CheckpointWriter:
+    """Saves checkpoints in a background thread, so the training loop waits only for a CPU copy of the state.
+    Serialising, hashing, fsync, the upload hand-off and retention (save_total_limit, locally and remotely) run
+    behind it. One write is in flight at most: that bounds the extra host memory to one copy of the state, and
+    keeps checkpoints landing in order. A failed write (disk full) is raised by the next save() or wait()."""
+
+    def __init__(self, save_total_limit, uploader=None):
+        self.save_total_limit, self.uploader = save_total_limit, uploader
+        self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-write")
+        self._pending = None
+
+    def save(self, state, path):
+        self.wait()
+        self._pending = self._pool.submit(self._write, cpu_copy(state), Path(path))
+
+    def wait(self):
+        """Blocks until the last saved checkpoint is on disk and queued for upload; raises its error."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self):
+        """Finishes the write in flight; its error is logged, not raised (the run is failing already)."""
+        try:
+            self.wait()
+        except Exception as e:
+            log.error("checkpoint write failed: %s", e)
+        self._pool.shutdown(wait=True)
+
+    def _write(self, state, path):
+        save_checkpoint(state, path)
+        if self.uploader:
+            self.uploader.upload_to_s3_async(path)
+        if checkpoint_step(path.name) is not None:
+            prune_local_checkpoints(path.parent, self.save_total_limit)
+            if self.uploader:
+                self.uploader.cleanup_s3_checkpoints(self.save_total_limit)
 
 
 # -----------------------------------------------------------------------------

@@ -673,6 +673,15 @@ class Meter:
         value = value.detach().float().reshape(())
         table[name] = fn(table[name], value) if name in table else value
 
+    def merge(self, other, keep):
+        """Adds other's sums and extremes where keep (a 0/1 device tensor) is 1; where it is 0 they count as nothing."""
+        for name, pair in other.sums.items():
+            kept = torch.nan_to_num(pair) * keep
+            self.add(name, kept[0], kept[1])
+        for table, fn, nothing in ((other.mins, torch.minimum, math.inf), (other.maxs, torch.maximum, -math.inf)):
+            for name, value in table.items():
+                self.extreme(name, torch.where(keep > 0, value, nothing), fn)
+
     def reduce(self):
         out = {}
         if self.sums:
@@ -1148,27 +1157,60 @@ def find_resume(cfg, run_name, root):
 def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested=0):
     """One optimizer step over the micro-batches (DDP syncs gradients on the last one), clipped to max_grad_norm.
 
-    Returns (finite, stop): a non-finite loss or gradient on any rank skips the step everywhere, a signal on any
-    rank stops every rank after it — both decided by the step's one collective, so ranks never disagree."""
-    world, accum = ctx["world"], len(batches)
-    step_loss = torch.zeros((), device=ctx["device"])
+    Returns the device tensor [non-finite, stop], summed over ranks by the step's one collective, so ranks never
+    disagree: a non-finite loss or gradient on any rank skips the update everywhere, a signal on any rank stops
+    every rank. Nothing here waits for the device: the fused AdamW reads the flag itself (found_inf) and leaves
+    weights, moments and step count untouched where it is set; the TD-statistics EMA is kept the same way."""
+    world, accum, ema_before = ctx["world"], len(batches), ctx["ema"]
+    step_loss, step_meter = torch.zeros((), device=ctx["device"]), Meter(ctx["device"])
     for micro, batch in enumerate(batches):
         sync = ddp_model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
         with sync:
             with ctx["autocast"]():
-                loss = LOSSES[ctx["pipeline"]](ctx, ddp_model, batch, meter)
+                loss = LOSSES[ctx["pipeline"]](ctx, ddp_model, batch, step_meter)
             (loss / accum).backward()
         n_tok = (batch[1] != -100).sum()
-        meter.add("train/loss", loss.detach() * n_tok, n_tok)
+        step_meter.add("train/loss", loss.detach() * n_tok, n_tok)
         step_loss += loss.detach() / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(params, ctx["cfg"]["training"]["max_grad_norm"])  # the pre-clip norm
-    health, stop = all_reduce(torch.stack([step_loss + grad_norm, torch.tensor(float(stop_requested), device=ctx["device"])])).tolist()
-    finite = math.isfinite(health)
-    if finite:
-        optimizer.step()
-        meter.add("train/grad_norm", grad_norm, 1)
+    step_meter.add("train/grad_norm", grad_norm, 1)
+    flags = all_reduce(torch.stack([(~torch.isfinite(step_loss + grad_norm)).float(),
+                                    torch.tensor(float(stop_requested), device=ctx["device"])]))
+    skip = flags[0] > 0
+    optimizer.found_inf = skip.float()
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return finite, stop > 0
+    if ctx["ema"] is not ema_before:  # nor does a skipped step move the TD statistics (one sync, on the first step)
+        ctx["ema"] = ({k: torch.where(skip, ema_before[k], v) for k, v in ctx["ema"].items()} if ema_before
+                      else None if skip.item() else ctx["ema"])
+    meter.merge(step_meter, keep=1.0 - optimizer.found_inf)  # a skipped step's values stay out of the logged means
+    return flags
+
+
+class OneStepLate:
+    """Hands the host a step's flags one step late: copied to (pinned) host memory without blocking now, waited
+    for only once the next step is queued, so the GPU never idles while the host decides."""
+
+    def __init__(self, device):
+        self.device, self.host, self.ready = device, None, None
+
+    def swap(self, flags):
+        """Queues flags' copy; returns the previous ones as a list (None the first time)."""
+        previous = self.read()
+        self.host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=self.device.type == "cuda")
+        self.host.copy_(flags, non_blocking=True)
+        if self.device.type == "cuda":
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        return previous
+
+    def read(self):
+        if self.host is None:
+            return None
+        if self.ready is not None:
+            self.ready.synchronize()
+        value, self.host, self.ready = self.host.tolist(), None, None
+        return value
 
 
 class Preempted(Exception):
@@ -1247,8 +1289,7 @@ def train(cfg, use_micro=False):
         model.value_head.requires_grad_(True)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"],
-                                  fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"], fused=True)
     batches_per_epoch = len(epoch_order(len(train_examples), 0, s["seed"], rank, world)) // t["batch_size"]
     accum = t["gradient_accumulation_steps"]
     if batches_per_epoch < accum:
@@ -1267,7 +1308,7 @@ def train(cfg, use_micro=False):
         ctx["ema"], run_id, unsent_metrics = state["ema"], state["run_id"], state.get("unsent_metrics", [])
 
     # --- the run: from here on it ends FINISHED or FAILED, with training.log uploaded either way
-    client = metrics = uploader = file_log = system = None
+    client = metrics = uploader = writer = file_log = system = None
     logged_through = 0
     if master and cfg["mlflow"]["enable_logging"]:
         preflight(cfg)
@@ -1279,17 +1320,11 @@ def train(cfg, use_micro=False):
         if not master:
             return
         weights, partial = model_state(model)
-        path = s3ckpt.save_checkpoint({"unsent_metrics": metrics.unsent() if metrics else [],
+        writer.save({"unsent_metrics": metrics.unsent() if metrics else [],
             "model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
             "step": step, "position": position, "rng": rng_state(), "ema": ctx["ema"], "config": cfg,
             "run_id": run_id, "best_val_loss": best_val, "pipeline": pipeline, "finished": finished,
             "model_args": dataclasses.asdict(model.args)}, run_dir / name)
-        if uploader:
-            uploader.upload_to_s3_async(path)
-        if name.startswith("checkpoint_step_"):
-            s3ckpt.prune_local_checkpoints(run_dir, cfg["checkpoint"]["save_total_limit"])
-            if uploader:
-                uploader.cleanup_s3_checkpoints(cfg["checkpoint"]["save_total_limit"])
 
     status, resume_from, stop_signal = "FAILED", None, None
     try:
@@ -1304,13 +1339,33 @@ def train(cfg, use_micro=False):
                 system = start_system_metrics(cfg, run_id, resumed=bool(resume_path))
                 uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg),
                                                      retry_budget_s=cfg["checkpoint"]["upload_retry_budget_s"])
+            writer = s3ckpt.CheckpointWriter(cfg["checkpoint"]["save_total_limit"], uploader)
             log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
                      f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"
                      + started_from + (f", resumed at step {start_step} from {resume_path}" if resume_path else ""))
         ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
         if cfg["model"]["compile"]:
             ddp_model = torch.compile(ddp_model)
-        meter, skipped, tokens_seen, t_log = Meter(device), 0, torch.zeros((), device=device), time.time()
+        meter, late, tokens_seen, t_log = Meter(device), OneStepLate(device), torch.zeros((), device=device), time.time()
+        skipped = 0
+
+        def check(flagged_step, flags):
+            """The host's look at a step's [non-finite, stop] flags (None: nothing yet). Counts the skipped steps in
+            a row, logged at the step they happened, and fails the run at max_skipped_steps. Returns stop."""
+            nonlocal skipped
+            if flags is None:
+                return False
+            non_finite, stop = flags
+            skipped = skipped + 1 if non_finite else 0
+            if non_finite:
+                log.warning(f"step {flagged_step}: non-finite loss or gradient, step skipped ({skipped} in a row)")
+                if metrics:
+                    metrics.log({"train/skipped_steps": skipped}, flagged_step)
+            if skipped >= t["max_skipped_steps"]:
+                raise RuntimeError(f"{skipped} non-finite steps in a row (training.max_skipped_steps): "
+                                   f"lower training.learning_rate or check the data")
+            return stop > 0
+
         stop_signal = StopSignal()
         t_start, val = time.time(), {}
         for step in range(start_step, total_steps):
@@ -1326,15 +1381,14 @@ def train(cfg, use_micro=False):
                                        tok.pad_id, device))
                 position += 1
                 tokens_seen += (batches[-1][0] != tok.pad_id).sum()
-            finite, stop = train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_signal.received)
+            flags = train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_signal.received)
             done = step + 1
             if os.environ.get("WMTP_TEST_FAULT") == f"{rank}:{done}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
                 raise RuntimeError(f"WMTP_TEST_FAULT: rank {rank} fails once at step {done}")  # for the restart tests
-            skipped = 0 if finite else skipped + 1
-            if not finite:
-                meter.add("train/skipped_steps", skipped, 1)
-                log.warning(f"step {done}: non-finite loss or gradient, step skipped ({skipped} in a row)")
-            if done % t["log_interval"] == 0 or done == total_steps or stop or not finite:
+            stop = check(done - 1, late.swap(flags))  # the last step's flags: this step is queued, the GPU stays busy
+            if done == total_steps:
+                stop = check(done, late.read()) or stop
+            if done % t["log_interval"] == 0 or done == total_steps or stop:
                 elapsed = time.time() - t_log
                 stats = meter.reduce()
                 stats["train/learning_rate"] = lr
@@ -1343,19 +1397,16 @@ def train(cfg, use_micro=False):
                 t_log = time.time()
                 if master:
                     eta = (time.time() - t_start) / (done - start_step) * (total_steps - done)
-                    print(f"step {done}/{total_steps} | loss {stats['train/loss']:.4f} | lr {lr:.2e} | "
+                    print(f"step {done}/{total_steps} | loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
                           f"{stats['train/tokens_per_sec']:,.0f} tok/s | ETA {eta:.0f}s", flush=True)
                     log.info(" ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
                     if metrics:
                         metrics.log(stats, done)
             if stop:
                 save(f"checkpoint_step_{done}.pt", done)
+                if writer:
+                    writer.wait()  # on disk before anyone is told to resume from it
                 raise Preempted(stop_signal.received or signal.SIGTERM, run_dir / f"checkpoint_step_{done}.pt")
-            if skipped >= t["max_skipped_steps"]:
-                raise RuntimeError(f"{skipped} non-finite steps in a row (training.max_skipped_steps): "
-                                   f"lower training.learning_rate or check the data")
-            if not finite:
-                continue
             if (t["eval_interval"] and done % t["eval_interval"] == 0) or done == total_steps:
                 val = evaluate(ctx, model, val_examples, checker)
                 if master:
@@ -1368,6 +1419,8 @@ def train(cfg, use_micro=False):
             if cfg["checkpoint"]["save_every"] and done % cfg["checkpoint"]["save_every"] == 0 and done < total_steps:
                 save(f"checkpoint_step_{done}.pt", done)
         save("checkpoint_final.pt", total_steps, finished=True)
+        if writer:
+            writer.wait()
         status = "FINISHED"
         if master:
             log.info(f"done: {total_steps} steps in {time.time() - t_start:.1f}s, best val/loss {best_val:.4f}")
@@ -1381,6 +1434,8 @@ def train(cfg, use_micro=False):
         raise
     finally:
         if master:  # still under StopSignal: torchrun's SIGTERM after a crash must not cut the cleanup short
+            if writer:
+                writer.close()
             if system:
                 system.finish()
             finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, total_steps, resume_from)

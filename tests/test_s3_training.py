@@ -23,6 +23,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+import s3ckpt
 import weighted_mtp as wm
 from conftest import ROOT, TINY, tiny_config
 from s3server import BUCKET, moto_s3  # noqa: F401  (fixture)
@@ -271,17 +272,30 @@ def test_slow_s3_does_not_slow_training_steps(moto_s3, proxy, store, tmp_path):
 
 # ----------------------------------------------------------------------------- 3. outages
 
-def test_outage_mid_run_training_continues_and_uploads_land_after_recovery(moto_s3, proxy, store, tmp_path):
-    seen = {}
+def outage_from_step_3(monkeypatch, proxy):
+    """S3 goes away as the step-3 checkpoint is written (six steps take well under a second: a watcher polling
+    the disk comes too late). Returns {"down": time} once it has."""
+    seen, real_save = {}, s3ckpt.save_checkpoint
+
+    def save_in_outage(state, path):
+        if Path(path).name == "checkpoint_step_3.pt":
+            proxy.down()
+            seen["down"] = time.time()
+        return real_save(state, path)
+    monkeypatch.setattr(s3ckpt, "save_checkpoint", save_in_outage)
+    return seen
+
+
+def test_outage_mid_run_training_continues_and_uploads_land_after_recovery(moto_s3, proxy, store, tmp_path,
+                                                                           monkeypatch):
+    seen = outage_from_step_3(monkeypatch, proxy)
 
     def outage():
         ckpt = tmp_path / "ckpt" / "baseline-mtp"
-        assert wait_for(lambda: any(ckpt.glob("*/checkpoint_step_2.pt")), 120)
-        proxy.down()
-        seen["down"] = time.time()
-        # S3 stays away until training has written its last checkpoint: every step from 3 on runs in the outage
+        # S3 stays away until training has written its last checkpoint (every step from 3 on runs in the outage)
+        # and an upload has given up an attempt (botocore's own quick retries are spent)
         assert wait_for(lambda: any(ckpt.glob("*/checkpoint_final.pt")), 120)
-        time.sleep(0.5)
+        assert wait_for(lambda: any("failed (attempt 1" in p.read_text() for p in ckpt.glob("*/training.log")), 120)
         seen["up"] = time.time()
         proxy.up()
 
@@ -305,21 +319,12 @@ def test_outage_mid_run_training_continues_and_uploads_land_after_recovery(moto_
     assert not any((run_dir / ".upload-snapshots").iterdir())  # every snapshot uploaded, then removed
 
 
-def outage_from_step_2(proxy, ckpt):
-    def go():
-        if wait_for(lambda: any(ckpt.glob("*/checkpoint_step_2.pt")), 120):
-            proxy.down()
-    t = threading.Thread(target=go, daemon=True)
-    t.start()
-    return t
-
-
-def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path):
-    watcher = outage_from_step_2(proxy, tmp_path / "ckpt" / "baseline-mtp")
+def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path,
+                                                                                   monkeypatch):
+    seen = outage_from_step_3(monkeypatch, proxy)
     t0 = time.monotonic()
     result = wm.train(tiny_config("baseline", tmp_path, *SIX_STEPS, "checkpoint.upload_timeout_s=2"), use_micro=True)
-    watcher.join(1)
-    assert time.monotonic() - t0 < 60
+    assert "down" in seen and time.monotonic() - t0 < 60
     run_id = result["run_id"]
     run_dir = tmp_path / "ckpt" / "baseline-mtp" / run_id
     run = MlflowClient(store).get_run(run_id)
@@ -333,14 +338,14 @@ def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoi
     assert not any(f"checkpoints/{n}" in on_s3 for n in KEPT if n != "checkpoint_best.pt")
 
 
-def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path):
-    watcher = outage_from_step_2(proxy, tmp_path / "ckpt" / "baseline-mtp")
+def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path,
+                                                                                      monkeypatch):
+    seen = outage_from_step_3(monkeypatch, proxy)
     t0 = time.monotonic()
     # the exit wait (upload_timeout_s) is long: what ends the uploads here is their own retry budget
     result = wm.train(tiny_config("baseline", tmp_path, *SIX_STEPS, "checkpoint.upload_retry_budget_s=2",
                                   "checkpoint.upload_timeout_s=600"), use_micro=True)
-    watcher.join(1)
-    assert time.monotonic() - t0 < 60
+    assert "down" in seen and time.monotonic() - t0 < 60
     run_dir = tmp_path / "ckpt" / "baseline-mtp" / result["run_id"]
     run = MlflowClient(store).get_run(result["run_id"])
     assert run.info.status == "FINISHED"

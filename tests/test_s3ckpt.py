@@ -3,6 +3,7 @@ import concurrent.futures as cf
 import hashlib
 import logging
 import os
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -105,6 +106,54 @@ def test_prune_orders_by_step_number(tmp_path):
     assert left == {f"{n}{s}" for n in ("checkpoint_best.pt", "checkpoint_final.pt", "checkpoint_step_20.pt",
                                         "checkpoint_step_100.pt") for s in ("", ".sha256")}
     assert prune_local_checkpoints(tmp_path, None) == [] and prune_local_checkpoints(tmp_path / "x", 1) == []
+
+
+def test_writer_copies_now_writes_behind_and_prunes(tmp_path, monkeypatch):
+    """The loop waits only for the CPU copy: the file appears later, with the values of the save() call even though
+    training changed the tensor in place meanwhile; retention runs after each step checkpoint."""
+    release, real_save = threading.Event(), s3ckpt.save_checkpoint
+
+    def held_save(state, path):
+        assert release.wait(10), "save() blocked on the write"
+        return real_save(state, path)
+    monkeypatch.setattr(s3ckpt, "save_checkpoint", held_save)
+    writer, weight = s3ckpt.CheckpointWriter(save_total_limit=2), torch.tensor([1.0, 2.0])
+    writer.save({"w": weight, "meta": {"step": 1}}, tmp_path / "checkpoint_step_1.pt")
+    assert not (tmp_path / "checkpoint_step_1.pt").exists()
+    weight.add_(10.0)  # the next optimizer step
+    release.set()
+    writer.wait()
+    first = load_checkpoint(tmp_path / "checkpoint_step_1.pt")
+    assert torch.equal(first["w"], torch.tensor([1.0, 2.0])) and first["meta"] == {"step": 1}
+    for step in (2, 3):
+        writer.save({"w": weight * step, "meta": {"step": step}}, tmp_path / f"checkpoint_step_{step}.pt")
+    writer.save({"w": weight}, tmp_path / "checkpoint_best.pt")
+    writer.wait()
+    third = load_checkpoint(tmp_path / "checkpoint_step_3.pt")
+    assert torch.equal(third["w"], torch.tensor([33.0, 36.0])) and third["meta"] == {"step": 3}
+    assert sorted(p.name for p in tmp_path.glob("*.pt")) == ["checkpoint_best.pt", "checkpoint_step_2.pt",
+                                                            "checkpoint_step_3.pt"]
+    writer.close()
+
+
+def test_writer_copy_is_taken_at_save(tmp_path):
+    writer, weight = s3ckpt.CheckpointWriter(save_total_limit=None), torch.tensor([1.0, 2.0])
+    writer.save({"w": weight, "nested": [weight, (weight,)]}, tmp_path / "checkpoint_step_1.pt")
+    weight.add_(10.0)
+    writer.close()
+    state = load_checkpoint(tmp_path / "checkpoint_step_1.pt")
+    for t in (state["w"], state["nested"][0], state["nested"][1][0]):
+        assert torch.equal(t, torch.tensor([1.0, 2.0]))
+
+
+def test_writer_error_surfaces_at_next_save_and_leaves_nothing(tmp_path):
+    (tmp_path / "not-a-dir").write_text("x")
+    writer = s3ckpt.CheckpointWriter(save_total_limit=2)
+    writer.save({"w": torch.ones(2)}, tmp_path / "not-a-dir" / "checkpoint_step_1.pt")
+    with pytest.raises(OSError):
+        writer.save({"w": torch.ones(2)}, tmp_path / "checkpoint_step_2.pt")
+    writer.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-dir"]
 
 
 # ----------------------------------------------------------------------------- uploads
