@@ -1177,13 +1177,13 @@ def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested
     flags = all_reduce(torch.stack([(~torch.isfinite(step_loss + grad_norm)).float(),
                                     torch.tensor(float(stop_requested), device=ctx["device"])]))
     skip = flags[0] > 0
-    optimizer.found_inf = skip.float()
+    optimizer.found_inf = skip.float()  # the fused AdamW's own skip switch
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if ctx["ema"] is not ema_before:  # nor does a skipped step move the TD statistics (one sync, on the first step)
         ctx["ema"] = ({k: torch.where(skip, ema_before[k], v) for k, v in ctx["ema"].items()} if ema_before
                       else None if skip.item() else ctx["ema"])
-    meter.merge(step_meter, keep=1.0 - optimizer.found_inf)  # a skipped step's values stay out of the logged means
+    meter.merge(step_meter, keep=1.0 - skip.float())  # a skipped step's values stay out of the logged means
     return flags
 
 
@@ -1316,7 +1316,8 @@ def train(cfg, use_micro=False):
     run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     run_dir = ckpt_root / run_name / run_id
 
-    def save(name, step, finished=False):
+    def save(name, step, finished=False, wait=False):
+        """Rank 0 writes behind the loop; wait=True returns once the file is on disk and queued for upload."""
         if not master:
             return
         weights, partial = model_state(model)
@@ -1325,6 +1326,8 @@ def train(cfg, use_micro=False):
             "step": step, "position": position, "rng": rng_state(), "ema": ctx["ema"], "config": cfg,
             "run_id": run_id, "best_val_loss": best_val, "pipeline": pipeline, "finished": finished,
             "model_args": dataclasses.asdict(model.args)}, run_dir / name)
+        if wait:
+            writer.wait()
 
     status, resume_from, stop_signal = "FAILED", None, None
     try:
@@ -1403,9 +1406,7 @@ def train(cfg, use_micro=False):
                     if metrics:
                         metrics.log(stats, done)
             if stop:
-                save(f"checkpoint_step_{done}.pt", done)
-                if writer:
-                    writer.wait()  # on disk before anyone is told to resume from it
+                save(f"checkpoint_step_{done}.pt", done, wait=True)  # on disk before anyone is told to resume from it
                 raise Preempted(stop_signal.received or signal.SIGTERM, run_dir / f"checkpoint_step_{done}.pt")
             if (t["eval_interval"] and done % t["eval_interval"] == 0) or done == total_steps:
                 val = evaluate(ctx, model, val_examples, checker)
@@ -1418,9 +1419,7 @@ def train(cfg, use_micro=False):
                     save("checkpoint_best.pt", done)
             if cfg["checkpoint"]["save_every"] and done % cfg["checkpoint"]["save_every"] == 0 and done < total_steps:
                 save(f"checkpoint_step_{done}.pt", done)
-        save("checkpoint_final.pt", total_steps, finished=True)
-        if writer:
-            writer.wait()
+        save("checkpoint_final.pt", total_steps, finished=True, wait=True)
         status = "FINISHED"
         if master:
             log.info(f"done: {total_steps} steps in {time.time() - t_start:.1f}s, best val/loss {best_val:.4f}")
@@ -1546,5 +1545,20 @@ def main(argv=None):
         return 128 + e.signum  # what a shell reports for a process the signal ended: torchrun sees a failure
 
 
+def exit_worker(code):
+    """Ends a torchrun worker without Python's finalisation. A gloo worker thread can still hold DDP's last
+    all-reduce (its tensors) after destroy_process_group(); when it lets go during finalisation it cannot take the
+    GIL and the process aborts (SIGABRT, "terminate called without an active exception": once in CI, and in about
+    1 of 12 runs of a bare DDP + gloo script, read off its core with gdb), which torchrun takes for a failed job.
+    Everything worth keeping is closed by then; only the log handlers and std streams need flushing."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    if "RANK" in os.environ:
+        exit_worker(exit_code)
+    sys.exit(exit_code)

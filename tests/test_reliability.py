@@ -249,6 +249,20 @@ def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_check
     assert "Connection closed by peer" in log_text  # rank 0's own traceback: its collective saw rank 1 go
 
 
+def test_a_finished_worker_exits_with_its_code_and_flushed_output_skipping_finalisation(tmp_path):
+    """Gloo's threads can abort a DDP worker during Python's finalisation, so torchrun workers leave through
+    exit_worker: the exit code and every buffered line survive, finalisation (here an atexit print) never runs."""
+    script = ("import atexit, logging, weighted_mtp as wm\n"
+              f"logging.basicConfig(filename={str(tmp_path / 'worker.log')!r}, level=logging.INFO)\n"
+              "atexit.register(lambda: print('finalised'))\n"
+              "logging.getLogger('x').info('last line')\n"
+              "print('buffered', end='')\n"
+              "wm.exit_worker(3)\n")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) == (3, "buffered"), r.stderr
+    assert (tmp_path / "worker.log").read_text() == "INFO:x:last line\n"
+
+
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path, empty_store):
     uri = store(empty_store, tmp_path)
     r = subprocess.run([sys.executable, *train_args(tmp_path / "ckpt", "training.learning_rate=1e30",
