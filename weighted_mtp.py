@@ -1142,8 +1142,9 @@ def load_checkpoint_into(model, path):
 
 
 def find_resume(cfg, run_name, root):
-    """`auto`: the newest checkpoint of an unfinished run of this config under checkpoint.dir; else the given
-    path/URI; `never`: None."""
+    """`auto`: the newest checkpoint of an unfinished run of this config under checkpoint.dir, else (a machine that
+    lost its disk: spot reclaim, a new VESSL container) the newest one in the MLflow artifacts of the newest
+    unfinished run of that name; else the given path/URI; `never`: None."""
     choice = cfg["checkpoint"]["resume"]
     if choice == "never":
         return None
@@ -1151,7 +1152,30 @@ def find_resume(cfg, run_name, root):
         return resolve_uri(cfg, choice, None, None, root / ".cache")
     candidates = [p for d in (root / run_name).glob("*") if not (d / "checkpoint_final.pt").exists()
                   for p in d.glob("checkpoint_*.pt")]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+    if candidates:
+        return max(candidates, key=lambda p: p.stat().st_mtime)
+    remote = newest_remote_checkpoint(cfg, run_name) if cfg["mlflow"]["enable_logging"] else None
+    return resolve_uri(cfg, remote, None, None, root / ".cache") if remote else None
+
+
+def newest_remote_checkpoint(cfg, run_name):
+    """runs:/ URI of the newest step checkpoint (by step number: a preemption writes one), else checkpoint_best.pt,
+    of the newest unfinished run with this run name and experiment.name; None when there is none to resume from."""
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg["mlflow"]["experiment"])
+    same_config = (f"tags.mlflow.runName = '{run_name}' and params.`experiment.name` = '{cfg['experiment']['name']}' "
+                   "and attributes.status != 'FINISHED'")
+    runs = client.search_runs([exp.experiment_id], same_config, order_by=["attributes.start_time DESC"],
+                              max_results=1) if exp else []
+    if not runs:
+        return None
+    names = [Path(f.path).name for f in client.list_artifacts(runs[0].info.run_id, "checkpoints")]
+    if "checkpoint_final.pt" in names:  # trained to the end, only its ending was lost: as finished locally
+        return None
+    steps = [n for n in names if s3ckpt.checkpoint_step(n) is not None]
+    newest = max(steps, key=s3ckpt.checkpoint_step) if steps else "checkpoint_best.pt" if "checkpoint_best.pt" in names else None
+    return f"runs:/{runs[0].info.run_id}/checkpoints/{newest}" if newest else None
 
 
 def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested=0):
@@ -1265,6 +1289,8 @@ def train(cfg, use_micro=False):
 
     init = cfg["critic"]["checkpoint"] if pipeline == "verifiable" else cfg["model"]["init_from"]
     started_from = ""
+    if master and cfg["mlflow"]["enable_logging"]:
+        preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     resume_path = broadcast(str(find_resume(cfg, run_name, ckpt_root) or "") if master else None)
     if init:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
         source = "critic" if pipeline == "verifiable" else "baseline"
@@ -1311,7 +1337,6 @@ def train(cfg, use_micro=False):
     client = metrics = uploader = writer = file_log = system = None
     logged_through = 0
     if master and cfg["mlflow"]["enable_logging"]:
-        preflight(cfg)
         client, run_id, logged_through = start_tracking(cfg, run_name, run_id)
     run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     run_dir = ckpt_root / run_name / run_id

@@ -4,6 +4,7 @@ Real processes only: `torchrun` (gloo, CPU, 2 workers) or `python -m weighted_mt
 dir, and for the preemption test a moto S3 server reached over HTTP, exactly as a run reaches MinIO or AWS.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -107,8 +108,9 @@ PREEMPT = ["training.max_steps=150", "training.log_interval=1", "training.eval_i
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory, empty_store):
-    """A 2-process run SIGTERMed mid-training, the same run resumed with --resume auto, and an uninterrupted
-    reference run with the same seed (its own checkpoint dir, MLflow off; it runs beside the first one)."""
+    """A 2-process run SIGTERMed mid-training, the same run resumed with --resume auto on an empty checkpoint dir
+    (as on the new machine a spot reclaim leaves), and an uninterrupted reference run with the same seed (its own
+    checkpoint dir, MLflow off; it runs beside the first one)."""
     tmp = tmp_path_factory.mktemp("preempt")
     s3 = MotoS3().start()
     ref_dir = tmp / "reference"
@@ -136,10 +138,12 @@ def preempted(tmp_path_factory, empty_store):
                       for o in s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])}
         stopped_history = steps(client, killed.info.run_id) if killed else []
 
-        resumed = subprocess.run(TORCHRUN + train_args(ckpt, *PREEMPT, resume="auto"), cwd=tmp, env=env,
+        # a spot reclaim takes the disk with it: the resume starts on an empty checkpoint.dir, from S3 alone
+        fresh = tmp / "fresh"
+        resumed = subprocess.run(TORCHRUN + train_args(fresh, *PREEMPT, resume="auto"), cwd=tmp, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
         reference.communicate(timeout=120)
-        yield types.SimpleNamespace(uri=uri, ckpt=ckpt, rc=proc.returncode, stderr=err, killed=killed, local=local,
+        yield types.SimpleNamespace(uri=uri, ckpt=ckpt, fresh=fresh, rc=proc.returncode, stderr=err, killed=killed, local=local,
                                     s3=s3_objects, stopped_history=stopped_history, resumed=resumed,
                                     reference=reference, ref_dir=ref_dir)
     finally:
@@ -169,7 +173,7 @@ def test_sigterm_writes_a_checkpoint_to_disk_and_s3_and_ends_the_run_killed(pree
     assert saved["step"] == n and saved["position"] == n and saved["run_id"] == run_id and not saved["finished"]
 
 
-def test_resume_auto_finishes_the_same_run_with_the_weights_of_an_uninterrupted_run(preempted):
+def test_resume_auto_on_an_empty_disk_finishes_the_same_run_from_s3_with_the_weights_of_an_uninterrupted_run(preempted):
     p = preempted
     assert p.resumed.returncode == 0, p.resumed.stderr[-3000:]
     assert p.reference.returncode == 0
@@ -178,8 +182,10 @@ def test_resume_auto_finishes_the_same_run_with_the_weights_of_an_uninterrupted_
     run = runs[0]
     assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "150"
     n = int(p.local[0].stem.rsplit("_", 1)[1])
-    assert f", resumed at step {n} from {p.local[0]}" in p.resumed.stderr
-    resumed, reference = final_model(p.ckpt), final_model(p.ref_dir)
+    (downloaded,) = re.findall(rf", resumed at step {n} from (\S+)\n", p.resumed.stderr)
+    assert Path(downloaded).name == p.local[0].name and Path(downloaded).is_relative_to(p.fresh / ".cache")
+    assert Path(downloaded).read_bytes() == p.local[0].read_bytes()  # the preemption's checkpoint, back from S3
+    resumed, reference = final_model(p.fresh), final_model(p.ref_dir)
     assert sorted(resumed) == sorted(reference)
     worst = max((resumed[k].double() - reference[k].double()).abs().max().item() for k in reference)
     assert worst <= 1e-6, worst

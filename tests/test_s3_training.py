@@ -213,8 +213,10 @@ def test_run_keeps_best_final_and_two_newest_steps_on_s3_byte_equal(moto_s3, sto
                      "checkpoint_step_5.pt": 5}  # val/loss falls every eval on this run: best is the last eval's
     log_text = objects["logs/training.log"].decode()
     assert f"run {run_id}" in log_text and "done: 6 steps" in log_text
-    assert re.findall(r"removed remote checkpoints \['checkpoints/(checkpoint_step_\d+\.pt)'\]", log_text) == [
-        "checkpoint_step_1.pt", "checkpoint_step_2.pt", "checkpoint_step_3.pt"]
+    # one cleanup per save, or fewer when an upload finishing late lets two cleanups' work land in one
+    removed = [name for listed in re.findall(r"removed remote checkpoints \[(.*)\]", log_text)
+               for name in re.findall(r"'checkpoints/(checkpoint_step_\d+\.pt)'", listed)]
+    assert removed == ["checkpoint_step_1.pt", "checkpoint_step_2.pt", "checkpoint_step_3.pt"]
 
 
 # ----------------------------------------------------------------------------- 2. slow S3
@@ -292,10 +294,12 @@ def test_outage_mid_run_training_continues_and_uploads_land_after_recovery(moto_
 
     def outage():
         ckpt = tmp_path / "ckpt" / "baseline-mtp"
-        # S3 stays away until training has written its last checkpoint (every step from 3 on runs in the outage)
-        # and an upload has given up an attempt (botocore's own quick retries are spent)
-        assert wait_for(lambda: any(ckpt.glob("*/checkpoint_final.pt")), 120)
-        assert wait_for(lambda: any("failed (attempt 1" in p.read_text() for p in ckpt.glob("*/training.log")), 120)
+        # S3 stays away until training is done (every step from 3 on runs in the outage) and an upload has given
+        # up an attempt (botocore's own quick retries are spent)
+        def logged(text):
+            return any(text in p.read_text() for p in ckpt.glob("*/training.log"))
+        assert wait_for(lambda: logged(" done: 6 steps"), 120)
+        assert wait_for(lambda: logged("failed (attempt 1"), 120)
         seen["up"] = time.time()
         proxy.up()
 
