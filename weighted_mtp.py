@@ -726,7 +726,8 @@ def newest_finished_run(client, experiment, pipeline):
 
 
 def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
-    """A checkpoint path, s3:// or runs:/ URI, or `auto` (the newest finished run of a pipeline) -> local file."""
+    """A checkpoint path, s3:// or runs:/ URI, or `auto` (the newest finished run of a pipeline) -> (local file,
+    the URI it was downloaded from or None)."""
     uri_tracking = tracking_uri(cfg)
     if uri == "auto":
         from mlflow import MlflowClient
@@ -736,9 +737,26 @@ def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
                             f"'{cfg['mlflow']['experiment']}': run the {pipeline_for_auto} pipeline first")
         uri = f"runs:/{run.info.run_id}/{artifact}"
     try:
-        return s3ckpt.resolve_checkpoint(uri, cache_dir, tracking_uri=uri_tracking)
+        path = s3ckpt.resolve_checkpoint(uri, cache_dir, tracking_uri=uri_tracking)
     except s3ckpt.CheckpointError as e:
         raise UserError(str(e))
+    return str(path), (uri if uri.startswith(("s3://", "runs:/")) else None)
+
+
+def on_this_node(cfg, found, cache_dir):
+    """Rank 0's (path, URI) of a checkpoint -> a file on this rank's node: rank 0's path where this node sees it (one
+    machine, a shared disk), else this node's own download of the URI, by its local rank 0 while the others wait."""
+    path, uri = broadcast(found)
+    missing = bool(path) and not Path(path).exists()
+    if missing and not uri:
+        raise UserError(f"{path}: on rank 0's node only and in no run's artifacts: give every node one checkpoint.dir")
+    if missing and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+        path = resolve_uri(cfg, uri, None, None, cache_dir)[0]
+    if dist.is_initialized():
+        dist.barrier()
+    if missing and int(os.environ.get("LOCAL_RANK", 0)) != 0:
+        path = resolve_uri(cfg, uri, None, None, cache_dir)[0]  # in the node's cache by now
+    return path
 
 
 class MetricLogger:
@@ -1144,18 +1162,21 @@ def load_checkpoint_into(model, path):
 def find_resume(cfg, run_name, root):
     """`auto`: the newest checkpoint of an unfinished run of this config under checkpoint.dir, else (a machine that
     lost its disk: spot reclaim, a new VESSL container) the newest one in the MLflow artifacts of the newest
-    unfinished run of that name; else the given path/URI; `never`: None."""
+    unfinished run of that name; else the given path/URI; `never`: nothing. -> (local file, its URI in the run's
+    artifacts or None), (None, None) for nothing to resume."""
     choice = cfg["checkpoint"]["resume"]
     if choice == "never":
-        return None
+        return None, None
     if choice != "auto":
         return resolve_uri(cfg, choice, None, None, root / ".cache")
     candidates = [p for d in (root / run_name).glob("*") if not (d / "checkpoint_final.pt").exists()
                   for p in d.glob("checkpoint_*.pt")]
     if candidates:
-        return max(candidates, key=lambda p: p.stat().st_mtime)
+        newest = max(candidates, key=lambda p: p.stat().st_mtime)  # in <run name>/<run id>/
+        uploaded = cfg["mlflow"]["enable_logging"] and not newest.parent.name.startswith("local-")
+        return str(newest), f"runs:/{newest.parent.name}/checkpoints/{newest.name}" if uploaded else None
     remote = newest_remote_checkpoint(cfg, run_name) if cfg["mlflow"]["enable_logging"] else None
-    return resolve_uri(cfg, remote, None, None, root / ".cache") if remote else None
+    return resolve_uri(cfg, remote, None, None, root / ".cache") if remote else (None, None)
 
 
 def newest_remote_checkpoint(cfg, run_name):
@@ -1291,11 +1312,12 @@ def train(cfg, use_micro=False):
     started_from = ""
     if master and cfg["mlflow"]["enable_logging"]:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
-    resume_path = broadcast(str(find_resume(cfg, run_name, ckpt_root) or "") if master else None)
+    cache = ckpt_root / ".cache"
+    resume_path = on_this_node(cfg, find_resume(cfg, run_name, ckpt_root) if master else None, cache)
     if init:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
         source = "critic" if pipeline == "verifiable" else "baseline"
         artifact = "checkpoints/checkpoint_best.pt" if source == "critic" else "checkpoints/checkpoint_final.pt"
-        path = broadcast(str(resolve_uri(cfg, init, source, artifact, ckpt_root / ".cache")) if master else None)
+        path = on_this_node(cfg, resolve_uri(cfg, init, source, artifact, cache) if master else None, cache)
         load_checkpoint_into(model, path)
         started_from = f", initialised from {init} ({path})"
     reference = None
@@ -1305,7 +1327,8 @@ def train(cfg, use_micro=False):
         if ref and (Path(ref) / "params.json").exists():
             load_meta_weights(reference, ref)
         elif ref:
-            path = broadcast(str(resolve_uri(cfg, ref, "baseline", "checkpoints/checkpoint_final.pt", ckpt_root / ".cache")) if master else None)
+            artifact = "checkpoints/checkpoint_final.pt"
+            path = on_this_node(cfg, resolve_uri(cfg, ref, "baseline", artifact, cache) if master else None, cache)
             load_checkpoint_into(reference, path)
         else:
             reference.load_state_dict(model.state_dict())

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -197,6 +198,45 @@ def test_preempted_and_resumed_run_has_one_continuous_metric_history(preempted):
     n = int(p.local[0].stem.rsplit("_", 1)[1])
     assert p.stopped_history == list(range(1, n + 1))  # everything up to the checkpoint, the stop step included
     assert steps(client, runs[0].info.run_id) == list(range(1, 151))  # then the rest: no gap, no duplicate
+
+
+# -----------------------------------------------------------------------------
+# two nodes, two disks
+
+
+def test_two_nodes_with_their_own_disks_each_fetch_the_starting_checkpoint(tmp_path, empty_store):
+    """Two torchrun agents (one process each) rendezvous as two nodes; each runs in its own directory with a relative
+    checkpoint.dir, so neither sees the other's files. model.init_from=auto is resolved by rank 0; the other node
+    downloads the same S3 object into its own cache instead of opening a path that exists only on rank 0's node."""
+    s3 = MotoS3().start()
+    try:
+        uri = store(empty_store, tmp_path)
+        env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+        s3_root = "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts"
+        first = subprocess.run([sys.executable, *train_args(tmp_path / "first", s3_root)], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr[-3000:]
+        _, (baseline,) = runs_of(uri)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-disks"]
+        nodes = []
+        for name in ("node_a", "node_b"):
+            (tmp_path / name).mkdir()
+            nodes.append(subprocess.Popen(launcher + train_args("ckpt", s3_root, "model.init_from=auto"),
+                                          cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True))
+        errors = [node.communicate(timeout=180)[1] for node in nodes]
+        assert [node.returncode for node in nodes] == [0, 0], "\n".join(e[-3000:] for e in errors)
+        key = f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/checkpoint_final.pt"
+        remote = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        for name in ("node_a", "node_b"):  # rank 0's node and the other: each has its own copy
+            assert (tmp_path / name / "ckpt" / ".cache" / "s3" / BUCKET / key).read_bytes() == remote, name
+        _, runs = runs_of(uri)
+        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the first run, and one for the job
+    finally:
+        s3.stop()
 
 
 # -----------------------------------------------------------------------------
