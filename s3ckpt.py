@@ -157,6 +157,20 @@ def cpu_copy(state):
     return copy.deepcopy(state)
 
 
+def s3_etag(path, part_size):
+    """The ETag S3 gives `path` uploaded by upload_file with multipart threshold = chunk size = part_size:
+    md5(file) below the threshold, else md5(md5(part_1) ‖ … ‖ md5(part_n)) + "-n", the part size doubled until
+    n ≤ 10 000 (as s3transfer does)."""
+    size, threshold = Path(path).stat().st_size, part_size
+    while -(-size // part_size) > 10_000:
+        part_size *= 2
+    with open(path, "rb") as f:
+        parts = [hashlib.md5(block, usedforsecurity=False) for block in iter(lambda: f.read(part_size), b"")]
+    if size < threshold:  # one PUT: the part is the whole file
+        return parts[0].hexdigest() if parts else hashlib.md5(b"", usedforsecurity=False).hexdigest()
+    return hashlib.md5(b"".join(p.digest() for p in parts), usedforsecurity=False).hexdigest() + f"-{len(parts)}"
+
+
 class CheckpointWriter:
     """Saves checkpoints in a background thread, so the training loop waits only for a CPU copy of the state.
     Serialising, hashing, fsync, the upload hand-off and retention (save_total_limit, locally and remotely) run
@@ -367,9 +381,14 @@ class CheckpointUploader:
         config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK,
                                 max_concurrency=4)
         self.s3.upload_file(str(path), self.bucket, key, Config=config)
-        size = self.s3.head_object(Bucket=self.bucket, Key=key)["ContentLength"]
-        if size != path.stat().st_size:
-            raise IOError(f"s3://{self.bucket}/{key} holds {size} bytes, the local file {path.stat().st_size}")
+        head = self.s3.head_object(Bucket=self.bucket, Key=key)
+        if head["ContentLength"] != path.stat().st_size:
+            raise IOError(f"s3://{self.bucket}/{key} holds {head['ContentLength']} bytes, the local file "
+                          f"{path.stat().st_size}")
+        # an MD5-based ETag is the server's checksum of what it stored; SSE-KMS and SSE-C objects have another kind
+        md5_etag = head.get("ServerSideEncryption") != "aws:kms" and "SSECustomerAlgorithm" not in head
+        if md5_etag and head["ETag"].strip('"') != s3_etag(path, MULTIPART_CHUNK):
+            raise IOError(f"s3://{self.bucket}/{key}: ETag {head['ETag']} does not match the local file's")
         return f"s3://{self.bucket}/{key}"
 
     def _cleanup(self, before, save_total_limit, artifact_path):

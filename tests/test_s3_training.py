@@ -113,12 +113,14 @@ class LatencyProxy:
 
     Every chunk the client sends is held back delay_s + len/bytes_per_s before it is forwarded (a slow, far S3);
     answers come back at once. down() closes the listening socket and every open connection: clients get
-    'connection refused', as from a dead endpoint. up() listens on the same port again.
+    'connection refused', as from a dead endpoint. up() listens on the same port again. corrupt_once = True flips
+    the last byte of the next full 64 KiB chunk sent (a request body's, never a header's): a bit rotted in transit.
     """
 
     def __init__(self, upstream_port, delay_s=0.0, bytes_per_s=None):
         self.upstream_port, self.delay_s, self.bytes_per_s = upstream_port, delay_s, bytes_per_s
         self.port, self.bytes_forwarded, self.connections = 0, 0, 0
+        self.corrupt_once, self.corrupted = False, 0
         self._listener, self._open, self._lock = None, set(), threading.Lock()
 
     @property
@@ -172,6 +174,8 @@ class LatencyProxy:
                     time.sleep(self.delay_s + (len(data) / self.bytes_per_s if self.bytes_per_s else 0))
                     with self._lock:
                         self.bytes_forwarded += len(data)
+                        if self.corrupt_once and len(data) == 65536:
+                            data, self.corrupt_once, self.corrupted = data[:-1] + bytes([data[-1] ^ 0xFF]), False, 1
                 dst.sendall(data)
         except OSError:
             pass
@@ -321,6 +325,21 @@ def test_outage_mid_run_training_continues_and_uploads_land_after_recovery(moto_
     assert sorted(objects) == expected_keys(KEPT)
     assert_uploaded_equal_local(objects, run_dir, KEPT)
     assert not any((run_dir / ".upload-snapshots").iterdir())  # every snapshot uploaded, then removed
+
+
+def test_a_byte_flipped_in_transit_is_caught_by_the_etag_and_uploaded_again(moto_s3, proxy, store, tmp_path):
+    proxy.corrupt_once = True
+    result = wm.train(tiny_config("baseline", tmp_path, *SIX_STEPS), use_micro=True)
+    assert proxy.corrupted == 1
+    run_dir = tmp_path / "ckpt" / "baseline-mtp" / result["run_id"]
+    log_text = (run_dir / "training.log").read_text()
+    assert len(re.findall(r"upload of \S+checkpoint_\w+\.pt failed \(attempt 1: s3://\S+\.pt: ETag \S+ does not match "
+                          r"the local file's\); retrying", log_text)) == 1
+    run = MlflowClient(store).get_run(result["run_id"])
+    assert run.info.status == "FINISHED" and "checkpoints_local_only" not in run.data.tags
+    objects = s3_objects(moto_s3, run.info.artifact_uri)
+    assert sorted(objects) == expected_keys(KEPT)
+    assert_uploaded_equal_local(objects, run_dir, KEPT)  # the corrupted object was replaced
 
 
 def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path,

@@ -362,3 +362,32 @@ def test_resolve_local_and_missing(tmp_path):
     assert resolve_checkpoint(str(p), tmp_path / "cache") == p
     with pytest.raises(CheckpointError, match="nope.pt"):
         resolve_checkpoint(tmp_path / "nope.pt", tmp_path / "cache")
+
+
+# ----------------------------------------------------------------------------- upload verification: the ETag
+
+
+def test_s3_etag_is_the_md5_of_one_put_else_the_md5_of_the_parts_md5s(tmp_path):
+    path = tmp_path / "ten"
+    path.write_bytes(b"abcdefghij")
+    assert s3ckpt.s3_etag(path, 16) == "a925576942e94b2ef57a066101b48876"  # md5(b"abcdefghij"): below the threshold
+    parts = [hashlib.md5(b).digest() for b in (b"abcd", b"efgh", b"ij")]
+    assert s3ckpt.s3_etag(path, 4) == hashlib.md5(b"".join(parts)).hexdigest() + "-3"
+    # 20 001 one-byte parts would be over S3's 10 000: the part size doubles to 2 (10 001 parts, still over), then 4
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 78 + bytes(33))
+    data = big.read_bytes()
+    parts = [hashlib.md5(data[i:i + 4]).digest() for i in range(0, len(data), 4)]
+    assert len(data) == 20_001 and len(parts) == 5_001
+    assert s3ckpt.s3_etag(big, 1) == hashlib.md5(b"".join(parts)).hexdigest() + "-5001"
+
+
+def test_s3_etag_agrees_with_a_real_s3_server_for_a_multipart_upload(moto_s3, tmp_path):
+    from boto3.s3.transfer import TransferConfig
+    path, part = tmp_path / "twelve_mib", 5 * 2**20  # S3's smallest part: 3 parts, the last one short
+    path.write_bytes(os.urandom(12 * 2**20 + 7))
+    s3 = moto_s3.client()
+    s3.upload_file(str(path), BUCKET, "etag/probe",
+                   Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
+    etag = s3.head_object(Bucket=BUCKET, Key="etag/probe")["ETag"].strip('"')
+    assert etag.endswith("-3") and etag == s3ckpt.s3_etag(path, part)
