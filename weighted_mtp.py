@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -1606,7 +1607,13 @@ def exit_worker(code):
 
 
 if __name__ == "__main__":
-    exit_code = main()
-    if "RANK" in os.environ:
-        exit_worker(exit_code)
-    sys.exit(exit_code)
+    if "RANK" not in os.environ:
+        sys.exit(main())
+    try:
+        exit_code = main()
+    except SystemExit as e:  # argparse
+        exit_code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # a crash: its traceback, then the same way out (the abort would hide its exit code)
+        traceback.print_exc()
+        exit_code = 1
+    exit_worker(exit_code)

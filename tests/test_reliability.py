@@ -278,6 +278,7 @@ def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_check
     assert r.returncode == 1, r.stderr[-3000:]
     assert elapsed < 60, elapsed
     assert "RuntimeError: WMTP_TEST_FAULT: rank 1 fails once at step 4\n" in r.stderr
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)\n\s*exitcode\s*: 1 \(pid", r.stderr)  # its traceback, exit 1
     client, runs = runs_of(uri)
     assert len(runs) == 1
     run = runs[0]
