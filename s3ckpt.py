@@ -250,14 +250,17 @@ class CheckpointUploader:
     """Uploads checkpoints into one MLflow run's artifacts in background threads.
 
     Every upload works on a snapshot (hard link) taken when it is submitted, retries transient errors with
-    exponential backoff for retry_budget_s, and is verified (object size) on S3. Uploads of the same name land
-    in submission order. A cleanup runs after every upload submitted before it. wait() reports what is only local.
+    exponential backoff for retry_budget_s, and is verified on S3: its size, and its ETag against the file's MD5
+    unless verify_etag is off (a store with another ETag scheme) or the object is SSE-KMS/SSE-C. Uploads of the
+    same name land in submission order. A cleanup runs after every upload submitted before it. wait() reports
+    what is only local.
     """
 
     def __init__(self, run_id, tracking_uri=None, max_workers=2, retry_budget_s=300.0, snapshot_dir=None,
-                 client=None):
+                 client=None, verify_etag=True):
         from mlflow import MlflowClient
         self.run_id, self.tracking_uri, self.retry_budget_s = run_id, tracking_uri, retry_budget_s
+        self.verify_etag = verify_etag
         self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
         self.mlflow = MlflowClient(tracking_uri)
         self.artifact_uri = self.mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
@@ -387,7 +390,7 @@ class CheckpointUploader:
                           f"{path.stat().st_size}")
         # an MD5-based ETag is the server's checksum of what it stored; SSE-KMS and SSE-C objects have another kind
         md5_etag = head.get("ServerSideEncryption") != "aws:kms" and "SSECustomerAlgorithm" not in head
-        if md5_etag and head["ETag"].strip('"') != s3_etag(path, MULTIPART_CHUNK):
+        if self.verify_etag and md5_etag and head["ETag"].strip('"') != s3_etag(path, MULTIPART_CHUNK):
             raise IOError(f"s3://{self.bucket}/{key}: ETag {head['ETag']} does not match the local file's")
         return f"s3://{self.bucket}/{key}"
 

@@ -1390,7 +1390,8 @@ def train(cfg, use_micro=False):
                 metrics.replay(unsent_metrics)
                 system = start_system_metrics(cfg, run_id, resumed=bool(resume_path))
                 uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg),
-                                                     retry_budget_s=cfg["checkpoint"]["upload_retry_budget_s"])
+                                                     retry_budget_s=cfg["checkpoint"]["upload_retry_budget_s"],
+                                                     verify_etag=cfg["checkpoint"]["verify_etag"])
             writer = s3ckpt.CheckpointWriter(cfg["checkpoint"]["save_total_limit"], uploader)
             log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
                      f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"

@@ -342,6 +342,25 @@ def test_a_byte_flipped_in_transit_is_caught_by_the_etag_and_uploaded_again(moto
     assert_uploaded_equal_local(objects, run_dir, KEPT)  # the corrupted object was replaced
 
 
+@pytest.mark.parametrize("verify_etag", [True, False])
+def test_an_upload_corrupted_in_transit_is_sent_again_unless_verify_etag_is_off(moto_s3, proxy, store, tmp_path,
+                                                                                verify_etag):
+    client = MlflowClient(store)
+    exp_id = client.create_experiment(f"etag-{verify_etag}", artifact_location=f"{S3_ROOT}/etag-{verify_etag}")
+    run_id = client.create_run(exp_id).info.run_id
+    path = s3ckpt.save_checkpoint({"w": torch.arange(50_000.0)}, tmp_path / "checkpoint_step_1.pt")  # 200 kB
+    proxy.corrupt_once = True
+    uploader = s3ckpt.CheckpointUploader(run_id, store, verify_etag=verify_etag)
+    uploader.upload_to_s3_async(path)
+    assert uploader.wait(60) == []
+    uploader.close()
+    stored = s3_objects(moto_s3, client.get_run(run_id).info.artifact_uri)["checkpoints/checkpoint_step_1.pt"]
+    local = path.read_bytes()
+    assert proxy.corrupted == 1 and len(stored) == len(local)
+    differing = [i for i, (a, b) in enumerate(zip(stored, local)) if a != b]
+    assert len(differing) == (0 if verify_etag else 1)  # on: caught and re-sent; off: the size alone let it pass
+
+
 def test_outage_longer_than_the_exit_wait_ends_the_run_naming_the_local_checkpoints(moto_s3, proxy, store, tmp_path,
                                                                                    monkeypatch):
     seen = outage_from_step_3(monkeypatch, proxy)
