@@ -1196,8 +1196,9 @@ def newest_remote_checkpoint(cfg, run_name):
     if "checkpoint_final.pt" in names:  # trained to the end, only its ending was lost: as finished locally
         return None
     steps = [n for n in names if s3ckpt.checkpoint_step(n) is not None]
-    newest = max(steps, key=s3ckpt.checkpoint_step) if steps else "checkpoint_best.pt" if "checkpoint_best.pt" in names else None
-    return f"runs:/{runs[0].info.run_id}/checkpoints/{newest}" if newest else None
+    if steps:
+        return f"runs:/{runs[0].info.run_id}/checkpoints/{max(steps, key=s3ckpt.checkpoint_step)}"
+    return f"runs:/{runs[0].info.run_id}/checkpoints/checkpoint_best.pt" if "checkpoint_best.pt" in names else None
 
 
 def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested=0):

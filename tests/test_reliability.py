@@ -144,8 +144,8 @@ def preempted(tmp_path_factory, empty_store):
         resumed = subprocess.run(TORCHRUN + train_args(fresh, *PREEMPT, resume="auto"), cwd=tmp, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
         reference.communicate(timeout=120)
-        yield types.SimpleNamespace(uri=uri, ckpt=ckpt, fresh=fresh, rc=proc.returncode, stderr=err, killed=killed, local=local,
-                                    s3=s3_objects, stopped_history=stopped_history, resumed=resumed,
+        yield types.SimpleNamespace(uri=uri, ckpt=ckpt, fresh=fresh, rc=proc.returncode, stderr=err, killed=killed,
+                                    local=local, s3=s3_objects, stopped_history=stopped_history, resumed=resumed,
                                     reference=reference, ref_dir=ref_dir)
     finally:
         reference.kill()
@@ -229,7 +229,8 @@ def test_two_nodes_with_their_own_disks_each_fetch_the_starting_checkpoint(tmp_p
                                           cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True))
         errors = [node.communicate(timeout=180)[1] for node in nodes]
         assert [node.returncode for node in nodes] == [0, 0], "\n".join(e[-3000:] for e in errors)
-        key = f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/checkpoint_final.pt"
+        key = (f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/"
+               "checkpoint_final.pt")
         remote = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
         for name in ("node_a", "node_b"):  # rank 0's node and the other: each has its own copy
             assert (tmp_path / name / "ckpt" / ".cache" / "s3" / BUCKET / key).read_bytes() == remote, name

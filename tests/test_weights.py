@@ -1,7 +1,6 @@
 """Tests for weights.py: every function against numbers worked out by hand below."""
 import math
 
-import pytest
 import torch
 from torch.testing import assert_close
 
