@@ -751,11 +751,12 @@ def on_this_node(cfg, found, cache_dir):
     missing = bool(path) and not Path(path).exists()
     if missing and not uri:
         raise UserError(f"{path}: on rank 0's node only and in no run's artifacts: give every node one checkpoint.dir")
-    if missing and int(os.environ.get("LOCAL_RANK", 0)) == 0:
+    node_first = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    if missing and node_first:
         path = resolve_uri(cfg, uri, None, None, cache_dir)[0]
     if dist.is_initialized():
         dist.barrier()
-    if missing and int(os.environ.get("LOCAL_RANK", 0)) != 0:
+    if missing and not node_first:
         path = resolve_uri(cfg, uri, None, None, cache_dir)[0]  # in the node's cache by now
     return path
 
@@ -1160,7 +1161,7 @@ def load_checkpoint_into(model, path):
     return state
 
 
-def find_resume(cfg, run_name, root):
+def find_resume(cfg, run_name, root, cache_dir):
     """`auto`: the newest checkpoint of an unfinished run of this config under checkpoint.dir, else (a machine that
     lost its disk: spot reclaim, a new VESSL container) the newest one in the MLflow artifacts of the newest
     unfinished run of that name; else the given path/URI; `never`: nothing. -> (local file, its URI in the run's
@@ -1169,7 +1170,7 @@ def find_resume(cfg, run_name, root):
     if choice == "never":
         return None, None
     if choice != "auto":
-        return resolve_uri(cfg, choice, None, None, root / ".cache")
+        return resolve_uri(cfg, choice, None, None, cache_dir)
     candidates = [p for d in (root / run_name).glob("*") if not (d / "checkpoint_final.pt").exists()
                   for p in d.glob("checkpoint_*.pt")]
     if candidates:
@@ -1177,7 +1178,7 @@ def find_resume(cfg, run_name, root):
         uploaded = cfg["mlflow"]["enable_logging"] and not newest.parent.name.startswith("local-")
         return str(newest), f"runs:/{newest.parent.name}/checkpoints/{newest.name}" if uploaded else None
     remote = newest_remote_checkpoint(cfg, run_name) if cfg["mlflow"]["enable_logging"] else None
-    return resolve_uri(cfg, remote, None, None, root / ".cache") if remote else (None, None)
+    return resolve_uri(cfg, remote, None, None, cache_dir) if remote else (None, None)
 
 
 def newest_remote_checkpoint(cfg, run_name):
@@ -1192,13 +1193,13 @@ def newest_remote_checkpoint(cfg, run_name):
                               max_results=1) if exp else []
     if not runs:
         return None
-    names = [Path(f.path).name for f in client.list_artifacts(runs[0].info.run_id, "checkpoints")]
+    run_id = runs[0].info.run_id
+    names = [Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")]
     if "checkpoint_final.pt" in names:  # trained to the end, only its ending was lost: as finished locally
         return None
     steps = [n for n in names if s3ckpt.checkpoint_step(n) is not None]
-    if steps:
-        return f"runs:/{runs[0].info.run_id}/checkpoints/{max(steps, key=s3ckpt.checkpoint_step)}"
-    return f"runs:/{runs[0].info.run_id}/checkpoints/checkpoint_best.pt" if "checkpoint_best.pt" in names else None
+    newest = max(steps, key=s3ckpt.checkpoint_step) if steps else "checkpoint_best.pt"
+    return f"runs:/{run_id}/checkpoints/{newest}" if newest in names else None
 
 
 def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested=0):
@@ -1315,7 +1316,7 @@ def train(cfg, use_micro=False):
     if master and cfg["mlflow"]["enable_logging"]:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     cache = ckpt_root / ".cache"
-    resume_path = on_this_node(cfg, find_resume(cfg, run_name, ckpt_root) if master else None, cache)
+    resume_path = on_this_node(cfg, find_resume(cfg, run_name, ckpt_root, cache) if master else None, cache)
     if init:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
         source = "critic" if pipeline == "verifiable" else "baseline"
         artifact = "checkpoints/checkpoint_best.pt" if source == "critic" else "checkpoints/checkpoint_final.pt"
