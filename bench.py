@@ -15,7 +15,6 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the profiler (peak_memory) would print two lines per step
 import argparse
 import contextlib
-import copy
 import dataclasses
 import json
 import logging
@@ -49,28 +48,21 @@ QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=3, steps=3, block=4, 
 # the trainer, set up as train() sets it up, and timing
 
 
-def setup(pipeline="baseline", H=4, dim=256, vocab=BYTES, device=CPU, args=None):
-    """(ctx, model, optimizer, params, meter) as train() builds them; rho1's reference is a frozen copy."""
+def setup(pipeline="baseline", H=4, dim=256, vocab=0, device=CPU, micro=()):
+    """The trainer as train() prepares it (wm.prepare, no run): (setup, model, optimizer, params, meter). Nothing to
+    start from: verifiable starts from fresh weights, rho1's reference is a frozen copy of the starting policy."""
     cfg = wm.load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
-                         [f"experiment.pipeline={pipeline}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}"])
-    t = cfg["training"]
-    torch.manual_seed(t["seed"])
-    args = args or wm.micro_args(cfg, vocab)
-    with device:
-        model = wm.MTPTransformer(args, pipeline in ("critic", "verifiable"), cfg["model"]["memory_efficient_loss"])
-    reference = copy.deepcopy(model).requires_grad_(False).eval() if pipeline == "rho1" else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"], fused=True)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-    ctx = {"cfg": cfg, "pipeline": pipeline, "H": args.n_future_tokens, "tok": wm.ByteTokenizer(), "device": device,
-           "rank": 0, "world": 1, "autocast": autocast, "reference": reference, "ema": None,
-           "step": t["td_ema_warmup_steps"]}  # past the EMA warm-up: the steady state
-    return ctx, model, optimizer, params, wm.Meter(device)
+                         [f"experiment.pipeline={pipeline}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
+                          f"model.micro.vocab_size={vocab}", "critic.checkpoint=", "reference.path=",
+                          "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false", *micro])
+    s = wm.prepare(cfg, use_micro=True, device=device)
+    return s, s.model, s.optimizer, s.params, wm.Meter(device)
 
 
 def trainer_step(trainer, batch):
-    ctx, model, optimizer, params, meter = trainer
-    return lambda: wm.train_step(ctx, model, optimizer, params, [batch], meter)
+    s, model, optimizer, params, meter = trainer
+    step = s.cfg.training.td_ema_warmup_steps  # past the EMA warm-up: the steady state
+    return lambda: wm.train_step(s.pipeline, model, optimizer, params, [batch], meter, step)
 
 
 def make_batch(B, T, vocab=BYTES, device=CPU):
@@ -237,8 +229,10 @@ def p6_mfu(S):
     peak = next((v for key, v in PEAK_BF16 if key in name), None)
     if peak is None:
         return {"skipped": f"no peak bf16 FLOP/s known for {name}"}
-    args = wm.ModelArgs(dim=2048, n_layers=20, n_heads=16, n_kv_heads=8, vocab_size=32000, multiple_of=256, n_future_tokens=4)
-    trainer = setup("baseline", device=device, args=args)
+    trainer = setup("baseline", dim=2048, vocab=32000, device=device, micro=(
+        "model.micro.n_trunk_layers=16", "model.micro.n_heads=16", "model.micro.n_kv_heads=8",
+        "model.micro.multiple_of=256"))
+    args = trainer[1].args
     step, T = trainer_step(trainer, make_batch(S.gpu_batch, 2048, 32000, device)), 2048
     for _ in range(3):
         step()
@@ -249,11 +243,12 @@ def p6_mfu(S):
 
 def checkpoint_state(trainer):
     """What train()'s save() writes."""
-    ctx, model, optimizer = trainer[:3]
+    s, model, optimizer = trainer[:3]
     weights, partial = wm.model_state(model)
     return {"model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": 1},
-            "step": 1, "position": 1, "rng": wm.rng_state(), "ema": ctx["ema"], "config": ctx["cfg"], "run_id": "bench",
-            "best_val_loss": 1.0, "pipeline": ctx["pipeline"], "finished": False, "model_args": dataclasses.asdict(model.args)}
+            "step": 1, "position": 1, "rng": wm.rng_state(), "ema": s.pipeline.state_dict(), "config": s.cfg.to_dict(),
+            "run_id": "bench", "best_val_loss": 1.0, "pipeline": s.pipeline.name, "finished": False,
+            "model_args": dataclasses.asdict(model.args)}
 
 
 @contextlib.contextmanager

@@ -39,8 +39,7 @@ import s3ckpt
 import weights as W
 
 ROOT = Path(__file__).resolve().parent
-PIPELINES = ("baseline", "critic", "verifiable", "rho1")
-RUN_NAMES = {"baseline": "baseline-mtp", "critic": "critic-pretrain", "verifiable": "verifiable-wmtp", "rho1": "rho1-wmtp"}
+EXPERIMENT_KIND = "mlflow.experimentKind"
 SECRET_KEY = re.compile(r"password|secret|token|access_key|credential", re.IGNORECASE)
 log = logging.getLogger("weighted_mtp")
 
@@ -50,7 +49,9 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------
-# config: defaults.yaml <- pipeline file <- --override a.b=c, every key checked against the defaults
+# config: defaults.yaml <- pipeline file <- --override a.b=c, every key checked against the defaults, then typed
+# into frozen dataclasses. defaults.yaml is the one source of defaults and comments; the dataclasses name the keys,
+# their types and their ranges (tests/test_config.py checks that the two agree key for key).
 
 
 def read_yaml(path):
@@ -121,71 +122,183 @@ def parse_override(text):
     return tree
 
 
-RANGES = [  # (key, ok, what it must be)
-    ("experiment.pipeline", lambda v: v in PIPELINES, "one of " + ", ".join(PIPELINES)),
-    ("model.n_future_tokens", lambda v: v >= 1, ">= 1"),
-    ("model.lora.rank", lambda v: v >= 0, ">= 0"),
-    ("dataset.max_length", lambda v: v >= 8, ">= 8"),
-    ("dataset.on_overlong", lambda v: v in ("truncate", "skip", "error"), "truncate, skip or error"),
-    ("data_sampling.n_samples", lambda v: v >= 0, ">= 0"),
-    ("data_sampling.correct_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("data_sampling.val_samples", lambda v: v >= 1, ">= 1"),
-    ("training.max_steps", lambda v: v >= 0, ">= 0"),
-    ("training.n_epochs", lambda v: v >= 1, ">= 1"),
-    ("training.batch_size", lambda v: v >= 1, ">= 1"),
-    ("training.gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
-    ("training.learning_rate", lambda v: v > 0, "> 0"),
-    ("training.weight_decay", lambda v: v >= 0, ">= 0"),
-    ("model.lora.alpha", lambda v: v > 0, "> 0"),
-    ("model.micro.norm_eps", lambda v: v > 0, "> 0"),
-    ("model.micro.dim", lambda v: v >= 2, ">= 2"),
-    ("model.micro.n_trunk_layers", lambda v: v >= 1, ">= 1 (a shared trunk)"),
-    ("model.micro.n_heads", lambda v: v >= 1, ">= 1"),
-    ("model.micro.n_kv_heads", lambda v: v >= 1, ">= 1"),
-    ("model.micro.multiple_of", lambda v: v >= 1, ">= 1"),
-    ("training.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("training.warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("training.max_grad_norm", lambda v: v > 0, "> 0"),
-    ("training.log_interval", lambda v: v >= 1, ">= 1"),
-    ("training.eval_interval", lambda v: v >= 0, ">= 0"),
-    ("training.max_skipped_steps", lambda v: v >= 1, ">= 1"),
-    ("training.gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("training.td_lambda", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("training.critic_lambda", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("training.beta", lambda v: v > 0, "> 0"),
-    ("training.weight_clip_min", lambda v: v >= 0, ">= 0"),
-    ("training.td_ema_momentum", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("training.td_ema_warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("training.value_coef", lambda v: v >= 0, ">= 0"),
-    ("training.k_percent", lambda v: 0 < v <= 1, "in (0, 1]"),
-    ("checkpoint.save_every", lambda v: v >= 0, ">= 0"),
-    ("checkpoint.save_total_limit", lambda v: v >= 0, ">= 0"),
-]
+def rule(ok, what):
+    """A field whose value must satisfy ok(value); `what` (or what()) completes "must be ..." in the error."""
+    return dataclasses.field(metadata={"ok": ok, "what": what})
 
 
-def get(cfg, dotted):
-    for part in dotted.split("."):
-        cfg = cfg[part]
-    return cfg
+ONE_OR_MORE, NON_NEGATIVE, POSITIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0"), (lambda v: v > 0, "> 0")
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+frozen = dataclasses.dataclass(frozen=True)
+
+
+@frozen
+class ExperimentConfig:
+    name: str
+    pipeline: str = rule(lambda v: v in PIPELINES, lambda: "one of " + ", ".join(PIPELINES))
+    description: str
+
+
+@frozen
+class MicroConfig:
+    dim: int = rule(lambda v: v >= 2, ">= 2")
+    n_trunk_layers: int = rule(lambda v: v >= 1, ">= 1 (a shared trunk)")
+    n_heads: int = rule(*ONE_OR_MORE)
+    n_kv_heads: int = rule(*ONE_OR_MORE)
+    multiple_of: int = rule(*ONE_OR_MORE)
+    norm_eps: float = rule(*POSITIVE)
+    rope_theta: float
+    vocab_size: int = rule(*NON_NEGATIVE)
+
+    def check(self, source):
+        if self.dim % (2 * self.n_heads) or self.n_heads % self.n_kv_heads:
+            raise UserError(f"{source}: 'model.micro.dim' ({self.dim}) must split into 'model.micro.n_heads' "
+                            f"({self.n_heads}) heads of even size, and n_heads be a multiple of n_kv_heads "
+                            f"({self.n_kv_heads})")
+
+
+@frozen
+class LoraConfig:
+    rank: int = rule(*NON_NEGATIVE)
+    alpha: float = rule(*POSITIVE)
+
+
+@frozen
+class ModelConfig:
+    path: str
+    tokenizer: str
+    n_future_tokens: int = rule(*ONE_OR_MORE)
+    micro: MicroConfig
+    lora: LoraConfig
+    init_from: str
+    memory_efficient_loss: bool
+    compile: bool
+
+
+@frozen
+class DatasetConfig:
+    train: str
+    validation: str
+    max_length: int = rule(lambda v: v >= 8, ">= 8")
+    on_overlong: str = rule(lambda v: v in ("truncate", "skip", "error"), "truncate, skip or error")
+
+
+@frozen
+class DataSamplingConfig:
+    n_samples: int = rule(*NON_NEGATIVE)
+    correct_ratio: float = rule(*FRACTION)
+    seed: int
+    val_samples: int = rule(*ONE_OR_MORE)
+
+
+@frozen
+class TrainingConfig:
+    max_steps: int = rule(*NON_NEGATIVE)
+    n_epochs: int = rule(*ONE_OR_MORE)
+    batch_size: int = rule(*ONE_OR_MORE)
+    gradient_accumulation_steps: int = rule(*ONE_OR_MORE)
+    learning_rate: float = rule(*POSITIVE)
+    weight_decay: float = rule(*NON_NEGATIVE)
+    warmup_steps: int = rule(*NON_NEGATIVE)
+    min_lr_ratio: float = rule(*FRACTION)
+    max_grad_norm: float = rule(*POSITIVE)
+    log_interval: int = rule(*ONE_OR_MORE)
+    eval_interval: int = rule(*NON_NEGATIVE)
+    seed: int
+    max_skipped_steps: int = rule(*ONE_OR_MORE)
+    collective_timeout_s: int
+    gamma: float = rule(*FRACTION)
+    td_lambda: float = rule(*FRACTION)
+    critic_lambda: float = rule(*FRACTION)
+    beta: float = rule(*POSITIVE)
+    weight_clip_min: float = rule(*NON_NEGATIVE)
+    weight_clip_max: float
+    td_ema_momentum: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
+    td_ema_warmup_steps: int = rule(*NON_NEGATIVE)
+    value_coef: float = rule(*NON_NEGATIVE)
+    k_percent: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
+    policy_on_incorrect: bool
+
+    def check(self, source):
+        if self.weight_clip_min >= self.weight_clip_max:
+            raise UserError(f"{source}: 'training.weight_clip_min' ({self.weight_clip_min}) must be < "
+                            f"'training.weight_clip_max' ({self.weight_clip_max})")
+
+
+@frozen
+class CheckpointConfig:
+    dir: str
+    save_every: int = rule(*NON_NEGATIVE)
+    save_total_limit: int = rule(*NON_NEGATIVE)
+    resume: str
+    upload_retry_budget_s: int
+    verify_etag: bool
+    upload_timeout_s: int
+    preempt_grace_s: int
+
+
+@frozen
+class MlflowConfig:
+    tracking_uri: str
+    experiment: str
+    run_name: str
+    tags: dict
+    s3_artifacts: str
+    enable_logging: bool
+    system_metrics_interval_s: int
+
+
+@frozen
+class CriticConfig:
+    checkpoint: str
+
+
+@frozen
+class ReferenceConfig:
+    path: str
+
+
+@frozen
+class Config:
+    experiment: ExperimentConfig
+    model: ModelConfig
+    dataset: DatasetConfig
+    data_sampling: DataSamplingConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+    mlflow: MlflowConfig
+    critic: CriticConfig
+    reference: ReferenceConfig
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def typed(cls, tree, source, prefix=""):
+    """The merged tree as a frozen `cls`, every field's rule checked (in field order), then the section's own check."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = tree[f.name]
+        if dataclasses.is_dataclass(f.type):
+            value = typed(f.type, value, source, f"{prefix}{f.name}.")
+        elif "ok" in f.metadata and not f.metadata["ok"](value):
+            what = f.metadata["what"]() if callable(f.metadata["what"]) else f.metadata["what"]
+            raise UserError(f"{source}: '{prefix}{f.name}' must be {what}, got {value!r}")
+        values[f.name] = value
+    section = cls(**values)
+    if hasattr(section, "check"):
+        section.check(source)
+    return section
 
 
 def load_config(path, overrides=()):
-    """defaults.yaml <- the pipeline file <- overrides; raises UserError naming the file and key on bad input."""
-    cfg = json.loads(json.dumps(DEFAULTS))
-    merge(cfg, read_yaml(path), str(path), DEFAULTS)
+    """defaults.yaml <- the pipeline file <- overrides, as a frozen Config; raises UserError naming the file and key
+    on bad input."""
+    tree = json.loads(json.dumps(DEFAULTS))
+    merge(tree, read_yaml(path), str(path), DEFAULTS)
     for text in overrides:
-        merge(cfg, parse_override(text), f"--override {text}", DEFAULTS)
-    for key, ok, what in RANGES:
-        if not ok(get(cfg, key)):
-            raise UserError(f"{path}: '{key}' must be {what}, got {get(cfg, key)!r}")
-    t, micro = cfg["training"], cfg["model"]["micro"]
-    if micro["dim"] % (2 * micro["n_heads"]) or micro["n_heads"] % micro["n_kv_heads"]:
-        raise UserError(f"{path}: 'model.micro.dim' ({micro['dim']}) must split into 'model.micro.n_heads' "
-                        f"({micro['n_heads']}) heads of even size, and n_heads be a multiple of n_kv_heads ({micro['n_kv_heads']})")
-    if t["weight_clip_min"] >= t["weight_clip_max"]:
-        raise UserError(f"{path}: 'training.weight_clip_min' ({t['weight_clip_min']}) must be < "
-                        f"'training.weight_clip_max' ({t['weight_clip_max']})")
-    return cfg
+        merge(tree, parse_override(text), f"--override {text}", DEFAULTS)
+    return typed(Config, tree, str(path))
 
 
 DEFAULTS = read_yaml(ROOT / "configs" / "defaults.yaml")
@@ -203,6 +316,10 @@ def flatten(tree, prefix=""):
         else:
             flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
     return flat
+
+
+def redacted(tree):
+    return {k: redacted(v) if isinstance(v, dict) else v for k, v in tree.items() if not SECRET_KEY.search(str(k))}
 
 
 # -----------------------------------------------------------------------------
@@ -461,34 +578,34 @@ def save_meta(model, out_dir):
 
 
 def micro_args(cfg, vocab_size):
-    m, H = cfg["model"]["micro"], cfg["model"]["n_future_tokens"]
-    return ModelArgs(dim=m["dim"], n_layers=m["n_trunk_layers"] + H, n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"],
-                     vocab_size=vocab_size, multiple_of=m["multiple_of"], norm_eps=m["norm_eps"],
-                     rope_theta=m["rope_theta"], n_future_tokens=H)
+    m, H = cfg.model.micro, cfg.model.n_future_tokens
+    return ModelArgs(dim=m.dim, n_layers=m.n_trunk_layers + H, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                     vocab_size=m.vocab_size or vocab_size, multiple_of=m.multiple_of, norm_eps=m.norm_eps,
+                     rope_theta=m.rope_theta, n_future_tokens=H)
 
 
 def build_model(cfg, use_micro, value_head):
     """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or a Meta-format
     directory, with LoRA adapters when model.lora.rank > 0 — built before any checkpoint loads into it."""
-    mcfg = cfg["model"]
-    torch.manual_seed(cfg["training"]["seed"])  # every rank builds the same initial weights
-    if use_micro or not mcfg["path"]:
+    mcfg = cfg.model
+    torch.manual_seed(cfg.training.seed)  # every rank builds the same initial weights
+    if use_micro or not mcfg.path:
         tok = ByteTokenizer()
-        model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg["memory_efficient_loss"])
+        model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg.memory_efficient_loss)
     else:
         tok, model = load_meta_model(mcfg, value_head)
-    if mcfg["lora"]["rank"] > 0:
-        apply_lora(model, mcfg["lora"]["rank"], mcfg["lora"]["alpha"])
+    if mcfg.lora.rank > 0:
+        apply_lora(model, mcfg.lora.rank, mcfg.lora.alpha)
     return tok, model
 
 
 def load_meta_model(mcfg, value_head):
-    tok_path = Path(mcfg["tokenizer"] or Path(mcfg["path"]) / "tokenizer.model")
+    tok_path = Path(mcfg.tokenizer or Path(mcfg.path) / "tokenizer.model")
     if not tok_path.exists():
         raise UserError(f"model.tokenizer: {tok_path} does not exist")
     tok = SentencePieceTokenizer(tok_path)
-    model = MTPTransformer(model_args_from_meta(mcfg["path"]), value_head, mcfg["memory_efficient_loss"])
-    load_meta_weights(model, mcfg["path"])
+    model = MTPTransformer(model_args_from_meta(mcfg.path), value_head, mcfg.memory_efficient_loss)
+    load_meta_weights(model, mcfg.path)
     return tok, model
 
 
@@ -703,27 +820,32 @@ class Meter:
 
 
 def tracking_uri(cfg):
-    return cfg["mlflow"]["tracking_uri"] or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def experiment_artifact_location(cfg, uri):
     """Where a self-created experiment keeps artifacts: mlflow.s3_artifacts when set; a tracking server decides
     for itself; a local sqlite store gets a mlartifacts/ folder beside its database (not the CWD)."""
-    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg["mlflow"]["experiment"]).strip("-")
-    if cfg["mlflow"]["s3_artifacts"]:
-        return None if uri.startswith("http") else cfg["mlflow"]["s3_artifacts"].rstrip("/") + "/" + slug
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", cfg.mlflow.experiment).strip("-")
+    if cfg.mlflow.s3_artifacts:
+        return None if uri.startswith("http") else cfg.mlflow.s3_artifacts.rstrip("/") + "/" + slug
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts" / slug).as_uri()
     return None
 
 
-def newest_finished_run(client, experiment, pipeline):
+def newest_run(client, experiment, where):
+    """The newest run (by start time) of `experiment` that matches the MLflow filter `where`, or None. Every `auto`
+    is one of these searches: a pipeline's newest finished run, or the newest unfinished run of this config."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], f"tags.pipeline = '{pipeline}' and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs([exp.experiment_id], where, order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+def finished(pipeline):
+    return f"tags.pipeline = '{pipeline}' and attributes.status = 'FINISHED'"
 
 
 def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
@@ -732,10 +854,10 @@ def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
     uri_tracking = tracking_uri(cfg)
     if uri == "auto":
         from mlflow import MlflowClient
-        run = newest_finished_run(MlflowClient(uri_tracking), cfg["mlflow"]["experiment"], pipeline_for_auto)
+        run = newest_run(MlflowClient(uri_tracking), cfg.mlflow.experiment, finished(pipeline_for_auto))
         if run is None:
             raise UserError(f"no finished '{RUN_NAMES[pipeline_for_auto]}' run in experiment "
-                            f"'{cfg['mlflow']['experiment']}': run the {pipeline_for_auto} pipeline first")
+                            f"'{cfg.mlflow.experiment}': run the {pipeline_for_auto} pipeline first")
         uri = f"runs:/{run.info.run_id}/{artifact}"
     try:
         path = s3ckpt.resolve_checkpoint(uri, cache_dir, tracking_uri=uri_tracking)
@@ -813,29 +935,147 @@ class MetricLogger:
         return not self.thread.is_alive()
 
 
-def start_tracking(cfg, run_name, resume_run_id):
-    """Rank 0: (client, run_id, last logged step) — the experiment created if needed, a new run (params, tags,
-    config.yaml) or the resumed one continued."""
-    from mlflow import MlflowClient
-    uri = tracking_uri(cfg)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(cfg["mlflow"]["experiment"])
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg["mlflow"]["experiment"], artifact_location=experiment_artifact_location(cfg, uri))
-    if resume_run_id:
-        client.update_run(resume_run_id, status="RUNNING")
-        history = client.get_metric_history(resume_run_id, "train/loss")
-        return client, resume_run_id, max((m.step for m in history), default=0)
-    tags = {"pipeline": cfg["experiment"]["pipeline"], **{str(k): str(v) for k, v in cfg["mlflow"]["tags"].items()}}
-    if cfg["experiment"]["description"]:
-        tags["mlflow.note.content"] = cfg["experiment"]["description"]
-    run = client.create_run(exp_id, run_name=run_name, tags=tags)
-    from mlflow.entities import Param
-    params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
-    for i in range(0, len(params), 100):
-        client.log_batch(run.info.run_id, params=params[i:i + 100])
-    client.log_text(run.info.run_id, yaml.safe_dump(redacted(cfg), sort_keys=False), "config.yaml")
-    return client, run.info.run_id, 0
+class Tracking:
+    """Rank 0's MLflow run, from its start (or resumption) to its end status, as one context manager: the experiment
+    (created if needed), params, tags and config.yaml, metrics sent off the training thread, MLflow's system
+    metrics, the checkpoint uploader and logs/training.log. Leaving it ends the run FINISHED, KILLED (preempted: the
+    checkpoint to resume from is tagged first) or FAILED, with the metrics and uploads drained — whatever fails."""
+
+    def __init__(self, cfg, run_name, run_dir_root, steps, resume_run_id=None, unsent_metrics=(), resumed=False):
+        self.cfg, self.run_name, self.run_dir_root, self.steps = cfg, run_name, run_dir_root, steps
+        self.run_id, self.unsent_metrics, self.resumed = resume_run_id, list(unsent_metrics), resumed
+        self.client = self.metrics = self.uploader = self.system = self.file_log = None
+
+    def __enter__(self):
+        logged_through = 0
+        if self.cfg.mlflow.enable_logging:
+            logged_through = self._start_run()
+        self.run_id = self.run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        self.run_dir = self.run_dir_root / self.run_id
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file_log = logging.FileHandler(self.run_dir / "training.log")
+        self.file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(self.file_log)
+        if self.client:
+            self.metrics = MetricLogger(self.client, self.run_id, logged_through=logged_through)
+            self.metrics.replay(self.unsent_metrics)
+            self.system = self._start_system_metrics()
+            c = self.cfg.checkpoint
+            self.uploader = s3ckpt.CheckpointUploader(self.run_id, tracking_uri(self.cfg),
+                                                      retry_budget_s=c.upload_retry_budget_s,
+                                                      verify_etag=c.verify_etag)
+        return self
+
+    def _start_run(self):
+        """A new run (tags, params, config.yaml) or the resumed one continued; returns the last step it logged."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Param
+        cfg, uri = self.cfg, tracking_uri(self.cfg)
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(cfg.mlflow.experiment)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, uri))
+        if not exp or EXPERIMENT_KIND not in exp.tags:  # else MLflow 3's UI opens it as a GenAI experiment
+            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+        if self.run_id:
+            self.client.update_run(self.run_id, status="RUNNING")
+            history = self.client.get_metric_history(self.run_id, "train/loss")
+            return max((m.step for m in history), default=0)
+        tags = {"pipeline": cfg.experiment.pipeline, **{str(k): str(v) for k, v in cfg.mlflow.tags.items()}}
+        if cfg.experiment.description:
+            tags["mlflow.note.content"] = cfg.experiment.description
+        self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        self.client.log_text(self.run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")
+        return 0
+
+    def _start_system_metrics(self):
+        """MLflow's own monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on a thread."""
+        interval = self.cfg.mlflow.system_metrics_interval_s
+        if not interval:
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=self.resumed,
+                                       tracking_uri=tracking_uri(self.cfg))
+        monitor.start()
+        return monitor
+
+    def log(self, metrics, step):
+        if self.metrics:
+            self.metrics.log(metrics, step)
+
+    def unsent(self):
+        return self.metrics.unsent() if self.metrics else []
+
+    def __exit__(self, exc_type, exc, tb):
+        status, resume_from = log_outcome(exc_type, exc, tb, f"{self.cfg.experiment.pipeline}, run {self.run_id}")
+        if self.system:
+            self.system.finish()
+        self._finish(status, resume_from)
+
+    def _finish(self, status, resume_from):
+        """Drain metrics and uploads (bounded: the preemption grace period when preempted), upload training.log
+        through the same retrying uploader, tag what stayed only local, end the run."""
+        client, run_id, uploader = self.client, self.run_id, self.uploader
+        timeout = self.cfg.checkpoint.preempt_grace_s if status == "KILLED" else self.cfg.checkpoint.upload_timeout_s
+        if client and resume_from:  # first, in case the grace period ends with a SIGKILL
+            client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
+            client.set_terminated(run_id, status)
+        try:
+            if self.metrics and not self.metrics.close(timeout=timeout):
+                log.error("some metrics could not be sent to the tracking server")
+            local_only = []
+            if uploader:
+                log.info(f"waiting up to {timeout}s for checkpoint uploads")
+                local_only = [p for p in uploader.wait(timeout) if Path(p).exists()]  # pruned ones are not wanted
+                if local_only:
+                    log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
+            self.file_log.close()
+            log.removeHandler(self.file_log)
+            if uploader:
+                uploader.upload_to_s3_async(self.run_dir / "training.log", artifact_path="logs")
+                local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
+                uploader.close()
+            if client:
+                if local_only:
+                    client.set_tag(run_id, "checkpoints_local_only", ", ".join(local_only))
+                client.set_tag(run_id, "wmtp.steps", str(self.steps))
+        finally:
+            if client:
+                client.set_terminated(run_id, status)
+
+
+class NoTracking:
+    """What ranks other than 0 get: the same interface, doing nothing but reporting how training ended."""
+    run_id, uploader, run_dir = None, None, None
+
+    def __init__(self, pipeline):
+        self.pipeline = pipeline
+
+    def __enter__(self):
+        return self
+
+    def log(self, metrics, step):
+        pass
+
+    def unsent(self):
+        return []
+
+    def __exit__(self, exc_type, exc, tb):
+        log_outcome(exc_type, exc, tb, f"{self.pipeline}, run {self.run_id}")
+
+
+def log_outcome(exc_type, exc, tb, what):
+    """Logs how training ended; returns the run's end status and, when preempted, the checkpoint to resume from."""
+    if exc_type is None:
+        return "FINISHED", None
+    if issubclass(exc_type, Preempted):
+        log.warning(f"{exc}")
+        return "KILLED", exc.checkpoint
+    log.error(f"training failed ({what})", exc_info=(exc_type, exc, tb))
+    return "FAILED", None
 
 
 ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_S3_ENDPOINT_URL",
@@ -848,7 +1088,7 @@ def tracking_checks(cfg, timeout=5.0):
     experiment visible, S3 artifact root writable (put + delete of a probe object)."""
     import requests
     uri = tracking_uri(cfg)
-    experiment, artifact_root = cfg["mlflow"]["experiment"], cfg["mlflow"]["s3_artifacts"]
+    experiment, artifact_root = cfg.mlflow.experiment, cfg.mlflow.s3_artifacts
     if uri.startswith("http"):
         try:
             requests.get(f"{uri}/health", timeout=timeout).raise_for_status()
@@ -906,7 +1146,7 @@ def doctor(cfg, env_path):
     """Print one line per check with its fix; exit code 0 only when all pass. Never prints a secret's value."""
     found = Path(env_path).exists()
     set_vars = [v for v in ENV_VARS if os.environ.get(v)]
-    needed = tracking_uri(cfg).startswith("http") or cfg["mlflow"]["s3_artifacts"].startswith("s3://")
+    needed = tracking_uri(cfg).startswith("http") or cfg.mlflow.s3_artifacts.startswith("s3://")
     lines = [(found or bool(set_vars) or not needed, f"{env_path} {'found' if found else 'not found (copy .env.example to .env)'}; "
                                        f"set: {', '.join(set_vars) or 'none'}")]
     lines += list(tracking_checks(cfg))
@@ -915,23 +1155,9 @@ def doctor(cfg, env_path):
     return 0 if all(ok for ok, _ in lines) else 1
 
 
-def start_system_metrics(cfg, run_id, resumed):
-    """MLflow's own monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on a thread of rank 0."""
-    interval = cfg["mlflow"]["system_metrics_interval_s"]
-    if not interval:
-        return None
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-    monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=resumed, tracking_uri=tracking_uri(cfg))
-    monitor.start()
-    return monitor
-
-
-def redacted(tree):
-    return {k: redacted(v) if isinstance(v, dict) else v for k, v in tree.items() if not SECRET_KEY.search(str(k))}
-
-
 # -----------------------------------------------------------------------------
-# the four pipelines: each turns a batch into (loss, metrics into the Meter)
+# the four pipelines: one object each owns what makes it different — value head or not, what it starts from, what
+# it trains, its loss, its validation metrics, and its own state with that state's share of a checkpoint
 
 
 def policy_ce(model, tokens, labels, H, values=False):
@@ -945,126 +1171,240 @@ def log_head_losses(meter, prefix, ce, valid):
         meter.add(f"{prefix}/head_{k}_loss", (ce[..., k] * valid[..., k]).sum(), valid[..., k].sum())
 
 
-def baseline_loss(ctx, model, batch, meter):
-    tokens, labels, _ = batch
-    ce, valid, _ = policy_ce(model, tokens, labels, ctx["H"])
-    log_head_losses(meter, "train", ce.detach(), valid)
-    return W.mtp_loss(ce, valid)
+class Baseline:
+    """MTP on correct answers: loss = mtp_loss(ce, valid). The other pipelines change what differs from it."""
+    name, run_name = "baseline", "baseline-mtp"
+    value_head = False
+    decodes = True  # validation also decodes answers (val/accuracy) when the dataset has a checker
+
+    def __init__(self, cfg, H):
+        self.cfg, self.t, self.H = cfg, cfg.training, H
+
+    def start_from(self):
+        """(checkpoint spec, the pipeline whose newest finished run `auto` names, the artifact of that run)."""
+        return self.cfg.model.init_from, "baseline", "checkpoints/checkpoint_final.pt"
+
+    def attach(self, model, fetch, build_model, device):
+        """Called once the starting weights are in `model`: freeze what this pipeline does not train, build what
+        it needs beside the model (`fetch(spec, pipeline, artifact)` gives a checkpoint file on this node)."""
+
+    def loss(self, model, batch, meter, step):
+        tokens, labels, _ = batch
+        ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+        log_head_losses(meter, "train", ce.detach(), valid)
+        return W.mtp_loss(ce, valid)
+
+    def begin_step(self):
+        """Before a step's micro-batches: remember what a skipped step must leave unchanged."""
+
+    def end_step(self, skip):
+        """After the step's one collective: `skip` (a 0-d device bool) is set when the step was skipped."""
+
+    def val_begin(self):
+        pass
+
+    def val_step(self, model, batch, meter):
+        tokens, labels, _ = batch
+        ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+        log_head_losses(meter, "val", ce, valid)
+
+    def val_end(self, out, world):
+        heads = [v for k, v in out.items() if k.startswith("val/head_")]
+        out["val/loss"] = sum(heads) / len(heads)
+        return out
+
+    def state_dict(self):
+        """This pipeline's share of a checkpoint (saved under "ema")."""
+        return None
+
+    def load_state_dict(self, state):
+        pass
 
 
-def critic_loss(ctx, model, batch, meter):
-    t = ctx["cfg"]["training"]
-    tokens, labels, rewards = batch
-    ce, valid, values = policy_ce(model, tokens, labels, ctx["H"], values=True)  # CE only for the head-loss metrics
-    targets, value_mask = W.value_targets(values, rewards, labels != -100, t["gamma"], t["critic_lambda"])
-    loss = W.value_loss(values, targets, value_mask)
-    log_head_losses(meter, "train", ce.detach(), valid)
-    meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())
-    return loss
-
-
-def verifiable_loss(ctx, model, batch, meter):
-    """w_tok = clamp(exp(whiten(GAE(δ))/β), w_min, w_max), whitening stats all-reduced then EMA-smoothed;
-    loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)) + value_coef · value_loss."""
-    t, H = ctx["cfg"]["training"], ctx["H"]
+def critic_targets(model, batch, H, t):
+    """(ce, valid, values, λ-return targets, value mask) for the critic's loss and its validation alike."""
     tokens, labels, rewards = batch
     ce, valid, values = policy_ce(model, tokens, labels, H, values=True)
-    mask = labels != -100
-    with torch.no_grad():
-        td = W.td_errors(values, rewards, mask, t["gamma"])
-        adv = W.gae(td, mask, t["gamma"], t["td_lambda"])
-        n, s, s2 = all_reduce(torch.stack([mask.sum().float(), (adv * mask).sum(), (adv.pow(2) * mask).sum()]))
-        mean = s / n.clamp(min=1)
-        var = (s2 / n.clamp(min=1) - mean.pow(2)).clamp(min=0)
-        ctx["ema"] = W.ema_update(ctx["ema"], mean, var, t["td_ema_momentum"])
-        if ctx["step"] >= t["td_ema_warmup_steps"]:
-            mean, var = ctx["ema"]["mean"], ctx["ema"]["var"]
-        w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t["beta"], t["weight_clip_min"], t["weight_clip_max"])
-    policy_valid = valid if t["policy_on_incorrect"] else valid & (rewards > 0)[:, None, None]
-    policy = W.mtp_loss(ce, policy_valid, W.heads_from_tokens(w_tok, H))
-    targets, value_mask = W.value_targets(values, rewards, mask, t["gamma"], t["td_lambda"])
-    v_loss = W.value_loss(values, targets, value_mask)
-    n_tok = mask.sum()
-    log_head_losses(meter, "train", ce.detach(), valid)
-    meter.add("train/value_loss", v_loss.detach() * value_mask.sum(), value_mask.sum())
-    meter.add("train/td_error_mean", (td * mask).sum(), n_tok)
-    meter.add("train/weight_mean", (w_tok * mask).sum(), n_tok)
-    meter.add("train/weight_entropy", W.weight_entropy(w_tok, mask), 1)
-    meter.extreme("train/weight_min", w_tok.masked_fill(~mask, float("inf")).min(), torch.minimum)
-    meter.extreme("train/weight_max", w_tok.masked_fill(~mask, float("-inf")).max(), torch.maximum)
-    return policy + t["value_coef"] * v_loss
+    targets, value_mask = W.value_targets(values, rewards, labels != -100, t.gamma, t.critic_lambda)
+    return ce, valid, values, targets, value_mask
 
 
-def rho1_loss(ctx, model, batch, meter):
-    """Keep, per head, the top k_percent tokens by excess loss ce_policy - ce_reference; average CE over them."""
-    H = ctx["H"]
-    tokens, labels, _ = batch
-    ce, valid, _ = policy_ce(model, tokens, labels, H)
-    with torch.inference_mode():
-        ce_ref, _ = ctx["reference"](tokens, W.shift_targets(labels, 1), n_heads=1)
-    ce_ref = ce_ref[..., 0].clone()  # a normal tensor again: inference tensors may not enter autograd
-    excess = W.excess_loss(ce.detach(), W.reference_ce_to_heads(ce_ref, H))
-    w = W.topk_weights(excess, valid, ctx["cfg"]["training"]["k_percent"])
-    log_head_losses(meter, "train", ce.detach(), valid)
-    meter.add("train/excess_loss_mean", (excess * valid).sum(), valid.sum())
-    meter.add("train/weight_sparsity", W.weight_sparsity(w, valid) * valid.sum(), valid.sum())
-    return W.mtp_loss(ce, valid & (w > 0))
+class Critic(Baseline):
+    """The value head alone learns (trunk and LM heads frozen): loss = value_loss(V, λ-returns of R = is_correct).
+    Validation: val/loss (the value MSE), val/explained_variance and val/auc (do values rank right above wrong)."""
+    name, run_name = "critic", "critic-pretrain"
+    value_head, decodes = True, False
+
+    def attach(self, model, fetch, build_model, device):
+        model.requires_grad_(False)
+        model.value_head.requires_grad_(True)
+
+    def loss(self, model, batch, meter, step):
+        ce, valid, values, targets, value_mask = critic_targets(model, batch, self.H, self.t)  # CE for the metrics
+        loss = W.value_loss(values, targets, value_mask)
+        log_head_losses(meter, "train", ce.detach(), valid)
+        meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())
+        return loss
+
+    def val_begin(self):
+        self.last_values, self.last_rewards = [], []
+
+    def val_step(self, model, batch, meter):
+        ce, valid, values, targets, vmask = critic_targets(model, batch, self.H, self.t)
+        log_head_losses(meter, "val", ce, valid)
+        err = (targets - values) * vmask
+        meter.add("val/loss", err.pow(2).sum(), vmask.sum())
+        for name, x in (("ev/t", targets * vmask), ("ev/t2", targets.pow(2) * vmask), ("ev/e", err),
+                        ("ev/e2", err.pow(2))):
+            meter.add(name, x.sum(), vmask.sum())
+        # the value of the last state with a target: the whole answer seen, before its EOS
+        last = (vmask * torch.arange(vmask.shape[1], device=vmask.device)).argmax(1)
+        self.last_values += values.gather(1, last[:, None]).squeeze(1).tolist()
+        self.last_rewards += batch[2].tolist()
+
+    def val_end(self, out, world):
+        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUC over all ranks' answers."""
+        var_t = out.pop("ev/t2") - out.pop("ev/t") ** 2
+        var_e = out.pop("ev/e2") - out.pop("ev/e") ** 2
+        out["val/explained_variance"] = 1.0 - var_e / var_t if var_t > 1e-12 else 0.0
+        gathered = [(self.last_values, self.last_rewards)]
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (self.last_values, self.last_rewards))
+        out["val/auc"] = auc([v for g in gathered for v in g[0]], [r for g in gathered for r in g[1]])
+        return out
 
 
-LOSSES = {"baseline": baseline_loss, "critic": critic_loss, "verifiable": verifiable_loss, "rho1": rho1_loss}
+class Verifiable(Baseline):
+    """w_tok = clamp(exp(whiten(GAE(δ))/β), w_min, w_max), whitening stats all-reduced then EMA-smoothed;
+    loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)) + value_coef · value_loss. Starts from the critic."""
+    name, run_name = "verifiable", "verifiable-wmtp"
+    value_head = True
+
+    def __init__(self, cfg, H):
+        super().__init__(cfg, H)
+        self.ema = self.ema_before = None  # running mean/var of the advantages
+
+    def start_from(self):
+        return self.cfg.critic.checkpoint, "critic", "checkpoints/checkpoint_best.pt"
+
+    def loss(self, model, batch, meter, step):
+        t, H = self.t, self.H
+        tokens, labels, rewards = batch
+        ce, valid, values = policy_ce(model, tokens, labels, H, values=True)
+        mask = labels != -100
+        with torch.no_grad():
+            td = W.td_errors(values, rewards, mask, t.gamma)
+            adv = W.gae(td, mask, t.gamma, t.td_lambda)
+            n, s, s2 = all_reduce(torch.stack([mask.sum().float(), (adv * mask).sum(), (adv.pow(2) * mask).sum()]))
+            mean = s / n.clamp(min=1)
+            var = (s2 / n.clamp(min=1) - mean.pow(2)).clamp(min=0)
+            self.ema = W.ema_update(self.ema, mean, var, t.td_ema_momentum)
+            if step >= t.td_ema_warmup_steps:
+                mean, var = self.ema["mean"], self.ema["var"]
+            w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t.beta, t.weight_clip_min,
+                                  t.weight_clip_max)
+        policy_valid = valid if t.policy_on_incorrect else valid & (rewards > 0)[:, None, None]
+        policy = W.mtp_loss(ce, policy_valid, W.heads_from_tokens(w_tok, H))
+        targets, value_mask = W.value_targets(values, rewards, mask, t.gamma, t.td_lambda)
+        v_loss = W.value_loss(values, targets, value_mask)
+        n_tok = mask.sum()
+        log_head_losses(meter, "train", ce.detach(), valid)
+        meter.add("train/value_loss", v_loss.detach() * value_mask.sum(), value_mask.sum())
+        meter.add("train/td_error_mean", (td * mask).sum(), n_tok)
+        meter.add("train/weight_mean", (w_tok * mask).sum(), n_tok)
+        meter.add("train/weight_entropy", W.weight_entropy(w_tok, mask), 1)
+        meter.extreme("train/weight_min", w_tok.masked_fill(~mask, float("inf")).min(), torch.minimum)
+        meter.extreme("train/weight_max", w_tok.masked_fill(~mask, float("-inf")).max(), torch.maximum)
+        return policy + t.value_coef * v_loss
+
+    def begin_step(self):
+        self.ema_before = self.ema
+
+    def end_step(self, skip):
+        """A skipped step leaves the TD statistics as they were, on the device (one sync: the very first step)."""
+        before = self.ema_before
+        if self.ema is before:
+            return
+        self.ema = ({k: torch.where(skip, before[k], v) for k, v in self.ema.items()} if before
+                    else None if skip.item() else self.ema)
+
+    def state_dict(self):
+        return self.ema
+
+    def load_state_dict(self, state):
+        self.ema = state
+
+
+class Rho1(Baseline):
+    """Keep, per head, the top k_percent tokens by excess loss ce_policy − ce_reference; average CE over them. The
+    reference is a frozen next-token model: reference.path, the newest baseline, or a copy of the starting policy."""
+    name, run_name = "rho1", "rho1-wmtp"
+
+    def attach(self, model, fetch, build_model, device):
+        self.reference = build_model()  # the policy's architecture, LoRA included
+        ref = self.cfg.reference.path
+        if ref and (Path(ref) / "params.json").exists():
+            load_meta_weights(self.reference, ref)
+        elif ref:
+            load_checkpoint_into(self.reference, fetch(ref, "baseline", "checkpoints/checkpoint_final.pt"))
+        else:  # also when resuming: the frozen copy is the *starting* policy
+            self.reference.load_state_dict(model.state_dict())
+        self.reference.requires_grad_(False).eval().to(device)
+
+    def loss(self, model, batch, meter, step):
+        H = self.H
+        tokens, labels, _ = batch
+        ce, valid, _ = policy_ce(model, tokens, labels, H)
+        with torch.inference_mode():
+            ce_ref, _ = self.reference(tokens, W.shift_targets(labels, 1), n_heads=1)
+        ce_ref = ce_ref[..., 0].clone()  # a normal tensor again: inference tensors may not enter autograd
+        excess = W.excess_loss(ce.detach(), W.reference_ce_to_heads(ce_ref, H))
+        w = W.topk_weights(excess, valid, self.t.k_percent)
+        log_head_losses(meter, "train", ce.detach(), valid)
+        meter.add("train/excess_loss_mean", (excess * valid).sum(), valid.sum())
+        meter.add("train/weight_sparsity", W.weight_sparsity(w, valid) * valid.sum(), valid.sum())
+        return W.mtp_loss(ce, valid & (w > 0))
+
+
+PIPELINE_TYPES = {p.name: p for p in (Baseline, Critic, Verifiable, Rho1)}  # a fifth pipeline: one class, one entry
+PIPELINES = tuple(PIPELINE_TYPES)
+RUN_NAMES = {name: p.run_name for name, p in PIPELINE_TYPES.items()}
 
 
 # -----------------------------------------------------------------------------
-# evaluation: val/loss (+ heads), accuracy by greedy decoding, and the critic's explained variance and AUC
+# validation: val/loss (+ heads), accuracy by greedy decoding, and the critic's explained variance and AUC
 
 
 def batches_of(examples, size):
     return [examples[i:i + size] for i in range(0, len(examples), size)]
 
 
-@torch.no_grad()
-def evaluate(ctx, model, examples, checker):
-    cfg, pipeline, device, rank, world = ctx["cfg"], ctx["pipeline"], ctx["device"], ctx["rank"], ctx["world"]
-    model.eval()
-    meter, mine = Meter(device), examples[rank::world]
-    last_values, last_rewards = [], []
-    for chunk in batches_of(mine, cfg["training"]["batch_size"]):
-        tokens, labels, rewards = collate(chunk, ctx["tok"].pad_id, device)
-        with ctx["autocast"]():
-            ce, valid, values = policy_ce(model, tokens, labels, ctx["H"], values=pipeline == "critic")
-            log_head_losses(meter, "val", ce, valid)
-            if pipeline == "critic":
-                mask = labels != -100
-                t = cfg["training"]
-                targets, vmask = W.value_targets(values, rewards, mask, t["gamma"], t["critic_lambda"])
-                err = (targets - values) * vmask
-                meter.add("val/loss", err.pow(2).sum(), vmask.sum())
-                meter.add("ev/t", (targets * vmask).sum(), vmask.sum())
-                meter.add("ev/t2", (targets.pow(2) * vmask).sum(), vmask.sum())
-                meter.add("ev/e", err.sum(), vmask.sum())
-                meter.add("ev/e2", err.pow(2).sum(), vmask.sum())
-                # the value of the last state with a target: the whole answer seen, before its EOS
-                last = (vmask * torch.arange(vmask.shape[1], device=device)).argmax(1)
-                last_values += values.gather(1, last[:, None]).squeeze(1).tolist()
-                last_rewards += rewards.tolist()
-    out = meter.reduce()
-    if pipeline == "critic":
-        var_t = out.pop("ev/t2") - out.pop("ev/t") ** 2
-        var_e = out.pop("ev/e2") - out.pop("ev/e") ** 2
-        out["val/explained_variance"] = 1.0 - var_e / var_t if var_t > 1e-12 else 0.0
-        gathered = [None] * world
-        if world > 1:
-            dist.all_gather_object(gathered, (last_values, last_rewards))
-        else:
-            gathered = [(last_values, last_rewards)]
-        out["val/auc"] = auc([v for g in gathered for v in g[0]], [r for g in gathered for r in g[1]])
-    else:
-        heads = [v for k, v in out.items() if k.startswith("val/head_")]
-        out["val/loss"] = sum(heads) / len(heads)
-        if checker is not None:
-            out["val/accuracy"] = accuracy(ctx, model, mine, checker)
-    model.train()
-    return out
+class Validation:
+    """Validation on this rank's share of the examples, every eval_interval steps and at the end; the pipeline
+    decides what it measures."""
+
+    def __init__(self, setup, autocast):
+        self.pipeline, self.examples, self.checker, self.tok = setup.pipeline, setup.val_examples, setup.checker, setup.tok
+        self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
+        self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast
+
+    def due(self, done, total):
+        return bool(self.interval and done % self.interval == 0) or done == total
+
+    @torch.no_grad()
+    def run(self, model):
+        model.eval()
+        meter, mine = Meter(self.device), self.examples[self.rank::self.world]
+        self.pipeline.val_begin()
+        for chunk in batches_of(mine, self.batch_size):
+            with self.autocast():
+                self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
+        out = self.pipeline.val_end(meter.reduce(), self.world)
+        if self.pipeline.decodes and self.checker is not None:
+            out["val/accuracy"] = accuracy(model, mine, self.checker, self.tok, self.device, self.autocast)
+        model.train()
+        return out
 
 
 def auc(scores, labels):
@@ -1100,15 +1440,14 @@ def greedy_decode(model, prompts, eos_id, pad_id, max_new, device):
     return [tokens[i, len(p):ends[i]].tolist() for i, p in enumerate(prompts)]
 
 
-def accuracy(ctx, model, examples, checker):
+def accuracy(model, examples, checker, tok, device, autocast):
     """Share of distinct validation prompts whose greedy answer the dataset's checker accepts, over all ranks."""
-    tok, device = ctx["tok"], ctx["device"]
     records = list({e[3]["task_id"] if "task_id" in e[3] else id(e[3]): e[3] for e in examples}.values())
     max_new = max(len(tok.encode(r["output"])) for r in records) + 2
     right = 0
     for chunk in batches_of(records, 64):
         prompts = [[tok.bos_id] + tok.encode(render_prompt(r)) for r in chunk]
-        with ctx["autocast"]():
+        with autocast():
             outs = greedy_decode(model, prompts, tok.eos_id, tok.pad_id, max_new, device)
         for r, out in zip(chunk, outs):
             answer = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
@@ -1123,11 +1462,11 @@ def accuracy(ctx, model, examples, checker):
 
 def learning_rate(step, total, t):
     """Linear warmup over warmup_steps, then cosine from learning_rate down to learning_rate·min_lr_ratio."""
-    base, warmup = t["learning_rate"], t["warmup_steps"]
+    base, warmup = t.learning_rate, t.warmup_steps
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base * (t["min_lr_ratio"] + (1 - t["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return base * (t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def rng_state():
@@ -1166,7 +1505,7 @@ def find_resume(cfg, run_name, root, cache_dir):
     lost its disk: spot reclaim, a new VESSL container) the newest one in the MLflow artifacts of the newest
     unfinished run of that name; else the given path/URI; `never`: nothing. -> (local file, its URI in the run's
     artifacts or None), (None, None) for nothing to resume."""
-    choice = cfg["checkpoint"]["resume"]
+    choice = cfg.checkpoint.resume
     if choice == "never":
         return None, None
     if choice != "auto":
@@ -1175,9 +1514,9 @@ def find_resume(cfg, run_name, root, cache_dir):
                   for p in d.glob("checkpoint_*.pt")]
     if candidates:
         newest = max(candidates, key=lambda p: p.stat().st_mtime)  # in <run name>/<run id>/
-        uploaded = cfg["mlflow"]["enable_logging"] and not newest.parent.name.startswith("local-")
+        uploaded = cfg.mlflow.enable_logging and not newest.parent.name.startswith("local-")
         return str(newest), f"runs:/{newest.parent.name}/checkpoints/{newest.name}" if uploaded else None
-    remote = newest_remote_checkpoint(cfg, run_name) if cfg["mlflow"]["enable_logging"] else None
+    remote = newest_remote_checkpoint(cfg, run_name) if cfg.mlflow.enable_logging else None
     return resolve_uri(cfg, remote, None, None, cache_dir) if remote else (None, None)
 
 
@@ -1186,53 +1525,149 @@ def newest_remote_checkpoint(cfg, run_name):
     of the newest unfinished run with this run name and experiment.name; None when there is none to resume from."""
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg["mlflow"]["experiment"])
-    same_config = (f"tags.mlflow.runName = '{run_name}' and params.`experiment.name` = '{cfg['experiment']['name']}' "
+    same_config = (f"tags.mlflow.runName = '{run_name}' and params.`experiment.name` = '{cfg.experiment.name}' "
                    "and attributes.status != 'FINISHED'")
-    runs = client.search_runs([exp.experiment_id], same_config, order_by=["attributes.start_time DESC"],
-                              max_results=1) if exp else []
-    if not runs:
+    run = newest_run(client, cfg.mlflow.experiment, same_config)
+    if run is None:
         return None
-    run_id = runs[0].info.run_id
-    names = [Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")]
+    names = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")]
     if "checkpoint_final.pt" in names:  # trained to the end, only its ending was lost: as finished locally
         return None
     steps = [n for n in names if s3ckpt.checkpoint_step(n) is not None]
     newest = max(steps, key=s3ckpt.checkpoint_step) if steps else "checkpoint_best.pt"
-    return f"runs:/{run_id}/checkpoints/{newest}" if newest in names else None
+    return f"runs:/{run.info.run_id}/checkpoints/{newest}" if newest in names else None
 
 
-def train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_requested=0):
+@dataclasses.dataclass
+class Setup:
+    """Everything training needs, ready before any run exists: what `prepare` returns."""
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    pipeline: Baseline
+    tok: object
+    model: nn.Module
+    params: list
+    optimizer: torch.optim.Optimizer
+    train_examples: list
+    val_examples: list
+    checker: object
+    total_steps: int
+    run_name: str
+    n_truncated: int = 0
+    started_from: str = ""
+    resume_path: str = None
+    resume: dict = None  # the resumed checkpoint: step, position, best_val_loss, run_id, unsent_metrics
+
+
+def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
+    """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
+    before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
+    t, s, ds = cfg.training, cfg.data_sampling, cfg.dataset
+    master = rank == 0
+    tok, model = build_model(cfg, use_micro, value_head=PIPELINE_TYPES[cfg.experiment.pipeline].value_head)
+    pipeline = PIPELINE_TYPES[cfg.experiment.pipeline](cfg, model.args.n_future_tokens)
+    train_records, checker = load_records(ds.train, "train")
+    val_records, _ = load_records(ds.validation, "validation")
+    correct = 0.5 if pipeline.name == "critic" else 1.0  # the critic must see wrong answers to rank them
+    train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
+                                                 tok, ds.max_length, ds.on_overlong, ds.train)
+    val_examples, _ = encode_records(sample_records(val_records, s.val_samples, correct, s.seed + 1),
+                                     tok, ds.max_length, ds.on_overlong, ds.validation)
+    if master and cfg.mlflow.enable_logging:
+        preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
+    run_name = cfg.mlflow.run_name or pipeline.run_name
+    cache = Path(cfg.checkpoint.dir) / ".cache"
+
+    def fetch(spec, pipeline_for_auto, artifact):
+        return on_this_node(cfg, resolve_uri(cfg, spec, pipeline_for_auto, artifact, cache) if master else None, cache)
+
+    resume_path = on_this_node(cfg, find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache) if master else None,
+                               cache)
+    spec, source, artifact = pipeline.start_from()
+    started_from = ""
+    if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
+        path = fetch(spec, source, artifact)
+        load_checkpoint_into(model, path)
+        started_from = f", initialised from {spec} ({path})"
+    pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1], device)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
+    batches_per_epoch = len(epoch_order(len(train_examples), 0, s.seed, rank, world)) // t.batch_size
+    if batches_per_epoch < t.gradient_accumulation_steps:
+        raise UserError(f"{ds.train}: {len(train_examples)} examples make fewer than one step of "
+                        f"{t.gradient_accumulation_steps} x {t.batch_size} x {world} processes")
+    total_steps = t.max_steps or t.n_epochs * batches_per_epoch // t.gradient_accumulation_steps
+    setup = Setup(cfg, rank, world, device, pipeline, tok, model, params, optimizer, train_examples, val_examples,
+                  checker, total_steps, run_name, n_truncated, started_from, resume_path)
+    if resume_path:
+        setup.resume = load_checkpoint_into(model, resume_path)
+        optimizer.load_state_dict(setup.resume["optimizer"])
+        set_rng_state(setup.resume["rng"])
+        pipeline.load_state_dict(setup.resume["ema"])
+    return setup
+
+
+def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, stop_requested=0):
     """One optimizer step over the micro-batches (DDP syncs gradients on the last one), clipped to max_grad_norm.
 
     Returns the device tensor [non-finite, stop], summed over ranks by the step's one collective, so ranks never
     disagree: a non-finite loss or gradient on any rank skips the update everywhere, a signal on any rank stops
     every rank. Nothing here waits for the device: the fused AdamW reads the flag itself (found_inf) and leaves
-    weights, moments and step count untouched where it is set; the TD-statistics EMA is kept the same way."""
-    world, accum, ema_before = ctx["world"], len(batches), ctx["ema"]
-    step_loss, step_meter = torch.zeros((), device=ctx["device"]), Meter(ctx["device"])
+    weights, moments and step count untouched where it is set; the pipeline's own state is kept the same way."""
+    device, accum = params[0].device, len(batches)
+    step_loss, step_meter = torch.zeros((), device=device), Meter(device)
+    pipeline.begin_step()
     for micro, batch in enumerate(batches):
-        sync = ddp_model.no_sync() if world > 1 and micro < accum - 1 else contextlib.nullcontext()
-        with sync:
-            with ctx["autocast"]():
-                loss = LOSSES[ctx["pipeline"]](ctx, ddp_model, batch, step_meter)
+        last = micro == accum - 1
+        with contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync():
+            with autocast_for(device):
+                loss = pipeline.loss(ddp_model, batch, step_meter, step)
             (loss / accum).backward()
         n_tok = (batch[1] != -100).sum()
         step_meter.add("train/loss", loss.detach() * n_tok, n_tok)
         step_loss += loss.detach() / accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, ctx["cfg"]["training"]["max_grad_norm"])  # the pre-clip norm
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, pipeline.t.max_grad_norm)  # the pre-clip norm
     step_meter.add("train/grad_norm", grad_norm, 1)
     flags = all_reduce(torch.stack([(~torch.isfinite(step_loss + grad_norm)).float(),
-                                    torch.tensor(float(stop_requested), device=ctx["device"])]))
+                                    torch.tensor(float(stop_requested), device=device)]))
     skip = flags[0] > 0
     optimizer.found_inf = skip.float()  # the fused AdamW's own skip switch
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    if ctx["ema"] is not ema_before:  # nor does a skipped step move the TD statistics (one sync, on the first step)
-        ctx["ema"] = ({k: torch.where(skip, ema_before[k], v) for k, v in ctx["ema"].items()} if ema_before
-                      else None if skip.item() else ctx["ema"])
+    pipeline.end_step(skip)
     meter.merge(step_meter, keep=1.0 - skip.float())  # a skipped step's values stay out of the logged means
     return flags
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; fp32 (no autocast) on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+class Batches:
+    """This rank's micro-batches: every epoch one seeded order of the examples (see epoch_order), cut into
+    batch_size pieces. `position` counts the micro-batches consumed — what a resume restores exactly."""
+
+    def __init__(self, setup, position=0):
+        self.examples, self.pad_id, self.device = setup.train_examples, setup.tok.pad_id, setup.device
+        self.size, self.seed = setup.cfg.training.batch_size, setup.cfg.data_sampling.seed
+        self.rank, self.world, self.position = setup.rank, setup.world, position
+        self.per_epoch = len(epoch_order(len(self.examples), 0, self.seed, self.rank, self.world)) // self.size
+        self.tokens_seen = torch.zeros((), device=self.device)
+
+    def take(self, n):
+        batches = []
+        for _ in range(n):
+            epoch, index = divmod(self.position, self.per_epoch)
+            order = epoch_order(len(self.examples), epoch, self.seed, self.rank, self.world)
+            chosen = [self.examples[i] for i in order[index * self.size:(index + 1) * self.size]]
+            batches.append(collate(chosen, self.pad_id, self.device))
+            self.position += 1
+            self.tokens_seen += (batches[-1][0] != self.pad_id).sum()
+        return batches
 
 
 class OneStepLate:
@@ -1261,6 +1696,117 @@ class OneStepLate:
         return value
 
 
+class StepFlags:
+    """The host's look at each step's [non-finite, stop] flags, one step late (OneStepLate): counts the skipped
+    steps in a row, logs them at the step they happened, fails the run at max_skipped_steps, and says stop."""
+
+    def __init__(self, device, max_skipped, tracking):
+        self.late, self.max_skipped, self.tracking, self.skipped = OneStepLate(device), max_skipped, tracking, 0
+
+    def after(self, done, flags, last):
+        """Called after step `done` was queued; True when training must stop (a signal reached some rank)."""
+        stop = self._check(done - 1, self.late.swap(flags))  # the previous step's: this one keeps the device busy
+        if last:
+            stop = self._check(done, self.late.read()) or stop
+        return stop
+
+    def _check(self, step, flags):
+        if flags is None:
+            return False
+        non_finite, stop = flags
+        self.skipped = self.skipped + 1 if non_finite else 0
+        if non_finite:
+            log.warning(f"step {step}: non-finite loss or gradient, step skipped ({self.skipped} in a row)")
+            self.tracking.log({"train/skipped_steps": self.skipped}, step)
+        if self.skipped >= self.max_skipped:
+            raise RuntimeError(f"{self.skipped} non-finite steps in a row (training.max_skipped_steps): "
+                               f"lower training.learning_rate or check the data")
+        return stop > 0
+
+
+class TrainLog:
+    """Every log_interval steps (and at a stop or the end): the step's means over ranks, the learning rate and
+    tokens/s — printed, written to training.log and sent to the run."""
+
+    def __init__(self, setup, batches, tracking, start_step):
+        self.interval, self.total, self.master = setup.cfg.training.log_interval, setup.total_steps, setup.rank == 0
+        self.batches, self.tracking, self.start_step = batches, tracking, start_step
+        self.meter, self.t_start, self.t_log = Meter(setup.device), time.time(), time.time()
+
+    def step(self, done, lr, stop):
+        if done % self.interval and done != self.total and not stop:
+            return
+        stats = self.meter.reduce()
+        stats["train/learning_rate"] = lr
+        elapsed, self.t_log = time.time() - self.t_log, time.time()
+        stats["train/tokens_per_sec"] = all_reduce(self.batches.tokens_seen.clone()).item() / max(elapsed, 1e-9)
+        self.batches.tokens_seen.zero_()
+        if self.master:
+            eta = (time.time() - self.t_start) / (done - self.start_step) * (self.total - done)
+            print(f"step {done}/{self.total} | loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
+                  f"{stats['train/tokens_per_sec']:,.0f} tok/s | ETA {eta:.0f}s", flush=True)
+            log.info(" ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
+        self.tracking.log(stats, done)
+
+    def validation(self, done, val):
+        if self.master:
+            log.info(f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items())))
+        self.tracking.log(val, done)
+
+
+class Checkpointer:
+    """Rank 0's checkpoints, written behind the loop (s3ckpt.CheckpointWriter) and uploaded into the run: the best
+    by val/loss, one every save_every steps, one at a preemption, the final one. It decides when; a checkpoint
+    holds what an exact resume needs (model, optimizer, step, data position, RNG, the pipeline's state, ...)."""
+
+    def __init__(self, setup, batches, tracking, run_id, run_dir):
+        self.setup, self.batches, self.tracking, self.run_id, self.run_dir = setup, batches, tracking, run_id, run_dir
+        self.save_every, self.total = setup.cfg.checkpoint.save_every, setup.total_steps
+        self.best_val = setup.resume["best_val_loss"] if setup.resume else float("inf")
+        self.writer = None
+        if setup.rank == 0:
+            self.writer = s3ckpt.CheckpointWriter(setup.cfg.checkpoint.save_total_limit, tracking.uploader)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.writer:
+            self.writer.close()
+
+    def after_validation(self, done, val):
+        if val["val/loss"] < self.best_val:
+            self.best_val = val["val/loss"]
+            self.save("checkpoint_best.pt", done)
+
+    def after_step(self, done):
+        if self.save_every and done % self.save_every == 0 and done < self.total:
+            self.save(f"checkpoint_step_{done}.pt", done)
+
+    def preempt(self, done, signum):
+        """A resumable checkpoint on disk before anyone is told to resume from it; then the run ends KILLED."""
+        self.save(f"checkpoint_step_{done}.pt", done, wait=True)
+        raise Preempted(signum or signal.SIGTERM, self.run_dir / f"checkpoint_step_{done}.pt")
+
+    def final(self):
+        self.save("checkpoint_final.pt", self.total, finished=True, wait=True)
+
+    def save(self, name, step, finished=False, wait=False):
+        if not self.writer:
+            return
+        s = self.setup
+        weights, partial = model_state(s.model)
+        self.writer.save({
+            "unsent_metrics": self.tracking.unsent(), "model": weights, "model_partial": partial,
+            "optimizer": s.optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
+            "position": self.batches.position, "rng": rng_state(), "ema": s.pipeline.state_dict(),
+            "config": s.cfg.to_dict(), "run_id": self.run_id, "best_val_loss": self.best_val,
+            "pipeline": s.pipeline.name, "finished": finished, "model_args": dataclasses.asdict(s.model.args)},
+            self.run_dir / name)
+        if wait:
+            self.writer.wait()
+
+
 class Preempted(Exception):
     """A SIGTERM/SIGINT stopped training at a step boundary after a resumable checkpoint was written."""
 
@@ -1270,13 +1816,15 @@ class Preempted(Exception):
 
 
 class StopSignal:
-    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary."""
+    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary;
+    held through the end of the run, so torchrun's SIGTERM after a crash cannot cut the cleanup short."""
 
-    def __init__(self):
+    def __enter__(self):
         self.received = 0
         self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return self
 
-    def restore(self):
+    def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
 
@@ -1289,245 +1837,65 @@ class StopSignal:
         log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
 
 
+def injected_fault(rank, done):
+    """For the restart tests: WMTP_TEST_FAULT=<rank>:<step> makes that rank fail once, in the first attempt."""
+    if (os.environ.get("WMTP_TEST_FAULT") == f"{rank}:{done}"
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+        raise RuntimeError(f"WMTP_TEST_FAULT: rank {rank} fails once at step {done}")
+
+
+def wrap(model, cfg, world):
+    """DDP across processes (gradients all-reduced in backward), then torch.compile when asked."""
+    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    return torch.compile(wrapped) if cfg.model.compile else wrapped
+
+
 def train(cfg, use_micro=False):
-    t, pipeline = cfg["training"], cfg["experiment"]["pipeline"]
-    rank, world, device = setup_distributed(t["collective_timeout_s"])
-    master = rank == 0
-    log.setLevel(logging.INFO if master else logging.WARNING)
-    run_name = cfg["mlflow"]["run_name"] or RUN_NAMES[pipeline]
-    ckpt_root = Path(cfg["checkpoint"]["dir"])
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else contextlib.nullcontext
-
-    # --- everything that can reject bad input comes before the MLflow run exists
-    tok, model = build_model(cfg, use_micro, value_head=pipeline in ("critic", "verifiable"))
-    H = model.args.n_future_tokens
-    ds = cfg["dataset"]
-    train_records, checker = load_records(ds["train"], "train")
-    val_records, _ = load_records(ds["validation"], "validation")
-    s = cfg["data_sampling"]
-    mixed = pipeline == "critic"  # the critic must see wrong answers to rank them; the others validate on right ones
-    train_examples, n_truncated = encode_records(sample_records(train_records, s["n_samples"], s["correct_ratio"], s["seed"]),
-                                                 tok, ds["max_length"], ds["on_overlong"], ds["train"])
-    val_examples, _ = encode_records(sample_records(val_records, s["val_samples"], 0.5 if mixed else 1.0, s["seed"] + 1),
-                                     tok, ds["max_length"], ds["on_overlong"], ds["validation"])
-
-    init = cfg["critic"]["checkpoint"] if pipeline == "verifiable" else cfg["model"]["init_from"]
-    started_from = ""
-    if master and cfg["mlflow"]["enable_logging"]:
-        preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
-    cache = ckpt_root / ".cache"
-    resume_path = on_this_node(cfg, find_resume(cfg, run_name, ckpt_root, cache) if master else None, cache)
-    if init:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        source = "critic" if pipeline == "verifiable" else "baseline"
-        artifact = "checkpoints/checkpoint_best.pt" if source == "critic" else "checkpoints/checkpoint_final.pt"
-        path = on_this_node(cfg, resolve_uri(cfg, init, source, artifact, cache) if master else None, cache)
-        load_checkpoint_into(model, path)
-        started_from = f", initialised from {init} ({path})"
-    reference = None
-    if pipeline == "rho1":
-        reference = build_model(cfg, use_micro, value_head=False)[1]  # the policy's architecture, LoRA included
-        ref = cfg["reference"]["path"]
-        if ref and (Path(ref) / "params.json").exists():
-            load_meta_weights(reference, ref)
-        elif ref:
-            artifact = "checkpoints/checkpoint_final.pt"
-            path = on_this_node(cfg, resolve_uri(cfg, ref, "baseline", artifact, cache) if master else None, cache)
-            load_checkpoint_into(reference, path)
-        else:
-            reference.load_state_dict(model.state_dict())
-        reference.requires_grad_(False).eval().to(device)
-    if pipeline == "critic":  # trunk and LM heads frozen: only the value head learns
-        model.requires_grad_(False)
-        model.value_head.requires_grad_(True)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=t["learning_rate"], weight_decay=t["weight_decay"], fused=True)
-    batches_per_epoch = len(epoch_order(len(train_examples), 0, s["seed"], rank, world)) // t["batch_size"]
-    accum = t["gradient_accumulation_steps"]
-    if batches_per_epoch < accum:
-        raise UserError(f"{ds['train']}: {len(train_examples)} examples make fewer than one step of "
-                        f"{accum} x {t['batch_size']} x {world} processes")
-    total_steps = t["max_steps"] or t["n_epochs"] * batches_per_epoch // accum
-
-    ctx = {"cfg": cfg, "pipeline": pipeline, "H": H, "tok": tok, "device": device, "rank": rank, "world": world,
-           "autocast": autocast, "reference": reference, "ema": None, "step": 0}
-    start_step, position, best_val, run_id, unsent_metrics = 0, 0, float("inf"), None, []
-    if resume_path:
-        state = load_checkpoint_into(model, resume_path)
-        optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start_step, position, best_val = state["step"], state["position"], state["best_val_loss"]
-        ctx["ema"], run_id, unsent_metrics = state["ema"], state["run_id"], state.get("unsent_metrics", [])
-
-    # --- the run: from here on it ends FINISHED or FAILED, with training.log uploaded either way
-    client = metrics = uploader = writer = file_log = system = None
-    logged_through = 0
-    if master and cfg["mlflow"]["enable_logging"]:
-        client, run_id, logged_through = start_tracking(cfg, run_name, run_id)
-    run_id = broadcast(run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
-    run_dir = ckpt_root / run_name / run_id
-
-    def save(name, step, finished=False, wait=False):
-        """Rank 0 writes behind the loop; wait=True returns once the file is on disk and queued for upload."""
-        if not master:
-            return
-        weights, partial = model_state(model)
-        writer.save({"unsent_metrics": metrics.unsent() if metrics else [],
-            "model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": step},
-            "step": step, "position": position, "rng": rng_state(), "ema": ctx["ema"], "config": cfg,
-            "run_id": run_id, "best_val_loss": best_val, "pipeline": pipeline, "finished": finished,
-            "model_args": dataclasses.asdict(model.args)}, run_dir / name)
-        if wait:
-            writer.wait()
-
-    status, resume_from, stop_signal = "FAILED", None, None
+    rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
-        if master:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            file_log = logging.FileHandler(run_dir / "training.log")
-            file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            log.addHandler(file_log)
-            if client:
-                metrics = MetricLogger(client, run_id, logged_through=logged_through)
-                metrics.replay(unsent_metrics)
-                system = start_system_metrics(cfg, run_id, resumed=bool(resume_path))
-                uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(cfg),
-                                                     retry_budget_s=cfg["checkpoint"]["upload_retry_budget_s"],
-                                                     verify_etag=cfg["checkpoint"]["verify_etag"])
-            writer = s3ckpt.CheckpointWriter(cfg["checkpoint"]["save_total_limit"], uploader)
-            log.info(f"{pipeline}: run {run_id}, {world} process(es) on {device}, {len(train_examples)} train / "
-                     f"{len(val_examples)} val examples ({n_truncated} truncated), {total_steps} steps"
-                     + started_from + (f", resumed at step {start_step} from {resume_path}" if resume_path else ""))
-        ddp_model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
-        if cfg["model"]["compile"]:
-            ddp_model = torch.compile(ddp_model)
-        meter, late, tokens_seen, t_log = Meter(device), OneStepLate(device), torch.zeros((), device=device), time.time()
-        skipped = 0
-
-        def check(flagged_step, flags):
-            """The host's look at a step's [non-finite, stop] flags (None: nothing yet). Counts the skipped steps in
-            a row, logged at the step they happened, and fails the run at max_skipped_steps. Returns stop."""
-            nonlocal skipped
-            if flags is None:
-                return False
-            non_finite, stop = flags
-            skipped = skipped + 1 if non_finite else 0
-            if non_finite:
-                log.warning(f"step {flagged_step}: non-finite loss or gradient, step skipped ({skipped} in a row)")
-                if metrics:
-                    metrics.log({"train/skipped_steps": skipped}, flagged_step)
-            if skipped >= t["max_skipped_steps"]:
-                raise RuntimeError(f"{skipped} non-finite steps in a row (training.max_skipped_steps): "
-                                   f"lower training.learning_rate or check the data")
-            return stop > 0
-
-        stop_signal = StopSignal()
-        t_start, val = time.time(), {}
-        for step in range(start_step, total_steps):
-            ctx["step"] = step
-            lr = learning_rate(step, total_steps, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batches = []
-            for _ in range(accum):
-                epoch, index = divmod(position, batches_per_epoch)
-                order = epoch_order(len(train_examples), epoch, s["seed"], rank, world)
-                batches.append(collate([train_examples[i] for i in order[index * t["batch_size"]:(index + 1) * t["batch_size"]]],
-                                       tok.pad_id, device))
-                position += 1
-                tokens_seen += (batches[-1][0] != tok.pad_id).sum()
-            flags = train_step(ctx, ddp_model, optimizer, params, batches, meter, stop_signal.received)
-            done = step + 1
-            if os.environ.get("WMTP_TEST_FAULT") == f"{rank}:{done}" and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-                raise RuntimeError(f"WMTP_TEST_FAULT: rank {rank} fails once at step {done}")  # for the restart tests
-            stop = check(done - 1, late.swap(flags))  # the last step's flags: this step is queued, the GPU stays busy
-            if done == total_steps:
-                stop = check(done, late.read()) or stop
-            if done % t["log_interval"] == 0 or done == total_steps or stop:
-                elapsed = time.time() - t_log
-                stats = meter.reduce()
-                stats["train/learning_rate"] = lr
-                stats["train/tokens_per_sec"] = all_reduce(tokens_seen.clone()).item() / max(elapsed, 1e-9)
-                tokens_seen.zero_()
-                t_log = time.time()
-                if master:
-                    eta = (time.time() - t_start) / (done - start_step) * (total_steps - done)
-                    print(f"step {done}/{total_steps} | loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
-                          f"{stats['train/tokens_per_sec']:,.0f} tok/s | ETA {eta:.0f}s", flush=True)
-                    log.info(" ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
-                    if metrics:
-                        metrics.log(stats, done)
-            if stop:
-                save(f"checkpoint_step_{done}.pt", done, wait=True)  # on disk before anyone is told to resume from it
-                raise Preempted(stop_signal.received or signal.SIGTERM, run_dir / f"checkpoint_step_{done}.pt")
-            if (t["eval_interval"] and done % t["eval_interval"] == 0) or done == total_steps:
-                val = evaluate(ctx, model, val_examples, checker)
-                if master:
-                    log.info(f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items())))
-                    if metrics:
-                        metrics.log(val, done)
-                if val["val/loss"] < best_val:
-                    best_val = val["val/loss"]
-                    save("checkpoint_best.pt", done)
-            if cfg["checkpoint"]["save_every"] and done % cfg["checkpoint"]["save_every"] == 0 and done < total_steps:
-                save(f"checkpoint_step_{done}.pt", done)
-        save("checkpoint_final.pt", total_steps, finished=True, wait=True)
-        status = "FINISHED"
-        if master:
-            log.info(f"done: {total_steps} steps in {time.time() - t_start:.1f}s, best val/loss {best_val:.4f}")
-        return {"run_id": run_id, "steps": total_steps, "model": model, **val}
-    except Preempted as e:
-        status, resume_from = "KILLED", e.checkpoint
-        log.warning(f"{e}")
-        raise
-    except Exception:
-        log.exception(f"training failed ({pipeline}, run {run_id})")
-        raise
+        s = prepare(cfg, use_micro, rank, world, device)
+        resume = s.resume or {}
+        start, run_root = resume.get("step", 0), Path(cfg.checkpoint.dir) / s.run_name
+        tracking = (Tracking(cfg, s.run_name, run_root, s.total_steps, resume.get("run_id"),
+                             resume.get("unsent_metrics", []), resumed=bool(s.resume))
+                    if rank == 0 else NoTracking(s.pipeline.name))
+        with StopSignal() as signals, tracking:
+            run_id = tracking.run_id = broadcast(tracking.run_id)
+            log.info(f"{s.pipeline.name}: run {run_id}, {world} process(es) on {device}, {len(s.train_examples)} "
+                     f"train / {len(s.val_examples)} val examples ({s.n_truncated} truncated), {s.total_steps} steps"
+                     + s.started_from + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
+            batches = Batches(s, resume.get("position", 0))
+            model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))
+            flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,
+                                                                                                    tracking, start)
+            with Checkpointer(s, batches, tracking, run_id, run_root / run_id) as checkpointer:
+                val = {}
+                for step in range(start, s.total_steps):
+                    lr = learning_rate(step, s.total_steps, cfg.training)
+                    for group in s.optimizer.param_groups:
+                        group["lr"] = lr
+                    step_flags = train_step(s.pipeline, model, s.optimizer, s.params,
+                                            batches.take(cfg.training.gradient_accumulation_steps),
+                                            train_log.meter, step, signals.received)
+                    done = step + 1
+                    injected_fault(rank, done)
+                    stop = flags.after(done, step_flags, last=done == s.total_steps)
+                    train_log.step(done, lr, stop)
+                    if stop:
+                        checkpointer.preempt(done, signals.received)
+                    if validation.due(done, s.total_steps):
+                        val = validation.run(s.model)
+                        train_log.validation(done, val)
+                        checkpointer.after_validation(done, val)
+                    checkpointer.after_step(done)
+                checkpointer.final()
+            log.info(f"done: {s.total_steps} steps in {time.time() - train_log.t_start:.1f}s, "
+                     f"best val/loss {checkpointer.best_val:.4f}")
+        return {"run_id": run_id, "steps": s.total_steps, "model": s.model, **val}
     finally:
-        if master:  # still under StopSignal: torchrun's SIGTERM after a crash must not cut the cleanup short
-            if writer:
-                writer.close()
-            if system:
-                system.finish()
-            finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, total_steps, resume_from)
-        if stop_signal:
-            stop_signal.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def finish_run(cfg, client, run_id, metrics, uploader, file_log, run_dir, status, steps, resume_from=None):
-    """Drain metrics and uploads (bounded: the preemption grace period when preempted), upload training.log through
-    the same retrying uploader, tag what stayed only local, end the run — KILLED ones tagged with the checkpoint to
-    resume from. The run is ended whatever fails on the way."""
-    timeout = cfg["checkpoint"]["preempt_grace_s" if status == "KILLED" else "upload_timeout_s"]
-    if client and resume_from:  # first, in case the grace period ends with a SIGKILL
-        client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
-        client.set_terminated(run_id, status)
-    try:
-        if metrics and not metrics.close(timeout=timeout):
-            log.error("some metrics could not be sent to the tracking server")
-        local_only = []
-        if uploader:
-            log.info(f"waiting up to {timeout}s for checkpoint uploads")
-            local_only = [p for p in uploader.wait(timeout) if Path(p).exists()]  # pruned ones are not wanted anywhere
-            if local_only:
-                log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
-        if file_log:
-            file_log.close()
-            log.removeHandler(file_log)
-        if uploader:
-            if (run_dir / "training.log").exists():
-                uploader.upload_to_s3_async(run_dir / "training.log", artifact_path="logs")
-                local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
-            uploader.close()
-        if client:
-            if local_only:
-                client.set_tag(run_id, "checkpoints_local_only", ", ".join(local_only))
-            client.set_tag(run_id, "wmtp.steps", str(steps))
-    finally:
-        if client:
-            client.set_terminated(run_id, status)
 
 
 # -----------------------------------------------------------------------------
@@ -1585,7 +1953,7 @@ def main(argv=None):
         overrides = args.override + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         if args.dry_run:
-            print(yaml.safe_dump(redacted(cfg), sort_keys=False), end="")
+            print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), end="")
             return 0
         train(cfg, use_micro=args.use_micro_model)
         return 0

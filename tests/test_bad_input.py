@@ -310,7 +310,7 @@ def test_a_deeply_nested_jsonl_line(tmp_path):
 
 def test_an_override_that_looks_like_an_impossible_date(tmp_path):
     cfg = wm.load_config(BASELINE, ["experiment.name=2001-13-45"])
-    assert cfg["experiment"]["name"] == "2001-13-45"
+    assert cfg.experiment.name == "2001-13-45"
 
 
 def test_a_config_file_with_an_impossible_date(tmp_path):
@@ -437,5 +437,5 @@ def test_fuzz_config_files_and_overrides(tree, overrides):
         except wm.UserError:
             return  # (one line or not: see test_a_key_with_a_newline_is_still_a_one_line_error)
     # what it accepts has every key, each with its default's type
-    for key, value, default in leaves(cfg, wm.DEFAULTS):
+    for key, value, default in leaves(cfg.to_dict(), wm.DEFAULTS):
         assert type(value) is type(default) or (isinstance(default, dict) and isinstance(value, dict)), key

@@ -1,4 +1,6 @@
 """Config loading: defaults <- pipeline file <- overrides, and one clear error naming the key for bad input."""
+import dataclasses
+import operator
 import subprocess
 import sys
 
@@ -13,11 +15,11 @@ LOCAL = ROOT / "configs" / "verifiable" / "verifiable_local.yaml"
 
 def test_layers_merge_in_order():
     cfg = wm.load_config(LOCAL, ["training.beta=0.5", "mlflow.tags={a: b}"])
-    assert cfg["experiment"]["pipeline"] == "verifiable"          # from the pipeline file
-    assert cfg["training"]["weight_clip_max"] == 3.0               # from defaults
-    assert cfg["training"]["beta"] == 0.5                          # from the override, YAML-typed
-    assert cfg["mlflow"]["tags"] == {"a": "b"}
-    assert wm.load_config(LOCAL, ["training.learning_rate=1e-5"])["training"]["learning_rate"] == 1e-5  # YAML 1.1 '1e-5'
+    assert cfg.experiment.pipeline == "verifiable"          # from the pipeline file
+    assert cfg.training.weight_clip_max == 3.0               # from defaults
+    assert cfg.training.beta == 0.5                          # from the override, YAML-typed
+    assert cfg.mlflow.tags == {"a": "b"}
+    assert wm.load_config(LOCAL, ["training.learning_rate=1e-5"]).training.learning_rate == 1e-5  # YAML 1.1 '1e-5'
 
 
 @pytest.mark.parametrize("override, message", [
@@ -66,7 +68,7 @@ def test_every_fixed_key_overrides():
     cfg = wm.load_config(LOCAL, fixed)
     for item in fixed:
         key, value = item.split("=", 1)
-        assert wm.get(cfg, key) == yaml.safe_load(value), key
+        assert operator.attrgetter(key)(cfg) == yaml.safe_load(value), key
 
 
 def test_flatten_drops_secrets_and_json_encodes_lists():
@@ -89,3 +91,25 @@ def test_cli_dry_run_prints_merged_config():
     assert r.returncode == 0, r.stderr
     printed = yaml.safe_load(r.stdout)
     assert printed["training"]["beta"] == 0.25 and printed["experiment"]["pipeline"] == "verifiable"
+
+
+def test_the_dataclasses_and_defaults_yaml_agree_key_for_key():
+    """defaults.yaml is the one source of defaults (and comments); the Config dataclasses name the same keys, with
+    each default's type."""
+    def fields(cls, prefix=""):
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(f.type):
+                yield from fields(f.type, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f.type
+
+    declared = dict(fields(wm.Config))
+    assert sorted(declared) == sorted(wm.dotted_keys(wm.DEFAULTS))
+    for key, kind in declared.items():
+        assert type(operator.attrgetter(key)(wm.load_config(LOCAL))) is kind, key
+
+
+def test_a_config_is_frozen():
+    cfg = wm.load_config(LOCAL)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.training.beta = 2.0

@@ -1,5 +1,4 @@
 """Each pipeline end to end on the tiny micro model, read back from a real (sqlite) MLflow store."""
-import contextlib
 import os
 import subprocess
 import sys
@@ -46,7 +45,7 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
         assert run.data.tags["pipeline"] == pipeline and run.data.tags["wmtp.steps"] == "4"
         assert sorted(k for k in run.data.metrics if not k.startswith("system/")) == sorted(EXPECTED[pipeline]), pipeline
         params = run.data.params
-        assert params["training.learning_rate"] == str(tiny_config(pipeline, tmp_path)["training"]["learning_rate"])
+        assert params["training.learning_rate"] == str(tiny_config(pipeline, tmp_path).training.learning_rate)
         assert params["experiment.name"] == f"{pipeline}-local" and params["experiment.pipeline"] == pipeline
         assert params["model.micro.dim"] == "32" and params["mlflow.tags.device"] == "cpu"
         assert artifact_files(client, run.info.run_id) == [
@@ -111,26 +110,25 @@ def test_train_step_skips_a_non_finite_step_on_the_device(tmp_path, pipeline):
     tok, model = wm.build_model(cfg, True, value_head=pipeline == "verifiable")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
-    ctx = {"cfg": cfg, "pipeline": pipeline, "H": model.args.n_future_tokens, "tok": tok, "device": torch.device("cpu"),
-           "rank": 0, "world": 1, "autocast": contextlib.nullcontext, "reference": None, "ema": None, "step": 0}
+    pipe = wm.PIPELINE_TYPES[pipeline](cfg, model.args.n_future_tokens)
     ids = list(range(65, 85))
     batch = wm.collate([(ids, [-100] * 5 + ids[5:], 1.0, {})] * 2, tok.pad_id, torch.device("cpu"))
     meter = wm.Meter(torch.device("cpu"))
-    assert wm.train_step(ctx, model, optimizer, params, [batch], meter).tolist() == [0.0, 0.0]
+    assert wm.train_step(pipe, model, optimizer, params, [batch], meter, 0).tolist() == [0.0, 0.0]
     moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
-    finite_log, ema = meter.reduce(), ctx["ema"]
+    finite_log, ema = meter.reduce(), pipe.ema if pipeline == "verifiable" else None
     assert (ema is None) == (pipeline == "baseline")
     model.tok_embeddings.weight.data[70] = float("nan")  # token 70 is in the batch: loss and gradients go NaN
     before = [p.detach().clone() for p in params]
-    assert wm.train_step(ctx, model, optimizer, params, [batch], meter, stop_requested=15).tolist() == [1.0, 15.0]
+    assert wm.train_step(pipe, model, optimizer, params, [batch], meter, 0, stop_requested=15).tolist() == [1.0, 15.0]
     assert all(torch.equal(a.nan_to_num(), b.detach().nan_to_num()) for a, b in zip(before, params))
     for p, saved in zip(params, moments):
         assert all(torch.equal(saved[k], optimizer.state[p][k]) for k in saved) and optimizer.state[p]["step"] == 1
     assert meter.reduce() == {}  # the skipped step's loss, head losses and norm stay out of the means
     if ema is not None:
-        assert torch.equal(ctx["ema"]["mean"], ema["mean"]) and torch.equal(ctx["ema"]["var"], ema["var"])
+        assert torch.equal(pipe.ema["mean"], ema["mean"]) and torch.equal(pipe.ema["var"], ema["var"])
     model.tok_embeddings.weight.data[70] = 0.0
-    assert wm.train_step(ctx, model, optimizer, params, [batch], meter).tolist() == [0.0, 0.0]
+    assert wm.train_step(pipe, model, optimizer, params, [batch], meter, 0).tolist() == [0.0, 0.0]
     assert optimizer.state[params[-1]]["step"] == 2 and not torch.equal(before[-1], params[-1].detach())
     assert {"train/loss", "train/grad_norm", *[f"train/head_{k}_loss" for k in range(3)]} <= set(finite_log)
     assert finite_log["train/grad_norm"] > 0 and 0 < finite_log["train/loss"] < 10
