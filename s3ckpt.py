@@ -73,7 +73,8 @@ def _atomic_write(path, write):
 
 def save_checkpoint(state, path):
     """Saves state to path atomically and writes <path>.sha256 (hex digest of the file's bytes) atomically after it.
-    The checkpoint is replaced by os.replace, so an earlier hard link (a queued upload's snapshot) keeps the old bytes."""
+    The checkpoint is replaced by os.replace, so an earlier hard link (a queued upload's snapshot) keeps the old
+    bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # old sidecar first: a crash in between leaves a checkpoint unverified, never a good one that fails its checksum
@@ -225,9 +226,10 @@ class CheckpointWriter:
                 self.expire_remote()
 
     def _expire_remote(self, store, artifact_path):
-        deleted = [f"{artifact_path}/{n}" for n in _prune(
-            store.list(artifact_path), self.save_total_limit, lambda n: store.delete(f"{artifact_path}/{n}"),
-            spare=lambda n: self.uploader.uploading(f"{artifact_path}/{n}"))]
+        deleted = _prune(store.list(artifact_path), self.save_total_limit,
+                         delete=lambda n: store.delete(f"{artifact_path}/{n}"),
+                         spare=lambda n: self.uploader.uploading(f"{artifact_path}/{n}"))
+        deleted = [f"{artifact_path}/{n}" for n in deleted]
         if deleted:
             log.info("removed remote checkpoints %s", deleted)
         return deleted

@@ -68,7 +68,8 @@ def test_save_load_round_trip(tmp_path):
     path = save_checkpoint(state, tmp_path / "ckpt" / "checkpoint_step_7.pt")
     out = load_checkpoint(path)
     assert torch.equal(out["model"]["w"], state["model"]["w"]) and torch.equal(out["rng"], state["rng"])
-    assert (out["step"], out["config"], out["hist"], out["best_val_loss"]) == (7, state["config"], [1, 2.5], float("inf"))
+    assert (out["step"], out["config"], out["hist"], out["best_val_loss"]) == \
+        (7, state["config"], [1, 2.5], float("inf"))
     assert Path(f"{path}.sha256").read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
     save_checkpoint({"step": 8}, path)  # overwrite in place
     assert load_checkpoint(path) == {"step": 8}
