@@ -3,10 +3,12 @@ Checkpoints that survive spot machines.
 
 - save_checkpoint / load_checkpoint: atomic local files with a sha256 sidecar, so a crash mid-save never leaves
   a half-written checkpoint behind and corruption is detected at load time.
-- CheckpointWriter: the trainer's save — a CPU copy now, the write, upload hand-off and retention in the background.
-- CheckpointUploader: background upload into the MLflow run's own artifacts (boto3 straight to S3 when the
-  artifact location is s3://, MlflowClient otherwise), retention by step number, and a wait() that says which
-  checkpoints are only local. Only rank 0 creates one.
+- CheckpointWriter: the trainer's save — a CPU copy now, the write, upload hand-off and retention (by step number,
+  locally and remotely) in the background.
+- S3Store / MlflowStore: a run's artifacts behind put / list / delete (boto3 straight to S3 when the artifact
+  location is s3://, MLflow's artifact repository otherwise).
+- CheckpointUploader: snapshots, orders and retries uploads to a store in the background, runs jobs after them,
+  and says in wait() which checkpoints are only local. Only rank 0 creates one.
 - resolve_checkpoint: a local path, s3://..., runs:/<id>/... or "auto" -> a local file (cached).
 
 Nothing here logs credentials: messages name local paths and artifact URIs only.
@@ -71,7 +73,8 @@ def _atomic_write(path, write):
 
 def save_checkpoint(state, path):
     """Saves state to path atomically and writes <path>.sha256 (hex digest of the file's bytes) atomically after it.
-    The checkpoint is replaced by os.replace, so an earlier hard link (a queued upload's snapshot) keeps the old bytes."""
+    The checkpoint is replaced by os.replace, so an earlier hard link (a queued upload's snapshot) keeps the old
+    bytes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # old sidecar first: a crash in between leaves a checkpoint unverified, never a good one that fails its checksum
@@ -122,13 +125,23 @@ def checkpoint_step(name):
     return int(m.group(1)) if m else None
 
 
-def _expired(names, save_total_limit):
-    """The step checkpoints among names beyond the newest save_total_limit, by step number (never by name or
-    mtime: '100' < '20' as strings). Best, final and other files are never returned; None or < 0 keeps all."""
+def _prune(names, save_total_limit, delete, spare=lambda name: False):
+    """Calls delete(n) for each step checkpoint among names beyond the newest save_total_limit — by step number,
+    never by name or mtime ('100' < '20' as strings) — and for its .sha256 when names holds one; spare(name) keeps
+    one. Best, final and other files are never touched; None or < 0 keeps all. Returns the deleted checkpoint names,
+    oldest first."""
     if save_total_limit is None or save_total_limit < 0:
         return []
+    names = set(names)
     steps = sorted((checkpoint_step(n), n) for n in names if checkpoint_step(n) is not None)
-    return [n for _, n in steps[:max(len(steps) - save_total_limit, 0)]]
+    deleted = []
+    for _, name in steps[:max(len(steps) - save_total_limit, 0)]:
+        if not spare(name):
+            for n in (name, f"{name}.sha256"):
+                if n in names:
+                    delete(n)
+            deleted.append(name)
+    return deleted
 
 
 def prune_local_checkpoints(ckpt_dir, save_total_limit):
@@ -137,12 +150,7 @@ def prune_local_checkpoints(ckpt_dir, save_total_limit):
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    removed = []
-    for name in _expired([p.name for p in d.glob("checkpoint_step_*.pt")], save_total_limit):
-        (d / name).unlink(missing_ok=True)
-        Path(f"{d / name}.sha256").unlink(missing_ok=True)
-        removed.append(d / name)
-    return removed
+    return [d / n for n in _prune(os.listdir(d), save_total_limit, lambda n: (d / n).unlink(missing_ok=True))]
 
 
 def cpu_copy(state):
@@ -173,9 +181,10 @@ def s3_etag(path, part_size):
 
 class CheckpointWriter:
     """Saves checkpoints in a background thread, so the training loop waits only for a CPU copy of the state.
-    Serialising, hashing, fsync, the upload hand-off and retention (save_total_limit, locally and remotely) run
-    behind it. One write is in flight at most: that bounds the extra host memory to one copy of the state, and
-    keeps checkpoints landing in order. A failed write (disk full) is raised by the next save() or wait()."""
+    Serialising, hashing, fsync, the upload hand-off and retention run behind it. One write is in flight at most:
+    that bounds the extra host memory to one copy of the state, and keeps checkpoints landing in order. A failed
+    write (disk full) is raised by the next save() or wait(). Retention (save_total_limit) is the writer's alone:
+    locally at once (a queued upload has its own snapshot), remotely as a job of the uploader."""
 
     def __init__(self, save_total_limit, uploader=None):
         self.save_total_limit, self.uploader = save_total_limit, uploader
@@ -200,6 +209,13 @@ class CheckpointWriter:
             log.error("checkpoint write failed: %s", e)
         self._pool.shutdown(wait=True)
 
+    def expire_remote(self, artifact_path="checkpoints"):
+        """Returns a Future of the deleted remote names. Once every upload submitted before this call has landed
+        (the newer checkpoints it keeps must be remote before the older ones go), deletes the remote step
+        checkpoints beyond the newest save_total_limit and their .sha256; spares any name an upload submitted later
+        still writes."""
+        return self.uploader.after_uploads(lambda store: self._expire_remote(store, artifact_path.strip("/")))
+
     def _write(self, state, path):
         save_checkpoint(state, path)
         if self.uploader:
@@ -207,11 +223,20 @@ class CheckpointWriter:
         if checkpoint_step(path.name) is not None:
             prune_local_checkpoints(path.parent, self.save_total_limit)
             if self.uploader:
-                self.uploader.cleanup_s3_checkpoints(self.save_total_limit)
+                self.expire_remote()
+
+    def _expire_remote(self, store, artifact_path):
+        deleted = _prune(store.list(artifact_path), self.save_total_limit,
+                         delete=lambda n: store.delete(f"{artifact_path}/{n}"),
+                         spare=lambda n: self.uploader.uploading(f"{artifact_path}/{n}"))
+        deleted = [f"{artifact_path}/{n}" for n in deleted]
+        if deleted:
+            log.info("removed remote checkpoints %s", deleted)
+        return deleted
 
 
 # -----------------------------------------------------------------------------
-# S3 and MLflow
+# artifact stores: put(local_path, artifact_path) -> URI, list(artifact_path) -> file names, delete(name)
 
 def s3_client(max_attempts=5, connect_timeout=10, read_timeout=120):
     """A boto3 S3 client configured from the environment (MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL,
@@ -237,6 +262,77 @@ def _split_s3(uri):
     return u.netloc, u.path.strip("/")
 
 
+class S3Store:
+    """Artifacts under s3://bucket/prefix, straight through boto3 rather than MLflow's S3 repository: multipart
+    parts of MULTIPART_CHUNK, and every upload verified on S3 by its size and by its ETag against the file's MD5
+    (unless verify_etag is off, for a store with another ETag scheme, or the object is SSE-KMS/SSE-C)."""
+
+    def __init__(self, uri, client, verify_etag=True):
+        (self.bucket, self.prefix), self.s3, self.verify_etag = _split_s3(uri), client, verify_etag
+
+    def _key(self, name):
+        return f"{self.prefix}/{name}".lstrip("/")
+
+    def put(self, local_path, artifact_path):
+        from boto3.s3.transfer import TransferConfig
+        path = Path(local_path)
+        key = self._key(f"{artifact_path}/{path.name}")
+        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK,
+                                max_concurrency=4)
+        self.s3.upload_file(str(path), self.bucket, key, Config=config)
+        head = self.s3.head_object(Bucket=self.bucket, Key=key)
+        if head["ContentLength"] != path.stat().st_size:
+            raise IOError(f"s3://{self.bucket}/{key} holds {head['ContentLength']} bytes, the local file "
+                          f"{path.stat().st_size}")
+        # an MD5-based ETag is the server's checksum of what it stored; SSE-KMS and SSE-C objects have another kind
+        md5_etag = head.get("ServerSideEncryption") != "aws:kms" and "SSECustomerAlgorithm" not in head
+        if self.verify_etag and md5_etag and head["ETag"].strip('"') != s3_etag(path, MULTIPART_CHUNK):
+            raise IOError(f"s3://{self.bucket}/{key}: ETag {head['ETag']} does not match the local file's")
+        return f"s3://{self.bucket}/{key}"
+
+    def list(self, artifact_path):
+        prefix, names = self._key(f"{artifact_path}/"), []
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if "/" not in o["Key"][len(prefix):]]
+        return names
+
+    def delete(self, name):
+        # one DeleteObject per key: DeleteObjects needs a Content-MD5/CRC that some S3-compatible stores reject
+        self.s3.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+
+class MlflowStore:
+    """Every other artifact location (a local file store, the mlflow-artifacts:/ proxy, ...): MLflow's artifact
+    repository for it knows the way. delete() raises where the store cannot delete."""
+
+    def __init__(self, uri, tracking_uri=None):
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        self.uri, self.repo = uri, get_artifact_repository(uri, tracking_uri=tracking_uri)
+
+    def put(self, local_path, artifact_path):
+        self.repo.log_artifact(str(local_path), artifact_path)
+        return f"{self.uri}/{artifact_path}/{Path(local_path).name}"
+
+    def list(self, artifact_path):
+        return [Path(f.path).name for f in self.repo.list_artifacts(artifact_path) if not f.is_dir]
+
+    def delete(self, name):
+        self.repo.delete_artifacts(name)
+
+
+def artifact_store(run_id, tracking_uri=None, client=None, verify_etag=True):
+    """The store of an MLflow run's artifacts: S3Store (client, else s3_client()) when they live on s3://,
+    MlflowStore otherwise."""
+    from mlflow import MlflowClient
+    uri = MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri.rstrip("/")
+    if uri.startswith("s3://"):
+        return S3Store(uri, client or s3_client(), verify_etag)
+    return MlflowStore(uri, tracking_uri)
+
+
+# -----------------------------------------------------------------------------
+# the uploader: snapshots, orders and retries jobs against a store
+
 def _is_permanent(e):
     return isinstance(e, FileNotFoundError) or any(code in str(e) for code in PERMANENT_ERRORS)
 
@@ -247,45 +343,35 @@ def _failure(fut):
 
 
 class CheckpointUploader:
-    """Uploads checkpoints into one MLflow run's artifacts in background threads.
+    """Uploads files into one MLflow run's artifacts (self.store) in background threads. Only rank 0 creates one.
 
-    Every upload works on a snapshot (hard link) taken when it is submitted, retries transient errors with
-    exponential backoff for retry_budget_s, and is verified on S3: its size, and its ETag against the file's MD5
-    unless verify_etag is off (a store with another ETag scheme) or the object is SSE-KMS/SSE-C. Uploads of the
-    same name land in submission order. A cleanup runs after every upload submitted before it. wait() reports
-    what is only local.
+    Every upload works on a snapshot (hard link) taken when it is submitted and retries transient errors with
+    exponential backoff for retry_budget_s. Uploads of the same name land in submission order; a job given to
+    after_uploads() runs once every upload submitted before it has finished. wait() reports what is only local.
     """
 
     def __init__(self, run_id, tracking_uri=None, max_workers=2, retry_budget_s=300.0, snapshot_dir=None,
                  client=None, verify_etag=True):
-        from mlflow import MlflowClient
-        self.run_id, self.tracking_uri, self.retry_budget_s = run_id, tracking_uri, retry_budget_s
-        self.verify_etag = verify_etag
-        self.snapshot_dir = Path(snapshot_dir) if snapshot_dir else None
-        self.mlflow = MlflowClient(tracking_uri)
-        self.artifact_uri = self.mlflow.get_run(run_id).info.artifact_uri.rstrip("/")
-        self.s3 = None
-        if self.artifact_uri.startswith("s3://"):
-            self.bucket, self.prefix = _split_s3(self.artifact_uri)
-            self.s3 = client or s3_client()
+        self.store = artifact_store(run_id, tracking_uri, client, verify_etag)
+        self.retry_budget_s, self.snapshot_dir = retry_budget_s, Path(snapshot_dir) if snapshot_dir else None
         self._uploads = cf.ThreadPoolExecutor(max_workers, thread_name_prefix="ckpt-upload")
-        # cleanups wait on uploads: in their own thread, so they can never take every upload worker and deadlock
-        self._cleanups = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-cleanup")
+        # jobs wait on uploads: in their own thread, so a waiting job never holds an upload worker idle
+        self._jobs = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-cleanup")
         self._lock = threading.Lock()
         self._latest = {}           # remote name -> (future, local path) of its newest submitted upload
-        self._cleanup_futures = []
+        self._job_futures = []
         self._stop = threading.Event()
 
     def upload_to_s3_async(self, checkpoint_path, artifact_path="checkpoints"):
         """Returns at once a Future of the remote URI. The file (and its .sha256) is snapshotted now, so a later
         overwrite or local pruning cannot change or lose what gets uploaded. Never raises: a failure, even of the
         snapshot, is the future's exception and is reported by wait()."""
-        src = Path(checkpoint_path)
-        name = f"{artifact_path.strip('/')}/{src.name}"
+        src, artifact_path = Path(checkpoint_path), artifact_path.strip("/")
+        name = f"{artifact_path}/{src.name}"
         with self._lock:
             prev = self._latest.get(name, (None, None))[0]
             try:
-                fut = self._uploads.submit(self._upload, self._snapshot(src), name, str(src), prev)
+                fut = self._uploads.submit(self._upload, self._snapshot(src), artifact_path, str(src), prev)
             except Exception as e:  # no such file, disk full, already closed: report it, never stop training
                 log.error("cannot queue the upload of %s: %s", src, e)
                 fut = cf.Future()
@@ -293,22 +379,26 @@ class CheckpointUploader:
             self._latest[name] = (fut, str(src))
         return fut
 
-    def cleanup_s3_checkpoints(self, save_total_limit, artifact_path="checkpoints"):
-        """Returns a Future of the deleted remote names. Once every upload submitted before this call has finished,
-        deletes the remote step checkpoints beyond the newest save_total_limit (and their .sha256); keeps
-        checkpoint_best.pt, checkpoint_final.pt and any name an upload submitted later still writes."""
+    def after_uploads(self, job):
+        """Returns a Future of job(store), run once every upload submitted before this call has finished."""
         with self._lock:
             before = [f for f, _ in self._latest.values() if not f.done()]
-            fut = self._cleanups.submit(self._cleanup, before, save_total_limit, artifact_path.strip("/"))
-            self._cleanup_futures.append(fut)
+            fut = self._jobs.submit(self._after, before, job)
+            self._job_futures.append(fut)
         return fut
 
+    def uploading(self, name):
+        """Whether an upload of the remote name (artifact_path/file) is queued or running."""
+        with self._lock:
+            fut = self._latest.get(name, (None, None))[0]
+        return fut is not None and not fut.done()
+
     def wait(self, timeout=None):
-        """Waits up to timeout seconds for every queued upload and cleanup. Returns the local paths whose newest
+        """Waits up to timeout seconds for every queued upload and job. Returns the local paths whose newest
         upload failed or has not finished, each logged (an empty list: every submitted checkpoint is safe remotely)."""
         with self._lock:
-            latest, cleanups = list(self._latest.values()), list(self._cleanup_futures)
-        done, _ = cf.wait([f for f, _ in latest] + cleanups, timeout=timeout)
+            latest, jobs = list(self._latest.values()), list(self._job_futures)
+        done, _ = cf.wait([f for f, _ in latest] + jobs, timeout=timeout)
         unsafe = []
         for fut, local in latest:
             if fut not in done:
@@ -318,7 +408,7 @@ class CheckpointUploader:
             else:
                 continue
             unsafe.append(local)
-        for fut in cleanups:
+        for fut in jobs:
             if fut in done and _failure(fut):
                 log.warning("remote checkpoint cleanup failed: %s", _failure(fut))
         return list(dict.fromkeys(unsafe))
@@ -328,9 +418,11 @@ class CheckpointUploader:
         after its current attempt. Call wait() first."""
         self._stop.set()
         self._uploads.shutdown(wait=False, cancel_futures=True)
-        self._cleanups.shutdown(wait=False, cancel_futures=True)
+        self._jobs.shutdown(wait=False, cancel_futures=True)
 
-    # --- workers
+    def _after(self, before, job):
+        cf.wait(before)
+        return job(self.store)
 
     def _snapshot(self, src):
         root = self.snapshot_dir or src.parent / ".upload-snapshots"
@@ -348,16 +440,14 @@ class CheckpointUploader:
             raise
         return d / src.name
 
-    def _upload(self, snap, name, local, prev):
+    def _upload(self, snap, artifact_path, local, prev):
         if prev is not None:
             cf.wait([prev])  # an older upload of this name must land first, or it would overwrite the newer one
-        files = [(snap, name)]
-        if Path(f"{snap}.sha256").exists():
-            files.append((Path(f"{snap}.sha256"), f"{name}.sha256"))
+        files = [f for f in (snap, Path(f"{snap}.sha256")) if f is snap or f.exists()]
         deadline, delay, attempt = time.monotonic() + self.retry_budget_s, BACKOFF_START_S, 1
         while True:
             try:
-                uri = [self._put(f, n) for f, n in files][0]
+                uri = [self.store.put(f, artifact_path) for f in files][0]
                 break
             except Exception as e:
                 left = deadline - time.monotonic()
@@ -372,63 +462,6 @@ class CheckpointUploader:
         shutil.rmtree(snap.parent, ignore_errors=True)
         log.info("uploaded %s -> %s", local, uri)
         return uri
-
-    def _put(self, path, name):
-        if self.s3 is None:
-            # local file store or mlflow-artifacts:/ proxy: the tracking client knows the way; explicit run id
-            # because the fluent API's active run is thread-local
-            self.mlflow.log_artifact(self.run_id, str(path), os.path.dirname(name))
-            return f"{self.artifact_uri}/{name}"
-        from boto3.s3.transfer import TransferConfig
-        key = f"{self.prefix}/{name}".lstrip("/")
-        config = TransferConfig(multipart_threshold=MULTIPART_CHUNK, multipart_chunksize=MULTIPART_CHUNK,
-                                max_concurrency=4)
-        self.s3.upload_file(str(path), self.bucket, key, Config=config)
-        head = self.s3.head_object(Bucket=self.bucket, Key=key)
-        if head["ContentLength"] != path.stat().st_size:
-            raise IOError(f"s3://{self.bucket}/{key} holds {head['ContentLength']} bytes, the local file "
-                          f"{path.stat().st_size}")
-        # an MD5-based ETag is the server's checksum of what it stored; SSE-KMS and SSE-C objects have another kind
-        md5_etag = head.get("ServerSideEncryption") != "aws:kms" and "SSECustomerAlgorithm" not in head
-        if self.verify_etag and md5_etag and head["ETag"].strip('"') != s3_etag(path, MULTIPART_CHUNK):
-            raise IOError(f"s3://{self.bucket}/{key}: ETag {head['ETag']} does not match the local file's")
-        return f"s3://{self.bucket}/{key}"
-
-    def _cleanup(self, before, save_total_limit, artifact_path):
-        cf.wait(before)  # the newer checkpoints it keeps must be remote before the older ones go
-        names = set(self._list(artifact_path))
-        deleted = []
-        for name in _expired(names, save_total_limit):
-            remote = f"{artifact_path}/{name}"
-            with self._lock:
-                fut = self._latest.get(remote, (None, None))[0]
-            if fut is not None and not fut.done():
-                continue  # an upload queued after this cleanup writes this object: leave it
-            for n in (name, f"{name}.sha256"):
-                if n in names:
-                    self._delete(f"{artifact_path}/{n}")
-            deleted.append(remote)
-        if deleted:
-            log.info("removed remote checkpoints %s", deleted)
-        return deleted
-
-    def _list(self, artifact_path):
-        if self.s3 is None:
-            return [Path(f.path).name for f in self.mlflow.list_artifacts(self.run_id, artifact_path) if not f.is_dir]
-        prefix = f"{self.prefix}/{artifact_path}/".lstrip("/")
-        names = []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if "/" not in o["Key"][len(prefix):]]
-        return names
-
-    def _delete(self, name):
-        if self.s3 is None:
-            from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-            # raises (and the cleanup future reports it) where the store cannot delete
-            get_artifact_repository(self.artifact_uri, tracking_uri=self.tracking_uri).delete_artifacts(name)
-        else:
-            # one DeleteObject per key: DeleteObjects needs a Content-MD5/CRC that some S3-compatible stores reject
-            self.s3.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}".lstrip("/"))
 
 
 # -----------------------------------------------------------------------------

@@ -68,7 +68,8 @@ def test_save_load_round_trip(tmp_path):
     path = save_checkpoint(state, tmp_path / "ckpt" / "checkpoint_step_7.pt")
     out = load_checkpoint(path)
     assert torch.equal(out["model"]["w"], state["model"]["w"]) and torch.equal(out["rng"], state["rng"])
-    assert (out["step"], out["config"], out["hist"], out["best_val_loss"]) == (7, state["config"], [1, 2.5], float("inf"))
+    assert (out["step"], out["config"], out["hist"], out["best_val_loss"]) == \
+        (7, state["config"], [1, 2.5], float("inf"))
     assert Path(f"{path}.sha256").read_text().strip() == hashlib.sha256(path.read_bytes()).hexdigest()
     save_checkpoint({"step": 8}, path)  # overwrite in place
     assert load_checkpoint(path) == {"step": 8}
@@ -169,7 +170,7 @@ def test_s3_upload_then_cleanup_keeps_best_final_newest(moto_s3, fast_retries, m
         p = ckpt(tmp_path, name, checkpoint_step(name) or 99)
         local[name] = p.read_bytes()
         up.upload_to_s3_async(p)
-    deleted = up.cleanup_s3_checkpoints(2)
+    deleted = s3ckpt.CheckpointWriter(2, up).expire_remote()
     moto_s3.start()  # back (empty, as a restarted moto_server): the queued uploads retry and land
     assert up.wait(30) == []
     assert deleted.result() == [f"checkpoints/checkpoint_step_{s}.pt" for s in (1, 2, 3, 4)]
@@ -192,7 +193,7 @@ def test_cleanup_spares_names_an_upload_still_writes(s3_server, mlflow_db, tmp_p
     # which the cleanup waits for, and a re-upload of step 1 submitted after it, which it must not delete
     before, after = cf.Future(), cf.Future()
     up._latest["checkpoints/checkpoint_best.pt"] = (before, "best")
-    cleanup = up.cleanup_s3_checkpoints(2)
+    cleanup = s3ckpt.CheckpointWriter(2, up).expire_remote()
     up._latest["checkpoints/checkpoint_step_1.pt"] = (after, "step 1")
     time.sleep(0.2)
     assert not cleanup.done()
@@ -248,13 +249,13 @@ def test_snapshot_is_taken_at_submit_time(moto_s3, fast_retries, mlflow_db, tmp_
 def test_local_artifact_store(mlflow_db, tmp_path):
     run_id = new_run(mlflow_db, (tmp_path / "artifacts").as_uri())
     up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
-    assert up.s3 is None
+    assert isinstance(up.store, s3ckpt.MlflowStore)
     ckdir = tmp_path / "ckpt"
     for step in (1, 2, 10, 20):
         up.upload_to_s3_async(ckpt(ckdir, f"checkpoint_step_{step}.pt", step))
     best = ckpt(ckdir, "checkpoint_best.pt", 7)
     assert up.upload_to_s3_async(best).result(30).endswith(f"/{run_id}/artifacts/checkpoints/checkpoint_best.pt")
-    up.cleanup_s3_checkpoints(2)
+    s3ckpt.CheckpointWriter(2, up).expire_remote()
     assert up.wait(30) == []
     client = MlflowClient(mlflow_db)
     names = {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
