@@ -65,8 +65,9 @@ def _wmtp_run(fd, memory, cpu, allow_exit, nproc):
         _limit(resource.RLIMIT_NPROC, nproc, nproc)
     with open("program.py", encoding="utf-8") as f:
         code = compile(f.read(), "program.py", "exec")
+    sys.argv = ["program.py"]
     try:
-        exec(code, {"__name__": "__main__", "__builtins__": __builtins__})
+        exec(code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
     except SystemExit as e:
         if not (allow_exit and e.code in (None, 0)):
             raise
@@ -162,7 +163,8 @@ def isolation():
     for interpreter in dict.fromkeys([sys.executable, shutil.which("python3", path=SAFE_PATH)]):
         try:
             if interpreter and _run(Program("pass"), Limits(timeout_s=30), interpreter, uid).status == "passed":
-                return interpreter, uid
+                log.info("sandbox: programs run as uid %d + worker slot with %s", uid, interpreter)
+            return interpreter, uid
         except PermissionError:
             continue  # e.g. this Python lives under /root (0700)
     log.warning("sandbox: no Python an unprivileged uid can run; programs run as root (not isolated from this "
@@ -189,7 +191,7 @@ def _run(program, limits, interpreter, uid):
         return RunResult(_status(out, marker, program.expected, state, code), err[-STDERR_TAIL:], state)
     finally:
         if uid is not None:
-            _kill_all_of(uid)  # children that left the process group (setsid) die with their uid
+            _kill_all_of(uid, interpreter)  # children that left the process group (setsid) die with their uid
         _remove(workdir)
 
 
@@ -265,10 +267,10 @@ def _kill_group(pgid):
         pass
 
 
-def _kill_all_of(uid):
+def _kill_all_of(uid, interpreter):
     """kill(-1, SIGKILL) as the sandbox uid: every process left under that uid, nothing else."""
     kill = shutil.which("kill", path="/usr/bin:/bin")
-    command = [kill, "-9", "-1"] if kill else [sys.executable, "-I", "-c", "import os; os.kill(-1, 9)"]
+    command = [kill, "-9", "-1"] if kill else [interpreter, "-I", "-c", "import os; os.kill(-1, 9)"]
     subprocess.run(command, env={}, user=uid, group=uid, extra_groups=[], cwd="/",
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 

@@ -556,7 +556,7 @@ PYFUNC_TEMPLATES = [
      ["[v for v in xs if v < {n}]", "[v for v in xs if v >= {n}]"], range(0, 30)),
 ]
 PYFUNC_INPUTS = {"x": [0, 1, 2, 7, 12, 30, 45, -5],
-                 "s": ["", "a", "hello", "banana", "abcdefghijkl", "python code",
+                 "s": ["", "a", "hello", "banana", "abcdefghijkl", "python code", "mississippi river",
                        "the quick brown fox jumps over the lazy dog"],
                  "xs": [[], [1, 2, 3], [5, -2, 40, 7], [30, 31, 0, 12]]}
 
