@@ -289,7 +289,8 @@ def _remove(workdir):
 def score(tasks, samples, limits=Limits(), workers=1):
     """Per sample (in order) {"task_id", "completion", "passed", "status", "tests", "stderr"}: tests are the
     statuses of the tests that ran (they stop at the first that does not pass); passed only when all ran and passed.
-    tasks: task_id -> record; samples: [(task_id, completion)]. Bad records fail before anything runs."""
+    tasks: task_id -> record; samples: [(task_id, completion)]. Bad records fail before anything runs.
+    One score() at a time per process: worker slots name the sandbox uids."""
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"sandbox workers must be in 1..{MAX_WORKERS}, got {workers}")
     plans = []

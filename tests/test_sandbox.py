@@ -167,16 +167,29 @@ def test_pyfunc_split_is_fixed_and_disjoint():
     assert max(len(r["output"]) for r in train) <= 64 and max(len(r["instruction"]) for r in train) <= 96
 
 
+CHECK_ALL = """
+import json, sys
+cases = json.loads(sys.stdin.read())
+wrong = []
+for code, correct, task_id in cases:
+    try:
+        exec(code, {})
+        passed = True
+    except Exception:
+        passed = False
+    if passed != correct:
+        wrong.append(task_id)
+assert not wrong, wrong
+print(len(cases))
+"""
+
+
 def test_every_pyfunc_right_solution_passes_and_every_wrong_one_fails_by_execution():
     records = wm.pyfunc_records("train") + wm.pyfunc_records("validation")
     # all of them in one sandboxed program (a subprocess each would take a minute on two cores) ...
     cases = [(r["output"] + "\n" + r["metadata"]["test"] + "\ncheck(f)\n", r["is_correct"], r["task_id"])
              for r in records]
-    checker = ("import json, sys\nwrong = []\nfor code, correct, task_id in json.loads(sys.stdin.read()):\n"
-               "    try:\n        exec(code, {})\n        passed = True\n    except Exception:\n        passed = False\n"
-               "    if passed != correct:\n        wrong.append(task_id)\nassert not wrong, wrong\nprint(len(cases))")
-    checker = checker.replace("len(cases)", str(len(cases)))
-    result = sandbox.run_program(sandbox.Program(checker, json.dumps(cases), f"{len(cases)}\n"), LIMITS)
+    result = sandbox.run_program(sandbox.Program(CHECK_ALL, json.dumps(cases), f"{len(cases)}\n"), LIMITS)
     assert result.status == "passed", result.stderr
     # ... and a few through score() and the trainer's checker, each its own program
     picked = records[:6]
