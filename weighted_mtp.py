@@ -645,7 +645,91 @@ def check_arith(record, answer):
     return answer.strip() == str(int(a) + int(b))
 
 
-BUILTIN = {"arith": (arith_records, check_arith)}
+# (name, what f returns, argument, right body, wrong bodies, constants): {n} is the task's constant, {m} another one
+PYFUNC_TEMPLATES = [
+    ("add", "x plus {n}", "x", "x + {n}", ["x - {n}", "x + {m}"], range(1, 50)),
+    ("sub", "x minus {n}", "x", "x - {n}", ["x + {n}", "{n} - x", "x - {m}"], range(1, 50)),
+    ("rsub", "{n} minus x", "x", "{n} - x", ["x - {n}", "{m} - x"], range(1, 50)),
+    ("mul", "x times {n}", "x", "x * {n}", ["x + {n}", "x * {m}"], range(2, 30)),
+    ("floordiv", "x divided by {n}, rounded down", "x", "x // {n}", ["x % {n}", "x / {n}", "x // {m}"], range(2, 20)),
+    ("mod", "the remainder of x divided by {n}", "x", "x % {n}", ["x // {n}", "x % {m}"], range(2, 20)),
+    ("max", "the larger of x and {n}", "x", "max(x, {n})", ["min(x, {n})", "max(x, {m})"], range(0, 30)),
+    ("min", "the smaller of x and {n}", "x", "min(x, {n})", ["max(x, {n})", "min(x, {m})"], range(0, 30)),
+    ("gt", "whether x is greater than {n}", "x", "x > {n}", ["x < {n}", "x >= {n}"], range(0, 30)),
+    ("divisible", "whether x is divisible by {n}", "x", "x % {n} == 0", ["x % {n} != 0", "x // {n} == 0"],
+     range(2, 12)),
+    ("head", "the first {n} characters of s", "s", "s[:{n}]", ["s[{n}:]", "s[:{m}]"], range(1, 10)),
+    ("tail", "the last {n} characters of s", "s", "s[-{n}:]", ["s[:{n}]", "s[-{m}:]"], range(1, 10)),
+    ("drop", "s without its first {n} characters", "s", "s[{n}:]", ["s[:{n}]", "s[{m}:]"], range(1, 10)),
+    ("repeat", "s repeated {n} times", "s", "s * {n}", ["s * {m}", "s + s"], range(2, 10)),
+    ("char", "the character at index {n} of s", "s", "s[{n}]", ["s[{m}]", "s[-{n}]"], range(0, 10)),
+    ("longer", "whether s is longer than {n}", "s", "len(s) > {n}", ["len(s) < {n}", "len(s) >= {n}"], range(0, 10)),
+    ("count", "how often the letter {n} occurs in s", "s", "s.count('{n}')", ["s.count('{m}')", "len(s)"],
+     "abcdefghijklmnopqrstuvwxyz"),
+    ("sum", "the sum of xs plus {n}", "xs", "sum(xs) + {n}", ["sum(xs) - {n}", "len(xs) + {n}"], range(0, 30)),
+    ("addeach", "xs with {n} added to each element", "xs", "[v + {n} for v in xs]",
+     ["[v - {n} for v in xs]", "[v + {m} for v in xs]"], range(1, 30)),
+    ("above", "the elements of xs greater than {n}", "xs", "[v for v in xs if v > {n}]",
+     ["[v for v in xs if v < {n}]", "[v for v in xs if v >= {n}]"], range(0, 30)),
+]
+PYFUNC_INPUTS = {"x": [0, 1, 2, 7, 12, 30, 45, -5],
+                 "s": ["", "a", "hello", "banana", "abcdefghijkl", "python code", "mississippi river",
+                       "the quick brown fox jumps over the lazy dog"],
+                 "xs": [[], [1, 2, 3], [5, -2, 40, 7], [30, 31, 0, 12]]}
+
+
+def pyfunc_task(template, i):
+    """(task_id, instruction, right solution, [wrong solutions], assert test) for constant number i of a template.
+    Tests use the inputs the right solution handles; a wrong solution is kept only if some test tells it apart."""
+    name, what, arg, body, wrong_bodies, constants = template
+    n, m = constants[i], constants[(i + 1) % len(constants)]
+
+    def results(code):  # our own template code, trusted: evaluated here to compute the tests' expected values
+        f = eval(f"lambda {arg}: {code.format(n=n, m=m)}")
+        return [_result_or_error(f, value) for value in PYFUNC_INPUTS[arg]]
+
+    want = results(body)
+    test = "def check(f):\n" + "".join(f"    assert f({value!r}) == {w!r}\n"
+                                       for value, w in zip(PYFUNC_INPUTS[arg], want) if not isinstance(w, Exception))
+    wrong = [w for w in wrong_bodies if [r for r, ok in zip(results(w), want) if not isinstance(ok, Exception)]
+             != [ok for ok in want if not isinstance(ok, Exception)]]
+    solution = f"def f({arg}):\n    return {{}}"
+    return (f"pyfunc-{name}-{n}", f"Write a Python function f({arg}) that returns {what.format(n=n)}.",
+            solution.format(body.format(n=n, m=m)), [solution.format(w.format(n=n, m=m)) for w in wrong], test)
+
+
+def _result_or_error(f, value):
+    try:
+        return f(value)
+    except Exception as e:
+        return e
+
+
+def pyfunc_records(split):
+    """Small Python functions from templates (x plus 7, the first 3 characters of s, ...) with assert tests
+    (metadata.test, entry_point f): each task once with its right solution (is_correct) and once with a wrong one
+    that its tests reject. The ~530 tasks are shuffled with a fixed seed: the first 10 % are validation."""
+    tasks = [pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5]))]
+    rng = random.Random(1234)
+    rng.shuffle(tasks)
+    cut = len(tasks) // 10
+    records = []
+    for task_id, instruction, right, wrongs, test in tasks[:cut] if split == "validation" else tasks[cut:]:
+        metadata = {"test": test, "entry_point": "f"}
+        for output, ok in ((right, True), (rng.choice(wrongs), False)):
+            records.append({"instruction": instruction, "input": "", "output": output, "is_correct": ok,
+                            "task_id": task_id, "metadata": metadata})
+    return records
+
+
+def check_pyfunc(record, answer):
+    """Runs the answer against the record's tests in the sandbox (sandbox.py): True when they all pass."""
+    import sandbox  # no torch there; imported here so training on other data never loads it
+    limits = sandbox.Limits(timeout_s=5.0, memory_mb=512, cpu_s=5)
+    return all(sandbox.run_program(p, limits).status == "passed" for p in sandbox.programs(record, answer))
+
+
+BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, check_pyfunc)}
 
 
 def read_jsonl(path):
