@@ -259,6 +259,22 @@ class ReferenceConfig:
 
 
 @frozen
+class EvalConfig:
+    dataset: str
+    max_tasks: int = rule(*NON_NEGATIVE)
+    n_samples: int = rule(*ONE_OR_MORE)
+    temperature: float = rule(*POSITIVE)
+    top_p: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
+    max_new_tokens: int = rule(*ONE_OR_MORE)
+    batch_size: int = rule(*ONE_OR_MORE)
+    seed: int
+    k: list = rule(lambda v: bool(v) and all(type(k) is int and k >= 1 for k in v), "a list of whole numbers >= 1")
+    timeout_s: float = rule(*POSITIVE)
+    memory_mb: int = rule(lambda v: v >= 64, ">= 64")
+    workers: int = rule(*NON_NEGATIVE)
+
+
+@frozen
 class Config:
     experiment: ExperimentConfig
     model: ModelConfig
@@ -269,6 +285,7 @@ class Config:
     mlflow: MlflowConfig
     critic: CriticConfig
     reference: ReferenceConfig
+    eval: EvalConfig
 
     def to_dict(self):
         return dataclasses.asdict(self)
@@ -1983,6 +2000,116 @@ def train(cfg, use_micro=False):
 
 
 # -----------------------------------------------------------------------------
+# evaluation by execution: completions for tasks with tests, run in the sandbox (sandbox.py), scored as pass@k
+
+
+def eval_tasks(spec, max_tasks=0):
+    """task_id -> record for a JSONL path or builtin:<name>: the first record of each task (the tests are the
+    task's, whichever answer a record carries); max_tasks keeps the first N task ids in sorted order."""
+    tasks = {}
+    for record in load_records(spec, "eval")[0]:
+        tasks.setdefault(str(record.get("task_id", record.get("_source"))), record)
+    return {tid: tasks[tid] for tid in sorted(tasks)[:max_tasks or None]}
+
+
+def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
+    """(tok, model, the training run to log into or None, its step): the model of the config, with a trainer
+    checkpoint loaded when given (a path, s3://, runs:/ or auto = the newest finished run of the config's pipeline)."""
+    tok, model = build_model(cfg, use_micro, value_head=True)  # so every pipeline's checkpoint loads strictly
+    run_id, step = None, 0
+    if checkpoint:
+        cache = Path(cfg.checkpoint.dir) / ".cache"
+        found = (resolve_uri(cfg, checkpoint, cfg.experiment.pipeline, "checkpoints/checkpoint_final.pt", cache)
+                 if rank == 0 else None)
+        state = load_checkpoint_into(model, on_this_node(cfg, found, cache))
+        run_id = None if str(state["run_id"]).startswith("local-") else state["run_id"]
+        step = state["step"]
+    return tok, model.to(device).eval(), run_id, step
+
+
+def sample_completions(model, tok, tasks, e, rank, world, device):
+    """[(task_id, completion)] for every task, e.n_samples each (greedy when 1), generated in batches with the
+    KV cache; each rank generates its share of the tasks and rank 0 gathers them all."""
+    g = torch.Generator(device=device).manual_seed(e.seed + rank)
+    prompts = [(tid, [tok.bos_id] + tok.encode(render_prompt(tasks[tid])))
+               for tid in sorted(tasks)[rank::world] for _ in range(e.n_samples)]
+    mine = []
+    for chunk in batches_of(prompts, e.batch_size):
+        with autocast_for(device):
+            outs = generate(model, [p for _, p in chunk], tok.eos_id, tok.pad_id, e.max_new_tokens,
+                            temperature=0.0 if e.n_samples == 1 else e.temperature, top_p=e.top_p, generator=g)
+        mine += [(tid, tok.decode(out)) for (tid, _), out in zip(chunk, outs)]
+    if world == 1:
+        return mine
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return [pair for part in everyone for pair in part]
+
+
+def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None):
+    """pass@k of a model's completions (model mode) or of a file of completions (samples mode) on eval.dataset;
+    printed as a table, written as JSON, and logged: eval/pass@k on the evaluated training run (samples mode and
+    runs without one: a run `evaluate`), with eval/samples.jsonl holding every completion and its test outcomes."""
+    import sandbox
+    e = cfg.eval
+    rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    try:
+        tasks = eval_tasks(e.dataset, e.max_tasks)
+        run_id, step = None, 0
+        if samples:
+            pairs = sandbox.read_samples(samples, tasks)
+            tasks = {tid: tasks[tid] for tid in dict(pairs)}  # pass@k over the tasks that have samples
+        else:
+            tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
+            with torch.no_grad():
+                pairs = sample_completions(model, tok, tasks, e, rank, world, device)
+        if rank != 0:
+            return None
+        limits = sandbox.Limits(timeout_s=e.timeout_s, memory_mb=e.memory_mb, cpu_s=math.ceil(e.timeout_s))
+        results = sandbox.score(tasks, pairs, limits, workers=e.workers or os.cpu_count() or 1)
+        summary = sandbox.summarize(results, e.k)
+    except sandbox.TaskError as err:
+        raise UserError(str(err))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    print(sandbox.format_summary(summary), flush=True)
+    if json_out:
+        tmp = Path(f"{json_out}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, json_out)
+    if cfg.mlflow.enable_logging:
+        log_evaluation(cfg, run_id, step, summary, results)
+    return summary
+
+
+def metric_name(name):
+    """MLflow allows no '@' in metric names: eval/pass@1 is logged as eval/pass_at_1."""
+    return name.replace("@", "_at_")
+
+
+def log_evaluation(cfg, run_id, step, summary, results):
+    """eval/pass@k and eval/samples.jsonl on the training run, or on a new run `evaluate` when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric, Param
+    client, own_run = MlflowClient(tracking_uri(cfg)), run_id is None
+    if own_run:
+        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+        exp_id = exp.experiment_id if exp else client.create_experiment(
+            cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg)))
+        run_id = client.create_run(exp_id, run_name="evaluate", tags={"pipeline": "evaluate"}).info.run_id
+        params = flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]})
+        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(v), now, step)
+                                      for k, v in summary.items() if k.startswith("pass@")])
+    client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in results), "eval/samples.jsonl")
+    if own_run:
+        client.set_terminated(run_id, "FINISHED")
+    log.info(f"logged {', '.join(k for k in summary if k.startswith('pass@'))} to run {run_id}")
+
+
+# -----------------------------------------------------------------------------
 # report: the demo's closing table
 
 
@@ -2023,6 +2150,13 @@ def main(argv=None):
     d.add_argument("--config", default=str(ROOT / "configs" / "defaults.yaml"))
     d.add_argument("--env-file", default=".env")
     d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    e = sub.add_parser("evaluate", help="pass@k of a checkpoint's completions (or of --samples) by running them")
+    e.add_argument("--config", required=True)
+    e.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, byte tokenizer")
+    e.add_argument("--checkpoint", help="PATH, s3://..., runs:/<id>/..., or auto (the newest finished run)")
+    e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
+    e.add_argument("--json", help="also write the summary here")
+    e.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")
     r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
     r.add_argument("--tracking-uri", default="")
@@ -2034,6 +2168,10 @@ def main(argv=None):
             return doctor(load_config(args.config, args.override), args.env_file)
         if args.command == "report":
             return report(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", args.experiment)
+        if args.command == "evaluate":
+            cfg = load_config(args.config, args.override)
+            evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
+            return 0
         overrides = args.override + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         if args.dry_run:

@@ -1,0 +1,91 @@
+"""`evaluate`: samples mode scored exactly against known answers, one-line errors for bad files, and model mode end
+to end on the micro model — eval/pass@k on the evaluated training run, every completion in eval/samples.jsonl."""
+import json
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+import weighted_mtp as wm
+from conftest import ROOT, tiny_config
+
+BASELINE = ROOT / "configs" / "baseline" / "baseline_local.yaml"
+TASKS = [  # one task of each test style
+    {"instruction": "Read two integers, print their sum.", "output": "print(sum(map(int, input().split())))",
+     "task_id": "sum", "metadata": {"tests": [{"input": "1 2\n", "output": "3\n"}, {"input": "5 5", "output": "10"}]}},
+    {"instruction": "Write add(a, b).", "output": "def add(a, b):\n    return a + b", "task_id": "add",
+     "metadata": {"test": "def check(f):\n    assert f(2, 3) == 5\n", "entry_point": "add"}},
+]
+SAMPLES = [("sum", "print(sum(map(int, input().split())))"), ("sum", "print(42)"),   # c = 1 of n = 2
+           ("add", "def add(a, b):\n    return a - b"), ("add", "def add(a, b):\n    return b - a")]  # c = 0 of 2
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run_evaluate(tmp_path, uri, *args):
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri,
+           "AWS_SECRET_ACCESS_KEY": "planted-secret-value-123"}
+    return subprocess.run([sys.executable, "-m", "weighted_mtp", "evaluate", "--config", str(BASELINE), *args],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracking):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": t, "completion": c} for t, c in SAMPLES])
+    r = run_evaluate(tmp_path, tracking, "--samples", str(samples), "--json", str(tmp_path / "out.json"),
+                     "--override", f"eval.dataset={tasks}", "--override", "eval.k=[1, 2]")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads((tmp_path / "out.json").read_text())
+    # pass@1 = mean(c/n) = (1/2 + 0/2) / 2; pass@2 = mean(1 − C(n−c,2)/C(n,2)) = (1 + 0) / 2
+    assert summary == {"pass@1": 0.25, "pass@2": 0.5, "n_tasks": 2, "n_samples": 4, "timeouts": 0, "errors": 0}
+    client = MlflowClient(tracking)
+    [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
+    assert run.info.run_name == "evaluate" and run.info.status == "FINISHED"
+    assert run.data.metrics == {"eval/pass_at_1": 0.25, "eval/pass_at_2": 0.5}  # MLflow forbids "@" in names
+    lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
+    assert [(json.loads(x)["task_id"], json.loads(x)["passed"]) for x in lines] == [
+        ("sum", True), ("sum", False), ("add", False), ("add", False)]
+    assert "planted-secret-value-123" not in "".join(lines) + r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"task_id": "sum", "completion": "print(3)"}\n{"task_id": "sum"', "samples.jsonl:2: not valid JSON"),
+    ('{"task_id": "nope", "completion": "x"}', "samples.jsonl:1: unknown task_id 'nope'"),
+])
+def test_a_bad_samples_line_is_one_line_naming_file_and_line(tmp_path, tracking, line, message):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    (tmp_path / "samples.jsonl").write_text(line + "\n")
+    r = run_evaluate(tmp_path, tracking, "--samples", str(tmp_path / "samples.jsonl"),
+                     "--override", f"eval.dataset={tasks}")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"error: {tmp_path}/{message}"), r.stderr
+    assert not list(MlflowClient(tracking).search_experiments(filter_string="name = 'weighted-mtp/production'"))
+
+
+def test_a_task_without_tests_is_an_error_naming_its_line(tmp_path, tracking):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", [TASKS[0], {"instruction": "x", "output": "y", "task_id": "bare"}])
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": "bare", "completion": "print(1)"}])
+    r = run_evaluate(tmp_path, tracking, "--samples", str(samples), "--override", f"eval.dataset={tasks}")
+    assert r.returncode == 2 and f"{tasks}:2" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, tracking):
+    trained = wm.train(tiny_config("baseline", tmp_path))
+    cfg = tiny_config("baseline", tmp_path, "eval.max_tasks=3", "eval.n_samples=2", "eval.k=[1, 2]",
+                      "eval.max_new_tokens=12", "eval.workers=2", "eval.timeout_s=5")
+    summary = wm.evaluate(cfg, use_micro=True, checkpoint="auto", json_out=str(tmp_path / "out.json"))
+    assert summary["n_tasks"] == 3 and summary["n_samples"] == 6
+    client = MlflowClient(tracking)
+    run = client.get_run(trained["run_id"])
+    assert run.data.metrics["eval/pass_at_1"] == summary["pass@1"]
+    assert run.data.metrics["eval/pass_at_2"] == summary["pass@2"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/pass_at_1")] == [4]  # the checkpoint's step
+    lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
+    records = [json.loads(x) for x in lines]
+    assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(wm.eval_tasks("builtin:pyfunc", 3))
+    assert all(r["tests"] and isinstance(r["completion"], str) for r in records)
+    assert json.loads((tmp_path / "out.json").read_text()) == summary
