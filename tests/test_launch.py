@@ -54,17 +54,24 @@ def tmpdir_entries(tmp_path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ shell
-@pytest.mark.parametrize("script", ["run.sh", ".ci/run"])
+SHELL_SCRIPTS = ["run.sh", ".ci/run", "scripts/system_packages.sh"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shellcheck_clean(script):
     if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not installed (.ci/run installs it: apt-get install -y shellcheck)")
+        pytest.fail("shellcheck is not installed (./run.sh test installs it as root: apt-get install -y shellcheck)")
     res = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_scripts_are_executable():
-    for script in ("run.sh", ".ci/run"):
+    for script in SHELL_SCRIPTS:
         assert os.stat(ROOT / script).st_mode & stat.S_IXUSR, script
+
+
+def test_run_sh_stays_thin():
+    assert len(RUN_SH.read_text().splitlines()) <= 300
 
 
 def test_help_lists_commands(tmp_path):
@@ -261,12 +268,13 @@ def test_bad_counts_are_named(tmp_path, var, value):
 
 
 # --------------------------------------------------------------------------------------------- vessl
+SOURCES = {"WMTP_MODEL_SOURCE": "vessl-model://my-org/llama-mtp/4", "WMTP_DATA_SOURCE": "s3://my-bucket/codecontests"}
 VESSL_BASE = {"VESSL_CLUSTER": "my-cluster", "VESSL_PRESET": "gpu-a100-4", "GIT_URL": "https://github.com/org/weighted-mtp",
-              "GIT_REF": "0123abcd"}
+              "GIT_REF": "0123abcd", **SOURCES}
 
 
 def vessl_env(tmp_path, **extra):
-    return base_env(tmp_path, **VESSL_BASE, **extra)
+    return base_env(tmp_path, **{**VESSL_BASE, **extra})
 
 
 def test_vessl_template_has_one_whole_value_placeholder_per_line():
@@ -304,7 +312,9 @@ def test_vessl_inline_secrets_survive_special_characters(tmp_path):
     assert doc["resources"] == {"cluster": "my-cluster", "preset": "gpu-a100-4"}
     assert "cuda" in doc["image"] and "pytorch" in doc["image"]
     assert doc["import"] == {"/root/weighted-mtp": {"git": {"url": "https://github.com/org/weighted-mtp",
-                                                            "ref": "0123abcd"}}}
+                                                            "ref": "0123abcd"}},
+                             "/mnt/wmtp/model": "vessl-model://my-org/llama-mtp/4",
+                             "/mnt/wmtp/data": "s3://my-bucket/codecontests"}
     step = doc["run"][0]
     assert step["workdir"] == "/root/weighted-mtp"
     assert './run.sh "$WMTP_PIPELINE" ${WMTP_LOCAL:+--local}' in step["command"]
@@ -326,6 +336,8 @@ def test_vessl_default_uses_secret_references_and_no_secret_value(tmp_path):
     assert e["AWS_SECRET_ACCESS_KEY"] == {"secret": "wmtp-aws-secret-access-key"}
     assert e["WMTP_PIPELINE"] == "critic" and e["WMTP_LOCAL"] == "1"
     assert e["AWS_DEFAULT_REGION"] == "eu-north-1"  # the guide's region by default
+    # --local trains the micro model on builtin data: only the code is imported, whatever the sources say
+    assert list(yaml.safe_load(res.stdout)["import"]) == ["/root/weighted-mtp"]
     assert tmpdir_entries(tmp_path) == []
 
 
@@ -360,6 +372,64 @@ def test_vessl_failing_halfway_leaves_nothing(tmp_path, broken):
     assert res.stdout == ""
     assert TRICKY not in res.stderr
     assert tmpdir_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("pipeline", ["baseline", "critic", "verifiable", "rho1"])
+def test_vessl_imports_model_and_data_where_the_config_reads_them(tmp_path, pipeline):
+    res = run_sh(["vessl", pipeline, "--print"], vessl_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    doc = yaml.safe_load(res.stdout)
+    workdir = Path(doc["run"][0]["workdir"])  # where the trainer runs: relative config paths start there
+    cfg = yaml.safe_load((ROOT / "configs" / pipeline / f"{pipeline}.yaml").read_text())
+
+    def imported_from(path: str):
+        full = workdir / path
+        holders = [source for mount, source in doc["import"].items() if Path(mount) in (full, *full.parents)]
+        assert len(holders) == 1, f"{full}: imported by {holders}"
+        return holders[0]
+
+    assert doc["import"][cfg["model"]["path"]] == SOURCES["WMTP_MODEL_SOURCE"]  # the model dir is the mount itself
+    assert imported_from(cfg["model"]["path"]) == SOURCES["WMTP_MODEL_SOURCE"]
+    assert imported_from(cfg["dataset"]["train"]) == SOURCES["WMTP_DATA_SOURCE"]
+    assert imported_from(cfg["dataset"]["validation"]) == SOURCES["WMTP_DATA_SOURCE"]
+    assert cfg["dataset"]["train"] != cfg["dataset"]["validation"]
+    reference = (cfg.get("reference") or {}).get("path", "")
+    assert reference in ("", "auto")  # rho1: the newest baseline run's checkpoint, downloaded from S3
+
+
+@pytest.mark.parametrize("unset", [("WMTP_MODEL_SOURCE",), ("WMTP_DATA_SOURCE",),
+                                   ("WMTP_MODEL_SOURCE", "WMTP_DATA_SOURCE")])
+def test_vessl_without_sources_names_them_in_one_line(tmp_path, unset):
+    env = vessl_env(tmp_path)
+    for key in unset:
+        del env[key]
+    res = run_sh(["vessl", "verifiable", "--print"], env)
+    assert res.returncode == 1
+    assert res.stdout == ""
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"run.sh: vessl.yaml needs {' '.join(unset)} (set in .env or the environment; "), line
+    for key in set(SOURCES) - set(unset):
+        assert key not in line
+    assert tmpdir_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("source", ["/data/codecontests", "codecontests", "s3://", "file:///data"])
+def test_vessl_source_of_an_unknown_kind_is_named(tmp_path, source):
+    res = run_sh(["vessl", "critic", "--print"], vessl_env(tmp_path, WMTP_DATA_SOURCE=source))
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr == (f"run.sh: WMTP_DATA_SOURCE must be one of the s3://, vessl-dataset://, vessl-model:// or "
+                          f"hf:// URIs (got '{source}')\n")
+    assert tmpdir_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("model,data", [("hf://facebook/multi-token-prediction", "vessl-dataset://my-org/cc"),
+                                        ("s3://b/models/7B_1T_4", "hf://datasets/deepmind/code_contests")])
+def test_vessl_sources_of_every_kind_render(tmp_path, model, data):
+    res = run_sh(["vessl", "baseline", "--print"], vessl_env(tmp_path, WMTP_MODEL_SOURCE=model, WMTP_DATA_SOURCE=data))
+    assert res.returncode == 0, res.stderr
+    imports = yaml.safe_load(res.stdout)["import"]
+    assert (imports["/mnt/wmtp/model"], imports["/mnt/wmtp/data"]) == (model, data)
 
 
 def test_vessl_bad_args(tmp_path):
