@@ -155,6 +155,144 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     assert (venv / ".wmtp-installed-test").read_text().strip() == sha
 
 
+# ------------------------------------------------------------------------- system packages (./run.sh test)
+def _path_without(tool: str, tmp_path: Path) -> str:
+    """$PATH with each directory that holds `tool` replaced by a folder of links to all its other entries."""
+    dirs = []
+    for i, d in enumerate(os.environ["PATH"].split(os.pathsep)):
+        if d and (Path(d) / tool).exists():
+            mirror = tmp_path / f"path-{i}-without-{tool}"
+            mirror.mkdir()
+            for entry in Path(d).iterdir():
+                if entry.name != tool:
+                    (mirror / entry.name).symlink_to(entry)
+            d = str(mirror)
+        dirs.append(d)
+    return os.pathsep.join(dirs)
+
+
+def _no_shellcheck_env(tmp_path: Path, uid: int) -> tuple[dict, Path, Path]:
+    """A machine without shellcheck where `id -u` says uid and apt-get only records its calls; a fake venv."""
+    fake = tmp_path / "sysbin"
+    fake.mkdir()
+    apt_log = tmp_path / "apt.log"
+    apt_log.touch()
+    (fake / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (fake / "apt-get").write_text(f'#!/bin/sh\nprintf "%s %s\\n" "${{DEBIAN_FRONTEND:-unset}}" "$*" >> {apt_log}\n')
+    for f in ("id", "apt-get"):
+        (fake / f).chmod(0o755)
+    venv, py_log = _fake_venv(tmp_path)
+    env = base_env(tmp_path, WMTP_VENV=str(venv), PATH=f"{fake}{os.pathsep}{_path_without('shellcheck', tmp_path)}")
+    env.pop("DEBIAN_FRONTEND", None)
+    return env, apt_log, py_log
+
+
+def test_test_as_root_apt_gets_what_the_tests_lack(tmp_path):
+    env, apt_log, py_log = _no_shellcheck_env(tmp_path, uid=0)
+    assert shutil.which("shellcheck", path=env["PATH"]) is None
+    res = run_sh(["test", "-k", "nothing"], env)
+    assert res.returncode == 0, res.stderr
+    assert apt_log.read_text().splitlines() == [
+        "unset update", "noninteractive install -y --no-install-recommends shellcheck"]
+    assert "run.sh: installing shellcheck (apt-get)" in res.stderr.splitlines()
+    assert _calls(py_log)[-1] == "-m pytest -k nothing"
+
+
+@pytest.mark.parametrize("args,needed", [
+    (["-k", "nothing"], True),                                      # no path: the whole suite
+    (["tests"], True),
+    (["./tests/test_launch.py::test_help_lists_commands"], True),
+    ([str(ROOT / "tests" / "test_launch.py")], True),
+    (["tests/test_weights.py", "-x"], False),                      # shellcheck is for test_launch.py only
+    (["tests/test_weights.py", "tests/test_stack.py"], False),     # PostgreSQL is there
+])
+def test_test_as_a_user_names_the_install_command_when_the_selected_tests_need_it(tmp_path, args, needed):
+    env, apt_log, py_log = _no_shellcheck_env(tmp_path, uid=1000)
+    res = run_sh(["test", *args], env)
+    assert apt_log.read_text() == ""
+    if needed:
+        assert res.returncode == 1
+        assert res.stderr.splitlines() == ["run.sh: shellcheck not found; the tests need them: "
+                                           "sudo apt-get update && sudo apt-get install -y shellcheck"]
+        assert _calls(py_log) == []  # neither installed nor ran anything
+    else:
+        assert res.returncode == 0, res.stderr
+        assert "not found" not in res.stderr
+        assert _calls(py_log)[-1] == "-m pytest " + " ".join(args)
+
+
+# ------------------------------------------------------------------------------ torch from the image
+def _fake_python3(tmp_path: Path, torch_version: str | None) -> tuple[dict, Path, Path, Path]:
+    """A system python3 whose torch is torch_version (None: no torch). `-m venv` records its arguments and makes
+    a venv whose python logs each call: pip and pytest succeed; `import torch` works when the venv sees the
+    system site packages (the fake torch) or after torch was pip-installed into it."""
+    torch_dir = tmp_path / "system-site" / "torch"
+    torch_dir.mkdir(parents=True)
+    (torch_dir / "__init__.py").write_text(f"__version__ = {torch_version!r}\n" if torch_version
+                                          else "raise ImportError('no torch in this image')\n")
+    site, log3, log = torch_dir.parent, tmp_path / "python3.log", tmp_path / "python.log"
+    log3.touch()
+    log.touch()
+    venv_python = tmp_path / "venv-python"
+    venv_python.write_text(f"""#!/bin/sh
+printf '%s\\n' "$*" >> {log}
+case "$1 $2" in
+  "-m pip"|"-m pytest") exit 0 ;;
+  "-c import torch")
+    if grep -q 'include-system-site-packages = true' "$(dirname "$0")/../pyvenv.cfg"; then
+      PYTHONPATH={site} exec {sys.executable} -c 'import torch'
+    fi
+    grep -q 'pip install torch==2.13.0' {log}; exit $? ;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "python3").write_text(f"""#!/bin/sh
+printf '%s\\n' "$*" >> {log3}
+if [ "$1 $2" = "-m venv" ]; then
+  for venv; do :; done
+  mkdir -p "$venv/bin" && cp {venv_python} "$venv/bin/python" && chmod +x "$venv/bin/python"
+  case " $* " in *" --system-site-packages "*) system=true ;; *) system=false ;; esac
+  echo "include-system-site-packages = $system" > "$venv/pyvenv.cfg"
+  exit 0
+fi
+PYTHONPATH={site} exec {sys.executable} "$@"
+""")
+    (fake / "python3").chmod(0o755)
+    venv = tmp_path / "venv"
+    env = base_env(tmp_path, WMTP_VENV=str(venv), PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    return env, venv, log3, log
+
+
+@pytest.mark.parametrize("torch_version,reused", [
+    ("2.5.1+cu124", True),      # the VESSL image's torch
+    ("2.4.0", True),            # the pyproject minimum itself
+    ("2.10.0", True),           # compared as numbers, not strings
+    ("2.3.1", False),           # too old: a plain venv and the pinned torch
+    (None, False),              # no torch at all
+])
+def test_new_venv_reuses_the_system_torch_when_it_is_recent_enough(tmp_path, torch_version, reused):
+    env, venv, log3, log = _fake_python3(tmp_path, torch_version)
+    res = run_sh(["test", "tests/test_weights.py"], env)  # a selection that needs no system package
+    assert res.returncode == 0, res.stderr
+    venv_calls = [c for c in log3.read_text().splitlines() if c.startswith("-m venv")]
+    installs = [f"-m pip install -e {ROOT}[test]", "-m pytest tests/test_weights.py"]
+    if reused:
+        assert venv_calls == [f"-m venv --system-site-packages {venv}"]
+        assert _calls(log) == ["-c import torch", *installs]  # torch already importable: no torch install
+        assert "with the system site packages: python3 has torch >= 2.4" in res.stderr
+    else:
+        assert venv_calls == [f"-m venv {venv}"]
+        assert _calls(log) == ["-c import torch", "-m pip install torch==2.13.0", *installs]
+
+
+def test_torch_minimum_is_the_pyprojects():
+    import re
+    pyproject = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert re.search(r"^TORCH_MIN=(\S+)", RUN_SH.read_text(), re.M).group(1) == pyproject
+
+
 # ---------------------------------------------------------------------------- production variables
 @pytest.mark.parametrize("missing", sorted(PROD_CREDS))
 def test_missing_production_variable_is_named(tmp_path, missing):
