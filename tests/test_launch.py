@@ -54,17 +54,24 @@ def tmpdir_entries(tmp_path: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ shell
-@pytest.mark.parametrize("script", ["run.sh", ".ci/run"])
+SHELL_SCRIPTS = ["run.sh", ".ci/run", "scripts/system_packages.sh"]
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS)
 def test_shellcheck_clean(script):
     if shutil.which("shellcheck") is None:
-        pytest.fail("shellcheck is not installed (.ci/run installs it: apt-get install -y shellcheck)")
+        pytest.fail("shellcheck is not installed (./run.sh test installs it as root: apt-get install -y shellcheck)")
     res = subprocess.run(["shellcheck", str(ROOT / script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_scripts_are_executable():
-    for script in ("run.sh", ".ci/run"):
+    for script in SHELL_SCRIPTS:
         assert os.stat(ROOT / script).st_mode & stat.S_IXUSR, script
+
+
+def test_run_sh_stays_thin():
+    assert len(RUN_SH.read_text().splitlines()) <= 300
 
 
 def test_help_lists_commands(tmp_path):
@@ -146,6 +153,144 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     assert run_sh(["test"], env).returncode == 0
     assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest"]
     assert (venv / ".wmtp-installed-test").read_text().strip() == sha
+
+
+# ------------------------------------------------------------------------- system packages (./run.sh test)
+def _path_without(tool: str, tmp_path: Path) -> str:
+    """$PATH with each directory that holds `tool` replaced by a folder of links to all its other entries."""
+    dirs = []
+    for i, d in enumerate(os.environ["PATH"].split(os.pathsep)):
+        if d and (Path(d) / tool).exists():
+            mirror = tmp_path / f"path-{i}-without-{tool}"
+            mirror.mkdir()
+            for entry in Path(d).iterdir():
+                if entry.name != tool:
+                    (mirror / entry.name).symlink_to(entry)
+            d = str(mirror)
+        dirs.append(d)
+    return os.pathsep.join(dirs)
+
+
+def _no_shellcheck_env(tmp_path: Path, uid: int) -> tuple[dict, Path, Path]:
+    """A machine without shellcheck where `id -u` says uid and apt-get only records its calls; a fake venv."""
+    fake = tmp_path / "sysbin"
+    fake.mkdir()
+    apt_log = tmp_path / "apt.log"
+    apt_log.touch()
+    (fake / "id").write_text(f"#!/bin/sh\necho {uid}\n")
+    (fake / "apt-get").write_text(f'#!/bin/sh\nprintf "%s %s\\n" "${{DEBIAN_FRONTEND:-unset}}" "$*" >> {apt_log}\n')
+    for f in ("id", "apt-get"):
+        (fake / f).chmod(0o755)
+    venv, py_log = _fake_venv(tmp_path)
+    env = base_env(tmp_path, WMTP_VENV=str(venv), PATH=f"{fake}{os.pathsep}{_path_without('shellcheck', tmp_path)}")
+    env.pop("DEBIAN_FRONTEND", None)
+    return env, apt_log, py_log
+
+
+def test_test_as_root_apt_gets_what_the_tests_lack(tmp_path):
+    env, apt_log, py_log = _no_shellcheck_env(tmp_path, uid=0)
+    assert shutil.which("shellcheck", path=env["PATH"]) is None
+    res = run_sh(["test", "-k", "nothing"], env)
+    assert res.returncode == 0, res.stderr
+    assert apt_log.read_text().splitlines() == [
+        "unset update", "noninteractive install -y --no-install-recommends shellcheck"]
+    assert "run.sh: installing shellcheck (apt-get)" in res.stderr.splitlines()
+    assert _calls(py_log)[-1] == "-m pytest -k nothing"
+
+
+@pytest.mark.parametrize("args,needed", [
+    (["-k", "nothing"], True),                                      # no path: the whole suite
+    (["tests"], True),
+    (["./tests/test_launch.py::test_help_lists_commands"], True),
+    ([str(ROOT / "tests" / "test_launch.py")], True),
+    (["tests/test_weights.py", "-x"], False),                      # shellcheck is for test_launch.py only
+    (["tests/test_weights.py", "tests/test_stack.py"], False),     # PostgreSQL is there
+])
+def test_test_as_a_user_names_the_install_command_when_the_selected_tests_need_it(tmp_path, args, needed):
+    env, apt_log, py_log = _no_shellcheck_env(tmp_path, uid=1000)
+    res = run_sh(["test", *args], env)
+    assert apt_log.read_text() == ""
+    if needed:
+        assert res.returncode == 1
+        assert res.stderr.splitlines() == ["run.sh: shellcheck not found; the tests need them: "
+                                           "sudo apt-get update && sudo apt-get install -y shellcheck"]
+        assert _calls(py_log) == []  # neither installed nor ran anything
+    else:
+        assert res.returncode == 0, res.stderr
+        assert "not found" not in res.stderr
+        assert _calls(py_log)[-1] == "-m pytest " + " ".join(args)
+
+
+# ------------------------------------------------------------------------------ torch from the image
+def _fake_python3(tmp_path: Path, torch_version: str | None) -> tuple[dict, Path, Path, Path]:
+    """A system python3 whose torch is torch_version (None: no torch). `-m venv` records its arguments and makes
+    a venv whose python logs each call: pip and pytest succeed; `import torch` works when the venv sees the
+    system site packages (the fake torch) or after torch was pip-installed into it."""
+    torch_dir = tmp_path / "system-site" / "torch"
+    torch_dir.mkdir(parents=True)
+    (torch_dir / "__init__.py").write_text(f"__version__ = {torch_version!r}\n" if torch_version
+                                          else "raise ImportError('no torch in this image')\n")
+    site, log3, log = torch_dir.parent, tmp_path / "python3.log", tmp_path / "python.log"
+    log3.touch()
+    log.touch()
+    venv_python = tmp_path / "venv-python"
+    venv_python.write_text(f"""#!/bin/sh
+printf '%s\\n' "$*" >> {log}
+case "$1 $2" in
+  "-m pip"|"-m pytest") exit 0 ;;
+  "-c import torch")
+    if grep -q 'include-system-site-packages = true' "$(dirname "$0")/../pyvenv.cfg"; then
+      PYTHONPATH={site} exec {sys.executable} -c 'import torch'
+    fi
+    grep -q 'pip install torch==2.13.0' {log}; exit $? ;;
+esac
+exec {sys.executable} "$@"
+""")
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "python3").write_text(f"""#!/bin/sh
+printf '%s\\n' "$*" >> {log3}
+if [ "$1 $2" = "-m venv" ]; then
+  for venv; do :; done
+  mkdir -p "$venv/bin" && cp {venv_python} "$venv/bin/python" && chmod +x "$venv/bin/python"
+  case " $* " in *" --system-site-packages "*) system=true ;; *) system=false ;; esac
+  echo "include-system-site-packages = $system" > "$venv/pyvenv.cfg"
+  exit 0
+fi
+PYTHONPATH={site} exec {sys.executable} "$@"
+""")
+    (fake / "python3").chmod(0o755)
+    venv = tmp_path / "venv"
+    env = base_env(tmp_path, WMTP_VENV=str(venv), PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    return env, venv, log3, log
+
+
+@pytest.mark.parametrize("torch_version,reused", [
+    ("2.5.1+cu124", True),      # the VESSL image's torch
+    ("2.4.0", True),            # the pyproject minimum itself
+    ("2.10.0", True),           # compared as numbers, not strings
+    ("2.3.1", False),           # too old: a plain venv and the pinned torch
+    (None, False),              # no torch at all
+])
+def test_new_venv_reuses_the_system_torch_when_it_is_recent_enough(tmp_path, torch_version, reused):
+    env, venv, log3, log = _fake_python3(tmp_path, torch_version)
+    res = run_sh(["test", "tests/test_weights.py"], env)  # a selection that needs no system package
+    assert res.returncode == 0, res.stderr
+    venv_calls = [c for c in log3.read_text().splitlines() if c.startswith("-m venv")]
+    installs = [f"-m pip install -e {ROOT}[test]", "-m pytest tests/test_weights.py"]
+    if reused:
+        assert venv_calls == [f"-m venv --system-site-packages {venv}"]
+        assert _calls(log) == ["-c import torch", *installs]  # torch already importable: no torch install
+        assert "with the system site packages: python3 has torch >= 2.4" in res.stderr
+    else:
+        assert venv_calls == [f"-m venv {venv}"]
+        assert _calls(log) == ["-c import torch", "-m pip install torch==2.13.0", *installs]
+
+
+def test_torch_minimum_is_the_pyprojects():
+    import re
+    pyproject = re.search(r'"torch>=([0-9.]+)"', (ROOT / "pyproject.toml").read_text()).group(1)
+    assert re.search(r"^TORCH_MIN=(\S+)", RUN_SH.read_text(), re.M).group(1) == pyproject
 
 
 # ---------------------------------------------------------------------------- production variables
@@ -261,12 +406,13 @@ def test_bad_counts_are_named(tmp_path, var, value):
 
 
 # --------------------------------------------------------------------------------------------- vessl
+SOURCES = {"WMTP_MODEL_SOURCE": "vessl-model://my-org/llama-mtp/4", "WMTP_DATA_SOURCE": "s3://my-bucket/codecontests"}
 VESSL_BASE = {"VESSL_CLUSTER": "my-cluster", "VESSL_PRESET": "gpu-a100-4", "GIT_URL": "https://github.com/org/weighted-mtp",
-              "GIT_REF": "0123abcd"}
+              "GIT_REF": "0123abcd", **SOURCES}
 
 
 def vessl_env(tmp_path, **extra):
-    return base_env(tmp_path, **VESSL_BASE, **extra)
+    return base_env(tmp_path, **{**VESSL_BASE, **extra})
 
 
 def test_vessl_template_has_one_whole_value_placeholder_per_line():
@@ -304,7 +450,9 @@ def test_vessl_inline_secrets_survive_special_characters(tmp_path):
     assert doc["resources"] == {"cluster": "my-cluster", "preset": "gpu-a100-4"}
     assert "cuda" in doc["image"] and "pytorch" in doc["image"]
     assert doc["import"] == {"/root/weighted-mtp": {"git": {"url": "https://github.com/org/weighted-mtp",
-                                                            "ref": "0123abcd"}}}
+                                                            "ref": "0123abcd"}},
+                             "/mnt/wmtp/model": "vessl-model://my-org/llama-mtp/4",
+                             "/mnt/wmtp/data": "s3://my-bucket/codecontests"}
     step = doc["run"][0]
     assert step["workdir"] == "/root/weighted-mtp"
     assert './run.sh "$WMTP_PIPELINE" ${WMTP_LOCAL:+--local}' in step["command"]
@@ -326,6 +474,8 @@ def test_vessl_default_uses_secret_references_and_no_secret_value(tmp_path):
     assert e["AWS_SECRET_ACCESS_KEY"] == {"secret": "wmtp-aws-secret-access-key"}
     assert e["WMTP_PIPELINE"] == "critic" and e["WMTP_LOCAL"] == "1"
     assert e["AWS_DEFAULT_REGION"] == "eu-north-1"  # the guide's region by default
+    # --local trains the micro model on builtin data: only the code is imported, whatever the sources say
+    assert list(yaml.safe_load(res.stdout)["import"]) == ["/root/weighted-mtp"]
     assert tmpdir_entries(tmp_path) == []
 
 
@@ -360,6 +510,64 @@ def test_vessl_failing_halfway_leaves_nothing(tmp_path, broken):
     assert res.stdout == ""
     assert TRICKY not in res.stderr
     assert tmpdir_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("pipeline", ["baseline", "critic", "verifiable", "rho1"])
+def test_vessl_imports_model_and_data_where_the_config_reads_them(tmp_path, pipeline):
+    res = run_sh(["vessl", pipeline, "--print"], vessl_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    doc = yaml.safe_load(res.stdout)
+    workdir = Path(doc["run"][0]["workdir"])  # where the trainer runs: relative config paths start there
+    cfg = yaml.safe_load((ROOT / "configs" / pipeline / f"{pipeline}.yaml").read_text())
+
+    def imported_from(path: str):
+        full = workdir / path
+        holders = [source for mount, source in doc["import"].items() if Path(mount) in (full, *full.parents)]
+        assert len(holders) == 1, f"{full}: imported by {holders}"
+        return holders[0]
+
+    assert doc["import"][cfg["model"]["path"]] == SOURCES["WMTP_MODEL_SOURCE"]  # the model dir is the mount itself
+    assert imported_from(cfg["model"]["path"]) == SOURCES["WMTP_MODEL_SOURCE"]
+    assert imported_from(cfg["dataset"]["train"]) == SOURCES["WMTP_DATA_SOURCE"]
+    assert imported_from(cfg["dataset"]["validation"]) == SOURCES["WMTP_DATA_SOURCE"]
+    assert cfg["dataset"]["train"] != cfg["dataset"]["validation"]
+    reference = (cfg.get("reference") or {}).get("path", "")
+    assert reference in ("", "auto")  # rho1: the newest baseline run's checkpoint, downloaded from S3
+
+
+@pytest.mark.parametrize("unset", [("WMTP_MODEL_SOURCE",), ("WMTP_DATA_SOURCE",),
+                                   ("WMTP_MODEL_SOURCE", "WMTP_DATA_SOURCE")])
+def test_vessl_without_sources_names_them_in_one_line(tmp_path, unset):
+    env = vessl_env(tmp_path)
+    for key in unset:
+        del env[key]
+    res = run_sh(["vessl", "verifiable", "--print"], env)
+    assert res.returncode == 1
+    assert res.stdout == ""
+    [line] = res.stderr.splitlines()
+    assert line.startswith(f"run.sh: vessl.yaml needs {' '.join(unset)} (set in .env or the environment; "), line
+    for key in set(SOURCES) - set(unset):
+        assert key not in line
+    assert tmpdir_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("source", ["/data/codecontests", "codecontests", "s3://", "file:///data"])
+def test_vessl_source_of_an_unknown_kind_is_named(tmp_path, source):
+    res = run_sh(["vessl", "critic", "--print"], vessl_env(tmp_path, WMTP_DATA_SOURCE=source))
+    assert res.returncode == 1
+    assert res.stdout == ""
+    assert res.stderr == (f"run.sh: WMTP_DATA_SOURCE must be one of the s3://, vessl-dataset://, vessl-model:// or "
+                          f"hf:// URIs (got '{source}')\n")
+    assert tmpdir_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("model,data", [("hf://facebook/multi-token-prediction", "vessl-dataset://my-org/cc"),
+                                        ("s3://b/models/7B_1T_4", "hf://datasets/deepmind/code_contests")])
+def test_vessl_sources_of_every_kind_render(tmp_path, model, data):
+    res = run_sh(["vessl", "baseline", "--print"], vessl_env(tmp_path, WMTP_MODEL_SOURCE=model, WMTP_DATA_SOURCE=data))
+    assert res.returncode == 0, res.stderr
+    imports = yaml.safe_load(res.stdout)["import"]
+    assert (imports["/mnt/wmtp/model"], imports["/mnt/wmtp/data"]) == (model, data)
 
 
 def test_vessl_bad_args(tmp_path):
