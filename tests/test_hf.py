@@ -214,7 +214,8 @@ def test_a_lora_run_exports_with_its_adapters_merged(tmp_path, hf_dir):
 
 
 def test_an_hf_reference_drives_rho1(tracking, tmp_path, hf_dir):
-    reference_dir = write_hf(tmp_path / "ref", {**CONFIG, "num_hidden_layers": 2}, random_llama(CONFIG, seed=5))
+    smaller = {**CONFIG, "num_hidden_layers": 2}   # a reference of another size, as Sheared-LLaMA-2.7B for a 7B
+    reference_dir = write_hf(tmp_path / "ref", smaller, random_llama(smaller, seed=5))
     cfg = tiny_config("rho1", tmp_path, f"model.path={hf_dir}", f"reference.path={reference_dir}", *RUN)
     result = wm.train(cfg)
     reference = result["reference"]
