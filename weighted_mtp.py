@@ -296,9 +296,10 @@ def load_tokenizer(explicit, model_dir):
         if not path.exists():
             raise UserError(f"model.tokenizer: {path} does not exist")
     else:
-        path = next((p for p in (Path(model_dir) / "tokenizer.model", Path(model_dir) / "tokenizer.json") if p.exists()), None)
-        if path is None:
+        found = [p for p in (Path(model_dir) / "tokenizer.model", Path(model_dir) / "tokenizer.json") if p.exists()]
+        if not found:
             return None
+        path = found[0]
     return HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
 
 
@@ -424,7 +425,8 @@ class MTPTransformer(nn.Module):
         for layer in self.layers[:-1]:
             h = layer(h, cos, sin)
         states = [head(h, cos, sin) for head in [self.layers[-1], *self.extra_heads][:h_count]]
-        vals = self.value_head(self.norm(states[0]).detach().float()).squeeze(-1) if values else None  # fp32 head, bf16 trunk
+        # .float(): the value head is trained, so fp32, while a frozen trunk may be bf16 (model.dtype)
+        vals = self.value_head(self.norm(states[0]).detach().float()).squeeze(-1) if values else None
         if targets is None:
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
         return torch.stack([self.head_ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
@@ -489,11 +491,13 @@ def load_state(model, state, source, partial=False):
     optional = lambda k: partial or k.startswith("value_head.") or ".lora_" in k
     unexpected = [k for k in state if k not in own]
     missing = [k for k in own if k not in state and not optional(k)]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state if k in own and state[k].shape != own[k].shape]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
     if unexpected or missing or shapes:
         problems = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
                     f"shape {shapes[:2]}" if shapes else ""]
-        raise UserError(f"{source}: does not match the model ({'; '.join(p for p in problems if p)}) — another model size?")
+        raise UserError(f"{source}: does not match the model ({'; '.join(p for p in problems if p)}) "
+                        "— another model size?")
     model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
 
 
@@ -565,13 +569,14 @@ def model_args_from_hf(model_dir):
     """(ModelArgs of a one-head model, tie_word_embeddings) from config.json; what we cannot compute is an error."""
     path = Path(model_dir) / "config.json"
     c = read_json(path)
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 keeps rope_theta in there
+    rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     try:
         dim, n_heads = c["hidden_size"], c["num_attention_heads"]
         n_kv = c.get("num_key_value_heads") or n_heads
         args = ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                          vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
-                         norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=rope.get("rope_theta", c.get("rope_theta", 1e4)),
+                         norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
                          max_seq_len=c.get("max_position_embeddings"), n_future_tokens=1)
     except KeyError as e:
         raise UserError(f"{path}: missing {e}")
@@ -580,7 +585,7 @@ def model_args_from_hf(model_dir):
               (c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}"),
               (not c.get("attention_bias") and not c.get("mlp_bias"), "biases"),
               (rope_type == "default", f"rope_type {rope_type!r}"),
-              (c.get("head_dim", dim // n_heads) == dim // n_heads, f"head_dim {c.get('head_dim')} != {dim} / {n_heads}"),
+              (c.get("head_dim", dim // n_heads) == dim // n_heads, f"head_dim {c.get('head_dim')} != {dim}/{n_heads}"),
               (dim % (2 * n_heads) == 0 and n_heads % n_kv == 0, f"{n_heads} heads, {n_kv} kv heads of dim {dim}")]
     unsupported = [what for ok, what in checks if not ok]
     if unsupported:
@@ -654,7 +659,8 @@ def with_heads(args, state, H, source):
     head0 = f"layers.{n_blocks - 1}."
     state = {k: v for k, v in state.items() if not (k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1)}
     for j in range(own - 1, H - 1):
-        state.update({f"extra_heads.{j}.{k[len(head0):]}": v.clone() for k, v in list(state.items()) if k.startswith(head0)})
+        block = {k[len(head0):]: v for k, v in state.items() if k.startswith(head0)}
+        state.update({f"extra_heads.{j}.{k}": v.clone() for k, v in block.items()})
     change = (f"heads {own}..{H - 1} start as copies of head 0's block ({head0[:-1]})" if H > own
               else f"heads {H}..{own - 1} dropped")
     log.info(f"{source}: a {own}-head checkpoint as a {H}-head model: the trunk keeps {n_blocks - 1} blocks, {change}")
@@ -736,16 +742,18 @@ def build_model(cfg, use_micro, value_head):
 
 def load_meta_model(mcfg, value_head, dtype=torch.float32):
     """model.path, a Meta or Hugging Face dir, with its tokenizer (model.tokenizer, else the dir's own)."""
-    tok, model = load_pretrained(mcfg["path"], mcfg["n_future_tokens"], dtype, value_head, mcfg["memory_efficient_loss"],
-                                 mcfg["tokenizer"])
+    tok, model = load_pretrained(mcfg["path"], mcfg["n_future_tokens"], dtype, value_head,
+                                 mcfg["memory_efficient_loss"], mcfg["tokenizer"])
     if tok is None:
-        raise UserError(f"model.tokenizer: {mcfg['path']} has no tokenizer.model or tokenizer.json (set model.tokenizer)")
+        raise UserError(f"model.tokenizer: {mcfg['path']} has no tokenizer.model or tokenizer.json "
+                        "(set model.tokenizer)")
     return tok, model
 
 
 def merged_state(model):
     """The policy's weights in Meta names: LoRA merged into its base, the value head left out."""
-    state = {f"{name}.weight": m.merged_weight().detach() for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    state = {f"{name}.weight": m.merged_weight().detach()
+             for name, m in model.named_modules() if isinstance(m, LoRALinear)}
     for key, value in model.state_dict().items():
         if not key.startswith("value_head.") and ".lora_" not in key:
             state.setdefault(key, value.detach())
