@@ -277,7 +277,8 @@ def test_a_meta_model_without_its_tokenizer(cli, tmp_path):
 
 def test_a_meta_model_whose_tokenizer_dir_has_no_tokenizer_model(cli, tmp_path):
     d = meta_dir(tmp_path)
-    rejected(cli, tmp_path, f"model.tokenizer: {d / 'tokenizer.model'} does not exist", f"model.path={d}", micro=False)
+    rejected(cli, tmp_path, f"model.tokenizer: {d} has no tokenizer.model or tokenizer.json (set model.tokenizer)",
+             f"model.path={d}", micro=False)
 
 
 @pytest.mark.skipif(__import__("importlib").util.find_spec("sentencepiece") is not None,
