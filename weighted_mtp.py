@@ -1136,6 +1136,8 @@ def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, to
     own tokens only, RoPE reads the same angle tables as training, and one mask (slot <= position) serves the
     prompt forward and every step. The pads after a short prompt are written to slots its next tokens overwrite
     before any query can read them."""
+    if not prompts or not all(prompts):
+        raise ValueError("generate: needs at least one prompt, and every prompt at least one token (BOS)")
     device = model.output.weight.device
     autocast = torch.is_autocast_enabled(device.type)
     dtype = torch.get_autocast_dtype(device.type) if autocast else model.output.weight.dtype  # what wk, wv give

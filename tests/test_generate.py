@@ -1,5 +1,6 @@
 """Generation with a KV cache: token for token what re-running the whole prefix gives (greedy, batched prompts of
 different lengths, GQA, LoRA), EOS stops a row and the loop, reproducible sampling, nucleus cut, bf16 autocast."""
+import pytest
 import torch
 
 import weighted_mtp as wm
@@ -109,3 +110,8 @@ def test_bf16_autocast_cache_gives_the_forwards_logits_within_bf16_rounding():
         torch.testing.assert_close(second, reference, atol=0.05, rtol=0.05)
         outs = wm.generate(model, prompts, TOK.eos_id, TOK.pad_id, 6)
     assert cache.keys[0].dtype == torch.bfloat16 and all(len(o) == 6 for o in outs)
+
+
+def test_an_empty_prompt_is_an_error():
+    with pytest.raises(ValueError, match="every prompt at least one token"):
+        wm.generate(micro_model(), [[256, 65], []], TOK.eos_id, TOK.pad_id, 4)
