@@ -484,7 +484,7 @@ def rope_angles(head_dim, length, theta, device):
 def apply_rope(x, cos, sin):
     """Rotate pairs (x[2i], x[2i+1]) by angle pos·θ_i: Meta's interleaved convention, so its weights load as-is."""
     x0, x1 = x.float()[..., 0::2], x.float()[..., 1::2]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    cos, sin = cos[..., None, :], sin[..., None, :]  # [T, d/2] for every row alike, or [B, T, d/2] per row
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
 
 
@@ -498,12 +498,23 @@ class Attention(nn.Module):
         self.wv = nn.Linear(a.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, a.dim, bias=False)
 
-    def forward(self, x, cos, sin):
+    def forward(self, x, cos, sin, cache=None):
+        """Training: causal attention over x alone. Generation: cache = (keys, values, where, mask) — this layer's
+        KV cache [B, S, n_kv_heads, head_dim], the (rows, positions) this forward's tokens are written to, and
+        which of the first `width` slots each query may read, [B, 1, T, width]."""
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin).transpose(1, 2)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
+        else:
+            keys, values, where, mask = cache
+            keys[where], values[where] = k, v
+            width = mask.shape[-1]
+            k, v = keys[:, :width].transpose(1, 2), values[:, :width].transpose(1, 2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -528,8 +539,8 @@ class Block(nn.Module):
         self.attention, self.feed_forward = Attention(a), FeedForward(a)
         self.attention_norm, self.ffn_norm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
 
-    def forward(self, x, cos, sin):
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -572,6 +583,19 @@ class MTPTransformer(nn.Module):
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
         return torch.stack([self.head_ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
 
+    def next_logits(self, tokens, positions, width, cache, read):
+        """Head 0's logits [B, V] (fp32) at column `read` [B] of each row, for tokens [B, T] at positions [B, T],
+        through the KV cache: each token's keys and values go to the slot of its position, and a query at
+        position p reads slots 0..p of its row (`width` = 1 + the largest position). Generation only."""
+        B = tokens.shape[0]
+        rows = torch.arange(B, device=tokens.device)
+        mask = (torch.arange(width, device=tokens.device) <= positions[..., None])[:, None]
+        cos, sin, where = cache.cos[positions], cache.sin[positions], (rows[:, None], positions)
+        h = self.tok_embeddings(tokens)
+        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
+            h = layer(h, cos, sin, (keys, values, where, mask))
+        return self.output(self.norm(h[rows, read])).float()
+
     def head_ce(self, state, target):
         # Checkpointing norm -> output -> CE keeps one head's [B,T,V] logits alive at a time, in forward and in
         # backward (it recomputes them), so H heads cost O(V + d) memory rather than O(HV + d).
@@ -582,6 +606,18 @@ class MTPTransformer(nn.Module):
     def _ce(self, state, target):
         logits = self.output(self.norm(state)).float()
         return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none").view_as(target)
+
+
+class KVCache:
+    """Generation's memory for the trunk and head 0: per block, keys and values [B, length, n_kv_heads, head_dim],
+    slot s holding position s of its row; and the RoPE angles of positions 0..length-1."""
+
+    def __init__(self, model, batch, length, dtype, device):
+        a = model.args
+        shape = (batch, length, a.n_kv_heads or a.n_heads, a.dim // a.n_heads)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        self.cos, self.sin = rope_angles(shape[-1], length, a.rope_theta, device)
 
 
 class LoRALinear(nn.Module):
@@ -1910,27 +1946,52 @@ def auc(scores, labels):
     return wins / (len(pos) * len(neg))
 
 
+def next_token(logits, temperature, top_p, generator):
+    """argmax when temperature is 0; else a draw from softmax(logits / temperature) cut to the nucleus (Holtzman et
+    al. 2020): the most likely tokens up to and including the first whose cumulative probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs[sorted_probs.cumsum(-1) - sorted_probs >= top_p] = 0.0  # the tokens before it already reach top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @torch.no_grad()
-def greedy_decode(model, prompts, eos_id, pad_id, max_new, device):
-    """Greedy continuation of each prompt with head 0. Right padding: each row reads its logits at its own last
-    position, and causal attention keeps the pads after it from mattering, so one batch serves all lengths."""
+def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
+    """Continue each prompt (a list of token ids) with head 0, batched, through a KV cache: one forward over the
+    prompts, then one token per row per step. Returns each completion's ids up to and excluding EOS, at most
+    max_new_tokens. Sampling draws from `generator` (on the model's device) when temperature > 0.
+
+    Right padding with per-row positions: row b's token at position p sits in cache slot p, so its slots hold its
+    own tokens only, RoPE reads the same angle tables as training, and one mask (slot <= position) serves the
+    prompt forward and every step. The pads after a short prompt are written to slots its next tokens overwrite
+    before any query can read them."""
+    if not prompts or not all(prompts):
+        raise ValueError("generate: needs at least one prompt, and every prompt at least one token (BOS)")
+    device = model.output.weight.device
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else model.output.weight.dtype  # what wk, wv give
+    B, width = len(prompts), max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
-    tokens = torch.full((len(prompts), int(lengths.max()) + max_new), pad_id, dtype=torch.long, device=device)
+    tokens = torch.full((B, width), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    rows = torch.arange(len(prompts), device=device)
-    for _ in range(max_new):
-        width = int(lengths.max())
-        logits, _ = model(tokens[:, :width], n_heads=1)
-        nxt = logits[rows, lengths - 1, 0].argmax(-1)
-        tokens[rows[~done], lengths[~done]] = nxt[~done]
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    cache = KVCache(model, B, width + max_new_tokens, dtype, device)
+    logits = model.next_logits(tokens, torch.arange(width, device=device).expand(B, width), width, cache, lengths - 1)
+    out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(max_new_tokens):
+        nxt = torch.where(done, eos_id, next_token(logits, temperature, top_p, generator))  # a finished row stays put
+        out[:, step] = nxt
         done |= nxt == eos_id
-        lengths = lengths + (~done).long()
-        if done.all():
+        if step == max_new_tokens - 1 or done.all():
             break
-    ends = (lengths + done.long()).tolist()  # a finished row's EOS sits at its length
-    return [tokens[i, len(p):ends[i]].tolist() for i, p in enumerate(prompts)]
+        positions = (lengths + step)[:, None]  # the token just chosen sits right after the row's last one
+        logits = model.next_logits(nxt[:, None], positions, width + step + 1, cache, torch.zeros_like(lengths))
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
 
 
 def accuracy(model, examples, checker, tok, device, autocast):
@@ -1941,10 +2002,9 @@ def accuracy(model, examples, checker, tok, device, autocast):
     for chunk in batches_of(records, 64):
         prompts = [[tok.bos_id] + tok.encode(render_prompt(r)) for r in chunk]
         with autocast():
-            outs = greedy_decode(model, prompts, tok.eos_id, tok.pad_id, max_new, device)
+            outs = generate(model, prompts, tok.eos_id, tok.pad_id, max_new)
         for r, out in zip(chunk, outs):
-            answer = out[:out.index(tok.eos_id)] if tok.eos_id in out else out
-            right += bool(checker(r, tok.decode(answer)))
+            right += bool(checker(r, tok.decode(out)))
     right, total = all_reduce(torch.tensor([float(right), float(len(records))], device=device)).tolist()
     return right / max(total, 1.0)
 

@@ -9,7 +9,7 @@ import torch
 
 from conftest import ROOT
 
-FIGURES = ["P1", "P2", "P3", "P4", "P5", "ckpt_stall", "upload_step", "log_overhead"]
+FIGURES = ["P1", "P2", "P3", "P4", "P5", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache"]
 
 
 def test_bench_quick_reports_every_figure(tmp_path):

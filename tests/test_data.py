@@ -85,11 +85,11 @@ def test_ranks_get_equal_disjoint_shards():
     assert wm.epoch_order(11, 1, 5, 0, 3) != shards[0]              # a new permutation each epoch
 
 
-def test_greedy_decode_batches_prompts_of_different_lengths():
+def test_greedy_generate_batches_prompts_of_different_lengths():
     torch.manual_seed(0)
     model = wm.MTPTransformer(wm.ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=259, multiple_of=16, n_future_tokens=2)).eval()
     prompts = [[256, 65, 66], [256, 67, 68, 69, 70, 71]]
-    together = wm.greedy_decode(model, prompts, TOK.eos_id, TOK.pad_id, 4, "cpu")
-    alone = [wm.greedy_decode(model, [p], TOK.eos_id, TOK.pad_id, 4, "cpu")[0] for p in prompts]
+    together = wm.generate(model, prompts, TOK.eos_id, TOK.pad_id, 4)
+    alone = [wm.generate(model, [p], TOK.eos_id, TOK.pad_id, 4)[0] for p in prompts]
     assert together == alone
-    assert all(len(out) == 4 or out[-1] == TOK.eos_id for out in together)  # up to max_new tokens, or through EOS
+    assert all(len(out) <= 4 and TOK.eos_id not in out for out in together)  # up to max_new tokens, EOS left off
