@@ -10,6 +10,8 @@
 #                         MLflow and AWS credentials of .env), or --local: <p>_local.yaml + --use-micro-model;
 #                         --dry-run prints the launch command and the merged config and trains nothing;
 #                         trainer args pass through, e.g. --override training.max_steps=10 --resume auto
+#   evaluate <pipeline> [--local] [args]   pass@k of the pipeline's newest finished run (python -m weighted_mtp
+#                         evaluate --checkpoint auto; args pass through: --checkpoint, --samples, --json, --override)
 #   vessl <pipeline> [--local] [--print] [--inline-secrets]
 #                         render vessl.yaml and submit it (`vessl run create -f`), or print it
 #   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow with basic auth;
@@ -36,8 +38,7 @@ shopt -u patsub_replacement 2>/dev/null || true
 
 # Builtins only up to the Python check, so that it still reports clearly with an empty PATH.
 case ${BASH_SOURCE[0]} in */*) ROOT=${BASH_SOURCE[0]%/*} ;; *) ROOT=. ;; esac
-ROOT=$(cd "$ROOT" && pwd)
-cd "$ROOT"
+ROOT=$(cd "$ROOT" && pwd) && cd "$ROOT"
 
 PIPELINES="baseline critic verifiable rho1"
 VENV=${WMTP_VENV:-$ROOT/.venv}
@@ -153,7 +154,7 @@ cmd_train() {
     cmd=(python)
   fi
   [ "$local_" = 0 ] || args=(--use-micro-model ${args[@]+"${args[@]}"})
-  local train=(-m weighted_mtp train --config "$cfg" ${args[@]+"${args[@]}"})
+  local train=(-m weighted_mtp "${WMTP_COMMAND:-train}" --config "$cfg" ${args[@]+"${args[@]}"})
   # torchrun --max_restarts: restarted gloo workers must not reuse the old rendezvous store (pytorch#135712).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
   # torchrun forces OMP_NUM_THREADS=1 when unset; give each process its share of the cores.
@@ -266,8 +267,7 @@ cmd_demo() {
 cmd_test() {
   "$BASH" "$ROOT/scripts/system_packages.sh" "$PYTHON" "$@" || exit 1   # $BASH: works with an empty PATH too
   bootstrap test
-  local rc=0
-  "$PYTHON" -m pytest "$@" || rc=$?
+  local rc=0; "$PYTHON" -m pytest "$@" || rc=$?
   [ "$rc" != 5 ] || die "pytest collected no tests (exit 5): that is a failure here"
   exit "$rc"
 }
@@ -278,6 +278,7 @@ main() {
   case $sub in
     help | -h | --help) usage ;;
     demo) cmd_demo "$@" ;;
+    evaluate) WMTP_COMMAND=evaluate cmd_train "$@" ;;
     test) cmd_test "$@" ;;
     ui) bootstrap   # one worker: several race to create the tables of a fresh mlflow.db (and are slower on 2 cores)
       exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "${PORT:-5000}" \

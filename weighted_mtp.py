@@ -2466,10 +2466,11 @@ def eval_tasks(spec, max_tasks=0):
 
 def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
     """(tok, model, the training run to log into or None, its step): the model of the config, with a trainer
-    checkpoint loaded when given (a path, s3://, runs:/ or auto = the newest finished run of the config's pipeline)."""
+    checkpoint loaded unless it is none (a path, s3://, runs:/, or auto = the newest finished run of the config's
+    pipeline)."""
     tok, model = build_model(cfg, use_micro, value_head=True)  # so every pipeline's checkpoint loads strictly
     run_id, step = None, 0
-    if checkpoint:
+    if checkpoint and checkpoint != "none":
         cache = Path(cfg.checkpoint.dir) / ".cache"
         found = (resolve_uri(cfg, checkpoint, cfg.experiment.pipeline, "checkpoints/checkpoint_final.pt", cache)
                  if rank == 0 else None)
@@ -2605,7 +2606,8 @@ def main(argv=None):
     e = sub.add_parser("evaluate", help="pass@k of a checkpoint's completions (or of --samples) by running them")
     e.add_argument("--config", required=True)
     e.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, byte tokenizer")
-    e.add_argument("--checkpoint", help="PATH, s3://..., runs:/<id>/..., or auto (the newest finished run)")
+    e.add_argument("--checkpoint", default="auto", help="PATH, s3://..., runs:/<id>/..., auto (default: the newest "
+                   "finished run of the config's pipeline) or none (the config's model as it is)")
     e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
     e.add_argument("--json", help="also write the summary here")
     e.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")

@@ -89,3 +89,17 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(wm.eval_tasks("builtin:pyfunc", 3))
     assert all(r["tests"] and isinstance(r["completion"], str) for r in records)
     assert json.loads((tmp_path / "out.json").read_text()) == summary
+
+
+def test_run_sh_evaluate_launches_the_same_command(tmp_path, tracking):
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": t, "completion": c} for t, c in SAMPLES])
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking, "WMTP_GPU_COUNT": "0",
+           "WMTP_VENV": sys.prefix, "WMTP_ENV_FILE": str(tmp_path / "no.env"), "HOME": str(tmp_path)}
+    r = subprocess.run([str(ROOT / "run.sh"), "evaluate", "baseline", "--local", "--samples", str(samples),
+                        "--json", str(tmp_path / "out.json"), "--override", f"eval.dataset={tasks}"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (f"+ python -m weighted_mtp evaluate --config configs/baseline/baseline_local.yaml --use-micro-model "
+            f"--samples {samples}") in r.stdout
+    assert json.loads((tmp_path / "out.json").read_text())["pass@1"] == 0.25
