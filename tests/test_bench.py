@@ -9,7 +9,8 @@ import torch
 
 from conftest import ROOT
 
-FIGURES = ["P1", "P2", "P3", "P4", "P5", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache"]
+FIGURES = ["P1", "P2", "P3", "P4", "P5", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache",
+           "sandbox_throughput"]
 
 
 def test_bench_quick_reports_every_figure(tmp_path):
