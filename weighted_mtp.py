@@ -629,12 +629,14 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features))
+        a = torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
+        self.lora_a = nn.Parameter(a)
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         self.scale = alpha / rank
 
     def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype)) * self.scale
+        low_rank = F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return F.linear(x, self.weight) + low_rank * self.scale
 
     def merged_weight(self):
         return self.weight + self.scale * (self.lora_b @ self.lora_a).to(self.weight.dtype)
@@ -1548,7 +1550,8 @@ class Tracking:
         client, run_id, uploader = self.client, self.run_id, self.uploader
         timeout = self.cfg.checkpoint.preempt_grace_s if status == "KILLED" else self.cfg.checkpoint.upload_timeout_s
         if client and resume_from:  # first, in case the grace period ends with a SIGKILL
-            client.set_tag(run_id, "resume_from", f"runs:/{run_id}/checkpoints/{Path(resume_from).name} ({resume_from})")
+            uri = f"runs:/{run_id}/checkpoints/{Path(resume_from).name}"
+            client.set_tag(run_id, "resume_from", f"{uri} ({resume_from})")
             client.set_terminated(run_id, status)
         try:
             if self.metrics and not self.metrics.close(timeout=timeout):
@@ -1620,7 +1623,8 @@ def tracking_checks(cfg, timeout=5.0):
         try:
             requests.get(f"{uri}/health", timeout=timeout).raise_for_status()
         except requests.RequestException as e:
-            yield False, f"tracking server {uri} unreachable ({type(e).__name__}): is it up? is MLFLOW_TRACKING_URI right?"
+            yield False, (f"tracking server {uri} unreachable ({type(e).__name__}): is it up? "
+                          f"is MLFLOW_TRACKING_URI right?")
             return
         yield True, f"tracking server {uri} reachable"
         auth = (os.environ.get("MLFLOW_TRACKING_USERNAME", ""), os.environ.get("MLFLOW_TRACKING_PASSWORD", ""))
@@ -1674,8 +1678,8 @@ def doctor(cfg, env_path):
     found = Path(env_path).exists()
     set_vars = [v for v in ENV_VARS if os.environ.get(v)]
     needed = tracking_uri(cfg).startswith("http") or cfg.mlflow.s3_artifacts.startswith("s3://")
-    lines = [(found or bool(set_vars) or not needed, f"{env_path} {'found' if found else 'not found (copy .env.example to .env)'}; "
-                                       f"set: {', '.join(set_vars) or 'none'}")]
+    where = "found" if found else "not found (copy .env.example to .env)"
+    lines = [(found or bool(set_vars) or not needed, f"{env_path} {where}; set: {', '.join(set_vars) or 'none'}")]
     lines += list(tracking_checks(cfg))
     for ok, line in lines:
         print(f"{'ok' if ok else 'FAIL':<4} {line}")
@@ -1914,7 +1918,8 @@ class Validation:
     decides what it measures."""
 
     def __init__(self, setup, autocast):
-        self.pipeline, self.examples, self.checker, self.tok = setup.pipeline, setup.val_examples, setup.checker, setup.tok
+        self.pipeline, self.examples, self.checker = setup.pipeline, setup.val_examples, setup.checker
+        self.tok = setup.tok
         self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
         self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast
 
@@ -2630,7 +2635,8 @@ def main(argv=None):
             export(args.checkpoint, args.format, args.out, args.config, args.use_micro_model)
             return 0
         if args.command == "report":
-            return report(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db", args.experiment)
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+            return report(uri, args.experiment)
         if args.command == "evaluate":
             cfg = load_config(args.config, args.override)
             evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
