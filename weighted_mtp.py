@@ -33,7 +33,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import s3ckpt
 import weights as W
@@ -326,6 +325,73 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def head_columns(valid, weights, k, ce_k):
+    """Head k's (valid [B,T], weights [B,T] or None): column k of a [B,T,H] tensor, or what a function
+    (k, ce_k) -> [B,T] makes of head k's detached CE ce_k [B,T] (rho1's per-head top-k)."""
+    column = lambda x: x(k, ce_k) if callable(x) else None if x is None else x[..., k]
+    return column(valid), column(weights)
+
+
+class HeadsCrossEntropy(torch.autograd.Function):
+    """loss = W.mtp_loss(ce, valid, weights), ce[b,t,k] = CE(x_k[b,t] @ weightᵀ, targets[b,t,k]) (0 where -100),
+    each head's [B·T, V] logits computed once, its gradients taken right there and the logits freed:
+
+        d loss / d logits_k = scale_k · (softmax(logits_k) − onehot(target_k)),   scale = W.mtp_scale(valid, weights)
+        d loss / d x_k = (d loss / d logits_k) @ weight,   d loss / d weight = Σ_k (d loss / d logits_k)ᵀ @ x_k
+
+    The loss is linear in ce with detached coefficients, so these are exact; head_weights(k, ce_k) -> (valid_k,
+    weights_k) may read head k's own detached CE (rho1's top-k) but no other head's. backward only scales the
+    stored gradients by its incoming one: what remains of a step's cost is one unembedding per head, as in the
+    naive path (which also keeps every head's logits for backward). Memory: one head's logits at a time, plus one
+    [V, d] and H [B, T, d] gradients. Under autocast the matmuls run in its dtype, softmax and CE in fp32."""
+
+    @staticmethod
+    def forward(ctx, weight, targets, head_weights, *xs):
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        need_weight, need_xs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        w = weight.to(dtype)
+        grad_weight = torch.zeros(weight.shape, device=weight.device) if need_weight else None
+        ces, losses, has, grad_xs = [], [], [], []
+        with torch.autocast(device, enabled=False):  # the casts are explicit: matmuls in `dtype`, the rest in fp32
+            for k, x in enumerate(xs):
+                x2, target = x.flatten(0, 1).to(dtype), targets[..., k].flatten()
+                logits = (x2 @ w.T).float()  # [N, V]
+                lse = torch.logsumexp(logits, dim=-1)
+                known = target != -100
+                label = torch.where(known, target, 0)[:, None]
+                ce = torch.where(known, lse - logits.gather(1, label)[:, 0], 0.0)
+                valid_k, weights_k = head_weights(k, ce.view(x.shape[:-1]))
+                scale = W.mtp_scale(valid_k[..., None], None if weights_k is None else weights_k[..., None])
+                scale = torch.where(known, scale.flatten().float(), 0.0)  # an ignored target has no gradient
+                ces.append(ce.view(x.shape[:-1]))
+                losses.append((scale * ce).sum())
+                has.append(valid_k.bool().any())
+                grad_xs.append(None)
+                if not (need_weight or need_xs[k]):
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one [N, V] buffer per head
+                grad.scatter_add_(1, label, -known[:, None].float())  # − onehot
+                grad = grad.mul_(scale[:, None]).to(dtype)
+                if need_xs[k]:
+                    grad_xs[-1] = (grad @ w).to(x.dtype).view_as(x)
+                if need_weight:
+                    grad_weight += (grad.T @ x2).float()
+                del logits, grad  # before the next head's
+        n_heads = torch.stack(has).sum().clamp(min=1).float()  # mtp_loss: the mean over heads with a target
+        grad_xs = [None if g is None else g / n_heads.to(g.dtype) for g in grad_xs]
+        grad_weight = None if grad_weight is None else (grad_weight / n_heads).to(weight.dtype)
+        ctx.save_for_backward(grad_weight, *grad_xs)
+        ce = torch.stack(ces, dim=-1)
+        ctx.mark_non_differentiable(ce)
+        return torch.stack(losses).sum() / n_heads, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce):  # ce is not differentiable: grad_ce is unused
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return scaled[0], None, None, *scaled[1:]
+
+
 class MTPTransformer(nn.Module):
     """A shared trunk and H one-block heads; every head reads the trunk output; one shared norm and output.
 
@@ -348,11 +414,14 @@ class MTPTransformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.value_head = nn.Linear(args.dim, 1) if value_head else None
 
-    def forward(self, tokens, targets=None, n_heads=None, values=False):
-        """tokens [B,T] -> (out, values [B,T] or None).
+    def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None):
+        """tokens [B,T] -> (logits [B,T,h,V], values) without targets; with targets [B,T,>=h] (-100 = none):
+        (ce [B,T,h], values) without weigh, (loss, ce [B,T,h] detached, values) with it. h = n_heads, default H
+        (a reference model or greedy decoding needs head 0 only); values [B,T] or None.
 
-        out = CE [B,T,h] of head k against targets[..., k] when targets [B,T,>=h] are given (0 where -100),
-        else logits [B,T,h,V]; h = n_heads, default H (a reference model or greedy decoding needs head 0 only)."""
+        weigh(values) -> (valid, weights) is called once, after the value head (its output detached, or None) and
+        before any CE; loss = W.mtp_loss(ce, valid, weights). valid and weights (None = 1) are each a [B,T,h]
+        tensor or a function (k, ce_k) -> [B,T] of head k's detached CE [B,T] (see heads_loss)."""
         h_count = n_heads or self.args.n_future_tokens
         cos, sin = rope_angles(self.args.dim // self.args.n_heads, tokens.shape[1], self.args.rope_theta, tokens.device)
         h = self.tok_embeddings(tokens)
@@ -362,14 +431,22 @@ class MTPTransformer(nn.Module):
         vals = self.value_head(self.norm(states[0]).detach()).squeeze(-1).float() if values else None
         if targets is None:
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
-        return torch.stack([self.head_ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
+        if weigh is None:
+            return torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
+        valid, weights = weigh(None if vals is None else vals.detach())
+        return *self.heads_loss(states, targets[..., :h_count], valid, weights), vals
 
-    def head_ce(self, state, target):
-        # Checkpointing norm -> output -> CE keeps one head's [B,T,V] logits alive at a time, in forward and in
-        # backward (it recomputes them), so H heads cost O(V + d) memory rather than O(HV + d).
-        if self.memory_efficient_loss and torch.is_grad_enabled():
-            return activation_checkpoint(self._ce, state, target, use_reentrant=False)
-        return self._ce(state, target)
+    def heads_loss(self, states, targets, valid, weights):
+        """(loss = W.mtp_loss(ce, valid, weights), ce [B,T,h] detached) of the heads' states [B,T,d] x h.
+        memory_efficient_loss: HeadsCrossEntropy, one head's logits alive at a time and each computed once (O(V + d)
+        per token, Gloeckle et al.); else the naive reference, every head's logits kept for backward."""
+        head_weights = lambda k, ce_k: head_columns(valid, weights, k, ce_k)
+        if self.memory_efficient_loss:
+            return HeadsCrossEntropy.apply(self.output.weight, targets, head_weights, *map(self.norm, states))
+        ce = torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2)
+        cols = [head_weights(k, ce[..., k].detach()) for k in range(len(states))]
+        weights = None if cols[0][1] is None else torch.stack([w for _, w in cols], dim=-1)
+        return W.mtp_loss(ce, torch.stack([v for v, _ in cols], dim=-1), weights), ce.detach()
 
     def _ce(self, state, target):
         logits = self.output(self.norm(state)).float()
@@ -947,9 +1024,11 @@ def log_head_losses(meter, prefix, ce, valid):
 
 def baseline_loss(ctx, model, batch, meter):
     tokens, labels, _ = batch
-    ce, valid, _ = policy_ce(model, tokens, labels, ctx["H"])
-    log_head_losses(meter, "train", ce.detach(), valid)
-    return W.mtp_loss(ce, valid)
+    targets = W.shift_targets(labels, ctx["H"])
+    valid = targets != -100
+    loss, ce, _ = model(tokens, targets, weigh=lambda values: (valid, None))  # W.mtp_loss(ce, valid)
+    log_head_losses(meter, "train", ce, valid)
+    return loss
 
 
 def critic_loss(ctx, model, batch, meter):
@@ -968,9 +1047,13 @@ def verifiable_loss(ctx, model, batch, meter):
     loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)) + value_coef · value_loss."""
     t, H = ctx["cfg"]["training"], ctx["H"]
     tokens, labels, rewards = batch
-    ce, valid, values = policy_ce(model, tokens, labels, H, values=True)
-    mask = labels != -100
-    with torch.no_grad():
+    head_targets = W.shift_targets(labels, H)
+    valid, mask = head_targets != -100, labels != -100
+    policy_valid = valid if t["policy_on_incorrect"] else valid & (rewards > 0)[:, None, None]
+    td = w_tok = None  # set by weigh, for the metrics
+
+    def weigh(values):  # the model calls it with the value head's output (detached), before any CE
+        nonlocal td, w_tok
         td = W.td_errors(values, rewards, mask, t["gamma"])
         adv = W.gae(td, mask, t["gamma"], t["td_lambda"])
         n, s, s2 = all_reduce(torch.stack([mask.sum().float(), (adv * mask).sum(), (adv.pow(2) * mask).sum()]))
@@ -980,12 +1063,12 @@ def verifiable_loss(ctx, model, batch, meter):
         if ctx["step"] >= t["td_ema_warmup_steps"]:
             mean, var = ctx["ema"]["mean"], ctx["ema"]["var"]
         w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t["beta"], t["weight_clip_min"], t["weight_clip_max"])
-    policy_valid = valid if t["policy_on_incorrect"] else valid & (rewards > 0)[:, None, None]
-    policy = W.mtp_loss(ce, policy_valid, W.heads_from_tokens(w_tok, H))
+        return policy_valid, W.heads_from_tokens(w_tok, H)
+    policy, ce, values = model(tokens, head_targets, values=True, weigh=weigh)
     targets, value_mask = W.value_targets(values, rewards, mask, t["gamma"], t["td_lambda"])
     v_loss = W.value_loss(values, targets, value_mask)
     n_tok = mask.sum()
-    log_head_losses(meter, "train", ce.detach(), valid)
+    log_head_losses(meter, "train", ce, valid)
     meter.add("train/value_loss", v_loss.detach() * value_mask.sum(), value_mask.sum())
     meter.add("train/td_error_mean", (td * mask).sum(), n_tok)
     meter.add("train/weight_mean", (w_tok * mask).sum(), n_tok)
@@ -997,18 +1080,24 @@ def verifiable_loss(ctx, model, batch, meter):
 
 def rho1_loss(ctx, model, batch, meter):
     """Keep, per head, the top k_percent tokens by excess loss ce_policy - ce_reference; average CE over them."""
-    H = ctx["H"]
+    H, ratio = ctx["H"], ctx["cfg"]["training"]["k_percent"]
     tokens, labels, _ = batch
-    ce, valid, _ = policy_ce(model, tokens, labels, H)
     with torch.inference_mode():
         ce_ref, _ = ctx["reference"](tokens, W.shift_targets(labels, 1), n_heads=1)
-    ce_ref = ce_ref[..., 0].clone()  # a normal tensor again: inference tensors may not enter autograd
-    excess = W.excess_loss(ce.detach(), W.reference_ce_to_heads(ce_ref, H))
-    w = W.topk_weights(excess, valid, ctx["cfg"]["training"]["k_percent"])
-    log_head_losses(meter, "train", ce.detach(), valid)
+    ref = W.reference_ce_to_heads(ce_ref[..., 0].clone(), H)  # clone: inference tensors may not enter autograd
+    targets = W.shift_targets(labels, H)
+    valid = targets != -100
+
+    def selected(k, ce_k):  # head k's top tokens by excess loss, from its own detached CE [B,T]
+        w_k = W.topk_weights(W.excess_loss(ce_k, ref[..., k])[..., None], valid[..., k, None], ratio)[..., 0]
+        return valid[..., k] & (w_k > 0)
+    loss, ce, _ = model(tokens, targets, weigh=lambda values: (selected, None))  # W.mtp_loss(ce, valid & (w > 0))
+    excess = W.excess_loss(ce, ref)
+    w = W.topk_weights(excess, valid, ratio)  # the same selection, all heads at once, for the metrics
+    log_head_losses(meter, "train", ce, valid)
     meter.add("train/excess_loss_mean", (excess * valid).sum(), valid.sum())
     meter.add("train/weight_sparsity", W.weight_sparsity(w, valid) * valid.sum(), valid.sum())
-    return W.mtp_loss(ce, valid & (w > 0))
+    return loss
 
 
 LOSSES = {"baseline": baseline_loss, "critic": critic_loss, "verifiable": verifiable_loss, "rho1": rho1_loss}
