@@ -357,10 +357,13 @@ class HeadsCrossEntropy(torch.autograd.Function):
             for k, x in enumerate(xs):
                 x2, target = x.flatten(0, 1).to(dtype), targets[..., k].flatten()
                 logits = (x2 @ w.T).float()  # [N, V]
-                lse = torch.logsumexp(logits, dim=-1)
                 known = target != -100
                 label = torch.where(known, target, 0)[:, None]
-                ce = torch.where(known, lse - logits.gather(1, label)[:, 0], 0.0)
+                picked = logits.gather(1, label)[:, 0]
+                top = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(top).exp_()  # in place, unnormalised: one [N, V] buffer per head
+                total = probs.sum(dim=-1, keepdim=True)
+                ce = torch.where(known, (top + total.log())[:, 0] - picked, 0.0)  # logsumexp - picked logit
                 valid_k, weights_k = head_weights(k, ce.view(x.shape[:-1]))
                 scale = W.mtp_scale(valid_k[..., None], None if weights_k is None else weights_k[..., None])
                 scale = torch.where(known, scale.flatten().float(), 0.0)  # an ignored target has no gradient
@@ -368,19 +371,18 @@ class HeadsCrossEntropy(torch.autograd.Function):
                 losses.append((scale * ce).sum())
                 has.append(valid_k.bool().any())
                 grad_xs.append(None)
-                if not (need_weight or need_xs[k]):
-                    continue
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place: one [N, V] buffer per head
-                grad.scatter_add_(1, label, -known[:, None].float())  # − onehot
-                grad = grad.mul_(scale[:, None]).to(dtype)
-                if need_xs[k]:
-                    grad_xs[-1] = (grad @ w).to(x.dtype).view_as(x)
-                if need_weight:
-                    grad_weight += (grad.T @ x2).float()
-                del logits, grad  # before the next head's
+                if need_weight or need_xs[k]:
+                    grad = probs.mul_(scale[:, None] / total)  # scale · softmax, in place
+                    grad = grad.scatter_add_(1, label, -scale[:, None]).to(dtype)  # − scale · onehot
+                    if need_xs[k]:
+                        grad_xs[-1] = (grad @ w).to(x.dtype).view_as(x)
+                    if need_weight:
+                        grad_weight.add_(grad.T @ x2)
+                    del grad
+                del logits, probs  # before the next head's
         n_heads = torch.stack(has).sum().clamp(min=1).float()  # mtp_loss: the mean over heads with a target
         grad_xs = [None if g is None else g / n_heads.to(g.dtype) for g in grad_xs]
-        grad_weight = None if grad_weight is None else (grad_weight / n_heads).to(weight.dtype)
+        grad_weight = None if grad_weight is None else grad_weight.div_(n_heads).to(weight.dtype)
         ctx.save_for_backward(grad_weight, *grad_xs)
         ce = torch.stack(ces, dim=-1)
         ctx.mark_non_differentiable(ce)
@@ -431,6 +433,10 @@ class MTPTransformer(nn.Module):
         vals = self.value_head(self.norm(states[0]).detach()).squeeze(-1).float() if values else None
         if targets is None:
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
+        if weigh is None and self.memory_efficient_loss and not (torch.is_grad_enabled() and states[0].requires_grad):
+            # no gradient wanted (evaluation, the critic's frozen trunk, rho1's reference): the loss path's own CE, so
+            # that a policy and its frozen copy agree to the bit (rho1's excess loss starts at exactly 0, tied)
+            return self.heads_loss(states, targets[..., :h_count], targets[..., :h_count] != -100, None)[1], vals
         if weigh is None:
             return torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
         valid, weights = weigh(None if vals is None else vals.detach())

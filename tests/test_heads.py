@@ -123,6 +123,22 @@ def test_rho1_selection_reads_each_heads_own_ce():
     torch.testing.assert_close(loss, W.mtp_loss(ce, (targets != -100) & (w > 0)), **TOL)
 
 
+def test_rho1_against_a_copy_of_itself_ties_alike():
+    """rho1's default reference is a frozen copy of the starting policy: head 0's excess loss is then 0 everywhere
+    and its top-k all ties (lower index first). Both paths must see exactly 0, hence select the same tokens."""
+    ctx, model = trainer("rho1")
+    results = {}
+    for memory_efficient in (True, False):
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
+        reference.memory_efficient_loss = memory_efficient
+        results[memory_efficient] = loss_and_grads(dict(ctx, reference=reference), model, batch(False), memory_efficient)
+    (loss, grads, metrics), (ref_loss, ref_grads, ref_metrics) = results[True], results[False]
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], **TOL, msg=name)
+    assert metrics["train/weight_sparsity"] == ref_metrics["train/weight_sparsity"] > 0
+
+
 @pytest.mark.parametrize("pipeline", ["baseline", "verifiable"])
 def test_lora_equal_gradients_and_no_output_weight_gradient(pipeline):
     ctx, model = trainer(pipeline, "model.lora.rank=2")
@@ -197,8 +213,8 @@ def test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduc
     script = tmp_path / "ddp_heads.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path))))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{i}.pt") for i in range(2)]
     for pipeline in ("baseline", "critic", "verifiable", "rho1"):
@@ -213,4 +229,5 @@ def test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduc
             mean = (local[0][name] + local[1][name]) / 2
             assert not torch.allclose(local[0][name], local[1][name]), (pipeline, name)
             for rank in ranks:
-                torch.testing.assert_close(rank[pipeline, True][1][name], mean, **TOL, msg=lambda m: f"{pipeline} {name}: {m}")
+                torch.testing.assert_close(rank[pipeline, True][1][name], mean, **TOL,
+                                           msg=lambda m: f"{pipeline} {name}: {m}")
