@@ -433,7 +433,8 @@ class MTPTransformer(nn.Module):
         vals = self.value_head(self.norm(states[0]).detach()).squeeze(-1).float() if values else None
         if targets is None:
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
-        if weigh is None and self.memory_efficient_loss and not (torch.is_grad_enabled() and states[0].requires_grad):
+        wants_grad = torch.is_grad_enabled() and (states[0].requires_grad or self.output.weight.requires_grad)
+        if weigh is None and self.memory_efficient_loss and not wants_grad:
             # no gradient wanted (evaluation, the critic's frozen trunk, rho1's reference): the loss path's own CE, so
             # that a policy and its frozen copy agree to the bit (rho1's excess loss starts at exactly 0, tied)
             return self.heads_loss(states, targets[..., :h_count], targets[..., :h_count] != -100, None)[1], vals
