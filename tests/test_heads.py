@@ -131,7 +131,8 @@ def test_rho1_against_a_copy_of_itself_ties_alike():
     for memory_efficient in (True, False):
         reference = copy.deepcopy(model).requires_grad_(False).eval()
         reference.memory_efficient_loss = memory_efficient
-        results[memory_efficient] = loss_and_grads(dict(ctx, reference=reference), model, batch(False), memory_efficient)
+        ref_ctx = dict(ctx, reference=reference)
+        results[memory_efficient] = loss_and_grads(ref_ctx, model, batch(False), memory_efficient)
     (loss, grads, metrics), (ref_loss, ref_grads, ref_metrics) = results[True], results[False]
     torch.testing.assert_close(loss, ref_loss, **TOL)
     for name in grads:
