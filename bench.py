@@ -1,7 +1,7 @@
 """
 bench.py: what the trainer's features cost, as ratios of two things measured side by side in one process.
 
-    python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P5 (+ P6 on a GPU), checkpoint, logging
+    python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P8 (P6 on a GPU), checkpoint, logging
     python bench.py --scaling [--out bench/results.json]    # tokens/s and peak memory over seq x H (slow)
 
 Every figure runs the trainer's own code (weighted_mtp.train_step, LOSSES, MTPTransformer, MetricLogger, s3ckpt)
@@ -220,6 +220,58 @@ def p5_heads(S):
     total, head = flops_per_token(one[1].args, S.seq)
     share = head / total
     return summary(compare(trainer_step(one, batch), trainer_step(four, batch), S), 1 + 3 * share + 0.05, head_share=share)
+
+
+def peer_args(S, H):
+    """The P7/P8 model: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face peer), 8 attention heads,
+    vocab 32000 (where the unembedding dominates a small model's step)."""
+    return wm.ModelArgs(dim=S.dim, n_layers=3 + H, n_heads=8, n_kv_heads=8, vocab_size=32000, multiple_of=256,
+                        n_future_tokens=H)
+
+
+def hf_llama(model, seq):
+    """A Hugging Face LlamaForCausalLM (sdpa attention) of our H=1 model's dims, or None without transformers."""
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    a = model.args
+    config = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.dim, num_hidden_layers=a.n_layers,
+                         intermediate_size=model.layers[0].feed_forward.w1.out_features, num_attention_heads=a.n_heads,
+                         num_key_value_heads=a.n_kv_heads or a.n_heads, max_position_embeddings=seq,
+                         rms_norm_eps=a.norm_eps, tie_word_embeddings=False, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def hf_step(hf, optimizer, batch):
+    """What a user of the peer runs: forward with labels (it shifts them and takes the mean CE), backward, AdamW."""
+    tokens, labels, _ = batch
+    hf(input_ids=tokens, labels=labels).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def p7_peer(S):
+    """P7: our baseline train_step, H=1 / a Hugging Face LlamaForCausalLM training step (forward with labels,
+    backward, fused AdamW) at the same dims (dim, 4 blocks, 8 attention heads, vocab 32000, seq, batch)."""
+    batch = make_batch(S.batch, S.seq, 32000)
+    ours = setup("baseline", args=peer_args(S, 1))
+    hf = hf_llama(ours[1], S.seq)
+    if hf is None:
+        return {"skipped": "transformers is not installed (pip install -e '.[bench]')"}
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.0, fused=True)
+    assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours[1].parameters())  # same dims
+    return summary(compare(lambda: hf_step(hf, hf_opt, batch), trainer_step(ours, batch), S), 1.00, vocab=32000)
+
+
+def p8_efficient_loss(S):
+    """P8: baseline train_step, H=4, vocab 32000, memory-efficient loss (one head's logits alive at a time, each
+    computed once) / the naive loss (every head's logits kept for backward): same weights and batch."""
+    batch = make_batch(S.batch, S.seq, 32000)
+    efficient, naive = setup("baseline", args=peer_args(S, 4)), setup("baseline", args=peer_args(S, 4))
+    efficient[1].memory_efficient_loss, naive[1].memory_efficient_loss = True, False
+    return summary(compare(trainer_step(naive, batch), trainer_step(efficient, batch), S), 1.03, vocab=32000)
 
 
 def p6_mfu(S):
@@ -466,7 +518,8 @@ def main():
         results = {**old, "scaling": scaling(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}
     else:
         results, t0 = {}, time.time()
-        figures = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads] + ([p6_mfu] if torch.cuda.is_available() else [])
+        figures = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads, p7_peer, p8_efficient_loss]
+        figures += [p6_mfu] if torch.cuda.is_available() else []
         for fig in figures:
             results[fig.__name__[:2].upper()] = fig(S)
             print(f"{fig.__name__}: {results[fig.__name__[:2].upper()].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)

@@ -35,7 +35,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
-from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import s3ckpt
 import weights as W
@@ -544,6 +543,75 @@ class Block(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def head_columns(valid, weights, k, ce_k):
+    """Head k's (valid [B,T], weights [B,T] or None): column k of a [B,T,H] tensor, or what a function
+    (k, ce_k) -> [B,T] makes of head k's detached CE ce_k [B,T] (rho1's per-head top-k)."""
+    column = lambda x: x(k, ce_k) if callable(x) else None if x is None else x[..., k]
+    return column(valid), column(weights)
+
+
+class HeadsCrossEntropy(torch.autograd.Function):
+    """loss = W.mtp_loss(ce, valid, weights), ce[b,t,k] = CE(x_k[b,t] @ weightᵀ, targets[b,t,k]) (0 where -100),
+    each head's [B·T, V] logits computed once, its gradients taken right there and the logits freed:
+
+        d loss / d logits_k = scale_k · (softmax(logits_k) − onehot(target_k)),   scale = W.mtp_scale(valid, weights)
+        d loss / d x_k = (d loss / d logits_k) @ weight,   d loss / d weight = Σ_k (d loss / d logits_k)ᵀ @ x_k
+
+    The loss is linear in ce with detached coefficients, so these are exact; head_weights(k, ce_k) -> (valid_k,
+    weights_k) may read head k's own detached CE (rho1's top-k) but no other head's. backward only scales the
+    stored gradients by its incoming one: what remains of a step's cost is one unembedding per head, as in the
+    naive path (which also keeps every head's logits for backward). Memory: one head's logits at a time, plus one
+    [V, d] and H [B, T, d] gradients. Under autocast the matmuls run in its dtype, softmax and CE in fp32."""
+
+    @staticmethod
+    def forward(ctx, weight, targets, head_weights, *xs):
+        device = weight.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        need_weight, need_xs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        w = weight.to(dtype)
+        grad_weight = torch.zeros(weight.shape, device=weight.device) if need_weight else None
+        ces, losses, has, grad_xs = [], [], [], []
+        with torch.autocast(device, enabled=False):  # the casts are explicit: matmuls in `dtype`, the rest in fp32
+            for k, x in enumerate(xs):
+                x2, target = x.flatten(0, 1).to(dtype), targets[..., k].flatten()
+                logits = (x2 @ w.T).float()  # [N, V]
+                known = target != -100
+                label = torch.where(known, target, 0)[:, None]
+                picked = logits.gather(1, label)[:, 0]
+                top = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(top).exp_()  # in place, unnormalised: one [N, V] buffer per head
+                total = probs.sum(dim=-1, keepdim=True)
+                ce = torch.where(known, (top + total.log())[:, 0] - picked, 0.0)  # logsumexp - picked logit
+                valid_k, weights_k = head_weights(k, ce.view(x.shape[:-1]))
+                scale = W.mtp_scale(valid_k[..., None], None if weights_k is None else weights_k[..., None])
+                scale = torch.where(known, scale.flatten().float(), 0.0)  # an ignored target has no gradient
+                ces.append(ce.view(x.shape[:-1]))
+                losses.append((scale * ce).sum())
+                has.append(valid_k.bool().any())
+                grad_xs.append(None)
+                if need_weight or need_xs[k]:
+                    grad = probs.mul_(scale[:, None] / total)  # scale · softmax, in place
+                    grad = grad.scatter_add_(1, label, -scale[:, None]).to(dtype)  # − scale · onehot
+                    if need_xs[k]:
+                        grad_xs[-1] = (grad @ w).to(x.dtype).view_as(x)
+                    if need_weight:
+                        grad_weight.add_(grad.T @ x2)
+                    del grad
+                del logits, probs  # before the next head's
+        n_heads = torch.stack(has).sum().clamp(min=1).float()  # mtp_loss: the mean over heads with a target
+        grad_xs = [None if g is None else g / n_heads.to(g.dtype) for g in grad_xs]
+        grad_weight = None if grad_weight is None else grad_weight.div_(n_heads).to(weight.dtype)
+        ctx.save_for_backward(grad_weight, *grad_xs)
+        ce = torch.stack(ces, dim=-1)
+        ctx.mark_non_differentiable(ce)
+        return torch.stack(losses).sum() / n_heads, ce
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ce):  # ce is not differentiable: grad_ce is unused
+        scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
+        return scaled[0], None, None, *scaled[1:]
+
+
 class MTPTransformer(nn.Module):
     """A shared trunk and H one-block heads; every head reads the trunk output; one shared norm and output.
 
@@ -566,11 +634,14 @@ class MTPTransformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.value_head = nn.Linear(args.dim, 1) if value_head else None
 
-    def forward(self, tokens, targets=None, n_heads=None, values=False):
-        """tokens [B,T] -> (out, values [B,T] or None).
+    def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None):
+        """tokens [B,T] -> (logits [B,T,h,V], values) without targets; with targets [B,T,>=h] (-100 = none):
+        (ce [B,T,h], values) without weigh, (loss, ce [B,T,h] detached, values) with it. h = n_heads, default H
+        (a reference model or greedy decoding needs head 0 only); values [B,T] or None.
 
-        out = CE [B,T,h] of head k against targets[..., k] when targets [B,T,>=h] are given (0 where -100),
-        else logits [B,T,h,V]; h = n_heads, default H (a reference model or greedy decoding needs head 0 only)."""
+        weigh(values) -> (valid, weights) is called once, after the value head (its output detached, or None) and
+        before any CE; loss = W.mtp_loss(ce, valid, weights). valid and weights (None = 1) are each a [B,T,h]
+        tensor or a function (k, ce_k) -> [B,T] of head k's detached CE [B,T] (see heads_loss)."""
         h_count = n_heads or self.args.n_future_tokens
         cos, sin = rope_angles(self.args.dim // self.args.n_heads, tokens.shape[1], self.args.rope_theta, tokens.device)
         h = self.tok_embeddings(tokens)
@@ -581,7 +652,15 @@ class MTPTransformer(nn.Module):
         vals = self.value_head(self.norm(states[0]).detach().float()).squeeze(-1) if values else None
         if targets is None:
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
-        return torch.stack([self.head_ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
+        wants_grad = torch.is_grad_enabled() and (states[0].requires_grad or self.output.weight.requires_grad)
+        if weigh is None and self.memory_efficient_loss and not wants_grad:
+            # no gradient wanted (evaluation, the critic's frozen trunk, rho1's reference): the loss path's own CE, so
+            # that a policy and its frozen copy agree to the bit (rho1's excess loss starts at exactly 0, tied)
+            return self.heads_loss(states, targets[..., :h_count], targets[..., :h_count] != -100, None)[1], vals
+        if weigh is None:
+            return torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
+        valid, weights = weigh(None if vals is None else vals.detach())
+        return *self.heads_loss(states, targets[..., :h_count], valid, weights), vals
 
     def next_logits(self, tokens, positions, width, cache, read):
         """Head 0's logits [B, V] (fp32) at column `read` [B] of each row, for tokens [B, T] at positions [B, T],
@@ -596,12 +675,17 @@ class MTPTransformer(nn.Module):
             h = layer(h, cos, sin, (keys, values, where, mask))
         return self.output(self.norm(h[rows, read])).float()
 
-    def head_ce(self, state, target):
-        # Checkpointing norm -> output -> CE keeps one head's [B,T,V] logits alive at a time, in forward and in
-        # backward (it recomputes them), so H heads cost O(V + d) memory rather than O(HV + d).
-        if self.memory_efficient_loss and torch.is_grad_enabled():
-            return activation_checkpoint(self._ce, state, target, use_reentrant=False)
-        return self._ce(state, target)
+    def heads_loss(self, states, targets, valid, weights):
+        """(loss = W.mtp_loss(ce, valid, weights), ce [B,T,h] detached) of the heads' states [B,T,d] x h.
+        memory_efficient_loss: HeadsCrossEntropy, one head's logits alive at a time and each computed once (O(V + d)
+        per token, Gloeckle et al.); else the naive reference, every head's logits kept for backward."""
+        head_weights = lambda k, ce_k: head_columns(valid, weights, k, ce_k)
+        if self.memory_efficient_loss:
+            return HeadsCrossEntropy.apply(self.output.weight, targets, head_weights, *map(self.norm, states))
+        ce = torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2)
+        cols = [head_weights(k, ce[..., k].detach()) for k in range(len(states))]
+        weights = None if cols[0][1] is None else torch.stack([w for _, w in cols], dim=-1)
+        return W.mtp_loss(ce, torch.stack([v for v, _ in cols], dim=-1), weights), ce.detach()
 
     def _ce(self, state, target):
         logits = self.output(self.norm(state)).float()
@@ -1721,9 +1805,11 @@ class Baseline:
 
     def loss(self, model, batch, meter, step):
         tokens, labels, _ = batch
-        ce, valid, _ = policy_ce(model, tokens, labels, self.H)
-        log_head_losses(meter, "train", ce.detach(), valid)
-        return W.mtp_loss(ce, valid)
+        targets = W.shift_targets(labels, self.H)
+        valid = targets != -100
+        loss, ce, _ = model(tokens, targets, weigh=lambda values: (valid, None))  # W.mtp_loss(ce, valid)
+        log_head_losses(meter, "train", ce, valid)
+        return loss
 
     def begin_step(self):
         """Before a step's micro-batches: remember what a skipped step must leave unchanged."""
@@ -1823,9 +1909,12 @@ class Verifiable(Baseline):
     def loss(self, model, batch, meter, step):
         t, H = self.t, self.H
         tokens, labels, rewards = batch
-        ce, valid, values = policy_ce(model, tokens, labels, H, values=True)
-        mask = labels != -100
-        with torch.no_grad():
+        head_targets, mask = W.shift_targets(labels, H), labels != -100
+        valid = head_targets != -100
+        policy_valid = valid if t.policy_on_incorrect else valid & (rewards > 0)[:, None, None]
+        found = {}  # what weigh() computes, for the metrics
+
+        def weigh(values):  # the model calls it with the value head's output (detached), before any CE
             td = W.td_errors(values, rewards, mask, t.gamma)
             adv = W.gae(td, mask, t.gamma, t.td_lambda)
             n, s, s2 = all_reduce(torch.stack([mask.sum().float(), (adv * mask).sum(), (adv.pow(2) * mask).sum()]))
@@ -1836,12 +1925,15 @@ class Verifiable(Baseline):
                 mean, var = self.ema["mean"], self.ema["var"]
             w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t.beta, t.weight_clip_min,
                                   t.weight_clip_max)
-        policy_valid = valid if t.policy_on_incorrect else valid & (rewards > 0)[:, None, None]
-        policy = W.mtp_loss(ce, policy_valid, W.heads_from_tokens(w_tok, H))
+            found.update(td=td, w_tok=w_tok)
+            return policy_valid, W.heads_from_tokens(w_tok, H)
+
+        policy, ce, values = model(tokens, head_targets, values=True, weigh=weigh)
+        td, w_tok = found["td"], found["w_tok"]
         targets, value_mask = W.value_targets(values, rewards, mask, t.gamma, t.td_lambda)
         v_loss = W.value_loss(values, targets, value_mask)
         n_tok = mask.sum()
-        log_head_losses(meter, "train", ce.detach(), valid)
+        log_head_losses(meter, "train", ce, valid)
         meter.add("train/value_loss", v_loss.detach() * value_mask.sum(), value_mask.sum())
         meter.add("train/td_error_mean", (td * mask).sum(), n_tok)
         meter.add("train/weight_mean", (w_tok * mask).sum(), n_tok)
@@ -1886,18 +1978,25 @@ class Rho1(Baseline):
         self.reference.requires_grad_(False).eval().to(device, dtype)
 
     def loss(self, model, batch, meter, step):
-        H = self.H
+        H, ratio = self.H, self.t.k_percent
         tokens, labels, _ = batch
-        ce, valid, _ = policy_ce(model, tokens, labels, H)
         with torch.inference_mode():
             ce_ref, _ = self.reference(tokens, W.shift_targets(labels, 1), n_heads=1)
-        ce_ref = ce_ref[..., 0].clone()  # a normal tensor again: inference tensors may not enter autograd
-        excess = W.excess_loss(ce.detach(), W.reference_ce_to_heads(ce_ref, H))
-        w = W.topk_weights(excess, valid, self.t.k_percent)
-        log_head_losses(meter, "train", ce.detach(), valid)
+        ref = W.reference_ce_to_heads(ce_ref[..., 0].clone(), H)  # clone: inference tensors may not enter autograd
+        targets = W.shift_targets(labels, H)
+        valid = targets != -100
+
+        def selected(k, ce_k):  # head k's top tokens by excess loss, from its own detached CE [B,T]
+            w_k = W.topk_weights(W.excess_loss(ce_k, ref[..., k])[..., None], valid[..., k, None], ratio)[..., 0]
+            return valid[..., k] & (w_k > 0)
+
+        loss, ce, _ = model(tokens, targets, weigh=lambda values: (selected, None))  # mtp_loss(ce, valid & (w > 0))
+        excess = W.excess_loss(ce, ref)
+        w = W.topk_weights(excess, valid, ratio)  # the same selection, all heads at once, for the metrics
+        log_head_losses(meter, "train", ce, valid)
         meter.add("train/excess_loss_mean", (excess * valid).sum(), valid.sum())
         meter.add("train/weight_sparsity", W.weight_sparsity(w, valid) * valid.sum(), valid.sum())
-        return W.mtp_loss(ce, valid & (w > 0))
+        return loss
 
 
 PIPELINE_TYPES = {p.name: p for p in (Baseline, Critic, Verifiable, Rho1)}  # a fifth pipeline: one class, one entry

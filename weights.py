@@ -78,6 +78,23 @@ def mtp_loss(ce, valid, weights=None):
     return (per_head * has.to(num.dtype)).sum() / has.sum().clamp(min=1).to(num.dtype)
 
 
+def mtp_scale(valid, weights=None):
+    """
+    scale[b,t,k] = w * valid / max(n_k, 1) / max(#heads with n_k > 0, 1),   n_k = sum_{b,t} valid[b,t,k]
+    mtp_loss is linear in ce with this (detached) coefficient: mtp_loss(ce, valid, weights) == (scale * ce).sum()
+    for every ce finite on the valid entries, so scale is also d mtp_loss / d ce. On one head's column
+    ([B,T,1]) it gives that head's loss_k alone.
+    valid [B, T, H] (bool or 0/1), weights [B, T, H] or None (= 1) -> [B, T, H] float. Detached.
+    """
+    with torch.no_grad():
+        valid = valid.bool()
+        w = torch.ones(valid.shape, device=valid.device) if weights is None else weights.detach()
+        w = w if w.is_floating_point() else w.float()
+        n = valid.sum(dim=(0, 1))  # [H]
+        per_head = torch.where(valid, w, torch.zeros_like(w)) / n.clamp(min=1).to(w.dtype)
+        return per_head / (n > 0).sum().clamp(min=1).to(w.dtype)
+
+
 def value_loss(values, targets, value_mask):
     """
     loss = sum(mask * (V - target)^2) / max(sum(mask), 1)

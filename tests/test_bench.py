@@ -1,5 +1,6 @@
 """bench.py --quick runs end to end and reports every figure. Whether figures meet their goals is the bench's
 report, not a test: timings on a shared CI machine prove nothing."""
+import importlib.util
 import json
 import math
 import subprocess
@@ -9,7 +10,7 @@ import torch
 
 from conftest import ROOT
 
-FIGURES = ["P1", "P2", "P3", "P4", "P5", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache",
+FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache",
            "sandbox_throughput"]
 
 
@@ -24,6 +25,9 @@ def test_bench_quick_reports_every_figure(tmp_path):
         r = results[name]
         if name in ("log_overhead", "P6") and "skipped" in r:  # may be skipped (--quick; a GPU of unknown peak), saying why
             assert isinstance(r["skipped"], str) and r["skipped"]
+            continue
+        if name == "P7" and importlib.util.find_spec("transformers") is None:  # the bench extra is missing: says so
+            assert r == {"skipped": "transformers is not installed (pip install -e '.[bench]')"}
             continue
         for key in ("median", "min", "max", "goal"):
             assert isinstance(r[key], float) and math.isfinite(r[key]), (name, key, r)
