@@ -2258,6 +2258,74 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     return {k: int(v) for k, v in rows.items()}
 
 
+def plan_settings(cfg):
+    """(parallel, activation_checkpointing, frozen dtype): training.parallel, training.activation_checkpointing and
+    model.dtype, read with their defaults (ddp, off, float32) from a config that does not have them yet."""
+    return (getattr(cfg.training, "parallel", "ddp"), getattr(cfg.training, "activation_checkpointing", False),
+            getattr(cfg.model, "dtype", "float32"))
+
+
+def is_local_path(value):
+    return bool(value) and value != "auto" and not value.startswith(("builtin:", "runs:/")) and "://" not in value
+
+
+def expected_paths(cfg, use_micro):
+    """[(key, path, exists)] for the config's paths that must be on this machine."""
+    pipeline = cfg.experiment.pipeline
+    keys = {"model.path": "" if use_micro else cfg.model.path, "model.tokenizer": "" if use_micro else cfg.model.tokenizer,
+            "model.init_from": cfg.model.init_from if pipeline != "verifiable" else "",
+            "critic.checkpoint": cfg.critic.checkpoint if pipeline == "verifiable" else "",
+            "reference.path": cfg.reference.path if pipeline == "rho1" else "",
+            "dataset.train": cfg.dataset.train, "dataset.validation": cfg.dataset.validation}
+    return [(key, path, Path(path).exists()) for key, path in keys.items() if is_local_path(path)]
+
+
+def config_plans(cfg, world, use_micro):
+    """(what was planned, {checkpointing off/on: memory_plan}) for the config on `world` processes, or (why not, {})."""
+    m, t, pipeline = cfg.model, cfg.training, cfg.experiment.pipeline
+    parallel, _, frozen_dtype = plan_settings(cfg)
+    if use_micro or not m.path:
+        args = micro_args(cfg, ByteTokenizer.vocab_size)
+    elif not Path(m.path).is_dir():
+        return f"model.path {m.path} is not on this machine: its params.json or config.json gives the shape", {}
+    else:
+        args = model_shape(m.path, m.n_future_tokens)
+    ref = cfg.reference.path
+    reference = model_shape(ref, 1) if pipeline == "rho1" and is_local_path(ref) and Path(ref).is_dir() else None
+    kw = dict(pipeline=pipeline, lora_rank=m.lora.rank, parallel=parallel, world=world, frozen_dtype=frozen_dtype,
+              batch_size=t.batch_size, seq_len=cfg.dataset.max_length, memory_efficient_loss=m.memory_efficient_loss,
+              grad_accum=t.gradient_accumulation_steps, reference=reference)
+    what = (f"{pipeline}, {args.n_layers} blocks ({args.n_future_tokens} heads), d={args.dim}, V={args.vocab_size}, "
+            f"{sum(parameter_counts(args, pipeline, m.lora.rank)) / 1e6:,.1f}M parameters, "
+            + (f"LoRA r={m.lora.rank}, " if m.lora.rank else "") + f"{parallel} x {world}, frozen {frozen_dtype}, "
+            f"batch {t.batch_size} x {cfg.dataset.max_length} tokens, CUDA bf16 autocast")
+    return what, {ac: memory_plan(args, activation_checkpointing=ac, **kw) for ac in (False, True)}
+
+
+def dry_run_report(cfg, world, world_from, use_micro, gpu_gb):
+    """The --dry-run lines after the merged config, as YAML comments (the output stays the config): the memory plan
+    per GPU in GiB, whether it fits gpu_gb GiB (less 10 % for the CUDA context, NCCL buffers and allocator
+    fragmentation), and the paths the config reads."""
+    what, plans = config_plans(cfg, world, use_micro)
+    lines = [f"launch: {world} process(es) ({world_from})", f"memory plan per GPU: {what}"]
+    if plans:
+        checkpointing = plan_settings(cfg)[1]
+        unit, scale = ("GiB", 2**30) if plans[False]["peak"] >= 2**30 else ("MiB", 2**20)
+        lines.append(f"{unit:<44}{'checkpointing off':>18}{'on':>8}")
+        for key, label in PLAN_ROWS.items():
+            if plans[False][key] or plans[True][key]:
+                lines.append(f"  {label:<42}{plans[False][key] / scale:>18.2f}{plans[True][key] / scale:>8.2f}")
+        if gpu_gb:
+            fits = {ac: p["peak"] <= 0.9 * gpu_gb * 2**30 for ac, p in plans.items()}
+            lines.append(f"--gpu-memory-gb {gpu_gb:g}: {'fits' if fits[checkpointing] else 'does NOT fit'} as "
+                         f"configured (activation checkpointing {'on' if checkpointing else 'off'}); with it "
+                         f"{'on' if not checkpointing else 'off'}: {'fits' if fits[not checkpointing] else 'does NOT fit'}")
+    paths = expected_paths(cfg, use_micro)
+    lines.append("paths this config reads:" if paths else "paths this config reads: none (builtin data, micro model)")
+    lines += [f"  {key:<19} {path}  {'found' if ok else 'MISSING on this machine'}" for key, path, ok in paths]
+    return "\n".join(f"# {line}" for line in lines)
+
+
 # -----------------------------------------------------------------------------
 # CLI
 
@@ -2270,7 +2338,10 @@ def main(argv=None):
     p.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, byte tokenizer")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--resume", nargs="?", const="auto", help="PATH, URI or auto (default when given without a value)")
-    p.add_argument("--dry-run", action="store_true", help="print the merged config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the merged config, the memory plan per GPU and the paths it reads; train nothing")
+    p.add_argument("--nproc", type=int, help="--dry-run: processes in the launch (default: $WORLD_SIZE, else 1)")
+    p.add_argument("--gpu-memory-gb", type=float, help="--dry-run: say whether the plan fits GPUs of this many GiB")
     d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
     d.add_argument("--config", default=str(ROOT / "configs" / "defaults.yaml"))
     d.add_argument("--env-file", default=".env")
@@ -2300,7 +2371,10 @@ def main(argv=None):
         overrides = args.override + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
         cfg = load_config(args.config, overrides)
         if args.dry_run:
+            world, world_from = ((args.nproc, "--nproc") if args.nproc else
+                                 (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else (1, "default"))
             print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), end="")
+            print(dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb))
             return 0
         train(cfg, use_micro=args.use_micro_model)
         return 0
