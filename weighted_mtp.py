@@ -2373,8 +2373,8 @@ def main(argv=None):
         if args.dry_run:
             world, world_from = ((args.nproc, "--nproc") if args.nproc else
                                  (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else (1, "default"))
-            print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), end="")
-            print(dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb))
+            report_lines = dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb)
+            print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False) + report_lines)
             return 0
         train(cfg, use_micro=args.use_micro_model)
         return 0
