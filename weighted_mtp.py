@@ -2215,7 +2215,8 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     with world > 1 4 more (the all-reduce buckets: gradient_as_bucket_view is off); a frozen one (LoRA base, critic
     trunk, the rho1 reference: `reference` or a copy of the policy) frozen_dtype's bytes. fsdp divides all of these
     by world and holds, unsharded in the compute dtype, the root (embedding, output) and two blocks (the current
-    and the prefetched one), plus their fp32 gradients before the reduce-scatter. On CUDA, DDP keeps a bf16 autocast
+    and the prefetched one), plus as much in fp32 gradients (a block's unsharded gradients, their copy in the
+    reduce-scatter buffer, the root's until the end of backward). On CUDA, DDP keeps a bf16 autocast
     copy of every fp32 weight that a block saves for backward.
     Activations, N = batch_size·seq_len tokens, s = block_activations(): L·s·N + 4d·N (the H head outputs the loss
     reads, less H − 1 shared head inputs); with a checkpoint per block each keeps its fp32 input and backward
@@ -2237,7 +2238,7 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
             "optimizer": 8 * trainable / shard, "frozen": DTYPE_BYTES[frozen_dtype] * frozen / shard,
             "reference": DTYPE_BYTES[frozen_dtype] * ref / shard}
     gathered = 2 * V * d + 2 * p_block  # the root's embedding and output, the current and the prefetched block
-    rows["gathered"] = (act_bytes * gathered + 4 * (gathered - p_block) * full_ft) * fsdp
+    rows["gathered"] = (act_bytes + 4 * full_ft) * gathered * fsdp
     fp32_block_weights = p_block if full_ft or frozen_dtype == "float32" else 0
     saved_blocks = L if trains_blocks and not activation_checkpointing else 1
     rows["copies"] = 2 * fp32_block_weights * saved_blocks * (cuda and not fsdp)
