@@ -237,3 +237,48 @@ def test_dry_run_of_a_bad_model_dir_is_one_line(tmp_path):
     r = dry_run("--config", "configs/baseline/baseline_local.yaml", "--override", f"model.path={tmp_path}")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'config.json'}: missing 'num_hidden_layers'"]
+
+
+# ----------------------------------------------------------------------------------------- scripts/gpu_check.sh
+GPU_CHECK = ROOT / "scripts" / "gpu_check.sh"
+
+
+def gpu_check(tmp_path, *args, **env):
+    return subprocess.run([str(GPU_CHECK), "--summary", str(tmp_path / "summary.txt"), *args], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TMPDIR": str(tmp_path), **env})
+
+
+def test_gpu_check_is_shellcheck_clean():
+    assert subprocess.run(["bash", "-n", str(GPU_CHECK)]).returncode == 0
+    r = subprocess.run(["shellcheck", str(GPU_CHECK)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+    assert os.access(GPU_CHECK, os.X_OK)
+
+
+def test_gpu_check_cpu_dry_runs_every_step(tmp_path):
+    r = gpu_check(tmp_path, "--cpu-dry")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split()[1] for line in lines[1:-1]] == [
+        "device", "step", "pipeline-baseline", "pipeline-critic", "pipeline-verifiable", "pipeline-rho1", "ddp",
+        "ddp-replicas", "fsdp2", "trainer-fsdp", "bench-p6"]
+    assert all(line.startswith(("PASS", "SKIP")) for line in lines[1:-1]) and lines[-1] == "ALL PASSED"
+    assert "found_inf skip ok" in lines[2] and "2 replica(s) identical" in lines[8] and "(gloo)" in lines[9]
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.txt"]  # its work dir is gone
+
+
+def test_gpu_check_stops_loudly_at_the_first_broken_step(tmp_path):
+    r = gpu_check(tmp_path, "--cpu-dry", WMTP_TEST_FAULT="0:2")  # the trainer's rank 0 raises at step 2
+    assert r.returncode == 1
+    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert lines[-1].startswith("FAIL pipeline-baseline (exit 1")
+    assert "WMTP_TEST_FAULT: rank 0 fails once at step 2" in r.stderr
+    assert "gpu_check.sh: step 'pipeline-baseline' failed (exit 1)" in r.stderr
+
+
+def test_gpu_check_without_a_gpu_says_so(tmp_path):
+    r = gpu_check(tmp_path, CUDA_VISIBLE_DEVICES="")
+    assert r.returncode == 1 and "torch sees no CUDA device" in r.stderr
+    r = gpu_check(tmp_path, "--bogus")
+    assert r.returncode == 2 and "unknown argument '--bogus'" in r.stderr
