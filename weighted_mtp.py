@@ -2173,7 +2173,8 @@ def block_shape(args):
     """(parameters of one block, its k/v width, its FFN width), read off a Block built on the meta device."""
     with torch.device("meta"):
         block = Block(args)
-    return sum(p.numel() for p in block.parameters()), block.attention.wk.out_features, block.feed_forward.w1.out_features
+    attention, ffn = block.attention, block.feed_forward
+    return sum(p.numel() for p in block.parameters()), attention.wk.out_features, ffn.w1.out_features
 
 
 def parameter_counts(args, pipeline, lora_rank):
@@ -2197,8 +2198,8 @@ def block_activations(args, lora_rank, trains_norms, act_bytes):
     Recomputation in Large Transformer Models", §4.1: add up what every op saves), applied to this block (RMSNorm,
     GQA with fused SDPA: no T² scores kept, SwiGLU of width f, no dropout), the residual stream in fp32 and the
     matmul inputs in act_bytes (4; 2 under bf16 autocast):
-        s = 4·d·(2 + 2·[norm weights train])   the norms' inputs x, h (and their normalised x̂ when the weights train)
-          + a·(4d + 2·d_kv + 4f + 7r)          the inputs of wq/wk/wv, wo, w1/w3 and w2 (d, d, d, f); q after RoPE (d),
+        s = 4·d·(2 + 2·[norm weights train])   the norms' inputs x, h (+ their normalised x̂ when the weights train)
+          + a·(4d + 2·d_kv + 4f + 7r)          the inputs of wq/wk/wv, wo, w1/w3, w2 (d, d, d, f); q after RoPE (d),
                                                k after RoPE and v (d_kv each); silu's input and output, w3's output
                                                (f each); LoRA's x·Aᵀ (r for each of the 7 projections)"""
     _, kv, hidden = block_shape(args)
@@ -2273,7 +2274,8 @@ def is_local_path(value):
 def expected_paths(cfg, use_micro):
     """[(key, path, exists)] for the config's paths that must be on this machine."""
     pipeline = cfg.experiment.pipeline
-    keys = {"model.path": "" if use_micro else cfg.model.path, "model.tokenizer": "" if use_micro else cfg.model.tokenizer,
+    model = cfg.model if not use_micro else dataclasses.replace(cfg.model, path="", tokenizer="")
+    keys = {"model.path": model.path, "model.tokenizer": model.tokenizer,
             "model.init_from": cfg.model.init_from if pipeline != "verifiable" else "",
             "critic.checkpoint": cfg.critic.checkpoint if pipeline == "verifiable" else "",
             "reference.path": cfg.reference.path if pipeline == "rho1" else "",
@@ -2318,9 +2320,10 @@ def dry_run_report(cfg, world, world_from, use_micro, gpu_gb):
                 lines.append(f"  {label:<42}{plans[False][key] / scale:>18.2f}{plans[True][key] / scale:>8.2f}")
         if gpu_gb:
             fits = {ac: p["peak"] <= 0.9 * gpu_gb * 2**30 for ac, p in plans.items()}
-            lines.append(f"--gpu-memory-gb {gpu_gb:g}: {'fits' if fits[checkpointing] else 'does NOT fit'} as "
-                         f"configured (activation checkpointing {'on' if checkpointing else 'off'}); with it "
-                         f"{'on' if not checkpointing else 'off'}: {'fits' if fits[not checkpointing] else 'does NOT fit'}")
+            verdict, on_off = {True: "fits", False: "does NOT fit"}, {True: "on", False: "off"}
+            lines.append(f"--gpu-memory-gb {gpu_gb:g}: {verdict[fits[checkpointing]]} as configured (activation "
+                         f"checkpointing {on_off[checkpointing]}); with it {on_off[not checkpointing]}: "
+                         f"{verdict[fits[not checkpointing]]}")
     paths = expected_paths(cfg, use_micro)
     lines.append("paths this config reads:" if paths else "paths this config reads: none (builtin data, micro model)")
     lines += [f"  {key:<19} {path}  {'found' if ok else 'MISSING on this machine'}" for key, path, ok in paths]
@@ -2373,7 +2376,8 @@ def main(argv=None):
         cfg = load_config(args.config, overrides)
         if args.dry_run:
             world, world_from = ((args.nproc, "--nproc") if args.nproc else
-                                 (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else (1, "default"))
+                                 (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else
+                                 (1, "default"))
             report_lines = dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb)
             print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False) + report_lines)
             return 0
