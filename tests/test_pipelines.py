@@ -202,3 +202,15 @@ def test_system_metrics_reach_the_run(tracking, tmp_path):
     run_id = wm.train(cfg, use_micro=True)["run_id"]
     metrics = MlflowClient(tracking).get_run(run_id).data.metrics
     assert "system/cpu_utilization_percentage" in metrics and metrics["system/system_memory_usage_megabytes"] > 0
+
+
+@pytest.mark.parametrize("exists", [False, True], ids=["created", "found-untagged"])
+def test_the_experiment_is_marked_for_model_development(tracking, tmp_path, exists):
+    """MLflow 3's UI opens an experiment without mlflow.experimentKind as a GenAI one (an empty Traces page): the
+    trainer sets it when it creates the experiment or first uses one that lacks it."""
+    client = MlflowClient(tracking)
+    if exists:
+        client.create_experiment("weighted-mtp/production")
+    wm.train(tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0"))
+    tags = client.get_experiment_by_name("weighted-mtp/production").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"
