@@ -7,6 +7,7 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
+import sandbox
 import weighted_mtp as wm
 from conftest import ROOT, tiny_config
 
@@ -103,3 +104,23 @@ def test_run_sh_evaluate_launches_the_same_command(tmp_path, tracking):
     assert (f"+ python -m weighted_mtp evaluate --config configs/baseline/baseline_local.yaml --use-micro-model "
             f"--samples {samples}") in r.stdout
     assert json.loads((tmp_path / "out.json").read_text())["pass@1"] == 0.25
+
+
+def test_a_completion_reading_the_environment_finds_no_secret_anywhere(tmp_path, tracking):
+    """The evaluator's environment holds a planted AWS secret; a completion that dumps os.environ (and /proc's
+    copy of its parent's) to stdout and stderr fails its task, and the secret is in no result, log or MLflow record."""
+    tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
+    spy = "import os, sys\nprint(dict(os.environ)); print(dict(os.environ), file=sys.stderr)\n"
+    if sandbox.isolation()[1] is not None:  # as root programs run as their own uid; else /proc is readable (README)
+        spy += "print(open(f'/proc/{os.getppid()}/environ').read(), file=sys.stderr)\n"
+    samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": "sum", "completion": spy}])
+    r = run_evaluate(tmp_path, tracking, "--samples", str(samples), "--json", str(tmp_path / "out.json"),
+                     "--override", f"eval.dataset={tasks}")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out.json").read_text())["pass@1"] == 0.0
+    client = MlflowClient(tracking)
+    [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
+    artifact = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read()
+    assert json.loads(artifact)["stderr"]  # it did print something
+    everything = artifact + r.stdout + r.stderr + json.dumps(run.data.params) + json.dumps(run.data.tags)
+    assert "planted-secret-value-123" not in everything
