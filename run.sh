@@ -166,7 +166,7 @@ cmd_train() {
   [ -f "$cfg" ] || die "config $cfg not found"
   bootstrap
   export PATH="$VENV/bin:$PATH"   # so `python` and `torchrun` above are the venv's, exactly as printed
-  [ "$dry" = 0 ] || exec python "${train[@]}" --dry-run
+  [ "$dry" = 0 ] || exec python "${train[@]}" --dry-run --nproc "$((nproc * nnodes))"
   exec "${cmd[@]}" "${train[@]}"
 }
 

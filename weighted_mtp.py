@@ -1289,12 +1289,14 @@ def read_jsonl(path):
     return records
 
 
-def load_records(spec, split):
-    """(records, checker or None) for a JSONL path or builtin:<name>."""
+def load_records(spec, split, key=None):
+    """(records, checker or None) for a JSONL path or builtin:<name> (its `split`: train or validation); `key` names
+    the config key in errors (default dataset.<split>)."""
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN:
-            raise UserError(f"dataset.{split}: unknown built-in dataset '{name}' (known: {', '.join(BUILTIN)})")
+            raise UserError(f"{key or 'dataset.' + split}: unknown built-in dataset '{name}' "
+                            f"(known: {', '.join(BUILTIN)})")
         make, checker = BUILTIN[name]
         return make(split), checker
     return read_jsonl(spec), None
@@ -1447,6 +1449,17 @@ def experiment_artifact_location(cfg, uri):
     return None
 
 
+def experiment_id(client, cfg):
+    """The id of mlflow.experiment, created if needed, marked as model development (else MLflow 3's UI opens it as
+    a GenAI experiment: an empty Traces page)."""
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg)))
+    if not exp or EXPERIMENT_KIND not in exp.tags:
+        client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+    return exp_id
+
+
 def newest_run(client, experiment, where):
     """The newest run (by start time) of `experiment` that matches the MLflow filter `where`, or None. Every `auto`
     is one of these searches: a pipeline's newest finished run, or the newest unfinished run of this config."""
@@ -1585,11 +1598,7 @@ class Tracking:
         from mlflow.entities import Param
         cfg, uri = self.cfg, tracking_uri(self.cfg)
         self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(cfg.mlflow.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(
-            cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, uri))
-        if not exp or EXPERIMENT_KIND not in exp.tags:  # else MLflow 3's UI opens it as a GenAI experiment
-            self.client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
+        exp_id = experiment_id(self.client, cfg)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "train/loss")
@@ -2563,7 +2572,7 @@ def eval_tasks(spec, max_tasks=0):
     """task_id -> record for a JSONL path or builtin:<name>: the first record of each task (the tests are the
     task's, whichever answer a record carries); max_tasks keeps the first N task ids in sorted order."""
     tasks = {}
-    for record in load_records(spec, "eval")[0]:
+    for record in load_records(spec, "validation", "eval.dataset")[0]:  # a built-in's held-out tasks
         tasks.setdefault(str(record.get("task_id", record.get("_source"))), record)
     return {tid: tasks[tid] for tid in sorted(tasks)[:max_tasks or None]}
 
@@ -2651,10 +2660,8 @@ def log_evaluation(cfg, run_id, step, summary, results):
     from mlflow.entities import Metric, Param
     client, own_run = MlflowClient(tracking_uri(cfg)), run_id is None
     if own_run:
-        exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(
-            cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg)))
-        run_id = client.create_run(exp_id, run_name="evaluate", tags={"pipeline": "evaluate"}).info.run_id
+        run_id = client.create_run(experiment_id(client, cfg), run_name="evaluate",
+                                   tags={"pipeline": "evaluate"}).info.run_id
         params = flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]})
         client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     now = int(time.time() * 1000)
@@ -2878,30 +2885,30 @@ def dry_run_report(cfg, world, world_from, use_micro, gpu_gb):
 # CLI
 
 
-def main(argv=None):
+def cli():
+    """The argument parser: train and evaluate share the config arguments and --dry-run."""
     parser = argparse.ArgumentParser(prog="python -m weighted_mtp", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train one pipeline")
-    p.add_argument("--config", required=True)
-    p.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, byte tokenizer")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", required=True)
+    config.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, bytes")
+    config.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument("--dry-run", action="store_true",
+                        help="print the merged config, the memory plan per GPU and the paths it reads; run nothing")
+    config.add_argument("--nproc", type=int, help="--dry-run: processes in the launch (default: $WORLD_SIZE, else 1)")
+    config.add_argument("--gpu-memory-gb", type=float, help="--dry-run: say whether the plan fits GPUs this big")
+    p = sub.add_parser("train", parents=[config], help="train one pipeline")
     p.add_argument("--resume", nargs="?", const="auto", help="PATH, URI or auto (default when given without a value)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="print the merged config, the memory plan per GPU and the paths it reads; train nothing")
-    p.add_argument("--nproc", type=int, help="--dry-run: processes in the launch (default: $WORLD_SIZE, else 1)")
-    p.add_argument("--gpu-memory-gb", type=float, help="--dry-run: say whether the plan fits GPUs of this many GiB")
-    d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
-    d.add_argument("--config", default=str(ROOT / "configs" / "defaults.yaml"))
-    d.add_argument("--env-file", default=".env")
-    d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    e = sub.add_parser("evaluate", help="pass@k of a checkpoint's completions (or of --samples) by running them")
-    e.add_argument("--config", required=True)
-    e.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, byte tokenizer")
+    e = sub.add_parser("evaluate", parents=[config],
+                       help="pass@k of a checkpoint's completions (or of --samples) by running them")
     e.add_argument("--checkpoint", default="auto", help="PATH, s3://..., runs:/<id>/..., auto (default: the newest "
                    "finished run of the config's pipeline) or none (the config's model as it is)")
     e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
     e.add_argument("--json", help="also write the summary here")
-    e.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
+    d.add_argument("--config", default=str(ROOT / "configs" / "defaults.yaml"))
+    d.add_argument("--env-file", default=".env")
+    d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     x = sub.add_parser("export", help="write a trained policy as a Hugging Face or Meta model directory")
     x.add_argument("--checkpoint", required=True, help="a trainer checkpoint: path, s3:// or runs:/ URI")
     x.add_argument("--format", required=True, choices=("hf", "meta"))
@@ -2911,7 +2918,11 @@ def main(argv=None):
     r = sub.add_parser("report", help="table of the newest run of each pipeline")
     r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
     r.add_argument("--tracking-uri", default="")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = cli().parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -2923,20 +2934,18 @@ def main(argv=None):
         if args.command == "report":
             uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
             return report(uri, args.experiment)
-        if args.command == "evaluate":
-            cfg = load_config(args.config, args.override)
-            evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
-            return 0
-        overrides = args.override + ([f"checkpoint.resume={args.resume}"] if args.resume else [])
-        cfg = load_config(args.config, overrides)
+        resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
+        cfg = load_config(args.config, args.override + resume)
         if args.dry_run:
             world, world_from = ((args.nproc, "--nproc") if args.nproc else
                                  (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else
                                  (1, "default"))
             report_lines = dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb)
             print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False) + report_lines)
-            return 0
-        train(cfg, use_micro=args.use_micro_model)
+        elif args.command == "evaluate":
+            evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
+        else:
+            train(cfg, use_micro=args.use_micro_model)
         return 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -46,6 +46,8 @@ def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracki
     client = MlflowClient(tracking)
     [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
     assert run.info.run_name == "evaluate" and run.info.status == "FINISHED"
+    tags = client.get_experiment_by_name("weighted-mtp/production").tags
+    assert tags["mlflow.experimentKind"] == "custom_model_development"  # created here: marked here too
     assert run.data.metrics == {"eval/pass_at_1": 0.25, "eval/pass_at_2": 0.5}  # MLflow forbids "@" in names
     lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
     assert [(json.loads(x)["task_id"], json.loads(x)["passed"]) for x in lines] == [

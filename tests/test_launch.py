@@ -146,7 +146,7 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     res = run_sh(["baseline", "--local", "--dry-run"], env)
     assert res.returncode == 0, res.stderr
     assert _calls(log) == ["-m weighted_mtp train --config configs/baseline/baseline_local.yaml "
-                           "--use-micro-model --dry-run"]
+                           "--use-micro-model --dry-run --nproc 1"]  # the launch size, for the memory plan
 
     (venv / ".wmtp-installed-test").write_text("sha256-of-an-older-pyproject\n")
     log.write_text("pip install torch==2.13.0\n")  # torch is there by now

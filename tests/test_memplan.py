@@ -185,7 +185,7 @@ def test_dry_run_plans_a_7b_meta_dir_and_names_the_missing_paths(tmp_path):
     model = write_meta_dir(tmp_path / "7B_1T_4", dim=4096, n_layers=32, n_heads=32, vocab_size=32000,
                            multiple_of=256, norm_eps=1e-5, rope_theta=10000.0, n_future_tokens=4)  # no weights
     r = dry_run("--config", "configs/verifiable/verifiable.yaml", "--override", f"model.path={model}",
-                "--nproc", "4", "--gpu-memory-gb", "80")
+                "--override", "model.dtype=float32", "--nproc", "4", "--gpu-memory-gb", "80")
     assert r.returncode == 0, r.stderr
     assert yaml.safe_load(r.stdout)["model"]["path"] == str(model)  # the plan is YAML comments: still the config
     lines = [line for line in r.stdout.splitlines() if line.startswith("#")]
@@ -200,6 +200,9 @@ def test_dry_run_plans_a_7b_meta_dir_and_names_the_missing_paths(tmp_path):
             in lines)
     assert f"#   model.path          {model}  found" in lines
     assert "#   dataset.train       /mnt/wmtp/data/train.jsonl  MISSING on this machine" in lines
+    shipped = dry_run("--config", "configs/verifiable/verifiable.yaml", "--override", f"model.path={model}",
+                      "--nproc", "4", "--gpu-memory-gb", "80")  # its base in bf16 (model.dtype): it fits
+    assert "# --gpu-memory-gb 80: fits as configured (activation checkpointing off); with it on: fits" in shipped.stdout
 
 
 def test_dry_run_without_the_model_dir_says_so_and_takes_world_size_from_the_environment():
