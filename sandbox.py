@@ -298,6 +298,7 @@ def score(tasks, samples, limits=Limits(), workers=1):
         if task_id not in tasks:
             raise TaskError(f"unknown task_id {task_id!r}")
         plans.append(programs(tasks[task_id], completion))
+    isolation()  # its probe runs as slot 0's uid and ends by killing that uid's processes: before any worker starts
     slots = queue.SimpleQueue()
     for slot in range(workers):
         slots.put(slot)

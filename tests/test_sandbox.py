@@ -202,3 +202,27 @@ def test_every_pyfunc_right_solution_passes_and_every_wrong_one_fails_by_executi
 
 def test_bench_throughput_counts_programs_per_second():
     assert sandbox.bench_throughput(workers=2, n_programs=4) > 0
+
+
+@pytest.mark.skipif(not ISOLATED, reason="the uid probe runs only as root")
+def test_the_isolation_probe_runs_once_before_any_program(monkeypatch):
+    """isolation() probes slot 0's uid with a program and then kills everything of that uid: two workers probing
+    at once took slot 0's first program with them (status "error", seen under load). score() probes first."""
+    events, run = [], sandbox._run
+
+    def recorded(program, *args):
+        probe = program.source == "pass"
+        events.append(("start", probe))
+        try:
+            return run(program, *args)
+        finally:
+            events.append(("end", probe))
+
+    monkeypatch.setattr(sandbox, "_run", recorded)
+    sandbox.isolation.cache_clear()
+    try:
+        assert [r["status"] for r in sandbox.score(TASKS, RIGHT, LIMITS, workers=2)] == ["passed"] * 4
+    finally:
+        sandbox.isolation.cache_clear()
+    first_program = events.index(("start", False))
+    assert ("start", True) in events and all(not probe for _, probe in events[first_program:])  # probes all first
