@@ -222,11 +222,12 @@ def p5_heads(S):
     return summary(compare(trainer_step(one, batch), trainer_step(four, batch), S), 1 + 3 * share + 0.05, head_share=share)
 
 
-def peer_args(S, H):
-    """The P7/P8 model: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face peer), 8 attention heads,
-    vocab 32000 (where the unembedding dominates a small model's step)."""
-    return wm.ModelArgs(dim=S.dim, n_layers=3 + H, n_heads=8, n_kv_heads=8, vocab_size=32000, multiple_of=256,
-                        n_future_tokens=H)
+def peer(S, H):
+    """The P7/P8 model, set up as the trainer does: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face
+    peer), 8 attention heads, vocab 32000 (where the unembedding dominates a small model's step)."""
+    return setup("baseline", H=H, dim=S.dim, vocab=32000, micro=(
+        "model.micro.n_trunk_layers=3", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
+        "model.micro.multiple_of=256"))
 
 
 def hf_llama(model, seq):
@@ -256,7 +257,7 @@ def p7_peer(S):
     """P7: our baseline train_step, H=1 / a Hugging Face LlamaForCausalLM training step (forward with labels,
     backward, fused AdamW) at the same dims (dim, 4 blocks, 8 attention heads, vocab 32000, seq, batch)."""
     batch = make_batch(S.batch, S.seq, 32000)
-    ours = setup("baseline", args=peer_args(S, 1))
+    ours = peer(S, 1)
     hf = hf_llama(ours[1], S.seq)
     if hf is None:
         return {"skipped": "transformers is not installed (pip install -e '.[bench]')"}
@@ -269,7 +270,7 @@ def p8_efficient_loss(S):
     """P8: baseline train_step, H=4, vocab 32000, memory-efficient loss (one head's logits alive at a time, each
     computed once) / the naive loss (every head's logits kept for backward): same weights and batch."""
     batch = make_batch(S.batch, S.seq, 32000)
-    efficient, naive = setup("baseline", args=peer_args(S, 4)), setup("baseline", args=peer_args(S, 4))
+    efficient, naive = peer(S, 4), peer(S, 4)
     efficient[1].memory_efficient_loss, naive[1].memory_efficient_loss = True, False
     return summary(compare(trainer_step(naive, batch), trainer_step(efficient, batch), S), 1.03, vocab=32000)
 
