@@ -662,8 +662,8 @@ def arith_records(split):
         wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
         wrong = wrong if wrong >= 0 else a + b + 1
         for output, ok in ((str(a + b), True), (str(wrong), False)):
-            records.append({"instruction": "Add.", "input": f"{a:02d}+{b:02d}", "output": output,
-                            "is_correct": ok, "task_id": f"arith-{a}-{b}", "metadata": {"difficulty": len(str(max(a, b)))}})
+            records.append({"instruction": "Add.", "input": f"{a:02d}+{b:02d}", "output": output, "is_correct": ok,
+                            "task_id": f"arith-{a}-{b}", "metadata": {"difficulty": len(str(max(a, b)))}})
     return records
 
 

@@ -21,7 +21,8 @@ def test_plain_template_is_short_and_what_training_and_validation_both_use():
     record = {"instruction": "Add.", "input": "07+35", "output": "42"}
     assert wm.render_prompt(record, "plain") == "Add.\n07+35\n"
     assert wm.render_prompt({"instruction": "Say hi.", "output": "hi"}, "plain") == "Say hi.\n"
-    assert wm.render_prompt(record) == wm.render_prompt(record, "alpaca") and "### Response:" in wm.render_prompt(record)
+    assert wm.render_prompt(record) == wm.render_prompt(record, "alpaca")
+    assert wm.render_prompt(record).endswith("### Response:\n")
     (ids, labels, _, _), = wm.encode_records([record], TOK, 64, "truncate", "x", "plain")[0]
     assert ids == [TOK.bos_id] + list(b"Add.\n07+35\n42") + [TOK.eos_id]        # 16 tokens, 3 of them trained
     assert [i for i, label in zip(ids, labels) if label != -100] == [ord("4"), ord("2"), TOK.eos_id]
@@ -67,7 +68,8 @@ def test_val_pass_at_1_appears_at_each_validation_on_data_with_tests(tracking, t
 
 def test_validation_tests_that_cannot_run_fail_before_training(tracking, tmp_path):
     bad = tmp_path / "val.jsonl"
-    bad.write_text(json.dumps({"instruction": "x", "output": "y", "task_id": "t", "metadata": {"tests": "nope"}}) + "\n")
+    record = {"instruction": "x", "output": "y", "task_id": "t", "metadata": {"tests": "nope"}}
+    bad.write_text(json.dumps(record) + "\n")
     with pytest.raises(wm.UserError, match=rf"^{bad}:1 \(task t\): metadata.tests must be a list"):
         wm.train(tiny_config("baseline", tmp_path, f"dataset.validation={bad}"), use_micro=True)
     exp = MlflowClient(tracking).get_experiment_by_name("weighted-mtp/production")
@@ -127,7 +129,8 @@ def test_compare_nests_every_run_under_one_parent(compared):
 def test_compare_intervals_worked_by_hand_from_the_logged_values(compared):
     client, _, summary, parent, children = compared
     for pipeline, run_name in (("baseline", "baseline-mtp"), ("verifiable", "verifiable-wmtp"), ("rho1", "rho1-wmtp")):
-        runs = sorted((r for r in children if r.info.run_name == run_name), key=lambda r: int(r.data.params["training.seed"]))
+        runs = sorted((r for r in children if r.info.run_name == run_name),
+                      key=lambda r: int(r.data.params["training.seed"]))
         assert [r.data.params["training.seed"] for r in runs] == ["0", "1"]
         for metric in ("val/loss", "val/accuracy", "eval/pass_at_1"):
             a, b = (r.data.metrics[metric] for r in runs)
