@@ -1619,7 +1619,7 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
         tasks = {str(i): r for i, (_, r) in enumerate(tested)}
         results = sandbox.score(tasks, [(str(i), a) for i, a in enumerate(answers)], limits, workers)
         counts[2] = sum(r["passed"] for r in results)
-    right, n_checked, passed, n_tested = all_reduce(torch.tensor(counts, device=device)).tolist()
+    right, n_checked, passed, n_tested = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
     out = {"val/accuracy": right / n_checked} if n_checked else {}
     if n_tested:
         out[metric_name("val/pass@1")] = passed / n_tested
