@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # run.sh: the one entry point of weighted-mtp; thin on purpose (find Python, pick a launcher, fill a template).
 # usage: ./run.sh <command> [args]
-#   demo                  the four pipelines on the micro model (CPU, MLflow in ./mlflow.db), then a summary table
+#   demo [args]           compare --seeds 1: a warm-up baseline, then baseline, critic -> verifiable and rho1 from it
+#                         for the same steps on the micro model (CPU, MLflow in ./mlflow.db); the summary table
+#   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run
 #   test [pytest args]    install what the selected tests lack (Debian packages when root, else print the command;
 #                         the test extras), then run pytest
 #   ui                    mlflow ui on ./mlflow.db at http://127.0.0.1:$PORT (default 5000)
@@ -250,18 +252,12 @@ cmd_vessl() {
   vessl run create -f "$out" || exit
 }
 
-# --- demo, test, dispatch -------------------------------------------------------------------------
-cmd_demo() {
+# --- demo, compare, test, dispatch -----------------------------------------------------------------
+cmd_compare() {   # python -m weighted_mtp compare --help: --seeds, --warmup-steps, --pipelines, --override
   bootstrap
   export PATH="$VENV/bin:$PATH" MLFLOW_TRACKING_URI=sqlite:///mlflow.db   # ./mlflow.db, git-ignored
-  local p
-  for p in $PIPELINES; do
-    local cmd=(python -m weighted_mtp train --config "configs/$p/${p}_local.yaml" --use-micro-model "$@")
-    print_cmd "${cmd[@]}"
-    "${cmd[@]}" || die "demo: $p failed"
-  done
-  python -m weighted_mtp report
-  printf '\nOpen the MLflow UI on these runs:  ./run.sh ui\n'
+  print_cmd python -m weighted_mtp compare "$@"
+  python -m weighted_mtp compare "$@" || die "compare failed"
 }
 
 cmd_test() {
@@ -277,7 +273,8 @@ main() {
   [ $# -eq 0 ] || shift
   case $sub in
     help | -h | --help) usage ;;
-    demo) cmd_demo "$@" ;;
+    demo) cmd_compare --seeds 1 "$@" ;;
+    compare) cmd_compare "$@" ;;
     evaluate) WMTP_COMMAND=evaluate cmd_train "$@" ;;
     test) cmd_test "$@" ;;
     ui) bootstrap   # one worker: several race to create the tables of a fresh mlflow.db (and are slower on 2 cores)

@@ -183,6 +183,7 @@ class DatasetConfig:
     validation: str
     max_length: int = rule(lambda v: v >= 8, ">= 8")
     on_overlong: str = rule(lambda v: v in ("truncate", "skip", "error"), "truncate, skip or error")
+    template: str = rule(lambda v: v in TEMPLATES, lambda: " or ".join(TEMPLATES))
 
 
 @frozen
@@ -1148,24 +1149,33 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
-def render_prompt(record):
-    template = ALPACA if record.get("input") else ALPACA_NO_INPUT
-    return template.format(instruction=record["instruction"], input=record.get("input", ""))
+# plain: the instruction and input on a line each, the answer right after: a built-in arithmetic example is then
+# ~30 tokens of which ~4 are trained, where Alpaca's ~235 would buy a step little more signal at 8x the compute.
+TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{input}\n", "{instruction}\n")}
+
+
+def render_prompt(record, template="alpaca"):
+    """The prompt of a record in dataset.template (training, validation and evaluate all render it here)."""
+    with_input, without_input = TEMPLATES[template]
+    text = with_input if record.get("input") else without_input
+    return text.format(instruction=record["instruction"], input=record.get("input", ""))
 
 
 def arith_records(split):
-    """Two-digit additions, each once with its sum (is_correct) and once with a near miss (is_correct: false).
-    The 10 000 problems are shuffled with a fixed seed: the first 1 000 are validation, the rest train."""
+    """Two-digit additions (operands zero-padded: 07+35, so digits sit at fixed places), each once with its sum
+    (is_correct) and once with a near miss (is_correct: false).
+    The 10 000 problems are shuffled with a fixed seed: the first 1 000 are held out (validation, eval), the rest
+    train."""
     rng = random.Random(1234)
     problems = [(a, b) for a in range(100) for b in range(100)]
     rng.shuffle(problems)
     records = []
-    for a, b in problems[:1000] if split == "validation" else problems[1000:]:
+    for a, b in problems[1000:] if split == "train" else problems[:1000]:
         wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
         wrong = wrong if wrong >= 0 else a + b + 1
         for output, ok in ((str(a + b), True), (str(wrong), False)):
-            records.append({"instruction": "Add the two numbers.", "input": f"{a}+{b}", "output": output,
-                            "is_correct": ok, "task_id": f"arith-{a}-{b}", "metadata": {"difficulty": len(str(max(a, b)))}})
+            records.append({"instruction": "Add.", "input": f"{a:02d}+{b:02d}", "output": output, "is_correct": ok,
+                            "task_id": f"arith-{a}-{b}", "metadata": {"difficulty": len(str(max(a, b)))}})
     return records
 
 
@@ -1223,7 +1233,7 @@ def pyfunc_task(template, i):
     wrong = [w for w in wrong_bodies if [r for r, ok in zip(results(w), want) if not isinstance(ok, Exception)]
              != [ok for ok in want if not isinstance(ok, Exception)]]
     solution = f"def f({arg}):\n    return {{}}"
-    return (f"pyfunc-{name}-{n}", f"Write a Python function f({arg}) that returns {what.format(n=n)}.",
+    return (f"pyfunc-{name}-{n}", f"Python: f({arg}) returns {what.format(n=n)}.",
             solution.format(body.format(n=n, m=m)), [solution.format(w.format(n=n, m=m)) for w in wrong], test)
 
 
@@ -1237,13 +1247,14 @@ def _result_or_error(f, value):
 def pyfunc_records(split):
     """Small Python functions from templates (x plus 7, the first 3 characters of s, ...) with assert tests
     (metadata.test, entry_point f): each task once with its right solution (is_correct) and once with a wrong one
-    that its tests reject. The ~530 tasks are shuffled with a fixed seed: the first 10 % are validation."""
+    that its tests reject. The ~530 tasks are shuffled with a fixed seed: the first 10 % are held out (validation,
+    eval)."""
     tasks = [pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5]))]
     rng = random.Random(1234)
     rng.shuffle(tasks)
     cut = len(tasks) // 10
     records = []
-    for task_id, instruction, right, wrongs, test in tasks[:cut] if split == "validation" else tasks[cut:]:
+    for task_id, instruction, right, wrongs, test in tasks[cut:] if split == "train" else tasks[:cut]:
         metadata = {"test": test, "entry_point": "f"}
         for output, ok in ((right, True), (rng.choice(wrongs), False)):
             records.append({"instruction": instruction, "input": "", "output": output, "is_correct": ok,
@@ -1290,16 +1301,22 @@ def read_jsonl(path):
 
 
 def load_records(spec, split, key=None):
-    """(records, checker or None) for a JSONL path or builtin:<name> (its `split`: train or validation); `key` names
-    the config key in errors (default dataset.<split>)."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
+    """(records, checker or None) for a JSONL path or builtin:<name>[+<name>...] (several built-ins, concatenated;
+    each record carries _source builtin:<name>, and the checker asks that built-in's); split: train or validation;
+    key names the config key in errors (default dataset.<split>)."""
+    if not spec.startswith("builtin:"):
+        return read_jsonl(spec), None
+    names = spec.split(":", 1)[1].split("+")
+    for name in names:
         if name not in BUILTIN:
             raise UserError(f"{key or 'dataset.' + split}: unknown built-in dataset '{name}' "
                             f"(known: {', '.join(BUILTIN)})")
-        make, checker = BUILTIN[name]
-        return make(split), checker
-    return read_jsonl(spec), None
+    records = [{**r, "_source": f"builtin:{name}"} for name in names for r in BUILTIN[name][0](split)]
+    return records, check_builtin
+
+
+def check_builtin(record, answer):
+    return BUILTIN[record["_source"].split(":", 1)[1]][1](record, answer)
 
 
 def sample_records(records, n_samples, correct_ratio, seed):
@@ -1315,11 +1332,11 @@ def sample_records(records, n_samples, correct_ratio, seed):
     return chosen
 
 
-def encode_records(records, tok, max_length, on_overlong, source):
+def encode_records(records, tok, max_length, on_overlong, source, template="alpaca"):
     """[(ids, labels, reward, record)]: [BOS] prompt response [EOS], labels -100 on BOS and prompt."""
     examples, truncated = [], 0
     for record in records:
-        prompt = [tok.bos_id] + tok.encode(render_prompt(record))
+        prompt = [tok.bos_id] + tok.encode(render_prompt(record, template))
         response = tok.encode(record["output"]) + [tok.eos_id]
         ids, labels = prompt + response, [-100] * len(prompt) + response
         if len(ids) > max_length:
@@ -2023,13 +2040,26 @@ def batches_of(examples, size):
 
 class Validation:
     """Validation on this rank's share of the examples, every eval_interval steps and at the end; the pipeline
-    decides what it measures."""
+    decides what it measures. Decoding pipelines add val/accuracy and val/pass@1 (decoded_metrics); test programs
+    run under eval's sandbox limits, and a validation record with malformed tests fails here, before training."""
 
     def __init__(self, setup, autocast):
         self.pipeline, self.examples, self.checker = setup.pipeline, setup.val_examples, setup.checker
         self.tok = setup.tok
         self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
         self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast
+        e = setup.cfg.eval
+        self.workers = e.workers or os.cpu_count() or 1
+        self.limits = None
+        if self.pipeline.decodes and any(has_tests(ex[3]) for ex in self.examples):
+            import sandbox
+            self.limits = sandbox.Limits(timeout_s=e.timeout_s, memory_mb=e.memory_mb, cpu_s=math.ceil(e.timeout_s))
+            try:
+                for ex in self.examples:
+                    if has_tests(ex[3]):
+                        sandbox.programs(ex[3], "")
+            except sandbox.TaskError as err:
+                raise UserError(str(err))
 
     def due(self, done, total):
         return bool(self.interval and done % self.interval == 0) or done == total
@@ -2043,8 +2073,9 @@ class Validation:
             with self.autocast():
                 self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
         out = self.pipeline.val_end(meter.reduce(), self.world)
-        if self.pipeline.decodes and self.checker is not None:
-            out["val/accuracy"] = accuracy(model, mine, self.checker, self.tok, self.device, self.autocast)
+        if self.pipeline.decodes:
+            out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast, self.limits,
+                                       self.workers))
         model.train()
         return out
 
@@ -2107,19 +2138,58 @@ def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, to
     return [row[:row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
 
 
-def accuracy(model, examples, checker, tok, device, autocast):
-    """Share of distinct validation prompts whose greedy answer the dataset's checker accepts, over all ranks."""
-    records = list({e[3]["task_id"] if "task_id" in e[3] else id(e[3]): e[3] for e in examples}.values())
-    max_new = max(len(tok.encode(r["output"])) for r in records) + 2
-    right = 0
-    for chunk in batches_of(records, 64):
-        prompts = [[tok.bos_id] + tok.encode(render_prompt(r)) for r in chunk]
+def distinct_prompts(examples):
+    """[(prompt ids, record)], one per task: the prompt exactly as training encoded it (the ids before the first
+    trained label), so validation renders prompts the way training did."""
+    seen = {}
+    for ids, labels, _, record in examples:
+        key = record.get("task_id", id(record))
+        if key not in seen:
+            seen[key] = (ids[:next(i for i, label in enumerate(labels) if label != -100)], record)
+    return list(seen.values())
+
+
+def has_tests(record):
+    meta = record.get("metadata")
+    return isinstance(meta, dict) and bool(meta.get("test") or meta.get("tests"))
+
+
+def greedy_answers(model, pairs, tok, device, autocast):
+    """The greedy answer text of each (prompt, record), at most the longest reference output + 2 tokens long."""
+    max_new = max(len(tok.encode(r["output"])) for _, r in pairs) + 2
+    answers = []
+    for chunk in batches_of([p for p, _ in pairs], 64):
         with autocast():
-            outs = generate(model, prompts, tok.eos_id, tok.pad_id, max_new)
-        for r, out in zip(chunk, outs):
-            right += bool(checker(r, tok.decode(out)))
-    right, total = all_reduce(torch.tensor([float(right), float(len(records))], device=device)).tolist()
-    return right / max(total, 1.0)
+            outs = generate(model, chunk, tok.eos_id, tok.pad_id, max_new)
+        answers += [tok.decode(out) for out in outs]
+    return answers
+
+
+def decoded_metrics(model, examples, checker, tok, device, autocast, limits, workers):
+    """Greedy answers to this rank's distinct prompts, summed over ranks. val/accuracy: the share of prompts
+    without tests that the dataset's checker accepts; val/pass@1 (logged as val/pass_at_1): the share of those
+    with tests (metadata.test/tests) whose answer passes them, run once each in the sandbox (sandbox.py)."""
+    tested, checked = [], []
+    for pair in distinct_prompts(examples):
+        if has_tests(pair[1]):
+            tested.append(pair)
+        elif checker is not None:
+            checked.append(pair)
+    counts = [0.0, len(checked), 0.0, len(tested)]  # right, checked, passed, tested
+    if checked:
+        answers = greedy_answers(model, checked, tok, device, autocast)
+        counts[0] = sum(bool(checker(r, a)) for (_, r), a in zip(checked, answers))
+    if tested:
+        import sandbox  # no torch there; imported here so validation on other data never loads it
+        answers = greedy_answers(model, tested, tok, device, autocast)
+        tasks = {str(i): r for i, (_, r) in enumerate(tested)}
+        results = sandbox.score(tasks, [(str(i), a) for i, a in enumerate(answers)], limits, workers)
+        counts[2] = sum(r["passed"] for r in results)
+    right, n_checked, passed, n_tested = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
+    out = {"val/accuracy": right / n_checked} if n_checked else {}
+    if n_tested:
+        out[metric_name("val/pass@1")] = passed / n_tested
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -2238,9 +2308,9 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     val_records, _ = load_records(ds.validation, "validation")
     correct = 0.5 if pipeline.name == "critic" else 1.0  # the critic must see wrong answers to rank them
     train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
-                                                 tok, ds.max_length, ds.on_overlong, ds.train)
+                                                 tok, ds.max_length, ds.on_overlong, ds.train, ds.template)
     val_examples, _ = encode_records(sample_records(val_records, s.val_samples, correct, s.seed + 1),
-                                     tok, ds.max_length, ds.on_overlong, ds.validation)
+                                     tok, ds.max_length, ds.on_overlong, ds.validation, ds.template)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     run_name = cfg.mlflow.run_name or pipeline.run_name
@@ -2593,11 +2663,11 @@ def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
     return tok, model.to(device).eval(), run_id, step
 
 
-def sample_completions(model, tok, tasks, e, rank, world, device):
+def sample_completions(model, tok, tasks, e, rank, world, device, template="alpaca"):
     """[(task_id, completion)] for every task, e.n_samples each (greedy when 1), generated in batches with the
     KV cache; each rank generates its share of the tasks and rank 0 gathers them all."""
     g = torch.Generator(device=device).manual_seed(e.seed + rank)
-    prompts = [(tid, [tok.bos_id] + tok.encode(render_prompt(tasks[tid])))
+    prompts = [(tid, [tok.bos_id] + tok.encode(render_prompt(tasks[tid], template)))
                for tid in sorted(tasks)[rank::world] for _ in range(e.n_samples)]
     mine = []
     for chunk in batches_of(prompts, e.batch_size):
@@ -2628,7 +2698,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
         else:
             tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
             with torch.no_grad():
-                pairs = sample_completions(model, tok, tasks, e, rank, world, device)
+                pairs = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template)
         if rank != 0:
             return None
         limits = sandbox.Limits(timeout_s=e.timeout_s, memory_mb=e.memory_mb, cpu_s=math.ceil(e.timeout_s))
@@ -2674,14 +2744,23 @@ def log_evaluation(cfg, run_id, step, summary, results):
 
 
 # -----------------------------------------------------------------------------
-# report: the demo's closing table
+# report and compare: every policy pipeline from one shared warm-up for the same steps, over seeds, as mean ± 95 %
+# intervals (Student t), a plot of the metrics over steps, all nested under one parent MLflow run
+
+POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
+DEMO_WARMUP_STEPS = 1000  # the shared warm-up's steps; the policy pipelines' own steps are their *_local.yaml's
+COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"))
+PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
+STARTS = {"baseline": "warm-up", "verifiable": "critic (trunk = warm-up)", "rho1": "warm-up (ref: baseline)"}
 
 
 def report(uri, experiment):
+    """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), eval/pass@1, start, wall."""
     from mlflow import MlflowClient
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment)
-    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'wall':>7}")
+    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>7} {'wall':>6}  "
+          "started from")
     for pipeline in PIPELINES:
         runs = client.search_runs([exp.experiment_id], f"tags.pipeline = '{pipeline}'",
                                   order_by=["attributes.start_time DESC"], max_results=1) if exp else []
@@ -2692,9 +2771,143 @@ def report(uri, experiment):
         m = r.data.metrics
         acc = m.get("val/accuracy", m.get("val/auc"))
         acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
+        pass1 = m.get(metric_name("eval/pass@1"))
         wall = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
         print(f"{pipeline:<11} {r.info.run_id:<33} {r.data.tags.get('wmtp.steps', '?'):>6} "
-              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {wall:>6.0f}s")
+              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {'-' if pass1 is None else f'{pass1:.3f}':>7} "
+              f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
+
+
+def mean_interval(values):
+    """(mean, h): the 95 % Student-t interval mean ± h, h = t_{0.975, n−1} · s / √n, s the sample standard
+    deviation (n − 1 in its denominator); h is nan for a single value."""
+    from scipy.stats import t as student_t  # scipy comes with mlflow
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(student_t.ppf(0.975, n - 1)) * s / math.sqrt(n)
+
+
+def train_child(pipeline, overrides, parent_id, started_from, run_name=""):
+    """Train configs/<p>/<p>_local.yaml on the micro model as a run nested under parent_id (tag
+    mlflow.parentRunId); (config, run id, its run directory, where checkpoints are)."""
+    cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml", overrides)
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(
+        cfg.mlflow, run_name=run_name, tags={**cfg.mlflow.tags, "mlflow.parentRunId": parent_id,
+                                             "wmtp.started_from": started_from}))
+    run_id = train(cfg, use_micro=True)["run_id"]
+    return cfg, run_id, Path(cfg.checkpoint.dir) / (run_name or RUN_NAMES[pipeline]) / run_id
+
+
+def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
+    """One seed: a warm-up baseline, then from its final weights each policy pipeline for the same steps and
+    evaluate (eval/pass@k on its run). Verifiable starts from a critic trained on the warm-up's frozen trunk;
+    rho1's reference is this seed's baseline (the warm-up trained on, as Rho-1's reference, correct answers only).
+    -> {pipeline: run id}."""
+    o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
+    warm = train_child("baseline", [*o, f"training.max_steps={warmup_steps}", "training.eval_interval=0"], parent_id,
+                       "random init", "warmup")[2] / "checkpoint_final.pt"
+    runs, dirs = {}, {}
+    for p in pipelines:
+        start = [f"model.init_from={warm}"]
+        if p == "verifiable":
+            critic = train_child("critic", [*o, f"model.init_from={warm}"], parent_id, "warm-up")[2]
+            start = [f"critic.checkpoint={critic / 'checkpoint_best.pt'}"]
+        if p == "rho1":  # without a baseline of this seed: a frozen copy of the warm-up
+            start.append(f"reference.path={dirs['baseline'] / 'checkpoint_final.pt' if 'baseline' in dirs else ''}")
+        cfg, runs[p], dirs[p] = train_child(p, [*o, *start], parent_id, STARTS[p])
+        evaluate(cfg, use_micro=True, checkpoint=str(dirs[p] / "checkpoint_final.pt"))
+    return runs
+
+
+def compare(seeds, warmup_steps, overrides=(), pipelines=POLICY_PIPELINES):
+    """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed), under one parent run that gets, per
+    pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the interval's half-width), the table
+    (compare/summary.json) and the plot (compare/metrics.png). Returns the summary."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param
+    cfgs = {p: load_config(ROOT / "configs" / p / f"{p}_local.yaml", overrides) for p in pipelines}
+    steps = {p: c.training.max_steps for p, c in cfgs.items()}
+    if len(set(steps.values())) != 1 or not warmup_steps > 0:
+        raise UserError(f"compare: the policy pipelines must train the same steps after a warm-up of > 0 steps, "
+                        f"got {steps} after --warmup-steps {warmup_steps}")
+    cfg = cfgs[pipelines[0]]
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(
+        cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg)))
+    parent = client.create_run(exp_id, run_name=f"compare-{seeds}-seeds", tags={"pipeline": "compare"}).info.run_id
+    client.log_batch(parent, params=[Param("seeds", str(seeds)), Param("warmup_steps", str(warmup_steps)),
+                                     Param("policy_steps", str(steps[pipelines[0]])),
+                                     Param("overrides", " ".join(overrides)[:6000] or "-")])
+    status = "FAILED"
+    try:
+        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
+        summary = summarize_compare(client, parent, pipelines, runs)
+        print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
+        print(f"\nparent run {parent} (experiment '{cfg.mlflow.experiment}'): ./run.sh ui", flush=True)
+        status = "FINISHED"
+        return summary
+    finally:
+        client.set_terminated(parent, status)
+
+
+def summarize_compare(client, parent, pipelines, runs):
+    """{pipeline: {metric: {values, mean, ci95}, runs, started_from}} from the runs' last logged values; logged on
+    the parent run with the plot of PLOTTED over steps."""
+    from mlflow.entities import Metric
+    summary, now = {}, int(time.time() * 1000)
+    for p in pipelines:
+        ids = [seed_runs[p] for seed_runs in runs]
+        last = [client.get_run(run_id).data.metrics for run_id in ids]
+        summary[p] = {"runs": ids, "started_from": STARTS[p]}
+        for m in COMPARED:
+            values = [x[m] for x in last if m in x]
+            if len(values) == len(ids):
+                mean, h = mean_interval(values)
+                summary[p][m] = {"values": values, "mean": mean, "ci95": h}
+    client.log_batch(parent, metrics=[Metric(f"{p}/{m}_{k}", v[k], now, 0) for p, row in summary.items()
+                                      for m, v in row.items() if m in COMPARED for k in ("mean", "ci95")
+                                      if math.isfinite(v[k])])
+    client.log_text(parent, json.dumps(summary, indent=2), "compare/summary.json")
+    plot_compare(client, parent, summary)
+    return summary
+
+
+def plot_compare(client, parent, summary):
+    """compare/metrics.png: one panel per metric of PLOTTED, a line per pipeline and seed over its steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import tempfile
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.5 * len(PLOTTED), 3.6))
+    for ax, metric in zip(axes, PLOTTED):
+        for i, (p, row) in enumerate(summary.items()):
+            for j, run_id in enumerate(row["runs"]):
+                history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+                if history:
+                    ax.plot(*zip(*history), color=f"C{i}", alpha=0.8, label=p if j == 0 else None)
+        ax.set(title=metric, xlabel="policy step (after the warm-up)")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / "metrics.png", dpi=100)
+        client.log_artifact(parent, str(Path(tmp) / "metrics.png"), "compare")
+    plt.close(fig)
+
+
+def format_compare(summary, seeds, warmup_steps, steps):
+    """The table: per policy pipeline, where it started and mean ± 95 % half-width of each metric of COMPARED."""
+    head = f"{'pipeline':<11} {'started from':<26}" + "".join(f" {m:>17}" for m in COMPARED)
+    lines = [f"{seeds} seed(s); a {warmup_steps}-step warm-up baseline, then {steps} steps of each pipeline", head]
+    for p, row in summary.items():
+        cells = ["-" if m not in row else f"{row[m]['mean']:.3f}" + (
+            f" ± {row[m]['ci95']:.3f}" if math.isfinite(row[m]["ci95"]) else "") for m in COMPARED]
+        lines.append(f"{p:<11} {row['started_from']:<26}" + "".join(f" {c:>17}" for c in cells))
+    return "\n".join(lines)
 
 
 # -----------------------------------------------------------------------------
@@ -2915,6 +3128,11 @@ def cli():
     x.add_argument("--out", required=True, help="a new directory")
     x.add_argument("--config", default="", help="the run's config, instead of the one stored in the checkpoint")
     x.add_argument("--use-micro-model", action="store_true", help="the checkpoint is a LoRA run of the micro model")
+    c = sub.add_parser("compare", help="the policy pipelines from one warm-up over seeds: mean ± 95 %% intervals")
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--warmup-steps", type=int, default=DEMO_WARMUP_STEPS, help="the shared warm-up baseline's steps")
+    c.add_argument("--pipelines", default=",".join(POLICY_PIPELINES), help="comma-separated policy pipelines")
+    c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")
     r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
     r.add_argument("--tracking-uri", default="")
@@ -2934,6 +3152,12 @@ def main(argv=None):
         if args.command == "report":
             uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
             return report(uri, args.experiment)
+        if args.command == "compare":
+            pipelines = tuple(args.pipelines.split(","))
+            if args.seeds < 1 or not set(pipelines) <= set(POLICY_PIPELINES):
+                raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(POLICY_PIPELINES)}")
+            compare(args.seeds, args.warmup_steps, args.override, pipelines)
+            return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
         if args.dry_run:

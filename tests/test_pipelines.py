@@ -14,11 +14,11 @@ from conftest import ROOT, TINY, tiny_config
 COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "val/loss",
           *[f"{split}/head_{k}_loss" for split in ("train", "val") for k in range(3)]]
 EXPECTED = {
-    "baseline": COMMON + ["val/accuracy"],
+    "baseline": COMMON + ["val/accuracy", "val/pass_at_1"],  # the local configs' data: arith + pyfunc (tests)
     "critic": COMMON + ["train/value_loss", "val/explained_variance", "val/auc"],
-    "verifiable": COMMON + ["val/accuracy", "train/td_error_mean", "train/weight_mean", "train/weight_entropy",
+    "verifiable": COMMON + ["val/accuracy", "val/pass_at_1", "train/td_error_mean", "train/weight_mean", "train/weight_entropy",
                             "train/value_loss", "train/weight_min", "train/weight_max"],
-    "rho1": COMMON + ["val/accuracy", "train/excess_loss_mean", "train/weight_sparsity"],
+    "rho1": COMMON + ["val/accuracy", "val/pass_at_1", "train/excess_loss_mean", "train/weight_sparsity"],
 }
 
 
