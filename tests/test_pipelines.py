@@ -164,13 +164,20 @@ def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tm
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
 
 
+# The two loss paths differ only in the order of float sums (their gradients agree to 1e-6: tests/test_heads.py).
+# AdamW's first steps move a weight by about lr·sign(g), so a gradient at float-noise level may move it either way:
+# weights after 4 steps at lr 3e-3 may differ by up to ~1e-2 from that alone. Measured with the local configs'
+# data (arith + pyfunc): <= 1e-5 in one process, 1.4e-4 under 2-process DDP (smaller per-rank batches).
+WEIGHTS_TOL = {"atol": 1e-3, "rtol": 0}
+
+
 def test_memory_efficient_loss_trains_like_the_naive_one_under_ddp(tracking, tmp_path):
     extra = ["critic.checkpoint="]
     efficient = torchrun_train(tmp_path / "a", tracking, "configs/verifiable/verifiable_local.yaml", extra)[0]
     naive = torchrun_train(tmp_path / "b", tracking, "configs/verifiable/verifiable_local.yaml",
                            extra + ["model.memory_efficient_loss=false"])[0]
     for key in efficient:
-        torch.testing.assert_close(efficient[key], naive[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(efficient[key], naive[key], **WEIGHTS_TOL, msg=key)
 
 
 @pytest.mark.parametrize("pipeline", ["baseline", "rho1"])
