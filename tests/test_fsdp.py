@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import s3ckpt
 from conftest import ROOT, TINY
 from s3server import BUCKET, CREDENTIALS, MotoS3
 from test_reliability import (TORCHRUN, empty_store, environment, logged_steps, runs_of, store,  # noqa: F401
@@ -137,7 +138,7 @@ def preempt_and_resume(tmp, uri, s3, name, overrides, after_steps):
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])
             if f"/{killed.info.run_id}/" in o["Key"]]
     s3_objects = {k: s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
-    local = {p.name: p for p in ckpt.glob("baseline-mtp/*/checkpoint_step_*")}
+    local = {p.name: p for p in ckpt.glob("baseline-mtp/*/checkpoint_step_*") if s3ckpt.checkpoint_step(p.name)}
     snapshot = {str(f.relative_to(ckpt)): f.read_bytes() for f in ckpt.rglob("*") if f.is_file()}
     fresh = tmp / f"{name}-fresh"
     resumed = subprocess.run(TORCHRUN + train_args(fresh, *PREEMPT, *overrides, resume="auto"), cwd=tmp, env=env,
