@@ -255,7 +255,8 @@ def fsdp_figures(S, tmp):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
                "--fsdp-worker", f"{kind}:{out}", "--threads", "1"] + (["--quick"] if S.quick else [])
         # glibc: every allocation of 64 KiB or more its own mapping, returned at free: RSS follows the live tensors
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+               "MALLOC_TRIM_THRESHOLD_": "65536"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
         if proc.returncode != 0:
             raise RuntimeError(f"fsdp worker failed:\n{proc.stderr[-3000:]}")
@@ -297,7 +298,7 @@ def fsdp_worker(S, job):
         small, before = make_batch(1, 64), rss_kib("VmRSS")
         trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
         trainer_step(trainer, small)()  # creates the optimizer state
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to now: building the model is not training
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again: building the model is not training
         for _ in range(3):
             trainer_step(trainer, small)()
         result = (rss_kib("VmHWM") - before) * 1024

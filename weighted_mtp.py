@@ -453,7 +453,7 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    checkpointed = False  # training.activation_checkpointing: keep only the block's input, recompute the rest in backward
+    checkpointed = False  # training.activation_checkpointing: keep the block's input only, recompute in backward
 
     def __init__(self, a):
         super().__init__()

@@ -220,3 +220,43 @@ def test_sharded_checkpoints_are_saved_uploaded_pruned_and_resumed(preempted):
     downloaded = p.resumed.stderr.split(f", resumed at step {n} from ")[1].split("\n")[0]
     assert Path(downloaded).name == kept[-1] and Path(downloaded).is_relative_to(p.fresh / ".cache")
     assert_resumed_to_the_reference(p, preempted.reference)
+
+
+SKIP_WORKER = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import weighted_mtp as wm
+dist.init_process_group("gloo")
+cfg = wm.load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
+s = wm.prepare(cfg, True, dist.get_rank(), 2, torch.device("cpu"))
+ids = list(range(65, 85))
+batch = wm.collate([(ids, [-100] * 5 + ids[5:], 1.0, {{}})] * 2, s.tok.pad_id, s.device)
+step = lambda stop=0: wm.train_step(s.pipeline, s.model, s.optimizer, s.params, [batch], wm.Meter(s.device), 0, stop)
+local = lambda: [p.detach().to_local().clone() for p in s.params]
+moments = lambda: [v.to_local().clone() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"]
+out = {{"first": step().tolist()}}
+weight = s.model.tok_embeddings.weight.to_local()
+if dist.get_rank() == 0:  # row 70 of 259 is in rank 0's shard of the embedding: the loss goes NaN on every rank
+    weight.data[70] = float("nan")
+before, state = local(), moments()
+out["skipped"] = step(stop=15).tolist()
+out["unchanged"] = all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, local()))
+out["moments_unchanged"] = all(torch.equal(a, b) for a, b in zip(state, moments()))
+out["steps"] = sorted({{st["step"].item() for st in s.optimizer.state.values()}})
+json.dump(out, open(f"{out_dir}/rank{{dist.get_rank()}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_step_is_skipped_on_every_shard(tmp_path):
+    """Fused AdamW's found_inf works on DTensor shards on the CPU: a NaN in one rank's shard skips the step on both
+    ranks (both see a NaN loss: flag 2), weights and moments untouched, the step count unchanged; stop flags sum."""
+    script = tmp_path / "skip.py"
+    script.write_text(SKIP_WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp_path))
+    r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in range(2):
+        out = json.loads((tmp_path / f"rank{k}.json").read_text())
+        assert out == {"first": [0.0, 0.0], "skipped": [2.0, 30.0], "unchanged": True, "moments_unchanged": True,
+                       "steps": [1.0]}, (k, out)
