@@ -1833,15 +1833,13 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     fsdp = t.parallel == "fsdp" and world > 1
     for block in transformer_blocks(model):
         block.checkpointed = t.activation_checkpointing
-    # sharded, what is built beside the model (rho1's reference) stays on the CPU until shard() moves its shards
     pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
-                    torch.device("cpu") if fsdp else device)
+                    torch.device("cpu") if fsdp else device)  # sharded: on the device as shards only (shard())
     resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir()
                               else load_checkpoint_into(model, resume_path))  # a full file: weights before sharding
     if fsdp:
-        for module in (model, getattr(pipeline, "reference", None)):  # rho1's frozen reference is sharded too
-            if module is not None:
-                shard(module, device, world)
+        for module in filter(None, (model, getattr(pipeline, "reference", None))):  # rho1's frozen reference too
+            shard(module, device, world)
     else:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
