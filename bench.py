@@ -328,6 +328,72 @@ def sandbox_throughput(S):
     return summary(ratios, 0.8 * cores, higher_is_better=True, cores=cores, programs_per_worker=n)
 
 
+def fsdp_figures(S, tmp):
+    """fsdp_step: an FSDP train_step / a DDP train_step of the same baseline model (dim S.dim, H=4), 2 CPU processes
+    under torchrun (gloo), batch S.batch x S.seq; on the CPU nothing overlaps the all-gathers with compute.
+    fsdp_memory: per-rank peak memory FSDP / DDP: each process's peak RSS over 3 steps (VmHWM, reset after the
+    first step: building the whole model before sharding it is not training) less its RSS before prepare(), DDP and
+    FSDP in separate torchrun jobs; a deeper model (16 blocks, dim 2·S.dim) at batch 1 x 64, where weights,
+    gradients and AdamW state dominate as in a full fine-tune of a 7B model. The data and the Python heap count on
+    both sides. (peak_memory()'s profiler count misses FSDP2's frees of gathered weights: it resizes storages.)
+    The processes run this file (--fsdp-worker); figures are rank 0's."""
+    def launch(kind):
+        out = Path(tmp) / f"fsdp-{kind}.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+               "--fsdp-worker", f"{kind}:{out}", "--threads", "1"] + (["--quick"] if S.quick else [])
+        # glibc: every allocation of 64 KiB or more its own mapping, returned at free: RSS follows the live tensors
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
+               "MALLOC_TRIM_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fsdp worker failed:\n{proc.stderr[-3000:]}")
+        return json.loads(out.read_text())
+    times = launch("times")
+    peaks = {parallel: [launch(parallel) for _ in range(2)] for parallel in ("ddp", "fsdp")}
+    return {"fsdp_step": summary(times, 1.3, processes=2),
+            "fsdp_memory": summary([f / d for d, f in zip(peaks["ddp"], peaks["fsdp"])], 0.6, batch="1 x 64",
+                                   blocks=16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()})}
+
+
+def parallel_trainer(S, rank, world, parallel, *micro):
+    """The baseline (H=4, dim S.dim) prepared and wrapped as train() does under training.parallel."""
+    cfg = wm.load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml",
+                         ["model.n_future_tokens=4", f"model.micro.dim={S.dim}", "checkpoint.resume=never",
+                          "model.init_from=", "mlflow.enable_logging=false", f"training.parallel={parallel}", *micro])
+    s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=CPU)
+    return s, wm.wrap(s.model, cfg, world), s.optimizer, s.params, wm.Meter(CPU)
+
+
+def rss_kib(field):
+    """VmRSS (resident now) or VmHWM (its peak) of this process, from /proc/self/status, in KiB."""
+    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
+    return int(line.split()[1])
+
+
+def fsdp_worker(S, job):
+    """One of fsdp_figures' two processes. times: DDP and FSDP steps alternating in lockstep -> the ratios;
+    ddp or fsdp: the rise of peak RSS over preparing that trainer and 3 steps -> bytes."""
+    import torch.distributed as dist
+    kind, out = job.split(":", 1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if kind == "times":
+        batch = make_batch(S.batch, S.seq)
+        ddp, fsdp = (parallel_trainer(S, rank, world, p) for p in ("ddp", "fsdp"))
+        result = compare(trainer_step(ddp, batch), trainer_step(fsdp, batch), S)
+    else:
+        small, before = make_batch(1, 64), rss_kib("VmRSS")
+        trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
+        trainer_step(trainer, small)()  # creates the optimizer state
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again: building the model is not training
+        for _ in range(3):
+            trainer_step(trainer, small)()
+        result = (rss_kib("VmHWM") - before) * 1024
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
 def checkpoint_state(trainer):
     """What train()'s save() writes."""
     s, model, optimizer = trainer[:3]
@@ -510,8 +576,11 @@ def main():
     parser.add_argument("--scaling", action="store_true", help="only the seq x H scaling grid, merged into --out")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--fsdp-worker", metavar="OUT", help=argparse.SUPPRESS)  # fsdp_figures' torchrun processes
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.fsdp_worker:
+        return fsdp_worker(QUICK if args.quick else FULL, args.fsdp_worker)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
     S, out = (QUICK if args.quick else FULL), Path(args.out)
     old = json.loads(out.read_text()) if out.exists() else {}
@@ -528,7 +597,7 @@ def main():
             results[fig.__name__] = fig(S)
             print(f"{fig.__name__}: {results[fig.__name__]['median']:.2f} ({time.time() - t0:.0f}s)", flush=True)
         with tempfile.TemporaryDirectory(prefix="wmtp-bench-") as tmp:
-            for fig in (s3_figures, log_figure):
+            for fig in (s3_figures, log_figure, fsdp_figures):
                 results.update(fig(S, tmp))
                 print(f"{fig.__name__} ({time.time() - t0:.0f}s)", flush=True)
         gpu = f"; P6 on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""

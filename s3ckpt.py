@@ -120,8 +120,9 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def checkpoint_step(name):
-    """'checkpoint_step_120.pt' (or any path / S3 key ending so) -> 120; None for every other name."""
-    m = re.fullmatch(r"checkpoint_step_(\d+)\.pt", Path(str(name)).name)
+    """'checkpoint_step_120.pt' (or any path / S3 key ending so) -> 120, also for a sharded checkpoint's directory
+    'checkpoint_step_120' (or 'checkpoint_step_120/'); None for every other name."""
+    m = re.fullmatch(r"checkpoint_step_(\d+)(\.pt)?", Path(str(name)).name)
     return int(m.group(1)) if m else None
 
 
@@ -150,7 +151,9 @@ def prune_local_checkpoints(ckpt_dir, save_total_limit):
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    return [d / n for n in _prune(os.listdir(d), save_total_limit, lambda n: (d / n).unlink(missing_ok=True))]
+    def delete(n):
+        shutil.rmtree(d / n) if (d / n).is_dir() else (d / n).unlink(missing_ok=True)
+    return [d / n for n in _prune(os.listdir(d), save_total_limit, delete)]
 
 
 def cpu_copy(state):
@@ -195,6 +198,13 @@ class CheckpointWriter:
         self.wait()
         self._pending = self._pool.submit(self._write, cpu_copy(state), Path(path))
 
+    def save_dir(self, written, state, path):
+        """A sharded checkpoint: the directory `path` whose shards the Future `written` is writing. Once it is done,
+        state (the rest: step, data position, ...) goes in as trainer.pt, the mark of a whole directory; then the
+        directory is uploaded and retention runs, as for a file."""
+        self.wait()
+        self._pending = self._pool.submit(self._write_dir, written, cpu_copy(state), Path(path))
+
     def wait(self):
         """Blocks until the last saved checkpoint is on disk and queued for upload; raises its error."""
         pending, self._pending = self._pending, None
@@ -218,6 +228,14 @@ class CheckpointWriter:
 
     def _write(self, state, path):
         save_checkpoint(state, path)
+        self._upload_and_prune(path)
+
+    def _write_dir(self, written, state, path):
+        written.result()
+        save_checkpoint(state, path / "trainer.pt")
+        self._upload_and_prune(path)
+
+    def _upload_and_prune(self, path):
         if self.uploader:
             self.uploader.upload_to_s3_async(path)
         if checkpoint_step(path.name) is not None:
@@ -228,15 +246,16 @@ class CheckpointWriter:
     def _expire_remote(self, store, artifact_path):
         deleted = _prune(store.list(artifact_path), self.save_total_limit,
                          delete=lambda n: store.delete(f"{artifact_path}/{n}"),
-                         spare=lambda n: self.uploader.uploading(f"{artifact_path}/{n}"))
-        deleted = [f"{artifact_path}/{n}" for n in deleted]
+                         spare=lambda n: self.uploader.uploading(f"{artifact_path}/{n.rstrip('/')}"))
+        deleted = [f"{artifact_path}/{n.rstrip('/')}" for n in deleted]
         if deleted:
             log.info("removed remote checkpoints %s", deleted)
         return deleted
 
 
 # -----------------------------------------------------------------------------
-# artifact stores: put(local_path, artifact_path) -> URI, list(artifact_path) -> file names, delete(name)
+# artifact stores: put(local_path, artifact_path) -> URI, list(artifact_path) -> names (a directory's ending in
+# "/"), delete(name) (a directory's: everything under it)
 
 def s3_client(max_attempts=5, connect_timeout=10, read_timeout=120):
     """A boto3 S3 client configured from the environment (MLFLOW_S3_ENDPOINT_URL or AWS_ENDPOINT_URL,
@@ -292,13 +311,19 @@ class S3Store:
 
     def list(self, artifact_path):
         prefix, names = self._key(f"{artifact_path}/"), []
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            names += [o["Key"][len(prefix):] for o in page.get("Contents", []) if "/" not in o["Key"][len(prefix):]]
+        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
+            names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+            names += [p["Prefix"][len(prefix):] for p in page.get("CommonPrefixes", [])]
         return names
 
     def delete(self, name):
         # one DeleteObject per key: DeleteObjects needs a Content-MD5/CRC that some S3-compatible stores reject
-        self.s3.delete_object(Bucket=self.bucket, Key=self._key(name))
+        keys = [self._key(name)]
+        if name.endswith("/"):
+            pages = self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(name))
+            keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        for key in keys:
+            self.s3.delete_object(Bucket=self.bucket, Key=key)
 
 
 class MlflowStore:
@@ -314,10 +339,10 @@ class MlflowStore:
         return f"{self.uri}/{artifact_path}/{Path(local_path).name}"
 
     def list(self, artifact_path):
-        return [Path(f.path).name for f in self.repo.list_artifacts(artifact_path) if not f.is_dir]
+        return [Path(f.path).name + ("/" if f.is_dir else "") for f in self.repo.list_artifacts(artifact_path)]
 
     def delete(self, name):
-        self.repo.delete_artifacts(name)
+        self.repo.delete_artifacts(name.rstrip("/"))
 
 
 def artifact_store(run_id, tracking_uri=None, client=None, verify_etag=True):
@@ -332,6 +357,13 @@ def artifact_store(run_id, tracking_uri=None, client=None, verify_etag=True):
 
 # -----------------------------------------------------------------------------
 # the uploader: snapshots, orders and retries jobs against a store
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
 
 def _is_permanent(e):
     return isinstance(e, FileNotFoundError) or any(code in str(e) for code in PERMANENT_ERRORS)
@@ -365,7 +397,8 @@ class CheckpointUploader:
     def upload_to_s3_async(self, checkpoint_path, artifact_path="checkpoints"):
         """Returns at once a Future of the remote URI. The file (and its .sha256) is snapshotted now, so a later
         overwrite or local pruning cannot change or lose what gets uploaded. Never raises: a failure, even of the
-        snapshot, is the future's exception and is reported by wait()."""
+        snapshot, is the future's exception and is reported by wait(). A directory (a sharded checkpoint) goes up
+        whole under artifact_path/<its name>/, its trainer.pt last: the remote directory is whole once that is in."""
         src, artifact_path = Path(checkpoint_path), artifact_path.strip("/")
         name = f"{artifact_path}/{src.name}"
         with self._lock:
@@ -429,6 +462,9 @@ class CheckpointUploader:
         d = root / uuid.uuid4().hex
         d.mkdir(parents=True)
         try:
+            if src.is_dir():
+                shutil.copytree(src, d / src.name, copy_function=_link_or_copy)
+                return d / src.name
             for p in (src, Path(f"{src}.sha256")):
                 if p is src or p.exists():
                     try:
@@ -443,11 +479,15 @@ class CheckpointUploader:
     def _upload(self, snap, artifact_path, local, prev):
         if prev is not None:
             cf.wait([prev])  # an older upload of this name must land first, or it would overwrite the newer one
-        files = [f for f in (snap, Path(f"{snap}.sha256")) if f is snap or f.exists()]
+        files = [(f, artifact_path) for f in (snap, Path(f"{snap}.sha256")) if f is snap or f.exists()]
+        if snap.is_dir():
+            inside = sorted((f for f in snap.rglob("*") if f.is_file()), key=lambda f: f.name.startswith("trainer.pt"))
+            files = [(f, f"{artifact_path}/{f.parent.relative_to(snap.parent)}") for f in inside]
         deadline, delay, attempt = time.monotonic() + self.retry_budget_s, BACKOFF_START_S, 1
         while True:
             try:
-                uri = [self.store.put(f, artifact_path) for f in files][0]
+                uris = [self.store.put(f, path) for f, path in files]
+                uri = uris[0] if not snap.is_dir() else uris[-1].rsplit("/", 1)[0]
                 break
             except Exception as e:
                 left = deadline - time.monotonic()
@@ -489,6 +529,26 @@ def _download_s3(bucket, key, cache_dir):
     return dst
 
 
+def _is_dir_name(name):
+    """A sharded checkpoint is a directory named without a suffix (checkpoint_step_120); files are *.pt."""
+    return checkpoint_step(name) is not None and not str(name).endswith(".pt")
+
+
+def _download_s3_dir(bucket, prefix, cache_dir):
+    """Every file under s3://bucket/prefix/ into the cache (each as _download_s3 does: verified, kept if current)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+    try:
+        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix.rstrip('/')}/")
+        keys = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith(".sha256")]
+    except (BotoCoreError, ClientError) as e:
+        raise CheckpointError(f"s3://{bucket}/{prefix}: cannot list ({e})") from e
+    if not any(k.endswith("/trainer.pt") for k in keys):
+        raise CheckpointError(f"s3://{bucket}/{prefix}: not a whole sharded checkpoint (no trainer.pt)")
+    for key in keys:
+        _download_s3(bucket, key, cache_dir)
+    return Path(cache_dir) / "s3" / bucket / prefix.rstrip("/")
+
+
 def _download_mlflow(uri, run_id, path, cache_dir, tracking_uri):
     import mlflow
     dst = Path(cache_dir) / "runs" / run_id / path
@@ -496,7 +556,10 @@ def _download_mlflow(uri, run_id, path, cache_dir, tracking_uri):
     tmp = tempfile.mkdtemp(prefix=".download-", dir=dst.parent)  # same filesystem: os.replace is atomic
     try:
         get = lambda u: mlflow.artifacts.download_artifacts(artifact_uri=u, dst_path=tmp, tracking_uri=tracking_uri)
-        os.replace(get(uri), dst)
+        got = get(uri)
+        if Path(got).is_dir():  # a sharded checkpoint: a newer download replaces an older one whole
+            shutil.rmtree(dst, ignore_errors=True)
+        os.replace(got, dst)
         try:
             digest = _read_text(get(f"{uri}.sha256"))
         except Exception:
@@ -517,8 +580,8 @@ def resolve_checkpoint(uri, cache_dir, tracking_uri=None, experiment=None, run_n
     uri = str(uri)
     if uri != "auto" and not uri.startswith(("s3://", "runs:/")):
         path = Path(uri).expanduser()
-        if not path.is_file():
-            raise CheckpointError(f"{path}: no such checkpoint file")
+        if not path.is_file() and not (path / "trainer.pt").is_file():
+            raise CheckpointError(f"{path}: no such checkpoint file (or sharded checkpoint directory)")
         return path
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -535,12 +598,13 @@ def resolve_checkpoint(uri, cache_dir, tracking_uri=None, experiment=None, run_n
                                       "run that pipeline first")
             uri = f"runs:/{runs[0].info.run_id}/{artifact}"
         if uri.startswith("s3://"):
-            return _download_s3(*_split_s3(uri), cache_dir)
+            return (_download_s3_dir if _is_dir_name(uri) else _download_s3)(*_split_s3(uri), cache_dir)
         run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
         base = MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri.rstrip("/")
         if base.startswith("s3://"):
             bucket, prefix = _split_s3(base)
-            return _download_s3(bucket, f"{prefix}/{path}".lstrip("/"), cache_dir)
+            download = _download_s3_dir if _is_dir_name(path) else _download_s3
+            return download(bucket, f"{prefix}/{path}".lstrip("/"), cache_dir)
         return _download_mlflow(uri, run_id, path, cache_dir, tracking_uri)
     except MlflowException as e:
         raise CheckpointError(f"{uri}: {e}") from e

@@ -35,6 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import yaml
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 import s3ckpt
 import weights as W
@@ -221,6 +222,8 @@ class TrainingConfig:
     value_coef: float = rule(*NON_NEGATIVE)
     k_percent: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
     policy_on_incorrect: bool
+    parallel: str = rule(lambda v: v in ("ddp", "fsdp"), "ddp or fsdp")
+    activation_checkpointing: bool
 
     def check(self, source):
         if self.weight_clip_min >= self.weight_clip_max:
@@ -238,6 +241,7 @@ class CheckpointConfig:
     verify_etag: bool
     upload_timeout_s: int
     preempt_grace_s: int
+    format: str = rule(lambda v: v in ("full", "sharded"), "full or sharded")
 
 
 @frozen
@@ -534,12 +538,19 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    checkpointed = False  # training.activation_checkpointing: keep the block's input only, recompute in backward
+
     def __init__(self, a):
         super().__init__()
         self.attention, self.feed_forward = Attention(a), FeedForward(a)
         self.attention_norm, self.ffn_norm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
 
     def forward(self, x, cos, sin, cache=None):
+        if self.checkpointed and torch.is_grad_enabled() and cache is None:
+            return activation_checkpoint(self.compute, x, cos, sin, use_reentrant=False)
+        return self.compute(x, cos, sin, cache)
+
+    def compute(self, x, cos, sin, cache=None):
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -2069,13 +2080,14 @@ class Validation:
         model.eval()
         meter, mine = Meter(self.device), self.examples[self.rank::self.world]
         self.pipeline.val_begin()
-        for chunk in batches_of(mine, self.batch_size):
-            with self.autocast():
-                self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
-        out = self.pipeline.val_end(meter.reduce(), self.world)
-        if self.pipeline.decodes:
-            out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast, self.limits,
-                                       self.workers))
+        with gathered(model) if is_sharded(model) else contextlib.nullcontext():
+            for chunk in batches_of(mine, self.batch_size):
+                with self.autocast():
+                    self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
+            out = self.pipeline.val_end(meter.reduce(), self.world)
+            if self.pipeline.decodes:
+                out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast,
+                                           self.limits, self.workers))
         model.train()
         return out
 
@@ -2193,6 +2205,122 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
 
 
 # -----------------------------------------------------------------------------
+# FSDP2 (training.parallel: fsdp): every transformer block and the root sharded over the ranks. Checkpoints are
+# either gathered into rank 0's one file, the same file DDP writes (checkpoint.format: full), or written by every
+# rank as its own shards into a torch.distributed.checkpoint directory (sharded)
+
+
+def transformer_blocks(model):
+    return [*model.layers, *model.extra_heads]
+
+
+def shard(model, device, world):
+    """fully_shard each block (trunk and heads), then the root (embedding, norm, output, value head): parameters
+    become dim-0 shards (DTensors) on `device`, gathered per block just before its forward and backward and freed
+    after. On CUDA blocks compute in bf16 and gradients are reduced in fp32; on the CPU everything stays fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))  # explicit: the default mesh would pick an accelerator
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Whole parameters on every rank for the duration (validation, greedy decoding): forwards need no collective
+    then, so ranks may run different numbers of them (uneven validation shares, decodes that stop early)."""
+    units = [m for m in model.modules() if is_sharded(m)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # the root keeps its params for backward
+            unit.reshard()
+
+
+def trainable_names(model):
+    """Names of the optimizer's parameters, in the order `prepare` hands them to it."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def by_index(state, names):
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) -> keyed by index, as
+    optimizer.state_dict() is: a full checkpoint is then the same file whether DDP or FSDP wrote it."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_name(state, names):
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def full_state(model, optimizer):
+    """(weights, partial, optimizer state) of a full checkpoint; see model_state. Sharded, every rank must call it:
+    the whole tensors are gathered to rank 0's CPU one at a time, the other ranks get empty dicts."""
+    if not is_sharded(model):
+        return (*model_state(model), optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    partial = any(isinstance(m, LoRALinear) for m in model.modules())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=partial)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    return weights, partial, by_index(optim, trainable_names(model)) if optim else {}
+
+
+def load_optimizer(model, optimizer, state):
+    """A full checkpoint's optimizer state into the optimizer; sharded, every rank keeps its slice of each tensor."""
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, by_name(state, trainable_names(model)),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_state(model, optimizer):
+    """{"model", "optimizer"}: this rank's shards (frozen weights left out, as in a LoRA run's full checkpoint), what
+    torch.distributed.checkpoint saves and loads in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=lora)),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded(model, optimizer, path, group):
+    """Starts writing this rank's shards into the directory `path`; returns a Future that completes once every
+    rank's shards and the directory's metadata are on disk. The state is staged (copied) before it returns."""
+    import torch.distributed.checkpoint as dcp
+    saved = dcp.async_save(sharded_state(model, optimizer), checkpoint_id=str(path), process_group=group,
+                           no_dist=not dist.is_initialized())
+    return getattr(saved, "upload_completion", saved)  # newer versions answer an AsyncSaveResponse
+
+
+def load_sharded(model, optimizer, path):
+    """A sharded checkpoint directory into the model and the optimizer; any number of ranks may have written it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as e:
+        raise UserError(f"{path}: not a readable sharded checkpoint for this model ({type(e).__name__}: {e})")
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+# -----------------------------------------------------------------------------
 # training
 
 
@@ -2236,6 +2364,14 @@ def load_checkpoint_into(model, path):
     return state
 
 
+def read_trainer_state(directory):
+    """A sharded checkpoint's trainer.pt: everything but the model and optimizer shards (step, data position, ...)."""
+    try:
+        return s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
+    except s3ckpt.CheckpointError as e:
+        raise UserError(f"{directory}: incomplete sharded checkpoint ({e})")
+
+
 def find_resume(cfg, run_name, root, cache_dir):
     """`auto`: the newest checkpoint of an unfinished run of this config under checkpoint.dir, else (a machine that
     lost its disk: spot reclaim, a new VESSL container) the newest one in the MLflow artifacts of the newest
@@ -2247,7 +2383,7 @@ def find_resume(cfg, run_name, root, cache_dir):
     if choice != "auto":
         return resolve_uri(cfg, choice, None, None, cache_dir)
     candidates = [p for d in (root / run_name).glob("*") if not (d / "checkpoint_final.pt").exists()
-                  for p in d.glob("checkpoint_*.pt")]
+                  for p in [*d.glob("checkpoint_*.pt"), *(m.parent for m in d.glob("checkpoint_step_*/trainer.pt"))]]
     if candidates:
         newest = max(candidates, key=lambda p: p.stat().st_mtime)  # in <run name>/<run id>/
         uploaded = cfg.mlflow.enable_logging and not newest.parent.name.startswith("local-")
@@ -2269,8 +2405,11 @@ def newest_remote_checkpoint(cfg, run_name):
     names = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")]
     if "checkpoint_final.pt" in names:  # trained to the end, only its ending was lost: as finished locally
         return None
-    steps = [n for n in names if s3ckpt.checkpoint_step(n) is not None]
-    newest = max(steps, key=s3ckpt.checkpoint_step) if steps else "checkpoint_best.pt"
+    # a sharded checkpoint (a directory) is whole once its trainer.pt, uploaded last, is there
+    whole = lambda n: n.endswith(".pt") or "trainer.pt" in [
+        Path(f.path).name for f in client.list_artifacts(run.info.run_id, f"checkpoints/{n}")]
+    steps = sorted((n for n in names if s3ckpt.checkpoint_step(n) is not None), key=s3ckpt.checkpoint_step)
+    newest = next((n for n in reversed(steps) if whole(n)), "checkpoint_best.pt")
     return f"runs:/{run.info.run_id}/checkpoints/{newest}" if newest in names else None
 
 
@@ -2327,9 +2466,19 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
         path = fetch(spec, source, artifact)
         load_checkpoint_into(model, path)
         started_from = f", initialised from {spec} ({path})"
-    pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1], device)
-    model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    fsdp = t.parallel == "fsdp" and world > 1
+    for block in transformer_blocks(model):
+        block.checkpointed = t.activation_checkpointing
+    pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
+                    torch.device("cpu") if fsdp else device)  # sharded: on the device as shards only (shard())
+    resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir()
+                              else load_checkpoint_into(model, resume_path))  # a full file: weights before sharding
+    if fsdp:
+        for module in filter(None, (model, getattr(pipeline, "reference", None))):  # rho1's frozen reference too
+            shard(module, device, world)
+    else:
+        model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     batches_per_epoch = len(epoch_order(len(train_examples), 0, s.seed, rank, world)) // t.batch_size
     if batches_per_epoch < t.gradient_accumulation_steps:
@@ -2338,16 +2487,20 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     total_steps = t.max_steps or t.n_epochs * batches_per_epoch // t.gradient_accumulation_steps
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, params, optimizer, train_examples, val_examples,
                   checker, total_steps, run_name, n_truncated, started_from, resume_path)
-    if resume_path:
-        setup.resume = load_checkpoint_into(model, resume_path)
-        optimizer.load_state_dict(setup.resume["optimizer"])
-        set_rng_state(setup.resume["rng"])
-        pipeline.load_state_dict(setup.resume["ema"])
+    if resume:
+        setup.resume = resume
+        if Path(resume_path).is_dir():
+            load_sharded(model, optimizer, resume_path)
+        else:
+            load_optimizer(model, optimizer, resume["optimizer"])
+        set_rng_state(resume["rng"])
+        pipeline.load_state_dict(resume["ema"])
     return setup
 
 
 def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, stop_requested=0):
-    """One optimizer step over the micro-batches (DDP syncs gradients on the last one), clipped to max_grad_norm.
+    """One optimizer step over the micro-batches (DDP/FSDP sync gradients on the last one), clipped to max_grad_norm
+    (the norm of all gradients: with FSDP, of every rank's shards together).
 
     Returns the device tensor [non-finite, stop], summed over ranks by the step's one collective, so ranks never
     disagree: a non-finite loss or gradient on any rank skips the update everywhere, a signal on any rank stops
@@ -2358,7 +2511,7 @@ def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, sto
     pipeline.begin_step()
     for micro, batch in enumerate(batches):
         last = micro == accum - 1
-        with contextlib.nullcontext() if last or not hasattr(ddp_model, "no_sync") else ddp_model.no_sync():
+        with gradient_sync(ddp_model, last):
             with autocast_for(device):
                 loss = pipeline.loss(ddp_model, batch, step_meter, step)
             (loss / accum).backward()
@@ -2366,6 +2519,8 @@ def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, sto
         step_meter.add("train/loss", loss.detach() * n_tok, n_tok)
         step_loss += loss.detach() / accum
     grad_norm = torch.nn.utils.clip_grad_norm_(params, pipeline.t.max_grad_norm)  # the pre-clip norm
+    if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor, already the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     step_meter.add("train/grad_norm", grad_norm, 1)
     flags = all_reduce(torch.stack([(~torch.isfinite(step_loss + grad_norm)).float(),
                                     torch.tensor(float(stop_requested), device=device)]))
@@ -2376,6 +2531,15 @@ def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, sto
     pipeline.end_step(skip)
     meter.merge(step_meter, keep=1.0 - skip.float())  # a skipped step's values stay out of the logged means
     return flags
+
+
+def gradient_sync(model, last):
+    """Gradients are reduced over the ranks in the last micro-batch's backward only: DDP's no_sync() before it,
+    FSDP2's set_requires_gradient_sync (its reduce-scatter) likewise."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 
 def autocast_for(device):
@@ -2491,14 +2655,20 @@ class TrainLog:
 
 
 class Checkpointer:
-    """Rank 0's checkpoints, written behind the loop (s3ckpt.CheckpointWriter) and uploaded into the run: the best
+    """Checkpoints written behind the loop (s3ckpt.CheckpointWriter, rank 0's) and uploaded into the run: the best
     by val/loss, one every save_every steps, one at a preemption, the final one. It decides when; a checkpoint
-    holds what an exact resume needs (model, optimizer, step, data position, RNG, the pipeline's state, ...)."""
+    holds what an exact resume needs (model, optimizer, step, data position, RNG, the pipeline's state, ...).
+    A full checkpoint is rank 0's one file (gathered from every rank when sharded); with checkpoint.format: sharded
+    the step checkpoints (periodic and preemption) are directories each rank writes its shards into, rank 0 adding
+    trainer.pt (the rest of the state) once all are in; best and final stay files that any tool reads."""
 
     def __init__(self, setup, batches, tracking, run_id, run_dir):
         self.setup, self.batches, self.tracking, self.run_id, self.run_dir = setup, batches, tracking, run_id, run_dir
         self.save_every, self.total = setup.cfg.checkpoint.save_every, setup.total_steps
         self.best_val = setup.resume["best_val_loss"] if setup.resume else float("inf")
+        self.sharded, self.shards = setup.cfg.checkpoint.format == "sharded", None  # this rank's shards in flight
+        # sharded saves finish in a background thread: their collectives get a group of their own
+        self.group = dist.new_group(backend="gloo") if self.sharded and dist.is_initialized() else None
         self.writer = None
         if setup.rank == 0:
             self.writer = s3ckpt.CheckpointWriter(setup.cfg.checkpoint.save_total_limit, tracking.uploader)
@@ -2507,8 +2677,14 @@ class Checkpointer:
         return self
 
     def __exit__(self, *exc):
+        if self.shards:
+            with contextlib.suppress(Exception):  # rank 0's writer reports a failed save
+                self.shards.result()
         if self.writer:
             self.writer.close()
+
+    def step_name(self, done):
+        return f"checkpoint_step_{done}" + ("" if self.sharded else ".pt")
 
     def after_validation(self, done, val):
         if val["val/loss"] < self.best_val:
@@ -2517,30 +2693,42 @@ class Checkpointer:
 
     def after_step(self, done):
         if self.save_every and done % self.save_every == 0 and done < self.total:
-            self.save(f"checkpoint_step_{done}.pt", done)
+            self.save(self.step_name(done), done)
 
     def preempt(self, done, signum):
         """A resumable checkpoint on disk before anyone is told to resume from it; then the run ends KILLED."""
-        self.save(f"checkpoint_step_{done}.pt", done, wait=True)
-        raise Preempted(signum or signal.SIGTERM, self.run_dir / f"checkpoint_step_{done}.pt")
+        self.save(self.step_name(done), done, wait=True)
+        raise Preempted(signum or signal.SIGTERM, self.run_dir / self.step_name(done))
 
     def final(self):
         self.save("checkpoint_final.pt", self.total, finished=True, wait=True)
 
     def save(self, name, step, finished=False, wait=False):
-        if not self.writer:
-            return
-        s = self.setup
-        weights, partial = model_state(s.model)
-        self.writer.save({
-            "unsent_metrics": self.tracking.unsent(), "model": weights, "model_partial": partial,
-            "optimizer": s.optimizer.state_dict(), "scheduler": {"step": step}, "step": step,
-            "position": self.batches.position, "rng": rng_state(), "ema": s.pipeline.state_dict(),
-            "config": s.cfg.to_dict(), "run_id": self.run_id, "best_val_loss": self.best_val,
-            "pipeline": s.pipeline.name, "finished": finished, "model_args": dataclasses.asdict(s.model.args)},
-            self.run_dir / name)
+        s, path = self.setup, self.run_dir / name
+        state = {"unsent_metrics": self.tracking.unsent(), "scheduler": {"step": step}, "step": step,
+                 "position": self.batches.position, "rng": rng_state(), "ema": s.pipeline.state_dict(),
+                 "config": s.cfg.to_dict(), "run_id": self.run_id, "best_val_loss": self.best_val,
+                 "pipeline": s.pipeline.name, "finished": finished, "model_args": dataclasses.asdict(s.model.args)}
+        if not name.endswith(".pt"):
+            self.wait_shards()  # one sharded save in flight per rank, as the writer keeps one write in flight
+            written = save_sharded(s.model, s.optimizer, path, self.group)
+            if self.writer:
+                self.writer.save_dir(written, state, path)
+            else:
+                self.shards = written
+        elif self.writer or is_sharded(s.model):  # every rank takes part in gathering a sharded model
+            weights, partial, optimizer = full_state(s.model, s.optimizer)
+            if self.writer:
+                self.writer.save({**state, "model": weights, "model_partial": partial, "optimizer": optimizer}, path)
         if wait:
-            self.writer.wait()
+            self.wait_shards()
+            if self.writer:
+                self.writer.wait()
+
+    def wait_shards(self):
+        shards, self.shards = self.shards, None
+        if shards is not None:
+            shards.result()
 
 
 class Preempted(Exception):
@@ -2581,8 +2769,10 @@ def injected_fault(rank, done):
 
 
 def wrap(model, cfg, world):
-    """DDP across processes (gradients all-reduced in backward), then torch.compile when asked."""
-    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if world > 1 else model
+    """DDP across processes (gradients all-reduced in backward; a model prepare() sharded is used as it is), then
+    torch.compile when asked."""
+    ddp = world > 1 and not is_sharded(model)
+    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
     return torch.compile(wrapped) if cfg.model.compile else wrapped
 
 
@@ -3025,10 +3215,8 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
 
 
 def plan_settings(cfg):
-    """(parallel, activation_checkpointing, frozen dtype): training.parallel, training.activation_checkpointing and
-    model.dtype, read with their defaults (ddp, off, float32) from a config that does not have them yet."""
-    return (getattr(cfg.training, "parallel", "ddp"), getattr(cfg.training, "activation_checkpointing", False),
-            getattr(cfg.model, "dtype", "float32"))
+    """(parallel, activation_checkpointing, frozen dtype) of a config: what the memory plan depends on."""
+    return cfg.training.parallel, cfg.training.activation_checkpointing, cfg.model.dtype
 
 
 def is_local_path(value):

@@ -1,0 +1,262 @@
+"""training.parallel: fsdp on real torchrun processes (2 workers, gloo, CPU): the same weights as DDP, half the
+per-rank state, preemption and resume from S3 on an empty disk, sharded checkpoints saved, uploaded, pruned, resumed.
+
+Tolerance of the DDP comparison: 1e-5 absolute on every weight after 4 AdamW steps. Both runs see the same batches
+and compute the same per-rank gradients; only the reductions differ (DDP all-reduces whole gradient buckets, FSDP
+reduce-scatters per block and computes the clipping norm from per-shard partial sums), so gradients agree to fp32
+rounding (~1e-7 relative) and the weights to ~1e-6 (measured). Any real difference (a missed or doubled gradient
+sync, the accumulation scaled wrong, a per-shard clip, a lost optimizer state) moves weights by O(lr) = 6.5e-4 per
+step (the local configs' learning rate): 65 times the tolerance.
+"""
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+import s3ckpt
+from conftest import ROOT, TINY
+from s3server import BUCKET, CREDENTIALS, MotoS3
+from test_reliability import (TORCHRUN, empty_store, environment, logged_steps, runs_of, store,  # noqa: F401
+                              train_args, wait_until)
+
+CONFIGS = {p: str(ROOT / "configs" / p / f"{p}_local.yaml") for p in ("baseline", "verifiable", "rho1")}
+
+
+def final_checkpoint(ckpt_dir):
+    (path,) = Path(ckpt_dir).glob("*/*/checkpoint_final.pt")
+    return torch.load(path, weights_only=False)
+
+
+def torchrun(tmp_path, config, parallel, *overrides):
+    """A 2-process torchrun training of `config` under `parallel`, MLflow off; its final checkpoint."""
+    ckpt = tmp_path / parallel / "ckpt"
+    args = ["-m", "weighted_mtp", "train", "--config", config, "--use-micro-model"]
+    for o in [*TINY, f"checkpoint.dir={ckpt}", f"training.parallel={parallel}", "mlflow.enable_logging=false",
+              *overrides]:
+        args += ["--override", o]
+    r = subprocess.run(TORCHRUN + args, cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return final_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("pipeline, extra", [
+    ("baseline", []),
+    ("verifiable", ["critic.checkpoint="]),
+    # LoRA (frozen base and trainable adapters in one FSDP unit), block recomputation, the sharded frozen reference
+    ("rho1", ["reference.path=", "model.lora.rank=2", "training.activation_checkpointing=true"]),
+])
+def test_fsdp_trains_to_the_weights_of_ddp(tmp_path, pipeline, extra):
+    overrides = [*extra, "training.gradient_accumulation_steps=2"]
+    ddp = torchrun(tmp_path, CONFIGS[pipeline], "ddp", *overrides)
+    fsdp = torchrun(tmp_path, CONFIGS[pipeline], "fsdp", *overrides)
+    # the same file: the same keys, the optimizer state keyed by parameter index as optimizer.state_dict() keys it
+    assert sorted(fsdp) == sorted(ddp) and sorted(fsdp["model"]) == sorted(ddp["model"])
+    assert fsdp["model_partial"] == ddp["model_partial"] == (pipeline == "rho1")
+    assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+    assert sorted(fsdp["optimizer"]["state"]) == sorted(ddp["optimizer"]["state"]) == list(range(len(ddp["model"])))
+    for key in ddp["model"]:
+        torch.testing.assert_close(fsdp["model"][key], ddp["model"][key], atol=1e-5, rtol=0, msg=key)
+    for index, state in ddp["optimizer"]["state"].items():
+        assert state["step"].item() == fsdp["optimizer"]["state"][index]["step"].item() == 4
+        torch.testing.assert_close(fsdp["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], atol=1e-5, rtol=0)
+    start = torch.load(next((tmp_path / "ddp" / "ckpt").glob("*/*/checkpoint_step_2.pt")), weights_only=False)
+    assert any(not torch.equal(start["model"][k], ddp["model"][k]) for k in ddp["model"])  # it trained on
+
+
+MEMORY_WORKER = """
+import json, os, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import weighted_mtp as wm
+dist.init_process_group("gloo")
+rank, world, out = dist.get_rank(), dist.get_world_size(), {{}}
+for parallel in ("ddp", "fsdp"):
+    cfg = wm.load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=" + parallel])
+    s = wm.prepare(cfg, True, rank, world, torch.device("cpu"))
+    model = wm.wrap(s.model, cfg, world)
+    batch = wm.Batches(s).take(1)
+    wm.train_step(s.pipeline, model, s.optimizer, s.params, batch, wm.Meter(s.device), 0)  # the optimizer's state
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    out[parallel] = {{
+        "params": sum(local(p).numel() for p in s.model.parameters()),
+        "moments": sum(local(v).numel() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"),
+        "shapes": [list(p.shape) for p in s.model.parameters()]}}
+json.dump(out, open(f"{out_dir}/rank{{rank}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_fsdp_holds_half_the_parameters_and_optimizer_state_per_rank(tmp_path):
+    """Measured: the numel of each rank's local tensors (the DTensor shards under FSDP) after one step."""
+    script = tmp_path / "memory.py"
+    script.write_text(MEMORY_WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp_path))
+    r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    shapes = ranks[0]["ddp"]["shapes"]
+    whole = sum(torch.Size(s).numel() for s in shapes)
+    # dim-0 shards as torch.chunk cuts them: rank 0 ceil(rows / 2) rows, rank 1 the rest
+    mine = [sum(torch.Size(s).numel() // s[0] * (-(-s[0] // 2) if k == 0 else s[0] // 2) for s in shapes)
+            for k in range(2)]
+    for k, rank in enumerate(ranks):
+        assert rank["ddp"]["params"] == whole and rank["ddp"]["moments"] == 2 * whole  # AdamW: exp_avg, exp_avg_sq
+        assert rank["fsdp"]["params"] == mine[k] and rank["fsdp"]["moments"] == 2 * mine[k]
+        ratio = (rank["fsdp"]["params"] + rank["fsdp"]["moments"]) / (rank["ddp"]["params"] + rank["ddp"]["moments"])
+        assert 0.45 < ratio < 0.55, ratio
+    assert mine[0] + mine[1] == whole
+
+
+# -----------------------------------------------------------------------------
+# SIGTERM mid-run, then --resume auto on an empty disk; full and sharded checkpoints
+
+# as test_reliability's PREEMPT, plus a step checkpoint every 3 steps (sharded: pruned to the newest 2)
+PREEMPT = ["training.max_steps=100", "training.log_interval=1", "training.eval_interval=0",
+           "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts", "training.parallel=fsdp",
+           "training.gradient_accumulation_steps=2", "data_sampling.n_samples=128"]
+
+
+def preempt_and_resume(tmp, uri, s3, name, overrides, after_steps):
+    """SIGTERM a 2-process run once it has logged `after_steps` steps; then --resume auto in an empty dir."""
+    ckpt, env = tmp / name, environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+    proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT, *overrides), cwd=tmp, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: logged_steps(ckpt) >= after_steps, 180, proc, f"training to log {after_steps} steps")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    client, runs = runs_of(uri)
+    (killed,) = [r for r in runs if r.info.status != "FINISHED"]  # an earlier run of this module was resumed to its end
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])
+            if f"/{killed.info.run_id}/" in o["Key"]]
+    s3_objects = {k: s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
+    local = {p.name: p for p in ckpt.glob("baseline-mtp/*/checkpoint_step_*") if s3ckpt.checkpoint_step(p.name)}
+    snapshot = {str(f.relative_to(ckpt)): f.read_bytes() for f in ckpt.rglob("*") if f.is_file()}
+    fresh = tmp / f"{name}-fresh"
+    resumed = subprocess.run(TORCHRUN + train_args(fresh, *PREEMPT, *overrides, resume="auto"), cwd=tmp, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
+    return types.SimpleNamespace(rc=proc.returncode, stderr=err, killed=killed, s3=s3_objects, local=local,
+                                 snapshot=snapshot, ckpt=ckpt, fresh=fresh, resumed=resumed)
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory, empty_store):  # noqa: F811
+    """An uninterrupted reference run (own dir, MLflow off) beside a full-format and a sharded-format run, each
+    SIGTERMed mid-training and resumed with --resume auto on an empty checkpoint dir from S3 alone."""
+    tmp = tmp_path_factory.mktemp("fsdp-preempt")
+    s3 = MotoS3().start()
+    reference = subprocess.Popen(TORCHRUN + train_args(tmp / "reference", *PREEMPT, "mlflow.enable_logging=false"),
+                                 cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        uri = store(empty_store, tmp)
+        full = preempt_and_resume(tmp, uri, s3, "full", ["checkpoint.format=full", "checkpoint.save_every=0"], 3)
+        sharded = preempt_and_resume(tmp, uri, s3, "sharded", ["checkpoint.format=sharded", "checkpoint.save_every=3",
+                                                               "checkpoint.save_total_limit=2"], 10)
+        _, ref_err = reference.communicate(timeout=300)
+        assert reference.returncode == 0, ref_err[-3000:]
+        yield types.SimpleNamespace(uri=uri, full=full, sharded=sharded, reference=final_checkpoint(tmp / "reference"))
+    finally:
+        reference.kill()
+        s3.stop()
+
+
+def stopped_at(p):
+    return max(int(name.rsplit("_", 1)[1].removesuffix(".pt")) for name in p.local)
+
+
+def assert_resumed_to_the_reference(p, reference):
+    assert p.resumed.returncode == 0, p.resumed.stderr[-3000:]
+    resumed = final_checkpoint(p.fresh)
+    assert resumed["run_id"] == p.killed.info.run_id and resumed["step"] == 100
+    assert sorted(resumed["model"]) == sorted(reference["model"])
+    worst = max((resumed["model"][k].double() - reference["model"][k].double()).abs().max().item()
+                for k in reference["model"])
+    assert worst <= 1e-6, worst
+
+
+def test_fsdp_sigterm_writes_the_full_checkpoint_to_s3_and_resume_on_an_empty_disk_reaches_the_same_weights(preempted):
+    p = preempted.full
+    assert p.rc != 0 and p.killed.info.status == "KILLED", p.stderr[-3000:]
+    (name,) = p.local
+    n = stopped_at(p)
+    assert name == f"checkpoint_step_{n}.pt" and 3 < n < 100
+    assert p.stderr.count(f"preempted: stopped by SIGTERM; resume from {p.local[name]}\n") == 2, p.stderr[-3000:]
+    prefix = f"mlflow-artifacts/weighted-mtp-production/{p.killed.info.run_id}/artifacts/checkpoints"
+    assert p.s3[f"{prefix}/{name}"] == p.local[name].read_bytes()  # one file, gathered on rank 0, as DDP writes it
+    saved = torch.load(p.local[name], weights_only=False)
+    assert saved["step"] == n and not saved["finished"] and sorted(saved["optimizer"]["state"])[-1] == 38
+    assert f", resumed at step {n} from " in p.resumed.stderr
+    assert_resumed_to_the_reference(p, preempted.reference)
+
+
+def test_sharded_checkpoints_are_saved_uploaded_pruned_and_resumed(preempted):
+    p = preempted.sharded
+    assert p.rc != 0 and p.killed.info.status == "KILLED", p.stderr[-3000:]
+    n = stopped_at(p)
+    saved = [*range(3, n, 3), n]  # every 3 steps, then the preemption's
+    kept = [f"checkpoint_step_{k}" for k in saved[-2:]]  # checkpoint.save_total_limit=2, by step number
+    assert n >= 10 and sorted(p.local) == sorted(kept)
+    run_dir = p.ckpt / "baseline-mtp" / p.killed.info.run_id
+    prefix = f"mlflow-artifacts/weighted-mtp-production/{p.killed.info.run_id}/artifacts/checkpoints"
+    for name in kept:  # a torch.distributed.checkpoint directory: both ranks' shards, its metadata, trainer.pt
+        files = sorted(f.name for f in (run_dir / name).iterdir())
+        assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt", "trainer.pt.sha256"], files
+        for f in files:  # in S3 under the run's artifacts, byte for byte
+            assert p.s3[f"{prefix}/{name}/{f}"] == p.snapshot[f"baseline-mtp/{p.killed.info.run_id}/{name}/{f}"]
+    remote = sorted({k[len(prefix) + 1:].split("/")[0] for k in p.s3 if k.startswith(prefix + "/")})
+    assert remote == sorted(kept)  # the older ones pruned remotely too
+    trainer = torch.load(run_dir / kept[-1] / "trainer.pt", weights_only=False)
+    assert trainer["step"] == n and trainer["position"] == 2 * n and "model" not in trainer
+    assert f", resumed at step {n} from " in p.resumed.stderr
+    downloaded = p.resumed.stderr.split(f", resumed at step {n} from ")[1].split("\n")[0]
+    assert Path(downloaded).name == kept[-1] and Path(downloaded).is_relative_to(p.fresh / ".cache")
+    assert_resumed_to_the_reference(p, preempted.reference)
+
+
+SKIP_WORKER = """
+import json, sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import weighted_mtp as wm
+dist.init_process_group("gloo")
+cfg = wm.load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
+s = wm.prepare(cfg, True, dist.get_rank(), 2, torch.device("cpu"))
+ids = list(range(65, 85))
+batch = wm.collate([(ids, [-100] * 5 + ids[5:], 1.0, {{}})] * 2, s.tok.pad_id, s.device)
+step = lambda stop=0: wm.train_step(s.pipeline, s.model, s.optimizer, s.params, [batch], wm.Meter(s.device), 0, stop)
+local = lambda: [p.detach().to_local().clone() for p in s.params]
+moments = lambda: [v.to_local().clone() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"]
+out = {{"first": step().tolist()}}
+weight = s.model.tok_embeddings.weight.to_local()
+if dist.get_rank() == 0:  # row 70 of 259 is in rank 0's shard of the embedding: the loss goes NaN on every rank
+    weight.data[70] = float("nan")
+before, state = local(), moments()
+out["skipped"] = step(stop=15).tolist()
+out["unchanged"] = all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, local()))
+out["moments_unchanged"] = all(torch.equal(a, b) for a, b in zip(state, moments()))
+out["steps"] = sorted({{st["step"].item() for st in s.optimizer.state.values()}})
+json.dump(out, open(f"{out_dir}/rank{{dist.get_rank()}}.json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_a_non_finite_step_is_skipped_on_every_shard(tmp_path):
+    """Fused AdamW's found_inf works on DTensor shards on the CPU: a NaN in one rank's shard skips the step on both
+    ranks (both see a NaN loss: flag 2), weights and moments untouched, the step count unchanged; stop flags sum."""
+    script = tmp_path / "skip.py"
+    script.write_text(SKIP_WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp_path))
+    r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for k in range(2):
+        out = json.loads((tmp_path / f"rank{k}.json").read_text())
+        assert out == {"first": [0.0, 0.0], "skipped": [2.0, 30.0], "unchanged": True, "moments_unchanged": True,
+                       "steps": [1.0]}, (k, out)
