@@ -208,8 +208,10 @@ def p4_memory(S):
         trainer_step(trainer, tiny)()  # creates the optimizer state, cheaply
         for _ in range(2):  # deterministic: two repeats show it
             peaks[H].append(peak_memory(trainer_step(trainer, batch), trainer[1], trainer[2], batch))
-    return summary([b / a for a, b in zip(peaks[1], peaks[4])], 1.30, peak_mib={f"H{H}": p[0] / 2**20 for H, p in peaks.items()},
-                   method="CPU: weights + optimizer state + batch, plus the profiler's peak of tensor allocations in the step")
+    return summary([b / a for a, b in zip(peaks[1], peaks[4])], 1.30,
+                   peak_mib={f"H{H}": p[0] / 2**20 for H, p in peaks.items()},
+                   method="CPU: weights + optimizer state + batch, plus the profiler's peak of tensor allocations "
+                          "in the step")
 
 
 def p5_heads(S):
@@ -219,7 +221,8 @@ def p5_heads(S):
     one, four = setup("baseline", H=1, dim=S.dim), setup("baseline", H=4, dim=S.dim)
     total, head = flops_per_token(one[1].args, S.seq)
     share = head / total
-    return summary(compare(trainer_step(one, batch), trainer_step(four, batch), S), 1 + 3 * share + 0.05, head_share=share)
+    ratios = compare(trainer_step(one, batch), trainer_step(four, batch), S)
+    return summary(ratios, 1 + 3 * share + 0.05, head_share=share)
 
 
 def peer(S, H):
@@ -385,7 +388,7 @@ def fsdp_worker(S, job):
         small, before = make_batch(1, 64), rss_kib("VmRSS")
         trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
         trainer_step(trainer, small)()  # creates the optimizer state
-        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) starts again: building the model is not training
+        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts: building the model is not training
         for _ in range(3):
             trainer_step(trainer, small)()
         result = (rss_kib("VmHWM") - before) * 1024
@@ -408,14 +411,16 @@ def checkpoint_state(trainer):
 def s3_run(tmp):
     """moto's S3 server (ThreadedMotoServer, 127.0.0.1, port 0) in a child process at nice 19 — S3 is another
     machine in production: its request handling is not the trainer's cost, so it gets only CPU the trainer leaves
-    idle — and an MLflow run in a sqlite store whose artifacts live at s3://wmtp/bench. Yields its CheckpointUploader."""
-    code = ("import logging, os, sys; os.nice(19); from moto.server import ThreadedMotoServer; logging.getLogger('werkzeug').setLevel(40);"
+    idle — and an MLflow run in a sqlite store whose artifacts live at s3://wmtp/bench. Yields its
+    CheckpointUploader."""
+    code = ("import logging, os, sys; os.nice(19); from moto.server import ThreadedMotoServer;"
+            "logging.getLogger('werkzeug').setLevel(40);"
             "s = ThreadedMotoServer(ip_address='127.0.0.1', port=0, verbose=False); s.start();"
             "print(s.get_host_and_port()[1], flush=True); sys.stdin.read()")  # lives until our end of stdin closes
     moto = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        os.environ.update(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{int(moto.stdout.readline())}", AWS_ACCESS_KEY_ID="bench",
-                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        os.environ.update(MLFLOW_S3_ENDPOINT_URL=f"http://127.0.0.1:{int(moto.stdout.readline())}",
+                          AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         for key in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
             os.environ.pop(key, None)
         s3ckpt.s3_client().create_bucket(Bucket="wmtp")
@@ -483,8 +488,9 @@ def mlflow_server(tmp):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = ["nice", "-n", "19", str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/server.db",
-           "--default-artifact-root", f"{tmp}/server-artifacts", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd = ["nice", "-n", "19", str(Path(sys.executable).parent / "mlflow"), "server",
+           "--backend-store-uri", f"sqlite:///{tmp}/server.db", "--default-artifact-root", f"{tmp}/server-artifacts",
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     proc = subprocess.Popen(cmd, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -517,7 +523,8 @@ def log_figure(S, tmp):
     def block(metrics=None):
         return [timed(lambda: logged_step(metrics)) for _ in range(S.block)]
 
-    with (contextlib.nullcontext(f"sqlite:///{tmp}/mlflow.db") if S.quick else mlflow_server(tmp)) as uri, spare_core() as threads:
+    store = contextlib.nullcontext(f"sqlite:///{tmp}/mlflow.db") if S.quick else mlflow_server(tmp)
+    with store as uri, spare_core() as threads:
         client = MlflowClient(uri)
         run_id = client.create_run(client.create_experiment("bench-logging")).info.run_id
         block()
@@ -537,19 +544,23 @@ def log_figure(S, tmp):
 
 
 def scaling(device):
-    """tokens/s and peak memory of a baseline train_step, micro model (dim 256, 2 trunk blocks), vocab 32000, batch 1."""
+    """tokens/s and peak memory of a baseline train_step, micro model (dim 256, 2 trunk blocks), vocab 32000,
+    batch 1."""
     rows = []
     for T in (256, 512, 1024, 2048):
         for H in (1, 2, 4, 8):
-            trainer, batch = setup("baseline", H=H, dim=256, vocab=32000, device=device), make_batch(1, T, 32000, device)
+            trainer = setup("baseline", H=H, dim=256, vocab=32000, device=device)
+            batch = make_batch(1, T, 32000, device)
             trainer_step(trainer, make_batch(1, 16, 32000, device))()  # creates the optimizer state, cheaply
             step = trainer_step(trainer, batch)
             t = min(timed(step, device) for _ in range(3))
-            rows.append({"seq": T, "H": H, "tokens_per_s": T / t, "peak_mib": peak_memory(step, *trainer[1:3], batch, device) / 2**20})
+            peak = peak_memory(step, *trainer[1:3], batch, device)
+            rows.append({"seq": T, "H": H, "tokens_per_s": T / t, "peak_mib": peak / 2**20})
             print(f"seq {T:5d} H {H}: {T / t:9.0f} tok/s  {rows[-1]['peak_mib']:8.0f} MiB", flush=True)
     print("\n| seq | " + " | ".join(f"H={H} tok/s (peak MiB)" for H in (1, 2, 4, 8)) + " |\n|---|---|---|---|---|")
     for T in (256, 512, 1024, 2048):
-        print(f"| {T} | " + " | ".join(f"{r['tokens_per_s']:,.0f} ({r['peak_mib']:,.0f})" for r in rows if r["seq"] == T) + " |")
+        cells = [f"{r['tokens_per_s']:,.0f} ({r['peak_mib']:,.0f})" for r in rows if r["seq"] == T]
+        print(f"| {T} | " + " | ".join(cells) + " |")
     return {"model": "micro dim 256, 2 trunk blocks, vocab 32000, batch 1", "device": str(device), "rows": rows}
 
 
@@ -591,8 +602,9 @@ def main():
         figures = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads, p7_peer, p8_efficient_loss]
         figures += [p6_mfu] if torch.cuda.is_available() else []
         for fig in figures:
-            results[fig.__name__[:2].upper()] = fig(S)
-            print(f"{fig.__name__}: {results[fig.__name__[:2].upper()].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)
+            name = fig.__name__[:2].upper()
+            results[name] = fig(S)
+            print(f"{fig.__name__}: {results[name].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)
         for fig in (gen_kv_cache, sandbox_throughput):
             results[fig.__name__] = fig(S)
             print(f"{fig.__name__}: {results[fig.__name__]['median']:.2f} ({time.time() - t0:.0f}s)", flush=True)
@@ -601,8 +613,9 @@ def main():
                 results.update(fig(S, tmp))
                 print(f"{fig.__name__} ({time.time() - t0:.0f}s)", flush=True)
         gpu = f"; P6 on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-        results["meta"] = {"device": f"{cpu_name()}, {torch.get_num_threads()} torch threads{gpu}", "torch": torch.__version__,
-                           "repeats": S.repeats, "quick": S.quick, "seconds": round(time.time() - t0, 1), "sizes": vars(S)}
+        results["meta"] = {"device": f"{cpu_name()}, {torch.get_num_threads()} torch threads{gpu}",
+                           "torch": torch.__version__, "repeats": S.repeats, "quick": S.quick,
+                           "seconds": round(time.time() - t0, 1), "sizes": vars(S)}
         results.update({"scaling": old["scaling"]} if "scaling" in old else {})
         print_table(results)
     out.parent.mkdir(parents=True, exist_ok=True)

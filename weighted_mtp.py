@@ -701,7 +701,8 @@ class MTPTransformer(nn.Module):
 
     def _ce(self, state, target):
         logits = self.output(self.norm(state)).float()
-        return F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none").view_as(target)
+        ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
+        return ce.view_as(target)
 
 
 class KVCache:
@@ -2948,16 +2949,13 @@ def report(uri, experiment):
     """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), eval/pass@1, start, wall."""
     from mlflow import MlflowClient
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
     print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>7} {'wall':>6}  "
           "started from")
     for pipeline in PIPELINES:
-        runs = client.search_runs([exp.experiment_id], f"tags.pipeline = '{pipeline}'",
-                                  order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-        if not runs:
+        r = newest_run(client, experiment, f"tags.pipeline = '{pipeline}'")
+        if r is None:
             print(f"{pipeline:<11} (no run)")
             continue
-        r = runs[0]
         m = r.data.metrics
         acc = m.get("val/accuracy", m.get("val/auc"))
         acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
