@@ -1162,7 +1162,7 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 
 
 # plain: the instruction and input on a line each, the answer right after: a built-in arithmetic example is then
-# ~30 tokens of which ~4 are trained, where Alpaca's ~235 would buy a step little more signal at 8x the compute.
+# 14-16 tokens of which ~4 are trained, where Alpaca's ~218 would buy a step little more signal at 14x the compute.
 TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{input}\n", "{instruction}\n")}
 
 
