@@ -3023,10 +3023,8 @@ def compare(seeds, warmup_steps, overrides=(), pipelines=POLICY_PIPELINES):
                         f"got {steps} after --warmup-steps {warmup_steps}")
     cfg = cfgs[pipelines[0]]
     client = MlflowClient(tracking_uri(cfg))
-    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg)))
-    parent = client.create_run(exp_id, run_name=f"compare-{seeds}-seeds", tags={"pipeline": "compare"}).info.run_id
+    parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
+                               tags={"pipeline": "compare"}).info.run_id
     client.log_batch(parent, params=[Param("seeds", str(seeds)), Param("warmup_steps", str(warmup_steps)),
                                      Param("policy_steps", str(steps[pipelines[0]])),
                                      Param("overrides", " ".join(overrides)[:6000] or "-")])

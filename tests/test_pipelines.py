@@ -217,7 +217,7 @@ def test_the_experiment_is_marked_for_model_development(tracking, tmp_path, exis
     trainer sets it when it creates the experiment or first uses one that lacks it."""
     client = MlflowClient(tracking)
     if exists:
-        client.create_experiment("weighted-mtp/production")
+        client.create_experiment("weighted-mtp/production", artifact_location=(tmp_path / "artifacts").as_uri())
     wm.train(tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0"))
     tags = client.get_experiment_by_name("weighted-mtp/production").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
