@@ -790,12 +790,17 @@ def model_args_from_meta(model_dir):
     return ModelArgs(**{k: v for k, v in params.items() if k in known})
 
 
-def load_meta_weights(model, model_dir):
+def read_consolidated(model_dir):
+    """(path, state) of a Meta dir's consolidated.pth, memory-mapped; unreadable is a one-line UserError."""
     path = Path(model_dir) / "consolidated.pth"
     try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        return path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: not a readable checkpoint ({e})")
+
+
+def load_meta_weights(model, model_dir):
+    path, state = read_consolidated(model_dir)
     load_state(model, state, f"{path} (vs params.json)")
 
 
@@ -803,11 +808,7 @@ def read_meta_dir(model_dir, dtype):
     """(args, state) of a Meta dir: checked against params.json, each tensor copied out of the memory-mapped file
     in `dtype` (so the model never holds pages of a file that may be replaced)."""
     args = model_args_from_meta(model_dir)
-    path = Path(model_dir) / "consolidated.pth"
-    try:
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({e})")
+    path, state = read_consolidated(model_dir)
     load_state(meta_device_model(args), state, f"{path} (vs params.json)")  # shapes only: nothing is allocated
     return args, {k: v.to(dtype, copy=True) for k, v in state.items()}
 
@@ -1489,6 +1490,14 @@ def experiment_id(client, cfg):
     return exp_id
 
 
+def log_params(client, run_id, params):
+    """params {name: value} on a run: values as text cut to MLflow's 6000 characters, 100 per request (its limit)."""
+    from mlflow.entities import Param
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 def newest_run(client, experiment, where):
     """The newest run (by start time) of `experiment` that matches the MLflow filter `where`, or None. Every `auto`
     is one of these searches: a pipeline's newest finished run, or the newest unfinished run of this config."""
@@ -1624,7 +1633,6 @@ class Tracking:
     def _start_run(self):
         """A new run (tags, params, config.yaml) or the resumed one continued; returns the last step it logged."""
         from mlflow import MlflowClient
-        from mlflow.entities import Param
         cfg, uri = self.cfg, tracking_uri(self.cfg)
         self.client = MlflowClient(uri)
         exp_id = experiment_id(self.client, cfg)
@@ -1636,9 +1644,7 @@ class Tracking:
         if cfg.experiment.description:
             tags["mlflow.note.content"] = cfg.experiment.description
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
-        params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg.to_dict()).items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(self.run_id, params=params[i:i + 100])
+        log_params(self.client, self.run_id, flatten(cfg.to_dict()))
         self.client.log_text(self.run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")
         return 0
 
@@ -2024,13 +2030,15 @@ class Rho1(Baseline):
         targets = W.shift_targets(labels, H)
         valid = targets != -100
 
+        chosen = {}  # head k -> its 0/1 weights, kept for the metrics
+
         def selected(k, ce_k):  # head k's top tokens by excess loss, from its own detached CE [B,T]
-            w_k = W.topk_weights(W.excess_loss(ce_k, ref[..., k])[..., None], valid[..., k, None], ratio)[..., 0]
-            return valid[..., k] & (w_k > 0)
+            chosen[k] = W.topk_weights(W.excess_loss(ce_k, ref[..., k])[..., None], valid[..., k, None], ratio)[..., 0]
+            return valid[..., k] & (chosen[k] > 0)
 
         loss, ce, _ = model(tokens, targets, weigh=lambda values: (selected, None))  # mtp_loss(ce, valid & (w > 0))
         excess = W.excess_loss(ce, ref)
-        w = W.topk_weights(excess, valid, ratio)  # the same selection, all heads at once, for the metrics
+        w = torch.stack([chosen[k] for k in range(ce.shape[-1])], dim=-1)
         log_head_losses(meter, "train", ce, valid)
         meter.add("train/excess_loss_mean", (excess * valid).sum(), valid.sum())
         meter.add("train/weight_sparsity", W.weight_sparsity(w, valid) * valid.sum(), valid.sum())
@@ -2918,13 +2926,12 @@ def metric_name(name):
 def log_evaluation(cfg, run_id, step, summary, results):
     """eval/pass@k and eval/samples.jsonl on the training run, or on a new run `evaluate` when there is none."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
     client, own_run = MlflowClient(tracking_uri(cfg)), run_id is None
     if own_run:
         run_id = client.create_run(experiment_id(client, cfg), run_name="evaluate",
                                    tags={"pipeline": "evaluate"}).info.run_id
-        params = flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]})
-        client.log_batch(run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        log_params(client, run_id, flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]}))
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(v), now, step)
                                       for k, v in summary.items() if k.startswith("pass@")])
@@ -3015,7 +3022,6 @@ def compare(seeds, warmup_steps, overrides=(), pipelines=POLICY_PIPELINES):
     pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the interval's half-width), the table
     (compare/summary.json) and the plot (compare/metrics.png). Returns the summary."""
     from mlflow import MlflowClient
-    from mlflow.entities import Param
     cfgs = {p: load_config(ROOT / "configs" / p / f"{p}_local.yaml", overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
     if len(set(steps.values())) != 1 or not warmup_steps > 0:
@@ -3025,9 +3031,8 @@ def compare(seeds, warmup_steps, overrides=(), pipelines=POLICY_PIPELINES):
     client = MlflowClient(tracking_uri(cfg))
     parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
                                tags={"pipeline": "compare"}).info.run_id
-    client.log_batch(parent, params=[Param("seeds", str(seeds)), Param("warmup_steps", str(warmup_steps)),
-                                     Param("policy_steps", str(steps[pipelines[0]])),
-                                     Param("overrides", " ".join(overrides)[:6000] or "-")])
+    log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
+                                "overrides": " ".join(overrides) or "-"})
     status = "FAILED"
     try:
         runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
