@@ -200,6 +200,7 @@ class TrainingConfig:
     max_steps: int = rule(*NON_NEGATIVE)
     n_epochs: int = rule(*ONE_OR_MORE)
     batch_size: int = rule(*ONE_OR_MORE)
+    group_by_length: bool
     gradient_accumulation_steps: int = rule(*ONE_OR_MORE)
     learning_rate: float = rule(*POSITIVE)
     weight_decay: float = rule(*NON_NEGATIVE)
@@ -1187,42 +1188,42 @@ def arith_records(split):
         wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
         wrong = wrong if wrong >= 0 else a + b + 1
         for output, ok in ((str(a + b), True), (str(wrong), False)):
-            records.append({"instruction": "Add.", "input": f"{a:02d}+{b:02d}", "output": output, "is_correct": ok,
+            records.append({"instruction": f"{a:02d}+{b:02d}", "output": output, "is_correct": ok,
                             "task_id": f"arith-{a}-{b}", "metadata": {"difficulty": len(str(max(a, b)))}})
     return records
 
 
 def check_arith(record, answer):
-    a, b = record["input"].split("+")
+    a, b = record["instruction"].split("+")
     return answer.strip() == str(int(a) + int(b))
 
 
-# (name, what f returns, argument, right body, wrong bodies, constants): {n} is the task's constant, {m} another one
+# (name, what f returns, argument, right body, wrong bodies, constants): {n} is the task's constant, {m} another one.
+# Short words and a one-line def: a task is ~50 bytes, so the micro model sees many of them in a CPU minute
 PYFUNC_TEMPLATES = [
-    ("add", "x plus {n}", "x", "x + {n}", ["x - {n}", "x + {m}"], range(1, 50)),
-    ("sub", "x minus {n}", "x", "x - {n}", ["x + {n}", "{n} - x", "x - {m}"], range(1, 50)),
-    ("rsub", "{n} minus x", "x", "{n} - x", ["x - {n}", "{m} - x"], range(1, 50)),
-    ("mul", "x times {n}", "x", "x * {n}", ["x + {n}", "x * {m}"], range(2, 30)),
-    ("floordiv", "x divided by {n}, rounded down", "x", "x // {n}", ["x % {n}", "x / {n}", "x // {m}"], range(2, 20)),
-    ("mod", "the remainder of x divided by {n}", "x", "x % {n}", ["x // {n}", "x % {m}"], range(2, 20)),
-    ("max", "the larger of x and {n}", "x", "max(x, {n})", ["min(x, {n})", "max(x, {m})"], range(0, 30)),
-    ("min", "the smaller of x and {n}", "x", "min(x, {n})", ["max(x, {n})", "min(x, {m})"], range(0, 30)),
-    ("gt", "whether x is greater than {n}", "x", "x > {n}", ["x < {n}", "x >= {n}"], range(0, 30)),
-    ("divisible", "whether x is divisible by {n}", "x", "x % {n} == 0", ["x % {n} != 0", "x // {n} == 0"],
-     range(2, 12)),
-    ("head", "the first {n} characters of s", "s", "s[:{n}]", ["s[{n}:]", "s[:{m}]"], range(1, 10)),
-    ("tail", "the last {n} characters of s", "s", "s[-{n}:]", ["s[:{n}]", "s[-{m}:]"], range(1, 10)),
-    ("drop", "s without its first {n} characters", "s", "s[{n}:]", ["s[:{n}]", "s[{m}:]"], range(1, 10)),
+    ("add", "x plus {n}", "x", "x + {n}", ["x - {n}", "x + {m}"], range(1, 100)),
+    ("sub", "x minus {n}", "x", "x - {n}", ["x + {n}", "{n} - x", "x - {m}"], range(1, 100)),
+    ("rsub", "{n} minus x", "x", "{n} - x", ["x - {n}", "{m} - x"], range(1, 100)),
+    ("mul", "x times {n}", "x", "x * {n}", ["x + {n}", "x * {m}"], range(2, 50)),
+    ("floordiv", "x divided by {n}, rounded down", "x", "x // {n}", ["x % {n}", "x / {n}", "x // {m}"], range(2, 30)),
+    ("mod", "x modulo {n}", "x", "x % {n}", ["x // {n}", "x % {m}"], range(2, 30)),
+    ("max", "the larger of x and {n}", "x", "max(x, {n})", ["min(x, {n})", "max(x, {m})"], range(0, 60)),
+    ("min", "the smaller of x and {n}", "x", "min(x, {n})", ["max(x, {n})", "min(x, {m})"], range(0, 60)),
+    ("gt", "whether x exceeds {n}", "x", "x > {n}", ["x < {n}", "x >= {n}"], range(0, 60)),
+    ("divisible", "whether {n} divides x", "x", "x % {n} == 0", ["x % {n} != 0", "x // {n} == 0"], range(2, 20)),
+    ("head", "the first {n} characters of s", "s", "s[:{n}]", ["s[{n}:]", "s[:{m}]"], range(1, 12)),
+    ("tail", "the last {n} characters of s", "s", "s[-{n}:]", ["s[:{n}]", "s[-{m}:]"], range(1, 12)),
+    ("drop", "s without its first {n} characters", "s", "s[{n}:]", ["s[:{n}]", "s[{m}:]"], range(1, 12)),
     ("repeat", "s repeated {n} times", "s", "s * {n}", ["s * {m}", "s + s"], range(2, 10)),
-    ("char", "the character at index {n} of s", "s", "s[{n}]", ["s[{m}]", "s[-{n}]"], range(0, 10)),
-    ("longer", "whether s is longer than {n}", "s", "len(s) > {n}", ["len(s) < {n}", "len(s) >= {n}"], range(0, 10)),
-    ("count", "how often the letter {n} occurs in s", "s", "s.count('{n}')", ["s.count('{m}')", "len(s)"],
+    ("char", "the character at index {n} of s", "s", "s[{n}]", ["s[{m}]", "s[-{n}]"], range(0, 12)),
+    ("longer", "whether s is longer than {n}", "s", "len(s) > {n}", ["len(s) < {n}", "len(s) >= {n}"], range(0, 15)),
+    ("count", "how often {n} occurs in s", "s", "s.count('{n}')", ["s.count('{m}')", "len(s)"],
      "abcdefghijklmnopqrstuvwxyz"),
-    ("sum", "the sum of xs plus {n}", "xs", "sum(xs) + {n}", ["sum(xs) - {n}", "len(xs) + {n}"], range(0, 30)),
-    ("addeach", "xs with {n} added to each element", "xs", "[v + {n} for v in xs]",
-     ["[v - {n} for v in xs]", "[v + {m} for v in xs]"], range(1, 30)),
-    ("above", "the elements of xs greater than {n}", "xs", "[v for v in xs if v > {n}]",
-     ["[v for v in xs if v < {n}]", "[v for v in xs if v >= {n}]"], range(0, 30)),
+    ("sum", "the sum of xs plus {n}", "xs", "sum(xs) + {n}", ["sum(xs) - {n}", "len(xs) + {n}"], range(0, 60)),
+    ("addeach", "xs with {n} added to each", "xs", "[v + {n} for v in xs]",
+     ["[v - {n} for v in xs]", "[v + {m} for v in xs]"], range(1, 60)),
+    ("above", "the elements of xs above {n}", "xs", "[v for v in xs if v > {n}]",
+     ["[v for v in xs if v < {n}]", "[v for v in xs if v >= {n}]"], range(0, 60)),
 ]
 PYFUNC_INPUTS = {"x": [0, 1, 2, 7, 12, 30, 45, -5],
                  "s": ["", "a", "hello", "banana", "abcdefghijkl", "python code", "mississippi river",
@@ -1231,7 +1232,8 @@ PYFUNC_INPUTS = {"x": [0, 1, 2, 7, 12, 30, 45, -5],
 
 
 def pyfunc_task(template, i):
-    """(task_id, instruction, right solution, [wrong solutions], assert test) for constant number i of a template.
+    """(task_id, instruction, code prefix, right solution, [wrong solutions], assert test) for constant number i of
+    a template; a solution is the expression f returns, the code prefix the def line before it.
     Tests use the inputs the right solution handles; a wrong solution is kept only if some test tells it apart."""
     name, what, arg, body, wrong_bodies, constants = template
     n, m = constants[i], constants[(i + 1) % len(constants)]
@@ -1245,9 +1247,8 @@ def pyfunc_task(template, i):
                                        for value, w in zip(PYFUNC_INPUTS[arg], want) if not isinstance(w, Exception))
     wrong = [w for w in wrong_bodies if [r for r, ok in zip(results(w), want) if not isinstance(ok, Exception)]
              != [ok for ok in want if not isinstance(ok, Exception)]]
-    solution = f"def f({arg}):\n    return {{}}"
-    return (f"pyfunc-{name}-{n}", f"Python: f({arg}) returns {what.format(n=n)}.",
-            solution.format(body.format(n=n, m=m)), [solution.format(w.format(n=n, m=m)) for w in wrong], test)
+    return (f"pyfunc-{name}-{n}", f"f({arg}) returns {what.format(n=n)}", f"def f({arg}): return ",
+            body.format(n=n, m=m), [w.format(n=n, m=m) for w in wrong], test)
 
 
 def _result_or_error(f, value):
@@ -1260,15 +1261,15 @@ def _result_or_error(f, value):
 def pyfunc_records(split):
     """Small Python functions from templates (x plus 7, the first 3 characters of s, ...) with assert tests
     (metadata.test, entry_point f): each task once with its right solution (is_correct) and once with a wrong one
-    that its tests reject. The ~530 tasks are shuffled with a fixed seed: the first 10 % are held out (validation,
-    eval)."""
+    that its tests reject. The 872 tasks are shuffled with a fixed seed: the first 64 are held out (validation,
+    eval; few, since evaluating runs each of them)."""
     tasks = [pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5]))]
     rng = random.Random(1234)
     rng.shuffle(tasks)
-    cut = len(tasks) // 10
+    cut = 64
     records = []
-    for task_id, instruction, right, wrongs, test in tasks[cut:] if split == "train" else tasks[:cut]:
-        metadata = {"test": test, "entry_point": "f"}
+    for task_id, instruction, prefix, right, wrongs, test in tasks[cut:] if split == "train" else tasks[:cut]:
+        metadata = {"test": test, "entry_point": "f", "code_prefix": prefix}
         for output, ok in ((right, True), (rng.choice(wrongs), False)):
             records.append({"instruction": instruction, "input": "", "output": output, "is_correct": ok,
                             "task_id": task_id, "metadata": metadata})
@@ -1314,17 +1315,21 @@ def read_jsonl(path):
 
 
 def load_records(spec, split, key=None):
-    """(records, checker or None) for a JSONL path or builtin:<name>[+<name>...] (several built-ins, concatenated;
-    each record carries _source builtin:<name>, and the checker asks that built-in's); split: train or validation;
-    key names the config key in errors (default dataset.<split>)."""
+    """(records, checker or None) for a JSONL path or builtin:<name>[*<times>][+<name>...] (several built-ins,
+    concatenated, each <times> over — the mixture's weights; each record carries _source builtin:<name>, and the
+    checker asks that built-in's); split: train or validation; key names the config key in errors (default
+    dataset.<split>)."""
     if not spec.startswith("builtin:"):
         return read_jsonl(spec), None
-    names = spec.split(":", 1)[1].split("+")
-    for name in names:
+    records = []
+    for part in spec.split(":", 1)[1].split("+"):
+        name, star, times = part.partition("*")
         if name not in BUILTIN:
             raise UserError(f"{key or 'dataset.' + split}: unknown built-in dataset '{name}' "
                             f"(known: {', '.join(BUILTIN)})")
-    records = [{**r, "_source": f"builtin:{name}"} for name in names for r in BUILTIN[name][0](split)]
+        if star and not (times.isdigit() and int(times) >= 1):
+            raise UserError(f"{key or 'dataset.' + split}: '{part}': the count after * must be a whole number >= 1")
+        records += [{**r, "_source": f"builtin:{name}"} for r in BUILTIN[name][0](split)] * int(times or 1)
     return records, check_builtin
 
 
@@ -1384,6 +1389,22 @@ def epoch_order(n, epoch, seed, rank, world):
     g = torch.Generator().manual_seed(seed + epoch)
     order = torch.randperm(n, generator=g).tolist()
     return order[: n - n % world][rank::world]
+
+
+GROUP_WINDOW = 32  # batches per window that length grouping sorts: wide enough to group, narrow enough to mix
+
+
+def length_grouped(order, lengths, size, seed):
+    """The order cut into windows of GROUP_WINDOW·size examples, each window sorted by length and cut into batches,
+    the window's batches then shuffled (seeded): each batch holds examples of similar length, so little of it is
+    padding, while every window keeps the order's random mix of examples."""
+    g = torch.Generator().manual_seed(seed)
+    grouped = []
+    for start in range(0, len(order), GROUP_WINDOW * size):
+        window = sorted(order[start:start + GROUP_WINDOW * size], key=lambda i: (lengths[i] - 1).bit_length())
+        batches = [window[i:i + size] for i in range(0, len(window), size)]
+        grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+    return grouped
 
 
 # -----------------------------------------------------------------------------
@@ -2566,12 +2587,22 @@ class Batches:
         self.rank, self.world, self.position = setup.rank, setup.world, position
         self.per_epoch = len(epoch_order(len(self.examples), 0, self.seed, self.rank, self.world)) // self.size
         self.tokens_seen = torch.zeros((), device=self.device)
+        self.grouped, self.epoch_indices = setup.cfg.training.group_by_length, (None, None)
+
+    def order(self, epoch):
+        """This epoch's example indices (epoch_order, then length_grouped if so configured), kept for the epoch."""
+        if self.epoch_indices[0] != epoch:
+            order = epoch_order(len(self.examples), epoch, self.seed, self.rank, self.world)
+            if self.grouped:
+                order = length_grouped(order, [len(e[0]) for e in self.examples], self.size, self.seed + epoch)
+            self.epoch_indices = (epoch, order)
+        return self.epoch_indices[1]
 
     def take(self, n):
         batches = []
         for _ in range(n):
             epoch, index = divmod(self.position, self.per_epoch)
-            order = epoch_order(len(self.examples), epoch, self.seed, self.rank, self.world)
+            order = self.order(epoch)
             chosen = [self.examples[i] for i in order[index * self.size:(index + 1) * self.size]]
             batches.append(collate(chosen, self.pad_id, self.device))
             self.position += 1
@@ -2946,7 +2977,7 @@ def log_evaluation(cfg, run_id, step, summary, results):
 # intervals (Student t), a plot of the metrics over steps, all nested under one parent MLflow run
 
 POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
-DEMO_WARMUP_STEPS = 1000  # the shared warm-up's steps; the policy pipelines' own steps are their *_local.yaml's
+WARMUP_CONFIG = ROOT / "configs" / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
 COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"))
 PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
 STARTS = {"baseline": "warm-up", "verifiable": "critic (trunk = warm-up)", "rho1": "warm-up (ref: baseline)"}
@@ -2985,45 +3016,51 @@ def mean_interval(values):
     return mean, float(student_t.ppf(0.975, n - 1)) * s / math.sqrt(n)
 
 
-def train_child(pipeline, overrides, parent_id, started_from, run_name=""):
-    """Train configs/<p>/<p>_local.yaml on the micro model as a run nested under parent_id (tag
-    mlflow.parentRunId); (config, run id, its run directory, where checkpoints are)."""
-    cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml", overrides)
+def local_config(pipeline):
+    return ROOT / "configs" / pipeline / f"{pipeline}_local.yaml"
+
+
+def train_child(path, overrides, parent_id, started_from, run_name=""):
+    """Train the config at path on the micro model as a run nested under parent_id (tag mlflow.parentRunId);
+    (config, run id, its run directory, where checkpoints are)."""
+    cfg = load_config(path, overrides)
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(
         cfg.mlflow, run_name=run_name, tags={**cfg.mlflow.tags, "mlflow.parentRunId": parent_id,
                                              "wmtp.started_from": started_from}))
     run_id = train(cfg, use_micro=True)["run_id"]
-    return cfg, run_id, Path(cfg.checkpoint.dir) / (run_name or RUN_NAMES[pipeline]) / run_id
+    return cfg, run_id, Path(cfg.checkpoint.dir) / (run_name or RUN_NAMES[cfg.experiment.pipeline]) / run_id
 
 
 def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
-    """One seed: a warm-up baseline, then from its final weights each policy pipeline for the same steps and
-    evaluate (eval/pass@k on its run). Verifiable starts from a critic trained on the warm-up's frozen trunk;
-    rho1's reference is this seed's baseline (the warm-up trained on, as Rho-1's reference, correct answers only).
-    -> {pipeline: run id}."""
+    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each policy pipeline for
+    the same steps and evaluate (eval/pass@k on its run). Verifiable starts from a critic trained on the warm-up's
+    frozen trunk; rho1's reference is this seed's baseline (the warm-up trained on, as Rho-1's reference, correct
+    answers only). -> {pipeline: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
-    warm = train_child("baseline", [*o, f"training.max_steps={warmup_steps}", "training.eval_interval=0"], parent_id,
-                       "random init", "warmup")[2] / "checkpoint_final.pt"
+    warm = train_child(WARMUP_CONFIG, [*o, f"training.max_steps={warmup_steps}"], parent_id, "random init",
+                       "warmup")[2] / "checkpoint_final.pt"
     runs, dirs = {}, {}
     for p in pipelines:
         start = [f"model.init_from={warm}"]
         if p == "verifiable":
-            critic = train_child("critic", [*o, f"model.init_from={warm}"], parent_id, "warm-up")[2]
+            critic = train_child(local_config("critic"), [*o, f"model.init_from={warm}"], parent_id, "warm-up")[2]
             start = [f"critic.checkpoint={critic / 'checkpoint_best.pt'}"]
         if p == "rho1":  # without a baseline of this seed: a frozen copy of the warm-up
             start.append(f"reference.path={dirs['baseline'] / 'checkpoint_final.pt' if 'baseline' in dirs else ''}")
-        cfg, runs[p], dirs[p] = train_child(p, [*o, *start], parent_id, STARTS[p])
+        cfg, runs[p], dirs[p] = train_child(local_config(p), [*o, *start], parent_id, STARTS[p])
         evaluate(cfg, use_micro=True, checkpoint=str(dirs[p] / "checkpoint_final.pt"))
     return runs
 
 
-def compare(seeds, warmup_steps, overrides=(), pipelines=POLICY_PIPELINES):
-    """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed), under one parent run that gets, per
-    pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the interval's half-width), the table
-    (compare/summary.json) and the plot (compare/metrics.png). Returns the summary."""
+def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
+    """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed; warmup_steps 0 = the warm-up config's),
+    under one parent run that gets, per pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the
+    interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). Returns the
+    summary."""
     from mlflow import MlflowClient
-    cfgs = {p: load_config(ROOT / "configs" / p / f"{p}_local.yaml", overrides) for p in pipelines}
+    cfgs = {p: load_config(local_config(p), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
+    warmup_steps = warmup_steps or load_config(WARMUP_CONFIG, overrides).training.max_steps
     if len(set(steps.values())) != 1 or not warmup_steps > 0:
         raise UserError(f"compare: the policy pipelines must train the same steps after a warm-up of > 0 steps, "
                         f"got {steps} after --warmup-steps {warmup_steps}")
@@ -3319,7 +3356,8 @@ def cli():
     x.add_argument("--use-micro-model", action="store_true", help="the checkpoint is a LoRA run of the micro model")
     c = sub.add_parser("compare", help="the policy pipelines from one warm-up over seeds: mean ± 95 %% intervals")
     c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--warmup-steps", type=int, default=DEMO_WARMUP_STEPS, help="the shared warm-up baseline's steps")
+    c.add_argument("--warmup-steps", type=int, default=0,
+                   help="the shared warm-up's steps (default: those of configs/baseline/warmup_local.yaml)")
     c.add_argument("--pipelines", default=",".join(POLICY_PIPELINES), help="comma-separated policy pipelines")
     c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")

@@ -1,4 +1,6 @@
 """Data: Alpaca rendering, loss masking boundaries, EOS, right padding, sampling, JSONL errors, the arith checker."""
+import types
+
 import pytest
 import torch
 
@@ -75,7 +77,7 @@ def test_builtin_arith_is_deterministic_labelled_and_checked():
     assert not {r["task_id"] for r in train} & {r["task_id"] for r in val}
     for r in train[:200] + val[:200]:
         assert wm.check_arith(r, r["output"]) == r["is_correct"]
-    assert wm.check_arith({"input": "12+30"}, " 42") and not wm.check_arith({"input": "12+30"}, "43")
+    assert wm.check_arith({"instruction": "12+30"}, " 42") and not wm.check_arith({"instruction": "12+30"}, "43")
 
 
 def test_ranks_get_equal_disjoint_shards():
@@ -83,6 +85,31 @@ def test_ranks_get_equal_disjoint_shards():
     assert [len(s) for s in shards] == [3, 3, 3]                    # 11 -> 9: drop_last, ranks agree on steps
     assert len(set(sum(shards, []))) == 9
     assert wm.epoch_order(11, 1, 5, 0, 3) != shards[0]              # a new permutation each epoch
+
+
+def test_length_grouping_batches_like_lengths_and_keeps_every_example_once():
+    lengths = [3, 40, 5, 33, 4, 60, 7, 35] * 8      # buckets by power of two: 3, 4 | 5, 7 | 33, 35, 40, 60
+    grouped = wm.length_grouped(list(range(64)), lengths, 4, seed=0)
+    assert sorted(grouped) == list(range(64))
+    short, middle, long = range(0, 64, 4), range(2, 64, 4), [i for i in range(64) if i % 2]
+    expected = {tuple(bucket[i:i + 4]) for bucket in (short, middle, long) for i in range(0, len(bucket), 4)}
+    assert {tuple(grouped[i:i + 4]) for i in range(0, 64, 4)} == expected   # in random order within a bucket
+    assert grouped == wm.length_grouped(list(range(64)), lengths, 4, seed=0)
+    assert grouped != wm.length_grouped(list(range(64)), lengths, 4, seed=1)  # the batches' order is seeded
+
+
+def test_grouped_batches_pad_little_and_resume_at_the_same_batch():
+    examples = [([1] * n, [1] * n, 1.0, {}) for n in [6, 50, 7, 60, 5, 55] * 20]
+    cfg = types.SimpleNamespace(training=types.SimpleNamespace(batch_size=4, group_by_length=True),
+                                data_sampling=types.SimpleNamespace(seed=3))
+    setup = types.SimpleNamespace(train_examples=examples, tok=TOK, device=torch.device("cpu"), cfg=cfg, rank=0,
+                                  world=1)
+    batches = wm.Batches(setup).take(40)                                 # 30 per epoch: into the second one
+    short = [(t != TOK.pad_id).sum(1).max() <= 7 for t, _, _ in batches]
+    assert all(s or (t != TOK.pad_id).sum(1).min() >= 50 for s, (t, _, _) in zip(short, batches))  # no mixed batch
+    assert sum(short[:30]) == 15                                          # every example once an epoch
+    later = wm.Batches(setup, position=25).take(15)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches[25:], later))
 
 
 def test_greedy_generate_batches_prompts_of_different_lengths():

@@ -3,6 +3,7 @@
 nested under one parent MLflow run."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -18,14 +19,15 @@ T_975_2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # and 2 degrees of freedom: (2p â
 
 
 def test_plain_template_is_short_and_what_training_and_validation_both_use():
-    record = {"instruction": "Add.", "input": "07+35", "output": "42"}
-    assert wm.render_prompt(record, "plain") == "Add.\n07+35\n"
-    assert wm.render_prompt({"instruction": "Say hi.", "output": "hi"}, "plain") == "Say hi.\n"
+    record = wm.arith_records("validation")[0]
+    assert (record["instruction"], record.get("input"), record["output"]) == ("13+54", None, "67")
+    assert wm.render_prompt(record, "plain") == "13+54\n"
+    assert wm.render_prompt({"instruction": "Add.", "input": "1+2", "output": "3"}, "plain") == "Add.\n1+2\n"
     assert wm.render_prompt(record) == wm.render_prompt(record, "alpaca")
     assert wm.render_prompt(record).endswith("### Response:\n")
     (ids, labels, _, _), = wm.encode_records([record], TOK, 64, "truncate", "x", "plain")[0]
-    assert ids == [TOK.bos_id] + list(b"Add.\n07+35\n42") + [TOK.eos_id]        # 16 tokens, 3 of them trained
-    assert [i for i, label in zip(ids, labels) if label != -100] == [ord("4"), ord("2"), TOK.eos_id]
+    assert ids == [TOK.bos_id] + list(b"13+54\n67") + [TOK.eos_id]        # 10 tokens, 3 of them trained
+    assert [i for i, label in zip(ids, labels) if label != -100] == [ord("6"), ord("7"), TOK.eos_id]
     # validation decodes from the prompt training encoded; evaluate renders [BOS] + render_prompt(task, template)
     [(prompt, _)] = wm.distinct_prompts([(ids, labels, 1.0, record)])
     assert prompt == [TOK.bos_id] + TOK.encode(wm.render_prompt(record, "plain"))
@@ -39,15 +41,23 @@ def test_builtins_mix_and_hold_the_same_problems_out_of_training_and_evaluation(
     assert len(mixed) == len(arith) + len(pyfunc) == 18000 + len(pyfunc)
     assert {r["_source"] for r in mixed} == {"builtin:arith", "builtin:pyfunc"}
     right = next(r for r in mixed if r["task_id"] == "arith-7-35" and r["is_correct"])
-    assert right["input"] == "07+35" and checker(right, "42") and not checker(right, "43")
-    code = next(r for r in mixed if r["_source"] == "builtin:pyfunc" and r["is_correct"])
-    assert checker(code, code["output"]) is True and checker(code, "def f(x):\n    return None") is False
+    assert right["instruction"] == "07+35" and checker(right, "42") and not checker(right, "43")
+    code = next(r for r in mixed if r["task_id"] == "pyfunc-add-8" and r["is_correct"])
+    assert (code["instruction"], code["output"]) == ("f(x) returns x plus 8", "x + 8")
+    assert checker(code, "x + 8") is True and checker(code, "x + 7") is False and checker(code, "None") is False
+    weighted, _ = wm.load_records("builtin:arith+pyfunc*3", "train")   # a mixture's weights: pyfunc 3 times over
+    assert len(weighted) == len(arith) + 3 * len(pyfunc)
+    assert [r["task_id"] for r in weighted[len(arith):]] == [r["task_id"] for r in pyfunc] * 3
     for name in ("arith", "pyfunc"):  # evaluate's split is validation's: problems training never saw
         held_out = {r["task_id"] for r in wm.load_records(f"builtin:{name}", "eval")[0]}
         assert held_out == {r["task_id"] for r in wm.load_records(f"builtin:{name}", "validation")[0]}
         assert not held_out & {r["task_id"] for r in wm.load_records(f"builtin:{name}", "train")[0]}
     with pytest.raises(wm.UserError, match=r"^dataset.train: unknown built-in dataset 'nope' \(known: arith, pyfunc\)"):
         wm.load_records("builtin:arith+nope", "train")
+    for bad in ("pyfunc*0", "pyfunc*x", "pyfunc*"):
+        with pytest.raises(wm.UserError, match=rf"^dataset.train: '{re.escape(bad)}': the count after \* must be a whole "
+                                               "number >= 1$"):
+            wm.load_records(f"builtin:arith+{bad}", "train")
 
 
 @pytest.mark.parametrize("validation, present, absent", [
@@ -92,13 +102,6 @@ def compared(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(tmp)
-        # evaluate's `generate` (the KV-cache one) is being written on another branch: until it lands, greedy_decode
-        # stands in for it with generate's contract (ids up to and excluding EOS). Remove once weighted_mtp has it.
-        if not hasattr(wm, "generate"):
-            def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
-                outs = wm.greedy_decode(model, prompts, eos_id, pad_id, max_new_tokens, model.output.weight.device)
-                return [o[:o.index(eos_id)] if eos_id in o else o for o in outs]
-            mp.setattr(wm, "generate", generate, raising=False)
         overrides = [*TINY, f"checkpoint.dir={tmp}/ckpt", "eval.max_tasks=3", "eval.max_new_tokens=8",
                      "eval.workers=2", "eval.timeout_s=5"]
         summary = wm.compare(2, 3, overrides)

@@ -161,10 +161,10 @@ def test_pyfunc_split_is_fixed_and_disjoint():
     train, validation = wm.pyfunc_records("train"), wm.pyfunc_records("validation")
     assert train == wm.pyfunc_records("train")
     assert not {r["task_id"] for r in train} & {r["task_id"] for r in validation}
-    assert len({r["task_id"] for r in validation}) == len({r["task_id"] for r in train + validation}) // 10
+    assert len({r["task_id"] for r in validation}) == 64 and len({r["task_id"] for r in train}) == 872 - 64
     for records in (train, validation):   # every task once right, once wrong
         assert [r["is_correct"] for r in records] == [True, False] * (len(records) // 2)
-    assert max(len(r["output"]) for r in train) <= 64 and max(len(r["instruction"]) for r in train) <= 96
+    assert max(len(r["output"]) for r in train) <= 26 and max(len(r["instruction"]) for r in train) <= 46
 
 
 CHECK_ALL = """
@@ -187,7 +187,8 @@ print(len(cases))
 def test_every_pyfunc_right_solution_passes_and_every_wrong_one_fails_by_execution():
     records = wm.pyfunc_records("train") + wm.pyfunc_records("validation")
     # all of them in one sandboxed program (a subprocess each would take a minute on two cores) ...
-    cases = [(r["output"] + "\n" + r["metadata"]["test"] + "\ncheck(f)\n", r["is_correct"], r["task_id"])
+    cases = [(r["metadata"]["code_prefix"] + r["output"] + "\n" + r["metadata"]["test"] + "\ncheck(f)\n",
+              r["is_correct"], r["task_id"])
              for r in records]
     result = sandbox.run_program(sandbox.Program(CHECK_ALL, json.dumps(cases), f"{len(cases)}\n"), LIMITS)
     assert result.status == "passed", result.stderr
