@@ -60,7 +60,7 @@ def test_two_process_verifiable_run_lands_whole_and_leaks_no_secret(stack_env, t
     assert run.info.status == "FINISHED" and run.data.tags["team"] == "wmtp"
     assert sorted(k for k in run.data.metrics if not k.startswith("system/")) == sorted(EXPECTED["verifiable"])
     params = run.data.params
-    assert params["training.learning_rate"] == "0.003" and params["experiment.name"] == "verifiable-local"
+    assert params["training.learning_rate"] == "0.001" and params["experiment.name"] == "verifiable-local"
     assert params["data_sampling.n_samples"] == "64" and params["training.k_percent"] == "0.6"
     merged = wm.load_config(LOCAL, [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=",
                                     "mlflow.system_metrics_interval_s=0", "mlflow.tags={team: wmtp}"])
