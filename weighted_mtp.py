@@ -1176,7 +1176,8 @@ def render_prompt(record, template="alpaca"):
 
 
 def arith_records(split):
-    """Two-digit additions (operands zero-padded: 07+35, so digits sit at fixed places), each once with its sum
+    """Two-digit additions, the instruction the problem itself (operands zero-padded: 07+35, so digits sit at fixed
+    places; no words around it: 9-10 tokens with the plain template), each once with its sum
     (is_correct) and once with a near miss (is_correct: false).
     The 10 000 problems are shuffled with a fixed seed: the first 1 000 are held out (validation, eval), the rest
     train."""
@@ -1199,7 +1200,7 @@ def check_arith(record, answer):
 
 
 # (name, what f returns, argument, right body, wrong bodies, constants): {n} is the task's constant, {m} another one.
-# Short words and a one-line def: a task is ~50 bytes, so the micro model sees many of them in a CPU minute
+# Short words, and only the expression f returns to write: a task is ~35 bytes, thousands of them in a CPU minute
 PYFUNC_TEMPLATES = [
     ("add", "x plus {n}", "x", "x + {n}", ["x - {n}", "x + {m}"], range(1, 100)),
     ("sub", "x minus {n}", "x", "x - {n}", ["x + {n}", "{n} - x", "x - {m}"], range(1, 100)),
@@ -1260,7 +1261,8 @@ def _result_or_error(f, value):
 
 def pyfunc_records(split):
     """Small Python functions from templates (x plus 7, the first 3 characters of s, ...) with assert tests
-    (metadata.test, entry_point f): each task once with its right solution (is_correct) and once with a wrong one
+    (metadata.test, entry_point f); the answer is the expression after metadata.code_prefix (def f(x): return ).
+    Each task once with its right solution (is_correct) and once with a wrong one
     that its tests reject. The 872 tasks are shuffled with a fixed seed: the first 64 are held out (validation,
     eval; few, since evaluating runs each of them)."""
     tasks = [pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5]))]
