@@ -1163,8 +1163,8 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
 
-# plain: the instruction and input on a line each, the answer right after: a built-in arithmetic example is then
-# 14-16 tokens of which ~4 are trained, where Alpaca's ~218 would buy a step little more signal at 14x the compute.
+# plain: the instruction and input on a line each, the answer right after: a built-in addition is then 10-11 tokens
+# of which 3-4 are trained, where Alpaca's ~150 would buy a step no more signal at 14x the compute.
 TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{input}\n", "{instruction}\n")}
 
 
@@ -1177,7 +1177,7 @@ def render_prompt(record, template="alpaca"):
 
 def arith_records(split):
     """Two-digit additions, the instruction the problem itself (operands zero-padded: 07+35, so digits sit at fixed
-    places; no words around it: 9-10 tokens with the plain template), each once with its sum
+    places; no words around it: 10-11 tokens with the plain template), each once with its sum
     (is_correct) and once with a near miss (is_correct: false).
     The 10 000 problems are shuffled with a fixed seed: the first 1 000 are held out (validation, eval), the rest
     train."""
@@ -3111,7 +3111,6 @@ def plot_compare(client, parent, summary):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import tempfile
     fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.5 * len(PLOTTED), 3.6))
     for ax, metric in zip(axes, PLOTTED):
         for i, (p, row) in enumerate(summary.items()):
