@@ -35,10 +35,17 @@ import torch.nn.functional as F
 
 import s3ckpt
 import weighted_mtp as wm
+from config import load_config
+from model import Block, generate
+from pretrained import ByteTokenizer
+from data import collate
+from parallel import Meter, model_state, wrap
+from tracking import MetricLogger
+from checkpointing import rng_state
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
-BYTES = wm.ByteTokenizer.vocab_size
+BYTES = ByteTokenizer.vocab_size
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10G", 70e12)]  # dense bf16 FLOP/s by GPU name, first match wins
 FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=7, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False)
@@ -51,12 +58,12 @@ QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=3, steps=3, block=4, 
 def setup(pipeline="baseline", H=4, dim=256, vocab=0, device=CPU, micro=()):
     """The trainer as train() prepares it (wm.prepare, no run): (setup, model, optimizer, params, meter). Nothing to
     start from: verifiable starts from fresh weights, rho1's reference is a frozen copy of the starting policy."""
-    cfg = wm.load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
+    cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
                          [f"experiment.pipeline={pipeline}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
                           f"model.micro.vocab_size={vocab}", "critic.checkpoint=", "reference.path=",
                           "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false", *micro])
     s = wm.prepare(cfg, use_micro=True, device=device)
-    return s, s.model, s.optimizer, s.params, wm.Meter(device)
+    return s, s.model, s.optimizer, s.params, Meter(device)
 
 
 def trainer_step(trainer, batch):
@@ -72,7 +79,7 @@ def make_batch(B, T, vocab=BYTES, device=CPU):
     for i in range(B):
         ids = torch.randint(0, 256 if vocab == BYTES else vocab, (T,), generator=g).tolist()
         rows.append((ids, [-100] * (T // 4) + ids[T // 4:], float(i % 2 == 0), {}))
-    return wm.collate(rows, wm.ByteTokenizer.pad_id, device)
+    return collate(rows, ByteTokenizer.pad_id, device)
 
 
 def timed(fn, device=CPU):
@@ -133,7 +140,7 @@ def flops_per_token(args, T):
     """(whole model, one head): model FLOPs of a training step per token (PaLM, appendix B): 6 per weight of every
     matmul the token passes, plus 12·dim·T per block for attention. A head is its block plus one unembedding."""
     with torch.device("meta"):
-        block = 6 * sum(p.numel() for p in wm.Block(args).parameters() if p.dim() == 2) + 12 * args.dim * T
+        block = 6 * sum(p.numel() for p in Block(args).parameters() if p.dim() == 2) + 12 * args.dim * T
     head = block + 6 * args.dim * args.vocab_size
     return (args.n_layers - args.n_future_tokens) * block + args.n_future_tokens * head, head
 
@@ -312,7 +319,7 @@ def gen_kv_cache(S, prompt=32, new=256):
             tokens = torch.cat([tokens, logits[:, -1, 0].argmax(-1, keepdim=True)], dim=1)
         return tokens[:, prompt:].tolist()
 
-    with_cache = lambda: wm.generate(model, prompts, -1, BYTES - 1, new)  # EOS -1: every row makes `new` tokens
+    with_cache = lambda: generate(model, prompts, -1, BYTES - 1, new)  # EOS -1: every row makes `new` tokens
     assert with_cache() == without_cache(), "the two sides must generate the same tokens"
     ratios = compare(with_cache, without_cache, SimpleNamespace(repeats=S.repeats, steps=1), warmup=0)
     return summary(ratios, 5.0, higher_is_better=True, new_tokens=new, batch=batch, prompt_tokens=prompt, dim=S.dim)
@@ -360,11 +367,11 @@ def fsdp_figures(S, tmp):
 
 def parallel_trainer(S, rank, world, parallel, *micro):
     """The baseline (H=4, dim S.dim) prepared and wrapped as train() does under training.parallel."""
-    cfg = wm.load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml",
+    cfg = load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml",
                          ["model.n_future_tokens=4", f"model.micro.dim={S.dim}", "checkpoint.resume=never",
                           "model.init_from=", "mlflow.enable_logging=false", f"training.parallel={parallel}", *micro])
     s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=CPU)
-    return s, wm.wrap(s.model, cfg, world), s.optimizer, s.params, wm.Meter(CPU)
+    return s, wrap(s.model, cfg, world), s.optimizer, s.params, Meter(CPU)
 
 
 def rss_kib(field):
@@ -400,9 +407,9 @@ def fsdp_worker(S, job):
 def checkpoint_state(trainer):
     """What train()'s save() writes."""
     s, model, optimizer = trainer[:3]
-    weights, partial = wm.model_state(model)
+    weights, partial = model_state(model)
     return {"model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": 1},
-            "step": 1, "position": 1, "rng": wm.rng_state(), "ema": s.pipeline.state_dict(), "config": s.cfg.to_dict(),
+            "step": 1, "position": 1, "rng": rng_state(), "ema": s.pipeline.state_dict(), "config": s.cfg.to_dict(),
             "run_id": "bench", "best_val_loss": 1.0, "pipeline": s.pipeline.name, "finished": False,
             "model_args": dataclasses.asdict(model.args)}
 
@@ -530,7 +537,7 @@ def log_figure(S, tmp):
         block()
 
         def logging_on():
-            metrics = wm.MetricLogger(client, run_id)
+            metrics = MetricLogger(client, run_id)
             times = block(metrics)
             metrics.close(60)  # the final flush is the end of the run's, not a step's
             return times

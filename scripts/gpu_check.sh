@@ -81,16 +81,22 @@ EOF
 step step 120 "${PY[@]}" <<'EOF'
 import os, torch
 import weighted_mtp as wm
+import weights as W
+from config import load_config
+from data import Batches
+from model import MTPTransformer
+from parallel import Meter, autocast_for, setup_distributed
+from pretrained import micro_args
 device = torch.device(os.environ["CHECK_DEVICE"])
-cfg = wm.load_config("configs/verifiable/verifiable_local.yaml",
-                     ["mlflow.enable_logging=false", "critic.checkpoint=", "data_sampling.n_samples=64",
+cfg = load_config("configs/verifiable/verifiable_local.yaml",
+                  ["mlflow.enable_logging=false", "critic.checkpoint=", "data_sampling.n_samples=64",
                       "training.batch_size=4", "checkpoint.resume=never"])
 s = wm.prepare(cfg, use_micro=True, device=device)
 x = torch.randn(2, 8, s.model.args.dim, device=device)
-with wm.autocast_for(device):
+with autocast_for(device):
     y = s.model.layers[0].attention.wq(x)
 assert y.dtype == (torch.bfloat16 if device.type == "cuda" else torch.float32), y.dtype
-meter, batch = wm.Meter(device), wm.Batches(s).take(1)
+meter, batch = Meter(device), Batches(s).take(1)
 assert batch[0][0].device.type == device.type
 assert wm.train_step(s.pipeline, s.model, s.optimizer, s.params, batch, meter, 0).tolist() == [0.0, 0.0]
 moments = [{k: v.clone() for k, v in s.optimizer.state[p].items()} for p in s.params]
@@ -115,7 +121,13 @@ done
 cat >"$WORK/ddp.py" <<'EOF'
 import os, torch
 import weighted_mtp as wm
-cfg = wm.load_config("configs/baseline/baseline_local.yaml", [
+import weights as W
+from config import load_config
+from data import Batches
+from model import MTPTransformer
+from parallel import Meter, autocast_for, setup_distributed
+from pretrained import micro_args
+cfg = load_config("configs/baseline/baseline_local.yaml", [
     "mlflow.enable_logging=false", "training.max_steps=4", "data_sampling.n_samples=64", "training.batch_size=4",
     "training.eval_interval=4", "data_sampling.val_samples=8", f"checkpoint.dir={os.environ['CKPT']}"])
 model = wm.train(cfg, use_micro=True)["model"]
@@ -135,10 +147,16 @@ import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 import weighted_mtp as wm
-rank, world, device = wm.setup_distributed(120)
-cfg = wm.load_config("configs/baseline/baseline_local.yaml", ["mlflow.enable_logging=false"])
+import weights as W
+from config import load_config
+from data import Batches
+from model import MTPTransformer
+from parallel import Meter, autocast_for, setup_distributed
+from pretrained import micro_args
+rank, world, device = setup_distributed(120)
+cfg = load_config("configs/baseline/baseline_local.yaml", ["mlflow.enable_logging=false"])
 torch.manual_seed(0)
-model = wm.MTPTransformer(wm.micro_args(cfg, 259)).to(device)
+model = MTPTransformer(micro_args(cfg, 259)).to(device)
 mesh = init_device_mesh(device.type, (world,))
 mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
 for block in [*model.layers, *model.extra_heads]:
@@ -146,11 +164,11 @@ for block in [*model.layers, *model.extra_heads]:
 fully_shard(model, mesh=mesh, **({"mp_policy": mp} if mp else {}))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 tokens = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).to(device)
-targets = wm.W.shift_targets(tokens, model.args.n_future_tokens)
+targets = W.shift_targets(tokens, model.args.n_future_tokens)
 losses = []
 for _ in range(5):
     ce, _ = model(tokens, targets)
-    loss = wm.W.mtp_loss(ce, targets != -100)
+    loss = W.mtp_loss(ce, targets != -100)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

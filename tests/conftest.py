@@ -23,6 +23,6 @@ def tracking(tmp_path, monkeypatch):
 
 
 def tiny_config(pipeline, tmp_path, *overrides):
-    import weighted_mtp as wm
-    return wm.load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
-                          [*TINY, f"checkpoint.dir={tmp_path}/ckpt", *overrides])
+    from config import load_config
+    return load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
+                       [*TINY, f"checkpoint.dir={tmp_path}/ckpt", *overrides])

@@ -21,6 +21,10 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 import weighted_mtp as wm
+from config import DEFAULTS, PIPELINES, UserError, dotted_keys, load_config
+from model import MTPTransformer
+from pretrained import load_meta_weights, micro_args, model_args_from_meta, save_meta
+from data import read_jsonl
 from conftest import ROOT, TINY
 
 BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")
@@ -183,7 +187,7 @@ def test_the_process_itself_exits_2_with_one_line(tracking, tmp_path):
 def critic_ckpt(tmp_path_factory):
     """checkpoint_final.pt (+ .sha256) of a 2-step tiny critic (dim 32), trained without MLflow."""
     d = tmp_path_factory.mktemp("critic")
-    cfg = wm.load_config(ROOT / "configs" / "critic" / "critic_local.yaml",
+    cfg = load_config(ROOT / "configs" / "critic" / "critic_local.yaml",
                          [*TINY, "training.max_steps=2", "checkpoint.save_every=0", "mlflow.enable_logging=false",
                           "model.init_from=", f"checkpoint.dir={d}"])  # a random trunk: no baseline run needed
     with pytest.MonkeyPatch.context() as mp:
@@ -233,15 +237,15 @@ def test_a_truncated_critic_checkpoint_fails_its_checksum(cli, tmp_path, critic_
 
 def meta_dir(tmp_path):
     """A Meta-format dir (params.json + consolidated.pth) of the tiny micro model."""
-    cfg = wm.load_config(BASELINE, TINY)
+    cfg = load_config(BASELINE, TINY)
     out = tmp_path / "meta"
-    wm.save_meta(wm.MTPTransformer(wm.micro_args(cfg, 259)), out)
+    save_meta(MTPTransformer(micro_args(cfg, 259)), out)
     return out
 
 
 def load_meta(model_dir):
-    model = wm.MTPTransformer(wm.model_args_from_meta(model_dir))
-    wm.load_meta_weights(model, model_dir)
+    model = MTPTransformer(model_args_from_meta(model_dir))
+    load_meta_weights(model, model_dir)
     return model
 
 
@@ -251,20 +255,20 @@ def test_meta_weights_that_do_not_match_params_json(tmp_path):
     where = f"{d / 'consolidated.pth'} (vs params.json): does not match the model"
     state = torch.load(d / "consolidated.pth")
     torch.save({k: v for k, v in state.items() if k != "norm.weight"}, d / "consolidated.pth")
-    with pytest.raises(wm.UserError) as e:
+    with pytest.raises(UserError) as e:
         load_meta(d)
     assert str(e.value) == f"{where} (missing ['norm.weight']) — another model size?"
 
     torch.save(state, d / "consolidated.pth")
     params = json.loads((d / "params.json").read_text())
     (d / "params.json").write_text(json.dumps({**params, "n_layers": params["n_layers"] + 1}))
-    with pytest.raises(wm.UserError) as e:
+    with pytest.raises(UserError) as e:
         load_meta(d)
     assert str(e.value) == (f"{where} (missing ['layers.2.attention.wq.weight', 'layers.2.attention.wk.weight', "
                             "'layers.2.attention.wv.weight']) — another model size?")
 
     (d / "params.json").write_text(json.dumps({**params, "dim": 64}))
-    with pytest.raises(wm.UserError) as e:
+    with pytest.raises(UserError) as e:
         load_meta(d)
     assert str(e.value) == (f"{where} (shape ['tok_embeddings.weight (259, 32) != (259, 64)', "
                             "'layers.0.attention.wq.weight (32, 32) != (64, 64)']) — another model size?")
@@ -300,41 +304,41 @@ def test_jsonl_strings_may_hold_unicode_line_separators(tmp_path, char):
     record = {"instruction": f"a{char}b", "output": "c"}
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
-    assert wm.read_jsonl(path) == [{**record, "_source": f"{path}:1"}]
+    assert read_jsonl(path) == [{**record, "_source": f"{path}:1"}]
 
 
 def test_a_deeply_nested_jsonl_line(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", "[" * 100_000)
-    with pytest.raises(wm.UserError) as e:
-        wm.read_jsonl(path)
+    with pytest.raises(UserError) as e:
+        read_jsonl(path)
     assert str(e.value) == f"{path}:1: not valid JSON (nested too deeply)"
 
 
 def test_an_override_that_looks_like_an_impossible_date(tmp_path):
-    cfg = wm.load_config(BASELINE, ["experiment.name=2001-13-45"])
+    cfg = load_config(BASELINE, ["experiment.name=2001-13-45"])
     assert cfg.experiment.name == "2001-13-45"
 
 
 def test_a_config_file_with_an_impossible_date(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("experiment: {name: 2001-13-45}\n")
-    with pytest.raises(wm.UserError) as e:
-        wm.load_config(config)
+    with pytest.raises(UserError) as e:
+        load_config(config)
     assert str(e.value) == f"{config}: invalid YAML (month must be in 1..12)"
 
 
 def test_an_integer_too_large_for_a_float_key(tmp_path):
     big = "1" + "0" * 309
-    with pytest.raises(wm.UserError) as e:
-        wm.load_config(BASELINE, [f"training.learning_rate={big}"])
+    with pytest.raises(UserError) as e:
+        load_config(BASELINE, [f"training.learning_rate={big}"])
     assert str(e.value) == f"--override training.learning_rate={big}: 'training.learning_rate' must be float, got int {big}"
 
 
 def test_a_key_with_a_newline_is_still_a_one_line_error(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump({"experiment": {"\n": None}}))
-    with pytest.raises(wm.UserError) as e:
-        wm.load_config(config)
+    with pytest.raises(UserError) as e:
+        load_config(config)
     assert str(e.value) == f"{config}: unknown key 'experiment.\\n' (did you mean 'experiment.name'?)"
 
 
@@ -353,8 +357,8 @@ line = text | record.map(lambda r: json.dumps(r, ensure_ascii=False)) | json_val
 
 def read_or_user_error(path):
     try:
-        records = wm.read_jsonl(path)
-    except wm.UserError as e:
+        records = read_jsonl(path)
+    except UserError as e:
         assert str(e).startswith(f"{path}") and "\n" not in str(e)
         return None
     assert all(isinstance(r, dict) and isinstance(r["output"], str) and isinstance(r["instruction"], str)
@@ -393,7 +397,7 @@ def test_fuzz_jsonl_round_trip(records):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "d.jsonl"
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-        assert wm.read_jsonl(path) == [{**r, "_source": f"{path}:{i}"} for i, r in enumerate(records, 1)]
+        assert read_jsonl(path) == [{**r, "_source": f"{path}:{i}"} for i, r in enumerate(records, 1)]
 
 
 def typed(default):
@@ -405,7 +409,7 @@ def typed(default):
     elif isinstance(default, float):
         own = st.floats() | st.integers(-5, 10**6)
     elif isinstance(default, str):
-        own = text | st.sampled_from(wm.PIPELINES + ("truncate", "skip", "error", "auto", "never"))
+        own = text | st.sampled_from(PIPELINES + ("truncate", "skip", "error", "auto", "never"))
     elif isinstance(default, dict) and default:
         own = st.fixed_dictionaries({}, optional={k: typed(v) for k, v in default.items()})
     else:
@@ -413,9 +417,9 @@ def typed(default):
     return own | json_value
 
 
-config_tree = (st.fixed_dictionaries({}, optional={k: typed(v) for k, v in wm.DEFAULTS.items()})
+config_tree = (st.fixed_dictionaries({}, optional={k: typed(v) for k, v in DEFAULTS.items()})
                | st.dictionaries(text, json_value, max_size=3) | json_value)
-DOTTED = sorted(wm.dotted_keys(wm.DEFAULTS))
+DOTTED = sorted(dotted_keys(DEFAULTS))
 override = st.builds(lambda k, v: f"{k}={v}", st.sampled_from(DOTTED) | text,
                      text | scalar.map(lambda v: yaml.safe_dump(v).removesuffix("\n...\n").strip()))
 
@@ -435,9 +439,9 @@ def test_fuzz_config_files_and_overrides(tree, overrides):
         path = Path(d) / "c.yaml"
         path.write_text(yaml.safe_dump(tree, allow_unicode=True), encoding="utf-8")
         try:
-            cfg = wm.load_config(path, overrides)
-        except wm.UserError:
+            cfg = load_config(path, overrides)
+        except UserError:
             return  # (one line or not: see test_a_key_with_a_newline_is_still_a_one_line_error)
     # what it accepts has every key, each with its default's type
-    for key, value, default in leaves(cfg.to_dict(), wm.DEFAULTS):
+    for key, value, default in leaves(cfg.to_dict(), DEFAULTS):
         assert type(value) is type(default) or (isinstance(default, dict) and isinstance(value, dict)), key

@@ -7,19 +7,19 @@ import sys
 import pytest
 import yaml
 
-import weighted_mtp as wm
+from config import Config, DEFAULTS, UserError, dotted_keys, flatten, load_config
 from conftest import ROOT
 
 LOCAL = ROOT / "configs" / "verifiable" / "verifiable_local.yaml"
 
 
 def test_layers_merge_in_order():
-    cfg = wm.load_config(LOCAL, ["training.beta=0.5", "mlflow.tags={a: b}"])
+    cfg = load_config(LOCAL, ["training.beta=0.5", "mlflow.tags={a: b}"])
     assert cfg.experiment.pipeline == "verifiable"          # from the pipeline file
     assert cfg.training.weight_clip_max == 3.0               # from defaults
     assert cfg.training.beta == 0.5                          # from the override, YAML-typed
     assert cfg.mlflow.tags == {"a": "b"}
-    assert wm.load_config(LOCAL, ["training.learning_rate=1e-5"]).training.learning_rate == 1e-5  # YAML 1.1 '1e-5'
+    assert load_config(LOCAL, ["training.learning_rate=1e-5"]).training.learning_rate == 1e-5  # YAML 1.1 '1e-5'
 
 
 @pytest.mark.parametrize("override, message", [
@@ -35,20 +35,20 @@ def test_layers_merge_in_order():
     ("nonsense", "expected key=value"),
 ])
 def test_bad_values_name_the_key(override, message):
-    with pytest.raises(wm.UserError) as e:
-        wm.load_config(LOCAL, [override])
+    with pytest.raises(UserError) as e:
+        load_config(LOCAL, [override])
     assert message in str(e.value)
 
 
 def test_unknown_key_in_file_and_yaml_error_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  batch_sise: 4\n")
-    with pytest.raises(wm.UserError, match=r"bad.yaml: unknown key 'training.batch_sise' \(did you mean 'training.batch_size'\?\)"):
-        wm.load_config(bad)
+    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'training.batch_sise' \(did you mean 'training.batch_size'\?\)"):
+        load_config(bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("training:\n  batch_size: 4\n  lr: [1, 2\n")
-    with pytest.raises(wm.UserError, match=r"broken.yaml:4: invalid YAML"):
-        wm.load_config(broken)
+    with pytest.raises(UserError, match=r"broken.yaml:4: invalid YAML"):
+        load_config(broken)
 
 
 def test_every_fixed_key_overrides():
@@ -65,14 +65,14 @@ def test_every_fixed_key_overrides():
              "checkpoint.save_total_limit=1", "checkpoint.resume=auto", "mlflow.tracking_uri=http://h",
              "mlflow.experiment=e/x", "mlflow.run_name=r", "mlflow.tags={k: v}", "mlflow.s3_artifacts=s3://b/p",
              "mlflow.enable_logging=false", "critic.checkpoint=s3://b/c.pt", "reference.path=/ref"]
-    cfg = wm.load_config(LOCAL, fixed)
+    cfg = load_config(LOCAL, fixed)
     for item in fixed:
         key, value = item.split("=", 1)
         assert operator.attrgetter(key)(cfg) == yaml.safe_load(value), key
 
 
 def test_flatten_drops_secrets_and_json_encodes_lists():
-    flat = wm.flatten({"training": {"learning_rate": 0.1}, "x": {"db_password": "p", "aws_secret": "s", "ids": [1, 2]}})
+    flat = flatten({"training": {"learning_rate": 0.1}, "x": {"db_password": "p", "aws_secret": "s", "ids": [1, 2]}})
     assert flat == {"training.learning_rate": 0.1, "x.ids": "[1, 2]"}
 
 
@@ -103,13 +103,13 @@ def test_the_dataclasses_and_defaults_yaml_agree_key_for_key():
             else:
                 yield f"{prefix}{f.name}", f.type
 
-    declared = dict(fields(wm.Config))
-    assert sorted(declared) == sorted(wm.dotted_keys(wm.DEFAULTS))
+    declared = dict(fields(Config))
+    assert sorted(declared) == sorted(dotted_keys(DEFAULTS))
     for key, kind in declared.items():
-        assert type(operator.attrgetter(key)(wm.load_config(LOCAL))) is kind, key
+        assert type(operator.attrgetter(key)(load_config(LOCAL))) is kind, key
 
 
 def test_a_config_is_frozen():
-    cfg = wm.load_config(LOCAL)
+    cfg = load_config(LOCAL)
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.training.beta = 2.0

@@ -9,6 +9,7 @@ from mlflow import MlflowClient
 
 import sandbox
 import weighted_mtp as wm
+from evaluation import eval_tasks, evaluate
 from conftest import ROOT, tiny_config
 
 BASELINE = ROOT / "configs" / "baseline" / "baseline_local.yaml"
@@ -80,7 +81,7 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     trained = wm.train(tiny_config("baseline", tmp_path))
     cfg = tiny_config("baseline", tmp_path, "eval.max_tasks=3", "eval.n_samples=2", "eval.k=[1, 2]",
                       "eval.max_new_tokens=12", "eval.workers=2", "eval.timeout_s=5")
-    summary = wm.evaluate(cfg, use_micro=True, checkpoint="auto", json_out=str(tmp_path / "out.json"))
+    summary = evaluate(cfg, use_micro=True, checkpoint="auto", json_out=str(tmp_path / "out.json"))
     assert summary["n_tasks"] == 3 and summary["n_samples"] == 6
     client = MlflowClient(tracking)
     run = client.get_run(trained["run_id"])
@@ -89,7 +90,7 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/pass_at_1")] == [4]  # the checkpoint's step
     lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
     records = [json.loads(x) for x in lines]
-    assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(wm.eval_tasks("builtin:pyfunc", 3))
+    assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(eval_tasks("builtin:pyfunc", 3))
     assert all(r["tests"] and isinstance(r["completion"], str) for r in records)
     assert json.loads((tmp_path / "out.json").read_text()) == summary
 

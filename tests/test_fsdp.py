@@ -74,14 +74,17 @@ MEMORY_WORKER = """
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
+from config import load_config
+from data import Batches, collate
+from parallel import Meter, wrap
 dist.init_process_group("gloo")
 rank, world, out = dist.get_rank(), dist.get_world_size(), {{}}
 for parallel in ("ddp", "fsdp"):
-    cfg = wm.load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=" + parallel])
+    cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=" + parallel])
     s = wm.prepare(cfg, True, rank, world, torch.device("cpu"))
-    model = wm.wrap(s.model, cfg, world)
-    batch = wm.Batches(s).take(1)
-    wm.train_step(s.pipeline, model, s.optimizer, s.params, batch, wm.Meter(s.device), 0)  # the optimizer's state
+    model = wrap(s.model, cfg, world)
+    batch = Batches(s).take(1)
+    wm.train_step(s.pipeline, model, s.optimizer, s.params, batch, Meter(s.device), 0)  # the optimizer's state
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t
     out[parallel] = {{
         "params": sum(local(p).numel() for p in s.model.parameters()),
@@ -227,11 +230,11 @@ import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
 dist.init_process_group("gloo")
-cfg = wm.load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
+cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
 s = wm.prepare(cfg, True, dist.get_rank(), 2, torch.device("cpu"))
 ids = list(range(65, 85))
-batch = wm.collate([(ids, [-100] * 5 + ids[5:], 1.0, {{}})] * 2, s.tok.pad_id, s.device)
-step = lambda stop=0: wm.train_step(s.pipeline, s.model, s.optimizer, s.params, [batch], wm.Meter(s.device), 0, stop)
+batch = collate([(ids, [-100] * 5 + ids[5:], 1.0, {{}})] * 2, s.tok.pad_id, s.device)
+step = lambda stop=0: wm.train_step(s.pipeline, s.model, s.optimizer, s.params, [batch], Meter(s.device), 0, stop)
 local = lambda: [p.detach().to_local().clone() for p in s.params]
 moments = lambda: [v.to_local().clone() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"]
 out = {{"first": step().tolist()}}

@@ -15,6 +15,12 @@ import pytest
 import torch
 
 import weighted_mtp as wm
+from config import load_config
+from model import MTPTransformer
+from pretrained import ByteTokenizer, build_model
+from data import collate
+from parallel import Meter
+from pipelines import PIPELINE_TYPES
 import weights as W
 from conftest import ROOT, TINY
 
@@ -49,25 +55,25 @@ def batch(masked_head):
         ids = torch.randint(3, 250, (n,), generator=g).tolist()
         prompt = 1 if masked_head else 3
         rows.append((ids, [-100] * prompt + ids[prompt:], float(i % 2 == 0), {}))
-    return wm.collate(rows, wm.ByteTokenizer.pad_id, torch.device("cpu"))
+    return collate(rows, ByteTokenizer.pad_id, torch.device("cpu"))
 
 
 def trainer(pipeline, *overrides):
     """(pipeline object, model): the tiny micro model as prepare() sets it up (critic: only the value head
     trains), naive path; rho1's reference another random model."""
-    cfg = wm.load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
+    cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
                          [*TINY, "model.memory_efficient_loss=false", "training.policy_on_incorrect=false", *overrides])
-    _, model = wm.build_model(cfg, True, VALUE_HEAD[pipeline])
+    _, model = build_model(cfg, True, VALUE_HEAD[pipeline])
     with torch.no_grad():  # LoRA's B starts at 0, which would leave every A gradient 0: give them something to say
         for name, p in model.named_parameters():
             if ".lora_b" in name:
                 p.normal_(0, 0.05)
-    pipe = wm.PIPELINE_TYPES[pipeline](cfg, model.args.n_future_tokens)
+    pipe = PIPELINE_TYPES[pipeline](cfg, model.args.n_future_tokens)
     if pipeline == "critic":
         pipe.attach(model, None, None, torch.device("cpu"))
     if pipeline == "rho1":  # another model, so that the excess loss (and the top-k) is not trivial
         torch.manual_seed(7)
-        pipe.reference = wm.MTPTransformer(model.args).requires_grad_(False).eval()
+        pipe.reference = MTPTransformer(model.args).requires_grad_(False).eval()
     return pipe, model
 
 
@@ -75,7 +81,7 @@ def loss_and_grads(pipe, model, data, memory_efficient, autocast=contextlib.null
     """(loss, {name: grad}, metrics) of one pipeline loss on a copy of model (wrap: e.g. in DDP)."""
     model, pipe = copy.deepcopy(model), copy.copy(pipe)  # the same weights, and each its own EMA state
     model.memory_efficient_loss = memory_efficient
-    meter = wm.Meter(torch.device("cpu"))
+    meter = Meter(torch.device("cpu"))
     wrapped = wrap(model)  # held until backward: a DDP object that is gone takes its gradient hooks along
     with autocast():
         loss = pipe.loss(wrapped, data, meter, 0)
@@ -175,7 +181,7 @@ def test_twenty_step_training_curve_matches_the_naive_one(pipeline):
         optimizer = torch.optim.AdamW(params, lr=3e-3, fused=True)
         losses = []
         for step in range(20):
-            meter = wm.Meter(torch.device("cpu"))
+            meter = Meter(torch.device("cpu"))
             assert wm.train_step(c, m, optimizer, params, [batches[step]], meter, step).tolist() == [0.0, 0.0]
             losses.append(meter.reduce()["train/loss"])
         return losses, m.state_dict()

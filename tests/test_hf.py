@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 import weighted_mtp as wm
+from config import UserError
+from pretrained import HFTokenizer, export
 from conftest import ROOT, tiny_config
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 40,
@@ -120,7 +122,7 @@ def test_hf_dir_loads_and_matches_an_hf_style_forward(tmp_path, case):
                                                                           config["intermediate_size"])
     assert (a.norm_eps, a.rope_theta, a.vocab_size, a.max_seq_len) == (1e-5, 500000.0, 262, 256)
     assert model.layers[0].feed_forward.w1.weight.shape == (config["intermediate_size"], 32)
-    assert isinstance(tok, wm.HFTokenizer) and (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258)
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id, tok.vocab_size) == (256, 257, 258)
     assert tok.decode(tok.encode("12+30 é")) == "12+30 é" and len(tok.encode("12+30 é")) == 8  # é is 2 bytes
     assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in model.parameters())
     tokens = torch.randint(0, 262, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -186,7 +188,7 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
     assert hf.args.n_future_tokens == 1 and tok.bos_id == 256
     for key, value in hf.state_dict().items():   # head 0's model: trunk, layers.2, norm, output
         assert torch.equal(value, trained[key]), key
-    wm.export(ckpt_path, "meta", tmp_path / "out" / "meta")
+    export(ckpt_path, "meta", tmp_path / "out" / "meta")
     _, meta = wm.load_pretrained(tmp_path / "out" / "meta")
     assert meta.args.n_future_tokens == 4 and meta.args.hidden_dim == 40
     assert sorted(meta.state_dict()) == sorted(trained)
@@ -203,7 +205,7 @@ def test_a_lora_run_exports_with_its_adapters_merged(tmp_path, hf_dir):
     model = wm.train(cfg)["model"]
     ckpt_path = next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))
     assert torch.load(ckpt_path)["model_partial"]
-    wm.export(ckpt_path, "hf", tmp_path / "out")
+    export(ckpt_path, "hf", tmp_path / "out")
     _, exported = wm.load_pretrained(tmp_path / "out")
     wq = model.layers[1].attention.wq
     assert wq.lora_b.abs().sum() > 0
@@ -250,7 +252,7 @@ def test_a_bf16_critic_trunk_trains_its_fp32_value_head(tmp_path, hf_dir):
 
 
 def rejected(d, message, **kw):
-    with pytest.raises(wm.UserError) as e:
+    with pytest.raises(UserError) as e:
         wm.load_pretrained(d, **kw)
     assert str(e.value) == message
 
@@ -284,7 +286,7 @@ def test_bad_hf_dirs_are_one_line_errors(tmp_path):
 
     d = write_hf(tmp_path / "g", CONFIG, tensors)
     (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000])
-    with pytest.raises(wm.UserError, match=f"^{d / 'model.safetensors'}: not a readable safetensors file"):
+    with pytest.raises(UserError, match=f"^{d / 'model.safetensors'}: not a readable safetensors file"):
         wm.load_pretrained(d)
 
 
@@ -298,14 +300,14 @@ def test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line(tmp_path):
         f"error: {d}: tensors do not match config.json (missing ['lm_head.weight'])"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "out" / "model"
-    export = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(tmp_path / "junk.pt"),
+    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(tmp_path / "junk.pt"),
                              "--format", "hf", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
-    assert export.returncode == 2 and len(export.stderr.strip().splitlines()) == 1
-    assert export.stderr.startswith(f"error: {tmp_path / 'junk.pt'}: not a readable checkpoint")
+    assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
+    assert exported.stderr.startswith(f"error: {tmp_path / 'junk.pt'}: not a readable checkpoint")
     assert not out.exists() and not (tmp_path / "out").exists()
     torch.save({"model": {}}, tmp_path / "state.pt")
-    export = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(tmp_path / "state.pt"),
+    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(tmp_path / "state.pt"),
                              "--format", "meta", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
-    assert export.returncode == 2
-    assert export.stderr == f"error: {tmp_path / 'state.pt'}: not a trainer checkpoint (no config, model_args)\n"
+    assert exported.returncode == 2
+    assert exported.stderr == f"error: {tmp_path / 'state.pt'}: not a trainer checkpoint (no config, model_args)\n"
     assert not (tmp_path / "out").exists()

@@ -20,6 +20,12 @@ import torch
 import yaml
 
 import weighted_mtp as wm
+from config import PIPELINES, load_config
+from model import MTPTransformer, ModelArgs, apply_lora
+from pretrained import ByteTokenizer, micro_args
+from parallel import Meter, setup_distributed
+from pipelines import PIPELINE_TYPES
+from memplan import block_shape, memory_plan, model_shape, parameter_counts
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -30,11 +36,13 @@ MEASURE = textwrap.dedent("""
     import torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     import weighted_mtp as wm
+    from config import load_config
+    from parallel import Meter, setup_distributed
 
-    cfg = wm.load_config({config!r}, {overrides!r})
+    cfg = load_config({config!r}, {overrides!r})
     parallel, checkpointing, B, T = {parallel!r}, {checkpointing!r}, {batch!r}, {seq!r}
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        rank, world, device = wm.setup_distributed(120)
+        rank, world, device = setup_distributed(120)
         s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=device)
         model, s.params, s.optimizer = s.model, None, None  # the optimizer is built again after wrapping
         if checkpointing:
@@ -56,7 +64,7 @@ MEASURE = textwrap.dedent("""
         tokens = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(rank))
         labels = tokens.clone()
         labels[:, :T // 4] = -100
-        batch, meter = (tokens, labels, (torch.arange(B) % 2).float()), wm.Meter(device)
+        batch, meter = (tokens, labels, (torch.arange(B) % 2).float()), Meter(device)
         for step in range(2):  # the second step has the optimizer state
             for _ in range(cfg.training.gradient_accumulation_steps):
                 s.pipeline.loss(model, batch, meter, 100).backward()
@@ -95,8 +103,8 @@ def test_plan_is_within_25_percent_of_the_measured_peak(case, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    cfg = wm.load_config(config, overrides)
-    plan = wm.memory_plan(wm.micro_args(cfg, wm.ByteTokenizer.vocab_size), pipeline, cfg.model.lora.rank, parallel,
+    cfg = load_config(config, overrides)
+    plan = memory_plan(micro_args(cfg, ByteTokenizer.vocab_size), pipeline, cfg.model.lora.rank, parallel,
                           nproc, batch_size=B, seq_len=T, activation_checkpointing=checkpointing,
                           grad_accum=cfg.training.gradient_accumulation_steps, device="cpu")
     for rank in range(nproc):
@@ -105,9 +113,9 @@ def test_plan_is_within_25_percent_of_the_measured_peak(case, tmp_path):
 
 
 def test_fsdp_plan_halves_the_weight_rows_and_adds_the_gathered_working_set():
-    args = wm.ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=259, multiple_of=32,
+    args = ModelArgs(dim=128, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=259, multiple_of=32,
                         n_future_tokens=4)
-    ddp, fsdp = (wm.memory_plan(args, parallel=p, world=2, device="cpu") for p in ("ddp", "fsdp"))
+    ddp, fsdp = (memory_plan(args, parallel=p, world=2, device="cpu") for p in ("ddp", "fsdp"))
     for row in ("parameters", "gradients", "optimizer"):
         assert fsdp[row] * 2 == ddp[row]
     assert ddp["buckets"] == ddp["gradients"] and fsdp["buckets"] == 0
@@ -116,25 +124,25 @@ def test_fsdp_plan_halves_the_weight_rows_and_adds_the_gathered_working_set():
     assert fsdp["gathered"] == (4 + 4) * (root + 2 * p_block) and ddp["gathered"] == 0
 
 
-@pytest.mark.parametrize("pipeline", wm.PIPELINES)
+@pytest.mark.parametrize("pipeline", PIPELINES)
 @pytest.mark.parametrize("lora", [0, 4])
 def test_parameter_counts_equal_the_models_own(pipeline, lora):
     """The formula against the modules themselves, built on the meta device, with the pipeline's freezing."""
-    args = wm.ModelArgs(dim=64, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32,
+    args = ModelArgs(dim=64, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=300, multiple_of=32,
                         n_future_tokens=3)
     with torch.device("meta"):
-        model = wm.MTPTransformer(args, value_head=wm.PIPELINE_TYPES[pipeline].value_head)
+        model = MTPTransformer(args, value_head=PIPELINE_TYPES[pipeline].value_head)
         if lora:
-            wm.apply_lora(model, lora, 16.0)
+            apply_lora(model, lora, 16.0)
     if pipeline == "critic":
         model.requires_grad_(False)
         model.value_head.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    assert wm.parameter_counts(args, pipeline, lora) == (trainable, frozen)
+    assert parameter_counts(args, pipeline, lora) == (trainable, frozen)
 
 
-LLAMA_7B_MTP = wm.ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
+LLAMA_7B_MTP = ModelArgs(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256, n_future_tokens=4)
 
 
 def test_7b_rows_worked_by_hand():
@@ -146,7 +154,7 @@ def test_7b_rows_worked_by_hand():
     adapters = 32 * 16 * (4 * 2 * 4096 + 3 * (4096 + 11008))  # r·(in + out) of wq wk wv wo, w1 w2 w3
     N = 4 * 2048
 
-    fsdp = wm.memory_plan(LLAMA_7B_MTP, parallel="fsdp", world=4, batch_size=4, seq_len=2048)
+    fsdp = memory_plan(LLAMA_7B_MTP, parallel="fsdp", world=4, batch_size=4, seq_len=2048)
     assert fsdp["parameters"] == fsdp["gradients"] == 4 * total // 4
     assert fsdp["optimizer"] == 8 * total // 4 and fsdp["frozen"] == fsdp["buckets"] == fsdp["copies"] == 0
     root = 2 * 32000 * 4096
@@ -157,16 +165,16 @@ def test_7b_rows_worked_by_hand():
     assert fsdp["activations"] == 32 * s * N + 4 * 4096 * N
     assert fsdp["logits"] == (12 + 2) * N * 32000
     assert fsdp["peak"] == 4 * total // 4 + 8 * total // 4 + fsdp["activations"] + fsdp["logits"] + fsdp["gathered"]
-    fsdp_ckpt = wm.memory_plan(LLAMA_7B_MTP, parallel="fsdp", world=4, batch_size=4, seq_len=2048,
+    fsdp_ckpt = memory_plan(LLAMA_7B_MTP, parallel="fsdp", world=4, batch_size=4, seq_len=2048,
                                activation_checkpointing=True)
     assert fsdp_ckpt["activations"] == 33 * 4 * 4096 * N + s * N
 
-    lora = wm.memory_plan(LLAMA_7B_MTP, lora_rank=16, world=4, batch_size=4, seq_len=2048)
+    lora = memory_plan(LLAMA_7B_MTP, lora_rank=16, world=4, batch_size=4, seq_len=2048)
     assert lora["parameters"] == 4 * adapters and lora["buckets"] == 4 * adapters and lora["frozen"] == 4 * total
     assert lora["copies"] == 2 * 32 * block  # bf16 copies of the fp32 base weights, saved for backward
     s_lora = 8 * 4096 + 2 * (4 * 4096 + 2 * 4096 + 4 * 11008 + 7 * 16)  # norm weights frozen: no x̂, ĥ
     assert lora["activations"] == 32 * s_lora * N + 4 * 4096 * N
-    bf16 = wm.memory_plan(LLAMA_7B_MTP, lora_rank=16, world=4, frozen_dtype="bfloat16", batch_size=4, seq_len=2048)
+    bf16 = memory_plan(LLAMA_7B_MTP, lora_rank=16, world=4, frozen_dtype="bfloat16", batch_size=4, seq_len=2048)
     assert bf16["frozen"] == 2 * total and bf16["copies"] == 0
 
 
@@ -190,8 +198,8 @@ def test_dry_run_plans_a_7b_meta_dir_and_names_the_missing_paths(tmp_path):
     assert yaml.safe_load(r.stdout)["model"]["path"] == str(model)  # the plan is YAML comments: still the config
     lines = [line for line in r.stdout.splitlines() if line.startswith("#")]
     assert "# launch: 4 process(es) (--nproc)" in lines
-    plan = wm.memory_plan(LLAMA_7B_MTP, "verifiable", 16, "ddp", 4, batch_size=4, seq_len=2048, grad_accum=4)
-    plan_ckpt = wm.memory_plan(LLAMA_7B_MTP, "verifiable", 16, "ddp", 4, batch_size=4, seq_len=2048, grad_accum=4,
+    plan = memory_plan(LLAMA_7B_MTP, "verifiable", 16, "ddp", 4, batch_size=4, seq_len=2048, grad_accum=4)
+    plan_ckpt = memory_plan(LLAMA_7B_MTP, "verifiable", 16, "ddp", 4, batch_size=4, seq_len=2048, grad_accum=4,
                                activation_checkpointing=True)
     peak = next(line for line in lines if line.startswith("#   peak")).split()
     assert peak[-2:] == [f"{plan['peak'] / GiB:.2f}", f"{plan_ckpt['peak'] / GiB:.2f}"]
@@ -223,12 +231,12 @@ def test_dry_run_reads_a_hugging_face_config_and_the_rho1_reference(tmp_path):
                                                 "num_key_value_heads": 2, "vocab_size": 259,
                                                 "intermediate_size": 100, "rms_norm_eps": 1e-6}))
     ref = write_meta_dir(tmp_path / "ref", dim=32, n_layers=2, n_heads=2, vocab_size=259, multiple_of=32)
-    args = wm.model_shape(hf, 4)
-    assert (args.n_layers, args.n_future_tokens, args.n_kv_heads, wm.block_shape(args)[2]) == (7, 4, 2, 100)
+    args = model_shape(hf, 4)
+    assert (args.n_layers, args.n_future_tokens, args.n_kv_heads, block_shape(args)[2]) == (7, 4, 2, 100)
     r = dry_run("--config", "configs/rho1/rho1_local.yaml", "--override", f"model.path={hf}",
                 "--override", f"reference.path={ref}", "--override", "dataset.train=/nonexistent/train.jsonl")
     assert r.returncode == 0, r.stderr
-    reference = wm.memory_plan(args, "rho1", reference=wm.model_shape(ref, 1), batch_size=16, seq_len=256)["reference"]
+    reference = memory_plan(args, "rho1", reference=model_shape(ref, 1), batch_size=16, seq_len=256)["reference"]
     assert reference == 4 * (2 * (2 * 32 * 32 + 2 * 32 * 32 + 3 * 32 * 96 + 2 * 32) + 2 * 259 * 32 + 32)
     assert "# memory plan per GPU: rho1, 7 blocks (4 heads), d=64, V=259" in r.stdout
     assert f"#   reference.path      {ref}  found" in r.stdout

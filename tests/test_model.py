@@ -5,15 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import weighted_mtp as wm
+from config import ROOT, UserError, load_config
+from model import MTPTransformer, ModelArgs, apply_lora, apply_rope, rope_angles
+from pretrained import ByteTokenizer, build_model, load_meta_weights, load_state, model_args_from_meta, save_meta
 import weights as W
 
-ARGS = wm.ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, n_future_tokens=3)
+ARGS = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, n_future_tokens=3)
 
 
 def tiny_model(seed=0, **kw):
     torch.manual_seed(seed)
-    return wm.MTPTransformer(ARGS, **kw)
+    return MTPTransformer(ARGS, **kw)
 
 
 def test_layout_and_shapes():
@@ -32,27 +34,27 @@ def test_layout_and_shapes():
 
 def test_meta_format_round_trip_is_strict_and_exact(tmp_path):
     model = tiny_model().eval()
-    wm.save_meta(model, tmp_path)
+    save_meta(model, tmp_path)
     assert json.loads((tmp_path / "params.json").read_text())["n_future_tokens"] == 3
-    loaded = wm.MTPTransformer(wm.model_args_from_meta(tmp_path)).eval()
-    wm.load_meta_weights(loaded, tmp_path)
+    loaded = MTPTransformer(model_args_from_meta(tmp_path)).eval()
+    load_meta_weights(loaded, tmp_path)
     tokens = torch.randint(0, 50, (2, 9))
     assert torch.equal(model(tokens)[0], loaded(tokens)[0])
 
     state = torch.load(tmp_path / "consolidated.pth")
     state.pop("extra_heads.1.ffn_norm.weight")
     torch.save(state, tmp_path / "consolidated.pth")
-    with pytest.raises(wm.UserError, match=r"consolidated.pth \(vs params.json\): does not match the model \(missing \['extra_heads.1.ffn_norm.weight'\]\)"):
-        wm.load_meta_weights(wm.MTPTransformer(ARGS), tmp_path)
+    with pytest.raises(UserError, match=r"consolidated.pth \(vs params.json\): does not match the model \(missing \['extra_heads.1.ffn_norm.weight'\]\)"):
+        load_meta_weights(MTPTransformer(ARGS), tmp_path)
 
 
 def test_rope_matches_metas_complex_formulation():
     x = torch.randn(1, 5, 2, 8)
-    cos, sin = wm.rope_angles(8, 5, 10000.0, "cpu")
+    cos, sin = rope_angles(8, 5, 10000.0, "cpu")
     freqs = 1.0 / 10000.0 ** (torch.arange(0, 8, 2).float() / 8)
     cis = torch.polar(torch.ones(5, 4), torch.outer(torch.arange(5).float(), freqs))
     expected = torch.view_as_real(torch.view_as_complex(x.reshape(1, 5, 2, 4, 2)) * cis[None, :, None, :]).flatten(3)
-    torch.testing.assert_close(wm.apply_rope(x, cos, sin), expected)
+    torch.testing.assert_close(apply_rope(x, cos, sin), expected)
 
 
 def test_causal_right_padding_never_changes_a_sequence():
@@ -86,7 +88,7 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges_for_export(tmp_
     model = tiny_model(value_head=True).eval()
     tokens = torch.randint(0, 50, (2, 6))
     before = model(tokens)[0]
-    wm.apply_lora(model, rank=4, alpha=8.0)
+    apply_lora(model, rank=4, alpha=8.0)
     torch.testing.assert_close(model(tokens)[0], before)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert trainable[0] == "extra_heads.0.attention.wk.lora_a" and "value_head.weight" in trainable
@@ -97,20 +99,20 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges_for_export(tmp_
             if ".lora_b" in n:
                 p.fill_(0.01)
     changed = model(tokens)[0]
-    wm.save_meta(model, tmp_path)
-    plain = wm.MTPTransformer(ARGS).eval()
-    wm.load_meta_weights(plain, tmp_path)
+    save_meta(model, tmp_path)
+    plain = MTPTransformer(ARGS).eval()
+    load_meta_weights(plain, tmp_path)
     torch.testing.assert_close(plain(tokens)[0], changed, atol=1e-5, rtol=1e-5)
 
 
 def test_load_state_rejects_another_model_size():
-    big = wm.MTPTransformer(wm.ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16, n_future_tokens=3))
-    with pytest.raises(wm.UserError, match=r"ckpt.pt: does not match the model \(shape \['tok_embeddings.weight \(50, 64\) != \(50, 32\)'"):
-        wm.load_state(tiny_model(), big.state_dict(), "ckpt.pt")
+    big = MTPTransformer(ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16, n_future_tokens=3))
+    with pytest.raises(UserError, match=r"ckpt.pt: does not match the model \(shape \['tok_embeddings.weight \(50, 64\) != \(50, 32\)'"):
+        load_state(tiny_model(), big.state_dict(), "ckpt.pt")
 
 
 def test_micro_model_has_a_shared_trunk():
-    cfg = wm.load_config(wm.ROOT / "configs/baseline/baseline_local.yaml")
-    tok, model = wm.build_model(cfg, use_micro=True, value_head=False)
-    assert isinstance(tok, wm.ByteTokenizer) and model.args.vocab_size == 259
+    cfg = load_config(ROOT / "configs/baseline/baseline_local.yaml")
+    tok, model = build_model(cfg, use_micro=True, value_head=False)
+    assert isinstance(tok, ByteTokenizer) and model.args.vocab_size == 259
     assert len(model.layers) - 1 == 2 and len(model.extra_heads) == 3

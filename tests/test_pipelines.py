@@ -9,6 +9,12 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
+from config import RUN_NAMES, UserError, load_config
+from pretrained import build_model
+from data import collate
+from parallel import Meter
+from checkpointing import load_checkpoint_into
+from pipelines import PIPELINE_TYPES
 from conftest import ROOT, TINY, tiny_config
 
 COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "val/loss",
@@ -40,7 +46,7 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
     client = MlflowClient(tracking)
     for pipeline in ["baseline", "critic", "verifiable", "rho1"]:
         result = wm.train(tiny_config(pipeline, tmp_path), use_micro=True)
-        run = only_run(client, wm.RUN_NAMES[pipeline])
+        run = only_run(client, RUN_NAMES[pipeline])
         assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
         assert run.data.tags["pipeline"] == pipeline and run.data.tags["wmtp.steps"] == "4"
         assert sorted(k for k in run.data.metrics if not k.startswith("system/")) == sorted(EXPECTED[pipeline]), pipeline
@@ -73,7 +79,7 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
 
 
 def test_verifiable_without_a_critic_says_which_pipeline_to_run_first(tracking, tmp_path):
-    with pytest.raises(wm.UserError, match="no finished 'critic-pretrain' run in experiment 'weighted-mtp/production': "
+    with pytest.raises(UserError, match="no finished 'critic-pretrain' run in experiment 'weighted-mtp/production': "
                                            "run the critic pipeline first"):
         wm.train(tiny_config("verifiable", tmp_path), use_micro=True)
     exp = MlflowClient(tracking).get_experiment_by_name("weighted-mtp/production")
@@ -109,13 +115,13 @@ def test_train_step_skips_a_non_finite_step_on_the_device(tmp_path, pipeline):
     moments and step count exactly as they were (and the TD-statistics EMA), the next finite step updates, and only
     finite steps are logged."""
     cfg = tiny_config(pipeline, tmp_path)
-    tok, model = wm.build_model(cfg, True, value_head=pipeline == "verifiable")
+    tok, model = build_model(cfg, True, value_head=pipeline == "verifiable")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
-    pipe = wm.PIPELINE_TYPES[pipeline](cfg, model.args.n_future_tokens)
+    pipe = PIPELINE_TYPES[pipeline](cfg, model.args.n_future_tokens)
     ids = list(range(65, 85))
-    batch = wm.collate([(ids, [-100] * 5 + ids[5:], 1.0, {})] * 2, tok.pad_id, torch.device("cpu"))
-    meter = wm.Meter(torch.device("cpu"))
+    batch = collate([(ids, [-100] * 5 + ids[5:], 1.0, {})] * 2, tok.pad_id, torch.device("cpu"))
+    meter = Meter(torch.device("cpu"))
     assert wm.train_step(pipe, model, optimizer, params, [batch], meter, 0).tolist() == [0.0, 0.0]
     moments = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in params]
     finite_log, ema = meter.reduce(), pipe.ema if pipeline == "verifiable" else None
@@ -145,7 +151,8 @@ def torchrun_train(tmp_path, tracking, config, overrides, nproc=2):
         import os, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
         import weighted_mtp as wm
-        cfg = wm.load_config({str(ROOT / config)!r}, {TINY + [f"checkpoint.dir={tmp_path}/ckpt"] + overrides!r})
+        from config import load_config
+        cfg = load_config({str(ROOT / config)!r}, {TINY + [f"checkpoint.dir={tmp_path}/ckpt"] + overrides!r})
         model = wm.train(cfg, use_micro=True)["model"]
         torch.save(model.state_dict(), f"{out}/rank{{os.environ['RANK']}}.pt")
     """))
@@ -161,7 +168,7 @@ def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tm
                           ["critic.checkpoint=", "training.gradient_accumulation_steps=2"])
     run = only_run(MlflowClient(tracking), "verifiable-wmtp")
     assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "4"
-    initial = wm.build_model(wm.load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY), True, True)[1].state_dict()
+    initial = build_model(load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY), True, True)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
 
@@ -199,8 +206,8 @@ def test_lora_runs_save_only_what_they_train_and_still_chain(tracking, tmp_path)
     # rho1's reference (auto = that baseline) is the base plus the saved adapters: not the untouched base
     rho1 = wm.train(tiny_config("rho1", tmp_path, *lora), use_micro=True)
     assert rho1["run_id"] != baseline["run_id"] and rho1["steps"] == 4
-    reference = wm.build_model(tiny_config("rho1", tmp_path, *lora), True, False)[1]
-    wm.load_checkpoint_into(reference, next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt")))
+    reference = build_model(tiny_config("rho1", tmp_path, *lora), True, False)[1]
+    load_checkpoint_into(reference, next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt")))
     key = "layers.0.attention.wq.lora_b"
     assert torch.equal(reference.state_dict()[key], final["model"][key]) and final["model"][key].abs().sum() > 0
 

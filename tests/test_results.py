@@ -10,34 +10,39 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
+from config import UserError, load_config
+from pretrained import ByteTokenizer
+from data import arith_records, encode_records, load_records, pyfunc_records, render_prompt
+from evaluation import distinct_prompts
+from report import format_compare, mean_interval
 from conftest import ROOT, TINY, tiny_config
 
-TOK = wm.ByteTokenizer()
+TOK = ByteTokenizer()
 PASS1 = "val/pass_at_1"
 T_975_1 = math.tan(math.pi * (0.975 - 0.5))  # Student t's 97.5 % quantile, 1 degree of freedom (Cauchy): 12.706
 T_975_2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # and 2 degrees of freedom: (2p − 1) / √(2p(1 − p)) = 4.303
 
 
 def test_plain_template_is_short_and_what_training_and_validation_both_use():
-    record = wm.arith_records("validation")[0]
+    record = arith_records("validation")[0]
     assert (record["instruction"], record.get("input"), record["output"]) == ("13+54", None, "67")
-    assert wm.render_prompt(record, "plain") == "13+54\n"
-    assert wm.render_prompt({"instruction": "Add.", "input": "1+2", "output": "3"}, "plain") == "Add.\n1+2\n"
-    assert wm.render_prompt(record) == wm.render_prompt(record, "alpaca")
-    assert wm.render_prompt(record).endswith("### Response:\n")
-    (ids, labels, _, _), = wm.encode_records([record], TOK, 64, "truncate", "x", "plain")[0]
+    assert render_prompt(record, "plain") == "13+54\n"
+    assert render_prompt({"instruction": "Add.", "input": "1+2", "output": "3"}, "plain") == "Add.\n1+2\n"
+    assert render_prompt(record) == render_prompt(record, "alpaca")
+    assert render_prompt(record).endswith("### Response:\n")
+    (ids, labels, _, _), = encode_records([record], TOK, 64, "truncate", "x", "plain")[0]
     assert ids == [TOK.bos_id] + list(b"13+54\n67") + [TOK.eos_id]        # 10 tokens, 3 of them trained
     assert [i for i, label in zip(ids, labels) if label != -100] == [ord("6"), ord("7"), TOK.eos_id]
     # validation decodes from the prompt training encoded; evaluate renders [BOS] + render_prompt(task, template)
-    [(prompt, _)] = wm.distinct_prompts([(ids, labels, 1.0, record)])
-    assert prompt == [TOK.bos_id] + TOK.encode(wm.render_prompt(record, "plain"))
-    with pytest.raises(wm.UserError, match=r"'dataset.template' must be alpaca or plain, got 'chatml'"):
-        wm.load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", ["dataset.template=chatml"])
+    [(prompt, _)] = distinct_prompts([(ids, labels, 1.0, record)])
+    assert prompt == [TOK.bos_id] + TOK.encode(render_prompt(record, "plain"))
+    with pytest.raises(UserError, match=r"'dataset.template' must be alpaca or plain, got 'chatml'"):
+        load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", ["dataset.template=chatml"])
 
 
 def test_builtins_mix_and_hold_the_same_problems_out_of_training_and_evaluation():
-    arith, pyfunc = wm.arith_records("train"), wm.pyfunc_records("train")
-    mixed, checker = wm.load_records("builtin:arith+pyfunc", "train")
+    arith, pyfunc = arith_records("train"), pyfunc_records("train")
+    mixed, checker = load_records("builtin:arith+pyfunc", "train")
     assert len(mixed) == len(arith) + len(pyfunc) == 18000 + len(pyfunc)
     assert {r["_source"] for r in mixed} == {"builtin:arith", "builtin:pyfunc"}
     right = next(r for r in mixed if r["task_id"] == "arith-7-35" and r["is_correct"])
@@ -45,19 +50,19 @@ def test_builtins_mix_and_hold_the_same_problems_out_of_training_and_evaluation(
     code = next(r for r in mixed if r["task_id"] == "pyfunc-add-8" and r["is_correct"])
     assert (code["instruction"], code["output"]) == ("f(x) returns x plus 8", "x + 8")
     assert checker(code, "x + 8") is True and checker(code, "x + 7") is False and checker(code, "None") is False
-    weighted, _ = wm.load_records("builtin:arith+pyfunc*3", "train")   # a mixture's weights: pyfunc 3 times over
+    weighted, _ = load_records("builtin:arith+pyfunc*3", "train")   # a mixture's weights: pyfunc 3 times over
     assert len(weighted) == len(arith) + 3 * len(pyfunc)
     assert [r["task_id"] for r in weighted[len(arith):]] == [r["task_id"] for r in pyfunc] * 3
     for name in ("arith", "pyfunc"):  # evaluate's split is validation's: problems training never saw
-        held_out = {r["task_id"] for r in wm.load_records(f"builtin:{name}", "eval")[0]}
-        assert held_out == {r["task_id"] for r in wm.load_records(f"builtin:{name}", "validation")[0]}
-        assert not held_out & {r["task_id"] for r in wm.load_records(f"builtin:{name}", "train")[0]}
-    with pytest.raises(wm.UserError, match=r"^dataset.train: unknown built-in dataset 'nope' \(known: arith, pyfunc\)"):
-        wm.load_records("builtin:arith+nope", "train")
+        held_out = {r["task_id"] for r in load_records(f"builtin:{name}", "eval")[0]}
+        assert held_out == {r["task_id"] for r in load_records(f"builtin:{name}", "validation")[0]}
+        assert not held_out & {r["task_id"] for r in load_records(f"builtin:{name}", "train")[0]}
+    with pytest.raises(UserError, match=r"^dataset.train: unknown built-in dataset 'nope' \(known: arith, pyfunc\)"):
+        load_records("builtin:arith+nope", "train")
     for bad in ("pyfunc*0", "pyfunc*x", "pyfunc*"):
-        with pytest.raises(wm.UserError, match=rf"^dataset.train: '{re.escape(bad)}': the count after \* must be a whole "
+        with pytest.raises(UserError, match=rf"^dataset.train: '{re.escape(bad)}': the count after \* must be a whole "
                                                "number >= 1$"):
-            wm.load_records(f"builtin:arith+{bad}", "train")
+            load_records(f"builtin:arith+{bad}", "train")
 
 
 @pytest.mark.parametrize("validation, present, absent", [
@@ -80,7 +85,7 @@ def test_validation_tests_that_cannot_run_fail_before_training(tracking, tmp_pat
     bad = tmp_path / "val.jsonl"
     record = {"instruction": "x", "output": "y", "task_id": "t", "metadata": {"tests": "nope"}}
     bad.write_text(json.dumps(record) + "\n")
-    with pytest.raises(wm.UserError, match=rf"^{bad}:1 \(task t\): metadata.tests must be a list"):
+    with pytest.raises(UserError, match=rf"^{bad}:1 \(task t\): metadata.tests must be a list"):
         wm.train(tiny_config("baseline", tmp_path, f"dataset.validation={bad}"), use_micro=True)
     exp = MlflowClient(tracking).get_experiment_by_name("weighted-mtp/production")
     [run] = MlflowClient(tracking).search_runs([exp.experiment_id])
@@ -88,10 +93,10 @@ def test_validation_tests_that_cannot_run_fail_before_training(tracking, tmp_pat
 
 
 def test_mean_interval_is_student_t():
-    mean, h = wm.mean_interval([1.0, 2.0, 3.0])   # s = 1
+    mean, h = mean_interval([1.0, 2.0, 3.0])   # s = 1
     assert mean == 2.0 and h == pytest.approx(T_975_2 / math.sqrt(3), rel=1e-9)
-    assert wm.mean_interval([0.5, 0.7])[1] == pytest.approx(T_975_1 * 0.1, rel=1e-9)  # s/√n = |a − b| / 2
-    assert wm.mean_interval([0.25])[0] == 0.25 and math.isnan(wm.mean_interval([0.25])[1])
+    assert mean_interval([0.5, 0.7])[1] == pytest.approx(T_975_1 * 0.1, rel=1e-9)  # s/√n = |a − b| / 2
+    assert mean_interval([0.25])[0] == 0.25 and math.isnan(mean_interval([0.25])[1])
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,7 @@ def test_compare_intervals_worked_by_hand_from_the_logged_values(compared):
             assert summary[pipeline][metric]["values"] == [a, b]
             assert parent.data.metrics[f"{pipeline}/{metric}_mean"] == pytest.approx(mean, rel=1e-9, abs=1e-12)
             assert parent.data.metrics[f"{pipeline}/{metric}_ci95"] == pytest.approx(half, rel=1e-9, abs=1e-12)
-    assert wm.format_compare(summary, 2, 3, 4).splitlines()[2].startswith("baseline    warm-up")
+    assert format_compare(summary, 2, 3, 4).splitlines()[2].startswith("baseline    warm-up")
 
 
 def test_policy_pipelines_start_from_identical_weights(compared):

@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 
 import s3ckpt
 import weighted_mtp as wm
+from pretrained import build_model
 from conftest import ROOT, TINY, tiny_config
 from s3server import BUCKET, moto_s3  # noqa: F401  (fixture)
 
@@ -504,7 +505,7 @@ def test_critic_checkpoint_as_s3_and_runs_uri_starts_the_verifiable_value_head(m
     critic_dir = tmp_path / "ckpt" / "critic-pretrain" / critic["run_id"]
     assert best_bytes == (critic_dir / "checkpoint_best.pt").read_bytes()
     best = torch.load(io.BytesIO(best_bytes), weights_only=False)["model"]
-    fresh = wm.build_model(tiny_config("verifiable", tmp_path), True, value_head=True)[1].state_dict()
+    fresh = build_model(tiny_config("verifiable", tmp_path), True, value_head=True)[1].state_dict()
     assert not torch.equal(best["value_head.weight"], fresh["value_head.weight"])  # so equality below means loaded
     # the critic's local copy goes: what the verifiable runs start from can only come from S3
     shutil.rmtree(critic_dir)

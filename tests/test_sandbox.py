@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 
 import sandbox
-import weighted_mtp as wm
+from data import BUILTIN, pyfunc_records
 
 SECRET = "wJalrXUtnFEMI-planted-secret-K7MDENG"
 LIMITS = sandbox.Limits(timeout_s=5.0, memory_mb=256, cpu_s=2, max_output_bytes=1 << 20)
@@ -158,8 +158,8 @@ def test_task_errors_name_the_record():
 
 
 def test_pyfunc_split_is_fixed_and_disjoint():
-    train, validation = wm.pyfunc_records("train"), wm.pyfunc_records("validation")
-    assert train == wm.pyfunc_records("train")
+    train, validation = pyfunc_records("train"), pyfunc_records("validation")
+    assert train == pyfunc_records("train")
     assert not {r["task_id"] for r in train} & {r["task_id"] for r in validation}
     assert len({r["task_id"] for r in validation}) == 64 and len({r["task_id"] for r in train}) == 872 - 64
     for records in (train, validation):   # every task once right, once wrong
@@ -185,7 +185,7 @@ print(len(cases))
 
 
 def test_every_pyfunc_right_solution_passes_and_every_wrong_one_fails_by_execution():
-    records = wm.pyfunc_records("train") + wm.pyfunc_records("validation")
+    records = pyfunc_records("train") + pyfunc_records("validation")
     # all of them in one sandboxed program (a subprocess each would take a minute on two cores) ...
     cases = [(r["metadata"]["code_prefix"] + r["output"] + "\n" + r["metadata"]["test"] + "\ncheck(f)\n",
               r["is_correct"], r["task_id"])
@@ -197,8 +197,8 @@ def test_every_pyfunc_right_solution_passes_and_every_wrong_one_fails_by_executi
     tasks = {r["task_id"]: r for r in picked}
     results = sandbox.score(tasks, [(r["task_id"], r["output"]) for r in picked], LIMITS, workers=2)
     assert [r["passed"] for r in results] == [r["is_correct"] for r in picked] == [True, False] * 3
-    assert wm.BUILTIN["pyfunc"][1](picked[0], picked[0]["output"]) is True
-    assert wm.BUILTIN["pyfunc"][1](picked[0], picked[1]["output"]) is False
+    assert BUILTIN["pyfunc"][1](picked[0], picked[0]["output"]) is True
+    assert BUILTIN["pyfunc"][1](picked[0], picked[1]["output"]) is False
 
 
 def test_bench_throughput_counts_programs_per_second():

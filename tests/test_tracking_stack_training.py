@@ -10,7 +10,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 
-import weighted_mtp as wm
+from config import flatten, load_config
 
 import stack
 from conftest import ROOT, TINY
@@ -62,9 +62,9 @@ def test_two_process_verifiable_run_lands_whole_and_leaks_no_secret(stack_env, t
     params = run.data.params
     assert params["training.learning_rate"] == "0.001" and params["experiment.name"] == "verifiable-local"
     assert params["data_sampling.n_samples"] == "64" and params["training.k_percent"] == "0.6"
-    merged = wm.load_config(LOCAL, [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=",
+    merged = load_config(LOCAL, [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=",
                                     "mlflow.system_metrics_interval_s=0", "mlflow.tags={team: wmtp}"])
-    assert params == {k: str(v) for k, v in wm.flatten(merged.to_dict()).items()}   # every key of the merged config
+    assert params == {k: str(v) for k, v in flatten(merged.to_dict()).items()}   # every key of the merged config
     # artifacts straight in the bucket at the run's own prefix
     prefix = f"mlflow-artifacts/{exp.experiment_id}/{run.info.run_id}/artifacts/"
     assert run.info.artifact_uri == f"s3://wmtp/{prefix[:-1]}"

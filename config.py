@@ -1,0 +1,342 @@
+"""
+Config: configs/defaults.yaml <- the pipeline's file <- --override a.b=c, every key checked against the defaults,
+then typed into frozen dataclasses. defaults.yaml is the one source of defaults and comments; the dataclasses name
+the keys, their types and their ranges (tests/test_config.py checks that the two agree key for key).
+
+Also the names every other module agrees on (pipelines, run names, templates, dtypes) and UserError, the one
+exception that reaches the user as a single line. Imports nothing of the project's.
+"""
+import contextlib
+import dataclasses
+import difflib
+import json
+from pathlib import Path
+import re
+
+import yaml
+
+
+ROOT = Path(__file__).resolve().parent
+
+
+SECRET_KEY = re.compile(r"password|secret|token|access_key|credential", re.IGNORECASE)
+
+
+# The names every module agrees on, as literals here so that config.py imports nothing of the project's.
+RUN_NAMES = {"baseline": "baseline-mtp", "critic": "critic-pretrain", "verifiable": "verifiable-wmtp",
+             "rho1": "rho1-wmtp"}  # the guide's MLflow run names
+
+
+PIPELINES = tuple(RUN_NAMES)
+
+
+TEMPLATE_NAMES = ("alpaca", "plain")
+
+
+DTYPE_NAMES = ("float32", "bfloat16")
+
+
+class UserError(Exception):
+    """Bad input (config, data, checkpoint): reported as one line, exit code 2, before any training."""
+
+
+def read_yaml(path):
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise UserError(f"{where}: invalid YAML ({getattr(e, 'problem', None) or e})")
+    except ValueError as e:  # PyYAML's constructors, e.g. an impossible date such as 2001-13-45
+        raise UserError(f"{path}: invalid YAML ({e})")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of config sections")
+    return data
+
+
+def dotted_keys(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from dotted_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def checked_value(value, default, key, source):
+    """The value, coerced to the default's type; a wrong type is an error naming the key."""
+    kind = type(default)
+    if kind is str and value is None:
+        return ""
+    if kind is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError, OverflowError):  # YAML 1.1 reads 1e-5 (no dot) as a string
+            return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{source}: '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def merge(base, update, source, defaults, prefix=""):
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            close = difflib.get_close_matches(dotted, list(dotted_keys(DEFAULTS)), n=1, cutoff=0.5)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UserError(f"{source}: unknown key {dotted!r}{hint}")
+        if isinstance(defaults[key], dict) and defaults[key]:
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: '{dotted}' must be a mapping, got {value!r}")
+            merge(base[key], value, source, defaults[key], dotted + ".")
+        else:
+            base[key] = checked_value(value, defaults[key], dotted, source)
+
+
+def parse_override(text):
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise UserError(f"--override {text}: expected key=value, e.g. training.learning_rate=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except (yaml.YAMLError, ValueError):  # not YAML (or an impossible date): the string it is
+        value = raw
+    tree = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    return tree
+
+
+def rule(ok, what):
+    """A field whose value must satisfy ok(value); `what` (or what()) completes "must be ..." in the error."""
+    return dataclasses.field(metadata={"ok": ok, "what": what})
+
+
+ONE_OR_MORE, NON_NEGATIVE, POSITIVE = (lambda v: v >= 1, ">= 1"), (lambda v: v >= 0, ">= 0"), (lambda v: v > 0, "> 0")
+
+
+FRACTION = (lambda v: 0 <= v <= 1, "in [0, 1]")
+
+
+frozen = dataclasses.dataclass(frozen=True)
+
+
+@frozen
+class ExperimentConfig:
+    name: str
+    pipeline: str = rule(lambda v: v in PIPELINES, lambda: "one of " + ", ".join(PIPELINES))
+    description: str
+
+
+@frozen
+class MicroConfig:
+    dim: int = rule(lambda v: v >= 2, ">= 2")
+    n_trunk_layers: int = rule(lambda v: v >= 1, ">= 1 (a shared trunk)")
+    n_heads: int = rule(*ONE_OR_MORE)
+    n_kv_heads: int = rule(*ONE_OR_MORE)
+    multiple_of: int = rule(*ONE_OR_MORE)
+    norm_eps: float = rule(*POSITIVE)
+    rope_theta: float
+    vocab_size: int = rule(*NON_NEGATIVE)
+
+    def check(self, source):
+        if self.dim % (2 * self.n_heads) or self.n_heads % self.n_kv_heads:
+            raise UserError(f"{source}: 'model.micro.dim' ({self.dim}) must split into 'model.micro.n_heads' "
+                            f"({self.n_heads}) heads of even size, and n_heads be a multiple of n_kv_heads "
+                            f"({self.n_kv_heads})")
+
+
+@frozen
+class LoraConfig:
+    rank: int = rule(*NON_NEGATIVE)
+    alpha: float = rule(*POSITIVE)
+
+
+@frozen
+class ModelConfig:
+    path: str
+    tokenizer: str
+    n_future_tokens: int = rule(*ONE_OR_MORE)
+    dtype: str = rule(lambda v: v in DTYPE_NAMES, " or ".join(DTYPE_NAMES))
+    micro: MicroConfig
+    lora: LoraConfig
+    init_from: str
+    memory_efficient_loss: bool
+    compile: bool
+
+
+@frozen
+class DatasetConfig:
+    train: str
+    validation: str
+    max_length: int = rule(lambda v: v >= 8, ">= 8")
+    on_overlong: str = rule(lambda v: v in ("truncate", "skip", "error"), "truncate, skip or error")
+    template: str = rule(lambda v: v in TEMPLATE_NAMES, " or ".join(TEMPLATE_NAMES))
+
+
+@frozen
+class DataSamplingConfig:
+    n_samples: int = rule(*NON_NEGATIVE)
+    correct_ratio: float = rule(*FRACTION)
+    seed: int
+    val_samples: int = rule(*ONE_OR_MORE)
+
+
+@frozen
+class TrainingConfig:
+    max_steps: int = rule(*NON_NEGATIVE)
+    n_epochs: int = rule(*ONE_OR_MORE)
+    batch_size: int = rule(*ONE_OR_MORE)
+    group_by_length: bool
+    gradient_accumulation_steps: int = rule(*ONE_OR_MORE)
+    learning_rate: float = rule(*POSITIVE)
+    weight_decay: float = rule(*NON_NEGATIVE)
+    warmup_steps: int = rule(*NON_NEGATIVE)
+    min_lr_ratio: float = rule(*FRACTION)
+    max_grad_norm: float = rule(*POSITIVE)
+    log_interval: int = rule(*ONE_OR_MORE)
+    eval_interval: int = rule(*NON_NEGATIVE)
+    seed: int
+    max_skipped_steps: int = rule(*ONE_OR_MORE)
+    collective_timeout_s: int
+    gamma: float = rule(*FRACTION)
+    td_lambda: float = rule(*FRACTION)
+    critic_lambda: float = rule(*FRACTION)
+    beta: float = rule(*POSITIVE)
+    weight_clip_min: float = rule(*NON_NEGATIVE)
+    weight_clip_max: float
+    td_ema_momentum: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
+    td_ema_warmup_steps: int = rule(*NON_NEGATIVE)
+    value_coef: float = rule(*NON_NEGATIVE)
+    k_percent: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
+    policy_on_incorrect: bool
+    parallel: str = rule(lambda v: v in ("ddp", "fsdp"), "ddp or fsdp")
+    activation_checkpointing: bool
+
+    def check(self, source):
+        if self.weight_clip_min >= self.weight_clip_max:
+            raise UserError(f"{source}: 'training.weight_clip_min' ({self.weight_clip_min}) must be < "
+                            f"'training.weight_clip_max' ({self.weight_clip_max})")
+
+
+@frozen
+class CheckpointConfig:
+    dir: str
+    save_every: int = rule(*NON_NEGATIVE)
+    save_total_limit: int = rule(*NON_NEGATIVE)
+    resume: str
+    upload_retry_budget_s: int
+    verify_etag: bool
+    upload_timeout_s: int
+    preempt_grace_s: int
+    format: str = rule(lambda v: v in ("full", "sharded"), "full or sharded")
+
+
+@frozen
+class MlflowConfig:
+    tracking_uri: str
+    experiment: str
+    run_name: str
+    tags: dict
+    s3_artifacts: str
+    enable_logging: bool
+    system_metrics_interval_s: int
+
+
+@frozen
+class CriticConfig:
+    checkpoint: str
+
+
+@frozen
+class ReferenceConfig:
+    path: str
+
+
+@frozen
+class EvalConfig:
+    dataset: str
+    max_tasks: int = rule(*NON_NEGATIVE)
+    n_samples: int = rule(*ONE_OR_MORE)
+    temperature: float = rule(*POSITIVE)
+    top_p: float = rule(lambda v: 0 < v <= 1, "in (0, 1]")
+    max_new_tokens: int = rule(*ONE_OR_MORE)
+    batch_size: int = rule(*ONE_OR_MORE)
+    seed: int
+    k: list = rule(lambda v: bool(v) and all(type(k) is int and k >= 1 for k in v), "a list of whole numbers >= 1")
+    timeout_s: float = rule(*POSITIVE)
+    memory_mb: int = rule(lambda v: v >= 64, ">= 64")
+    workers: int = rule(*NON_NEGATIVE)
+
+
+@frozen
+class Config:
+    experiment: ExperimentConfig
+    model: ModelConfig
+    dataset: DatasetConfig
+    data_sampling: DataSamplingConfig
+    training: TrainingConfig
+    checkpoint: CheckpointConfig
+    mlflow: MlflowConfig
+    critic: CriticConfig
+    reference: ReferenceConfig
+    eval: EvalConfig
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def typed(cls, tree, source, prefix=""):
+    """The merged tree as a frozen `cls`, every field's rule checked (in field order), then the section's own check."""
+    values = {}
+    for f in dataclasses.fields(cls):
+        value = tree[f.name]
+        if dataclasses.is_dataclass(f.type):
+            value = typed(f.type, value, source, f"{prefix}{f.name}.")
+        elif "ok" in f.metadata and not f.metadata["ok"](value):
+            what = f.metadata["what"]() if callable(f.metadata["what"]) else f.metadata["what"]
+            raise UserError(f"{source}: '{prefix}{f.name}' must be {what}, got {value!r}")
+        values[f.name] = value
+    section = cls(**values)
+    if hasattr(section, "check"):
+        section.check(source)
+    return section
+
+
+def load_config(path, overrides=()):
+    """defaults.yaml <- the pipeline file <- overrides, as a frozen Config; raises UserError naming the file and key
+    on bad input."""
+    tree = json.loads(json.dumps(DEFAULTS))
+    merge(tree, read_yaml(path), str(path), DEFAULTS)
+    for text in overrides:
+        merge(tree, parse_override(text), f"--override {text}", DEFAULTS)
+    return typed(Config, tree, str(path))
+
+
+def config_from_dict(tree, source):
+    """A Config from a plain tree such as a checkpoint's "config": keys added since it was written get defaults."""
+    merged = json.loads(json.dumps(DEFAULTS))
+    merge(merged, tree, source, DEFAULTS)
+    return typed(Config, merged, source)
+
+
+DEFAULTS = read_yaml(ROOT / "configs" / "defaults.yaml")
+
+
+def flatten(tree, prefix=""):
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists as JSON; keys that look secret are dropped."""
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if SECRET_KEY.search(str(key)):
+            continue
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if isinstance(value, (list, dict)) else value
+    return flat
+
+
+def redacted(tree):
+    return {k: redacted(v) if isinstance(v, dict) else v for k, v in tree.items() if not SECRET_KEY.search(str(k))}

@@ -1,0 +1,303 @@
+"""
+Data: JSONL records {instruction, input?, output, is_correct?, task_id?, metadata?} or built-in generated sets
+(builtin:arith, builtin:pyfunc, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
+correct ratio, encoded with labels -100 on the prompt, and cut into this rank's seeded, resumable batches.
+"""
+import functools
+import json
+from pathlib import Path
+import random
+
+import torch
+
+from config import UserError
+
+
+ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+          "Write a response that appropriately completes the request.\n\n"
+          "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+
+
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
+                   "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+# plain: the instruction and input on a line each, the answer right after: a built-in addition is then 10-11 tokens
+# of which 3-4 are trained, where Alpaca's ~150 would buy a step no more signal at 14x the compute.
+TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{input}\n", "{instruction}\n")}
+
+
+def render_prompt(record, template="alpaca"):
+    """The prompt of a record in dataset.template (training, validation and evaluate all render it here)."""
+    with_input, without_input = TEMPLATES[template]
+    text = with_input if record.get("input") else without_input
+    return text.format(instruction=record["instruction"], input=record.get("input", ""))
+
+
+def arith_records(split):
+    """Two-digit additions, the instruction the problem itself (operands zero-padded: 07+35, so digits sit at fixed
+    places; no words around it: 10-11 tokens with the plain template), each once with its sum
+    (is_correct) and once with a near miss (is_correct: false).
+    The 10 000 problems are shuffled with a fixed seed: the first 1 000 are held out (validation, eval), the rest
+    train."""
+    rng = random.Random(1234)
+    problems = [(a, b) for a in range(100) for b in range(100)]
+    rng.shuffle(problems)
+    records = []
+    for a, b in problems[1000:] if split == "train" else problems[:1000]:
+        wrong = a + b + rng.choice([-10, -2, -1, 1, 2, 10])
+        wrong = wrong if wrong >= 0 else a + b + 1
+        for output, ok in ((str(a + b), True), (str(wrong), False)):
+            records.append({"instruction": f"{a:02d}+{b:02d}", "output": output, "is_correct": ok,
+                            "task_id": f"arith-{a}-{b}", "metadata": {"difficulty": len(str(max(a, b)))}})
+    return records
+
+
+def check_arith(record, answer):
+    a, b = record["instruction"].split("+")
+    return answer.strip() == str(int(a) + int(b))
+
+
+# (name, what f returns, argument, right body, wrong bodies, constants): {n} is the task's constant, {m} another one.
+# Short words, and only the expression f returns to write: a task is ~35 bytes, thousands of them in a CPU minute
+PYFUNC_TEMPLATES = [
+    ("add", "x plus {n}", "x", "x + {n}", ["x - {n}", "x + {m}"], range(1, 100)),
+    ("sub", "x minus {n}", "x", "x - {n}", ["x + {n}", "{n} - x", "x - {m}"], range(1, 100)),
+    ("rsub", "{n} minus x", "x", "{n} - x", ["x - {n}", "{m} - x"], range(1, 100)),
+    ("mul", "x times {n}", "x", "x * {n}", ["x + {n}", "x * {m}"], range(2, 50)),
+    ("floordiv", "x divided by {n}, rounded down", "x", "x // {n}", ["x % {n}", "x / {n}", "x // {m}"], range(2, 30)),
+    ("mod", "x modulo {n}", "x", "x % {n}", ["x // {n}", "x % {m}"], range(2, 30)),
+    ("max", "the larger of x and {n}", "x", "max(x, {n})", ["min(x, {n})", "max(x, {m})"], range(0, 60)),
+    ("min", "the smaller of x and {n}", "x", "min(x, {n})", ["max(x, {n})", "min(x, {m})"], range(0, 60)),
+    ("gt", "whether x exceeds {n}", "x", "x > {n}", ["x < {n}", "x >= {n}"], range(0, 60)),
+    ("divisible", "whether {n} divides x", "x", "x % {n} == 0", ["x % {n} != 0", "x // {n} == 0"], range(2, 20)),
+    ("head", "the first {n} characters of s", "s", "s[:{n}]", ["s[{n}:]", "s[:{m}]"], range(1, 12)),
+    ("tail", "the last {n} characters of s", "s", "s[-{n}:]", ["s[:{n}]", "s[-{m}:]"], range(1, 12)),
+    ("drop", "s without its first {n} characters", "s", "s[{n}:]", ["s[:{n}]", "s[{m}:]"], range(1, 12)),
+    ("repeat", "s repeated {n} times", "s", "s * {n}", ["s * {m}", "s + s"], range(2, 10)),
+    ("char", "the character at index {n} of s", "s", "s[{n}]", ["s[{m}]", "s[-{n}]"], range(0, 12)),
+    ("longer", "whether s is longer than {n}", "s", "len(s) > {n}", ["len(s) < {n}", "len(s) >= {n}"], range(0, 15)),
+    ("count", "how often {n} occurs in s", "s", "s.count('{n}')", ["s.count('{m}')", "len(s)"],
+     "abcdefghijklmnopqrstuvwxyz"),
+    ("sum", "the sum of xs plus {n}", "xs", "sum(xs) + {n}", ["sum(xs) - {n}", "len(xs) + {n}"], range(0, 60)),
+    ("addeach", "xs with {n} added to each", "xs", "[v + {n} for v in xs]",
+     ["[v - {n} for v in xs]", "[v + {m} for v in xs]"], range(1, 60)),
+    ("above", "the elements of xs above {n}", "xs", "[v for v in xs if v > {n}]",
+     ["[v for v in xs if v < {n}]", "[v for v in xs if v >= {n}]"], range(0, 60)),
+]
+
+
+PYFUNC_INPUTS = {"x": [0, 1, 2, 7, 12, 30, 45, -5],
+                 "s": ["", "a", "hello", "banana", "abcdefghijkl", "python code", "mississippi river",
+                       "the quick brown fox jumps over the lazy dog"],
+                 "xs": [[], [1, 2, 3], [5, -2, 40, 7], [30, 31, 0, 12]]}
+
+
+def pyfunc_task(template, i):
+    """(task_id, instruction, code prefix, right solution, [wrong solutions], assert test) for constant number i of
+    a template; a solution is the expression f returns, the code prefix the def line before it.
+    Tests use the inputs the right solution handles; a wrong solution is kept only if some test tells it apart."""
+    name, what, arg, body, wrong_bodies, constants = template
+    n, m = constants[i], constants[(i + 1) % len(constants)]
+
+    def results(code):  # our own template code, trusted: evaluated here to compute the tests' expected values
+        f = eval(f"lambda {arg}: {code.format(n=n, m=m)}")
+        return [_result_or_error(f, value) for value in PYFUNC_INPUTS[arg]]
+
+    want = results(body)
+    test = "def check(f):\n" + "".join(f"    assert f({value!r}) == {w!r}\n"
+                                       for value, w in zip(PYFUNC_INPUTS[arg], want) if not isinstance(w, Exception))
+    wrong = [w for w in wrong_bodies if [r for r, ok in zip(results(w), want) if not isinstance(ok, Exception)]
+             != [ok for ok in want if not isinstance(ok, Exception)]]
+    return (f"pyfunc-{name}-{n}", f"f({arg}) returns {what.format(n=n)}", f"def f({arg}): return ",
+            body.format(n=n, m=m), [w.format(n=n, m=m) for w in wrong], test)
+
+
+def _result_or_error(f, value):
+    try:
+        return f(value)
+    except Exception as e:
+        return e
+
+
+def pyfunc_records(split):
+    """Small Python functions from templates (x plus 7, the first 3 characters of s, ...) with assert tests
+    (metadata.test, entry_point f); the answer is the expression after metadata.code_prefix (def f(x): return ).
+    Each task once with its right solution (is_correct) and once with a wrong one
+    that its tests reject. The 872 tasks are shuffled with a fixed seed: the first 64 are held out (validation,
+    eval; few, since evaluating runs each of them)."""
+    tasks = [pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5]))]
+    rng = random.Random(1234)
+    rng.shuffle(tasks)
+    cut = 64
+    records = []
+    for task_id, instruction, prefix, right, wrongs, test in tasks[cut:] if split == "train" else tasks[:cut]:
+        metadata = {"test": test, "entry_point": "f", "code_prefix": prefix}
+        for output, ok in ((right, True), (rng.choice(wrongs), False)):
+            records.append({"instruction": instruction, "input": "", "output": output, "is_correct": ok,
+                            "task_id": task_id, "metadata": metadata})
+    return records
+
+
+def check_pyfunc(record, answer):
+    """Runs the answer against the record's tests in the sandbox (sandbox.py): True when they all pass."""
+    import sandbox  # no torch there; imported here so training on other data never loads it
+    limits = sandbox.Limits(timeout_s=5.0, memory_mb=512, cpu_s=5)
+    return all(sandbox.run_program(p, limits).status == "passed" for p in sandbox.programs(record, answer))
+
+
+BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, check_pyfunc)}
+
+
+def read_jsonl(path):
+    """Records of a JSONL file; a bad line is a UserError naming file and line."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read ({e})")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})")
+        except RecursionError:
+            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)")
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object")
+        for key in ("instruction", "output"):
+            if not isinstance(record.get(key), str):
+                raise UserError(f"{path}:{number}: missing '{key}' (a string)")
+        if not isinstance(record.get("input", ""), str) or not isinstance(record.get("is_correct", True), bool):
+            raise UserError(f"{path}:{number}: 'input' must be a string and 'is_correct' a boolean")
+        record["_source"] = f"{path}:{number}"
+        records.append(record)
+    return records
+
+
+def load_records(spec, split, key=None):
+    """(records, checker or None) for a JSONL path or builtin:<name>[*<times>][+<name>...] (several built-ins,
+    concatenated, each <times> over — the mixture's weights; each record carries _source builtin:<name>, and the
+    checker asks that built-in's); split: train or validation; key names the config key in errors (default
+    dataset.<split>)."""
+    if not spec.startswith("builtin:"):
+        return read_jsonl(spec), None
+    records = []
+    for part in spec.split(":", 1)[1].split("+"):
+        name, star, times = part.partition("*")
+        if name not in BUILTIN:
+            raise UserError(f"{key or 'dataset.' + split}: unknown built-in dataset '{name}' "
+                            f"(known: {', '.join(BUILTIN)})")
+        if star and not (times.isdigit() and int(times) >= 1):
+            raise UserError(f"{key or 'dataset.' + split}: '{part}': the count after * must be a whole number >= 1")
+        records += [{**r, "_source": f"builtin:{name}"} for r in BUILTIN[name][0](split)] * int(times or 1)
+    return records, check_builtin
+
+
+def check_builtin(record, answer):
+    return BUILTIN[record["_source"].split(":", 1)[1]][1](record, answer)
+
+
+def sample_records(records, n_samples, correct_ratio, seed):
+    """round(n·ratio) correct and the rest incorrect records (n = n_samples or all), drawn with a fixed seed."""
+    rng = random.Random(seed)
+    correct = [r for r in records if r.get("is_correct", True)]
+    incorrect = [r for r in records if not r.get("is_correct", True)]
+    n = n_samples or len(records)
+    n_correct = min(round(n * correct_ratio), len(correct))
+    n_incorrect = min(n - round(n * correct_ratio), len(incorrect))
+    chosen = rng.sample(correct, n_correct) + rng.sample(incorrect, n_incorrect)
+    rng.shuffle(chosen)
+    return chosen
+
+
+def encode_records(records, tok, max_length, on_overlong, source, template="alpaca"):
+    """[(ids, labels, reward, record)]: [BOS] prompt response [EOS], labels -100 on BOS and prompt."""
+    examples, truncated = [], 0
+    for record in records:
+        prompt = [tok.bos_id] + tok.encode(render_prompt(record, template))
+        response = tok.encode(record["output"]) + [tok.eos_id]
+        ids, labels = prompt + response, [-100] * len(prompt) + response
+        if len(ids) > max_length:
+            where = record.get("_source", source)
+            if on_overlong == "error":
+                raise UserError(f"{where}: sequence of {len(ids)} tokens exceeds dataset.max_length={max_length}")
+            truncated += 1
+            if on_overlong == "skip" or len(prompt) >= max_length:
+                continue  # nothing of the response would be left to learn from
+            ids, labels = ids[:max_length], labels[:max_length]
+        examples.append((ids, labels, float(record.get("is_correct", True)), record))
+    if not examples:
+        raise UserError(f"{source}: no examples left after sampling and dataset.max_length filtering")
+    return examples, truncated
+
+
+def collate(examples, pad_id, device):
+    """Right-pad to the longest sequence of the batch: tokens, labels (-100 on pads), rewards [B]."""
+    T = max(len(e[0]) for e in examples)
+    tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    for i, (ids, lab, _, _) in enumerate(examples):
+        tokens[i, :len(ids)], labels[i, :len(lab)] = torch.tensor(ids), torch.tensor(lab)
+    rewards = torch.tensor([e[2] for e in examples])
+    return tokens.to(device), labels.to(device), rewards.to(device)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, epoch, seed, rank, world):
+    """This rank's indices for an epoch: one seeded permutation, cut to a multiple of world (drop_last, as
+    DistributedSampler does), then every world-th index, so all ranks run the same number of batches."""
+    g = torch.Generator().manual_seed(seed + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return order[: n - n % world][rank::world]
+
+
+GROUP_WINDOW = 32  # batches per window that length grouping sorts: wide enough to group, narrow enough to mix
+
+
+def length_grouped(order, lengths, size, seed):
+    """The order cut into windows of GROUP_WINDOW·size examples, each window sorted by length and cut into batches,
+    the window's batches then shuffled (seeded): each batch holds examples of similar length, so little of it is
+    padding, while every window keeps the order's random mix of examples."""
+    g = torch.Generator().manual_seed(seed)
+    grouped = []
+    for start in range(0, len(order), GROUP_WINDOW * size):
+        window = sorted(order[start:start + GROUP_WINDOW * size], key=lambda i: (lengths[i] - 1).bit_length())
+        batches = [window[i:i + size] for i in range(0, len(window), size)]
+        grouped += [i for b in torch.randperm(len(batches), generator=g).tolist() for i in batches[b]]
+    return grouped
+
+
+class Batches:
+    """This rank's micro-batches: every epoch one seeded order of the examples (see epoch_order), cut into
+    batch_size pieces. `position` counts the micro-batches consumed — what a resume restores exactly."""
+
+    def __init__(self, setup, position=0):
+        self.examples, self.pad_id, self.device = setup.train_examples, setup.tok.pad_id, setup.device
+        self.size, self.seed = setup.cfg.training.batch_size, setup.cfg.data_sampling.seed
+        self.rank, self.world, self.position = setup.rank, setup.world, position
+        self.per_epoch = len(epoch_order(len(self.examples), 0, self.seed, self.rank, self.world)) // self.size
+        self.tokens_seen = torch.zeros((), device=self.device)
+        self.grouped, self.epoch_indices = setup.cfg.training.group_by_length, (None, None)
+
+    def order(self, epoch):
+        """This epoch's example indices (epoch_order, then length_grouped if so configured), kept for the epoch."""
+        if self.epoch_indices[0] != epoch:
+            order = epoch_order(len(self.examples), epoch, self.seed, self.rank, self.world)
+            if self.grouped:
+                order = length_grouped(order, [len(e[0]) for e in self.examples], self.size, self.seed + epoch)
+            self.epoch_indices = (epoch, order)
+        return self.epoch_indices[1]
+
+    def take(self, n):
+        batches = []
+        for _ in range(n):
+            epoch, index = divmod(self.position, self.per_epoch)
+            order = self.order(epoch)
+            chosen = [self.examples[i] for i in order[index * self.size:(index + 1) * self.size]]
+            batches.append(collate(chosen, self.pad_id, self.device))
+            self.position += 1
+            self.tokens_seen += (batches[-1][0] != self.pad_id).sum()
+        return batches

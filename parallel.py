@@ -1,0 +1,225 @@
+"""
+Processes and devices: the process group, collectives, the Meter that averages metrics over ranks, DDP wrapping,
+autocast, and FSDP2 (training.parallel: fsdp): every transformer block and the root sharded over the ranks, with
+full (gathered into rank 0's one file) or sharded (torch.distributed.checkpoint directory) model state.
+"""
+import contextlib
+import datetime
+import math
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from config import UserError
+from model import LoRALinear
+
+
+def setup_distributed(timeout_s):
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python -m` is rank 0 of 1."""
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_reduce(t, op=None):
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast(obj):
+    """Rank 0's Python object on every rank."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Meter:
+    """Token-weighted means across micro-batches and ranks: sums of (value·count, count) stay on the device, one
+    all-reduce at log time turns them into means; mins and maxes reduce with MIN/MAX."""
+
+    def __init__(self, device):
+        self.device, self.sums, self.mins, self.maxs = device, {}, {}, {}
+
+    def add(self, name, total, count):
+        pair = torch.stack([torch.as_tensor(total, dtype=torch.float32, device=self.device).detach().reshape(()),
+                            torch.as_tensor(count, dtype=torch.float32, device=self.device).reshape(())])
+        self.sums[name] = self.sums[name] + pair if name in self.sums else pair
+
+    def extreme(self, name, value, fn):
+        table = self.mins if fn is torch.minimum else self.maxs
+        value = value.detach().float().reshape(())
+        table[name] = fn(table[name], value) if name in table else value
+
+    def merge(self, other, keep):
+        """Adds other's sums and extremes where keep (a 0/1 device tensor) is 1; where it is 0 they count as nothing."""
+        for name, pair in other.sums.items():
+            kept = torch.nan_to_num(pair) * keep
+            self.add(name, kept[0], kept[1])
+        for table, fn, nothing in ((other.mins, torch.minimum, math.inf), (other.maxs, torch.maximum, -math.inf)):
+            for name, value in table.items():
+                self.extreme(name, torch.where(keep > 0, value, nothing), fn)
+
+    def reduce(self):
+        out = {}
+        if self.sums:
+            names = sorted(self.sums)
+            sums = all_reduce(torch.stack([self.sums[n] for n in names]))
+            out.update({n: total / count for n, (total, count) in zip(names, sums.tolist()) if count > 0})
+        for table, op in ((self.mins, dist.ReduceOp.MIN), (self.maxs, dist.ReduceOp.MAX)):
+            if table:
+                names = sorted(table)
+                values = all_reduce(torch.stack([table[n] for n in names]), op)
+                out.update({n: v for n, v in zip(names, values.tolist()) if math.isfinite(v)})
+        self.sums, self.mins, self.maxs = {}, {}, {}
+        return out
+
+
+def transformer_blocks(model):
+    return [*model.layers, *model.extra_heads]
+
+
+def shard(model, device, world):
+    """fully_shard each block (trunk and heads), then the root (embedding, norm, output, value head): parameters
+    become dim-0 shards (DTensors) on `device`, gathered per block just before its forward and backward and freed
+    after. On CUDA blocks compute in bf16 and gradients are reduced in fp32; on the CPU everything stays fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mesh = init_device_mesh(device.type, (world,))  # explicit: the default mesh would pick an accelerator
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    for block in transformer_blocks(model):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def is_sharded(model):
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """Whole parameters on every rank for the duration (validation, greedy decoding): forwards need no collective
+    then, so ranks may run different numbers of them (uneven validation shares, decodes that stop early)."""
+    units = [m for m in model.modules() if is_sharded(m)]
+    for unit in units:
+        unit.unshard()
+        unit.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield model
+    finally:
+        for unit in units:
+            unit.set_reshard_after_forward(unit is not model, recurse=False)  # the root keeps its params for backward
+            unit.reshard()
+
+
+def trainable_names(model):
+    """Names of the optimizer's parameters, in the order `prepare` hands them to it."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def by_index(state, names):
+    """An optimizer state keyed by parameter name (torch.distributed.checkpoint's) -> keyed by index, as
+    optimizer.state_dict() is: a full checkpoint is then the same file whether DDP or FSDP wrote it."""
+    index = {n: i for i, n in enumerate(names)}
+    return {"state": {index[n]: v for n, v in state["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in state["param_groups"]]}
+
+
+def by_name(state, names):
+    return {"state": {names[i]: v for i, v in state["state"].items()},
+            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+
+
+def full_state(model, optimizer):
+    """(weights, partial, optimizer state) of a full checkpoint; see model_state. Sharded, every rank must call it:
+    the whole tensors are gathered to rank 0's CPU one at a time, the other ranks get empty dicts."""
+    if not is_sharded(model):
+        return (*model_state(model), optimizer.state_dict())
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    partial = any(isinstance(m, LoRALinear) for m in model.modules())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=partial)
+    weights = get_model_state_dict(model, options=options)
+    optim = get_optimizer_state_dict(model, optimizer, options=options)
+    return weights, partial, by_index(optim, trainable_names(model)) if optim else {}
+
+
+def load_optimizer(model, optimizer, state):
+    """A full checkpoint's optimizer state into the optimizer; sharded, every rank keeps its slice of each tensor."""
+    if not is_sharded(model):
+        return optimizer.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(model, optimizer, by_name(state, trainable_names(model)),
+                             options=StateDictOptions(full_state_dict=True))
+
+
+def sharded_state(model, optimizer):
+    """{"model", "optimizer"}: this rank's shards (frozen weights left out, as in a LoRA run's full checkpoint), what
+    torch.distributed.checkpoint saves and loads in place."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    lora = any(isinstance(m, LoRALinear) for m in model.modules())
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=lora)),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def save_sharded(model, optimizer, path, group):
+    """Starts writing this rank's shards into the directory `path`; returns a Future that completes once every
+    rank's shards and the directory's metadata are on disk. The state is staged (copied) before it returns."""
+    import torch.distributed.checkpoint as dcp
+    saved = dcp.async_save(sharded_state(model, optimizer), checkpoint_id=str(path), process_group=group,
+                           no_dist=not dist.is_initialized())
+    return getattr(saved, "upload_completion", saved)  # newer versions answer an AsyncSaveResponse
+
+
+def load_sharded(model, optimizer, path):
+    """A sharded checkpoint directory into the model and the optimizer; any number of ranks may have written it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    state = sharded_state(model, optimizer)
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    except Exception as e:
+        raise UserError(f"{path}: not a readable sharded checkpoint for this model ({type(e).__name__}: {e})")
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
+def model_state(model):
+    """(state, partial): LoRA runs save the trainable tensors only (the base is model.path), others the whole model."""
+    if any(isinstance(m, LoRALinear) for m in model.modules()):
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, True
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}, False
+
+
+def gradient_sync(model, last):
+    """Gradients are reduced over the ranks in the last micro-batch's backward only: DDP's no_sync() before it,
+    FSDP2's set_requires_gradient_sync (its reduce-scatter) likewise."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA; fp32 (no autocast) on the CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def wrap(model, cfg, world):
+    """DDP across processes (gradients all-reduced in backward; a model prepare() sharded is used as it is), then
+    torch.compile when asked."""
+    ddp = world > 1 and not is_sharded(model)
+    wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
+    return torch.compile(wrapped) if cfg.model.compile else wrapped

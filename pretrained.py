@@ -1,0 +1,509 @@
+"""
+Models in and out: tokenizers (bytes, sentencepiece, tokenizer.json), Meta dirs (params.json + consolidated.pth)
+and Hugging Face LLaMA dirs (config.json + safetensors) loaded into a model built on the meta device, tensor by
+tensor (no rank ever makes a random full-size model first), the micro model, and export back to either format.
+"""
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+import shutil
+import tempfile
+
+import s3ckpt
+import torch
+
+from config import UserError, config_from_dict, load_config
+from model import LoRALinear, ModelArgs, MTPTransformer, apply_lora
+
+
+log = logging.getLogger("weighted_mtp")
+
+
+class ByteTokenizer:
+    """UTF-8 bytes 0..255 plus BOS/EOS/PAD: needs no vocabulary file, so the micro model runs anywhere."""
+    bos_id, eos_id, pad_id, vocab_size = 256, 257, 258, 259
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+    """Meta's tokenizer.model; sentencepiece is an optional extra, imported only here."""
+
+    def __init__(self, path):
+        try:
+            import sentencepiece
+        except ImportError:
+            raise UserError(f"model.tokenizer: {path} needs the sentencepiece package (pip install sentencepiece)")
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
+        self.pad_id = self.eos_id  # pads sit after EOS and are masked out of every loss, so any id will do
+
+    def encode(self, text):
+        return self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode(list(ids))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (the `tokenizers` package). BOS/EOS are the tokens tokenizer_config.json names
+    beside it, else the ids in config.json; the trainer adds BOS itself, so encoding adds no special tokens."""
+
+    def __init__(self, path):
+        from tokenizers import Tokenizer
+        try:
+            self.tok = Tokenizer.from_file(str(path))
+        except Exception as e:
+            raise UserError(f"{path}: not a readable tokenizer.json ({e})")
+        self.bos_id, self.eos_id = special_ids(Path(path).parent, self.tok)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        self.pad_id = self.eos_id  # as for sentencepiece: pads are masked out of every loss
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids):
+        return self.tok.decode(list(ids), skip_special_tokens=True)
+
+
+def read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read ({e})")
+
+
+def special_ids(model_dir, tok):
+    """[BOS id, EOS id]: the tokens tokenizer_config.json names, else config.json's bos/eos_token_id."""
+    names = read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").exists() else {}
+    config = read_json(model_dir / "config.json") if (model_dir / "config.json").exists() else {}
+    ids = []
+    for which in ("bos", "eos"):
+        name = names.get(f"{which}_token")
+        name = name.get("content") if isinstance(name, dict) else name
+        token_id = tok.token_to_id(name) if isinstance(name, str) else None
+        token_id = config.get(f"{which}_token_id") if token_id is None else token_id
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id  # LLaMA 3.1 lists its EOS ids
+        if not isinstance(token_id, int):
+            raise UserError(f"{model_dir}: no {which.upper()} token (name it as {which}_token in tokenizer_config.json "
+                            f"or give {which}_token_id in config.json)")
+        ids.append(token_id)
+    return ids
+
+
+def load_tokenizer(explicit, model_dir):
+    """model.tokenizer when given (a tokenizer.json, or a sentencepiece .model), else the model dir's tokenizer.model
+    or tokenizer.json, whichever it has; None when it has neither."""
+    if explicit:
+        path = Path(explicit)
+        if not path.exists():
+            raise UserError(f"model.tokenizer: {path} does not exist")
+    else:
+        found = [p for p in (Path(model_dir) / "tokenizer.model", Path(model_dir) / "tokenizer.json") if p.exists()]
+        if not found:
+            return None
+        path = found[0]
+    return HFTokenizer(path) if path.suffix == ".json" else SentencePieceTokenizer(path)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def load_state(model, state, source, partial=False):
+    """Load `state` into `model`, strictly but for value-head and LoRA keys (absent from policy checkpoints and
+    Meta files, freshly initialised then) — and any key when `partial` (a LoRA run saves only what it trains);
+    a mismatch is a UserError naming the source and the keys. A model on the meta device takes the tensors
+    themselves (assign), in their dtype; a materialised one copies them into its own."""
+    own = model.state_dict()
+    optional = lambda k: partial or k.startswith("value_head.") or ".lora_" in k
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state and not optional(k)]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}"
+              for k in state if k in own and state[k].shape != own[k].shape]
+    if unexpected or missing or shapes:
+        problems = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+                    f"shape {shapes[:2]}" if shapes else ""]
+        raise UserError(f"{source}: does not match the model ({'; '.join(p for p in problems if p)}) "
+                        "— another model size?")
+    model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
+
+
+def meta_device_model(args, value_head=False, memory_efficient_loss=True):
+    """The architecture without storage: shapes to check against, and a model for load_state to fill."""
+    with torch.device("meta"):
+        return MTPTransformer(args, value_head, memory_efficient_loss)
+
+
+def model_args_from_meta(model_dir):
+    path = Path(model_dir) / "params.json"
+    params = read_json(path)
+    known = {f.name for f in dataclasses.fields(ModelArgs)}
+    return ModelArgs(**{k: v for k, v in params.items() if k in known})
+
+
+def read_consolidated(model_dir):
+    """(path, state) of a Meta dir's consolidated.pth, memory-mapped; unreadable is a one-line UserError."""
+    path = Path(model_dir) / "consolidated.pth"
+    try:
+        return path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({e})")
+
+
+def load_meta_weights(model, model_dir):
+    path, state = read_consolidated(model_dir)
+    load_state(model, state, f"{path} (vs params.json)")
+
+
+def read_meta_dir(model_dir, dtype):
+    """(args, state) of a Meta dir: checked against params.json, each tensor copied out of the memory-mapped file
+    in `dtype` (so the model never holds pages of a file that may be replaced)."""
+    args = model_args_from_meta(model_dir)
+    path, state = read_consolidated(model_dir)
+    load_state(meta_device_model(args), state, f"{path} (vs params.json)")  # shapes only: nothing is allocated
+    return args, {k: v.to(dtype, copy=True) for k, v in state.items()}
+
+
+HF_BLOCK = [("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
+            ("self_attn.v_proj", "attention.wv"), ("self_attn.o_proj", "attention.wo"),
+            ("mlp.gate_proj", "feed_forward.w1"), ("mlp.up_proj", "feed_forward.w3"),
+            ("mlp.down_proj", "feed_forward.w2"), ("input_layernorm", "attention_norm"),
+            ("post_attention_layernorm", "ffn_norm")]
+
+
+def hf_key_map(n_layers, tied):
+    """{Hugging Face tensor name: Meta name} for a next-token LLaMA of n_layers blocks."""
+    names = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight"}
+    if not tied:
+        names["lm_head.weight"] = "output.weight"
+    for i in range(n_layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"layers.{i}.{meta}.weight" for hf, meta in HF_BLOCK})
+    return names
+
+
+def rotary_to_meta(w, n_heads):
+    """HF orders each head's q/k rows as [first halves | second halves] for its rotate-half RoPE; Meta interleaves
+    the pairs: HF row h·d + c·d/2 + i is Meta row h·d + 2i + c (inverse of transformers' conversion `permute`)."""
+    d1, d2 = w.shape
+    return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def rotary_to_hf(w, n_heads):
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def model_args_from_hf(model_dir):
+    """(ModelArgs of a one-head model, tie_word_embeddings) from config.json; what we cannot compute is an error."""
+    path = Path(model_dir) / "config.json"
+    c = read_json(path)
+    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 keeps rope_theta in there
+    rope_theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    try:
+        dim, n_heads = c["hidden_size"], c["num_attention_heads"]
+        n_kv = c.get("num_key_value_heads") or n_heads
+        args = ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
+                         vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
+                         norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
+                         max_seq_len=c.get("max_position_embeddings"), n_future_tokens=1)
+    except KeyError as e:
+        raise UserError(f"{path}: missing {e}")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    checks = [(c.get("model_type", "llama") == "llama", f"model_type {c.get('model_type')!r}"),
+              (c.get("hidden_act", "silu") == "silu", f"hidden_act {c.get('hidden_act')!r}"),
+              (not c.get("attention_bias") and not c.get("mlp_bias"), "biases"),
+              (rope_type == "default", f"rope_type {rope_type!r}"),
+              (c.get("head_dim", dim // n_heads) == dim // n_heads, f"head_dim {c.get('head_dim')} != {dim}/{n_heads}"),
+              (dim % (2 * n_heads) == 0 and n_heads % n_kv == 0, f"{n_heads} heads, {n_kv} kv heads of dim {dim}")]
+    unsupported = [what for ok, what in checks if not ok]
+    if unsupported:
+        raise UserError(f"{path}: not a LLaMA this trainer computes exactly ({', '.join(unsupported)})")
+    return args, bool(c.get("tie_word_embeddings", False))
+
+
+def hf_weight_files(model_dir):
+    """{tensor name: safetensors file}: the shards model.safetensors.index.json names, or model.safetensors."""
+    from safetensors import safe_open
+    index = Path(model_dir) / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UserError(f"{index}: no 'weight_map' of tensor names to files")
+        return {name: Path(model_dir) / file for name, file in weight_map.items()}
+    single = Path(model_dir) / "model.safetensors"
+    if not single.exists():
+        raise UserError(f"{model_dir}: no model.safetensors or model.safetensors.index.json "
+                        "(a pytorch_model.bin must be converted to safetensors first)")
+    try:
+        with safe_open(str(single), framework="pt", device="cpu") as f:
+            return {name: single for name in f.keys()}
+    except Exception as e:
+        raise UserError(f"{single}: not a readable safetensors file ({e})")
+
+
+def read_hf_dir(model_dir, dtype):
+    """(args, state in Meta names) of a Hugging Face LLaMA dir. Names and shapes are checked against config.json
+    before any tensor is read; then the memory-mapped files give one tensor at a time, cast to dtype, q/k rows
+    put back in Meta's RoPE order; a tied lm_head becomes a copy of the embedding."""
+    from safetensors import safe_open
+    args, tied = model_args_from_hf(model_dir)
+    names, files = hf_key_map(args.n_layers, tied), hf_weight_files(model_dir)
+    ignored = {n for n in files if n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight")}
+    missing = [n for n in names if n not in files]
+    unexpected = [n for n in files if n not in names and n not in ignored]
+    if missing or unexpected:
+        what = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else ""]
+        raise UserError(f"{model_dir}: tensors do not match config.json ({'; '.join(w for w in what if w)})")
+    expected, state = meta_device_model(args).state_dict(), {}
+    for path in sorted(set(files[n] for n in names)):
+        try:
+            f = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as e:
+            raise UserError(f"{path}: not a readable safetensors file ({e})")
+        for name in [n for n in names if files[n] == path]:
+            meta = names[name]
+            if name not in f.keys():
+                raise UserError(f"{path}: has no tensor {name}, which model.safetensors.index.json places there")
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != tuple(expected[meta].shape):
+                raise UserError(f"{path}: {name} has shape {shape}, config.json implies {tuple(expected[meta].shape)}")
+            w = f.get_tensor(name).to(dtype)
+            if meta.endswith(("wq.weight", "wk.weight")):
+                w = rotary_to_meta(w, args.n_heads if meta.endswith("wq.weight") else args.n_kv_heads)
+            state[meta] = w
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
+    return args, state
+
+
+def with_heads(args, state, H, source):
+    """Re-head a checkpoint for H future tokens (Gloeckle et al.'s fine-tuning setting): the trunk and head 0 stay;
+    a head the checkpoint lacks starts as a copy of head 0's block (the last of `layers`), so head 0 still gives
+    the checkpoint's own logits; heads beyond H are dropped."""
+    own = args.n_future_tokens
+    if H == own:
+        return args, state
+    n_blocks = args.n_layers - own + 1  # trunk + head 0
+    head0 = f"layers.{n_blocks - 1}."
+    state = {k: v for k, v in state.items() if not (k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1)}
+    for j in range(own - 1, H - 1):
+        block = {k[len(head0):]: v for k, v in state.items() if k.startswith(head0)}
+        state.update({f"extra_heads.{j}.{k}": v.clone() for k, v in block.items()})
+    change = (f"heads {own}..{H - 1} start as copies of head 0's block ({head0[:-1]})" if H > own
+              else f"heads {H}..{own - 1} dropped")
+    log.info(f"{source}: a {own}-head checkpoint as a {H}-head model: the trunk keeps {n_blocks - 1} blocks, {change}")
+    return dataclasses.replace(args, n_layers=n_blocks + H - 1, n_future_tokens=H), state
+
+
+def load_pretrained(path, n_future_tokens=None, dtype=torch.float32, value_head=False, memory_efficient_loss=True,
+                    tokenizer=""):
+    """(tokenizer or None, model) of a Meta or Hugging Face LLaMA directory, on the CPU, its weights in `dtype`
+    (a value head, when asked for, fresh and fp32). n_future_tokens=None keeps the checkpoint's own head count,
+    another H re-heads it (with_heads). `tokenizer`: a file to use instead of the directory's own."""
+    d = Path(path)
+    if not (d / "config.json").exists() and not (d / "params.json").exists():
+        raise UserError(f"{d}: not a model directory (no config.json for Hugging Face, no params.json for Meta)")
+    tok = load_tokenizer(tokenizer, d)
+    args, state = read_hf_dir(d, dtype) if (d / "config.json").exists() else read_meta_dir(d, dtype)
+    args, state = with_heads(args, state, n_future_tokens or args.n_future_tokens, d)
+    if tok is not None and tok.vocab_size > args.vocab_size:
+        raise UserError(f"{d}: its tokenizer has {tok.vocab_size} tokens, the model only {args.vocab_size}")
+    model = meta_device_model(args, value_head, memory_efficient_loss)
+    load_state(model, state, str(d))
+    if value_head:
+        model.value_head.to_empty(device="cpu")
+        model.value_head.reset_parameters()
+    return tok, model
+
+
+def is_model_dir(path):
+    return bool(path) and ((Path(path) / "params.json").exists() or (Path(path) / "config.json").exists())
+
+
+def load_reference(path, vocab_size, dtype):
+    """rho1's reference from a Meta or HF dir: its own architecture and size, one head, frozen weights in dtype."""
+    _, reference = load_pretrained(path, n_future_tokens=1, dtype=dtype)
+    if reference.args.vocab_size != vocab_size:
+        raise UserError(f"reference.path: {path} has a vocabulary of {reference.args.vocab_size}, the policy "
+                        f"{vocab_size}: the reference must share the policy's tokenizer")
+    log.info(f"rho1 reference: {path} ({reference.args.n_layers} blocks, one head, {dtype})")
+    return reference
+
+
+def next_token_logits(model, tokens):
+    """tokens [B,T] -> head 0's logits [B,T,V] in float32: the next-token distribution at every position."""
+    logits, _ = model(tokens.to(model.tok_embeddings.weight.device), n_heads=1)
+    return logits[:, :, 0].float()
+
+
+def cast_frozen(model, dtype):
+    """Frozen weights (a LoRA base, the critic's trunk) in `dtype` — bf16 halves them; trainable ones stay fp32."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def micro_args(cfg, vocab_size):
+    m, H = cfg.model.micro, cfg.model.n_future_tokens
+    return ModelArgs(dim=m.dim, n_layers=m.n_trunk_layers + H, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
+                     vocab_size=m.vocab_size or vocab_size, multiple_of=m.multiple_of, norm_eps=m.norm_eps,
+                     rope_theta=m.rope_theta, n_future_tokens=H)
+
+
+def build_model(cfg, use_micro, value_head):
+    """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or model.path (a Meta
+    or HF dir, re-headed to model.n_future_tokens), with LoRA adapters when model.lora.rank > 0 — built before any
+    checkpoint loads into it. Under LoRA the frozen base is held in model.dtype (read straight into it)."""
+    mcfg = cfg.model
+    torch.manual_seed(cfg.training.seed)  # every rank builds the same initial weights
+    lora, frozen = mcfg.lora.rank > 0, DTYPES[mcfg.dtype]
+    if use_micro or not mcfg.path:
+        tok = ByteTokenizer()
+        model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg.memory_efficient_loss)
+    else:
+        tok, model = load_meta_model(mcfg, value_head, frozen if lora else torch.float32)
+    if lora:
+        apply_lora(model, mcfg.lora.rank, mcfg.lora.alpha)
+        cast_frozen(model, frozen)
+    return tok, model
+
+
+def load_meta_model(mcfg, value_head, dtype=torch.float32):
+    """model.path, a Meta or Hugging Face dir, with its tokenizer (model.tokenizer, else the dir's own)."""
+    tok, model = load_pretrained(mcfg.path, mcfg.n_future_tokens, dtype, value_head,
+                                 mcfg.memory_efficient_loss, mcfg.tokenizer)
+    if tok is None:
+        raise UserError(f"model.tokenizer: {mcfg.path} has no tokenizer.model or tokenizer.json "
+                        "(set model.tokenizer)")
+    return tok, model
+
+
+def merged_state(model):
+    """The policy's weights in Meta names: LoRA merged into its base, the value head left out."""
+    state = {f"{name}.weight": m.merged_weight().detach()
+             for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    for key, value in model.state_dict().items():
+        if not key.startswith("value_head.") and ".lora_" not in key:
+            state.setdefault(key, value.detach())
+    return {k: v.cpu() for k, v in state.items()}
+
+
+def save_meta(model, out_dir):
+    """Write params.json + consolidated.pth in Meta's layout: LoRA merged in, value head left out; params.json
+    holds only the fields that are set, as Meta's own do."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "consolidated.pth.tmp"
+    torch.save(merged_state(model), tmp)
+    os.replace(tmp, out_dir / "consolidated.pth")
+    params = {k: v for k, v in dataclasses.asdict(model.args).items() if v is not None}
+    (out_dir / "params.json").write_text(json.dumps(params, indent=2))
+
+
+def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
+    """Write a Hugging Face LLaMA dir of head 0's next-token model (HF's LLaMA has no extra heads: Meta's format
+    keeps them): config.json + model.safetensors, or shards + model.safetensors.index.json past max_shard_bytes."""
+    from safetensors.torch import save_file
+    a, meta = model.args, merged_state(model)
+    n_blocks = a.n_layers - a.n_future_tokens + 1
+    state = {}
+    for hf, name in hf_key_map(n_blocks, tied=False).items():
+        w = meta[name]
+        if name.endswith(("wq.weight", "wk.weight")):
+            w = rotary_to_hf(w, a.n_heads if name.endswith("wq.weight") else a.n_kv_heads or a.n_heads)
+        state[hf] = w.contiguous()
+    shards, size = [[]], 0
+    for name, w in state.items():
+        if shards[-1] and size + w.nbytes > max_shard_bytes:
+            shards, size = shards + [[]], 0
+        shards[-1].append(name)
+        size += w.nbytes
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = ["model.safetensors"] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, names in zip(files, shards):
+        save_file({n: state[n] for n in names}, str(out_dir / file), metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(w.nbytes for w in state.values())},
+                 "weight_map": {n: file for file, names in zip(files, shards) for n in names}}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": a.dim,
+              "intermediate_size": meta["layers.0.feed_forward.w1.weight"].shape[0], "num_hidden_layers": n_blocks,
+              "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads or a.n_heads,
+              "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "hidden_act": "silu",
+              "tie_word_embeddings": False, "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
+    config.update({"max_position_embeddings": a.max_seq_len} if a.max_seq_len else {})
+    config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok is not None else {})
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+
+
+def policy_from_checkpoint(state, cfg, use_micro, source):
+    """The policy a trainer checkpoint holds, value head dropped. A full one needs only its model_args; a LoRA one
+    (model_partial) is its adapters over the base model.path (or the micro model's seeded init), rebuilt in fp32."""
+    args = ModelArgs(**state["model_args"])
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("value_head.")}
+    if not state.get("model_partial"):
+        model = meta_device_model(args)
+        load_state(model, weights, source)
+        return model
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))
+    _, model = build_model(cfg, use_micro, value_head=False)
+    if model.args != args:
+        raise UserError(f"{source}: trained on {args}, but its config rebuilds {model.args} as the LoRA base "
+                        "(pass the run's --config, or --use-micro-model for a micro-model run)")
+    load_state(model, weights, source, partial=True)
+    return model
+
+
+def copy_tokenizer_files(source, out_dir):
+    """The tokenizer (a given file, or the dir's tokenizer.model / tokenizer.json) and the JSON beside it that names
+    BOS/EOS, so an exported dir is complete."""
+    folder = source if source.is_dir() else source.parent
+    names = ["tokenizer.model", "tokenizer.json"] if source.is_dir() else [source.name]
+    for name in names + ["tokenizer_config.json", "special_tokens_map.json"]:
+        if (folder / name).is_file():
+            shutil.copyfile(folder / name, Path(out_dir) / name)
+
+
+def export(checkpoint, fmt, out, config="", use_micro=False):
+    """Write a trainer checkpoint's policy (LoRA merged, value head left out) as a Hugging Face or Meta model dir,
+    with the base model's tokenizer files. Everything goes to a temporary dir renamed to `out` at the end: an
+    error leaves nothing behind."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out}: exists and is not an empty directory")
+    try:
+        path = s3ckpt.resolve_checkpoint(checkpoint, Path(tempfile.gettempdir()) / "wmtp-export-cache",
+                                         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+        state = s3ckpt.load_checkpoint(path)
+    except s3ckpt.CheckpointError as e:
+        raise UserError(str(e))
+    lacking = [k for k in ("model", "config", "model_args") if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise UserError(f"{path}: not a trainer checkpoint (no {', '.join(lacking)})")
+    cfg = load_config(config) if config else config_from_dict(state["config"], f"{path} (its config)")
+    model = policy_from_checkpoint(state, cfg, use_micro, path)
+    mcfg = cfg.model
+    tok = None if use_micro or not mcfg.path else load_tokenizer(mcfg.tokenizer, mcfg.path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if fmt == "hf":
+            save_hf(model, tmp, tok)
+        else:
+            save_meta(model, tmp)
+        if tok is not None:
+            copy_tokenizer_files(Path(mcfg.tokenizer or mcfg.path), tmp)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    heads = "head 0 (HF's LLaMA has no extra heads)" if fmt == "hf" else f"{model.args.n_future_tokens} heads"
+    log.info(f"exported {path} -> {out} ({fmt}: {heads}{', LoRA merged' if state.get('model_partial') else ''})")
+    return out

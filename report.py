@@ -1,0 +1,109 @@
+"""
+Results: `report` (the newest run of each pipeline), and compare's statistics (mean ± 95 % Student-t intervals over
+seeds), its plot of the metrics over steps and its table.
+"""
+import json
+import math
+from pathlib import Path
+import tempfile
+import time
+
+from config import PIPELINES
+from tracking import metric_name, newest_run
+
+
+COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"))
+
+
+PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
+
+
+STARTS = {"baseline": "warm-up", "verifiable": "critic (trunk = warm-up)", "rho1": "warm-up (ref: baseline)"}
+
+
+def report(uri, experiment):
+    """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), eval/pass@1, start, wall."""
+    from mlflow import MlflowClient
+    client = MlflowClient(uri)
+    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>7} {'wall':>6}  "
+          "started from")
+    for pipeline in PIPELINES:
+        r = newest_run(client, experiment, f"tags.pipeline = '{pipeline}'")
+        if r is None:
+            print(f"{pipeline:<11} (no run)")
+            continue
+        m = r.data.metrics
+        acc = m.get("val/accuracy", m.get("val/auc"))
+        acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
+        pass1 = m.get(metric_name("eval/pass@1"))
+        wall = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
+        print(f"{pipeline:<11} {r.info.run_id:<33} {r.data.tags.get('wmtp.steps', '?'):>6} "
+              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {'-' if pass1 is None else f'{pass1:.3f}':>7} "
+              f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
+
+
+def mean_interval(values):
+    """(mean, h): the 95 % Student-t interval mean ± h, h = t_{0.975, n−1} · s / √n, s the sample standard
+    deviation (n − 1 in its denominator); h is nan for a single value."""
+    from scipy.stats import t as student_t  # scipy comes with mlflow
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    s = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, float(student_t.ppf(0.975, n - 1)) * s / math.sqrt(n)
+
+
+def summarize_compare(client, parent, pipelines, runs):
+    """{pipeline: {metric: {values, mean, ci95}, runs, started_from}} from the runs' last logged values; logged on
+    the parent run with the plot of PLOTTED over steps."""
+    from mlflow.entities import Metric
+    summary, now = {}, int(time.time() * 1000)
+    for p in pipelines:
+        ids = [seed_runs[p] for seed_runs in runs]
+        last = [client.get_run(run_id).data.metrics for run_id in ids]
+        summary[p] = {"runs": ids, "started_from": STARTS[p]}
+        for m in COMPARED:
+            values = [x[m] for x in last if m in x]
+            if len(values) == len(ids):
+                mean, h = mean_interval(values)
+                summary[p][m] = {"values": values, "mean": mean, "ci95": h}
+    client.log_batch(parent, metrics=[Metric(f"{p}/{m}_{k}", v[k], now, 0) for p, row in summary.items()
+                                      for m, v in row.items() if m in COMPARED for k in ("mean", "ci95")
+                                      if math.isfinite(v[k])])
+    client.log_text(parent, json.dumps(summary, indent=2), "compare/summary.json")
+    plot_compare(client, parent, summary)
+    return summary
+
+
+def plot_compare(client, parent, summary):
+    """compare/metrics.png: one panel per metric of PLOTTED, a line per pipeline and seed over its steps."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.5 * len(PLOTTED), 3.6))
+    for ax, metric in zip(axes, PLOTTED):
+        for i, (p, row) in enumerate(summary.items()):
+            for j, run_id in enumerate(row["runs"]):
+                history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+                if history:
+                    ax.plot(*zip(*history), color=f"C{i}", alpha=0.8, label=p if j == 0 else None)
+        ax.set(title=metric, xlabel="policy step (after the warm-up)")
+        if ax.lines:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / "metrics.png", dpi=100)
+        client.log_artifact(parent, str(Path(tmp) / "metrics.png"), "compare")
+    plt.close(fig)
+
+
+def format_compare(summary, seeds, warmup_steps, steps):
+    """The table: per policy pipeline, where it started and mean ± 95 % half-width of each metric of COMPARED."""
+    head = f"{'pipeline':<11} {'started from':<26}" + "".join(f" {m:>17}" for m in COMPARED)
+    lines = [f"{seeds} seed(s); a {warmup_steps}-step warm-up baseline, then {steps} steps of each pipeline", head]
+    for p, row in summary.items():
+        cells = ["-" if m not in row else f"{row[m]['mean']:.3f}" + (
+            f" ± {row[m]['ci95']:.3f}" if math.isfinite(row[m]["ci95"]) else "") for m in COMPARED]
+        lines.append(f"{p:<11} {row['started_from']:<26}" + "".join(f" {c:>17}" for c in cells))
+    return "\n".join(lines)
