@@ -4,18 +4,18 @@ bench.py: what the trainer's features cost, as ratios of two things measured sid
     python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P8 (P6 on a GPU), checkpoint, logging
     python bench.py --scaling [--out bench/results.json]    # tokens/s and peak memory over seq x H (slow)
 
-Every figure runs the trainer's own code (weighted_mtp.train_step, LOSSES, MTPTransformer, MetricLogger, s3ckpt)
-against a plain alternative. The two sides alternate (A B, B A, ...) so that whatever else the machine does hits
-both alike; each repeat gives one ratio and the table shows its median, min and max over the repeats. P1-P5 and
-the checkpoint/logging ratios run on the CPU (2 threads) with the micro model scaled up (dim 256, seq 256,
-batch 8, H=4); P6 only where CUDA is present. Ratios, not absolute times, are the point: they carry across machines.
+Every figure runs the trainer's own code (weighted_mtp.train_step, the pipelines' losses, MTPTransformer,
+MetricLogger, s3ckpt) against a plain alternative. The two sides alternate (A B, B A, ...) so that whatever else the
+machine does hits both alike; each repeat gives one ratio and the table shows its median, min and max over the
+repeats. P1-P5 and the checkpoint/logging ratios run on the CPU (2 threads) with the micro model scaled up (dim 256,
+seq 256, batch 8, H=4); P6 only where CUDA is present. Ratios, not absolute times, are the point: they carry across
+machines.
 """
 import os
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the profiler (peak_memory) would print two lines per step
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import platform
@@ -41,14 +41,14 @@ from pretrained import ByteTokenizer
 from data import collate
 from parallel import Meter, model_state, wrap
 from tracking import MetricLogger
-from checkpointing import rng_state
+from checkpointing import checkpoint_state
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
 BYTES = ByteTokenizer.vocab_size
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10G", 70e12)]  # dense bf16 FLOP/s by GPU name, first match wins
-FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=7, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False)
+FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=5, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False)
 QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=3, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True)
 
 # -----------------------------------------------------------------------------
@@ -404,14 +404,12 @@ def fsdp_worker(S, job):
     dist.destroy_process_group()
 
 
-def checkpoint_state(trainer):
-    """What train()'s save() writes."""
+def trainer_checkpoint(trainer):
+    """What the trainer's Checkpointer writes (checkpointing.checkpoint_state + the model and optimizer)."""
     s, model, optimizer = trainer[:3]
     weights, partial = model_state(model)
-    return {"model": weights, "model_partial": partial, "optimizer": optimizer.state_dict(), "scheduler": {"step": 1},
-            "step": 1, "position": 1, "rng": rng_state(), "ema": s.pipeline.state_dict(), "config": s.cfg.to_dict(),
-            "run_id": "bench", "best_val_loss": 1.0, "pipeline": s.pipeline.name, "finished": False,
-            "model_args": dataclasses.asdict(model.args)}
+    return {**checkpoint_state(s, 1, 1, "bench", 1.0, False), "model": weights, "model_partial": partial,
+            "optimizer": optimizer.state_dict()}
 
 
 @contextlib.contextmanager
@@ -452,7 +450,7 @@ def s3_figures(S, tmp):
     trainer, batch = setup("baseline", dim=S.dim), make_batch(S.batch, S.seq)
     step = trainer_step(trainer, batch)
     step(), step()
-    state, run_dir, n = checkpoint_state(trainer), Path(tmp) / "run", [0]
+    state, run_dir, n = trainer_checkpoint(trainer), Path(tmp) / "run", [0]
     with s3_run(tmp) as uploader, spare_core() as threads:
         writer = s3ckpt.CheckpointWriter(3, uploader)
 
@@ -588,9 +586,40 @@ def cpu_name():
     return platform.processor() or "cpu"
 
 
+def figures():
+    """name -> (function, needs a temp dir): every figure `--only` can name, in the order the full bench runs them."""
+    timed = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads, p7_peer, p8_efficient_loss]
+    timed += [p6_mfu] if torch.cuda.is_available() else []
+    named = {f.__name__[:2].upper(): (f, False) for f in timed}
+    named.update({f.__name__: (f, False) for f in (gen_kv_cache, sandbox_throughput)})
+    named.update({f.__name__.removesuffix("_figures").removesuffix("_figure"): (f, True)
+                  for f in (s3_figures, log_figure, fsdp_figures)})
+    return named
+
+
+def run_figures(S, chosen):
+    """{figure: result} of the chosen figures, each printed as it finishes."""
+    results, t0 = {}, time.time()
+    with tempfile.TemporaryDirectory(prefix="wmtp-bench-") as tmp:
+        for name, (fig, needs_dir) in chosen.items():
+            if needs_dir:
+                results.update(fig(S, tmp))
+                print(f"{name} ({time.time() - t0:.0f}s)", flush=True)
+            else:
+                results[name] = fig(S)
+                print(f"{name}: {results[name].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)
+    gpu = f"; P6 on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    results["meta"] = {"device": f"{cpu_name()}, {torch.get_num_threads()} torch threads{gpu}",
+                       "torch": torch.__version__, "repeats": S.repeats, "quick": S.quick,
+                       "seconds": round(time.time() - t0, 1), "sizes": vars(S), "figures": list(chosen)}
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
+    parser.add_argument("--only", help="comma-separated figures, e.g. P7,P8,s3 (merged into --out); default all: "
+                        + ",".join(figures()))
     parser.add_argument("--scaling", action="store_true", help="only the seq x H scaling grid, merged into --out")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
@@ -600,35 +629,22 @@ def main():
     if args.fsdp_worker:
         return fsdp_worker(QUICK if args.quick else FULL, args.fsdp_worker)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
-    S, out = (QUICK if args.quick else FULL), Path(args.out)
+    S, out, known = (QUICK if args.quick else FULL), Path(args.out), figures()
     old = json.loads(out.read_text()) if out.exists() else {}
     if args.scaling:
         results = {**old, "scaling": scaling(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}
     else:
-        results, t0 = {}, time.time()
-        figures = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads, p7_peer, p8_efficient_loss]
-        figures += [p6_mfu] if torch.cuda.is_available() else []
-        for fig in figures:
-            name = fig.__name__[:2].upper()
-            results[name] = fig(S)
-            print(f"{fig.__name__}: {results[name].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)
-        for fig in (gen_kv_cache, sandbox_throughput):
-            results[fig.__name__] = fig(S)
-            print(f"{fig.__name__}: {results[fig.__name__]['median']:.2f} ({time.time() - t0:.0f}s)", flush=True)
-        with tempfile.TemporaryDirectory(prefix="wmtp-bench-") as tmp:
-            for fig in (s3_figures, log_figure, fsdp_figures):
-                results.update(fig(S, tmp))
-                print(f"{fig.__name__} ({time.time() - t0:.0f}s)", flush=True)
-        gpu = f"; P6 on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-        results["meta"] = {"device": f"{cpu_name()}, {torch.get_num_threads()} torch threads{gpu}",
-                           "torch": torch.__version__, "repeats": S.repeats, "quick": S.quick,
-                           "seconds": round(time.time() - t0, 1), "sizes": vars(S)}
-        results.update({"scaling": old["scaling"]} if "scaling" in old else {})
+        names = args.only.split(",") if args.only else list(known)
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            parser.error(f"--only: unknown figure(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        results = run_figures(S, {n: known[n] for n in names})
+        results = {**old, **results} if args.only else {**results, **({"scaling": old["scaling"]} if "scaling" in old
+                                                                     else {})}
         print_table(results)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
-
 
 if __name__ == "__main__":
     main()

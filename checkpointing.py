@@ -14,16 +14,14 @@ import s3ckpt
 import torch
 import torch.distributed as dist
 
-from config import RUN_NAMES, UserError
+from config import RUN_NAMES, tracking_uri, UserError
 from parallel import broadcast, full_state, is_sharded, save_sharded
 from pretrained import load_state
-from tracking import Preempted, finished, newest_run, tracking_uri
-
-
+from tracking import Preempted, finished, newest_run
 def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
     """A checkpoint path, s3:// or runs:/ URI, or `auto` (the newest finished run of a pipeline) -> (local file,
     the URI it was downloaded from or None)."""
-    uri_tracking = tracking_uri(cfg)
+    uri_tracking = tracking_uri(cfg.mlflow.tracking_uri)
     if uri == "auto":
         from mlflow import MlflowClient
         run = newest_run(MlflowClient(uri_tracking), cfg.mlflow.experiment, finished(pipeline_for_auto))
@@ -111,7 +109,7 @@ def newest_remote_checkpoint(cfg, run_name):
     """runs:/ URI of the newest step checkpoint (by step number: a preemption writes one), else checkpoint_best.pt,
     of the newest unfinished run with this run name and experiment.name; None when there is none to resume from."""
     from mlflow import MlflowClient
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
     same_config = (f"tags.mlflow.runName = '{run_name}' and params.`experiment.name` = '{cfg.experiment.name}' "
                    "and attributes.status != 'FINISHED'")
     run = newest_run(client, cfg.mlflow.experiment, same_config)
@@ -126,6 +124,20 @@ def newest_remote_checkpoint(cfg, run_name):
     steps = sorted((n for n in names if s3ckpt.checkpoint_step(n) is not None), key=s3ckpt.checkpoint_step)
     newest = next((n for n in reversed(steps) if whole(n)), "checkpoint_best.pt")
     return f"runs:/{run.info.run_id}/checkpoints/{newest}" if newest in names else None
+
+
+def checkpoint_state(setup, step, position, run_id, best_val_loss, finished, unsent_metrics=()):
+    """Everything a checkpoint holds but the model and optimizer (those come from full_state or the shards):
+    what an exact resume needs, and what export and evaluate read (config, model_args, run_id, step)."""
+    return {"step": step, "position": position, "rng": rng_state(), "pipeline_state": setup.pipeline.state_dict(),
+            "config": setup.cfg.to_dict(), "run_id": run_id, "best_val_loss": best_val_loss,
+            "pipeline": setup.pipeline.name, "finished": finished, "unsent_metrics": list(unsent_metrics),
+            "model_args": dataclasses.asdict(setup.model.args)}
+
+
+def pipeline_state(checkpoint):
+    """The pipeline's own state in a checkpoint (checkpoints before the split named it "ema", whatever it held)."""
+    return checkpoint.get("pipeline_state", checkpoint.get("ema"))
 
 
 class Checkpointer:
@@ -179,10 +191,8 @@ class Checkpointer:
 
     def save(self, name, step, finished=False, wait=False):
         s, path = self.setup, self.run_dir / name
-        state = {"unsent_metrics": self.tracking.unsent(), "scheduler": {"step": step}, "step": step,
-                 "position": self.batches.position, "rng": rng_state(), "ema": s.pipeline.state_dict(),
-                 "config": s.cfg.to_dict(), "run_id": self.run_id, "best_val_loss": self.best_val,
-                 "pipeline": s.pipeline.name, "finished": finished, "model_args": dataclasses.asdict(s.model.args)}
+        state = checkpoint_state(s, step, self.batches.position, self.run_id, self.best_val, finished,
+                                 self.tracking.unsent())
         if not name.endswith(".pt"):
             self.wait_shards()  # one sharded save in flight per rank, as the writer keeps one write in flight
             written = save_sharded(s.model, s.optimizer, path, self.group)

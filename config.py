@@ -10,6 +10,8 @@ import contextlib
 import dataclasses
 import difflib
 import json
+import os
+import sys
 from pathlib import Path
 import re
 
@@ -17,6 +19,10 @@ import yaml
 
 
 ROOT = Path(__file__).resolve().parent
+# configs/ beside the modules (a checkout, an editable install), else where `pip install .` put it (pyproject.toml's
+# data-files: <venv>/share/weighted-mtp/configs)
+CONFIGS = next((d for d in (ROOT / "configs", Path(sys.prefix) / "share" / "weighted-mtp" / "configs")
+                if (d / "defaults.yaml").is_file()), ROOT / "configs")
 
 
 SECRET_KEY = re.compile(r"password|secret|token|access_key|credential", re.IGNORECASE)
@@ -34,6 +40,11 @@ TEMPLATE_NAMES = ("alpaca", "plain")
 
 
 DTYPE_NAMES = ("float32", "bfloat16")
+
+
+def tracking_uri(configured=""):
+    """Where MLflow is: mlflow.tracking_uri when set, else $MLFLOW_TRACKING_URI, else ./mlflow.db (embedded)."""
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 class UserError(Exception):
@@ -321,7 +332,7 @@ def config_from_dict(tree, source):
     return typed(Config, merged, source)
 
 
-DEFAULTS = read_yaml(ROOT / "configs" / "defaults.yaml")
+DEFAULTS = read_yaml(CONFIGS / "defaults.yaml")
 
 
 def flatten(tree, prefix=""):

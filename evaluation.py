@@ -15,14 +15,12 @@ import torch
 import torch.distributed as dist
 
 from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
-from config import UserError, flatten
+from config import flatten, tracking_uri, UserError
 from data import collate, load_records, render_prompt
 from model import generate
 from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
 from pretrained import build_model
-from tracking import experiment_id, log_params, metric_name, tracking_uri
-
-
+from tracking import experiment_id, log_params, metric_name
 log = logging.getLogger("weighted_mtp")
 
 
@@ -212,7 +210,7 @@ def log_evaluation(cfg, run_id, step, summary, results):
     """eval/pass@k and eval/samples.jsonl on the training run, or on a new run `evaluate` when there is none."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
-    client, own_run = MlflowClient(tracking_uri(cfg)), run_id is None
+    client, own_run = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri)), run_id is None
     if own_run:
         run_id = client.create_run(experiment_id(client, cfg), run_name="evaluate",
                                    tags={"pipeline": "evaluate"}).info.run_id

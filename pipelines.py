@@ -69,7 +69,7 @@ class Pipeline:
         return out
 
     def state_dict(self):
-        """This pipeline's share of a checkpoint (saved under "ema")."""
+        """This pipeline's share of a checkpoint (saved under "pipeline_state")."""
         return None
 
     def load_state_dict(self, state):

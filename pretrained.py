@@ -14,7 +14,7 @@ import tempfile
 import s3ckpt
 import torch
 
-from config import UserError, config_from_dict, load_config
+from config import config_from_dict, load_config, tracking_uri, UserError
 from model import LoRALinear, ModelArgs, MTPTransformer, apply_lora
 
 
@@ -154,11 +154,6 @@ def read_consolidated(model_dir):
         return path, torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as e:
         raise UserError(f"{path}: not a readable checkpoint ({e})")
-
-
-def load_meta_weights(model, model_dir):
-    path, state = read_consolidated(model_dir)
-    load_state(model, state, f"{path} (vs params.json)")
 
 
 def read_meta_dir(model_dir, dtype):
@@ -481,7 +476,7 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
         raise UserError(f"--out {out}: exists and is not an empty directory")
     try:
         path = s3ckpt.resolve_checkpoint(checkpoint, Path(tempfile.gettempdir()) / "wmtp-export-cache",
-                                         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db")
+                                         tracking_uri=tracking_uri())
         state = s3ckpt.load_checkpoint(path)
     except s3ckpt.CheckpointError as e:
         raise UserError(str(e))

@@ -126,9 +126,9 @@ gpu_count() {
 print_cmd() { printf '+'; printf ' %q' "$@"; printf '\n'; }   # the exact line a user would type
 
 # --- <pipeline> [--local] [--dry-run] [trainer args] -----------------------------------------------
-cmd_train() {
-  local pipeline=$1 local_=0 dry=0 a cfg missing="" v ngpu nproc nnodes args=() cmd=()
-  shift
+cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
+  local command=$1 pipeline=${2:-} local_=0 dry=0 a cfg missing="" v ngpu nproc nnodes args=() cmd=()
+  shift; [ $# -eq 0 ] || shift
   check_pipeline "$pipeline"
   for a in "$@"; do
     case $a in --local) local_=1 ;; --dry-run) dry=1 ;; *) args+=("$a") ;; esac
@@ -156,7 +156,7 @@ cmd_train() {
     cmd=(python)
   fi
   [ "$local_" = 0 ] || args=(--use-micro-model ${args[@]+"${args[@]}"})
-  local train=(-m weighted_mtp "${WMTP_COMMAND:-train}" --config "$cfg" ${args[@]+"${args[@]}"})
+  local train=(-m weighted_mtp "$command" --config "$cfg" ${args[@]+"${args[@]}"})
   # torchrun --max_restarts: restarted gloo workers must not reuse the old rendezvous store (pytorch#135712).
   export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
   # torchrun forces OMP_NUM_THREADS=1 when unset; give each process its share of the cores.
@@ -275,7 +275,7 @@ main() {
     help | -h | --help) usage ;;
     demo) cmd_compare --seeds 1 "$@" ;;
     compare) cmd_compare "$@" ;;
-    evaluate) WMTP_COMMAND=evaluate cmd_train "$@" ;;
+    evaluate) cmd_train evaluate "$@" ;;
     test) cmd_test "$@" ;;
     ui) bootstrap   # one worker: several race to create the tables of a fresh mlflow.db (and are slower on 2 cores)
       exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "${PORT:-5000}" \
@@ -290,7 +290,7 @@ main() {
       exec "$PYTHON" -m weighted_mtp doctor "$@" ;;
     bench) bootstrap test; exec "$PYTHON" bench.py "$@" ;;   # test extras: the upload ratios need moto
     -*) usage >&2; exit 2 ;;
-    *) cmd_train "$sub" "$@" ;;
+    *) cmd_train train "$sub" "$@" ;;
   esac
 }
 

@@ -572,13 +572,12 @@ def _download_mlflow(uri, run_id, path, cache_dir, tracking_uri):
     return dst
 
 
-def resolve_checkpoint(uri, cache_dir, tracking_uri=None, experiment=None, run_name=None,
-                       artifact="checkpoints/checkpoint_best.pt"):
+def resolve_checkpoint(uri, cache_dir, tracking_uri=None):
     """Returns a local file for uri: a local path as it is; s3://bucket/key and runs:/<run_id>/<path> downloaded
-    atomically into cache_dir (with their .sha256 when the remote has one, so load_checkpoint verifies them);
-    "auto" = `artifact` of the newest FINISHED run named run_name in `experiment`. Raises CheckpointError."""
+    atomically into cache_dir (with their .sha256 when the remote has one, so load_checkpoint verifies them).
+    Raises CheckpointError. (`auto` is the trainer's: checkpointing.resolve_uri turns it into a runs:/ URI.)"""
     uri = str(uri)
-    if uri != "auto" and not uri.startswith(("s3://", "runs:/")):
+    if not uri.startswith(("s3://", "runs:/")):
         path = Path(uri).expanduser()
         if not path.is_file() and not (path / "trainer.pt").is_file():
             raise CheckpointError(f"{path}: no such checkpoint file (or sharded checkpoint directory)")
@@ -586,17 +585,6 @@ def resolve_checkpoint(uri, cache_dir, tracking_uri=None, experiment=None, run_n
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     try:
-        if uri == "auto":
-            client = MlflowClient(tracking_uri)
-            exp = client.get_experiment_by_name(experiment) if experiment else None
-            runs = client.search_runs(
-                [exp.experiment_id],
-                filter_string=f"tags.mlflow.runName = '{run_name}' and attributes.status = 'FINISHED'",
-                order_by=["attributes.start_time DESC"], max_results=1) if exp else []
-            if not runs:
-                raise CheckpointError(f"no finished '{run_name}' run in experiment '{experiment}': "
-                                      "run that pipeline first")
-            uri = f"runs:/{runs[0].info.run_id}/{artifact}"
         if uri.startswith("s3://"):
             return (_download_s3_dir if _is_dir_name(uri) else _download_s3)(*_split_s3(uri), cache_dir)
         run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")

@@ -15,17 +15,11 @@ import time
 import s3ckpt
 import yaml
 
-from config import UserError, flatten, redacted
-
-
+from config import flatten, redacted, tracking_uri, UserError
 log = logging.getLogger("weighted_mtp")
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
-
-
-def tracking_uri(cfg):
-    return cfg.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
 
 
 def experiment_artifact_location(cfg, uri):
@@ -44,7 +38,8 @@ def experiment_id(client, cfg):
     a GenAI experiment: an empty Traces page)."""
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(
-        cfg.mlflow.experiment, artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg)))
+        cfg.mlflow.experiment,
+        artifact_location=experiment_artifact_location(cfg, tracking_uri(cfg.mlflow.tracking_uri)))
     if not exp or EXPERIMENT_KIND not in exp.tags:
         client.set_experiment_tag(exp_id, EXPERIMENT_KIND, "custom_model_development")
     return exp_id
@@ -150,7 +145,7 @@ class Tracking:
             self.metrics.replay(self.unsent_metrics)
             self.system = self._start_system_metrics()
             c = self.cfg.checkpoint
-            self.uploader = s3ckpt.CheckpointUploader(self.run_id, tracking_uri(self.cfg),
+            self.uploader = s3ckpt.CheckpointUploader(self.run_id, tracking_uri(self.cfg.mlflow.tracking_uri),
                                                       retry_budget_s=c.upload_retry_budget_s,
                                                       verify_etag=c.verify_etag)
         return self
@@ -158,14 +153,15 @@ class Tracking:
     def _start_run(self):
         """A new run (tags, params, config.yaml) or the resumed one continued; returns the last step it logged."""
         from mlflow import MlflowClient
-        cfg, uri = self.cfg, tracking_uri(self.cfg)
+        cfg, uri = self.cfg, tracking_uri(self.cfg.mlflow.tracking_uri)
         self.client = MlflowClient(uri)
         exp_id = experiment_id(self.client, cfg)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "train/loss")
             return max((m.step for m in history), default=0)
-        tags = {"pipeline": cfg.experiment.pipeline, **{str(k): str(v) for k, v in cfg.mlflow.tags.items()}}
+        # the pipeline tag (what `auto` searches by) comes from experiment.pipeline alone, whatever mlflow.tags say
+        tags = {**{str(k): str(v) for k, v in cfg.mlflow.tags.items()}, "pipeline": cfg.experiment.pipeline}
         if cfg.experiment.description:
             tags["mlflow.note.content"] = cfg.experiment.description
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
@@ -180,7 +176,7 @@ class Tracking:
             return None
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval, resume_logging=self.resumed,
-                                       tracking_uri=tracking_uri(self.cfg))
+                                       tracking_uri=tracking_uri(self.cfg.mlflow.tracking_uri))
         monitor.start()
         return monitor
 
@@ -270,7 +266,7 @@ def tracking_checks(cfg, timeout=5.0):
     reachable (/health), credentials accepted by the API (/health answers 200 even to a wrong password),
     experiment visible, S3 artifact root writable (put + delete of a probe object)."""
     import requests
-    uri = tracking_uri(cfg)
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
     experiment, artifact_root = cfg.mlflow.experiment, cfg.mlflow.s3_artifacts
     if uri.startswith("http"):
         try:
@@ -330,7 +326,8 @@ def doctor(cfg, env_path):
     """Print one line per check with its fix; exit code 0 only when all pass. Never prints a secret's value."""
     found = Path(env_path).exists()
     set_vars = [v for v in ENV_VARS if os.environ.get(v)]
-    needed = tracking_uri(cfg).startswith("http") or cfg.mlflow.s3_artifacts.startswith("s3://")
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    needed = uri.startswith("http") or cfg.mlflow.s3_artifacts.startswith("s3://")
     where = "found" if found else "not found (copy .env.example to .env)"
     lines = [(found or bool(set_vars) or not needed, f"{env_path} {where}; set: {', '.join(set_vars) or 'none'}")]
     lines += list(tracking_checks(cfg))

@@ -23,9 +23,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from checkpointing import (Checkpointer, find_resume, load_checkpoint_into, on_this_node, read_trainer_state,
-                           resolve_uri, set_rng_state)
-from config import DEFAULTS, ROOT, RUN_NAMES, Config, UserError, load_config, redacted
+from checkpointing import (Checkpointer, find_resume, load_checkpoint_into, on_this_node, pipeline_state,
+                           read_trainer_state, resolve_uri, set_rng_state)
+from config import CONFIGS, Config, DEFAULTS, load_config, redacted, RUN_NAMES, tracking_uri, UserError
 from data import Batches, encode_records, epoch_order, load_records, sample_records
 from evaluation import Validation, evaluate
 from memplan import dry_run_report
@@ -34,9 +34,7 @@ from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync,
 from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import build_model, export, load_pretrained, next_token_logits
 from report import STARTS, format_compare, report, summarize_compare
-from tracking import NoTracking, Preempted, Tracking, doctor, experiment_id, log_params, preflight, tracking_uri
-
-
+from tracking import NoTracking, Preempted, Tracking, doctor, experiment_id, log_params, preflight
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
 __all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "compare", "main"]
 log = logging.getLogger("weighted_mtp")
@@ -132,7 +130,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
         else:
             load_optimizer(model, optimizer, resume["optimizer"])
         set_rng_state(resume["rng"])
-        pipeline.load_state_dict(resume["ema"])
+        pipeline.load_state_dict(pipeline_state(resume))
     return setup
 
 
@@ -277,13 +275,6 @@ class StopSignal:
         log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
 
 
-def injected_fault(rank, done):
-    """For the restart tests: WMTP_TEST_FAULT=<rank>:<step> makes that rank fail once, in the first attempt."""
-    if (os.environ.get("WMTP_TEST_FAULT") == f"{rank}:{done}"
-            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
-        raise RuntimeError(f"WMTP_TEST_FAULT: rank {rank} fails once at step {done}")
-
-
 def train(cfg, use_micro=False):
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -313,7 +304,6 @@ def train(cfg, use_micro=False):
                                             batches.take(cfg.training.gradient_accumulation_steps),
                                             train_log.meter, step, signals.received)
                     done = step + 1
-                    injected_fault(rank, done)
                     stop = flags.after(done, step_flags, last=done == s.total_steps)
                     train_log.step(done, lr, stop)
                     if stop:
@@ -326,7 +316,7 @@ def train(cfg, use_micro=False):
                 checkpointer.final()
             log.info(f"done: {s.total_steps} steps in {time.time() - train_log.t_start:.1f}s, "
                      f"best val/loss {checkpointer.best_val:.4f}")
-        return {"run_id": run_id, "steps": s.total_steps, "model": s.model, "pipeline": s.pipeline, **val}
+        return {"run_id": run_id, "steps": s.total_steps, **val}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -335,11 +325,11 @@ def train(cfg, use_micro=False):
 POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
 
 
-WARMUP_CONFIG = ROOT / "configs" / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
+WARMUP_CONFIG = CONFIGS / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
 
 
 def local_config(pipeline):
-    return ROOT / "configs" / pipeline / f"{pipeline}_local.yaml"
+    return CONFIGS / pipeline / f"{pipeline}_local.yaml"
 
 
 def train_child(path, overrides, parent_id, started_from, run_name=""):
@@ -387,7 +377,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
         raise UserError(f"compare: the policy pipelines must train the same steps after a warm-up of > 0 steps, "
                         f"got {steps} after --warmup-steps {warmup_steps}")
     cfg = cfgs[pipelines[0]]
-    client = MlflowClient(tracking_uri(cfg))
+    client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
     parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
                                tags={"pipeline": "compare"}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
@@ -425,7 +415,7 @@ def cli():
     e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
     e.add_argument("--json", help="also write the summary here")
     d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
-    d.add_argument("--config", default=str(ROOT / "configs" / "defaults.yaml"))
+    d.add_argument("--config", default=str(CONFIGS / "defaults.yaml"))
     d.add_argument("--env-file", default=".env")
     d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
     x = sub.add_parser("export", help="write a trained policy as a Hugging Face or Meta model directory")
@@ -457,8 +447,7 @@ def main(argv=None):
             export(args.checkpoint, args.format, args.out, args.config, args.use_micro_model)
             return 0
         if args.command == "report":
-            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
-            return report(uri, args.experiment)
+            return report(tracking_uri(args.tracking_uri), args.experiment)
         if args.command == "compare":
             pipelines = tuple(args.pipelines.split(","))
             if args.seeds < 1 or not set(pipelines) <= set(POLICY_PIPELINES):
@@ -498,7 +487,8 @@ def exit_worker(code):
     os._exit(code)
 
 
-if __name__ == "__main__":
+def entry():
+    """`python -m weighted_mtp ...`: main(), and under torchrun the way out through exit_worker."""
     if "RANK" not in os.environ:
         sys.exit(main())
     try:
@@ -509,3 +499,7 @@ if __name__ == "__main__":
         traceback.print_exc()
         exit_code = 1
     exit_worker(exit_code)
+
+
+if __name__ == "__main__":
+    entry()

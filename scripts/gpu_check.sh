@@ -130,8 +130,11 @@ from pretrained import micro_args
 cfg = load_config("configs/baseline/baseline_local.yaml", [
     "mlflow.enable_logging=false", "training.max_steps=4", "data_sampling.n_samples=64", "training.batch_size=4",
     "training.eval_interval=4", "data_sampling.val_samples=8", f"checkpoint.dir={os.environ['CKPT']}"])
-model = wm.train(cfg, use_micro=True)["model"]
-torch.save({k: v.cpu() for k, v in model.state_dict().items()}, f"{os.environ['CKPT']}/rank{os.environ['RANK']}.pt")
+prepare, setups = wm.prepare, []  # the trained model, caught on its way into train() (which does not return it)
+wm.prepare = lambda *args, **kwargs: setups.append(prepare(*args, **kwargs)) or setups[-1]
+wm.train(cfg, use_micro=True)
+torch.save({k: v.cpu() for k, v in setups[0].model.state_dict().items()},
+           f"{os.environ['CKPT']}/rank{os.environ['RANK']}.pt")
 wm.exit_worker(0)  # as the trainer's own workers end (a gloo thread may still hold DDP's last all-reduce)
 EOF
 step ddp 180 env CKPT="$WORK/ckpt-ddp" "${TORCHRUN[@]}" "$WORK/ddp.py"

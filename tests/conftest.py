@@ -26,3 +26,23 @@ def tiny_config(pipeline, tmp_path, *overrides):
     from config import load_config
     return load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
                        [*TINY, f"checkpoint.dir={tmp_path}/ckpt", *overrides])
+
+
+def load_meta_weights(model, model_dir):
+    """A Meta dir's consolidated.pth loaded strictly into `model` (the trainer reads Meta dirs through
+    pretrained.read_meta_dir; the tests check the strict load itself)."""
+    from pretrained import load_state, read_consolidated
+    path, state = read_consolidated(model_dir)
+    load_state(model, state, f"{path} (vs params.json)")
+
+
+def train_keeping_setup(cfg, use_micro=False):
+    """(train's result, the Setup it trained): prepare() caught on its way into train(), so that a test can look
+    at the live model and pipeline, which train() itself does not hand out."""
+    import weighted_mtp as wm
+    caught, prepare = [], wm.prepare
+    wm.prepare = lambda *args, **kwargs: caught.append(prepare(*args, **kwargs)) or caught[-1]
+    try:
+        return wm.train(cfg, use_micro=use_micro), caught[-1]
+    finally:
+        wm.prepare = prepare

@@ -82,6 +82,17 @@ def _stack_env(ports: dict[str, int]) -> dict[str, str]:
     return env
 
 
+def printed_stack(lines):
+    """What `./run.sh server` printed: its .env block as {key: value}, plus the pids and dirs it announced."""
+    info: dict = {}
+    for line in lines[lines.index("# --- .env ---") + 1: lines.index("# --- end ---")]:
+        key, _, value = line.partition("=")
+        info[key] = shlex.split(value)[0] if value else ""
+    info["pids"] = {ln.split()[3]: int(ln.split()[4]) for ln in lines if ln.startswith("# stack: pid ")}
+    info["dirs"] = [ln.split(" ", 3)[3] for ln in lines if ln.startswith("# stack: dir ")]
+    return info
+
+
 @contextmanager
 def running_stack(stop_signal: int = signal.SIGINT, startup_timeout: float = 180.0):
     """Start `./run.sh server` in its own process group; yield its .env values, pids, dirs, ports."""
@@ -101,10 +112,6 @@ def running_stack(stop_signal: int = signal.SIGINT, startup_timeout: float = 180
 
     threading.Thread(target=read, daemon=True).start()
 
-    def stderr_tail() -> str:
-        errlog.seek(0)
-        return errlog.read()[-4000:]
-
     def stop(sig: int) -> tuple[int | None, float]:
         start = time.monotonic()
         try:
@@ -121,16 +128,9 @@ def running_stack(stop_signal: int = signal.SIGINT, startup_timeout: float = 180
     if not ready.wait(startup_timeout) or "# --- end ---" not in lines:
         stop(signal.SIGTERM)
         raise RuntimeError("./run.sh server did not print its .env block\nstdout:\n" + "\n".join(lines)
-                           + "\nstderr:\n" + stderr_tail())
+                           + "\nstderr:\n" + (errlog.seek(0) or errlog.read())[-4000:])
 
-    block = lines[lines.index("# --- .env ---") + 1: lines.index("# --- end ---")]
-    info: dict = {}
-    for line in block:
-        key, _, value = line.partition("=")
-        info[key] = shlex.split(value)[0] if value else ""
-    info["pids"] = {ln.split()[3]: int(ln.split()[4]) for ln in lines if ln.startswith("# stack: pid ")}
-    info["dirs"] = [ln.split(" ", 3)[3] for ln in lines if ln.startswith("# stack: dir ")]
-    info["ports"] = ports
+    info = {**printed_stack(lines), "ports": ports}
     try:
         yield info
     finally:

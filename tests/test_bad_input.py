@@ -23,9 +23,9 @@ from hypothesis.configuration import set_hypothesis_home_dir
 import weighted_mtp as wm
 from config import DEFAULTS, PIPELINES, UserError, dotted_keys, load_config
 from model import MTPTransformer
-from pretrained import load_meta_weights, micro_args, model_args_from_meta, save_meta
+from pretrained import micro_args, model_args_from_meta, save_meta
 from data import read_jsonl
-from conftest import ROOT, TINY
+from conftest import load_meta_weights, ROOT, TINY
 
 BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")
 VERIFIABLE = str(ROOT / "configs" / "verifiable" / "verifiable_local.yaml")
@@ -331,7 +331,8 @@ def test_an_integer_too_large_for_a_float_key(tmp_path):
     big = "1" + "0" * 309
     with pytest.raises(UserError) as e:
         load_config(BASELINE, [f"training.learning_rate={big}"])
-    assert str(e.value) == f"--override training.learning_rate={big}: 'training.learning_rate' must be float, got int {big}"
+    assert str(e.value) == \
+        f"--override training.learning_rate={big}: 'training.learning_rate' must be float, got int {big}"
 
 
 def test_a_key_with_a_newline_is_still_a_one_line_error(tmp_path):

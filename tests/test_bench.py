@@ -23,7 +23,8 @@ def test_bench_quick_reports_every_figure(tmp_path):
     results = json.loads(out.read_text())
     for name in FIGURES + (["P6"] if torch.cuda.is_available() else []):
         r = results[name]
-        if name in ("log_overhead", "P6") and "skipped" in r:  # may be skipped (--quick; a GPU of unknown peak), saying why
+        # log_overhead and P6 may be skipped (--quick; a GPU of unknown peak), saying why
+        if name in ("log_overhead", "P6") and "skipped" in r:
             assert isinstance(r["skipped"], str) and r["skipped"]
             continue
         if name == "P7" and importlib.util.find_spec("transformers") is None:  # the bench extra is missing: says so
@@ -36,3 +37,18 @@ def test_bench_quick_reports_every_figure(tmp_path):
     assert ("P6" in results) == torch.cuda.is_available()
     assert results["P5"]["goal"] > 1.05  # computed from one head's share of the model FLOPs
     assert results["meta"]["quick"] is True and results["meta"]["torch"] == torch.__version__
+
+
+def test_bench_only_runs_the_chosen_figures_and_keeps_the_others(tmp_path):
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps({"P1": {"median": 0.5, "kept": True}}))
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--only", "P4", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["P1"] == {"median": 0.5, "kept": True} and results["meta"]["figures"] == ["P4"]
+    assert set(results) == {"P1", "P4", "meta"} and results["P4"]["min"] <= results["P4"]["median"]
+    bad = subprocess.run([sys.executable, "bench.py", "--only", "P4,P99", "--out", str(out)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--only: unknown figure(s) P99; known: P1, P2," in bad.stderr
+    assert json.loads(out.read_text()) == results  # nothing written

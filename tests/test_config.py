@@ -43,7 +43,8 @@ def test_bad_values_name_the_key(override, message):
 def test_unknown_key_in_file_and_yaml_error_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  batch_sise: 4\n")
-    with pytest.raises(UserError, match=r"bad.yaml: unknown key 'training.batch_sise' \(did you mean 'training.batch_size'\?\)"):
+    with pytest.raises(UserError,
+                       match=r"bad.yaml: unknown key 'training.batch_sise' \(did you mean 'training.batch_size'\?\)"):
         load_config(bad)
     broken = tmp_path / "broken.yaml"
     broken.write_text("training:\n  batch_size: 4\n  lr: [1, 2\n")

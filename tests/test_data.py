@@ -47,7 +47,8 @@ def test_overlong_sequences_truncate_skip_or_fail():
     assert n == 1 and len(examples[0][0]) == prompt_len + 2 and examples[0][1][-2:] == [ord("y"), ord("e")]
     examples, n = encode_records([long, short], TOK, prompt_len + 2, "skip", "d.jsonl")
     assert n == 1 and len(examples) == 1 and examples[0][3] is short
-    with pytest.raises(UserError, match=rf"^d.jsonl:7: sequence of {prompt_len + 4} tokens exceeds dataset.max_length={prompt_len + 2}$"):
+    with pytest.raises(UserError, match=rf"^d.jsonl:7: sequence of {prompt_len + 4} tokens exceeds "
+                                        rf"dataset.max_length={prompt_len + 2}$"):
         encode_records([long], TOK, prompt_len + 2, "error", "d.jsonl")
     with pytest.raises(UserError, match=r"d.jsonl: no examples left"):
         encode_records([long], TOK, prompt_len + 2, "skip", "d.jsonl")
@@ -118,7 +119,8 @@ def test_grouped_batches_pad_little_and_resume_at_the_same_batch():
 
 def test_greedy_generate_batches_prompts_of_different_lengths():
     torch.manual_seed(0)
-    model = MTPTransformer(ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=259, multiple_of=16, n_future_tokens=2)).eval()
+    args = ModelArgs(dim=32, n_layers=3, n_heads=2, vocab_size=259, multiple_of=16, n_future_tokens=2)
+    model = MTPTransformer(args).eval()
     prompts = [[256, 65, 66], [256, 67, 68, 69, 70, 71]]
     together = generate(model, prompts, TOK.eos_id, TOK.pad_id, 4)
     alone = [generate(model, [p], TOK.eos_id, TOK.pad_id, 4)[0] for p in prompts]

@@ -87,7 +87,8 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     run = client.get_run(trained["run_id"])
     assert run.data.metrics["eval/pass_at_1"] == summary["pass@1"]
     assert run.data.metrics["eval/pass_at_2"] == summary["pass@2"]
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/pass_at_1")] == [4]  # the checkpoint's step
+    history = client.get_metric_history(run.info.run_id, "eval/pass_at_1")
+    assert [m.step for m in history] == [4]  # the checkpoint's step
     lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
     records = [json.loads(x) for x in lines]
     assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(eval_tasks("builtin:pyfunc", 3))

@@ -11,8 +11,6 @@ step (the local configs' learning rate): 65 times the tolerance.
 import json
 import signal
 import subprocess
-import sys
-import textwrap
 import types
 from pathlib import Path
 

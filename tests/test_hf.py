@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 import weighted_mtp as wm
 from config import UserError
 from pretrained import HFTokenizer, export
-from conftest import ROOT, tiny_config
+from conftest import train_keeping_setup, ROOT, tiny_config
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 40,
           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 262,
@@ -146,8 +146,8 @@ def test_a_next_token_model_becomes_an_h4_policy_whose_head_0_is_the_original(hf
     _, original = wm.load_pretrained(hf_dir)
     with caplog.at_level("INFO", logger="weighted_mtp"):
         _, policy = wm.load_pretrained(hf_dir, n_future_tokens=4)
-    assert f"{hf_dir}: a 1-head checkpoint as a 4-head model: the trunk keeps 2 blocks, heads 1..3 start as copies of " \
-           "head 0's block (layers.2)" in caplog.text
+    assert (f"{hf_dir}: a 1-head checkpoint as a 4-head model: the trunk keeps 2 blocks, heads 1..3 start as copies "
+            "of head 0's block (layers.2)") in caplog.text
     assert len(policy.layers) == 3 and len(policy.extra_heads) == 3 and policy.args.n_layers == 6
     head0 = {k: v for k, v in policy.layers[2].state_dict().items()}
     for j in range(3):
@@ -171,7 +171,7 @@ RUN = ["training.max_steps=30", "training.log_interval=5", "training.eval_interv
 
 def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(tracking, tmp_path, hf_dir):
     cfg = tiny_config("baseline", tmp_path, f"model.path={hf_dir}", "model.n_future_tokens=4", *RUN)
-    result = wm.train(cfg)
+    result, setup = train_keeping_setup(cfg)
     loss = losses(tracking, result["run_id"])
     assert len(loss) == 6 and loss[-1] < 0.8 * loss[0]
     ckpt_path = next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))
@@ -179,7 +179,8 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
     assert not torch.equal(trained["extra_heads.2.attention.wq.weight"], trained["layers.2.attention.wq.weight"])
 
     out = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(ckpt_path),
-                          "--format", "hf", "--out", str(tmp_path / "out" / "hf")], cwd=ROOT, capture_output=True, text=True)
+                          "--format", "hf", "--out", str(tmp_path / "out" / "hf")],
+                         cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hf"]  # no temporary dir left beside it
     assert sorted(p.name for p in (tmp_path / "out" / "hf").iterdir()) == [
@@ -196,13 +197,13 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
         assert torch.equal(value, trained[key]), key
     tokens = torch.randint(0, 262, (2, 9))
     assert torch.equal(wm.next_token_logits(hf, tokens), wm.next_token_logits(meta, tokens))
-    assert torch.equal(wm.next_token_logits(hf, tokens), wm.next_token_logits(result["model"].eval(), tokens))
+    assert torch.equal(wm.next_token_logits(hf, tokens), wm.next_token_logits(setup.model.eval(), tokens))
 
 
 def test_a_lora_run_exports_with_its_adapters_merged(tmp_path, hf_dir):
     cfg = tiny_config("baseline", tmp_path, f"model.path={hf_dir}", "model.lora.rank=2", "mlflow.enable_logging=false",
                       "checkpoint.save_every=0")
-    model = wm.train(cfg)["model"]
+    model = train_keeping_setup(cfg)[1].model
     ckpt_path = next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))
     assert torch.load(ckpt_path)["model_partial"]
     export(ckpt_path, "hf", tmp_path / "out")
@@ -219,8 +220,8 @@ def test_an_hf_reference_drives_rho1(tracking, tmp_path, hf_dir):
     smaller = {**CONFIG, "num_hidden_layers": 2}   # a reference of another size, as Sheared-LLaMA-2.7B for a 7B
     reference_dir = write_hf(tmp_path / "ref", smaller, random_llama(smaller, seed=5))
     cfg = tiny_config("rho1", tmp_path, f"model.path={hf_dir}", f"reference.path={reference_dir}", *RUN)
-    result = wm.train(cfg)
-    reference = result["pipeline"].reference
+    result, setup = train_keeping_setup(cfg)
+    reference = setup.pipeline.reference
     assert reference.args.n_layers == 2 and reference.args.n_future_tokens == 1
     assert not any(p.requires_grad for p in reference.parameters())
     loss = losses(tracking, result["run_id"])
@@ -232,13 +233,13 @@ def test_an_hf_reference_drives_rho1(tracking, tmp_path, hf_dir):
 def test_bf16_frozen_weights_lora_base_and_reference_still_learn(tracking, tmp_path, hf_dir):
     cfg = tiny_config("rho1", tmp_path, f"model.path={hf_dir}", f"reference.path={hf_dir}", "model.lora.rank=4",
                       "model.lora.alpha=8", "model.dtype=bfloat16", *RUN, "training.learning_rate=1e-2")
-    result = wm.train(cfg)
-    dtypes = {n: p.dtype for n, p in result["model"].named_parameters()}
+    result, setup = train_keeping_setup(cfg)
+    dtypes = {n: p.dtype for n, p in setup.model.named_parameters()}
     assert dtypes["layers.0.attention.wq.weight"] == dtypes["tok_embeddings.weight"] == torch.bfloat16
     assert dtypes["layers.0.attention.wq.lora_a"] == dtypes["extra_heads.1.feed_forward.w2.lora_b"] == torch.float32
-    assert {n for n, p in result["model"].named_parameters() if p.dtype == torch.float32} == {
-        n for n, p in result["model"].named_parameters() if p.requires_grad}
-    assert {p.dtype for p in result["pipeline"].reference.parameters()} == {torch.bfloat16}
+    assert {n for n, p in setup.model.named_parameters() if p.dtype == torch.float32} == {
+        n for n, p in setup.model.named_parameters() if p.requires_grad}
+    assert {p.dtype for p in setup.pipeline.reference.parameters()} == {torch.bfloat16}
     loss = losses(tracking, result["run_id"])
     assert loss[-1] < 0.9 * loss[0]
 
@@ -246,7 +247,7 @@ def test_bf16_frozen_weights_lora_base_and_reference_still_learn(tracking, tmp_p
 def test_a_bf16_critic_trunk_trains_its_fp32_value_head(tmp_path, hf_dir):
     cfg = tiny_config("critic", tmp_path, f"model.path={hf_dir}", "model.dtype=bfloat16", "model.init_from=",
                       "mlflow.enable_logging=false")
-    model = wm.train(cfg)["model"]
+    model = train_keeping_setup(cfg)[1].model
     assert model.layers[0].attention.wq.weight.dtype == torch.bfloat16
     assert model.value_head.weight.dtype == torch.float32 and model.value_head.weight.requires_grad
 
@@ -300,14 +301,16 @@ def test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line(tmp_path):
         f"error: {d}: tensors do not match config.json (missing ['lm_head.weight'])"
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     out = tmp_path / "out" / "model"
-    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(tmp_path / "junk.pt"),
-                             "--format", "hf", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
+    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint",
+                               str(tmp_path / "junk.pt"), "--format", "hf", "--out", str(out)],
+                              cwd=tmp_path, capture_output=True, text=True)
     assert exported.returncode == 2 and len(exported.stderr.strip().splitlines()) == 1
     assert exported.stderr.startswith(f"error: {tmp_path / 'junk.pt'}: not a readable checkpoint")
     assert not out.exists() and not (tmp_path / "out").exists()
     torch.save({"model": {}}, tmp_path / "state.pt")
-    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint", str(tmp_path / "state.pt"),
-                             "--format", "meta", "--out", str(out)], cwd=tmp_path, capture_output=True, text=True)
+    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint",
+                               str(tmp_path / "state.pt"), "--format", "meta", "--out", str(out)],
+                              cwd=tmp_path, capture_output=True, text=True)
     assert exported.returncode == 2
     assert exported.stderr == f"error: {tmp_path / 'state.pt'}: not a trainer checkpoint (no config, model_args)\n"
     assert not (tmp_path / "out").exists()

@@ -356,7 +356,8 @@ LAUNCH_CASES = {
                   "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
                   " --config configs/verifiable/verifiable_local.yaml --use-micro-model"),
     "2gpu": ({"WMTP_GPU_COUNT": "2", **PROD_CREDS}, [],
-             "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train --config configs/verifiable/verifiable.yaml"),
+             "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
+             " --config configs/verifiable/verifiable.yaml"),
     "cuda-visible-2-of-8": ({"WMTP_GPU_COUNT": "8", "CUDA_VISIBLE_DEVICES": "0,1", **PROD_CREDS}, [],
                             "torchrun --standalone --nproc_per_node=2 -m weighted_mtp train"
                             " --config configs/verifiable/verifiable.yaml"),
@@ -407,8 +408,8 @@ def test_bad_counts_are_named(tmp_path, var, value):
 
 # --------------------------------------------------------------------------------------------- vessl
 SOURCES = {"WMTP_MODEL_SOURCE": "vessl-model://my-org/llama-mtp/4", "WMTP_DATA_SOURCE": "s3://my-bucket/codecontests"}
-VESSL_BASE = {"VESSL_CLUSTER": "my-cluster", "VESSL_PRESET": "gpu-a100-4", "GIT_URL": "https://github.com/org/weighted-mtp",
-              "GIT_REF": "0123abcd", **SOURCES}
+VESSL_BASE = {"VESSL_CLUSTER": "my-cluster", "VESSL_PRESET": "gpu-a100-4",
+              "GIT_URL": "https://github.com/org/weighted-mtp", "GIT_REF": "0123abcd", **SOURCES}
 
 
 def vessl_env(tmp_path, **extra):

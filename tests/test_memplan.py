@@ -19,11 +19,9 @@ import pytest
 import torch
 import yaml
 
-import weighted_mtp as wm
 from config import PIPELINES, load_config
 from model import MTPTransformer, ModelArgs, apply_lora
 from pretrained import ByteTokenizer, micro_args
-from parallel import Meter, setup_distributed
 from pipelines import PIPELINE_TYPES
 from memplan import block_shape, memory_plan, model_shape, parameter_counts
 
@@ -280,7 +278,14 @@ def test_gpu_check_cpu_dry_runs_every_step(tmp_path):
 
 
 def test_gpu_check_stops_loudly_at_the_first_broken_step(tmp_path):
-    r = gpu_check(tmp_path, "--cpu-dry", WMTP_TEST_FAULT="0:2")  # the trainer's rank 0 raises at step 2
+    """A venv whose python runs `-m weighted_mtp` as tests/faults.py: the trainer's rank 0 raises at step 2."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text(
+        f'#!/bin/sh\nif [ "$1 $2" = "-m weighted_mtp" ]; then shift 2; set -- {ROOT / "tests" / "faults.py"} "$@"; fi\n'
+        f'exec {sys.executable} "$@"\n')
+    (venv / "bin" / "python").chmod(0o755)
+    r = gpu_check(tmp_path, "--cpu-dry", WMTP_TEST_FAULT="0:2", WMTP_VENV=str(venv))
     assert r.returncode == 1
     lines = (tmp_path / "summary.txt").read_text().splitlines()
     assert lines[-1].startswith("FAIL pipeline-baseline (exit 1")

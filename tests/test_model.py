@@ -7,8 +7,9 @@ import torch.nn.functional as F
 
 from config import ROOT, UserError, load_config
 from model import MTPTransformer, ModelArgs, apply_lora, apply_rope, rope_angles
-from pretrained import ByteTokenizer, build_model, load_meta_weights, load_state, model_args_from_meta, save_meta
+from pretrained import ByteTokenizer, build_model, load_state, model_args_from_meta, save_meta
 import weights as W
+from conftest import load_meta_weights
 
 ARGS = ModelArgs(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=50, multiple_of=16, n_future_tokens=3)
 
@@ -28,7 +29,8 @@ def test_layout_and_shapes():
     assert model.layers[0].attention.wk.weight.shape == (2 * 8, 32)   # GQA: n_kv_heads * head_dim
     logits, values = model(torch.randint(0, 50, (2, 7)))
     assert logits.shape == (2, 7, 3, 50) and values is None
-    ce, values = tiny_model(value_head=True)(torch.randint(0, 50, (2, 7)), torch.zeros(2, 7, 3, dtype=torch.long), values=True)
+    tokens, targets = torch.randint(0, 50, (2, 7)), torch.zeros(2, 7, 3, dtype=torch.long)
+    ce, values = tiny_model(value_head=True)(tokens, targets, values=True)
     assert ce.shape == (2, 7, 3) and values.shape == (2, 7)
 
 
@@ -44,7 +46,8 @@ def test_meta_format_round_trip_is_strict_and_exact(tmp_path):
     state = torch.load(tmp_path / "consolidated.pth")
     state.pop("extra_heads.1.ffn_norm.weight")
     torch.save(state, tmp_path / "consolidated.pth")
-    with pytest.raises(UserError, match=r"consolidated.pth \(vs params.json\): does not match the model \(missing \['extra_heads.1.ffn_norm.weight'\]\)"):
+    with pytest.raises(UserError, match=r"consolidated.pth \(vs params.json\): does not match the model "
+                                        r"\(missing \['extra_heads.1.ffn_norm.weight'\]\)"):
         load_meta_weights(MTPTransformer(ARGS), tmp_path)
 
 
@@ -76,7 +79,8 @@ def test_memory_efficient_ce_equals_naive_logits_in_loss_and_gradients():
     loss_fast = W.mtp_loss(ce_fast, valid, wts)
     loss_fast.backward()
     logits, _ = naive(tokens)   # the reference: the whole [B,T,H,V] tensor at once
-    ce_ref = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none").view(3, 10, 3)
+    ce_ref = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), ignore_index=-100, reduction="none")
+    ce_ref = ce_ref.view(3, 10, 3)
     loss_ref = W.mtp_loss(ce_ref, valid, wts)
     loss_ref.backward()
     torch.testing.assert_close(loss_fast, loss_ref, atol=1e-5, rtol=1e-5)
@@ -107,7 +111,8 @@ def test_lora_starts_at_the_base_trains_only_adapters_and_merges_for_export(tmp_
 
 def test_load_state_rejects_another_model_size():
     big = MTPTransformer(ModelArgs(dim=64, n_layers=4, n_heads=4, vocab_size=50, multiple_of=16, n_future_tokens=3))
-    with pytest.raises(UserError, match=r"ckpt.pt: does not match the model \(shape \['tok_embeddings.weight \(50, 64\) != \(50, 32\)'"):
+    with pytest.raises(UserError, match=r"ckpt.pt: does not match the model "
+                                        r"\(shape \['tok_embeddings.weight \(50, 64\) != \(50, 32\)'"):
         load_state(tiny_model(), big.state_dict(), "ckpt.pt")
 
 

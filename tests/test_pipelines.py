@@ -15,15 +15,15 @@ from data import collate
 from parallel import Meter
 from checkpointing import load_checkpoint_into
 from pipelines import PIPELINE_TYPES
-from conftest import ROOT, TINY, tiny_config
+from conftest import train_keeping_setup, ROOT, TINY, tiny_config
 
 COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "val/loss",
           *[f"{split}/head_{k}_loss" for split in ("train", "val") for k in range(3)]]
 EXPECTED = {
     "baseline": COMMON + ["val/accuracy", "val/pass_at_1"],  # the local configs' data: arith + pyfunc (tests)
     "critic": COMMON + ["train/value_loss", "val/explained_variance", "val/auc"],
-    "verifiable": COMMON + ["val/accuracy", "val/pass_at_1", "train/td_error_mean", "train/weight_mean", "train/weight_entropy",
-                            "train/value_loss", "train/weight_min", "train/weight_max"],
+    "verifiable": COMMON + ["val/accuracy", "val/pass_at_1", "train/td_error_mean", "train/weight_mean",
+                            "train/weight_entropy", "train/value_loss", "train/weight_min", "train/weight_max"],
     "rho1": COMMON + ["val/accuracy", "val/pass_at_1", "train/excess_loss_mean", "train/weight_sparsity"],
 }
 
@@ -49,7 +49,8 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
         run = only_run(client, RUN_NAMES[pipeline])
         assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
         assert run.data.tags["pipeline"] == pipeline and run.data.tags["wmtp.steps"] == "4"
-        assert sorted(k for k in run.data.metrics if not k.startswith("system/")) == sorted(EXPECTED[pipeline]), pipeline
+        logged = sorted(k for k in run.data.metrics if not k.startswith("system/"))
+        assert logged == sorted(EXPECTED[pipeline]), pipeline
         params = run.data.params
         assert params["training.learning_rate"] == str(tiny_config(pipeline, tmp_path).training.learning_rate)
         assert params["experiment.name"] == f"{pipeline}-local" and params["experiment.pipeline"] == pipeline
@@ -70,7 +71,8 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
                                                     "logs/training.log", str(tmp_path / "v"))).read()
     assert critic.info.run_id in verifiable_log
     # the critic started from the baseline's final weights and trained the value head only
-    critic_state = torch.load(client.download_artifacts(critic.info.run_id, "checkpoints/checkpoint_final.pt", str(tmp_path / "c")))
+    critic_state = torch.load(client.download_artifacts(critic.info.run_id, "checkpoints/checkpoint_final.pt",
+                                                        str(tmp_path / "c")))
     baseline_final = torch.load(client.download_artifacts(only_run(client, "baseline-mtp").info.run_id,
                                                           "checkpoints/checkpoint_final.pt", str(tmp_path / "b")))
     changed = sorted(k for k, v in critic_state["model"].items() if k not in baseline_final["model"]
@@ -149,16 +151,16 @@ def torchrun_train(tmp_path, tracking, config, overrides, nproc=2):
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
-        sys.path.insert(0, {str(ROOT)!r})
-        import weighted_mtp as wm
+        sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from config import load_config
+        from conftest import train_keeping_setup
         cfg = load_config({str(ROOT / config)!r}, {TINY + [f"checkpoint.dir={tmp_path}/ckpt"] + overrides!r})
-        model = wm.train(cfg, use_micro=True)["model"]
+        model = train_keeping_setup(cfg, use_micro=True)[1].model
         torch.save(model.state_dict(), f"{out}/rank{{os.environ['RANK']}}.pt")
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
 
@@ -168,7 +170,8 @@ def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tm
                           ["critic.checkpoint=", "training.gradient_accumulation_steps=2"])
     run = only_run(MlflowClient(tracking), "verifiable-wmtp")
     assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "4"
-    initial = build_model(load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY), True, True)[1].state_dict()
+    cfg = load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY)
+    initial = build_model(cfg, True, True)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
 
@@ -192,8 +195,9 @@ def test_memory_efficient_loss_trains_like_the_naive_one_under_ddp(tracking, tmp
 @pytest.mark.parametrize("pipeline", ["baseline", "rho1"])
 def test_memory_efficient_loss_trains_like_the_naive_one(tracking, tmp_path, pipeline):
     extra = ["reference.path=", "mlflow.enable_logging=false"]
-    efficient = wm.train(tiny_config(pipeline, tmp_path / "a", *extra), use_micro=True)["model"].state_dict()
-    naive = wm.train(tiny_config(pipeline, tmp_path / "b", *extra, "model.memory_efficient_loss=false"), use_micro=True)["model"].state_dict()
+    efficient = train_keeping_setup(tiny_config(pipeline, tmp_path / "a", *extra), use_micro=True)[1].model.state_dict()
+    naive = train_keeping_setup(tiny_config(pipeline, tmp_path / "b", *extra, "model.memory_efficient_loss=false"),
+                                use_micro=True)[1].model.state_dict()
     for key in efficient:
         torch.testing.assert_close(efficient[key], naive[key], atol=1e-5, rtol=1e-5, msg=key)
 

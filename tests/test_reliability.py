@@ -23,11 +23,13 @@ from s3server import BUCKET, CREDENTIALS, MotoS3
 
 EXPERIMENT = "weighted-mtp/production"
 BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")
+FAULTY = (str(Path(__file__).resolve().parent / "faults.py"),)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
-def train_args(ckpt_dir, *overrides, resume=None):
-    args = ["-m", "weighted_mtp", "train", "--config", BASELINE, "--use-micro-model"]
+def train_args(ckpt_dir, *overrides, resume=None, trainer=("-m", "weighted_mtp")):
+    """`trainer` FAULTY: the trainer with WMTP_TEST_FAULT's crash injected (tests/faults.py)."""
+    args = [*trainer, "train", "--config", BASELINE, "--use-micro-model"]
     for o in [*TINY, f"checkpoint.dir={ckpt_dir}", *overrides]:
         args += ["--override", o]
     return args + (["--resume", resume] if resume else [])
@@ -248,7 +250,8 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_into_the_same_run(tmp_p
     uri = store(empty_store, tmp_path)
     r = subprocess.run(
         [*TORCHRUN, "--max_restarts=1",
-         *train_args(tmp_path / "ckpt", "training.max_steps=10", "checkpoint.save_every=2", "checkpoint.resume=auto")],
+         *train_args(tmp_path / "ckpt", "training.max_steps=10", "checkpoint.save_every=2", "checkpoint.resume=auto",
+                     trainer=FAULTY)],
         # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: without it torchrun's restarted gloo workers read the previous
         # attempt's addresses from the shared rendezvous store and hang or fail in connectFullMesh (pytorch#135712;
         # reproduced here with a 15-line torch-only script) — run.sh must export it for --max_restarts to work
@@ -272,7 +275,8 @@ def test_max_restarts_resumes_from_the_newest_checkpoint_into_the_same_run(tmp_p
 def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_checkpoint(tmp_path, empty_store):
     uri = store(empty_store, tmp_path)
     t0 = time.monotonic()
-    r = subprocess.run(TORCHRUN + train_args(tmp_path / "ckpt", "training.max_steps=10", "checkpoint.save_every=2"),
+    r = subprocess.run(TORCHRUN + train_args(tmp_path / "ckpt", "training.max_steps=10", "checkpoint.save_every=2",
+                                             trainer=FAULTY),
                        cwd=tmp_path, env=environment(uri, WMTP_TEST_FAULT="1:4"), capture_output=True, text=True,
                        timeout=120)  # no hang: rank 0 must not wait out collective_timeout_s (1800 s)
     elapsed = time.monotonic() - t0

@@ -81,7 +81,8 @@ def s3_objects(moto_s3, artifact_uri):
 
 
 def expected_keys(names):
-    return sorted([f"checkpoints/{n}{s}" for n in names for s in ("", ".sha256")] + ["config.yaml", "logs/training.log"])
+    checkpoints = [f"checkpoints/{n}{s}" for n in names for s in ("", ".sha256")]
+    return sorted(checkpoints + ["config.yaml", "logs/training.log"])
 
 
 def assert_uploaded_equal_local(objects, run_dir, names):
@@ -246,7 +247,8 @@ def test_slow_s3_does_not_slow_training_steps(moto_s3, proxy, store, tmp_path):
                      use_micro=True)
     slow = wm.train(tiny_config("baseline", tmp_path / "slow", *common, f"mlflow.s3_artifacts={S3_ROOT}"),
                     use_micro=True)
-    plain_steps = step_lines((tmp_path / "plain" / "ckpt" / "baseline-mtp" / plain["run_id"] / "training.log").read_text())
+    plain_log = tmp_path / "plain" / "ckpt" / "baseline-mtp" / plain["run_id"] / "training.log"
+    plain_steps = step_lines(plain_log.read_text())
     run_dir = tmp_path / "slow" / "ckpt" / "baseline-mtp" / slow["run_id"]
     slow_log = (run_dir / "training.log").read_text()
     slow_steps = step_lines(slow_log)
@@ -392,7 +394,8 @@ def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_check
     run_dir = tmp_path / "ckpt" / "baseline-mtp" / result["run_id"]
     run = MlflowClient(store).get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    assert sorted(run.data.tags["checkpoints_local_only"].split(", ")) == sorted(str(run_dir / n) for n in [*KEPT, "training.log"])
+    local_only = sorted(run.data.tags["checkpoints_local_only"].split(", "))
+    assert local_only == sorted(str(run_dir / n) for n in [*KEPT, "training.log"])
 
 
 # ----------------------------------------------------------------------------- 4. resume after SIGKILL
@@ -402,8 +405,8 @@ RESUME = [*TINY, "training.max_steps=8", "checkpoint.save_every=2", "training.lo
 
 def trainer(ckpt_dir, uri, *extra):
     """A `python -m weighted_mtp train` process (micro model, deterministic CPU), its own tracking store."""
-    cmd = [sys.executable, "-m", "weighted_mtp", "train", "--config", str(ROOT / "configs/baseline/baseline_local.yaml"),
-           "--use-micro-model"]
+    cmd = [sys.executable, "-m", "weighted_mtp", "train", "--config",
+           str(ROOT / "configs/baseline/baseline_local.yaml"), "--use-micro-model"]
     for o in [*RESUME, f"checkpoint.dir={ckpt_dir}"]:
         cmd += ["--override", o]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -482,7 +485,8 @@ def test_sigkill_then_resume_auto_continues_the_run_to_the_same_weights(killed_a
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert steps[-2:] == [6, 8] and steps == sorted(set(steps))  # after the checkpoint: no gap, no duplicate
     _, straight = only_run(k["straight_uri"])
-    expected, got = final_weights(k["straight_dir"], straight.info.run_id), final_weights(k["ckpt_dir"], run.info.run_id)
+    expected = final_weights(k["straight_dir"], straight.info.run_id)
+    got = final_weights(k["ckpt_dir"], run.info.run_id)
     assert sorted(got) == sorted(expected)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=0, msg=name)
@@ -510,11 +514,12 @@ def test_critic_checkpoint_as_s3_and_runs_uri_starts_the_verifiable_value_head(m
     # the critic's local copy goes: what the verifiable runs start from can only come from S3
     shutil.rmtree(critic_dir)
 
-    for uri in (f"{artifact_uri}/checkpoints/checkpoint_best.pt", f"runs:/{critic['run_id']}/checkpoints/checkpoint_best.pt"):
+    for uri in (f"{artifact_uri}/checkpoints/checkpoint_best.pt",
+                f"runs:/{critic['run_id']}/checkpoints/checkpoint_best.pt"):
         # learning rate 1e-12: two steps move no weight by more than ~1e-11, so the final weights are the start's
-        result = wm.train(tiny_config("verifiable", tmp_path, f"mlflow.s3_artifacts={S3_ROOT}", f"critic.checkpoint={uri}",
-                                      "training.learning_rate=1e-12", "training.max_steps=2", "checkpoint.save_every=0"),
-                          use_micro=True)
+        result = wm.train(tiny_config("verifiable", tmp_path, f"mlflow.s3_artifacts={S3_ROOT}",
+                                      f"critic.checkpoint={uri}", "training.learning_rate=1e-12",
+                                      "training.max_steps=2", "checkpoint.save_every=0"), use_micro=True)
         run_dir = tmp_path / "ckpt" / "verifiable-wmtp" / result["run_id"]
         log_text = (run_dir / "training.log").read_text()
         (downloaded,) = re.findall(rf", initialised from {re.escape(uri)} \((\S+)\)", log_text)

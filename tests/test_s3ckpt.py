@@ -341,21 +341,28 @@ def test_resolve_s3_and_runs_uri(s3_server, mlflow_db, tmp_path):
 
 
 def test_resolve_auto_picks_newest_finished_run(s3_server, mlflow_db, tmp_path):
+    """`auto` (checkpointing.resolve_uri, the one definition) = the newest FINISHED run tagged with the pipeline."""
+    from checkpointing import resolve_uri
+    from config import UserError, load_config
     exp = f"auto-{uuid.uuid4().hex[:8]}"
-    cases = [("critic-pretrain", "FINISHED", 1), ("critic-pretrain", "FINISHED", 2),
-             ("critic-pretrain", "FAILED", 3), ("critic-pretrain", None, 4), ("baseline-mtp", "FINISHED", 5)]
-    for name, status, value in cases:
-        run_id = new_run(mlflow_db, S3_LOCATION, exp, name, start_time=1_700_000_000_000 + value * 1000)
+    cases = [("critic", "FINISHED", 1), ("critic", "FINISHED", 2), ("critic", "FAILED", 3), ("critic", None, 4),
+             ("baseline", "FINISHED", 5)]
+    for pipeline, status, value in cases:
+        run_id = new_run(mlflow_db, S3_LOCATION, exp, pipeline, start_time=1_700_000_000_000 + value * 1000)
+        MlflowClient(mlflow_db).set_tag(run_id, "pipeline", pipeline)
         up = CheckpointUploader(run_id, tracking_uri=mlflow_db)
         up.upload_to_s3_async(ckpt(tmp_path / str(value), "checkpoint_best.pt", value)).result(30)
         up.close()
         if status:
             MlflowClient(mlflow_db).set_terminated(run_id, status)
-    got = resolve_checkpoint("auto", tmp_path / "cache", mlflow_db, experiment=exp, run_name="critic-pretrain")
+    cfg = load_config(Path(__file__).parent.parent / "configs/defaults.yaml",
+                      [f"mlflow.experiment={exp}", f"mlflow.tracking_uri={mlflow_db}"])
+    got, uri = resolve_uri(cfg, "auto", "critic", "checkpoints/checkpoint_best.pt", tmp_path / "cache")
     assert load_checkpoint(got)["step"] == 2  # the newest FINISHED one: not the failed or the running run
-    with pytest.raises(CheckpointError) as e:
-        resolve_checkpoint("auto", tmp_path / "cache", mlflow_db, experiment=exp, run_name="rho1-wmtp")
-    assert str(e.value) == f"no finished 'rho1-wmtp' run in experiment '{exp}': run that pipeline first"
+    assert uri.startswith("runs:/") and uri.endswith("/checkpoints/checkpoint_best.pt")
+    with pytest.raises(UserError) as e:
+        resolve_uri(cfg, "auto", "rho1", "checkpoints/checkpoint_final.pt", tmp_path / "cache")
+    assert str(e.value) == f"no finished 'rho1-wmtp' run in experiment '{exp}': run the rho1 pipeline first"
 
 
 def test_resolve_local_and_missing(tmp_path):

@@ -1,4 +1,5 @@
-"""The trainer against the guide's stack for real: MLflow server (PostgreSQL, Basic Auth) + S3, via `./run.sh server`."""
+"""The trainer against the guide's stack for real: MLflow server (PostgreSQL, Basic Auth) + S3, via
+`./run.sh server`."""
 import os
 import signal
 import subprocess
@@ -89,7 +90,8 @@ def test_wrong_password_fails_fast_before_training_and_doctor_says_why(stack_env
     env = {**stack_env, "MLFLOW_TRACKING_PASSWORD": "not-the-password"}
     started = time.time()
     r = trainer(env, tmp_path)
-    message = f"tracking server {env['MLFLOW_TRACKING_URI']} answered 401 Unauthorized: wrong MLFLOW_TRACKING_USERNAME/PASSWORD"
+    message = (f"tracking server {env['MLFLOW_TRACKING_URI']} answered 401 Unauthorized: "
+               "wrong MLFLOW_TRACKING_USERNAME/PASSWORD")
     assert r.returncode == 2 and time.time() - started < 30
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert "step 1" not in r.stdout and not (tmp_path / "ckpt").exists()
@@ -111,15 +113,16 @@ def test_doctor_passes_on_the_stack(stack_env, tmp_path):
     lines = doctor.stdout.splitlines()
     assert lines[0].startswith(f"ok   {env_file} found; set: MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME")
     assert lines[-1] == "ok   S3 bucket 'wmtp' reachable and writable under " + lines[-1].split("under ")[-1]
-    assert stack_env["MLFLOW_TRACKING_PASSWORD"] not in doctor.stdout and stack_env["AWS_SECRET_ACCESS_KEY"] not in doctor.stdout
+    assert stack_env["MLFLOW_TRACKING_PASSWORD"] not in doctor.stdout
+    assert stack_env["AWS_SECRET_ACCESS_KEY"] not in doctor.stdout
 
 
 def test_server_down_for_20s_costs_no_metric(stack_env, tracking_stack, tmp_path):
+    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=", "mlflow.system_metrics_interval_s=0",
+                 "training.max_steps=600", "training.eval_interval=0", "checkpoint.save_every=0",
+                 "data_sampling.n_samples=400", "mlflow.run_name=outage"]
     proc = subprocess.Popen([sys.executable, "-m", "weighted_mtp", "train", "--config", str(LOCAL), "--use-micro-model",
-                             *[f"--override={o}" for o in [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "critic.checkpoint=",
-                                                            "mlflow.system_metrics_interval_s=0", "training.max_steps=600",
-                                                            "training.eval_interval=0", "checkpoint.save_every=0",
-                                                            "data_sampling.n_samples=400", "mlflow.run_name=outage"]]],
+                             *[f"--override={o}" for o in overrides]],
                             cwd=tmp_path, env=stack_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     server = stack.process_tree([tracking_stack["pids"]["mlflow"]])
     try:

@@ -1,0 +1,72 @@
+"""The project's shape, read from the modules' ASTs: one room per concern, imports that go down only, files and
+functions that fit on a screen (README, "For the next engineer")."""
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Bottom to top: a module may import only modules before it; the floor imports nothing of the project's.
+FLOOR = ("weights", "s3ckpt", "sandbox", "config")
+LAYERS = (*FLOOR, "model", "pretrained", "data", "parallel", "tracking", "checkpointing", "pipelines", "evaluation",
+          "memplan", "report", "weighted_mtp", "bench")
+
+
+def imported_project_modules(path):
+    """Every project module `path` imports, at the top or inside a function (a deferred import is still an edge)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names & set(LAYERS)
+
+
+def python_files():
+    return sorted([*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py"), *ROOT.glob("tests/*.py")])
+
+
+def test_every_top_level_module_is_in_the_map():
+    assert {p.stem for p in ROOT.glob("*.py")} == set(LAYERS)
+
+
+@pytest.mark.parametrize("module", LAYERS)
+def test_imports_go_down_only(module):
+    below = set(LAYERS[:LAYERS.index(module)])
+    edges = imported_project_modules(ROOT / f"{module}.py") - {module}
+    if module in FLOOR:
+        assert edges == set(), f"{module}.py is on the floor but imports {sorted(edges)}"
+    assert edges <= below, f"{module}.py imports {sorted(edges - below)}, which are above it"
+
+
+def test_nothing_but_bench_and_tests_imports_the_trainer():
+    importers = [p.name for p in [*ROOT.glob("*.py"), *ROOT.glob("scripts/*.py")]
+                 if p.stem != "weighted_mtp" and "weighted_mtp" in imported_project_modules(p)]
+    assert importers == ["bench.py"]
+
+
+@pytest.mark.parametrize("module", [m for m in LAYERS if m != "bench"])
+def test_each_module_opens_with_a_docstring_naming_its_job(module):
+    doc = ast.get_docstring(ast.parse((ROOT / f"{module}.py").read_text()))
+    assert doc and len(doc.split()) >= 8, f"{module}.py: no docstring that says what it is for"
+
+
+def test_files_functions_and_lines_fit_on_a_screen():
+    too_long = []
+    for path in python_files():
+        text = path.read_text()
+        lines = text.splitlines()
+        limit = 600 if path.name == "weighted_mtp.py" else 900
+        if path.parent == ROOT and len(lines) > limit:
+            too_long.append(f"{path.name}: {len(lines)} lines > {limit}")
+        too_long += [f"{path.name}:{i}: {len(line)} characters" for i, line in enumerate(lines, 1) if len(line) > 120]
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > 60:
+                    too_long.append(f"{path.name}:{node.lineno}: {node.name}() is {n} lines")
+    run_sh = len((ROOT / "run.sh").read_text().splitlines())
+    if run_sh > 300:
+        too_long.append(f"run.sh: {run_sh} lines > 300")
+    assert too_long == []
