@@ -1,6 +1,7 @@
 """`pip install .` (not editable) gives a trainer that works from any directory: every module and every config is
 in the installed package, nothing is read from the checkout."""
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,7 +19,10 @@ def test_a_non_editable_install_trains_from_another_directory(tmp_path):
                           capture_output=True, text=True, check=True).stdout.strip()
     # the dependencies (torch, mlflow, ...) from this venv; the project itself from `pip install .` alone
     Path(site, "dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    pip = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(ROOT)],
+    source = tmp_path / "source"  # pip builds in the source tree (build/, *.egg-info): not in the checkout
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "mlruns",
+                                                                "mlartifacts", "checkpoints", "outputs", "mlflow.db"))
+    pip = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "-q", str(source)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stdout + pip.stderr
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
