@@ -153,7 +153,7 @@ def trusted_prefix(prefix):
     except (SyntaxError, ValueError):
         lines, body = prefix.splitlines(True), []
         starts = [i for i, line in enumerate(lines) if line[:1] not in ("", " ", "\t", "#", "\n", "\r")]
-        for cut in reversed(starts[:-1]):
+        for cut in reversed(starts):
             try:
                 body = ast.parse("".join(lines[:cut])).body
                 break
@@ -175,10 +175,10 @@ def same_output(got, expected):
 # isolation: which mode programs run under, probed once
 
 PROBE_TEST = "def check(f):\n    assert f(2, 3) == 5\n"
-PROBES = (Program("def add(a, b):\n    return a + b", test=PROBE_TEST, entry_point="add"),
-          Program("def add(a, b):\n    return a - b", test=PROBE_TEST, entry_point="add"),
-          Program("print(int(input()) + 1)", "41\n", "42", allow_exit=True))
-PROBE_WANT = ("passed", "failed", "passed")
+PROBES = (Program("print(int(input()) + 1)", "41\n", "42", allow_exit=True),  # first: no judge, bwrap's own words
+          Program("def add(a, b):\n    return a + b", test=PROBE_TEST, entry_point="add"),
+          Program("def add(a, b):\n    return a - b", test=PROBE_TEST, entry_point="add"))
+PROBE_WANT = ("passed", "passed", "failed")
 
 
 def clean_env(home, tmp=None):
@@ -237,15 +237,15 @@ def _options(mode):
 
 def _probe(iso):
     """"" when a right program passes, a wrong one fails and a stdin/stdout one passes under iso, else why not."""
-    try:
-        results = [_run(program, Limits(timeout_s=30), iso, 0) for program in PROBES]
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"{type(e).__name__}: {e}"
-    if tuple(r.status for r in results) == PROBE_WANT:
-        return ""
-    bad = next(r for r, want in zip(results, PROBE_WANT) if r.status != want)
-    said = (bad.stderr.strip().splitlines() or [bad.detail or "no output"])[-1]
-    return f"probe {bad.status} ({said[:200]})"
+    for program, want in zip(PROBES, PROBE_WANT):
+        try:
+            result = _run(program, Limits(timeout_s=30), iso, 0)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{type(e).__name__}: {e}"
+        if result.status != want:
+            said = (result.stderr.strip().splitlines() or [result.detail or "no output"])[-1]
+            return f"probe {result.status} ({said[:200]})"
+    return ""
 
 
 @functools.lru_cache(maxsize=None)
