@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import queue
 import selectors
@@ -80,6 +81,11 @@ class Limits:
     memory_mb: int = 1024
     cpu_s: int = 10
     max_output_bytes: int = 1 << 20
+
+    @classmethod
+    def of(cls, eval_cfg):
+        """The limits of a config's eval section (timeout_s, memory_mb): as much CPU time as wall clock."""
+        return cls(timeout_s=eval_cfg.timeout_s, memory_mb=eval_cfg.memory_mb, cpu_s=math.ceil(eval_cfg.timeout_s))
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -260,11 +266,13 @@ def isolation(mode=None):
         for iso, why in _options(m):
             why = why or _probe(iso)
             if not why:
-                iso = iso._replace(why="; ".join(failures))
-                (log.info if m == "bwrap" else log.warning)("sandbox: %s", describe(iso))
+                better = [text for mode, text in failures if MODES.index(mode) < MODES.index(m)]
+                how = f"required by {'the caller' if mode else 'WMTP_SANDBOX'}"
+                iso = iso._replace(why=how if want else "; ".join(better))
+                (log.debug if m == "bwrap" or mode else log.warning)("sandbox: %s", describe(iso))
                 return iso
-            failures.append(why if why.startswith(m) else f"{m} with {iso.interpreter}: {why}")
-    raise SandboxUnavailable("no sandbox works here: " + "; ".join(failures))
+            failures.append((m, why if why.startswith(m) else f"{m} with {iso.interpreter}: {why}"))
+    raise SandboxUnavailable("no sandbox works here: " + "; ".join(text for _, text in failures))
 
 
 def describe(iso=None):
@@ -277,7 +285,7 @@ def describe(iso=None):
                    "world-readable files are shared",
             "none": "none (FALLBACK, NOT ISOLATED): programs run as this user and can reach it, its files and "
                     "the network"}[iso.mode]
-    because = f"; bwrap unavailable: {iso.why}" if iso.why and iso.mode != "bwrap" else ""
+    because = f"; {'' if iso.why.startswith('required') else 'bwrap unavailable: '}{iso.why}" if iso.why else ""
     return f"{text}; programs run as {who} with {iso.interpreter}{because}"
 
 
@@ -725,14 +733,15 @@ def bench_throughput(workers, n_programs=64, limits=Limits(), mode=None):
     return n_programs / elapsed
 
 
-def bench_isolation(workers, n_programs=64, repeats=3):
-    """bwrap against the fallback this machine would use without it (uid as root, else none), alternating:
+def bench_isolation(workers, n_programs=64, repeats=3, start=0):
+    """bwrap against the fallback this machine would use without it (uid as root, else none), alternating which
+    goes first (start: the first repeat's parity, for callers that repeat one at a time):
     {"bwrap", "fallback": programs/s (best of repeats), "mode": the fallback's, "ratio": bwrap / fallback,
     "overhead_ms": bwrap's extra wall time per program and worker}."""
     fallback = "uid" if os.geteuid() == 0 else "none"
     rates = {"bwrap": [], fallback: []}
     for r in range(repeats):
-        for mode in ("bwrap", fallback)[::1 if r % 2 == 0 else -1]:
+        for mode in ("bwrap", fallback)[::1 if (r + start) % 2 == 0 else -1]:
             rates[mode].append(bench_throughput(workers, n_programs, mode=mode))
     bwrap, other = max(rates["bwrap"]), max(rates[fallback])
     return {"bwrap": bwrap, "fallback": other, "mode": fallback, "ratio": bwrap / other,
