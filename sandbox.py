@@ -367,9 +367,8 @@ def _run(program, limits, iso, slot, judges=None):
     finally:
         if proc:
             _kill_group(proc.pid)
-            proc.stdout.close()
-            proc.stderr.close()
-            proc.wait()
+            with proc:  # closes its pipes, reaps it
+                pass
         for fd in ours:
             os.close(fd)
         if iso.mode == "uid":
@@ -396,7 +395,7 @@ def _memfd(text):
 
 def _start(program, limits, iso, uid, workdir, slot, judges):
     """Starts the candidate; for assert tests hands the slot's judge server the task and the other ends of the two
-    pipes the candidate holds. -> (candidate, [] or our ends of the judge's verdict and stderr pipes)."""
+    pipes the candidate holds. -> (candidate, [] or our ends of the judge's stderr and verdict pipes)."""
     numbers = [limits.memory_mb << 20, limits.cpu_s, 0 if iso.mode == "none" else NPROC]
     theirs, ours = [], []
     try:
@@ -406,7 +405,7 @@ def _start(program, limits, iso, uid, workdir, slot, judges):
             return _spawn(iso, uid, workdir, "run", [theirs[0], -1, -1, -1], numbers + [int(program.allow_exit)],
                           theirs[1], subprocess.PIPE), ours
         req, resp, verdict, err = os.pipe(), os.pipe(), os.pipe(), os.pipe()
-        ours += [verdict[0], err[0]]
+        ours += [err[0], verdict[0]]
         theirs += [*req, *resp, verdict[1], err[1]]
         theirs.append(_memfd("\0".join([program.test, trusted_prefix(program.prefix), program.entry_point or ""])))
         proc = _spawn(iso, uid, workdir, "serve", [theirs[0], req[0], resp[1], -1], numbers + [0],
@@ -415,8 +414,8 @@ def _start(program, limits, iso, uid, workdir, slot, judges):
             judges.submit(slot, [theirs[-1], req[1], resp[0], verdict[1], err[1]])
         except BaseException:
             _kill_group(proc.pid)
-            proc.wait()
-            raise
+            with proc:
+                raise
         return proc, ours
     except BaseException:
         for fd in ours:
@@ -445,7 +444,7 @@ def _spawn(iso, uid, workdir, role, fds, numbers, stdin, stdout, stderr=subproce
 
 
 def _collect(proc, judge_fds, limits):
-    """Reads the candidate's stdout and stderr (counted against the output cap) and the judge's verdict and stderr
+    """Reads the candidate's stdout and stderr (counted against the output cap) and the judge's stderr and verdict
     (judge_fds, assert tests), until all close, the deadline passes or the cap is crossed. The task is settled
     when the verdict pipe closes (assert tests) or the program exits (stdin/stdout): then GRACE_S to drain.
     -> (stdout, stderr, judge's stderr, verdict, state: "" | "timeout" | "output over N bytes")."""
@@ -453,7 +452,7 @@ def _collect(proc, judge_fds, limits):
     out, err, judge_err, verdict = bytearray(), bytearray(), bytearray(), bytearray()
     total, settled = 0, False
     with selectors.DefaultSelector() as sel:
-        for f, data in zip([proc.stdout, proc.stderr, *judge_fds[::-1]], [out, err, judge_err, verdict]):
+        for f, data in zip([proc.stdout, proc.stderr, *judge_fds], [out, err, judge_err, verdict]):
             sel.register(f, selectors.EVENT_READ, data)
         while sel.get_map():
             left = deadline - time.monotonic()
