@@ -141,6 +141,11 @@ for path in (CWD_SECRET, HOME_SECRET):
     except OSError as e:
         print("FILE:", type(e).__name__, file=sys.stderr)
 """,
+    "privileges": """
+import sys
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print("PRIV:", status["NoNewPrivs"].strip(), status["CapEff"].strip(), file=sys.stderr)
+""",
     "environment": """
 import os, sys
 print("ENV:", dict(os.environ), file=sys.stderr)
@@ -529,6 +534,8 @@ def check_reach(mode, results, accepted):
     else:  # the fallbacks share the network (and as this user, its files): the attacks are real
         assert "NET:connected" in net and accepted
         assert mode != "none" or files.count(FILE_TOKEN) == 2
+    privileges = results["privileges"]["stderr"]
+    assert f"PRIV: {'1' if mode == 'bwrap' else '0'} 0000000000000000" in privileges or mode == "none", privileges
     if "signals" in results:
         assert "KILL:" in results["signals"]["stderr"]  # it tried, and the evaluator finished regardless
 
