@@ -338,6 +338,23 @@ def sandbox_throughput(S):
     return summary(ratios, 0.8 * cores, higher_is_better=True, cores=cores, programs_per_worker=n)
 
 
+def sandbox_isolation(S):
+    """sandbox_isolation: programs/s under bwrap / under the fallback this machine would use without it (uid as
+    root, else none: the earlier isolation, the same judges), `cores` workers; goal 0.5. overhead_ms: bwrap's
+    extra wall time per program. Alternating repeats (sandbox.bench_isolation)."""
+    import sandbox
+    try:
+        sandbox.isolation("bwrap")
+    except sandbox.SandboxUnavailable as e:
+        return {"skipped": str(e)}
+    cores, n = os.cpu_count() or 1, 8 if S.quick else 32
+    runs = [sandbox.bench_isolation(cores, n * cores, repeats=1, start=r) for r in range(S.repeats)]
+    return summary([r["ratio"] for r in runs], 0.5, higher_is_better=True, fallback=runs[0]["mode"],
+                   bwrap_per_s=statistics.median(r["bwrap"] for r in runs),
+                   fallback_per_s=statistics.median(r["fallback"] for r in runs),
+                   overhead_ms=statistics.median(r["overhead_ms"] for r in runs))
+
+
 def fsdp_figures(S, tmp):
     """fsdp_step: an FSDP train_step / a DDP train_step of the same baseline model (dim S.dim, H=4), 2 CPU processes
     under torchrun (gloo), batch S.batch x S.seq; on the CPU nothing overlaps the all-gathers with compute.
@@ -575,7 +592,7 @@ def print_table(results):
         if "skipped" in r:
             print(f"| {name} | skipped: {r['skipped']} | | | | |")
         elif "median" in r:
-            higher = name in ("P6", "gen_kv_cache", "sandbox_throughput")
+            higher = name in ("P6", "gen_kv_cache", "sandbox_throughput", "sandbox_isolation")
             print(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {'≥' if higher else '≤'} "
                   f"{r['goal']:.3f} | {'yes' if r['ok'] else 'NO'} |")
 
@@ -591,7 +608,7 @@ def figures():
     timed = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads, p7_peer, p8_efficient_loss]
     timed += [p6_mfu] if torch.cuda.is_available() else []
     named = {f.__name__[:2].upper(): (f, False) for f in timed}
-    named.update({f.__name__: (f, False) for f in (gen_kv_cache, sandbox_throughput)})
+    named.update({f.__name__: (f, False) for f in (gen_kv_cache, sandbox_throughput, sandbox_isolation)})
     named.update({f.__name__.removesuffix("_figures").removesuffix("_figure"): (f, True)
                   for f in (s3_figures, log_figure, fsdp_figures)})
     return named

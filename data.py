@@ -7,6 +7,7 @@ import functools
 import json
 from pathlib import Path
 import random
+from types import SimpleNamespace
 
 import torch
 
@@ -139,10 +140,13 @@ def pyfunc_records(split):
     return records
 
 
+PYFUNC_CHECK = SimpleNamespace(timeout_s=5.0, memory_mb=512)  # the checker's own eval limits: it sees no config
+
+
 def check_pyfunc(record, answer):
     """Runs the answer against the record's tests in the sandbox (sandbox.py): True when they all pass."""
     import sandbox  # no torch there; imported here so training on other data never loads it
-    limits = sandbox.Limits(timeout_s=5.0, memory_mb=512, cpu_s=5)
+    limits = sandbox.Limits.of(PYFUNC_CHECK)
     return all(sandbox.run_program(p, limits).status == "passed" for p in sandbox.programs(record, answer))
 
 

@@ -6,7 +6,6 @@ its results logged to the evaluated run.
 import contextlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 import time
@@ -43,7 +42,7 @@ class Validation:
         self.limits = None
         if self.pipeline.decodes and any(has_tests(ex[3]) for ex in self.examples):
             import sandbox
-            self.limits = sandbox.Limits(timeout_s=e.timeout_s, memory_mb=e.memory_mb, cpu_s=math.ceil(e.timeout_s))
+            self.limits = sandbox.Limits.of(e)
             try:
                 for ex in self.examples:
                     if has_tests(ex[3]):
@@ -188,37 +187,38 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
                 pairs = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template)
         if rank != 0:
             return None
-        limits = sandbox.Limits(timeout_s=e.timeout_s, memory_mb=e.memory_mb, cpu_s=math.ceil(e.timeout_s))
-        results = sandbox.score(tasks, pairs, limits, workers=e.workers or os.cpu_count() or 1)
-        summary = sandbox.summarize(results, e.k)
-    except sandbox.TaskError as err:
+        results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), workers=e.workers or os.cpu_count() or 1)
+        summary, isolation = sandbox.summarize(results, e.k), sandbox.isolation().mode  # probed by score()
+        print(f"sandbox: {sandbox.describe()}", flush=True)
+    except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
         raise UserError(str(err))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
     print(sandbox.format_summary(summary), flush=True)
     if json_out:
-        tmp = Path(f"{json_out}.tmp")
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, json_out)
+        sandbox.write_atomic(json_out, json.dumps(summary, indent=2) + "\n")  # random temp name: no planted link
     if cfg.mlflow.enable_logging:
-        log_evaluation(cfg, run_id, step, summary, results)
+        log_evaluation(cfg, run_id, step, summary, results, isolation)
     return summary
 
 
-def log_evaluation(cfg, run_id, step, summary, results):
-    """eval/pass@k and eval/samples.jsonl on the training run, or on a new run `evaluate` when there is none."""
+def log_evaluation(cfg, run_id, step, summary, results, isolation):
+    """eval/pass@k and eval/samples.jsonl on the training run, or on a new run `evaluate` when there is none;
+    the tag sandbox.isolation says which isolation the programs ran under (bwrap, or a fallback: uid, none)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     client, own_run = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri)), run_id is None
     if own_run:
         run_id = client.create_run(experiment_id(client, cfg), run_name="evaluate",
-                                   tags={"pipeline": "evaluate"}).info.run_id
+                                   tags={"pipeline": "evaluate", "sandbox.isolation": isolation}).info.run_id
         log_params(client, run_id, flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]}))
     now = int(time.time() * 1000)
     client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(v), now, step)
                                       for k, v in summary.items() if k.startswith("pass@")])
     client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in results), "eval/samples.jsonl")
+    if not own_run:
+        client.set_tag(run_id, "sandbox.isolation", isolation)
     if own_run:
         client.set_terminated(run_id, "FINISHED")
     log.info(f"logged {', '.join(k for k in summary if k.startswith('pass@'))} to run {run_id}")

@@ -91,6 +91,9 @@ bootstrap() {
 # .env: plain KEY=value lines, exported so they reach Python (its values win over the environment).
 load_env() {
   if [ -f "$ENV_FILE" ]; then
+    # credentials: for its owner's eyes only (install -m 600 .env.example .env)
+    [ -z "$(find "$ENV_FILE" -maxdepth 0 -perm /077 2>/dev/null)" ] ||
+      note "warning: $ENV_FILE is readable by group or others: chmod 600 $ENV_FILE"
     set -a
     # shellcheck disable=SC1090
     . "$ENV_FILE" || die "could not read $ENV_FILE: use plain KEY=value lines, values with spaces," \

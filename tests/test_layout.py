@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # Bottom to top: a module may import only modules before it; the floor imports nothing of the project's.
-FLOOR = ("weights", "s3ckpt", "sandbox", "config")
+FLOOR = ("weights", "s3ckpt", "sandbox_harness", "sandbox", "config")
 LAYERS = (*FLOOR, "model", "pretrained", "data", "parallel", "tracking", "checkpointing", "pipelines", "evaluation",
           "memplan", "report", "weighted_mtp", "bench")
 

@@ -2,7 +2,6 @@
 samples-file errors, and the built-in pyfunc tasks checked by execution."""
 import json
 import os
-import sys
 from fractions import Fraction
 
 import pytest
@@ -39,7 +38,8 @@ def test_right_solutions_pass_and_wrong_ones_fail_in_both_styles():
 
 
 def test_without_a_sandbox_uid_the_same_programs_give_the_same_verdicts():
-    verdicts = [sandbox._run(p, LIMITS, sys.executable, None).status
+    none = sandbox.isolation("none")  # this user's uid, no namespaces
+    verdicts = [sandbox._run(p, LIMITS, none, 0).status
                 for task_id, completion in RIGHT[:2] + WRONG[:2] for p in sandbox.programs(TASKS[task_id], completion)]
     assert verdicts == ["passed", "passed", "failed", "failed"]
 
@@ -73,6 +73,10 @@ def test_hostile_programs_fail_their_own_task_and_nothing_else(monkeypatch):
 
 @pytest.mark.skipif(not ISOLATED, reason="needs root: only a dedicated uid keeps programs from the evaluator")
 def test_as_root_programs_cannot_reach_the_evaluator_or_other_programs(monkeypatch, tmp_path):
+    """The uid fallback (what runs where bwrap cannot): a dedicated uid per worker. bwrap's own namespaces get the
+    same attacks, and more, in test_sandbox_hostile.py."""
+    real = sandbox.isolation
+    monkeypatch.setattr(sandbox, "isolation", lambda mode=None: real(mode or "uid"))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     dotenv = tmp_path / ".env"
     dotenv.write_text(f"AWS_SECRET_ACCESS_KEY={SECRET}\n")
@@ -212,7 +216,7 @@ def test_the_isolation_probe_runs_once_before_any_program(monkeypatch):
     events, run = [], sandbox._run
 
     def recorded(program, *args):
-        probe = program.source == "pass"
+        probe = program in sandbox.PROBES
         events.append(("start", probe))
         try:
             return run(program, *args)

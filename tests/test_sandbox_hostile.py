@@ -1,0 +1,619 @@
+"""The sandbox against programs written to cheat or to escape, each given as data.
+
+- Grading tricks (an object equal to everything, stealing a pass marker from the harness's frames, a trace hook
+  replacing check, patched builtins, reading the tests out of program.py, code objects, /proc or open fds,
+  redefining the prompt's helper, the dataset found through /proc/<pid>/cmdline) score 0 with a wrong answer.
+- An evaluator run of hostile programs (tests/ writes a small driver: the dataset path is in its argv, its cwd and
+  home hold 0644 secrets, its environment a planted variable, a TCP listener waits on 127.0.0.1) as root and as
+  an unprivileged uid (setpriv), in the mode isolation() picks here and in the fallback of each (uid as root,
+  none as a user). Under bwrap no program reaches the network, those files or that variable, and nothing it
+  starts or creates outlives it; where a fallback does not isolate, the same program shows the attack is real.
+- Right solutions of HumanEval-format tasks and of builtin:pyfunc pass, with the pass@k they always had.
+"""
+import json
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import sandbox
+import sandbox_harness as harness
+from data import pyfunc_records
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = {"timeout_s": 10.0, "memory_mb": 256, "cpu_s": 3, "max_output_bytes": 1 << 20}
+TOKEN = "tok-7e1f2a"              # in the tests' source only: a program that prints it has read them
+LEFT = "left-9b3c"                # in the names of what a program tries to leave behind
+THROWAWAY_UID = 64123             # the unprivileged user (in no passwd file)
+AS_ROOT = os.geteuid() == 0
+
+ADD = {"task_id": "add", "metadata": {"entry_point": "add", "test": (
+    "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(20, 7) == 27  # " + TOKEN + "\n")}}
+SUM = {"task_id": "sum", "metadata": {"tests": [{"input": "1 2\n", "output": "3\n"},
+                                                {"input": "40 2\n", "output": "42\n"}]}}
+RIGHT_ADD = "def add(a, b):\n    return a + b\n"
+WRONG_ADD = "\ndef add(a, b):\n    return 0\n"
+
+GRADING_TRICKS = {
+    "equal to everything": """
+class Anything:
+    def __eq__(self, other):
+        return True
+    __ne__ = lambda self, other: False
+    __hash__ = object.__hash__
+def add(a, b):
+    return Anything()
+""",
+    "int subclass equal to everything": """
+class Yes(int):
+    def __eq__(self, other):
+        return True
+    __hash__ = int.__hash__
+def add(a, b):
+    return Yes(0)
+""",
+    "marker from the harness's frames": """
+import gc, os, sys
+seen = []
+for frame in list(sys._current_frames().values()) + [sys._getframe()]:
+    while frame:
+        seen += [v for v in list(frame.f_locals.values()) + list(frame.f_globals.values())
+                 if isinstance(v, (str, bytes))]
+        frame = frame.f_back
+seen += [o for o in gc.get_objects() if isinstance(o, (str, bytes)) and 8 <= len(o) <= 64]
+for fd in range(3, 64):
+    forged = [s if isinstance(s, bytes) else s.encode("utf-8", "replace") for s in seen[:200]]
+    for data in [b"passed\\n", b"\\0\\0\\0\\x02\\x01T"] + forged:
+        try:
+            os.write(fd, data)
+        except OSError:
+            break
+""" + WRONG_ADD,
+    "trace hook replacing check": """
+import sys, threading
+def tracer(frame, event, arg):
+    if frame.f_code.co_name == "check":
+        frame.f_globals["check"] = lambda candidate: None
+        raise SystemExit(0)
+    return tracer
+sys.settrace(tracer)
+threading.settrace(tracer)
+sys.setprofile(tracer)
+""" + WRONG_ADD,
+    "patched builtins": """
+import builtins
+class Nothing(Exception):
+    pass
+builtins.AssertionError = Nothing
+builtins.Exception = Nothing
+builtins.abs = builtins.len = lambda *a: 0
+builtins.isinstance = lambda *a: True
+builtins.__import__ = lambda *a, **k: None
+""" + WRONG_ADD,
+    "tests read from anywhere it can": """
+import gc, os, sys
+blob = [open(__file__).read(), open("program.py").read()]
+for o in gc.get_objects():
+    if type(o).__name__ == "code":
+        blob.append(repr(o.co_consts) + repr(o.co_names))
+    elif isinstance(o, str) and "assert" in o:
+        blob.append(o)
+for pid in [p for p in os.listdir("/proc") if p.isdigit()] + ["self"]:
+    for part in ("cmdline", "environ"):
+        try:
+            blob.append(open(f"/proc/{pid}/{part}", "rb").read().decode("utf-8", "replace"))
+        except OSError:
+            pass
+for fd in range(3, 64):
+    try:
+        blob.append(os.pread(fd, 1 << 20, 0).decode("utf-8", "replace"))
+    except OSError:
+        pass
+found = "NEEDLE"[::-1] in "\\n".join(blob)  # reversed: its own source must not hold it
+print("FOUND" if found else "nothing found", file=sys.stderr)
+def add(a, b):
+    return a + b if found else 0
+""".replace("NEEDLE", TOKEN[::-1]),
+}
+
+REACH = {  # they print what they reached to stderr and then fail with a wrong answer
+    "network": """
+import socket, sys
+try:
+    socket.create_connection(("127.0.0.1", PORT), timeout=2).close()
+    print("NET:connected", file=sys.stderr)
+except OSError as e:
+    print("NET:", e, file=sys.stderr)
+""",
+    "files": """
+import sys
+for path in (CWD_SECRET, HOME_SECRET):
+    try:
+        print("FILE:", open(path).read(), file=sys.stderr)
+    except OSError as e:
+        print("FILE:", type(e).__name__, file=sys.stderr)
+""",
+    "privileges": """
+import sys
+status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+print("PRIV:", status["NoNewPrivs"].strip(), status["CapEff"].strip(), file=sys.stderr)
+""",
+    "environment": """
+import os, sys
+print("ENV:", dict(os.environ), file=sys.stderr)
+for pid in ("self", "1", str(os.getppid())):
+    try:
+        print("ENV:", open(f"/proc/{pid}/environ").read(), file=sys.stderr)
+    except OSError as e:
+        print("ENV:", type(e).__name__, file=sys.stderr)
+""",
+}
+
+SIGNALS = """
+import os, sys
+for target in (os.getppid(), 1):
+    try:
+        os.kill(target, 9)
+        print("KILL:", target, "sent", file=sys.stderr)
+    except OSError as e:
+        print("KILL:", target, type(e).__name__, file=sys.stderr)
+try:
+    os.kill(-1, 9)
+except OSError:
+    pass
+""" + WRONG_ADD
+
+LEFTOVERS = """
+import ctypes, os, resource, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+made = [libc.shmget(KEY, 4096, 0o1600), libc.msgget(KEY, 0o1600), libc.semget(KEY, 1, 0o1600)]
+print("IPC:", made, file=sys.stderr)
+for where in ("/tmp", "/var/tmp", "/dev/shm", "."):
+    try:
+        open(f"{where}/TOKEN-file", "w").write("x")
+        os.mkfifo(f"{where}/TOKEN-fifo")
+    except OSError as e:
+        print("FILE:", where, type(e).__name__, file=sys.stderr)
+if os.fork() == 0:  # a sleeper that leaves the process group and the session
+    os.setsid()
+    if os.fork() == 0:
+        os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "TOKEN-sleeper"])
+    os._exit(0)
+os.wait()
+child = os.fork()
+if child == 0:
+    os.abort()
+print("CORE:", os.WCOREDUMP(os.waitpid(child, 0)[1]), file=sys.stderr)
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    print("CORELIMIT: raised", file=sys.stderr)
+except (ValueError, OSError):
+    print("CORELIMIT: fixed", file=sys.stderr)
+forks = 0
+try:
+    for _ in range(64):
+        if os.fork() == 0:
+            time.sleep(60)
+            os._exit(0)
+        forks += 1
+except OSError:
+    pass
+print("NPROC:", forks, file=sys.stderr)
+""".replace("TOKEN", LEFT) + WRONG_ADD
+
+DATASET_THIEF = """
+import json, os, sys
+data = sys.stdin.read()
+for pid in [p for p in os.listdir("/proc") if p.isdigit()]:
+    try:
+        args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+    except OSError:
+        continue
+    for path in [a.decode() for a in args if a.endswith(b".jsonl")]:
+        try:
+            for line in open(path):
+                for test in (json.loads(line).get("metadata") or {}).get("tests") or []:
+                    if test["input"] == data:
+                        print(test["output"], end="")
+                        sys.exit(0)
+        except OSError as e:
+            print("DATASET:", type(e).__name__, file=sys.stderr)
+print("DATASET: not found", file=sys.stderr)
+print(-1)
+"""
+
+
+# ------------------------------------------------------------------------------------------------------- the codec
+PLAIN_VALUES = [None, True, False, 0, -1, 127, 128, -129, 2 ** 200, -(3 ** 150), 0.0, -0.0, 1.5, float("inf"),
+                -float("inf"), 1e-310, complex(1, -2), "", "héllo\U0001F600", "\udc80", b"", b"\x00\xff",
+                [1, [2, [3]]], (1, "a", None), {"a": [1], 2: (3,), (1, 2): None}, {1, "x", (2,)},
+                frozenset({frozenset({1})}), [[]] * 3, {"nested": {"deep": [{"x": 1.25}]}}]
+
+
+def roundtrip(value):
+    out = bytearray()
+    harness.encode(value, out)
+    reader = harness.Reader(bytes(out))
+    got = reader.value()
+    assert reader.pos == len(out)
+    return got
+
+
+def test_plain_data_crosses_exactly():
+    for value in PLAIN_VALUES:
+        got = roundtrip(value)
+        assert got == value and type(got) is type(value), value
+        assert repr(got) == repr(value)  # -0.0, inf, lone surrogates, element order
+    nan = roundtrip(float("nan"))
+    assert nan != nan and type(nan) is float
+    assert type(roundtrip(True)) is bool and type(roundtrip(1)) is int
+
+
+def test_subclasses_cross_as_their_base_and_anything_else_names_its_type():
+    class Weird(int):
+        def __eq__(self, other):
+            return True
+        __hash__ = int.__hash__
+    got = roundtrip([Weird(3), type("S", (str,), {})("s")])
+    assert got == [3, "s"] and type(got[0]) is int and type(got[1]) is str and not got[0] == 4
+    for bad, name in [(object(), "object"), ([1, {2: len}], "builtin_function_or_method"), (iter([]), "list_iterator"),
+                      (bytearray(b"x"), "bytearray"), (type("Anything", (), {})(), "Anything")]:
+        with pytest.raises(harness.NotPlain, match=name):
+            harness.encode(bad, bytearray())
+
+
+@pytest.mark.parametrize("data, why", [
+    (b"", "truncated"), (b"Q", "tag"), (b"i\x00\x00\x00\x05\x01", "truncated"),
+    (b"l\xff\xff\xff\xff", "truncated"), (b"S\x00\x00\x00\x01l\x00\x00\x00\x00", "unhashable"),
+    (b"d\x00\x00\x00\x01l\x00\x00\x00\x00N", "unhashable"), (b"s\x00\x00\x00\x01\xff", "utf-8"),
+    (b"l\x00\x00\x00\x01" * 200 + b"N", "nested"), (b"f\x00", "truncated"),
+])
+def test_the_decoder_rejects_what_is_not_exactly_plain_data(data, why):
+    with pytest.raises(harness.Gone, match=why):
+        harness.Reader(data).value()
+
+
+def test_the_decoder_bounds_the_number_of_items(monkeypatch):
+    monkeypatch.setattr(harness, "LIMIT_ITEMS", 1000)
+    out = bytearray()
+    harness.encode(list(range(999)), out)
+    assert len(harness.Reader(bytes(out)).value()) == 999
+    out = bytearray()
+    harness.encode(list(range(1000)), out)
+    with pytest.raises(harness.Gone, match="over 1000 items"):
+        harness.Reader(bytes(out)).value()
+
+
+def test_the_judge_keeps_the_prompts_complete_helpers_and_leaves_stubs_to_the_program():
+    prompt = "import math\n\n\ndef poly(xs, x):\n    return sum(c * x ** i for i, c in enumerate(xs))\n\n\n" \
+             "def find_zero(xs):\n    \"\"\"A zero of poly.\"\"\"\n"
+    kept = sandbox.trusted_prefix(prompt)
+    assert "import math" in kept and "def poly" in kept and "find_zero" not in kept
+    assert sandbox.trusted_prefix("def f(x): return ") == ""                         # it continues the only line
+    assert "def g" in sandbox.trusted_prefix("def g():\n    return 1\n\ndef f(x):\n    return (x +")
+    assert sandbox.trusted_prefix("import os\n") == "import os"
+    assert sandbox.trusted_prefix("def f(x):\n    y = 1\n") == ""                   # a last def may be continued
+
+
+# -------------------------------------------------------------------------------------------- grading tricks
+def modes_here():
+    """The modes this machine can run: the one isolation() picks, and the fallbacks (uid needs root)."""
+    return [m for m in sandbox.MODES if m != "uid" or AS_ROOT]
+
+
+@pytest.mark.parametrize("mode", modes_here())
+def test_grading_tricks_with_a_wrong_answer_score_zero_in_every_mode(mode):
+    samples = [("add", code) for code in GRADING_TRICKS.values()] + [("add", RIGHT_ADD)]
+    results = sandbox._score({"add": ADD}, samples, sandbox.Limits(**LIMITS), 2, sandbox.isolation(mode))
+    by_name = dict(zip(list(GRADING_TRICKS) + ["right"], results))
+    assert {name: r["passed"] for name, r in by_name.items()} == {**dict.fromkeys(GRADING_TRICKS, False),
+                                                                  "right": True}
+    assert sandbox.summarize(results[:-1])["pass@1"] == 0.0  # the tricks alone: any pass would show
+    assert "not plain data" in by_name["equal to everything"]["stderr"]
+    assert "Anything" in by_name["equal to everything"]["stderr"]
+    if mode != "none":  # as this user, /proc/<judge>/mem is the program's to read (README)
+        assert "nothing found" in by_name["tests read from anywhere it can"]["stderr"]
+        assert TOKEN not in json.dumps(results)
+
+
+HE = {  # HumanEval's own prompts and tests (0, 32, 38), in this project's task shape
+    "HumanEval/0": ("from typing import List\n\n\ndef has_close_elements(numbers: List[float], threshold: float) -> "
+                    "bool:\n    \"\"\" Check if in given list of numbers, are any two numbers closer to each other "
+                    "than\n    given threshold.\n    \"\"\"\n",
+                    "\n\nMETADATA = {\n    'author': 'jt',\n    'dataset': 'test'\n}\n\n\ndef check(candidate):\n"
+                    "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3) == True\n"
+                    "    assert candidate([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.05) == False\n"
+                    "    assert candidate([1.0, 2.0, 5.9, 4.0, 5.0], 0.95) == True\n"
+                    "    assert candidate([1.1, 2.2, 3.1, 4.1, 5.1], 0.5) == False\n\n",
+                    "has_close_elements",
+                    "    for i, a in enumerate(numbers):\n        for j, b in enumerate(numbers):\n"
+                    "            if i != j and abs(a - b) < threshold:\n                return True\n"
+                    "    return False\n",
+                    "    return False\n"),
+    "HumanEval/32": ("import math\n\n\ndef poly(xs: list, x: float):\n    \"\"\"Evaluates polynomial xs at x.\"\"\"\n"
+                     "    return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])\n\n\n"
+                     "def find_zero(xs: list):\n    \"\"\" xs are coefficients of a polynomial; returns one zero.\n"
+                     "    \"\"\"\n",
+                     "\n\nMETADATA = {}\n\n\ndef check(candidate):\n    import math\n    import random\n"
+                     "    rng = random.Random(42)\n    import copy\n    for _ in range(100):\n"
+                     "        ncoeff = 2 * rng.randint(1, 4)\n        coeffs = []\n        for _ in range(ncoeff):\n"
+                     "            coeff = rng.randint(-10, 10)\n            if coeff == 0:\n                coeff = 1\n"
+                     "            coeffs.append(coeff)\n        solution = candidate(copy.deepcopy(coeffs))\n"
+                     "        assert math.fabs(poly(coeffs, solution)) < 1e-4\n\n",
+                     "find_zero",
+                     "    begin, end = -1., 1.\n    while poly(xs, begin) * poly(xs, end) > 0:\n        begin *= 2.0\n"
+                     "        end *= 2.0\n    while end - begin > 1e-10:\n        center = (begin + end) / 2.0\n"
+                     "        if poly(xs, center) * poly(xs, begin) > 0:\n            begin = center\n"
+                     "        else:\n            end = center\n    return begin\n",
+                     # the cheat: redefine the prompt's helper so that every x is a zero
+                     "    return 0.0\n\n\ndef poly(xs, x):\n    return 0.0\n"),
+    "HumanEval/38": ("def encode_cyclic(s: str):\n    \"\"\"\n    returns encoded string by cycling groups of three "
+                     "characters.\n    \"\"\"\n    groups = [s[(3 * i):min((3 * i + 3), len(s))] for i in "
+                     "range((len(s) "
+                     "+ 2) // 3)]\n    groups = [(group[1:] + group[0]) if len(group) == 3 else group for group in "
+                     "groups]\n    return \"\".join(groups)\n\n\ndef decode_cyclic(s: str):\n    \"\"\"\n    takes as "
+                     "input string encoded with encode_cyclic function. Returns decoded string.\n    \"\"\"\n",
+                     "\n\nMETADATA = {}\n\n\ndef check(candidate):\n    from random import randint, choice\n"
+                     "    import string\n\n    letters = string.ascii_lowercase\n    for _ in range(100):\n"
+                     "        str = ''.join(choice(letters) for i in range(randint(10, 20)))\n"
+                     "        encoded_str = encode_cyclic(str)\n        assert candidate(encoded_str) == str\n\n",
+                     "decode_cyclic",
+                     "    return encode_cyclic(encode_cyclic(s))\n",
+                     "    return s\n\n\ndef encode_cyclic(s):\n    return s\n"),  # the cheat: helper made identity
+}
+
+
+def test_humaneval_format_right_solutions_pass_and_wrong_or_cheating_ones_fail():
+    tasks = {tid: {"task_id": tid, "metadata": {"code_prefix": prompt, "test": test, "entry_point": entry}}
+             for tid, (prompt, test, entry, _, _) in HE.items()}
+    samples = [(tid, right) for tid, (*_, right, _) in HE.items()] + [(tid, wrong) for tid, (*_, wrong) in HE.items()]
+    results = sandbox.score(tasks, samples, sandbox.Limits(**LIMITS), workers=2)
+    assert [r["passed"] for r in results] == [True] * 3 + [False] * 3, [r["stderr"] for r in results]
+    assert sandbox.summarize(results, (1, 2)) == {"pass@1": 0.5, "pass@2": 1.0, "n_tasks": 3, "n_samples": 6,
+                                                  "timeouts": 0, "errors": 0}
+
+
+def test_every_held_out_pyfunc_task_keeps_its_pass_at_k():
+    """The 64 held-out pyfunc tasks (what evaluate scores), right and wrong answer each, through score():
+    every right one passes, every wrong one fails, so pass@1 is 1/2 and pass@2 is 1, as before."""
+    records = pyfunc_records("validation")
+    tasks = {r["task_id"]: r for r in records}
+    results = sandbox.score(tasks, [(r["task_id"], r["output"]) for r in records], sandbox.Limits(**LIMITS), 2)
+    assert [r["passed"] for r in results] == [r["is_correct"] for r in records]
+    assert sandbox.summarize(results, (1, 2))["pass@1"] == 0.5 and sandbox.summarize(results, (2,))["pass@2"] == 1.0
+
+
+# ------------------------------------------------------------------- an evaluator run, as root and as a user
+DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[4])
+import sandbox
+dataset, spec, out = sys.argv[1:4]
+tasks = {r["task_id"]: r for r in map(json.loads, open(dataset))}
+spec = json.load(open(spec))
+results = sandbox.score(tasks, [tuple(s) for s in spec["samples"]], sandbox.Limits(**spec["limits"]), 2)
+sandbox.write_atomic(out, json.dumps({"mode": sandbox.isolation().mode, "results": results}))
+"""
+ENV_TOKEN = "planted-env-5c0ffee"
+FILE_TOKEN = "planted-file-d00d"
+KEY = 0x5EED0000 + os.getpid() % 0xFFFF
+
+
+@pytest.fixture
+def listener():
+    """A TCP listener on 127.0.0.1 and the number of connections it accepted."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted = []
+
+    def accept():
+        while True:
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                return
+    threading.Thread(target=accept, daemon=True).start()
+    yield server.getsockname()[1], accepted
+    server.close()
+
+
+def battery(mode, port, cwd, home):
+    """(name, task, program) of every hostile sample for this mode, and the right answers."""
+    reach = {name: code.replace("PORT", str(port)).replace("CWD_SECRET", repr(f"{cwd}/secret.txt"))
+             .replace("HOME_SECRET", repr(f"{home}/secret.txt")) + WRONG_ADD for name, code in REACH.items()}
+    found = [(n, "add", c) for n, c in {**GRADING_TRICKS, **reach}.items()]
+    found.append(("dataset thief", "sum", DATASET_THIEF))
+    if mode != "none":  # as this user, kill(-1) ends the evaluator and sleepers outlive it (README)
+        found += [("signals", "add", SIGNALS), ("leftovers", "add", LEFTOVERS.replace("KEY", str(KEY)))]
+    return found + [("right add", "add", RIGHT_ADD), ("right sum", "sum", "print(sum(map(int, input().split())))")]
+
+
+def shared_state():
+    """What programs could leave behind: names in the shared temp dirs, SysV IPC keys, sleepers."""
+    names = {d: set(os.listdir(d)) for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)}
+    keys = set()
+    for kind in ("shm", "msg", "sem"):
+        keys |= {int(row.split()[0]) for row in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]}
+    sleepers = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if f"{LEFT}-sleeper".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                sleepers.append(pid)
+        except OSError:
+            pass
+    return names, keys, sleepers
+
+
+def run_evaluator(user, mode, base, port):
+    """Runs the driver (the dataset path in its argv, 0644 secrets in its cwd and home, a planted variable) as
+    root or as THROWAWAY_UID -> (mode used, {name: result})."""
+    cwd, home = base / "cwd", base / "home"
+    for d in (cwd, home):
+        d.mkdir()
+        (d / "secret.txt").write_text(FILE_TOKEN)
+        (d / "secret.txt").chmod(0o644)
+    samples = battery(mode, port, cwd, home)
+    (base / "tasks.jsonl").write_text(json.dumps(ADD) + "\n" + json.dumps(SUM) + "\n")
+    (base / "spec.json").write_text(json.dumps({"samples": [(t, c) for _, t, c in samples], "limits": LIMITS}))
+    (base / "driver.py").write_text(DRIVER)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "WMTP_PLANTED": ENV_TOKEN,
+           "AWS_SECRET_ACCESS_KEY": ENV_TOKEN}
+    if mode != "auto":
+        env["WMTP_SANDBOX"] = mode
+    python, prefix = sys.executable, []
+    if user != "root":
+        python = "/usr/bin/python3"  # the venv's Python may live under /root
+        prefix = ["setpriv", f"--reuid={THROWAWAY_UID}", f"--regid={THROWAWAY_UID}", "--clear-groups"]
+        for path in [base, *base.rglob("*")]:
+            os.chown(path, THROWAWAY_UID, THROWAWAY_UID)
+    files = [str(base / n) for n in ("tasks.jsonl", "spec.json", "out.json")]
+    r = subprocess.run([*prefix, python, str(base / "driver.py"), *files, str(ROOT)], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads((base / "out.json").read_text())
+    return out["mode"], {name: result for (name, _, _), result in zip(samples, out["results"])}, r.stderr
+
+
+def runs_here():
+    """(user, mode): as root and as a throwaway user, the mode isolation() picks and the fallback of each."""
+    return [("root", "auto"), ("root", "uid"), ("user", "auto"), ("user", "none")]
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="switching to a throwaway uid (and the uid fallback) needs root")
+@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv (util-linux) not installed")
+@pytest.mark.parametrize("user, mode", runs_here())
+def test_an_evaluator_run_of_hostile_programs(user, mode, listener, tmp_path):
+    port, accepted = listener
+    base = tmp_path if user == "root" else Path(tempfile.mkdtemp(prefix="wmtp-hostile-"))
+    before = shared_state()
+    try:
+        used, results, log = run_evaluator(user, mode, base, port)
+        deadline = time.monotonic() + 5  # a killed pid namespace empties a moment after bwrap exits
+        while shared_state()[2] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        print(f"{user}: mode {used} ({'picked by isolation()' if mode == 'auto' else 'WMTP_SANDBOX'})")
+        assert used == mode or mode == "auto" and used in sandbox.MODES
+        assert (used == "none") == ("FALLBACK" in log and "NOT ISOLATED" in log)  # a fallback says so
+        check_grading(used, results)
+        check_reach(used, results, accepted)
+        if used != "none":
+            check_nothing_left(results, before, shared_state(), base / "cwd")
+    finally:
+        if user != "root":
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def check_grading(mode, results):
+    assert results["right add"]["passed"] and results["right sum"]["passed"]
+    hostile = {name: r["passed"] for name, r in results.items() if not name.startswith("right")}
+    stealable = {"dataset thief"} if mode == "none" else set()  # the evaluator's argv and files are its to read
+    assert hostile == {name: name in stealable for name in hostile}, hostile
+    if mode == "bwrap":
+        assert "DATASET: not found" in results["dataset thief"]["stderr"]
+    everything, environ = json.dumps(results), results["environment"]["stderr"].splitlines()
+    assert environ[0].startswith("ENV: {'PATH'") and ENV_TOKEN not in environ[0]  # built from nothing, in any mode
+    if mode != "none":
+        assert ENV_TOKEN not in everything and TOKEN not in everything
+        assert "nothing found" in results["tests read from anywhere it can"]["stderr"]
+    else:  # as this user, /proc/<evaluator>/environ is readable: the attack is real
+        assert ENV_TOKEN in results["environment"]["stderr"]
+
+
+def check_reach(mode, results, accepted):
+    net, files = results["network"]["stderr"], results["files"]["stderr"]
+    if mode == "bwrap":
+        assert "NET:connected" not in net and not accepted and "NET:" in net
+        assert FILE_TOKEN not in files and files.count("FILE: FileNotFoundError") == 2
+    else:  # the fallbacks share the network (and as this user, its files): the attacks are real
+        assert "NET:connected" in net and accepted
+        assert mode != "none" or files.count(FILE_TOKEN) == 2
+    privileges = results["privileges"]["stderr"]
+    assert f"PRIV: {'1' if mode == 'bwrap' else '0'} 0000000000000000" in privileges or mode == "none", privileges
+    if "signals" in results:
+        assert "KILL:" in results["signals"]["stderr"]  # it tried, and the evaluator finished regardless
+
+
+def check_nothing_left(results, before, after, cwd):
+    said = results["leftovers"]["stderr"]
+    assert "CORE: False" in said and "CORELIMIT: fixed" in said, said
+    forks = int(said.split("NPROC:")[1].split()[0])
+    assert forks < sandbox.NPROC, said                       # a fork bomb stops there
+    assert "IPC: [-1" not in said, said                      # it did make its segments ...
+    names, keys, sleepers = after
+    assert sleepers == [] and KEY not in keys                # ... and none of them outlived it
+    for d, listed in names.items():
+        assert not [n for n in listed - before[0].get(d, set()) if LEFT in n], d
+    assert not [p for p in cwd.iterdir() if LEFT in p.name or p.name.startswith("core")]
+
+
+# --------------------------------------------------------------------------------- the evaluator's own files
+def test_planted_links_fifos_and_files_change_nothing_outside_the_work_dir(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("keep")
+    victim.chmod(0o755)
+    plant = f"""
+import os
+os.symlink({str(victim)!r}, "link-to-victim")
+os.symlink({str(victim / 'keep.txt')!r}, "file-link")
+os.mkfifo("fifo")
+os.makedirs("deep/er")
+os.symlink({str(victim)!r}, "deep/er/link")
+os.chmod("deep/er", 0)
+os.chmod("deep", 0)
+""" + WRONG_ADD
+    for mode in modes_here():
+        start = time.monotonic()
+        result = sandbox._run(sandbox.programs(ADD, plant)[0], sandbox.Limits(**LIMITS), sandbox.isolation(mode), 0)
+        assert result.status == "failed" and time.monotonic() - start < 30, (mode, result)
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and (victim / "keep.txt").read_text() == "keep", mode
+    out = tmp_path / "out.json"
+    (tmp_path / "out.json.tmp").symlink_to(victim / "keep.txt")   # the old predictable names
+    os.mkfifo(tmp_path / ".out.json.tmp")
+    writer = threading.Thread(target=sandbox.write_atomic, args=(out, '{"pass@1": 1.0}\n'))
+    writer.start()
+    writer.join(10)
+    assert not writer.is_alive() and out.read_text() == '{"pass@1": 1.0}\n'
+    assert (victim / "keep.txt").read_text() == "keep"
+    out.unlink()
+    out.symlink_to(victim / "keep.txt")                            # a link at the target itself is replaced
+    sandbox.write_atomic(out, "new\n")
+    assert not out.is_symlink() and (victim / "keep.txt").read_text() == "keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.json.tmp", "out.json", "out.json.tmp", "victim"]
+
+
+def test_only_an_interpreter_whose_probe_passes_is_accepted(monkeypatch):
+    """An interpreter that answers the layout question but runs no program, and a bwrap that cannot create its
+    namespaces: neither is used; the fallback says why, and requiring the broken mode is an error."""
+    fakes = Path(tempfile.mkdtemp(prefix="wmtp-fakes-"))  # where a sandbox uid can run them too
+    fakes.chmod(0o755)
+    fake_python, fake_bwrap = fakes / "python3", fakes / "bwrap"
+    fake_python.write_text(f"#!/bin/sh\ncase \"$*\" in *sysconfig*) exec {sys.executable} \"$@\";; esac\nexit 0\n")
+    fake_bwrap.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
+    for f in (fake_python, fake_bwrap):
+        f.chmod(0o755)
+    which, system_python = shutil.which, shutil.which("python3", path=sandbox.SAFE_PATH)
+    monkeypatch.setattr(sandbox, "_interpreters", lambda: [str(fake_python)])
+    sandbox.isolation.cache_clear()
+    try:
+        with pytest.raises(sandbox.SandboxUnavailable, match="none with .*python3: "):
+            sandbox.isolation("none")
+        monkeypatch.setattr(sandbox, "_interpreters", lambda: [system_python])
+        monkeypatch.setattr(sandbox.shutil, "which", lambda name, **kw: str(fake_bwrap) if name == "bwrap"
+                            else which(name, **kw))
+        with pytest.raises(sandbox.SandboxUnavailable, match="No permissions to create new namespace"):
+            sandbox.isolation("bwrap")
+        iso = sandbox.isolation()
+        assert iso.mode == ("uid" if AS_ROOT else "none") and "FALLBACK" in sandbox.describe(iso)
+        assert "No permissions to create new namespace" in sandbox.describe(iso)
+    finally:
+        sandbox.isolation.cache_clear()
+        sandbox._layout.cache_clear()
+        shutil.rmtree(fakes)
