@@ -19,7 +19,24 @@ import yaml
 ROOT = Path(__file__).resolve().parent
 
 
-SECRET_KEY = re.compile(r"password|secret|token|access_key|credential", re.IGNORECASE)
+# Secrets are known by name, never by a substring ("token" is in model.n_future_tokens, model.tokenizer and
+# eval.max_new_tokens): the credential variables, and keys whose last word names a credential (db_password, api_key).
+SECRET_NAMES = frozenset({"mlflow_tracking_username", "mlflow_tracking_password", "mlflow_tracking_token",
+                          "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                          "mlflow_auth_admin_password", "mlflow_flask_server_secret_key", "hf_token"})
+SECRET_LAST_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "secret_key", "credentials")
+
+
+def is_secret(key):
+    """True for a credential variable's name or a key whose last word names a credential (db_password, api_token);
+    False for n_future_tokens, tokenizer, max_new_tokens."""
+    key = str(key).lower()
+    return key in SECRET_NAMES or key in SECRET_LAST_WORDS or key.endswith(tuple("_" + w for w in SECRET_LAST_WORDS))
+
+
+def without_userinfo(value):
+    """A URI's user:password@ removed (http://u:p@host -> http://host): a tracking URI may carry its login."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1", value) if isinstance(value, str) else value
 
 
 # The names every module agrees on, as literals here so that config.py imports nothing of the project's.
@@ -325,12 +342,10 @@ DEFAULTS = read_yaml(ROOT / "configs" / "defaults.yaml")
 
 
 def flatten(tree, prefix=""):
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists as JSON; keys that look secret are dropped."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists as JSON; secret keys (is_secret) dropped, URIs without their login."""
     flat = {}
-    for key, value in tree.items():
+    for key, value in redacted(tree).items():
         name = f"{prefix}{key}"
-        if SECRET_KEY.search(str(key)):
-            continue
         if isinstance(value, dict) and value:
             flat.update(flatten(value, name + "."))
         else:
@@ -339,4 +354,5 @@ def flatten(tree, prefix=""):
 
 
 def redacted(tree):
-    return {k: redacted(v) if isinstance(v, dict) else v for k, v in tree.items() if not SECRET_KEY.search(str(k))}
+    """The tree without its secret keys (is_secret) and with every URI's user:password@ removed."""
+    return {k: redacted(v) if isinstance(v, dict) else without_userinfo(v) for k, v in tree.items() if not is_secret(k)}

@@ -356,11 +356,21 @@ def micro_args(cfg, vocab_size):
                      rope_theta=m.rope_theta, n_future_tokens=H)
 
 
+def check_micro(cfg, use_micro):
+    """--use-micro-model (./run.sh --local) trains the micro model: a model.path or model.tokenizer it would ignore is
+    an error, so the recorded params are what ran."""
+    ignored = [f"model.{k}={getattr(cfg.model, k)}" for k in ("path", "tokenizer") if getattr(cfg.model, k)]
+    if use_micro and ignored:
+        raise UserError(f"{' and '.join(ignored)} would be ignored: --use-micro-model (./run.sh --local) trains the "
+                        f"micro model; drop --local/--use-micro-model to train that model, or drop the setting")
+
+
 def build_model(cfg, use_micro, value_head):
     """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or model.path (a Meta
     or HF dir, re-headed to model.n_future_tokens), with LoRA adapters when model.lora.rank > 0 — built before any
     checkpoint loads into it. Under LoRA the frozen base is held in model.dtype (read straight into it)."""
     mcfg = cfg.model
+    check_micro(cfg, use_micro)
     torch.manual_seed(cfg.training.seed)  # every rank builds the same initial weights
     lora, frozen = mcfg.lora.rank > 0, DTYPES[mcfg.dtype]
     if use_micro or not mcfg.path:

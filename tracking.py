@@ -50,6 +50,24 @@ def experiment_id(client, cfg):
     return exp_id
 
 
+def git_commit():
+    """The commit of the code that runs (`git rev-parse HEAD` in the repo), or None outside a git checkout; tagged as
+    mlflow.source.git.commit, so a result can be traced to its code."""
+    import subprocess
+    try:
+        r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def source_tags():
+    """{mlflow.source.git.commit: <commit>} inside a git checkout, else {}: every run carries it."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit} if commit else {}
+
+
 def log_params(client, run_id, params):
     """params {name: value} on a run: values as text cut to MLflow's 6000 characters, 100 per request (its limit)."""
     from mlflow.entities import Param
@@ -165,9 +183,10 @@ class Tracking:
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "train/loss")
             return max((m.step for m in history), default=0)
-        tags = {"pipeline": cfg.experiment.pipeline, **{str(k): str(v) for k, v in cfg.mlflow.tags.items()}}
+        tags = {"pipeline": cfg.experiment.pipeline, **{str(k): str(v) for k, v in redacted(cfg.mlflow.tags).items()}}
         if cfg.experiment.description:
             tags["mlflow.note.content"] = cfg.experiment.description
+        tags.update(source_tags())
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
         log_params(self.client, self.run_id, flatten(cfg.to_dict()))
         self.client.log_text(self.run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")

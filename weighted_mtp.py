@@ -32,9 +32,10 @@ from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer, load_sharded,
                       setup_distributed, shard, transformer_blocks, wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
-from pretrained import build_model, export, load_pretrained, next_token_logits
+from pretrained import build_model, check_micro, export, load_pretrained, next_token_logits
 from report import STARTS, format_compare, report, summarize_compare
-from tracking import NoTracking, Preempted, Tracking, doctor, experiment_id, log_params, preflight, tracking_uri
+from tracking import (NoTracking, Preempted, Tracking, doctor, experiment_id, log_params, preflight, source_tags,
+                      tracking_uri)
 
 
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
@@ -389,7 +390,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
     cfg = cfgs[pipelines[0]]
     client = MlflowClient(tracking_uri(cfg))
     parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
-                               tags={"pipeline": "compare"}).info.run_id
+                               tags={"pipeline": "compare", **source_tags()}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
                                 "overrides": " ".join(overrides) or "-"})
     status = "FAILED"
@@ -467,6 +468,7 @@ def main(argv=None):
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
+        check_micro(cfg, args.use_micro_model)
         if args.dry_run:
             world, world_from = ((args.nproc, "--nproc") if args.nproc else
                                  (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else
