@@ -450,7 +450,8 @@ def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
               "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "hidden_act": "silu",
               "tie_word_embeddings": False, "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
     config.update({"max_position_embeddings": a.max_seq_len} if a.max_seq_len else {})
-    config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok is not None else {})
+    config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+                  if tok is not None else {})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -482,6 +483,44 @@ def copy_tokenizer_files(source, out_dir):
             shutil.copyfile(folder / name, Path(out_dir) / name)
 
 
+def byte_to_char():
+    """GPT-2's printable stand-in for each byte (what the tokenizers library's ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def save_byte_tokenizer(out_dir, tok):
+    """The micro model's ByteTokenizer as a Hugging Face tokenizer.json, built with the tokenizers library: byte b
+    is id b (ByteLevel's stand-ins, no merges), <s>/</s>/<pad> are ids 256/257/258, and encoding adds <s> as
+    training does; tokenizer_config.json names the three for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    hf = Tokenizer(models.BPE(vocab={c: b for b, c in byte_to_char().items()}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    hf.add_special_tokens(list(names.values()))
+    assert [hf.token_to_id(n) for n in names.values()] == [tok.bos_id, tok.eos_id, tok.pad_id]
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_id)])
+    hf.save(str(Path(out_dir) / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, **names}
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_generation_config(out_dir, tok):
+    """generation_config.json: the ids generate() starts, stops and pads with."""
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    (Path(out_dir) / "generation_config.json").write_text(json.dumps({"_from_model_config": False, **ids}, indent=2))
+
+
+def follow_umask(root):
+    """Modes as any new file gets them (0666 / 0777 less the umask): mkdtemp made the dir private, 0700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def export(checkpoint, fmt, out, config="", use_micro=False):
     """Write a trainer checkpoint's policy (LoRA merged, value head left out) as a Hugging Face or Meta model dir,
     with the base model's tokenizer files. Everything goes to a temporary dir renamed to `out` at the end: an
@@ -501,16 +540,21 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
     cfg = load_config(config) if config else config_from_dict(state["config"], f"{path} (its config)")
     model = policy_from_checkpoint(state, cfg, use_micro, path)
     mcfg = cfg.model
-    tok = None if use_micro or not mcfg.path else load_tokenizer(mcfg.tokenizer, mcfg.path)
+    micro = use_micro or not mcfg.path
+    tok = ByteTokenizer() if micro else load_tokenizer(mcfg.tokenizer, mcfg.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "hf":
             save_hf(model, tmp, tok)
+            save_generation_config(tmp, tok)
         else:
             save_meta(model, tmp)
-        if tok is not None:
+        if micro and fmt == "hf":
+            save_byte_tokenizer(tmp, tok)
+        elif not micro:
             copy_tokenizer_files(Path(mcfg.tokenizer or mcfg.path), tmp)
+        follow_umask(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -340,8 +340,8 @@ def test_unreadable_dotenv_is_a_clear_error(tmp_path):
 def test_local_needs_no_credentials(tmp_path):
     res = run_sh(["rho1", "--local", "--dry-run"], base_env(tmp_path))
     assert "not set" not in res.stderr
-    assert res.stdout.splitlines()[0] == (
-        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model")
+    assert res.stdout.splitlines()[0] == (   # the line that ran: pasted, it plans again and trains nothing
+        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model --nproc 1 --dry-run")
 
 
 # ------------------------------------------------------------------------------------ launcher lines
@@ -378,9 +378,14 @@ def test_dry_run_prints_the_launcher_line(tmp_path, case):
     extra_args = ["--override", "training.max_steps=3", "--override", "experiment.description=a b&c"]
     res = run_sh(["verifiable", *flags, "--dry-run", *extra_args], base_env(tmp_path, **env_extra))
     first = res.stdout.splitlines()[0] if res.stdout else ""
-    # What is printed is what a user would type: it splits back into the exact argv.
+    # What is printed is what a user would type: it splits back into the exact argv, the launch's trainer arguments
+    # planned by one process for all of them (--nproc: nodes x processes per node), with --dry-run.
     assert first.startswith("+ "), res.stdout + res.stderr
-    assert shlex.split(first[2:]) == shlex.split(expected) + extra_args
+    launch = shlex.split(expected)
+    nproc = int(env_extra.get("NPROC_PER_NODE") or (2 if "--nproc_per_node=2" in expected else 1 if
+                                                     launch[0] == "python" else 4)) * int(env_extra.get("NNODES", 1))
+    assert shlex.split(first[2:]) == ["python", *launch[launch.index("-m"):], *extra_args, "--nproc", str(nproc),
+                                      "--dry-run"]
     cfg = "configs/verifiable/verifiable_local.yaml" if flags else "configs/verifiable/verifiable.yaml"
     if config_ready(cfg):
         # The rest is the merged config, from the trainer's single-process --dry-run; nothing trains.
@@ -389,6 +394,14 @@ def test_dry_run_prints_the_launcher_line(tmp_path, case):
         assert merged["experiment"]["pipeline"] == "verifiable"
         assert merged["training"]["max_steps"] == 3
         assert merged["experiment"]["description"] == "a b&c"
+
+
+def test_dry_run_needs_no_credentials_and_keeps_the_users_nproc(tmp_path):
+    res = run_sh(["baseline", "--dry-run", "--nproc", "4"], base_env(tmp_path))
+    assert "not set" not in res.stderr and res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "+ python -m weighted_mtp train --config configs/baseline/baseline.yaml " \
+        "--nproc 4 --dry-run"
+    assert "# launch: 4 process(es) (--nproc)" in res.stdout.splitlines()
 
 
 def test_multi_node_without_master_addr_names_it(tmp_path):
@@ -462,7 +475,8 @@ def test_vessl_inline_secrets_survive_special_characters(tmp_path):
 def test_vessl_default_uses_secret_references_and_no_secret_value(tmp_path):
     secrets = {"MLFLOW_TRACKING_USERNAME": "user-zq81", "MLFLOW_TRACKING_PASSWORD": TRICKY,
                "AWS_ACCESS_KEY_ID": "AKIAZQ81ZQ81", "AWS_SECRET_ACCESS_KEY": "secret-zq81-value"}
-    res = run_sh(["vessl", "critic", "--local", "--print"], vessl_env(tmp_path, **secrets))
+    res = run_sh(["vessl", "critic", "--local", "--print"],   # --local logs to a server (else its results are lost)
+                 vessl_env(tmp_path, MLFLOW_TRACKING_URI="https://mlflow.example", **secrets))
     assert res.returncode == 0, res.stderr
     for value in secrets.values():
         assert value not in res.stdout and value not in res.stderr
@@ -575,6 +589,37 @@ def test_vessl_bad_args(tmp_path):
     assert res.returncode == 2 and "unknown pipeline" in res.stderr
     res = run_sh(["vessl", "baseline", "--frobnicate"], vessl_env(tmp_path))
     assert res.returncode == 2 and "--frobnicate" in res.stderr
+
+
+def test_vessl_refuses_what_a_node_cannot_clone_or_would_lose_and_passes_overrides(tmp_path):
+    res = run_sh(["vessl", "baseline", "--print"], vessl_env(tmp_path, GIT_URL="/work/me/weighted-mtp"))
+    assert res.returncode == 1 and res.stderr == (
+        "run.sh: vessl: GIT_URL '/work/me/weighted-mtp' is not a URL a VESSL node can clone (https://, ssh://, "
+        "git@host:org/repo): set GIT_URL, or add a remote with git remote add origin URL\n")
+    env = {k: v for k, v in vessl_env(tmp_path).items() if k != "GIT_REF"}   # the default ref: this HEAD
+    clone = tmp_path / "clone"   # a checkout whose HEAD is on no remote branch
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    for name in ("run.sh", "vessl.yaml", "scripts"):
+        (clone / name).symlink_to(ROOT / name)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    res = subprocess.run([str(clone / "run.sh"), "vessl", "baseline", "--print"], cwd=clone, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith(
+        f"run.sh: vessl: commit {head} (HEAD) is on no remote branch, so VESSL cannot fetch it: git push first"), \
+        res.stderr
+    res = run_sh(["vessl", "baseline", "--local", "--print"], vessl_env(tmp_path))
+    assert res.returncode == 1 and "vessl --local: MLFLOW_TRACKING_URI is empty" in res.stderr
+    res = run_sh(["vessl", "baseline", "--print", "--override", "training.max_steps=5", "--override",
+                  "dataset.train=builtin:arith+pyfunc*4"], vessl_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    run = yaml.safe_load(res.stdout)
+    assert run["env"]["WMTP_OVERRIDES"] == (
+        "--override=training.max_steps=5 --override=dataset.train=builtin:arith+pyfunc*4")
+    assert "set -f" in run["run"][0]["command"] and "${WMTP_LOCAL:+--local} $WMTP_OVERRIDES" in run["run"][0]["command"]
+    res = run_sh(["vessl", "baseline", "--print", "--override", "experiment.description=a b"], vessl_env(tmp_path))
+    assert res.returncode == 2 and "--override needs one k=v without blanks" in res.stderr
 
 
 def _fake_bin(tmp_path: Path) -> tuple[Path, Path]:
