@@ -219,7 +219,10 @@ def training_record(record, where):
 def chat_template(model_path):
     """The chat template (Jinja text) in model_path's tokenizer_config.json, or None (then PLAIN_CHAT renders)."""
     config = Path(model_path or "") / "tokenizer_config.json"
-    template = json.loads(config.read_text()).get("chat_template") if model_path and config.is_file() else None
+    try:
+        template = json.loads(config.read_text()).get("chat_template") if model_path and config.is_file() else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{config}: cannot read its chat_template ({e})")
     if isinstance(template, list):  # named templates: the default one
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template if isinstance(template, str) else None

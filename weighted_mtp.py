@@ -83,14 +83,13 @@ class Setup:
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
-    t, s, ds = cfg.training, cfg.data_sampling, cfg.dataset
+    t, s, ds, chat = cfg.training, cfg.data_sampling, cfg.dataset, chat_template(cfg.model.path)  # chat: None if none
     master = rank == 0
     tok, model = build_model(cfg, use_micro, value_head=PIPELINE_TYPES[cfg.experiment.pipeline].value_head)
     pipeline = PIPELINE_TYPES[cfg.experiment.pipeline](cfg, model.args.n_future_tokens)
     train_records, checker = load_records(ds.train, "train")
     val_records, _ = load_records(ds.validation, "validation")
     correct = 0.5 if pipeline.name == "critic" else 1.0  # the critic must see wrong answers to rank them
-    chat = chat_template(cfg.model.path) if ds.template == "chat" and not use_micro else None
     train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
                                                  tok, ds.max_length, ds.on_overlong, ds.train, ds.template, chat)
     val_examples, _ = encode_records(sample_records(val_records, s.val_samples, correct, s.seed + 1),
@@ -106,8 +105,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     resume_path = on_this_node(cfg, find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache) if master else None,
                                cache)
     spec, source, artifact = pipeline.start_from()
-    random_init = not (cfg.model.path or resume_path)
-    started_from = ", from random weights (the micro model: nothing pretrained)" if random_init else ""
+    started_from = "" if cfg.model.path or resume_path else ", from random weights (nothing pretrained)"
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
         path = fetch(spec, source, artifact)
         load_checkpoint_into(model, path)

@@ -67,7 +67,7 @@ def test_every_key_is_recorded_no_secret_anywhere_and_the_commit_is_tagged(track
     stored = Path(urlparse(run.info.artifact_uri).path) / "checkpoints" / "checkpoint_final.pt"
     assert os.path.samefile(stored, run_dir / "checkpoint_final.pt")   # one copy on disk: a hard link
     log_text = (run_dir / "training.log").read_text()   # each metric once: on the console and in training.log
-    assert "from random weights (the micro model: nothing pretrained)" in log_text
+    assert ", from random weights (nothing pretrained)" in log_text
     assert sum(line.startswith("step 2/4 |") for line in out) == 1 and "step 2/4: train/grad_norm=" in log_text
     expected = {k for k in dotted_keys(DEFAULTS) if k != "mlflow.tags"}   # tags: one param per tag
     assert expected <= set(run.data.params)
