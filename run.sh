@@ -164,8 +164,8 @@ cmd_train() {
     OMP_NUM_THREADS=$(($(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1) / nproc))
     export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
   fi
-  case " ${args[*]-} " in *" --nproc"*) ;; *) [ "$dry" = 0 ] || train+=(--nproc "$((nproc * nnodes))") ;; esac
   [ "$dry" = 0 ] || { cmd=(python) && train+=(--dry-run); }   # one process plans them all; the line says --dry-run
+  case " ${args[*]-} " in *" --nproc"*) ;; *) [ "$dry" = 0 ] || train+=(--nproc "$((nproc * nnodes))") ;; esac
   print_cmd "${cmd[@]}" "${train[@]}"
   [ -f "$cfg" ] || die "config $cfg not found"; bootstrap
   export PATH="$VENV/bin:$PATH"   # so `python` and `torchrun` above are the venv's, exactly as printed

@@ -297,7 +297,7 @@ def test_torch_minimum_is_the_pyprojects():
 @pytest.mark.parametrize("missing", sorted(PROD_CREDS))
 def test_missing_production_variable_is_named(tmp_path, missing):
     creds = {k: v for k, v in PROD_CREDS.items() if k != missing}
-    res = run_sh(["verifiable", "--dry-run"], base_env(tmp_path, **creds))
+    res = run_sh(["verifiable"], base_env(tmp_path, **creds))   # a --dry-run plan needs no credentials
     assert res.returncode == 1
     assert f"not set: {missing}." in res.stderr
     for other in creds:
@@ -311,11 +311,11 @@ def test_dotenv_lines_count_and_missing_one_is_named(tmp_path):
     dotenv.write_text("MLFLOW_TRACKING_USERNAME=wmtp_admin\n"
                       "MLFLOW_TRACKING_PASSWORD='p&ss|w rd$x'\n"
                       "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\n")
-    res = run_sh(["critic", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    res = run_sh(["critic"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))   # (--dry-run needs no credentials)
     assert res.returncode == 1
     assert "not set: AWS_SECRET_ACCESS_KEY." in res.stderr
     # ... and an exported variable counts as well as a .env line
-    res = run_sh(["critic", "--dry-run"],
+    res = run_sh(["critic"],   # launches, then stops at the missing /mnt/wmtp/model
                  base_env(tmp_path, WMTP_ENV_FILE=str(dotenv), AWS_SECRET_ACCESS_KEY="x"))
     assert "not set" not in res.stderr
     assert res.stdout.splitlines()[0].startswith("+ python -m weighted_mtp train --config configs/critic/critic.yaml")
@@ -324,7 +324,7 @@ def test_dotenv_lines_count_and_missing_one_is_named(tmp_path):
 def test_dotenv_example_placeholders_count_as_missing(tmp_path):
     dotenv = tmp_path / "copied.env"
     shutil.copy(ROOT / ".env.example", dotenv)  # copied and not filled in
-    res = run_sh(["baseline", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    res = run_sh(["baseline"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
     assert res.returncode == 1
     assert ("not set: MLFLOW_TRACKING_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY." in res.stderr), res.stderr
 
@@ -341,7 +341,7 @@ def test_local_needs_no_credentials(tmp_path):
     res = run_sh(["rho1", "--local", "--dry-run"], base_env(tmp_path))
     assert "not set" not in res.stderr
     assert res.stdout.splitlines()[0] == (   # the line that ran: pasted, it plans again and trains nothing
-        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model --nproc 1 --dry-run")
+        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model --dry-run --nproc 1")
 
 
 # ------------------------------------------------------------------------------------ launcher lines
@@ -384,8 +384,8 @@ def test_dry_run_prints_the_launcher_line(tmp_path, case):
     launch = shlex.split(expected)
     nproc = int(env_extra.get("NPROC_PER_NODE") or (2 if "--nproc_per_node=2" in expected else 1 if
                                                      launch[0] == "python" else 4)) * int(env_extra.get("NNODES", 1))
-    assert shlex.split(first[2:]) == ["python", *launch[launch.index("-m"):], *extra_args, "--nproc", str(nproc),
-                                      "--dry-run"]
+    assert shlex.split(first[2:]) == ["python", *launch[launch.index("-m"):], *extra_args, "--dry-run", "--nproc",
+                                      str(nproc)]
     cfg = "configs/verifiable/verifiable_local.yaml" if flags else "configs/verifiable/verifiable.yaml"
     if config_ready(cfg):
         # The rest is the merged config, from the trainer's single-process --dry-run; nothing trains.
@@ -400,7 +400,7 @@ def test_dry_run_needs_no_credentials_and_keeps_the_users_nproc(tmp_path):
     res = run_sh(["baseline", "--dry-run", "--nproc", "4"], base_env(tmp_path))
     assert "not set" not in res.stderr and res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == "+ python -m weighted_mtp train --config configs/baseline/baseline.yaml " \
-        "--nproc 4 --dry-run"
+        "--nproc 4 --dry-run"   # the user's --nproc, not run.sh's
     assert "# launch: 4 process(es) (--nproc)" in res.stdout.splitlines()
 
 
