@@ -221,7 +221,7 @@ cmd_vessl() {
   : "${VESSL_IMAGE:=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime}"
   : "${VESSL_RUN_NAME:=wmtp-$pipeline}"
   : "${AWS_DEFAULT_REGION:=eu-north-1}"
-  "$BASH" "$ROOT/scripts/vessl_preflight.sh" "$ROOT" "$local_" "${a:-0}" || exit 1
+  "$BASH" "$ROOT/scripts/vessl_preflight.sh" "$ROOT" "$local_" "${a:-0}" "$GIT_URL" "$GIT_REF" || exit 1
   # shellcheck disable=SC2034  # read through ${!var}
   local PIPELINE=$pipeline WMTP_LOCAL=${local_#0} WMTP_OVERRIDES=$o
   for ph in $(grep -v '^[[:space:]]*#' "$template" | grep -o '{{[A-Za-z0-9_]*}}' | tr -d '{}' | sort -u); do

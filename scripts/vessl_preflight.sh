@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# vessl_preflight.sh ROOT LOCAL REF_GIVEN: run.sh vessl's refusals, each with its reason (one line, exit 1), for
-# what would otherwise fail on the node or lose the results: reads GIT_URL, GIT_REF, MLFLOW_TRACKING_URI.
+# vessl_preflight.sh ROOT LOCAL REF_GIVEN GIT_URL GIT_REF: run.sh vessl's refusals, each with its reason (one line,
+# exit 1), for what would otherwise fail on the node or lose the results; reads MLFLOW_TRACKING_URI too.
 set -euo pipefail
-root=$1 local_=$2 ref_given=$3
+root=$1 local_=$2 ref_given=$3 GIT_URL=$4 GIT_REF=$5
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 case ${GIT_URL:-} in
   http://* | https://* | ssh://* | git://* | ?*@?*:*) ;;
