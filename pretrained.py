@@ -481,6 +481,11 @@ def copy_tokenizer_files(source, out_dir):
     for name in names + ["tokenizer_config.json", "special_tokens_map.json"]:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, Path(out_dir) / name)
+    config = Path(out_dir) / "tokenizer_config.json"
+    if config.is_file():  # {"content": ...} without "__type": AddedToken is ours to read, not transformers': a string
+        names = read_json(config)
+        config.write_text(json.dumps({k: v["content"] if k.endswith("_token") and isinstance(v, dict) and "__type"
+                                      not in v and "content" in v else v for k, v in names.items()}, indent=2))
 
 
 def byte_to_char():
