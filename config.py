@@ -25,7 +25,24 @@ CONFIGS = next((d for d in (ROOT / "configs", Path(sys.prefix) / "share" / "weig
                 if (d / "defaults.yaml").is_file()), ROOT / "configs")
 
 
-SECRET_KEY = re.compile(r"password|secret|token|access_key|credential", re.IGNORECASE)
+# Secrets are known by name, never by a substring ("token" is in model.n_future_tokens, model.tokenizer and
+# eval.max_new_tokens): the credential variables, and keys whose last word names a credential (db_password, api_key).
+SECRET_NAMES = frozenset({"mlflow_tracking_username", "mlflow_tracking_password", "mlflow_tracking_token",
+                          "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                          "mlflow_auth_admin_password", "mlflow_flask_server_secret_key", "hf_token"})
+SECRET_LAST_WORDS = ("password", "passwd", "secret", "token", "api_key", "access_key", "secret_key", "credentials")
+
+
+def is_secret(key):
+    """True for a credential variable's name or a key whose last word names a credential (db_password, api_token);
+    False for n_future_tokens, tokenizer, max_new_tokens."""
+    key = str(key).lower()
+    return key in SECRET_NAMES or key in SECRET_LAST_WORDS or key.endswith(tuple("_" + w for w in SECRET_LAST_WORDS))
+
+
+def without_userinfo(value):
+    """A URI's user:password@ removed (http://u:p@host -> http://host): a tracking URI may carry its login."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1", value) if isinstance(value, str) else value
 
 
 # The names every module agrees on, as literals here so that config.py imports nothing of the project's.
@@ -36,7 +53,10 @@ RUN_NAMES = {"baseline": "baseline-mtp", "critic": "critic-pretrain", "verifiabl
 PIPELINES = tuple(RUN_NAMES)
 
 
-TEMPLATE_NAMES = ("alpaca", "plain")
+POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
+
+
+TEMPLATE_NAMES = ("alpaca", "plain", "chat")
 
 
 DTYPE_NAMES = ("float32", "bfloat16")
@@ -336,12 +356,10 @@ DEFAULTS = read_yaml(CONFIGS / "defaults.yaml")
 
 
 def flatten(tree, prefix=""):
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists as JSON; keys that look secret are dropped."""
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists as JSON; secret keys (is_secret) dropped, URIs without their login."""
     flat = {}
-    for key, value in tree.items():
+    for key, value in redacted(tree).items():
         name = f"{prefix}{key}"
-        if SECRET_KEY.search(str(key)):
-            continue
         if isinstance(value, dict) and value:
             flat.update(flatten(value, name + "."))
         else:
@@ -350,4 +368,52 @@ def flatten(tree, prefix=""):
 
 
 def redacted(tree):
-    return {k: redacted(v) if isinstance(v, dict) else v for k, v in tree.items() if not SECRET_KEY.search(str(k))}
+    """The tree without its secret keys (is_secret) and with every URI's user:password@ removed."""
+    return {k: redacted(v) if isinstance(v, dict) else without_userinfo(v) for k, v in tree.items() if not is_secret(k)}
+
+
+def cli(doc):
+    """The CLI's argument parser (here, below torch: `--help` and usage errors need no heavy import); doc is the
+    trainer's docstring. train and evaluate share the config arguments and --dry-run."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m weighted_mtp", description=doc.strip().splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    config = argparse.ArgumentParser(add_help=False)
+    config.add_argument("--config", required=True)
+    config.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, bytes")
+    config.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    config.add_argument("--dry-run", action="store_true",
+                        help="print the merged config, the memory plan per GPU and the paths it reads; run nothing")
+    config.add_argument("--nproc", type=int, help="--dry-run: processes in the launch (default: $WORLD_SIZE, else 1)")
+    config.add_argument("--gpu-memory-gb", type=float, help="--dry-run: say whether the plan fits GPUs this big")
+    p = sub.add_parser("train", parents=[config], help="train one pipeline")
+    p.add_argument("--resume", nargs="?", const="auto", help="PATH, URI or auto (default when given without a value)")
+    e = sub.add_parser("evaluate", parents=[config],
+                       help="pass@k of a checkpoint's completions (or of --samples) by running them")
+    e.add_argument("--checkpoint", default="auto", help="PATH, s3://..., runs:/<id>/..., auto (default: the newest "
+                   "finished run of the config's pipeline) or none (the config's model as it is)")
+    e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
+    e.add_argument("--json", help="also write the summary here")
+    d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
+    d.add_argument("--config", default=str(CONFIGS / "defaults.yaml"))
+    d.add_argument("--env-file", default=".env")
+    d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
+    x = sub.add_parser("export", help="write a trained policy as a Hugging Face or Meta model directory")
+    x.add_argument("--checkpoint", required=True, help="a trainer checkpoint: path, s3:// or runs:/ URI")
+    x.add_argument("--format", required=True, choices=("hf", "meta"))
+    x.add_argument("--out", required=True, help="a new directory")
+    x.add_argument("--config", default="", help="the run's config, instead of the one stored in the checkpoint")
+    x.add_argument("--use-micro-model", action="store_true", help="the checkpoint is a LoRA run of the micro model")
+    c = sub.add_parser("compare", help="the policy pipelines from one warm-up over seeds: mean ± 95 %% intervals")
+    c.add_argument("--seeds", type=int, default=3)
+    c.add_argument("--warmup-steps", type=int, default=0,
+                   help="the shared warm-up's steps (default: those of configs/baseline/warmup_local.yaml)")
+    c.add_argument("--pipelines", default=",".join(POLICY_PIPELINES), help="comma-separated policy pipelines")
+    c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
+    r = sub.add_parser("report", help="table of the newest run of each pipeline")
+    r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
+    r.add_argument("--tracking-uri", default="")
+    u = sub.add_parser("ui-url", help="the URL of the experiment's training-runs view in the MLflow UI")
+    u.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
+    u.add_argument("--tracking-uri", default="")
+    return parser

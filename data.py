@@ -1,5 +1,6 @@
 """
-Data: JSONL records {instruction, input?, output, is_correct?, task_id?, metadata?} or built-in generated sets
+Data: JSONL records {instruction, input?, output, is_correct?, task_id?, metadata?} ({prompt, completion} and chat
+{messages: [{role, content}]} too, recognised by their fields) or built-in generated sets
 (builtin:arith, builtin:pyfunc, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
 correct ratio, encoded with labels -100 on the prompt, and cut into this rank's seeded, resumable batches.
 """
@@ -29,7 +30,10 @@ TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{inp
 
 
 def render_prompt(record, template="alpaca"):
-    """The prompt of a record in dataset.template (training, validation and evaluate all render it here)."""
+    """The prompt of a record in dataset.template (training, validation and evaluate all render it here); chat:
+    one user turn in PLAIN_CHAT (evaluate has no model's chat template)."""
+    if template == "chat":
+        return render_chat([{"role": "user", "content": render_prompt(record, "plain")}], None, True)
     with_input, without_input = TEMPLATES[template]
     text = with_input if record.get("input") else without_input
     return text.format(instruction=record["instruction"], input=record.get("input", ""))
@@ -171,6 +175,8 @@ def read_jsonl(path):
             raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)")
         if not isinstance(record, dict):
             raise UserError(f"{path}:{number}: expected a JSON object")
+        if record_shape(record) != "instruction":
+            record = training_record(record, f"{path}:{number}")
         for key in ("instruction", "output"):
             if not isinstance(record.get(key), str):
                 raise UserError(f"{path}:{number}: missing '{key}' (a string)")
@@ -179,6 +185,86 @@ def read_jsonl(path):
         record["_source"] = f"{path}:{number}"
         records.append(record)
     return records
+
+
+# -----------------------------------------------------------------------------
+# training records in the shapes people have: {prompt, completion} and chat {messages: [{role, content}]}
+
+SHAPES = "{instruction, input?, output}, {prompt, completion} or {messages: [{role, content}, ...]}"
+
+
+def record_shape(record):
+    """instruction, prompt or chat by the record's fields; None when it fits none of SHAPES."""
+    if "instruction" in record or "output" in record:
+        return "instruction"
+    if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+        return "prompt"
+    messages = record.get("messages")
+    if isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages) and any(m["role"] == "assistant" for m in messages):
+        return "chat"
+    return None
+
+
+def training_record(record, where):
+    """A {prompt, completion} or chat record in the trainer's shape: the prompt text as it is (no template: it is
+    already one) in _prompt, the completion as output; a chat record keeps its messages (encode_chat trains its
+    assistant turns) with its last assistant turn as output. A record of no shape is a UserError naming file:line."""
+    shape = record_shape(record)
+    if shape == "prompt":
+        return {**record, "instruction": record["prompt"], "_prompt": record["prompt"], "output": record["completion"]}
+    if shape == "chat":
+        last = [m["content"] for m in record["messages"] if m["role"] == "assistant"][-1]
+        return {**record, "instruction": "", "output": last}
+    raise UserError(f"{where}: fits no record shape: {SHAPES} (its keys: {', '.join(sorted(record)) or 'none'})")
+
+
+def chat_template(model_path):
+    """The chat template (Jinja text) in model_path's tokenizer_config.json, or None (then PLAIN_CHAT renders)."""
+    config = Path(model_path or "") / "tokenizer_config.json"
+    try:
+        template = json.loads(config.read_text()).get("chat_template") if model_path and config.is_file() else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise UserError(f"{config}: cannot read its chat_template ({e})")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else None
+
+
+PLAIN_CHAT = "{role}: {content}\n"  # the fallback: one line per turn; an assistant turn ends with EOS, not a newline
+
+
+def render_chat(messages, template, add_generation_prompt):
+    """The text of a conversation: the model's Jinja chat template, or PLAIN_CHAT (its generation prompt is
+    "assistant: ")."""
+    if template is None:
+        text = "".join(PLAIN_CHAT.format(**m) for m in messages)
+        return text + ("assistant: " if add_generation_prompt else "")
+    import jinja2  # comes with mlflow (flask)
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(UserError(f"chat template: {message}"))
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            bos_token="", eos_token="")
+
+
+def encode_chat(messages, tok, template):
+    """(ids, labels) of a conversation: [BOS], then each turn's text; labels on the assistant turns only (their text
+    + EOS), -100 elsewhere. A turn's text is what rendering through it adds to rendering up to it (PLAIN_CHAT's
+    assistant turn: its content, then EOS instead of the newline)."""
+    ids, labels, done = [tok.bos_id], [-100], ""
+    for i, m in enumerate(messages):
+        full = render_chat(messages[:i + 1], template, add_generation_prompt=False)
+        if m["role"] == "assistant":
+            prefix = render_chat(messages[:i], template, add_generation_prompt=True)
+            prompt = tok.encode(prefix[len(done):])
+            answer = tok.encode(m["content"] if template is None else full[len(prefix):]) + [tok.eos_id]
+            ids, labels = ids + prompt + answer, labels + [-100] * len(prompt) + answer
+        else:
+            text = tok.encode(full[len(done):])
+            ids, labels = ids + text, labels + [-100] * len(text)
+        done = full
+    return ids, labels
 
 
 def load_records(spec, split, key=None):
@@ -217,19 +303,26 @@ def sample_records(records, n_samples, correct_ratio, seed):
     return chosen
 
 
-def encode_records(records, tok, max_length, on_overlong, source, template="alpaca"):
-    """[(ids, labels, reward, record)]: [BOS] prompt response [EOS], labels -100 on BOS and prompt."""
+def encode_records(records, tok, max_length, on_overlong, source, template="alpaca", chat=None):
+    """[(ids, labels, reward, record)]: [BOS] prompt response [EOS], labels -100 on BOS and prompt; a chat record
+    (or any record under dataset.template chat) by encode_chat with the model's chat template `chat`."""
     examples, truncated = [], 0
     for record in records:
-        prompt = [tok.bos_id] + tok.encode(render_prompt(record, template))
-        response = tok.encode(record["output"]) + [tok.eos_id]
-        ids, labels = prompt + response, [-100] * len(prompt) + response
+        if "messages" in record or template == "chat":
+            ids, labels = encode_chat(record.get("messages") or [
+                {"role": "user", "content": record.get("_prompt") or render_prompt(record, "plain")},
+                {"role": "assistant", "content": record["output"]}], tok, chat if template == "chat" else None)
+        else:
+            prompt = [tok.bos_id] + tok.encode(record.get("_prompt") or render_prompt(record, template))
+            response = tok.encode(record["output"]) + [tok.eos_id]
+            ids, labels = prompt + response, [-100] * len(prompt) + response
+        n_prompt = next(i for i, label in enumerate(labels) if label != -100)
         if len(ids) > max_length:
             where = record.get("_source", source)
             if on_overlong == "error":
                 raise UserError(f"{where}: sequence of {len(ids)} tokens exceeds dataset.max_length={max_length}")
             truncated += 1
-            if on_overlong == "skip" or len(prompt) >= max_length:
+            if on_overlong == "skip" or n_prompt >= max_length:
                 continue  # nothing of the response would be left to learn from
             ids, labels = ids[:max_length], labels[:max_length]
         examples.append((ids, labels, float(record.get("is_correct", True)), record))

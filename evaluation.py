@@ -8,10 +8,12 @@ import json
 import logging
 import os
 from pathlib import Path
+import sys
 import time
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
 from config import flatten, tracking_uri, UserError
@@ -21,6 +23,16 @@ from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setu
 from pretrained import build_model
 from tracking import experiment_id, log_params, metric_name
 log = logging.getLogger("weighted_mtp")
+
+
+def quiet_rank():
+    """True on ranks other than 0: one progress display per job, rank 0's."""
+    return dist.is_initialized() and dist.get_rank() != 0
+
+
+def progress(items, desc, leave=False):
+    """A progress bar on stdout over items, on rank 0 and a terminal only (a log file would get its redraws)."""
+    return tqdm(list(items), desc, leave=leave, file=sys.stdout, disable=quiet_rank() or not sys.stdout.isatty())
 
 
 def batches_of(examples, size):
@@ -59,7 +71,7 @@ class Validation:
         meter, mine = Meter(self.device), self.examples[self.rank::self.world]
         self.pipeline.val_begin()
         with gathered(model) if is_sharded(model) else contextlib.nullcontext():
-            for chunk in batches_of(mine, self.batch_size):
+            for chunk in progress(batches_of(mine, self.batch_size), "validation"):
                 with self.autocast():
                     self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
             out = self.pipeline.val_end(meter.reduce(), self.world)
@@ -90,7 +102,7 @@ def greedy_answers(model, pairs, tok, device, autocast):
     """The greedy answer text of each (prompt, record), at most the longest reference output + 2 tokens long."""
     max_new = max(len(tok.encode(r["output"])) for _, r in pairs) + 2
     answers = []
-    for chunk in batches_of([p for p, _ in pairs], 64):
+    for chunk in progress(batches_of([p for p, _ in pairs], 64), "validation: decoding"):
         with autocast():
             outs = generate(model, chunk, tok.eos_id, tok.pad_id, max_new)
         answers += [tok.decode(out) for out in outs]
@@ -115,6 +127,8 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
         import sandbox  # no torch there; imported here so validation on other data never loads it
         answers = greedy_answers(model, tested, tok, device, autocast)
         tasks = {str(i): r for i, (_, r) in enumerate(tested)}
+        if not quiet_rank():
+            tqdm.write(f"validation: running the tests of {len(tasks)} programs in the sandbox", file=sys.stdout)
         results = sandbox.score(tasks, [(str(i), a) for i, a in enumerate(answers)], limits, workers)
         counts[2] = sum(r["passed"] for r in results)
     right, n_checked, passed, n_tested = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist()
@@ -156,7 +170,7 @@ def sample_completions(model, tok, tasks, e, rank, world, device, template="alpa
     prompts = [(tid, [tok.bos_id] + tok.encode(render_prompt(tasks[tid], template)))
                for tid in sorted(tasks)[rank::world] for _ in range(e.n_samples)]
     mine = []
-    for chunk in batches_of(prompts, e.batch_size):
+    for chunk in progress(batches_of(prompts, e.batch_size), "evaluate: generating", leave=True):
         with autocast_for(device):
             outs = generate(model, [p for _, p in chunk], tok.eos_id, tok.pad_id, e.max_new_tokens,
                             temperature=0.0 if e.n_samples == 1 else e.temperature, top_p=e.top_p, generator=g)
@@ -187,6 +201,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
                 pairs = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template)
         if rank != 0:
             return None
+        print(f"evaluate: running the tests of {len(pairs)} completions in the sandbox", flush=True)
         results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), workers=e.workers or os.cpu_count() or 1)
         summary, isolation = sandbox.summarize(results, e.k), sandbox.isolation().mode  # probed by score()
         print(f"sandbox: {sandbox.describe()}", flush=True)

@@ -351,11 +351,21 @@ def micro_args(cfg, vocab_size):
                      rope_theta=m.rope_theta, n_future_tokens=H)
 
 
+def check_micro(cfg, use_micro):
+    """--use-micro-model (./run.sh --local) trains the micro model: a model.path or model.tokenizer it would ignore is
+    an error, so the recorded params are what ran."""
+    ignored = [f"model.{k}={getattr(cfg.model, k)}" for k in ("path", "tokenizer") if getattr(cfg.model, k)]
+    if use_micro and ignored:
+        raise UserError(f"{' and '.join(ignored)} would be ignored: --use-micro-model (./run.sh --local) trains the "
+                        f"micro model; drop --local/--use-micro-model to train that model, or drop the setting")
+
+
 def build_model(cfg, use_micro, value_head):
     """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or model.path (a Meta
     or HF dir, re-headed to model.n_future_tokens), with LoRA adapters when model.lora.rank > 0 — built before any
     checkpoint loads into it. Under LoRA the frozen base is held in model.dtype (read straight into it)."""
     mcfg = cfg.model
+    check_micro(cfg, use_micro)
     torch.manual_seed(cfg.training.seed)  # every rank builds the same initial weights
     lora, frozen = mcfg.lora.rank > 0, DTYPES[mcfg.dtype]
     if use_micro or not mcfg.path:
@@ -435,7 +445,8 @@ def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
               "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "hidden_act": "silu",
               "tie_word_embeddings": False, "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
     config.update({"max_position_embeddings": a.max_seq_len} if a.max_seq_len else {})
-    config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id} if tok is not None else {})
+    config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+                  if tok is not None else {})
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
 
 
@@ -465,6 +476,49 @@ def copy_tokenizer_files(source, out_dir):
     for name in names + ["tokenizer_config.json", "special_tokens_map.json"]:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, Path(out_dir) / name)
+    config = Path(out_dir) / "tokenizer_config.json"
+    if config.is_file():  # {"content": ...} without "__type": AddedToken is ours to read, not transformers': a string
+        names = read_json(config)
+        config.write_text(json.dumps({k: v["content"] if k.endswith("_token") and isinstance(v, dict) and "__type"
+                                      not in v and "content" in v else v for k, v in names.items()}, indent=2))
+
+
+def byte_to_char():
+    """GPT-2's printable stand-in for each byte (what the tokenizers library's ByteLevel pre-tokenizer emits)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+def save_byte_tokenizer(out_dir, tok):
+    """The micro model's ByteTokenizer as a Hugging Face tokenizer.json, built with the tokenizers library: byte b
+    is id b (ByteLevel's stand-ins, no merges), <s>/</s>/<pad> are ids 256/257/258, and encoding adds <s> as
+    training does; tokenizer_config.json names the three for AutoTokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    hf = Tokenizer(models.BPE(vocab={c: b for b, c in byte_to_char().items()}, merges=[]))
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    hf.decoder = decoders.ByteLevel()
+    names = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    hf.add_special_tokens(list(names.values()))
+    assert [hf.token_to_id(n) for n in names.values()] == [tok.bos_id, tok.eos_id, tok.pad_id]
+    hf.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_id)])
+    hf.save(str(Path(out_dir) / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1 << 30, **names}
+    (Path(out_dir) / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def save_generation_config(out_dir, tok):
+    """generation_config.json: the ids generate() starts, stops and pads with."""
+    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    (Path(out_dir) / "generation_config.json").write_text(json.dumps({"_from_model_config": False, **ids}, indent=2))
+
+
+def follow_umask(root):
+    """Modes as any new file gets them (0666 / 0777 less the umask): mkdtemp made the dir private, 0700."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in [root, *root.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def export(checkpoint, fmt, out, config="", use_micro=False):
@@ -486,16 +540,21 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
     cfg = load_config(config) if config else config_from_dict(state["config"], f"{path} (its config)")
     model = policy_from_checkpoint(state, cfg, use_micro, path)
     mcfg = cfg.model
-    tok = None if use_micro or not mcfg.path else load_tokenizer(mcfg.tokenizer, mcfg.path)
+    micro = use_micro or not mcfg.path
+    tok = ByteTokenizer() if micro else load_tokenizer(mcfg.tokenizer, mcfg.path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "hf":
             save_hf(model, tmp, tok)
+            save_generation_config(tmp, tok)
         else:
             save_meta(model, tmp)
-        if tok is not None:
+        if micro and fmt == "hf":
+            save_byte_tokenizer(tmp, tok)
+        elif not micro:
             copy_tokenizer_files(Path(mcfg.tokenizer or mcfg.path), tmp)
+        follow_umask(tmp)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import tempfile
 import time
 
-from config import PIPELINES
+from config import PIPELINES, UserError
 from tracking import metric_name, newest_run
 
 
@@ -22,10 +22,14 @@ STARTS = {"baseline": "warm-up", "verifiable": "critic (trunk = warm-up)", "rho1
 
 
 def report(uri, experiment):
-    """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), eval/pass@1, start, wall."""
+    """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), pass@1 (evaluate's
+    eval/pass@1, else validation's val/pass@1, marked "val"), start, wall. An unknown experiment is a UserError."""
     from mlflow import MlflowClient
     client = MlflowClient(uri)
-    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>7} {'wall':>6}  "
+    if client.get_experiment_by_name(experiment) is None:
+        known = ", ".join(e.name for e in client.search_experiments()) or "none"
+        raise UserError(f"report: no experiment '{experiment}' in {uri} (known: {known})")
+    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>9} {'wall':>6}  "
           "started from")
     for pipeline in PIPELINES:
         r = newest_run(client, experiment, f"tags.pipeline = '{pipeline}'")
@@ -36,9 +40,11 @@ def report(uri, experiment):
         acc = m.get("val/accuracy", m.get("val/auc"))
         acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
         pass1 = m.get(metric_name("eval/pass@1"))
+        pass1_text = f"{pass1:.3f}" if pass1 is not None else "-" if metric_name("val/pass@1") not in m else (
+            f"{m[metric_name('val/pass@1')]:.3f} val")
         wall = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
         print(f"{pipeline:<11} {r.info.run_id:<33} {r.data.tags.get('wmtp.steps', '?'):>6} "
-              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {'-' if pass1 is None else f'{pass1:.3f}':>7} "
+              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {pass1_text:>9} "
               f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
 
 

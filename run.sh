@@ -6,7 +6,8 @@
 #   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run
 #   test [pytest args]    install what the selected tests lack (Debian packages when root, else print the command;
 #                         the test extras), then run pytest
-#   ui                    mlflow ui on ./mlflow.db at http://127.0.0.1:$PORT (default 5000)
+#   ui | report [args]    mlflow ui on ./mlflow.db, http://127.0.0.1:$PORT (5000), printing the runs view's URL |
+#                         the newest run of each pipeline (--experiment NAME, --tracking-uri URI; default ./mlflow.db)
 #   <pipeline> [--local] [--dry-run] [trainer args]
 #                         train baseline, critic, verifiable or rho1 with configs/<p>/<p>.yaml (it needs the
 #                         MLflow and AWS credentials of .env), or --local: <p>_local.yaml + --use-micro-model;
@@ -14,7 +15,7 @@
 #                         trainer args pass through, e.g. --override training.max_steps=10 --resume auto
 #   evaluate <pipeline> [--local] [args]   pass@k of the pipeline's newest finished run (python -m weighted_mtp
 #                         evaluate --checkpoint auto; args pass through: --checkpoint, --samples, --json, --override)
-#   vessl <pipeline> [--local] [--print] [--inline-secrets]
+#   vessl <pipeline> [--local] [--print] [--inline-secrets] [--override k=v ...]
 #                         render vessl.yaml and submit it (`vessl run create -f`), or print it
 #   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow with basic auth;
 #                         prints the client's .env lines; Ctrl-C stops everything
@@ -33,8 +34,7 @@
 #           MLFLOW_S3_ENDPOINT_URL + AWS_*: see scripts/tracking_stack.py
 
 set -euo pipefail
-# Never trace this script: it handles passwords (`bash -x run.sh` would print them).
-case $- in *x*) set +x ;; esac
+case $- in *x*) set +x ;; esac   # never trace this script: it handles passwords (`bash -x run.sh` would print them)
 # bash 5.2 makes `&` in ${var//pat/rep} mean "the match"; the escaping below wants it literal.
 shopt -u patsub_replacement 2>/dev/null || true
 
@@ -139,8 +139,8 @@ cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
   load_env
   cfg=configs/$pipeline/$pipeline.yaml
   [ "$local_" = 0 ] || cfg=configs/$pipeline/${pipeline}_local.yaml
-  for v in $PROD_VARS; do
-    case $local_:${!v:-} in 0: | 0:"<"*">") missing+=" $v" ;; esac   # unset, or still .env.example's <placeholder>
+  for v in $PROD_VARS; do   # a --dry-run plan needs no credentials
+    case $dry$local_:${!v:-} in 00: | 00:"<"*">") missing+=" $v" ;; esac   # unset, or .env.example's <placeholder>
   done
   [ -z "$missing" ] || die "not set:${missing}. $cfg logs to the team's MLflow server and S3 and" \
     "needs them: add them to ${ENV_FILE##*/} (see .env.example) or export them, or use --local"
@@ -167,11 +167,11 @@ cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
     OMP_NUM_THREADS=$(($(getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1) / nproc))
     export OMP_NUM_THREADS=$((OMP_NUM_THREADS > 0 ? OMP_NUM_THREADS : 1))
   fi
+  [ "$dry" = 0 ] || { cmd=(python) && train+=(--dry-run); }   # one process plans them all; the line says --dry-run
+  case " ${args[*]-} " in *" --nproc"*) ;; *) [ "$dry" = 0 ] || train+=(--nproc "$((nproc * nnodes))") ;; esac
   print_cmd "${cmd[@]}" "${train[@]}"
-  [ -f "$cfg" ] || die "config $cfg not found"
-  bootstrap
+  [ -f "$cfg" ] || die "config $cfg not found"; bootstrap
   export PATH="$VENV/bin:$PATH"   # so `python` and `torchrun` above are the venv's, exactly as printed
-  [ "$dry" = 0 ] || exec python "${train[@]}" --dry-run --nproc "$((nproc * nnodes))"
   exec "${cmd[@]}" "${train[@]}"
 }
 
@@ -181,7 +181,7 @@ VESSL_TMP=""   # the private dir of the rendered file (it may hold secrets); the
 # model/data URI (required; its import line is dropped with --local); secret:NAME: a reference to the
 # VESSL org secret NAME, or with --inline-secrets {value: '...', secret: true}.
 VESSL_SPEC="VESSL_RUN_NAME:required VESSL_CLUSTER:required VESSL_PRESET:required VESSL_IMAGE:required
-  GIT_URL:required GIT_REF:required PIPELINE:required WMTP_LOCAL:optional
+  GIT_URL:required GIT_REF:required PIPELINE:required WMTP_LOCAL:optional WMTP_OVERRIDES:optional
   WMTP_MODEL_SOURCE:source WMTP_DATA_SOURCE:source
   MLFLOW_TRACKING_URI:optional MLFLOW_S3_ENDPOINT_URL:optional AWS_DEFAULT_REGION:optional
   MLFLOW_TRACKING_USERNAME:secret:wmtp-mlflow-username MLFLOW_TRACKING_PASSWORD:secret:wmtp-mlflow-password
@@ -209,23 +209,24 @@ vessl_value() {
 }
 
 cmd_vessl() {
-  local pipeline=${1:-} local_=0 print=0 inline=0 a item var repl ph missing="" template=$ROOT/vessl.yaml
+  local pipeline=${1:-} local_=0 print=0 inline=0 a item var repl ph missing="" template=$ROOT/vessl.yaml o=""
   [ $# -gt 0 ] && shift
   check_pipeline "$pipeline"
-  for a in "$@"; do
-    case $a in --local) local_=1 ;; --print) print=1 ;; --inline-secrets) inline=1 ;;
-      *) usage_error "vessl: unknown argument '$a' (./run.sh vessl <p> [--local] [--print] [--inline-secrets])" ;; esac
-  done
+  while [ $# -gt 0 ]; do   # --override k=v: no blanks (they travel as one env value, split on the node)
+    case $1:${2:-} in --local:*) local_=1 ;; --print:*) print=1 ;; --inline-secrets:*) inline=1 ;;
+      --override:*[[:space:]]* | --override:) usage_error "vessl: --override needs one k=v without blanks" ;;
+      --override:*) o+="${o:+ }--override=$2" && shift ;; *) usage_error "vessl: unknown argument '$1' (see help)" ;;
+    esac; shift; done
   load_env
-  [ -f "$template" ] || die "vessl.yaml not found"
-  # Derived values; anything already set (in .env or the environment) wins.
-  : "${GIT_URL:=$(git -C "$ROOT" remote get-url origin 2>/dev/null || true)}"
+  [ -f "$template" ] || die "vessl.yaml not found"   # derived values below: what .env or the environment set wins
+  a=${GIT_REF:+1} && : "${GIT_URL:=$(git -C "$ROOT" remote get-url origin 2>/dev/null || true)}"
   : "${GIT_REF:=$(git -C "$ROOT" rev-parse HEAD 2>/dev/null || true)}"
   : "${VESSL_IMAGE:=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-runtime}"
   : "${VESSL_RUN_NAME:=wmtp-$pipeline}"
   : "${AWS_DEFAULT_REGION:=eu-north-1}"
+  "$BASH" "$ROOT/scripts/vessl_preflight.sh" "$ROOT" "$local_" "${a:-0}" "$GIT_URL" "$GIT_REF" || exit 1
   # shellcheck disable=SC2034  # read through ${!var}
-  local PIPELINE=$pipeline WMTP_LOCAL=${local_#0}
+  local PIPELINE=$pipeline WMTP_LOCAL=${local_#0} WMTP_OVERRIDES=$o
   for ph in $(grep -v '^[[:space:]]*#' "$template" | grep -o '{{[A-Za-z0-9_]*}}' | tr -d '{}' | sort -u); do
     case " $VESSL_SPEC " in *[[:space:]]"$ph":*) ;; *) die "vessl.yaml uses {{$ph}}, which run.sh does not know" ;; esac
   done
@@ -279,10 +280,12 @@ main() {
     demo) cmd_compare --seeds 1 "$@" ;;
     compare) cmd_compare "$@" ;;
     evaluate) cmd_train evaluate "$@" ;;
+    report) load_env; bootstrap; exec "$PYTHON" -m weighted_mtp report "$@" ;;
     test) cmd_test "$@" ;;
-    ui) bootstrap   # one worker: several race to create the tables of a fresh mlflow.db (and are slower on 2 cores)
-      exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "${PORT:-5000}" \
-        --workers 1 "$@" ;;
+    ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (README: why), then one worker: several race
+      note "open $(MLFLOW_TRACKING_URI='' "$PYTHON" -m weighted_mtp ui-url || echo "http://127.0.0.1:$PORT")"
+      exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "$PORT" \
+        --workers 1 "$@" ;;   # to create the tables of a fresh mlflow.db (and are slower on 2 cores)
     vessl) trap '[ -z "$VESSL_TMP" ] || rm -rf -- "$VESSL_TMP"' EXIT; trap 'exit 130' INT; trap 'exit 143' TERM
       cmd_vessl "$@" ;;
     server) [ $# -eq 0 ] || usage_error "server takes no arguments (it reads WMTP_* variables; see ./run.sh help)"

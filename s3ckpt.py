@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import torch
 
@@ -328,15 +328,36 @@ class S3Store:
 
 class MlflowStore:
     """Every other artifact location (a local file store, the mlflow-artifacts:/ proxy, ...): MLflow's artifact
-    repository for it knows the way. delete() raises where the store cannot delete."""
+    repository for it knows the way. delete() raises where the store cannot delete. A local directory store on the
+    checkpoint's filesystem gets a hard link instead of a second copy (put_link)."""
 
     def __init__(self, uri, tracking_uri=None):
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
         self.uri, self.repo = uri, get_artifact_repository(uri, tracking_uri=tracking_uri)
+        self.local_root = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else None
 
     def put(self, local_path, artifact_path):
-        self.repo.log_artifact(str(local_path), artifact_path)
+        if not (self.local_root and self.put_link(Path(local_path), self.local_root / artifact_path)):
+            self.repo.log_artifact(str(local_path), artifact_path)
         return f"{self.uri}/{artifact_path}/{Path(local_path).name}"
+
+    @staticmethod
+    def put_link(src, folder):
+        """Hard-links src into folder (the trainer replaces its files, never rewrites them: the link keeps the bytes
+        it had) and checks the result against src's .sha256 sidecar when it has one; False when no link can be made
+        (another filesystem), so the caller copies."""
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{src.name}.{uuid.uuid4().hex}.link"
+        try:
+            os.link(src, tmp)
+        except OSError:
+            return False
+        expected = _read_text(f"{src}.sha256")
+        if expected is not None and _sha256(tmp) != expected:
+            tmp.unlink()
+            raise CheckpointError(f"{src}: its bytes do not match {src}.sha256")
+        os.replace(tmp, folder / src.name)
+        return True
 
     def list(self, artifact_path):
         return [Path(f.path).name + ("/" if f.is_dir else "") for f in self.repo.list_artifacts(artifact_path)]

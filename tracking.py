@@ -45,6 +45,41 @@ def experiment_id(client, cfg):
     return exp_id
 
 
+def git_commit():
+    """The commit of the code that runs (`git rev-parse HEAD` in the repo), or None outside a git checkout; tagged as
+    mlflow.source.git.commit, so a result can be traced to its code."""
+    import subprocess
+    try:
+        r = subprocess.run(["git", "-C", str(Path(__file__).resolve().parent), "rev-parse", "HEAD"],
+                           capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.strip() if r.returncode == 0 else None
+
+
+def source_tags():
+    """{mlflow.source.git.commit: <commit>} inside a git checkout, else {}: every run carries it."""
+    commit = git_commit()
+    return {"mlflow.source.git.commit": commit} if commit else {}
+
+
+def runs_view_url(uri, exp_id, port=None):
+    """The experiment's training-runs view in the MLflow UI: the tracking server itself, or `./run.sh ui` on this
+    machine for a sqlite store. `workflowType=machine_learning` because MLflow 3.17's workflow toggle lives in the
+    browser's localStorage, defaults to GenAI and ignores the experiment's kind (MLflow issue 24498)."""
+    base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port or os.environ.get('PORT', 5000)}"
+    return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def ui_url(uri, experiment):
+    """The runs view of `experiment` (see runs_view_url); a UserError when the store has no such experiment."""
+    from mlflow import MlflowClient
+    exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    if exp is None:
+        raise UserError(f"experiment '{experiment}' not found in {uri} (no run has been logged there yet)")
+    return runs_view_url(uri, exp.experiment_id)
+
+
 def log_params(client, run_id, params):
     """params {name: value} on a run: values as text cut to MLflow's 6000 characters, 100 per request (its limit)."""
     from mlflow.entities import Param
@@ -128,7 +163,7 @@ class Tracking:
     def __init__(self, cfg, run_name, run_dir_root, steps, resume_run_id=None, unsent_metrics=(), resumed=False):
         self.cfg, self.run_name, self.run_dir_root, self.steps = cfg, run_name, run_dir_root, steps
         self.run_id, self.unsent_metrics, self.resumed = resume_run_id, list(unsent_metrics), resumed
-        self.client = self.metrics = self.uploader = self.system = self.file_log = None
+        self.client = self.metrics = self.uploader = self.system = self.file_log = self.exp_id = None
 
     def __enter__(self):
         logged_through = 0
@@ -140,6 +175,9 @@ class Tracking:
         self.file_log = logging.FileHandler(self.run_dir / "training.log")
         self.file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(self.file_log)
+        record = logging.getLogger("weighted_mtp.record")  # the metrics lines: training.log, not the console
+        record.propagate, record.level = False, logging.INFO
+        record.addHandler(self.file_log)
         if self.client:
             self.metrics = MetricLogger(self.client, self.run_id, logged_through=logged_through)
             self.metrics.replay(self.unsent_metrics)
@@ -155,15 +193,16 @@ class Tracking:
         from mlflow import MlflowClient
         cfg, uri = self.cfg, tracking_uri(self.cfg.mlflow.tracking_uri)
         self.client = MlflowClient(uri)
-        exp_id = experiment_id(self.client, cfg)
+        exp_id = self.exp_id = experiment_id(self.client, cfg)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "train/loss")
             return max((m.step for m in history), default=0)
         # the pipeline tag (what `auto` searches by) comes from experiment.pipeline alone, whatever mlflow.tags say
-        tags = {**{str(k): str(v) for k, v in cfg.mlflow.tags.items()}, "pipeline": cfg.experiment.pipeline}
+        tags = {**{str(k): str(v) for k, v in redacted(cfg.mlflow.tags).items()}, "pipeline": cfg.experiment.pipeline}
         if cfg.experiment.description:
             tags["mlflow.note.content"] = cfg.experiment.description
+        tags.update(source_tags())
         self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
         log_params(self.client, self.run_id, flatten(cfg.to_dict()))
         self.client.log_text(self.run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")
@@ -213,6 +252,7 @@ class Tracking:
                     log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
             self.file_log.close()
             log.removeHandler(self.file_log)
+            logging.getLogger("weighted_mtp.record").removeHandler(self.file_log)
             if uploader:
                 uploader.upload_to_s3_async(self.run_dir / "training.log", artifact_path="logs")
                 local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
@@ -224,6 +264,25 @@ class Tracking:
         finally:
             if client:
                 client.set_terminated(run_id, status)
+
+
+def closing_summary(tracking, steps, seconds, best_val):
+    """The lines a run ends on: its id, the UI's runs view, where the best and final checkpoints are (locally and in
+    the run), how to start from it or resume it."""
+    cfg, run_id, run_dir = tracking.cfg, tracking.run_id, tracking.run_dir
+    lines = [f"finished {cfg.experiment.pipeline} run {run_id}: {steps} steps in {seconds:.0f}s, "
+             f"best val/loss {best_val:.4f}"]
+    if tracking.exp_id is not None:
+        uri = tracking_uri(cfg.mlflow.tracking_uri)
+        lines.append(f"  MLflow UI:   {runs_view_url(uri, tracking.exp_id)}"
+                     + ("" if uri.startswith("http") else "   (start it with ./run.sh ui)"))
+    for name in ("checkpoint_best.pt", "checkpoint_final.pt"):
+        if (run_dir / name).exists():
+            remote = f" and runs:/{run_id}/checkpoints/{name}" if tracking.client else ""
+            lines.append(f"  {name.split('_')[1][:-3] + ':':<12} {run_dir / name}{remote}")
+    final = f"runs:/{run_id}/checkpoints/checkpoint_final.pt" if tracking.client else run_dir / "checkpoint_final.pt"
+    lines.append(f"  continue:    --override model.init_from={final}   (a stopped run: --resume auto)")
+    return "\n".join(lines)
 
 
 class NoTracking:

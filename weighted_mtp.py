@@ -7,7 +7,6 @@ weighted-mtp: train multi-token-prediction (MTP) language models in which every 
 The trainer, read top to bottom: prepare() (everything that can reject bad input), the step, the loop and its
 guards, the compare driver, the CLI. Each other concern is a module of its own (README: "For the next engineer").
 """
-import argparse
 import dataclasses
 import logging
 import math
@@ -18,6 +17,11 @@ import sys
 import time
 import traceback
 
+from config import cli
+
+if __name__ == "__main__":  # the arguments first: --help and a usage error come back without waiting for torch
+    cli(__doc__).parse_args()
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,19 +29,22 @@ import yaml
 
 from checkpointing import (Checkpointer, find_resume, load_checkpoint_into, on_this_node, pipeline_state,
                            read_trainer_state, resolve_uri, set_rng_state)
-from config import CONFIGS, Config, DEFAULTS, load_config, redacted, RUN_NAMES, tracking_uri, UserError
-from data import Batches, encode_records, epoch_order, load_records, sample_records
+from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
+                    tracking_uri)
+from data import Batches, chat_template, encode_records, epoch_order, load_records, sample_records
 from evaluation import Validation, evaluate
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer, load_sharded,
                       setup_distributed, shard, transformer_blocks, wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
-from pretrained import build_model, export, load_pretrained, next_token_logits
+from pretrained import build_model, check_micro, export, load_pretrained, next_token_logits
 from report import STARTS, format_compare, report, summarize_compare
-from tracking import NoTracking, Preempted, Tracking, doctor, experiment_id, log_params, preflight
+from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
+                      source_tags, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
 __all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "compare", "main"]
 log = logging.getLogger("weighted_mtp")
+record = logging.getLogger("weighted_mtp.record")  # training.log only: the console shows the progress bar
 
 
 def learning_rate(step, total, t):
@@ -75,7 +82,7 @@ class Setup:
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
-    t, s, ds = cfg.training, cfg.data_sampling, cfg.dataset
+    t, s, ds, chat = cfg.training, cfg.data_sampling, cfg.dataset, chat_template(cfg.model.path)  # chat: None if none
     master = rank == 0
     tok, model = build_model(cfg, use_micro, value_head=PIPELINE_TYPES[cfg.experiment.pipeline].value_head)
     pipeline = PIPELINE_TYPES[cfg.experiment.pipeline](cfg, model.args.n_future_tokens)
@@ -83,9 +90,9 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     val_records, _ = load_records(ds.validation, "validation")
     correct = 0.5 if pipeline.name == "critic" else 1.0  # the critic must see wrong answers to rank them
     train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
-                                                 tok, ds.max_length, ds.on_overlong, ds.train, ds.template)
+                                                 tok, ds.max_length, ds.on_overlong, ds.train, ds.template, chat)
     val_examples, _ = encode_records(sample_records(val_records, s.val_samples, correct, s.seed + 1),
-                                     tok, ds.max_length, ds.on_overlong, ds.validation, ds.template)
+                                     tok, ds.max_length, ds.on_overlong, ds.validation, ds.template, chat)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     run_name = cfg.mlflow.run_name or RUN_NAMES[pipeline.name]
@@ -97,7 +104,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     resume_path = on_this_node(cfg, find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache) if master else None,
                                cache)
     spec, source, artifact = pipeline.start_from()
-    started_from = ""
+    started_from = "" if cfg.model.path or resume_path else ", from random weights (nothing pretrained)"
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
         path = fetch(spec, source, artifact)
         load_checkpoint_into(model, path)
@@ -225,14 +232,20 @@ class StepFlags:
 
 class TrainLog:
     """Every log_interval steps (and at a stop or the end): the step's means over ranks, the learning rate and
-    tokens/s — printed, written to training.log and sent to the run."""
+    tokens/s — shown once on stdout (rank 0's progress bar with loss, lr and tok/s on a terminal, else one line per
+    log_interval; validation as one line), every metric written once to training.log and sent to the run."""
 
     def __init__(self, setup, batches, tracking, start_step):
+        from tqdm import tqdm
         self.interval, self.total, self.master = setup.cfg.training.log_interval, setup.total_steps, setup.rank == 0
         self.batches, self.tracking, self.start_step = batches, tracking, start_step
         self.meter, self.t_start, self.t_log = Meter(setup.device), time.time(), time.time()
+        self.lines = self.master and not sys.stdout.isatty()  # a log file gets lines, not a bar's redraws
+        self.bar = tqdm(total=self.total, initial=start_step, desc=setup.pipeline.name, unit="step", file=sys.stdout,
+                        disable=not self.master or self.lines, dynamic_ncols=True)
 
     def step(self, done, lr, stop):
+        self.bar.update(1)
         if done % self.interval and done != self.total and not stop:
             return
         stats = self.meter.reduce()
@@ -241,16 +254,24 @@ class TrainLog:
         stats["train/tokens_per_sec"] = all_reduce(self.batches.tokens_seen.clone()).item() / max(elapsed, 1e-9)
         self.batches.tokens_seen.zero_()
         if self.master:
-            eta = (time.time() - self.t_start) / (done - self.start_step) * (self.total - done)
-            print(f"step {done}/{self.total} | loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
-                  f"{stats['train/tokens_per_sec']:,.0f} tok/s | ETA {eta:.0f}s", flush=True)
-            log.info(" ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
+            progress = (f"loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
+                        f"{stats['train/tokens_per_sec']:,.0f} tok/s")
+            self.bar.set_postfix_str(progress)
+            if self.lines:
+                eta = (time.time() - self.t_start) / (done - self.start_step) * (self.total - done)
+                print(f"step {done}/{self.total} | {progress} | ETA {eta:.0f}s", flush=True)
+            record.info(f"step {done}/{self.total}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
         self.tracking.log(stats, done)
 
     def validation(self, done, val):
         if self.master:
-            log.info(f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items())))
+            line = f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items()))
+            self.bar.write(line, file=sys.stdout)
+            record.info(line)
         self.tracking.log(val, done)
+
+    def close(self):
+        self.bar.close()
 
 
 class StopSignal:
@@ -314,15 +335,16 @@ def train(cfg, use_micro=False):
                         checkpointer.after_validation(done, val)
                     checkpointer.after_step(done)
                 checkpointer.final()
-            log.info(f"done: {s.total_steps} steps in {time.time() - train_log.t_start:.1f}s, "
-                     f"best val/loss {checkpointer.best_val:.4f}")
+                train_log.close()
+            record.info(f"done: {s.total_steps} steps in {time.time() - train_log.t_start:.1f}s, "
+                        f"best val/loss {checkpointer.best_val:.4f}")
+        if rank == 0:
+            print(closing_summary(tracking, s.total_steps, time.time() - train_log.t_start, checkpointer.best_val),
+                  flush=True)
         return {"run_id": run_id, "steps": s.total_steps, **val}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
 
 
 WARMUP_CONFIG = CONFIGS / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
@@ -379,7 +401,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
     cfg = cfgs[pipelines[0]]
     client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
     parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
-                               tags={"pipeline": "compare"}).info.run_id
+                               tags={"pipeline": "compare", **source_tags()}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
                                 "overrides": " ".join(overrides) or "-"})
     status = "FAILED"
@@ -394,50 +416,8 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
         client.set_terminated(parent, status)
 
 
-def cli():
-    """The argument parser: train and evaluate share the config arguments and --dry-run."""
-    parser = argparse.ArgumentParser(prog="python -m weighted_mtp", description=__doc__.strip().splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    config = argparse.ArgumentParser(add_help=False)
-    config.add_argument("--config", required=True)
-    config.add_argument("--use-micro-model", action="store_true", help="the small random-init CPU model, bytes")
-    config.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    config.add_argument("--dry-run", action="store_true",
-                        help="print the merged config, the memory plan per GPU and the paths it reads; run nothing")
-    config.add_argument("--nproc", type=int, help="--dry-run: processes in the launch (default: $WORLD_SIZE, else 1)")
-    config.add_argument("--gpu-memory-gb", type=float, help="--dry-run: say whether the plan fits GPUs this big")
-    p = sub.add_parser("train", parents=[config], help="train one pipeline")
-    p.add_argument("--resume", nargs="?", const="auto", help="PATH, URI or auto (default when given without a value)")
-    e = sub.add_parser("evaluate", parents=[config],
-                       help="pass@k of a checkpoint's completions (or of --samples) by running them")
-    e.add_argument("--checkpoint", default="auto", help="PATH, s3://..., runs:/<id>/..., auto (default: the newest "
-                   "finished run of the config's pipeline) or none (the config's model as it is)")
-    e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
-    e.add_argument("--json", help="also write the summary here")
-    d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
-    d.add_argument("--config", default=str(CONFIGS / "defaults.yaml"))
-    d.add_argument("--env-file", default=".env")
-    d.add_argument("--override", action="append", default=[], metavar="KEY=VALUE")
-    x = sub.add_parser("export", help="write a trained policy as a Hugging Face or Meta model directory")
-    x.add_argument("--checkpoint", required=True, help="a trainer checkpoint: path, s3:// or runs:/ URI")
-    x.add_argument("--format", required=True, choices=("hf", "meta"))
-    x.add_argument("--out", required=True, help="a new directory")
-    x.add_argument("--config", default="", help="the run's config, instead of the one stored in the checkpoint")
-    x.add_argument("--use-micro-model", action="store_true", help="the checkpoint is a LoRA run of the micro model")
-    c = sub.add_parser("compare", help="the policy pipelines from one warm-up over seeds: mean ± 95 %% intervals")
-    c.add_argument("--seeds", type=int, default=3)
-    c.add_argument("--warmup-steps", type=int, default=0,
-                   help="the shared warm-up's steps (default: those of configs/baseline/warmup_local.yaml)")
-    c.add_argument("--pipelines", default=",".join(POLICY_PIPELINES), help="comma-separated policy pipelines")
-    c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
-    r = sub.add_parser("report", help="table of the newest run of each pipeline")
-    r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])
-    r.add_argument("--tracking-uri", default="")
-    return parser
-
-
 def main(argv=None):
-    args = cli().parse_args(argv)
+    args = cli(__doc__).parse_args(argv)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
@@ -446,8 +426,9 @@ def main(argv=None):
         if args.command == "export":
             export(args.checkpoint, args.format, args.out, args.config, args.use_micro_model)
             return 0
-        if args.command == "report":
-            return report(tracking_uri(args.tracking_uri), args.experiment)
+        if args.command in ("report", "ui-url"):
+            uri = tracking_uri(args.tracking_uri)
+            return report(uri, args.experiment) if args.command == "report" else print(ui_url(uri, args.experiment))
         if args.command == "compare":
             pipelines = tuple(args.pipelines.split(","))
             if args.seeds < 1 or not set(pipelines) <= set(POLICY_PIPELINES):
@@ -456,6 +437,7 @@ def main(argv=None):
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
+        check_micro(cfg, args.use_micro_model)
         if args.dry_run:
             world, world_from = ((args.nproc, "--nproc") if args.nproc else
                                  (int(os.environ["WORLD_SIZE"]), "WORLD_SIZE") if "WORLD_SIZE" in os.environ else

@@ -183,8 +183,15 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["hf"]  # no temporary dir left beside it
-    assert sorted(p.name for p in (tmp_path / "out" / "hf").iterdir()) == [
-        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in (tmp_path / "out" / "hf").iterdir()) == [   # + generate()'s ids (issue 23)
+        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    from transformers import AutoTokenizer, GenerationConfig   # the tokenizer files copied: transformers reads them
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "out" / "hf")
+    ids = HFTokenizer(hf_dir / "tokenizer.json").encode("ab+1")   # transformers encodes as the trainer does
+    assert (hf_tok.bos_token_id, hf_tok.eos_token_id) == (256, 257) and hf_tok.decode(ids) == "ab+1"
+    assert hf_tok("ab+1", add_special_tokens=False)["input_ids"] == ids
+    generation = GenerationConfig.from_pretrained(tmp_path / "out" / "hf")
+    assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (256, 257, 257)
     tok, hf = wm.load_pretrained(tmp_path / "out" / "hf")
     assert hf.args.n_future_tokens == 1 and tok.bos_id == 256
     for key, value in hf.state_dict().items():   # head 0's model: trunk, layers.2, norm, output

@@ -297,7 +297,7 @@ def test_torch_minimum_is_the_pyprojects():
 @pytest.mark.parametrize("missing", sorted(PROD_CREDS))
 def test_missing_production_variable_is_named(tmp_path, missing):
     creds = {k: v for k, v in PROD_CREDS.items() if k != missing}
-    res = run_sh(["verifiable", "--dry-run"], base_env(tmp_path, **creds))
+    res = run_sh(["verifiable"], base_env(tmp_path, **creds))   # a --dry-run plan needs no credentials
     assert res.returncode == 1
     assert f"not set: {missing}." in res.stderr
     for other in creds:
@@ -311,11 +311,11 @@ def test_dotenv_lines_count_and_missing_one_is_named(tmp_path):
     dotenv.write_text("MLFLOW_TRACKING_USERNAME=wmtp_admin\n"
                       "MLFLOW_TRACKING_PASSWORD='p&ss|w rd$x'\n"
                       "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\n")
-    res = run_sh(["critic", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    res = run_sh(["critic"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))   # (--dry-run needs no credentials)
     assert res.returncode == 1
     assert "not set: AWS_SECRET_ACCESS_KEY." in res.stderr
     # ... and an exported variable counts as well as a .env line
-    res = run_sh(["critic", "--dry-run"],
+    res = run_sh(["critic"],   # launches, then stops at the missing /mnt/wmtp/model
                  base_env(tmp_path, WMTP_ENV_FILE=str(dotenv), AWS_SECRET_ACCESS_KEY="x"))
     assert "not set" not in res.stderr
     assert res.stdout.splitlines()[0].startswith("+ python -m weighted_mtp train --config configs/critic/critic.yaml")
@@ -324,7 +324,7 @@ def test_dotenv_lines_count_and_missing_one_is_named(tmp_path):
 def test_dotenv_example_placeholders_count_as_missing(tmp_path):
     dotenv = tmp_path / "copied.env"
     shutil.copy(ROOT / ".env.example", dotenv)  # copied and not filled in
-    res = run_sh(["baseline", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+    res = run_sh(["baseline"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
     assert res.returncode == 1
     assert ("not set: MLFLOW_TRACKING_PASSWORD AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY." in res.stderr), res.stderr
 
@@ -340,8 +340,8 @@ def test_unreadable_dotenv_is_a_clear_error(tmp_path):
 def test_local_needs_no_credentials(tmp_path):
     res = run_sh(["rho1", "--local", "--dry-run"], base_env(tmp_path))
     assert "not set" not in res.stderr
-    assert res.stdout.splitlines()[0] == (
-        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model")
+    assert res.stdout.splitlines()[0] == (   # the line that ran: pasted, it plans again and trains nothing
+        "+ python -m weighted_mtp train --config configs/rho1/rho1_local.yaml --use-micro-model --dry-run --nproc 1")
 
 
 # ------------------------------------------------------------------------------------ launcher lines
@@ -379,9 +379,14 @@ def test_dry_run_prints_the_launcher_line(tmp_path, case):
     extra_args = ["--override", "training.max_steps=3", "--override", "experiment.description=a b&c"]
     res = run_sh(["verifiable", *flags, "--dry-run", *extra_args], base_env(tmp_path, **env_extra))
     first = res.stdout.splitlines()[0] if res.stdout else ""
-    # What is printed is what a user would type: it splits back into the exact argv.
+    # What is printed is what a user would type: it splits back into the exact argv, the launch's trainer arguments
+    # planned by one process for all of them (--nproc: nodes x processes per node), with --dry-run.
     assert first.startswith("+ "), res.stdout + res.stderr
-    assert shlex.split(first[2:]) == shlex.split(expected) + extra_args
+    launch = shlex.split(expected)
+    nproc = int(env_extra.get("NPROC_PER_NODE") or (2 if "--nproc_per_node=2" in expected else 1 if
+                                                     launch[0] == "python" else 4)) * int(env_extra.get("NNODES", 1))
+    assert shlex.split(first[2:]) == ["python", *launch[launch.index("-m"):], *extra_args, "--dry-run", "--nproc",
+                                      str(nproc)]
     cfg = "configs/verifiable/verifiable_local.yaml" if flags else "configs/verifiable/verifiable.yaml"
     if config_ready(cfg):
         # The rest is the merged config, from the trainer's single-process --dry-run; nothing trains.
@@ -390,6 +395,14 @@ def test_dry_run_prints_the_launcher_line(tmp_path, case):
         assert merged["experiment"]["pipeline"] == "verifiable"
         assert merged["training"]["max_steps"] == 3
         assert merged["experiment"]["description"] == "a b&c"
+
+
+def test_dry_run_needs_no_credentials_and_keeps_the_users_nproc(tmp_path):
+    res = run_sh(["baseline", "--dry-run", "--nproc", "4"], base_env(tmp_path))
+    assert "not set" not in res.stderr and res.returncode == 0, res.stderr
+    assert res.stdout.splitlines()[0] == "+ python -m weighted_mtp train --config configs/baseline/baseline.yaml " \
+        "--nproc 4 --dry-run"   # the user's --nproc, not run.sh's
+    assert "# launch: 4 process(es) (--nproc)" in res.stdout.splitlines()
 
 
 def test_multi_node_without_master_addr_names_it(tmp_path):
@@ -463,7 +476,8 @@ def test_vessl_inline_secrets_survive_special_characters(tmp_path):
 def test_vessl_default_uses_secret_references_and_no_secret_value(tmp_path):
     secrets = {"MLFLOW_TRACKING_USERNAME": "user-zq81", "MLFLOW_TRACKING_PASSWORD": TRICKY,
                "AWS_ACCESS_KEY_ID": "AKIAZQ81ZQ81", "AWS_SECRET_ACCESS_KEY": "secret-zq81-value"}
-    res = run_sh(["vessl", "critic", "--local", "--print"], vessl_env(tmp_path, **secrets))
+    res = run_sh(["vessl", "critic", "--local", "--print"],   # --local logs to a server (else its results are lost)
+                 vessl_env(tmp_path, MLFLOW_TRACKING_URI="https://mlflow.example", **secrets))
     assert res.returncode == 0, res.stderr
     for value in secrets.values():
         assert value not in res.stdout and value not in res.stderr
@@ -576,6 +590,37 @@ def test_vessl_bad_args(tmp_path):
     assert res.returncode == 2 and "unknown pipeline" in res.stderr
     res = run_sh(["vessl", "baseline", "--frobnicate"], vessl_env(tmp_path))
     assert res.returncode == 2 and "--frobnicate" in res.stderr
+
+
+def test_vessl_refuses_what_a_node_cannot_clone_or_would_lose_and_passes_overrides(tmp_path):
+    res = run_sh(["vessl", "baseline", "--print"], vessl_env(tmp_path, GIT_URL="/work/me/weighted-mtp"))
+    assert res.returncode == 1 and res.stderr == (
+        "run.sh: vessl: GIT_URL '/work/me/weighted-mtp' is not a URL a VESSL node can clone (https://, ssh://, "
+        "git@host:org/repo): set GIT_URL, or add a remote with git remote add origin URL\n")
+    env = {k: v for k, v in vessl_env(tmp_path).items() if k != "GIT_REF"}   # the default ref: this HEAD
+    clone = tmp_path / "clone"   # a checkout whose HEAD is on no remote branch
+    subprocess.run(["git", "init", "-q", str(clone)], check=True)
+    subprocess.run(["git", "-C", str(clone), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
+                    "--allow-empty", "-m", "x"], check=True)
+    for name in ("run.sh", "vessl.yaml", "scripts"):
+        (clone / name).symlink_to(ROOT / name)
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    res = subprocess.run([str(clone / "run.sh"), "vessl", "baseline", "--print"], cwd=clone, env=env,
+                         capture_output=True, text=True)
+    assert res.returncode == 1 and res.stderr.startswith(
+        f"run.sh: vessl: commit {head} (HEAD) is on no remote branch, so VESSL cannot fetch it: git push first"), \
+        res.stderr
+    res = run_sh(["vessl", "baseline", "--local", "--print"], vessl_env(tmp_path))
+    assert res.returncode == 1 and "vessl --local: MLFLOW_TRACKING_URI is empty" in res.stderr
+    res = run_sh(["vessl", "baseline", "--print", "--override", "training.max_steps=5", "--override",
+                  "dataset.train=builtin:arith+pyfunc*4"], vessl_env(tmp_path))
+    assert res.returncode == 0, res.stderr
+    run = yaml.safe_load(res.stdout)
+    assert run["env"]["WMTP_OVERRIDES"] == (
+        "--override=training.max_steps=5 --override=dataset.train=builtin:arith+pyfunc*4")
+    assert "set -f" in run["run"][0]["command"] and "${WMTP_LOCAL:+--local} $WMTP_OVERRIDES" in run["run"][0]["command"]
+    res = run_sh(["vessl", "baseline", "--print", "--override", "experiment.description=a b"], vessl_env(tmp_path))
+    assert res.returncode == 2 and "--override needs one k=v without blanks" in res.stderr
 
 
 def _fake_bin(tmp_path: Path) -> tuple[Path, Path]:

@@ -36,7 +36,7 @@ def test_plain_template_is_short_and_what_training_and_validation_both_use():
     # validation decodes from the prompt training encoded; evaluate renders [BOS] + render_prompt(task, template)
     [(prompt, _)] = distinct_prompts([(ids, labels, 1.0, record)])
     assert prompt == [TOK.bos_id] + TOK.encode(render_prompt(record, "plain"))
-    with pytest.raises(UserError, match=r"'dataset.template' must be alpaca or plain, got 'chatml'"):
+    with pytest.raises(UserError, match=r"'dataset.template' must be alpaca or plain or chat, got 'chatml'"):
         load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", ["dataset.template=chatml"])
 
 
