@@ -38,7 +38,7 @@ case $- in *x*) set +x ;; esac   # never trace this script: it handles passwords
 # bash 5.2 makes `&` in ${var//pat/rep} mean "the match"; the escaping below wants it literal.
 shopt -u patsub_replacement 2>/dev/null || true
 
-# Builtins only up to the Python check, so that it still reports clearly with an empty PATH.
+# builtins only up to the Python check, so that it still reports clearly with an empty PATH
 case ${BASH_SOURCE[0]} in */*) ROOT=${BASH_SOURCE[0]%/*} ;; *) ROOT=. ;; esac
 ROOT=$(cd "$ROOT" && pwd) && cd "$ROOT"
 
@@ -54,7 +54,6 @@ OPTIONAL_VARS="MLFLOW_TRACKING_URI MLFLOW_S3_ENDPOINT_URL AWS_DEFAULT_REGION AWS
 die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 usage_error() { printf 'run.sh: %s\n' "$*" >&2; exit 2; }
 note() { printf 'run.sh: %s\n' "$*" >&2; }
-
 usage() { sed -n '3,/^$/s/^# \{0,1\}//p' "$ROOT/run.sh"; }   # the comment at the top of this file
 
 # --- venv, .env, helpers ----------------------------------------------------------------------
@@ -75,9 +74,8 @@ bootstrap() {
   want=$(sha256sum "$ROOT/pyproject.toml") want=${want%% *}
   stamp=$VENV/.wmtp-installed${extras:+-$extras}
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
-  # The test stamp implies the plain install.
   if [ -z "$extras" ] && [ -f "$VENV/.wmtp-installed-test" ] &&
-    [ "$(cat "$VENV/.wmtp-installed-test")" = "$want" ]; then return 0; fi
+    [ "$(cat "$VENV/.wmtp-installed-test")" = "$want" ]; then return 0; fi   # the test stamp implies the plain one
   if ! "$PYTHON" -c 'import torch' >/dev/null 2>&1; then
     note "installing $TORCH_PIN into $VENV"
     "$PYTHON" -m pip install "$TORCH_PIN" >&2 || die "pip install $TORCH_PIN failed"
@@ -91,8 +89,7 @@ bootstrap() {
 # .env: plain KEY=value lines, exported so they reach Python (its values win over the environment).
 load_env() {
   if [ -f "$ENV_FILE" ]; then
-    # credentials: for its owner's eyes only (install -m 600 .env.example .env)
-    [ -z "$(find "$ENV_FILE" -maxdepth 0 -perm /077 2>/dev/null)" ] ||
+    [ -z "$(find "$ENV_FILE" -maxdepth 0 -perm /077 2>/dev/null)" ] ||   # credentials: for its owner's eyes only
       note "warning: $ENV_FILE is readable by group or others: chmod 600 $ENV_FILE"
     set -a
     # shellcheck disable=SC1090
