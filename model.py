@@ -285,8 +285,9 @@ class MTPTransformer(nn.Module):
 
 
 class KVCache:
-    """Generation's memory for the trunk and head 0 (heads=True: the trunk, and the H heads in [H, ...]): per block, keys and values [B, length, n_kv_heads, head_dim],
-    slot s holding position s of its row; and the RoPE angles of positions 0..length-1."""
+    """Generation's memory for the trunk and head 0 (heads=True: the trunk, and the H heads stacked, [H, ...]): per
+    block, keys and values [B, length, n_kv_heads, head_dim], slot s holding position s of its row; and the RoPE
+    angles of positions 0..length-1."""
 
     def __init__(self, model, batch, length, dtype, device, heads=False):
         a = model.args
@@ -461,8 +462,8 @@ def decode_stats(stats):
     """{tokens_per_forward: tokens / forwards (1.0 for plain decoding), accept_head_{k}: the share of verify
     forwards in which head k's draft was accepted (which needs heads 1..k-1's too)}."""
     out = {"tokens_per_forward": stats["tokens"] / max(stats["forwards"], 1)}
-    for k, a in enumerate(stats.get("accepted", []), 1):
-        out[f"accept_head_{k}"] = a / max(stats["verified"], 1)
+    for k, a in enumerate(stats.get("accepted", []) if stats.get("verified") else [], 1):  # none: nothing drafted
+        out[f"accept_head_{k}"] = a / stats["verified"]
     return out
 
 
