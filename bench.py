@@ -2,6 +2,7 @@
 bench.py: what the trainer's features cost, as ratios of two things measured side by side in one process.
 
     python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P8 (P6 on a GPU), checkpoint, logging
+    python bench.py --checkpoint PATH                       # adds P9: speculative decoding on a trained checkpoint
     python bench.py --scaling [--out bench/results.json]    # tokens/s and peak memory over seq x H (slow)
 
 Every figure runs the trainer's own code (weighted_mtp.train_step, LOSSES, MTPTransformer, MetricLogger, s3ckpt)
@@ -325,6 +326,35 @@ def gen_kv_cache(S, prompt=32, new=256):
     return summary(ratios, 5.0, higher_is_better=True, new_tokens=new, batch=batch, prompt_tokens=prompt, dim=S.dim)
 
 
+def p9_speculative(S, checkpoint):
+    """P9 (with --checkpoint): decode tokens/s of self-speculative greedy decoding / plain greedy decoding (= plain's
+    time / speculative's), max_new_tokens 32, over builtin:pyfunc's 64 held-out prompts at batch 1 (goal 1.5) and
+    16 (P9_b16, goal 1.2), alternating repeats, on a trained checkpoint (random heads draft nothing right). Both
+    sides must give the same completions; tokens per forward and pass@1 come with the figure."""
+    import sandbox
+    from config import config_from_dict
+    from evaluation import eval_tasks, model_to_evaluate, sample_completions
+    cfg = config_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"], checkpoint)
+    cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "dataset": "builtin:pyfunc",
+                                                      "n_samples": 1, "max_new_tokens": 32}}, checkpoint)
+    tok, model, _, _ = model_to_evaluate(cfg, not cfg.model.path, checkpoint, 0, CPU)
+    tasks = eval_tasks("builtin:pyfunc")
+    results = {}
+    for name, batch, goal in (("P9", 1, 1.5), ("P9_b16", 16, 1.2)):
+        runs = {}
+
+        def side(speculative):
+            e = dataclasses.replace(cfg.eval, batch_size=batch, speculative=speculative)
+            runs[speculative] = sample_completions(model, tok, tasks, e, 0, 1, CPU, cfg.dataset.template)
+        plain, fast = lambda: side(False), lambda: side(True)
+        ratios = compare(fast, plain, SimpleNamespace(repeats=max(2, S.repeats // 2), steps=1), warmup=1)
+        assert runs[True][0] == runs[False][0], "speculative decoding must give plain greedy's completions"
+        passed = [r["passed"] for r in sandbox.score(tasks, runs[True][0], sandbox.Limits(timeout_s=10), workers=2)]
+        results[name] = summary(ratios, goal, higher_is_better=True, batch=batch, tasks=len(tasks),
+                                pass_at_1=sum(passed) / len(passed), identical_completions=True, **runs[True][1])
+    return results
+
+
 def sandbox_throughput(S):
     """sandbox_throughput: programs/s with eval.workers = the CPU cores / with one worker — each program a sandboxed
     subprocess (sandbox.py) running a small function's asserts; goal 0.8 x cores. Alternating repeats."""
@@ -577,7 +607,7 @@ def print_table(results):
         if "skipped" in r:
             print(f"| {name} | skipped: {r['skipped']} | | | | |")
         elif "median" in r:
-            higher = name in ("P6", "gen_kv_cache", "sandbox_throughput")
+            higher = name in ("P6", "P9", "P9_b16", "gen_kv_cache", "sandbox_throughput")
             print(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {'≥' if higher else '≤'} "
                   f"{r['goal']:.3f} | {'yes' if r['ok'] else 'NO'} |")
 
@@ -594,6 +624,8 @@ def main():
     parser.add_argument("--scaling", action="store_true", help="only the seq x H scaling grid, merged into --out")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--checkpoint", help="a trained checkpoint (e.g. the demo's warm-up) for P9, speculative "
+                        "decoding; without one P9 is skipped")
     parser.add_argument("--fsdp-worker", metavar="OUT", help=argparse.SUPPRESS)  # fsdp_figures' torchrun processes
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -612,6 +644,12 @@ def main():
             name = fig.__name__[:2].upper()
             results[name] = fig(S)
             print(f"{fig.__name__}: {results[name].get('median', 0):.3f} ({time.time() - t0:.0f}s)", flush=True)
+        if args.checkpoint:
+            results.update(p9_speculative(S, args.checkpoint))
+            print(f"p9_speculative: {results['P9']['median']:.2f}, batch 16: {results['P9_b16']['median']:.2f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)
+        else:
+            results["P9"] = {"skipped": "P9 (speculative decoding) needs a trained checkpoint: --checkpoint PATH"}
         for fig in (gen_kv_cache, sandbox_throughput):
             results[fig.__name__] = fig(S)
             print(f"{fig.__name__}: {results[fig.__name__]['median']:.2f} ({time.time() - t0:.0f}s)", flush=True)

@@ -492,7 +492,8 @@ def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=Non
     done = (pending == eos_id) | (n >= max_new_tokens)
     forwards, accepted, verified = n.clone(), torch.zeros(H - 1, dtype=torch.long, device=device), 0
     while not done.all():
-        positions = (lengths + n - 1)[:, None] + cols  # the pending token sits right after the row's last one
+        # the pending token sits right after the row's last one (a finished row's n may be past the end: clamped)
+        positions = (lengths + n.clamp(max=max_new_tokens) - 1)[:, None] + cols
         feed = torch.cat([pending[:, None], drafts], 1)
         logits, states = model.heads_states(feed, positions, int(positions.max()) + 1, cache, heads)
         greedy = logits.argmax(-1)  # [B, H]: head 0's choice after each fed token
