@@ -20,7 +20,8 @@ HUMANEVAL_PLUS = [  # HumanEval+'s fields (evalplus): the test defines check(can
      "test": "def check(candidate):\n    assert candidate([3, 4]) == 3\n    assert candidate([]) is None\n"}]
 MBPP = [  # MBPP's fields: task_id an int, text, code, test_list, test_setup_code
     {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\n    return a + b",
-     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": "", "challenge_test_list": []},
+     "test_list": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0"], "test_setup_code": "",
+     "challenge_test_list": []},
     {"task_id": 2, "text": "Write a function to compute a square root.", "code": "",
      "test_list": ["assert root(16) == 4.0"], "test_setup_code": "import math"}]
 MBPP_PLUS = [  # MBPP+'s fields (evalplus): prompt, test_list (shown), test (the stronger program), test_imports

@@ -39,8 +39,17 @@ def train_briefly(args, steps=40, seed=0):
     return model.eval()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls: on a busy machine a second torch thread only waits for a core (minutes instead of seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def trained():
+def trained(one_thread):
     return train_briefly(ARGS)
 
 
