@@ -2,6 +2,7 @@
 bench.py: what the trainer's features cost, as ratios of two things measured side by side in one process.
 
     python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P8 (P6 on a GPU), checkpoint, logging
+    python bench.py --checkpoint PATH                       # adds P9: speculative decoding on a trained checkpoint
     python bench.py --scaling [--out bench/results.json]    # tokens/s and peak memory over seq x H (slow)
 
 Every figure runs the trainer's own code (weighted_mtp.train_step, the pipelines' losses, MTPTransformer,
@@ -16,6 +17,7 @@ import os
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # the profiler (peak_memory) would print two lines per step
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import platform
@@ -325,6 +327,35 @@ def gen_kv_cache(S, prompt=32, new=256):
     return summary(ratios, 5.0, higher_is_better=True, new_tokens=new, batch=batch, prompt_tokens=prompt, dim=S.dim)
 
 
+def p9_speculative(S, checkpoint):
+    """P9 (with --checkpoint): decode tokens/s of self-speculative greedy decoding / plain greedy decoding (= plain's
+    time / speculative's), max_new_tokens 32, over builtin:pyfunc's 64 held-out prompts at batch 1 (goal 1.5) and
+    16 (P9_b16, goal 1.2), alternating repeats, on a trained checkpoint (random heads draft nothing right). Both
+    sides must give the same completions; tokens per forward and pass@1 come with the figure."""
+    import sandbox
+    from config import config_from_dict
+    from evaluation import eval_tasks, model_to_evaluate, sample_completions
+    cfg = config_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"], checkpoint)
+    cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "dataset": "builtin:pyfunc",
+                                                      "n_samples": 1, "max_new_tokens": 32}}, checkpoint)
+    tok, model, _, _ = model_to_evaluate(cfg, not cfg.model.path, checkpoint, 0, CPU)
+    tasks = eval_tasks("builtin:pyfunc")
+    results = {}
+    for name, batch, goal in (("P9", 1, 1.5), ("P9_b16", 16, 1.2)):
+        runs = {}
+
+        def side(speculative):
+            e = dataclasses.replace(cfg.eval, batch_size=batch, speculative=speculative)
+            runs[speculative] = sample_completions(model, tok, tasks, e, 0, 1, CPU, cfg.dataset.template)
+        plain, fast = lambda: side(False), lambda: side(True)
+        ratios = compare(fast, plain, SimpleNamespace(repeats=max(2, S.repeats // 2), steps=1), warmup=1)
+        assert runs[True][0] == runs[False][0], "speculative decoding must give plain greedy's completions"
+        passed = [r["passed"] for r in sandbox.score(tasks, runs[True][0], sandbox.Limits(timeout_s=10), workers=2)]
+        results[name] = summary(ratios, goal, higher_is_better=True, batch=batch, tasks=len(tasks),
+                                pass_at_1=sum(passed) / len(passed), identical_completions=True, **runs[True][1])
+    return results
+
+
 def sandbox_throughput(S):
     """sandbox_throughput: programs/s with eval.workers = the CPU cores / with one worker — each program a sandboxed
     subprocess (sandbox.py) running a small function's asserts; goal 0.8 x cores. Alternating repeats."""
@@ -592,7 +623,7 @@ def print_table(results):
         if "skipped" in r:
             print(f"| {name} | skipped: {r['skipped']} | | | | |")
         elif "median" in r:
-            higher = name in ("P6", "gen_kv_cache", "sandbox_throughput", "sandbox_isolation")
+            higher = name in ("P6", "P9", "P9_b16", "gen_kv_cache", "sandbox_throughput", "sandbox_isolation")
             print(f"| {name} | {r['median']:.3f} | {r['min']:.3f} | {r['max']:.3f} | {'≥' if higher else '≤'} "
                   f"{r['goal']:.3f} | {'yes' if r['ok'] else 'NO'} |")
 
@@ -603,11 +634,14 @@ def cpu_name():
     return platform.processor() or "cpu"
 
 
-def figures():
-    """name -> (function, needs a temp dir): every figure `--only` can name, in the order the full bench runs them."""
+def figures(checkpoint=None):
+    """name -> (function, gives several figures): every figure `--only` can name, in the order the full bench runs
+    them. One figure: fig(S) -> its result; several: fig(S, tmp) -> {figure: result}."""
     timed = [p1_verifiable, p2_rho1, p3_overhead, p4_memory, p5_heads, p7_peer, p8_efficient_loss]
     timed += [p6_mfu] if torch.cuda.is_available() else []
     named = {f.__name__[:2].upper(): (f, False) for f in timed}
+    named["P9"] = (lambda S, tmp: p9_speculative(S, checkpoint) if checkpoint else {"P9": {
+        "skipped": "P9 (speculative decoding) needs a trained checkpoint: --checkpoint PATH"}}, True)
     named.update({f.__name__: (f, False) for f in (gen_kv_cache, sandbox_throughput, sandbox_isolation)})
     named.update({f.__name__.removesuffix("_figures").removesuffix("_figure"): (f, True)
                   for f in (s3_figures, log_figure, fsdp_figures)})
@@ -618,8 +652,8 @@ def run_figures(S, chosen):
     """{figure: result} of the chosen figures, each printed as it finishes."""
     results, t0 = {}, time.time()
     with tempfile.TemporaryDirectory(prefix="wmtp-bench-") as tmp:
-        for name, (fig, needs_dir) in chosen.items():
-            if needs_dir:
+        for name, (fig, several) in chosen.items():
+            if several:
                 results.update(fig(S, tmp))
                 print(f"{name} ({time.time() - t0:.0f}s)", flush=True)
             else:
@@ -640,13 +674,15 @@ def main():
     parser.add_argument("--scaling", action="store_true", help="only the seq x H scaling grid, merged into --out")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is steadier on a busy machine)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--checkpoint", help="a trained checkpoint (e.g. the demo's warm-up) for P9, speculative "
+                        "decoding; without one P9 is skipped")
     parser.add_argument("--fsdp-worker", metavar="OUT", help=argparse.SUPPRESS)  # fsdp_figures' torchrun processes
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.fsdp_worker:
         return fsdp_worker(QUICK if args.quick else FULL, args.fsdp_worker)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
-    S, out, known = (QUICK if args.quick else FULL), Path(args.out), figures()
+    S, out, known = (QUICK if args.quick else FULL), Path(args.out), figures(args.checkpoint)
     old = json.loads(out.read_text()) if out.exists() else {}
     if args.scaling:
         results = {**old, "scaling": scaling(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}
@@ -662,6 +698,7 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
+
 
 if __name__ == "__main__":
     main()

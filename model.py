@@ -252,6 +252,20 @@ class MTPTransformer(nn.Module):
             h = layer(h, cos, sin, (keys, values, where, mask))
         return self.output(self.norm(h[rows, read])).float()
 
+    def heads_states(self, tokens, positions, width, cache, heads):
+        """Speculative decoding's forward: (head 0's logits [B, T, V] fp32, every head's state [H, B, T, d]) for
+        tokens [B, T] at positions [B, T], through a KVCache(..., heads=True): the trunk as in next_logits, then
+        the H head blocks at once (heads: StackedHeads). A head attends over its own keys and values of the
+        earlier positions, so every head writes its slots at every position, whichever head's logits are read."""
+        mask = (torch.arange(width, device=tokens.device) <= positions[..., None])[:, None]
+        cos, sin = cache.cos[positions], cache.sin[positions]
+        where = (torch.arange(tokens.shape[0], device=tokens.device)[:, None], positions)
+        h = self.tok_embeddings(tokens)
+        for layer, keys, values in zip(self.layers[:-1], cache.keys, cache.values):
+            h = layer(h, cos, sin, (keys, values, where, mask))
+        states = heads(h, cos, sin, (cache.head_keys, cache.head_values, where, mask))
+        return self.output(self.norm(states[0])).float(), states
+
     def heads_loss(self, states, targets, valid, weights):
         """(loss = W.mtp_loss(ce, valid, weights), ce [B,T,h] detached) of the heads' states [B,T,d] x h.
         memory_efficient_loss: HeadsCrossEntropy, one head's logits alive at a time and each computed once (O(V + d)
@@ -271,15 +285,64 @@ class MTPTransformer(nn.Module):
 
 
 class KVCache:
-    """Generation's memory for the trunk and head 0: per block, keys and values [B, length, n_kv_heads, head_dim],
-    slot s holding position s of its row; and the RoPE angles of positions 0..length-1."""
+    """Generation's memory for the trunk and head 0 (heads=True: the trunk, and the H heads stacked, [H, ...]): per
+    block, keys and values [B, length, n_kv_heads, head_dim], slot s holding position s of its row; and the RoPE
+    angles of positions 0..length-1."""
 
-    def __init__(self, model, batch, length, dtype, device):
+    def __init__(self, model, batch, length, dtype, device, heads=False):
         a = model.args
         shape = (batch, length, a.n_kv_heads or a.n_heads, a.dim // a.n_heads)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.layers]
+        blocks = model.layers[:-1] if heads else model.layers  # heads: the H head blocks' slots stacked apart
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in blocks]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in blocks]
+        if heads:
+            H = model.args.n_future_tokens
+            self.head_keys = torch.zeros((H, *shape), dtype=dtype, device=device)
+            self.head_values = torch.zeros((H, *shape), dtype=dtype, device=device)
         self.cos, self.sin = rope_angles(shape[-1], length, a.rope_theta, device)
+
+
+class StackedHeads:
+    """The H head blocks as one: each weight stacked on a leading head dim ([H, in, out], LoRA merged, in the
+    cache's dtype), so that the heads' matmuls run as one batched matmul each. Speculative decoding runs every head
+    at every step; one block's kernel launches instead of H keeps a verify forward near a plain step's cost."""
+
+    def __init__(self, model, dtype):
+        blocks = [model.layers[-1], *model.extra_heads]
+        weight = lambda lin: lin.merged_weight() if isinstance(lin, LoRALinear) else lin.weight
+        stack = lambda get: torch.stack([get(b).detach() for b in blocks]).to(dtype)  # [H, in, out]
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(self, name, stack(lambda b: weight(getattr(b.attention, name)).T))
+        for name in ("w1", "w2", "w3"):
+            setattr(self, name, stack(lambda b: weight(getattr(b.feed_forward, name)).T))
+        self.attention_norm = torch.stack([b.attention_norm.weight.detach() for b in blocks])[:, None, None]
+        self.ffn_norm = torch.stack([b.ffn_norm.weight.detach() for b in blocks])[:, None, None]
+        self.eps, attention = blocks[0].attention_norm.eps, blocks[0].attention
+        self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
+
+    def rms(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+    def __call__(self, h, cos, sin, cache):
+        """Block.compute of every head on the same trunk output h [B, T, d] -> [H, B, T, d]; cache as in
+        Attention.forward, with keys and values [H, B, S, n_kv_heads, head_dim]."""
+        keys, values, (rows, positions), mask = cache
+        H, (B, T, _) = len(self.wq), h.shape
+        mm = lambda x, w: torch.bmm(x.reshape(H, B * T, -1), w).view(H, B, T, -1)  # head k's x times head k's w
+        x = self.rms(h)[None] * self.attention_norm
+        q = apply_rope(mm(x, self.wq).view(H, B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(mm(x, self.wk).view(H, B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = mm(x, self.wv).view(H, B, T, self.n_kv_heads, self.head_dim)
+        heads = torch.arange(H, device=h.device)[:, None, None]
+        keys[heads, rows[None], positions[None]], values[heads, rows[None], positions[None]] = k, v
+        width = mask.shape[-1]
+        k, v = (c[:, :, :width].flatten(0, 1).transpose(1, 2) for c in (keys, values))
+        y = F.scaled_dot_product_attention(q.flatten(0, 1).transpose(1, 2), k, v, attn_mask=mask.repeat(H, 1, 1, 1),
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        h = h[None] + mm(y.transpose(1, 2), self.wo)
+        x = self.rms(h) * self.ffn_norm
+        return h + mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
 
 
 class LoRALinear(nn.Module):
@@ -329,31 +392,48 @@ def next_token(logits, temperature, top_p, generator):
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def padded(prompts, pad_id, device):
+    """(tokens [B, width] right-padded, lengths [B]) of prompts (lists of ids, each at least one token long)."""
+    if not prompts or not all(prompts):
+        raise ValueError("generate: needs at least one prompt, and every prompt at least one token (BOS)")
+    width = max(len(p) for p in prompts)
+    tokens = torch.full((len(prompts), width), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    return tokens, torch.tensor([len(p) for p in prompts], device=device)
+
+
+def cache_dtype(model):
+    """What wk and wv give: autocast's dtype when it is on, else the weights'."""
+    device = model.output.weight.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else model.output.weight.dtype
+
+
 @torch.no_grad()
-def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, generator=None):
+def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
+             speculative=False, stats=None):
     """Continue each prompt (a list of token ids) with head 0, batched, through a KV cache: one forward over the
     prompts, then one token per row per step. Returns each completion's ids up to and excluding EOS, at most
     max_new_tokens. Sampling draws from `generator` (on the model's device) when temperature > 0.
+
+    speculative (greedy only, H > 1): speculative_greedy below, the same tokens in fewer forwards. `stats`, a dict,
+    receives the counts of decode_stats (tokens, forwards, and for speculative decoding drafts and acceptances).
 
     Right padding with per-row positions: row b's token at position p sits in cache slot p, so its slots hold its
     own tokens only, RoPE reads the same angle tables as training, and one mask (slot <= position) serves the
     prompt forward and every step. The pads after a short prompt are written to slots its next tokens overwrite
     before any query can read them."""
-    if not prompts or not all(prompts):
-        raise ValueError("generate: needs at least one prompt, and every prompt at least one token (BOS)")
     device = model.output.weight.device
-    autocast = torch.is_autocast_enabled(device.type)
-    dtype = torch.get_autocast_dtype(device.type) if autocast else model.output.weight.dtype  # what wk, wv give
-    B, width = len(prompts), max(len(p) for p in prompts)
-    lengths = torch.tensor([len(p) for p in prompts], device=device)
-    tokens = torch.full((B, width), pad_id, dtype=torch.long, device=device)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    cache = KVCache(model, B, width + max_new_tokens, dtype, device)
+    tokens, lengths = padded(prompts, pad_id, device)
+    if speculative and temperature == 0 and model.args.n_future_tokens > 1:
+        return speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats)
+    (B, width), forwards = tokens.shape, torch.zeros(len(prompts), dtype=torch.long, device=device)
+    cache = KVCache(model, B, width + max_new_tokens, cache_dtype(model), device)
     logits = model.next_logits(tokens, torch.arange(width, device=device).expand(B, width), width, cache, lengths - 1)
     out = torch.full((B, max_new_tokens), eos_id, dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
+        forwards += ~done
         nxt = torch.where(done, eos_id, next_token(logits, temperature, top_p, generator))  # a finished row stays put
         out[:, step] = nxt
         done |= nxt == eos_id
@@ -361,4 +441,75 @@ def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, to
             break
         positions = (lengths + step)[:, None]  # the token just chosen sits right after the row's last one
         logits = model.next_logits(nxt[:, None], positions, width + step + 1, cache, torch.zeros_like(lengths))
+    add_stats(stats, forwards.sum(), forwards.sum(), [])  # plain: one token per forward per row
     return [row[:row.index(eos_id)] if eos_id in row else row for row in out.tolist()]
+
+
+def add_stats(stats, tokens, forwards, accepted, verified=0):
+    """decode_stats' counts, summed over calls: tokens decided (EOS included), forwards that decided them (a row's
+    share of each forward it was still running in), per extra head k the verify forwards that accepted its draft,
+    and the verify forwards."""
+    if stats is None:
+        return
+    stats["tokens"] = stats.get("tokens", 0) + int(tokens)
+    stats["forwards"] = stats.get("forwards", 0) + int(forwards)
+    stats["verified"] = stats.get("verified", 0) + int(verified)
+    old = stats.get("accepted", [])
+    stats["accepted"] = [int(a) + (old[k] if k < len(old) else 0) for k, a in enumerate(accepted)] or old
+
+
+def decode_stats(stats):
+    """{tokens_per_forward: tokens / forwards (1.0 for plain decoding), accept_head_{k}: the share of verify
+    forwards in which head k's draft was accepted (which needs heads 1..k-1's too)}."""
+    out = {"tokens_per_forward": stats["tokens"] / max(stats["forwards"], 1)}
+    for k, a in enumerate(stats.get("accepted", []) if stats.get("verified") else [], 1):  # none: nothing drafted
+        out[f"accept_head_{k}"] = a / stats["verified"]
+    return out
+
+
+@torch.no_grad()
+def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=None):
+    """Self-speculative greedy decoding (Gloeckle et al. 2024, after Stern et al. 2018): plain greedy's tokens.
+
+    Each row holds its pending token t (head 0's greedy choice after its last accepted token, not yet fed) and
+    drafts d_1..d_{H-1}, heads 1..H-1's argmax at that last accepted position. One forward over [t, d_1, ...,
+    d_{H-1}] gives head 0's greedy choice g_j after each; d_j is right when d_1..d_j equal g_0..g_{j-1}. With a
+    the length of that prefix, g_0..g_a are exactly what plain greedy would decide next: a + 1 tokens for one
+    forward; g_a is the new pending token and the heads' argmax at column a the new drafts. Rows advance by their
+    own a: the cache addresses slots by each row's positions, so a rejected draft's slots are overwritten by the
+    next forward before any query reads them (a query at position p reads slots <= p)."""
+    device, (B, width), H = tokens.device, tokens.shape, model.args.n_future_tokens
+    cache = KVCache(model, B, width + max_new_tokens + H, cache_dtype(model), device, heads=True)
+    heads = StackedHeads(model, cache_dtype(model))
+    rows, cols = torch.arange(B, device=device), torch.arange(H, device=device)
+    draft = lambda states, read: model.output(model.norm(states[1:, rows, read])).argmax(-1).T  # [B, H - 1]
+    logits, states = model.heads_states(tokens, torch.arange(width, device=device).expand(B, width), width, cache,
+                                        heads)
+    pending, drafts = logits[rows, lengths - 1].argmax(-1), draft(states, lengths - 1)
+    out = torch.full((B, max_new_tokens + 2 * H), eos_id, dtype=torch.long, device=device)  # n may pass the end by H
+    out[:, 0] = pending
+    n = torch.ones(B, dtype=torch.long, device=device)  # tokens decided per row
+    done = (pending == eos_id) | (n >= max_new_tokens)
+    forwards, accepted, verified = n.clone(), torch.zeros(H - 1, dtype=torch.long, device=device), 0
+    while not done.all():
+        # the pending token sits right after the row's last one (a finished row's n may be past the end: clamped)
+        positions = (lengths + n.clamp(max=max_new_tokens) - 1)[:, None] + cols
+        feed = torch.cat([pending[:, None], drafts], 1)
+        logits, states = model.heads_states(feed, positions, int(positions.max()) + 1, cache, heads)
+        greedy = logits.argmax(-1)  # [B, H]: head 0's choice after each fed token
+        a = (drafts == greedy[:, :-1]).long().cumprod(1).sum(1)  # the longest right prefix of the drafts
+        new = cols <= a[:, None]  # g_0..g_a; cut at the first EOS
+        new &= (greedy == eos_id).long().cumsum(1) - (greedy == eos_id).long() == 0
+        new &= ~done[:, None]
+        count = new.sum(1)
+        slots = n[:, None] + cols
+        out.scatter_(1, slots, torch.where(new, greedy, out.gather(1, slots)))
+        forwards, verified = forwards + ~done, verified + int((~done).sum())
+        accepted += ((cols[1:] <= a[:, None]) & ~done[:, None]).sum(0)
+        n = n + count
+        done |= (new & (greedy == eos_id)).any(1) | (n >= max_new_tokens)
+        pending, drafts = greedy[rows, a], draft(states, a)
+    n = n.clamp(max=max_new_tokens)
+    add_stats(stats, n.sum(), forwards.sum(), accepted.tolist(), verified)
+    rows_out = [row[:k] for row, k in zip(out.tolist(), n.tolist())]
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in rows_out]

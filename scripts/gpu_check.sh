@@ -7,7 +7,8 @@
 #   4 ddp         torchrun over every GPU present, NCCL: 4 steps, the replicas identical at the end
 #   5 fsdp        FSDP2 (fully_shard per block and root, bf16 MixedPrecisionPolicy) over every GPU, NCCL, and the
 #                 trainer's training.parallel=fsdp when the trainer has that key
-#   6 bench       bench.py's P6: tokens/s and MFU of a ~1B MTP model, bf16, seq 2048
+#   6 bench       bench.py's P6: tokens/s and MFU of a ~1B MTP model, bf16, seq 2048; speculative decoding's
+#                 verify forward / a plain decode step at batch 1 and 16 (random weights: the verify cost only)
 # It stops at the first failing step (exit 1, that step's log tail on stderr) and writes one line per step to the
 # summary (default outputs/gpu_check_summary.txt). --cpu-dry runs the same steps on the CPU (gloo, 2 processes, GPUs
 # hidden, bench skipped): how the script itself is tested where there is no GPU.
@@ -199,6 +200,28 @@ r = bench.p6_mfu(bench.FULL)
 print(json.dumps(r, indent=1))
 assert "median" in r or "skipped" in r, r
 print("RESULT", f"MFU {r['median']:.3f} (goal {r['goal']}) on {r['gpu']}" if "median" in r else r["skipped"])
+EOF
+  # random weights draft (almost) nothing right: this measures what a verify forward costs, not the speed-up (P9 on
+  # a trained checkpoint: python bench.py --checkpoint PATH)
+  step speculative 240 "${PY[@]}" <<'EOF'
+import time, torch
+from model import MTPTransformer, ModelArgs, generate
+torch.manual_seed(0)
+args = ModelArgs(dim=2048, n_layers=16 + 4, n_heads=16, n_kv_heads=8, vocab_size=32000, n_future_tokens=4)
+model = MTPTransformer(args).cuda().eval()
+for batch in (1, 16):
+    prompts = torch.randint(0, 32000, (batch, 64)).tolist()
+    per_forward, outs = {}, {}
+    for speculative in (False, True, False, True):  # the second of each is timed
+        stats = {}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            outs[speculative] = generate(model, prompts, -1, 0, 64, speculative=speculative, stats=stats)
+            torch.cuda.synchronize()
+        per_forward[speculative] = (time.perf_counter() - t) / (stats["forwards"] / batch)
+    print("RESULT", f"batch {batch}: verify forward / plain step {per_forward[True] / per_forward[False]:.2f} "
+          f"(random weights: the verify cost only; same tokens: {outs[True] == outs[False]})")
 EOF
 fi
 echo "ALL PASSED" >>"$SUMMARY"

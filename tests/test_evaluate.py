@@ -1,5 +1,6 @@
 """`evaluate`: samples mode scored exactly against known answers, one-line errors for bad files, and model mode end
 to end on the micro model — eval/pass@k on the evaluated training run, every completion in eval/samples.jsonl."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -97,6 +98,22 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(eval_tasks("builtin:pyfunc", 3))
     assert all(r["tests"] and isinstance(r["completion"], str) for r in records)
     assert json.loads((tmp_path / "out.json").read_text()) == summary
+    # sampled (n_samples 2): plain decoding, one token per forward, nothing drafted
+    assert summary["tokens_per_forward"] == 1.0 and "accept_head_1" not in summary
+    assert run.data.metrics["eval/tokens_per_forward"] == 1.0
+    plain_cfg = tiny_config("baseline", tmp_path, "eval.max_tasks=3", "eval.n_samples=1", "eval.max_new_tokens=12",
+                            "eval.workers=2", "eval.timeout_s=5", "eval.speculative=false")
+    plain = evaluate(plain_cfg, use_micro=True, checkpoint="auto")
+    (tmp_path / "p").mkdir(), (tmp_path / "f").mkdir()
+    plain_lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path / "p"))).read()
+    fast = evaluate(dataclasses.replace(plain_cfg, eval=dataclasses.replace(plain_cfg.eval, speculative=True)),
+                    use_micro=True, checkpoint="auto")
+    fast_lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path / "f"))).read()
+    assert plain["tokens_per_forward"] == 1.0 and "accept_head_1" not in plain  # plain: one token per forward
+    assert fast_lines == plain_lines and fast["pass@1"] == plain["pass@1"]  # the same completions, greedy both ways
+    metrics = client.get_run(run.info.run_id).data.metrics  # H = 3: heads 1 and 2 drafted
+    assert fast["tokens_per_forward"] >= 1.0 and 0 <= fast["accept_head_2"] <= fast["accept_head_1"] <= 1
+    assert all(metrics[f"eval/{k}"] == fast[k] for k in ("tokens_per_forward", "accept_head_1", "accept_head_2"))
 
 
 def test_run_sh_evaluate_launches_the_same_command(tmp_path, tracking):
