@@ -33,7 +33,7 @@ from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync,
                       setup_distributed, shard, transformer_blocks, wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import build_model, export, load_pretrained, next_token_logits
-from report import STARTS, format_compare, report, summarize_compare
+from report import format_compare, report, summarize_compare
 from tracking import NoTracking, Preempted, Tracking, doctor, experiment_id, log_params, preflight, tracking_uri
 
 
@@ -79,15 +79,17 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
     t, s, ds = cfg.training, cfg.data_sampling, cfg.dataset
     master = rank == 0
-    tok, model = build_model(cfg, use_micro, value_head=PIPELINE_TYPES[cfg.experiment.pipeline].value_head)
-    pipeline = PIPELINE_TYPES[cfg.experiment.pipeline](cfg, model.args.n_future_tokens)
+    kind = PIPELINE_TYPES[cfg.experiment.pipeline]
+    tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg))
+    pipeline = kind(cfg, model.args.n_future_tokens)
     train_records, checker = load_records(ds.train, "train")
     val_records, _ = load_records(ds.validation, "validation")
-    correct = 0.5 if pipeline.name == "critic" else 1.0  # the critic must see wrong answers to rank them
     train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
                                                  tok, ds.max_length, ds.on_overlong, ds.train, ds.template)
-    val_examples, _ = encode_records(sample_records(val_records, s.val_samples, correct, s.seed + 1),
-                                     tok, ds.max_length, ds.on_overlong, ds.validation, ds.template)
+    encode_val = lambda records: encode_records(records, tok, ds.max_length, ds.on_overlong, ds.validation,
+                                                ds.template)[0]
+    val_examples = encode_val(sample_records(val_records, s.val_samples, pipeline.val_correct_ratio, s.seed + 1))
+    pipeline.see_data(train_examples, val_records, encode_val)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     run_name = cfg.mlflow.run_name or RUN_NAMES[pipeline.name]
@@ -107,8 +109,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     fsdp = t.parallel == "fsdp" and world > 1
     for block in transformer_blocks(model):
         block.checkpointed = t.activation_checkpointing
-    pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
-                    torch.device("cpu") if fsdp else device)  # sharded: on the device as shards only (shard())
+    model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
+                            torch.device("cpu") if fsdp else device, tok) or model  # sharded: shards only (shard())
     resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir()
                               else load_checkpoint_into(model, resume_path))  # a full file: weights before sharding
     if fsdp:
@@ -354,23 +356,28 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
 
 
 def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
-    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each policy pipeline for
-    the same steps and evaluate (eval/pass@k on its run). Verifiable starts from a critic trained on the warm-up's
-    frozen trunk; rho1's reference is this seed's baseline (the warm-up trained on, as Rho-1's reference, correct
-    answers only). -> {pipeline: run id}."""
+    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each row of `pipelines`
+    ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the same steps, and
+    evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's critic is trained
+    on the warm-up (once per variant), rho1's reference is this seed's baseline. -> {row: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
     warm = train_child(WARMUP_CONFIG, [*o, f"training.max_steps={warmup_steps}"], parent_id, "random init",
                        "warmup")[2] / "checkpoint_final.pt"
-    runs, dirs = {}, {}
-    for p in pipelines:
-        start = [f"model.init_from={warm}"]
-        if p == "verifiable":
-            critic = train_child(local_config("critic"), [*o, f"model.init_from={warm}"], parent_id, "warm-up")[2]
-            start = [f"critic.checkpoint={critic / 'checkpoint_best.pt'}"]
-        if p == "rho1":  # without a baseline of this seed: a frozen copy of the warm-up
-            start.append(f"reference.path={dirs['baseline'] / 'checkpoint_final.pt' if 'baseline' in dirs else ''}")
-        cfg, runs[p], dirs[p] = train_child(local_config(p), [*o, *start], parent_id, STARTS[p])
-        evaluate(cfg, use_micro=True, checkpoint=str(dirs[p] / "checkpoint_final.pt"))
+    runs, dirs, critics = {}, {}, {}
+    for row in pipelines:
+        p, _, variant = row.partition(":")
+        kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
+
+        def train_critic():  # the critic this row's variant asks for, trained once
+            if variant not in critics:
+                critics[variant] = train_child(local_config("critic"), [*o, *extra, f"model.init_from={warm}"],
+                                               parent_id, "warm-up", f"critic-{variant}" if variant else "")[2]
+            return critics[variant]
+
+        start = kind.compare_inputs(warm, dirs, train_critic)
+        cfg, runs[row], dirs[row] = train_child(local_config(p), [*o, *extra, *start], parent_id, kind.compare_start,
+                                                f"{RUN_NAMES[p]}-{variant}" if variant else "")
+        evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
     return runs
 
 
@@ -380,7 +387,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
     interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). Returns the
     summary."""
     from mlflow import MlflowClient
-    cfgs = {p: load_config(local_config(p), overrides) for p in pipelines}
+    cfgs = {p: load_config(local_config(p.partition(":")[0]), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
     warmup_steps = warmup_steps or load_config(WARMUP_CONFIG, overrides).training.max_steps
     if len(set(steps.values())) != 1 or not warmup_steps > 0:
@@ -461,8 +468,10 @@ def main(argv=None):
             return report(uri, args.experiment)
         if args.command == "compare":
             pipelines = tuple(args.pipelines.split(","))
-            if args.seeds < 1 or not set(pipelines) <= set(POLICY_PIPELINES):
-                raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(POLICY_PIPELINES)}")
+            rows = [*POLICY_PIPELINES,
+                    *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
+            if args.seeds < 1 or not set(pipelines) <= set(rows):
+                raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(rows)}")
             compare(args.seeds, args.warmup_steps, args.override, pipelines)
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
