@@ -284,7 +284,7 @@ class ValueModel(nn.Module):
     def __init__(self, trunk, head="linear", logprob=False, squash=False):
         super().__init__()
         trunk.extra_heads, trunk.value_head = nn.ModuleList(), None
-        self.trunk, self.logprob, self.squash = trunk, logprob, squash
+        self.trunk, self.logprob, self.squash, self.args = trunk, logprob, squash, trunk.args
         d = trunk.args.dim + (2 if logprob else 0)
         self.head = nn.Linear(d, 1) if head == "linear" else nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
 
