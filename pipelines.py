@@ -138,6 +138,7 @@ class Critic(Pipeline):
     name = "critic"
     value_head, decodes = True, False
     val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
+    compare_start = "warm-up (value model)"
 
     def attach(self, model, fetch, build_model, device, tok=None):
         model.requires_grad_(False)

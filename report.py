@@ -13,7 +13,7 @@ from pipelines import PIPELINE_TYPES
 from tracking import metric_name, newest_run
 
 
-COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"))
+COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "val/token_credit")
 
 
 PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))

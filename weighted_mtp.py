@@ -363,16 +363,18 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
     warm = train_child(WARMUP_CONFIG, [*o, f"training.max_steps={warmup_steps}"], parent_id, "random init",
                        "warmup")[2] / "checkpoint_final.pt"
-    runs, dirs, critics = {}, {}, {}
+    runs, dirs = {}, {}
     for row in pipelines:
         p, _, variant = row.partition(":")
         kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
 
-        def train_critic():  # the critic this row's variant asks for, trained once
-            if variant not in critics:
-                critics[variant] = train_child(local_config("critic"), [*o, *extra, f"model.init_from={warm}"],
-                                               parent_id, "warm-up", f"critic-{variant}" if variant else "")[2]
-            return critics[variant]
+        def train_critic():  # the critic this row's variant asks for, trained once; a row of its own
+            critic_row = f"critic:{variant}" if variant else "critic"
+            if critic_row not in runs:
+                _, runs[critic_row], dirs[critic_row] = train_child(
+                    local_config("critic"), [*o, *extra, f"model.init_from={warm}"], parent_id, "warm-up",
+                    f"critic-pretrain-{variant}" if variant else "")
+            return dirs[critic_row]
 
         start = kind.compare_inputs(warm, dirs, train_critic)
         cfg, runs[row], dirs[row] = train_child(local_config(p), [*o, *extra, *start], parent_id, kind.compare_start,
@@ -402,7 +404,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
     status = "FAILED"
     try:
         runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
-        summary = summarize_compare(client, parent, pipelines, runs)
+        summary = summarize_compare(client, parent, list(runs[0]), runs)  # the rows, with the critics they trained
         print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
         print(f"\nparent run {parent} (experiment '{cfg.mlflow.experiment}'): ./run.sh ui", flush=True)
         status = "FINISHED"

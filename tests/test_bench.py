@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT
 
-FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache",
+FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "P10", "P10_separate", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache",
            "sandbox_throughput", "fsdp_step", "fsdp_memory"]
 
 
