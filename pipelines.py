@@ -43,6 +43,12 @@ class Pipeline:
         return cls.value_head and cfg.critic.model == "policy"
 
     @classmethod
+    def start_from_init(cls, cfg):
+        """Whether the policy starts from model.init_from (verifiable with the value head on the policy: from the
+        critic's checkpoint)."""
+        return not (cls.name == "verifiable" and cls.value_head_on_policy(cfg))
+
+    @classmethod
     def compare_inputs(cls, warm, dirs, train_critic):
         """compare's overrides that start this pipeline: from the warm-up's checkpoint `warm`; `dirs` holds the
         run directories of the pipelines of this seed so far, train_critic() trains a critic and gives its dir."""
