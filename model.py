@@ -287,6 +287,9 @@ class ValueModel(nn.Module):
         self.trunk, self.logprob, self.squash, self.args = trunk, logprob, squash, trunk.args
         d = trunk.args.dim + (2 if logprob else 0)
         self.head = nn.Linear(d, 1) if head == "linear" else nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
+        last = self.head if head == "linear" else self.head[-1]
+        nn.init.zeros_(last.weight)  # V starts constant: a ranking the head did not learn (a random projection of
+        nn.init.zeros_(last.bias)    # log-probabilities that separate right from wrong) cannot show in val/auc
 
     def forward(self, tokens, labels):
         t = self.trunk
