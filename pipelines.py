@@ -128,10 +128,12 @@ def critic_loss(kind, batch, score, values, t):
     return loss, targets, value_mask
 
 
-def shuffled_labels(rewards, seed, step):
-    """critic.shuffle_labels: is_correct permuted within the batch (seeded by step: the same on every rank)."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-    return rewards[torch.randperm(len(rewards), generator=g).to(rewards.device)]
+def shuffled_labels(rewards, seed):
+    """critic.shuffle_labels: is_correct permuted over all training examples (seeded: the same on every rank).
+    Over the data, not within each batch: length-grouped batches hold different shares of right answers, which a
+    within-batch shuffle keeps (a critic learned val/auc 0.74 from it in 100 steps)."""
+    g = torch.Generator().manual_seed(seed)
+    return rewards[torch.randperm(len(rewards), generator=g)]
 
 
 class Critic(Pipeline):
@@ -155,6 +157,10 @@ class Critic(Pipeline):
         return build_value_model(self.cfg, model, tok)  # trained (and saved) instead of the policy
 
     def see_data(self, train_examples, val_records, encode):
+        if self.cfg.critic.shuffle_labels:
+            rewards = shuffled_labels(torch.tensor([ex[2] for ex in train_examples]), self.cfg.data_sampling.seed)
+            train_examples[:] = [(ids, labels, r, record) for (ids, labels, _, record), r
+                                 in zip(train_examples, rewards.tolist())]
         if self.cfg.critic.loss == "pairwise":
             prompts = {}
             for ids, labels, reward, _ in train_examples:
@@ -173,8 +179,6 @@ class Critic(Pipeline):
 
     def loss(self, model, batch, meter, step):
         tokens, labels, rewards = batch
-        if self.cfg.critic.shuffle_labels:
-            batch = (tokens, labels, shuffled_labels(rewards, self.t.seed, step))
         score, values = self.values(model, batch)
         loss, _, value_mask = critic_loss(self.cfg.critic.loss, batch, score, values, self.t)
         meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())

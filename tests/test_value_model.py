@@ -67,21 +67,20 @@ def test_pairwise_without_pairs_is_one_line_error(tmp_path):
         wm.prepare(cfg, use_micro=True)
 
 
-def test_shuffled_labels_permute_the_batch_and_train_on_them(tmp_path):
+def test_shuffled_labels_permute_the_training_labels(tmp_path):
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
-    moved = [shuffled_labels(rewards, 42, step) for step in range(10)]
+    moved = [shuffled_labels(rewards, seed) for seed in range(10)]
     assert all(sorted(m.tolist()) == sorted(rewards.tolist()) for m in moved)
     assert sum(not torch.equal(m, rewards) for m in moved) >= 9
-    assert torch.equal(shuffled_labels(rewards, 42, 3), moved[3])  # seeded by step: every rank alike
-    # the critic's loss with shuffle_labels is the loss on the shuffled labels
+    assert torch.equal(shuffled_labels(rewards, 3), moved[3])  # seeded: every rank alike
+    # the critic trains on the same examples with their labels permuted over the whole sample (data_sampling.seed)
+    plain = wm.prepare(tiny_config("critic", tmp_path, *SEPARATE, "model.init_from="), use_micro=True)
     s = wm.prepare(tiny_config("critic", tmp_path, *SEPARATE, "critic.shuffle_labels=true", "model.init_from="),
                    use_micro=True)
-    batch = hand_batch()
-    from parallel import Meter
-    got = s.pipeline.loss(s.model, batch, Meter(torch.device("cpu")), 5)
-    shuffled = (batch[0], batch[1], shuffled_labels(batch[2], s.cfg.training.seed, 5))
-    score, values = s.model(batch[0], batch[1])
-    torch.testing.assert_close(got, critic_loss("mse", shuffled, score, values, s.cfg.training)[0])
+    before = torch.tensor([ex[2] for ex in plain.train_examples])
+    assert [ex[0] for ex in s.train_examples] == [ex[0] for ex in plain.train_examples]
+    assert [ex[2] for ex in s.train_examples] == shuffled_labels(before, s.cfg.data_sampling.seed).tolist()
+    assert [ex[2] for ex in s.train_examples] != before.tolist()
 
 
 def test_weight_control_shuffled_moves_each_answers_weights():
