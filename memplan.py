@@ -185,7 +185,8 @@ def config_plans(cfg, world, use_micro):
             kw["lora_rank"] = c.lora.rank if c.trunk == "lora" else 0
     what = (f"{pipeline}, {args.n_layers} blocks ({args.n_future_tokens} heads), d={args.dim}, V={args.vocab_size}, "
             f"{sum(parameter_counts(args, pipeline, m.lora.rank)) / 1e6:,.1f}M parameters, "
-            + (f"LoRA r={kw['lora_rank']}, " if kw["lora_rank"] else "") + f"{parallel} x {world}, frozen {frozen_dtype}, "
+            + (f"LoRA r={kw['lora_rank']}, " if kw["lora_rank"] else "")
+            + f"{parallel} x {world}, frozen {frozen_dtype}, "
             f"batch {t.batch_size} x {cfg.dataset.max_length} tokens, CUDA bf16 autocast")
     if kw.get("value"):
         what += f"; a separate value model of {sum(parameter_counts(kw['value'], 'baseline', 0)) / 1e6:,.1f}M, frozen"

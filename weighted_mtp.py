@@ -78,16 +78,14 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
     t, s, ds = cfg.training, cfg.data_sampling, cfg.dataset
-    master = rank == 0
     kind = PIPELINE_TYPES[cfg.experiment.pipeline]
     tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg))
-    pipeline = kind(cfg, model.args.n_future_tokens)
+    pipeline, master = kind(cfg, model.args.n_future_tokens), rank == 0
     train_records, checker = load_records(ds.train, "train")
     val_records, _ = load_records(ds.validation, "validation")
     train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
                                                  tok, ds.max_length, ds.on_overlong, ds.train, ds.template)
-    encode_val = lambda records: encode_records(records, tok, ds.max_length, ds.on_overlong, ds.validation,
-                                                ds.template)[0]
+    encode_val = lambda rs: encode_records(rs, tok, ds.max_length, ds.on_overlong, ds.validation, ds.template)[0]
     val_examples = encode_val(sample_records(val_records, s.val_samples, pipeline.val_correct_ratio, s.seed + 1))
     pipeline.see_data(train_examples, val_records, encode_val)
     if master and cfg.mlflow.enable_logging:
