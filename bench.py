@@ -1,7 +1,7 @@
 """
 bench.py: what the trainer's features cost, as ratios of two things measured side by side in one process.
 
-    python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P8 (P6 on a GPU), checkpoint, logging
+    python bench.py [--quick] [--out bench/results.json]    # the figures: P1-P10 (P6 on a GPU), checkpoint, logging
     python bench.py --checkpoint PATH                       # adds P9: speculative decoding on a trained checkpoint
     python bench.py --scaling [--out bench/results.json]    # tokens/s and peak memory over seq x H (slow)
 
@@ -187,6 +187,25 @@ def p2_rho1(S):
     batch = make_batch(S.batch, S.seq)
     base, rho1 = setup("baseline", dim=S.dim), setup("rho1", dim=S.dim)
     return summary(compare(trainer_step(base, batch), trainer_step(rho1, batch), S), 1.40)
+
+
+POLICY_CRITIC = ["critic.model=policy", "critic.head=linear", "critic.features=hidden"]
+
+
+def p10_critic(S):
+    """P10: critic train_step / baseline train_step, vocab 32000 (where a critic that ran every head's CE paid most):
+    the value head on the policy's frozen trunk (P10), and a frozen separate value model (a copy of the policy, MLP
+    head: P10_separate). The critic runs the trunk and head 0 alone, no logits (on log steps only the heads' CE, for
+    train/head_k_loss: not timed here, 1 step in log_interval). Goal 0.15 each (before: 0.53)."""
+    batch, vocab = make_batch(S.batch, S.seq, 32000), 32000
+    base = setup("baseline", dim=S.dim, vocab=vocab)
+    policy = setup("critic", dim=S.dim, vocab=vocab, micro=POLICY_CRITIC)
+    separate = setup("critic", dim=S.dim, vocab=vocab, micro=["critic.model=copy", "critic.head=mlp",
+                                                                "critic.features=hidden"])
+    for trainer in (policy, separate):  # a step that logs nothing: the steady state
+        trainer[0].pipeline.t = dataclasses.replace(trainer[0].pipeline.t, log_interval=10**9)
+    return (summary(compare(trainer_step(base, batch), trainer_step(policy, batch), S), 0.15),
+            summary(compare(trainer_step(base, batch), trainer_step(separate, batch), S), 0.15))
 
 
 def bare_step(model, optimizer, batch):
@@ -642,6 +661,7 @@ def figures(checkpoint=None):
     named = {f.__name__[:2].upper(): (f, False) for f in timed}
     named["P9"] = (lambda S, tmp: p9_speculative(S, checkpoint) if checkpoint else {"P9": {
         "skipped": "P9 (speculative decoding) needs a trained checkpoint: --checkpoint PATH"}}, True)
+    named["P10"] = (lambda S, tmp: dict(zip(("P10", "P10_separate"), p10_critic(S))), True)
     named.update({f.__name__: (f, False) for f in (gen_kv_cache, sandbox_throughput, sandbox_isolation)})
     named.update({f.__name__.removesuffix("_figures").removesuffix("_figure"): (f, True)
                   for f in (s3_figures, log_figure, fsdp_figures)})

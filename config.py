@@ -244,6 +244,7 @@ class TrainingConfig:
     policy_on_incorrect: bool
     parallel: str = rule(lambda v: v in ("ddp", "fsdp"), "ddp or fsdp")
     activation_checkpointing: bool
+    weight_control: str = rule(lambda v: v in ("none", "shuffled"), "none or shuffled")
 
     def check(self, source):
         if self.weight_clip_min >= self.weight_clip_max:
@@ -278,6 +279,24 @@ class MlflowConfig:
 @frozen
 class CriticConfig:
     checkpoint: str
+    model: str = rule(bool, "policy, copy or a model directory")
+    trunk: str = rule(lambda v: v in ("frozen", "lora", "full"), "frozen, lora or full")
+    lora: LoraConfig
+    head: str = rule(lambda v: v in ("linear", "mlp"), "linear or mlp")
+    features: str = rule(lambda v: v in ("hidden", "hidden+logprob"), "hidden or hidden+logprob")
+    loss: str = rule(lambda v: v in ("mse", "bce", "pairwise"), "mse, bce or pairwise")
+    shuffle_labels: bool
+
+    def check(self, source):
+        separate = self.model != "policy"
+        if not separate and (self.head, self.features, self.trunk, self.loss) != ("linear", "hidden", "frozen", "mse"):
+            raise UserError(f"{source}: 'critic.head' {self.head}, 'critic.features' {self.features}, 'critic.trunk' "
+                            f"{self.trunk} and 'critic.loss' {self.loss} need a separate value model ('critic.model': "
+                            "copy or a model directory); on the policy the value head is linear, mse, frozen trunk")
+        if self.features == "hidden+logprob" and (self.model != "copy" or self.trunk != "frozen"):
+            raise UserError(f"{source}: 'critic.features' hidden+logprob reads the starting policy's "
+                            "log-probabilities off a frozen copy of it: set 'critic.model' copy and 'critic.trunk' "
+                            f"frozen (got {self.model!r}, {self.trunk!r})")
 
 
 @frozen

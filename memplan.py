@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from model import Block
+from pipelines import PIPELINE_TYPES
 from pretrained import ByteTokenizer, micro_args, model_args_from_hf, model_args_from_meta
 
 
@@ -17,6 +18,7 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 PLAN_ROWS = {"parameters": "trainable parameters (fp32 masters)", "gradients": "gradients (fp32)",
              "buckets": "DDP all-reduce buckets (fp32)", "optimizer": "AdamW moments (2 x fp32)",
              "frozen": "frozen weights (LoRA base, critic trunk)", "reference": "rho1 reference (frozen)",
+             "value": "separate value model (frozen)",
              "gathered": "FSDP gathered blocks + their grads", "copies": "bf16 autocast weight copies",
              "activations": "activations saved for backward", "logits": "loss logits (one head at a time)",
              "peak": "peak"}
@@ -47,7 +49,7 @@ def parameter_counts(args, pipeline, lora_rank):
     d, L, V = args.dim, args.n_layers, args.vocab_size
     base = L * p_block + 2 * V * d + d
     adapters = L * lora_rank * (9 * d + 2 * kv + 3 * hidden)
-    value_head = d + 1 if pipeline in ("critic", "verifiable") else 0
+    value_head = d + 1 if PIPELINE_TYPES[pipeline].value_head else 0
     if pipeline == "critic":
         return value_head, base + adapters
     if lora_rank:
@@ -71,7 +73,7 @@ def block_activations(args, lora_rank, trains_norms, act_bytes):
 
 def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1, frozen_dtype="float32",
                 batch_size=1, seq_len=2048, activation_checkpointing=False, memory_efficient_loss=True,
-                grad_accum=1, reference=None, device="cuda"):
+                grad_accum=1, reference=None, device="cuda", value=None):
     """Estimated bytes per GPU, {row: bytes} (rows: PLAN_ROWS), for a policy of shape `args` (L blocks, H heads, V).
 
     Weights: a trained one costs 4 (fp32 master) + 4 (gradient) + 8 (AdamW's two fp32 moments) bytes, and under DDP
@@ -89,7 +91,8 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     and of the logits, 3·N·V·4 bytes (+ the bf16 logit gradient, 2·N·V, on CUDA); without it every head also keeps
     its log-softmax (H·N·V·4). A forward-only loss (critic) holds logits and log-softmax, 2·N·V·4.
     Peak = weights + moments + buckets + the larger of: the start of backward (activations + logits + copies +
-    gathered, + gradients when accumulating) and its end (gradients + one block's activations + gathered)."""
+    gathered, + gradients when accumulating) and its end (gradients + one block's activations + gathered).
+    value: the shape of a separate value model held frozen beside the policy (verifiable), in frozen_dtype."""
     cuda, fsdp, ddp = device == "cuda", parallel == "fsdp", parallel == "ddp" and world > 1
     d, V, L, H, N = args.dim, args.vocab_size, args.n_layers, args.n_future_tokens, batch_size * seq_len
     shard, act_bytes = (world if fsdp else 1), (2 if cuda else 4)
@@ -99,7 +102,8 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     trains_blocks, full_ft = pipeline != "critic", pipeline != "critic" and not lora_rank
     rows = {"parameters": 4 * trainable / shard, "gradients": 4 * trainable / shard, "buckets": 4 * trainable * ddp,
             "optimizer": 8 * trainable / shard, "frozen": DTYPE_BYTES[frozen_dtype] * frozen / shard,
-            "reference": DTYPE_BYTES[frozen_dtype] * ref / shard}
+            "reference": DTYPE_BYTES[frozen_dtype] * ref / shard,
+            "value": DTYPE_BYTES[frozen_dtype] * sum(parameter_counts(value, "baseline", 0)) if value else 0}
     gathered = 2 * V * d + 2 * p_block  # the root's embedding and output, the current and the prefetched block
     rows["gathered"] = (act_bytes + 4 * full_ft) * gathered * fsdp
     fp32_block_weights = p_block if full_ft or frozen_dtype == "float32" else 0
@@ -117,9 +121,18 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     start = rows["activations"] + rows["logits"] + rows["copies"] + rows["gathered"]
     start += rows["gradients"] * (grad_accum > 1)
     end = rows["gradients"] + s * trains_blocks + rows["gathered"]
-    static = sum(rows[k] for k in ("parameters", "optimizer", "frozen", "reference", "buckets"))
+    static = sum(rows[k] for k in ("parameters", "optimizer", "frozen", "reference", "buckets", "value"))
     rows["peak"] = static + max(start, end)
     return {k: int(v) for k, v in rows.items()}
+
+
+def value_model_shape(spec, policy_args):
+    """ModelArgs of a separate value model: critic.model copy (the policy's trunk and head 0: its other heads are
+    dropped) or a model dir (one head); None when the dir is not here."""
+    if spec == "copy":
+        return dataclasses.replace(policy_args, n_layers=policy_args.n_layers - policy_args.n_future_tokens + 1,
+                                   n_future_tokens=1)
+    return model_shape(spec, 1) if Path(spec).is_dir() else None
 
 
 def plan_settings(cfg):
@@ -136,8 +149,9 @@ def expected_paths(cfg, use_micro):
     pipeline = cfg.experiment.pipeline
     model = cfg.model if not use_micro else dataclasses.replace(cfg.model, path="", tokenizer="")
     keys = {"model.path": model.path, "model.tokenizer": model.tokenizer,
-            "model.init_from": cfg.model.init_from if pipeline != "verifiable" else "",
+            "model.init_from": cfg.model.init_from if PIPELINE_TYPES[pipeline].start_from_init(cfg) else "",
             "critic.checkpoint": cfg.critic.checkpoint if pipeline == "verifiable" else "",
+            "critic.model": cfg.critic.model if PIPELINE_TYPES[pipeline].value_head else "",
             "reference.path": cfg.reference.path if pipeline == "rho1" else "",
             "dataset.train": cfg.dataset.train, "dataset.validation": cfg.dataset.validation}
     return [(key, path, Path(path).exists()) for key, path in keys.items() if is_local_path(path)]
@@ -158,10 +172,24 @@ def config_plans(cfg, world, use_micro):
     kw = dict(pipeline=pipeline, lora_rank=m.lora.rank, parallel=parallel, world=world, frozen_dtype=frozen_dtype,
               batch_size=t.batch_size, seq_len=cfg.dataset.max_length, memory_efficient_loss=m.memory_efficient_loss,
               grad_accum=t.gradient_accumulation_steps, reference=reference)
+    if PIPELINE_TYPES[pipeline].value_head and cfg.critic.model != "policy":
+        value = value_model_shape(cfg.critic.model, args)
+        if value is None:
+            return (f"critic.model {cfg.critic.model} is not on this machine: its config gives the value model's "
+                    "shape"), {}
+        if pipeline == "verifiable":
+            kw["value"] = value
+        else:  # the critic holds the value model alone: trained as a policy of its shape (LoRA, full) or frozen
+            c = cfg.critic
+            args, kw["pipeline"] = value, "critic" if c.trunk == "frozen" else "baseline"
+            kw["lora_rank"] = c.lora.rank if c.trunk == "lora" else 0
     what = (f"{pipeline}, {args.n_layers} blocks ({args.n_future_tokens} heads), d={args.dim}, V={args.vocab_size}, "
             f"{sum(parameter_counts(args, pipeline, m.lora.rank)) / 1e6:,.1f}M parameters, "
-            + (f"LoRA r={m.lora.rank}, " if m.lora.rank else "") + f"{parallel} x {world}, frozen {frozen_dtype}, "
+            + (f"LoRA r={kw['lora_rank']}, " if kw["lora_rank"] else "")
+            + f"{parallel} x {world}, frozen {frozen_dtype}, "
             f"batch {t.batch_size} x {cfg.dataset.max_length} tokens, CUDA bf16 autocast")
+    if kw.get("value"):
+        what += f"; a separate value model of {sum(parameter_counts(kw['value'], 'baseline', 0)) / 1e6:,.1f}M, frozen"
     return what, {ac: memory_plan(args, activation_checkpointing=ac, **kw) for ac in (False, True)}
 
 

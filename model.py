@@ -211,15 +211,16 @@ class MTPTransformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.value_head = nn.Linear(args.dim, 1) if value_head else None
 
-    def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None):
+    def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None, heads=True):
         """tokens [B,T] -> (logits [B,T,h,V], values) without targets; with targets [B,T,>=h] (-100 = none):
         (ce [B,T,h], values) without weigh, (loss, ce [B,T,h] detached, values) with it. h = n_heads, default H
         (a reference model or greedy decoding needs head 0 only); values [B,T] or None.
 
         weigh(values) -> (valid, weights) is called once, after the value head (its output detached, or None) and
         before any CE; loss = W.mtp_loss(ce, valid, weights). valid and weights (None = 1) are each a [B,T,h]
-        tensor or a function (k, ce_k) -> [B,T] of head k's detached CE [B,T] (see heads_loss)."""
-        h_count = n_heads or self.args.n_future_tokens
+        tensor or a function (k, ce_k) -> [B,T] of head k's detached CE [B,T] (see heads_loss).
+        heads=False: (None, values) from the trunk and head 0's block alone (the critic: no other head, no logits)."""
+        h_count = 1 if not heads else n_heads or self.args.n_future_tokens
         cos, sin = rope_angles(self.args.dim // self.args.n_heads, tokens.shape[1], self.args.rope_theta, tokens.device)
         h = self.tok_embeddings(tokens)
         for layer in self.layers[:-1]:
@@ -227,6 +228,8 @@ class MTPTransformer(nn.Module):
         states = [head(h, cos, sin) for head in [self.layers[-1], *self.extra_heads][:h_count]]
         # .float(): the value head is trained, so fp32, while a frozen trunk may be bf16 (model.dtype)
         vals = self.value_head(self.norm(states[0]).detach().float()).squeeze(-1) if values else None
+        if not heads:
+            return None, vals
         if targets is None:
             return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
         wants_grad = torch.is_grad_enabled() and (states[0].requires_grad or self.output.weight.requires_grad)
@@ -282,6 +285,41 @@ class MTPTransformer(nn.Module):
         logits = self.output(self.norm(state)).float()
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
         return ce.view_as(target)
+
+
+class ValueModel(nn.Module):
+    """A separate value model (critic.model copy or a model dir): V_t = head(features_t) on its own trunk, an
+    MTPTransformer read through head 0's block alone (its extra heads are dropped: a value needs one state per
+    position). features_t = the final-normed head-0 state; with `logprob` also the log-probability of the answer
+    token read at t under that trunk — a frozen copy of the starting policy — and the answer's running sum
+    (W.answer_logprob_features). head: Linear(d, 1), or "mlp": d -> d -> 1 with SiLU. forward -> (score, V) [B,T]
+    fp32: V = score (mse targets), or V = σ(score) when `squash` (bce, pairwise: the score is V's logit)."""
+
+    def __init__(self, trunk, head="linear", logprob=False, squash=False):
+        super().__init__()
+        trunk.extra_heads, trunk.value_head = nn.ModuleList(), None
+        self.trunk, self.logprob, self.squash, self.args = trunk, logprob, squash, trunk.args
+        d = trunk.args.dim + (2 if logprob else 0)
+        self.head = nn.Linear(d, 1) if head == "linear" else nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, 1))
+        last = self.head if head == "linear" else self.head[-1]
+        nn.init.zeros_(last.weight)  # V starts constant: a ranking the head did not learn (a random projection of
+        nn.init.zeros_(last.bias)    # log-probabilities that separate right from wrong) cannot show in val/auc
+
+    def forward(self, tokens, labels):
+        t = self.trunk
+        trains_trunk = torch.is_grad_enabled() and any(p.requires_grad for p in t.parameters())
+        with torch.set_grad_enabled(trains_trunk):  # a frozen trunk keeps no activations
+            cos, sin = rope_angles(t.args.dim // t.args.n_heads, tokens.shape[1], t.args.rope_theta, tokens.device)
+            h = t.tok_embeddings(tokens)
+            for layer in t.layers:
+                h = layer(h, cos, sin)
+            h = t.norm(h)
+            features = h.float()
+            if self.logprob:  # the one vocabulary projection: a feature, not a metric
+                lp = W.token_logprobs(t.output(h.detach()), tokens)
+                features = torch.cat([features, W.answer_logprob_features(lp, labels != -100)], dim=-1)
+        score = self.head(features).squeeze(-1)
+        return score, torch.sigmoid(score) if self.squash else score
 
 
 class KVCache:

@@ -87,6 +87,7 @@ class Meter:
 
 
 def transformer_blocks(model):
+    model = getattr(model, "trunk", model)  # a separate value model: its trunk's blocks
     return [*model.layers, *model.extra_heads]
 
 

@@ -8,8 +8,10 @@ import torch.distributed as dist
 import weights as W
 
 from checkpointing import load_checkpoint_into
+from config import UserError
+from data import collate
 from parallel import all_reduce
-from pretrained import DTYPES, cast_frozen, is_model_dir, load_reference
+from pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference
 
 
 def policy_ce(model, tokens, labels, H, values=False):
@@ -27,19 +29,42 @@ class Pipeline:
     """What every pipeline does unless it says otherwise: MTP on correct answers, loss = mtp_loss(ce, valid), from
     model.init_from, nothing frozen, no state of its own. Each pipeline below overrides what makes it different."""
     name = "baseline"
-    value_head = False
+    value_head = False  # a value head on the policy, when critic.model is policy (value_head_on_policy)
     decodes = True  # validation also decodes answers (val/accuracy) when the dataset has a checker
+    val_correct_ratio = 1.0  # the share of right answers among the validation examples
+    compare_start = "warm-up"  # where compare starts it (its table's "started from")
+    compare_variants = {}  # compare rows "<name>:<variant>": the overrides that make the variant
 
     def __init__(self, cfg, H):
         self.cfg, self.t, self.H = cfg, cfg.training, H
+
+    @classmethod
+    def value_head_on_policy(cls, cfg):
+        return cls.value_head and cfg.critic.model == "policy"
+
+    @classmethod
+    def start_from_init(cls, cfg):
+        """Whether the policy starts from model.init_from (verifiable with the value head on the policy: from the
+        critic's checkpoint)."""
+        return not (cls.name == "verifiable" and cls.value_head_on_policy(cfg))
+
+    @classmethod
+    def compare_inputs(cls, warm, dirs, train_critic):
+        """compare's overrides that start this pipeline: from the warm-up's checkpoint `warm`; `dirs` holds the
+        run directories of the pipelines of this seed so far, train_critic() trains a critic and gives its dir."""
+        return [f"model.init_from={warm}"]
 
     def start_from(self):
         """(checkpoint spec, the pipeline whose newest finished run `auto` names, the artifact of that run)."""
         return self.cfg.model.init_from, "baseline", "checkpoints/checkpoint_final.pt"
 
-    def attach(self, model, fetch, build_model, device):
+    def attach(self, model, fetch, build_model, device, tok=None):
         """Called once the starting weights are in `model`: freeze what this pipeline does not train, build what
-        it needs beside the model (`fetch(spec, pipeline, artifact)` gives a checkpoint file on this node)."""
+        it needs beside the model (`fetch(spec, pipeline, artifact)` gives a checkpoint file on this node).
+        Returns the module to train instead of the policy (the critic's separate value model), else None."""
+
+    def see_data(self, train_examples, val_records, encode):
+        """Called once with the data: check what this pipeline needs of it, keep what it measures on."""
 
     def loss(self, model, batch, meter, step):
         tokens, labels, _ = batch
@@ -80,73 +105,204 @@ class Baseline(Pipeline):
     """MTP on correct answers: loss = mtp_loss(ce, valid)."""
 
 
-def critic_targets(model, batch, H, t):
-    """(ce, valid, values, λ-return targets, value mask) for the critic's loss and its validation alike."""
+def prompt_ids(tokens, labels):
+    """[B] ids, equal for rows with the same prompt (the tokens before the first label)."""
+    starts = (labels != -100).float().argmax(dim=1).tolist()
+    seen = {}
+    return torch.tensor([seen.setdefault(tuple(row[:s]), len(seen)) for row, s in zip(tokens.tolist(), starts)],
+                        device=tokens.device)
+
+
+def critic_loss(kind, batch, score, values, t):
+    """(loss, λ-return targets, value mask) of critic.loss: mse of V against the λ-returns of R = is_correct
+    (Monte Carlo at γ = λ = 1), bce of σ(score) against them, or pairwise: Bradley–Terry on the end-of-answer
+    scores of right and wrong answers to the same prompt within the batch."""
     tokens, labels, rewards = batch
-    ce, valid, values = policy_ce(model, tokens, labels, H, values=True)
     targets, value_mask = W.value_targets(values, rewards, labels != -100, t.gamma, t.critic_lambda)
-    return ce, valid, values, targets, value_mask
+    if kind == "mse":
+        return W.value_loss(values, targets, value_mask), targets, value_mask
+    if kind == "bce":
+        return W.bce_value_loss(score, targets, value_mask), targets, value_mask
+    last = W.answer_state_index(value_mask, 1.0)
+    loss = W.pairwise_value_loss(score.gather(1, last[:, None])[:, 0], rewards, prompt_ids(tokens, labels))
+    return loss, targets, value_mask
+
+
+def shuffled_labels(rewards, seed):
+    """critic.shuffle_labels: is_correct permuted over all training examples (seeded: the same on every rank).
+    Over the data, not within each batch: length-grouped batches hold different shares of right answers, which a
+    within-batch shuffle keeps (a critic learned val/auc 0.74 from it in 100 steps)."""
+    g = torch.Generator().manual_seed(seed)
+    return rewards[torch.randperm(len(rewards), generator=g)]
 
 
 class Critic(Pipeline):
-    """The value head alone learns (trunk and LM heads frozen): loss = value_loss(V, λ-returns of R = is_correct).
-    Validation: val/loss (the value MSE), val/explained_variance and val/auc (do values rank right above wrong)."""
+    """A value function of is_correct, nothing else learns. critic.model policy: a linear head on the policy's frozen
+    head-0 state, loss = value_loss(V, λ-returns of R) (the trunk and head 0 alone run: no other head, no logits,
+    but on log steps for train/head_k_loss); copy or a model dir: a separate value model (ValueModel) with its own
+    trunk (frozen, LoRA or full), head (linear, mlp), features (hidden, +logprob) and loss (mse, bce, pairwise).
+    Validation: val/loss (the value MSE), val/explained_variance, val/auc (V at the end of the answer) and
+    val/auc_half (V after half of it): P(V of a right answer > V of a wrong one)."""
     name = "critic"
     value_head, decodes = True, False
+    val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
+    compare_start = "warm-up (value model)"
 
-    def attach(self, model, fetch, build_model, device):
+    def attach(self, model, fetch, build_model, device, tok=None):
         model.requires_grad_(False)
-        model.value_head.requires_grad_(True)
-        cast_frozen(model, DTYPES[self.cfg.model.dtype])
+        if self.value_head_on_policy(self.cfg):
+            model.value_head.requires_grad_(True)
+            cast_frozen(model, DTYPES[self.cfg.model.dtype])
+            return None
+        return build_value_model(self.cfg, model, tok)  # trained (and saved) instead of the policy
+
+    def see_data(self, train_examples, val_records, encode):
+        if self.cfg.critic.shuffle_labels:
+            rewards = shuffled_labels(torch.tensor([ex[2] for ex in train_examples]), self.cfg.data_sampling.seed)
+            train_examples[:] = [(ids, labels, r, record) for (ids, labels, _, record), r
+                                 in zip(train_examples, rewards.tolist())]
+        if self.cfg.critic.loss == "pairwise":
+            prompts = {}
+            for ids, labels, reward, _ in train_examples:
+                prompts.setdefault(tuple(ids[:labels.index(next(x for x in labels if x != -100))]), set()).add(reward)
+            if not any(len(r) == 2 for r in prompts.values()):
+                raise UserError(f"{self.cfg.dataset.train}: critic.loss pairwise needs right and wrong answers to the "
+                                "same prompt, and no prompt has both")
+
+    def values(self, model, batch):
+        """(score, V) [B,T] of the value model being trained."""
+        tokens, labels, _ = batch
+        if self.value_head_on_policy(self.cfg):
+            _, values = model(tokens, values=True, heads=False)
+            return values, values
+        return model(tokens, labels)
 
     def loss(self, model, batch, meter, step):
-        ce, valid, values, targets, value_mask = critic_targets(model, batch, self.H, self.t)  # CE for the metrics
-        loss = W.value_loss(values, targets, value_mask)
-        log_head_losses(meter, "train", ce.detach(), valid)
+        tokens, labels, rewards = batch
+        score, values = self.values(model, batch)
+        loss, _, value_mask = critic_loss(self.cfg.critic.loss, batch, score, values, self.t)
         meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())
+        if self.value_head_on_policy(self.cfg) and (step + 1) % self.t.log_interval == 0:
+            with torch.no_grad():  # the heads' CE only for the logged train/head_k_loss, 1 step in log_interval
+                ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+            log_head_losses(meter, "train", ce, valid)
         return loss
 
     def val_begin(self):
-        self.last_values, self.last_rewards = [], []
+        self.answers = {"end": [], "half": [], "rewards": []}
 
     def val_step(self, model, batch, meter):
-        ce, valid, values, targets, vmask = critic_targets(model, batch, self.H, self.t)
-        log_head_losses(meter, "val", ce, valid)
+        tokens, labels, rewards = batch
+        if self.value_head_on_policy(self.cfg):
+            ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+            log_head_losses(meter, "val", ce, valid)
+        _, values = self.values(model, batch)
+        targets, vmask = W.value_targets(values, rewards, labels != -100, self.t.gamma, self.t.critic_lambda)
         err = (targets - values) * vmask
         meter.add("val/loss", err.pow(2).sum(), vmask.sum())
         for name, x in (("ev/t", targets * vmask), ("ev/t2", targets.pow(2) * vmask), ("ev/e", err),
                         ("ev/e2", err.pow(2))):
             meter.add(name, x.sum(), vmask.sum())
-        # the value of the last state with a target: the whole answer seen, before its EOS
-        last = (vmask * torch.arange(vmask.shape[1], device=vmask.device)).argmax(1)
-        self.last_values += values.gather(1, last[:, None]).squeeze(1).tolist()
-        self.last_rewards += batch[2].tolist()
+        for key, fraction in (("end", 1.0), ("half", 0.5)):  # end: the whole answer read, before its EOS
+            self.answers[key] += values.gather(1, W.answer_state_index(vmask, fraction)[:, None])[:, 0].tolist()
+        self.answers["rewards"] += rewards.tolist()
 
     def val_end(self, out, world):
-        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUC over all ranks' answers."""
+        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUCs over all ranks' answers."""
         var_t = out.pop("ev/t2") - out.pop("ev/t") ** 2
         var_e = out.pop("ev/e2") - out.pop("ev/e") ** 2
         out["val/explained_variance"] = 1.0 - var_e / var_t if var_t > 1e-12 else 0.0
-        gathered = [(self.last_values, self.last_rewards)]
+        gathered = [self.answers]
         if world > 1:
             gathered = [None] * world
-            dist.all_gather_object(gathered, (self.last_values, self.last_rewards))
-        out["val/auc"] = auc([v for g in gathered for v in g[0]], [r for g in gathered for r in g[1]])
+            dist.all_gather_object(gathered, self.answers)
+        rewards = [r for g in gathered for r in g["rewards"]]
+        out["val/auc"] = auc([v for g in gathered for v in g["end"]], rewards)
+        out["val/auc_half"] = auc([v for g in gathered for v in g["half"]], rewards)
         return out
 
 
+def near_miss_pairs(examples, limit=128):
+    """[(right example, wrong example, j)] for prompts with both, j the position of the first token where the two
+    answers differ (the first wrong token), when it is not the wrong answer's last (EOS) token."""
+    by_prompt = {}
+    for ex in examples:
+        start = next(i for i, x in enumerate(ex[1]) if x != -100)
+        by_prompt.setdefault(tuple(ex[0][:start]), {})[ex[2] > 0.5] = ex
+    pairs = []
+    for both in by_prompt.values():
+        if len(both) == 2:
+            right, wrong = both[True], both[False]
+            j = next((i for i, (a, b) in enumerate(zip(right[0], wrong[0])) if a != b), None)
+            if j is not None and j < len(wrong[0]) - 1:
+                pairs.append((right, wrong, j))
+    return pairs[:limit]
+
+
 class Verifiable(Pipeline):
-    """w_tok = clamp(exp(whiten(GAE(δ))/β), w_min, w_max), whitening stats all-reduced then EMA-smoothed;
-    loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)) + value_coef · value_loss. Starts from the critic."""
+    """w_tok = clamp(exp(whiten(GAE(δ))/β), w_min, w_max), δ the TD errors of the critic's V, whitening stats
+    all-reduced then EMA-smoothed; loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)). critic.model policy: starts
+    from the critic's checkpoint, its value head trains on (+ value_coef · value_loss); a separate value model: the
+    policy starts from model.init_from and the value model is loaded frozen (eval) from critic.checkpoint, its loss
+    on the batch logged as a diagnostic. training.weight_control shuffled: w_tok permuted within each answer.
+    Validation adds val/token_credit: on held-out near-miss pairs, P(w of the right answer's token > w of the first
+    wrong token at the same position) at λ = 0 (val/weight_right, val/weight_first_wrong: the means)."""
     name = "verifiable"
     value_head = True
+    compare_start = "warm-up; critic on it"
+    compare_variants = {"shuffled": ["training.weight_control=shuffled"],  # no credit, the same weights
+                        "shuffled-critic": ["critic.shuffle_labels=true"]}  # a critic that learned no label
+
+    @classmethod
+    def compare_inputs(cls, warm, dirs, train_critic):
+        return [f"model.init_from={warm}", f"critic.checkpoint={train_critic() / 'checkpoint_best.pt'}"]
 
     def __init__(self, cfg, H):
         super().__init__(cfg, H)
         self.ema = self.ema_before = None  # running mean/var of the advantages
+        self.value_model, self.pairs = None, []
 
     def start_from(self):
+        if not self.value_head_on_policy(self.cfg):
+            return super().start_from()
         return self.cfg.critic.checkpoint, "critic", "checkpoints/checkpoint_best.pt"
+
+    def attach(self, model, fetch, build_model, device, tok=None):
+        if self.value_head_on_policy(self.cfg):
+            return None
+        self.value_model = build_value_model(self.cfg, model, tok)
+        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, "critic",
+                                                     "checkpoints/checkpoint_best.pt"))
+        self.value_model.requires_grad_(False).eval().to(device)
+        return None
+
+    def see_data(self, train_examples, val_records, encode):
+        self.pairs = near_miss_pairs(encode(val_records))
+
+    def frozen_values(self, model, tokens, labels):
+        """V [B,T] without gradient: the separate value model's, or the policy's value head."""
+        with torch.no_grad():
+            if self.value_model is not None:
+                return self.value_model(tokens, labels)[1].float()
+            return model(tokens, values=True, heads=False)[1]
+
+    def weights(self, values, rewards, mask, lam, step, update_ema):
+        """(td, w_tok) of values: GAE(λ) advantages, whitened by the all-reduced batch stats (then their EMA)."""
+        t = self.t
+        td = W.td_errors(values, rewards, mask, t.gamma)
+        adv = W.gae(td, mask, t.gamma, lam)
+        n, s, s2 = all_reduce(torch.stack([mask.sum().float(), (adv * mask).sum(), (adv.pow(2) * mask).sum()]))
+        mean = s / n.clamp(min=1)
+        var = (s2 / n.clamp(min=1) - mean.pow(2)).clamp(min=0)
+        if update_ema:
+            self.ema = W.ema_update(self.ema, mean, var, t.td_ema_momentum)
+        if self.ema is not None and step >= t.td_ema_warmup_steps:
+            mean, var = self.ema["mean"], self.ema["var"]
+        w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t.beta, t.weight_clip_min,
+                              t.weight_clip_max)
+        if t.weight_control == "shuffled":
+            w_tok = W.shuffled_within(w_tok, mask, torch.Generator(w_tok.device).manual_seed(t.seed * 7919 + step))
+        return td, w_tok
 
     def loss(self, model, batch, meter, step):
         t, H = self.t, self.H
@@ -154,23 +310,17 @@ class Verifiable(Pipeline):
         head_targets, mask = W.shift_targets(labels, H), labels != -100
         valid = head_targets != -100
         policy_valid = valid if t.policy_on_incorrect else valid & (rewards > 0)[:, None, None]
+        separate = self.value_model is not None
+        frozen = self.frozen_values(model, tokens, labels) if separate else None
         found = {}  # what weigh() computes, for the metrics
 
-        def weigh(values):  # the model calls it with the value head's output (detached), before any CE
-            td = W.td_errors(values, rewards, mask, t.gamma)
-            adv = W.gae(td, mask, t.gamma, t.td_lambda)
-            n, s, s2 = all_reduce(torch.stack([mask.sum().float(), (adv * mask).sum(), (adv.pow(2) * mask).sum()]))
-            mean = s / n.clamp(min=1)
-            var = (s2 / n.clamp(min=1) - mean.pow(2)).clamp(min=0)
-            self.ema = W.ema_update(self.ema, mean, var, t.td_ema_momentum)
-            if step >= t.td_ema_warmup_steps:
-                mean, var = self.ema["mean"], self.ema["var"]
-            w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t.beta, t.weight_clip_min,
-                                  t.weight_clip_max)
-            found.update(td=td, w_tok=w_tok)
-            return policy_valid, W.heads_from_tokens(w_tok, H)
+        def weigh(head_values):  # the model calls it with the value head's output (detached), before any CE
+            found["td"], found["w_tok"] = self.weights(frozen if separate else head_values, rewards, mask,
+                                                       t.td_lambda, step, update_ema=True)
+            return policy_valid, W.heads_from_tokens(found["w_tok"], H)
 
-        policy, ce, values = model(tokens, head_targets, values=True, weigh=weigh)
+        policy, ce, values = model(tokens, head_targets, values=not separate, weigh=weigh)
+        values = frozen if separate else values
         td, w_tok = found["td"], found["w_tok"]
         targets, value_mask = W.value_targets(values, rewards, mask, t.gamma, t.td_lambda)
         v_loss = W.value_loss(values, targets, value_mask)
@@ -182,7 +332,36 @@ class Verifiable(Pipeline):
         meter.add("train/weight_entropy", W.weight_entropy(w_tok, mask), 1)
         meter.extreme("train/weight_min", w_tok.masked_fill(~mask, float("inf")).min(), torch.minimum)
         meter.extreme("train/weight_max", w_tok.masked_fill(~mask, float("-inf")).max(), torch.maximum)
-        return policy + t.value_coef * v_loss
+        return policy if separate else policy + t.value_coef * v_loss
+
+    def val_step(self, model, batch, meter):
+        super().val_step(model, batch, meter)
+        self.val_model = model
+
+    def val_end(self, out, world):
+        out = super().val_end(out, world)
+        if self.pairs:
+            out.update(self.token_credit(self.val_model))
+        return out
+
+    def token_credit(self, model):
+        """val/token_credit and the mean weights of right-answer tokens and of first wrong tokens, at λ = 0 (the
+        label enters only the last token's δ, never a first wrong token's: near_miss_pairs leaves those out).
+        Every rank computes it on all pairs alike."""
+        device = next(model.parameters()).device
+        rights, wrongs, where = zip(*self.pairs)
+        w = {}
+        for side, examples in (("right", rights), ("wrong", wrongs)):
+            tokens, labels, rewards = collate(list(examples), 0, device)
+            mask = labels != -100
+            _, w[side] = self.weights(self.frozen_values(model, tokens, labels), rewards, mask, 0.0,
+                                      self.t.td_ema_warmup_steps, update_ema=False)
+            w[side + "_mask"] = mask
+        rows, cols = torch.arange(len(where), device=device), torch.tensor(where, device=device)
+        right_at, wrong_at = w["right"][rows, cols], w["wrong"][rows, cols]
+        return {"val/token_credit": W.token_credit(right_at, wrong_at).item(),
+                "val/weight_first_wrong": wrong_at.mean().item(),
+                "val/weight_right": (w["right"] * w["right_mask"]).sum().item() / w["right_mask"].sum().item()}
 
     def begin_step(self):
         self.ema_before = self.ema
@@ -206,8 +385,14 @@ class Rho1(Pipeline):
     """Keep, per head, the top k_percent tokens by excess loss ce_policy − ce_reference; average CE over them. The
     reference is a frozen next-token model: reference.path, the newest baseline, or a copy of the starting policy."""
     name, run_name = "rho1", "rho1-wmtp"
+    compare_start = "warm-up (ref: baseline)"
 
-    def attach(self, model, fetch, build_model, device):
+    @classmethod
+    def compare_inputs(cls, warm, dirs, train_critic):  # without a baseline of this seed: a frozen copy of the warm-up
+        reference = dirs["baseline"] / "checkpoint_final.pt" if "baseline" in dirs else ""
+        return [f"model.init_from={warm}", f"reference.path={reference}"]
+
+    def attach(self, model, fetch, build_model, device, tok=None):
         ref, dtype = self.cfg.reference.path, DTYPES[self.cfg.model.dtype]
         if is_model_dir(ref):  # a Meta or HF dir: its own architecture (a smaller model, say), one head
             self.reference = load_reference(ref, model.args.vocab_size, dtype)

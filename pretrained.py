@@ -3,6 +3,7 @@ Models in and out: tokenizers (bytes, sentencepiece, tokenizer.json), Meta dirs 
 and Hugging Face LLaMA dirs (config.json + safetensors) loaded into a model built on the meta device, tensor by
 tensor (no rank ever makes a random full-size model first), the micro model, and export back to either format.
 """
+import copy
 import dataclasses
 import json
 import logging
@@ -15,7 +16,7 @@ import s3ckpt
 import torch
 
 from config import config_from_dict, load_config, tracking_uri, UserError
-from model import LoRALinear, ModelArgs, MTPTransformer, apply_lora
+from model import LoRALinear, ModelArgs, MTPTransformer, ValueModel, apply_lora
 
 
 log = logging.getLogger("weighted_mtp")
@@ -342,6 +343,43 @@ def cast_frozen(model, dtype):
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(dtype)
+
+
+TOKENIZER_PROBE = "def f(x): return x * 2 + 1\n07+35 = 42, caf\u00e9"
+
+
+def tokenizer_mismatch(a, b):
+    """Why two tokenizers differ ('' when they agree): vocabulary size, BOS/EOS ids, the ids of a probe text."""
+    for what, x, y in (("vocabulary size", a.vocab_size, b.vocab_size), ("BOS/EOS", (a.bos_id, a.eos_id),
+                       (b.bos_id, b.eos_id)), ("ids of a probe text", a.encode(TOKENIZER_PROBE),
+                                                 b.encode(TOKENIZER_PROBE))):
+        if x != y:
+            return f"{what} {str(x)[:40]} != {str(y)[:40]}"
+    return ""
+
+
+def build_value_model(cfg, policy, tok):
+    """critic.model copy (a deep copy of `policy`, the starting policy) or a Meta/HF dir with the policy's tokenizer,
+    as a ValueModel: trunk frozen (in model.dtype), LoRA (critic.lora) or fully trained; head and loss per critic.*.
+    Its weights are the starting ones: a trained critic's are loaded over them (load_checkpoint_into)."""
+    c = cfg.critic
+    if c.model == "copy":
+        trunk = copy.deepcopy(policy)
+    else:
+        vtok, trunk = load_pretrained(c.model, n_future_tokens=1)
+        policy_tok = cfg.model.tokenizer or cfg.model.path or "the byte tokenizer"
+        if vtok is None:
+            raise UserError(f"critic.model: {c.model} has no tokenizer to compare with the policy's ({policy_tok})")
+        why = tokenizer_mismatch(tok, vtok)
+        if why:
+            raise UserError(f"critic.model: the tokenizer of {c.model} differs from the policy's ({policy_tok}): "
+                            f"{why}")
+    value_model = ValueModel(trunk, c.head, logprob=c.features == "hidden+logprob", squash=c.loss != "mse")
+    trunk.requires_grad_(c.trunk == "full")
+    if c.trunk == "lora":
+        apply_lora(trunk, c.lora.rank, c.lora.alpha)
+    cast_frozen(trunk, DTYPES[cfg.model.dtype])
+    return value_model
 
 
 def micro_args(cfg, vocab_size):

@@ -9,16 +9,16 @@ import tempfile
 import time
 
 from config import PIPELINES, UserError
+from pipelines import PIPELINE_TYPES
 from tracking import metric_name, newest_run
 
 
-COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"))
+COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "val/token_credit")
 
 
 PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
 
 
-STARTS = {"baseline": "warm-up", "verifiable": "critic (trunk = warm-up)", "rho1": "warm-up (ref: baseline)"}
 
 
 def report(uri, experiment):
@@ -68,7 +68,7 @@ def summarize_compare(client, parent, pipelines, runs):
     for p in pipelines:
         ids = [seed_runs[p] for seed_runs in runs]
         last = [client.get_run(run_id).data.metrics for run_id in ids]
-        summary[p] = {"runs": ids, "started_from": STARTS[p]}
+        summary[p] = {"runs": ids, "started_from": PIPELINE_TYPES[p.partition(":")[0]].compare_start}
         for m in COMPARED:
             values = [x[m] for x in last if m in x]
             if len(values) == len(ids):

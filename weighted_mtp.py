@@ -38,7 +38,7 @@ from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync,
                       setup_distributed, shard, transformer_blocks, wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import build_model, check_micro, export, load_pretrained, next_token_logits
-from report import STARTS, format_compare, report, summarize_compare
+from report import format_compare, report, summarize_compare
 from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
                       source_tags, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
@@ -79,20 +79,30 @@ class Setup:
     resume: dict = None  # the resumed checkpoint: step, position, best_val_loss, run_id, unsent_metrics
 
 
+def prepare_data(cfg, tok, pipeline):
+    """(train examples, validation examples, the answer checker, how many were truncated): sampled to their correct
+    ratios, rendered (with the model dir's chat template for dataset.template: chat) and encoded; the pipeline sees
+    them (the critic's validation looks for near-miss pairs)."""
+    s, ds, chat = cfg.data_sampling, cfg.dataset, chat_template(cfg.model.path)  # chat: None if the dir has none
+    train_records, checker = load_records(ds.train, "train")
+    val_records, _ = load_records(ds.validation, "validation")
+    encode = lambda records, source: encode_records(records, tok, ds.max_length, ds.on_overlong, source, ds.template,
+                                                    chat)
+    train_examples, n_truncated = encode(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed), ds.train)
+    encode_val = lambda records: encode(records, ds.validation)[0]
+    val_examples = encode_val(sample_records(val_records, s.val_samples, pipeline.val_correct_ratio, s.seed + 1))
+    pipeline.see_data(train_examples, val_records, encode_val)
+    return train_examples, val_examples, checker, n_truncated
+
+
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
-    t, s, ds, chat = cfg.training, cfg.data_sampling, cfg.dataset, chat_template(cfg.model.path)  # chat: None if none
-    master = rank == 0
-    tok, model = build_model(cfg, use_micro, value_head=PIPELINE_TYPES[cfg.experiment.pipeline].value_head)
-    pipeline = PIPELINE_TYPES[cfg.experiment.pipeline](cfg, model.args.n_future_tokens)
-    train_records, checker = load_records(ds.train, "train")
-    val_records, _ = load_records(ds.validation, "validation")
-    correct = 0.5 if pipeline.name == "critic" else 1.0  # the critic must see wrong answers to rank them
-    train_examples, n_truncated = encode_records(sample_records(train_records, s.n_samples, s.correct_ratio, s.seed),
-                                                 tok, ds.max_length, ds.on_overlong, ds.train, ds.template, chat)
-    val_examples, _ = encode_records(sample_records(val_records, s.val_samples, correct, s.seed + 1),
-                                     tok, ds.max_length, ds.on_overlong, ds.validation, ds.template, chat)
+    t, s = cfg.training, cfg.data_sampling
+    kind = PIPELINE_TYPES[cfg.experiment.pipeline]
+    tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg))
+    pipeline, master = kind(cfg, model.args.n_future_tokens), rank == 0
+    train_examples, val_examples, checker, n_truncated = prepare_data(cfg, tok, pipeline)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     run_name = cfg.mlflow.run_name or RUN_NAMES[pipeline.name]
@@ -112,8 +122,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     fsdp = t.parallel == "fsdp" and world > 1
     for block in transformer_blocks(model):
         block.checkpointed = t.activation_checkpointing
-    pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
-                    torch.device("cpu") if fsdp else device)  # sharded: on the device as shards only (shard())
+    model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
+                            torch.device("cpu") if fsdp else device, tok) or model  # sharded: shards only (shard())
     resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir()
                               else load_checkpoint_into(model, resume_path))  # a full file: weights before sharding
     if fsdp:
@@ -125,7 +135,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     batches_per_epoch = len(epoch_order(len(train_examples), 0, s.seed, rank, world)) // t.batch_size
     if batches_per_epoch < t.gradient_accumulation_steps:
-        raise UserError(f"{ds.train}: {len(train_examples)} examples make fewer than one step of "
+        raise UserError(f"{cfg.dataset.train}: {len(train_examples)} examples make fewer than one step of "
                         f"{t.gradient_accumulation_steps} x {t.batch_size} x {world} processes")
     total_steps = t.max_steps or t.n_epochs * batches_per_epoch // t.gradient_accumulation_steps
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, params, optimizer, train_examples, val_examples,
@@ -366,23 +376,30 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
 
 
 def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
-    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each policy pipeline for
-    the same steps and evaluate (eval/pass@k on its run). Verifiable starts from a critic trained on the warm-up's
-    frozen trunk; rho1's reference is this seed's baseline (the warm-up trained on, as Rho-1's reference, correct
-    answers only). -> {pipeline: run id}."""
+    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each row of `pipelines`
+    ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the same steps, and
+    evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's critic is trained
+    on the warm-up (once per variant), rho1's reference is this seed's baseline. -> {row: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
     warm = train_child(WARMUP_CONFIG, [*o, f"training.max_steps={warmup_steps}"], parent_id, "random init",
                        "warmup")[2] / "checkpoint_final.pt"
     runs, dirs = {}, {}
-    for p in pipelines:
-        start = [f"model.init_from={warm}"]
-        if p == "verifiable":
-            critic = train_child(local_config("critic"), [*o, f"model.init_from={warm}"], parent_id, "warm-up")[2]
-            start = [f"critic.checkpoint={critic / 'checkpoint_best.pt'}"]
-        if p == "rho1":  # without a baseline of this seed: a frozen copy of the warm-up
-            start.append(f"reference.path={dirs['baseline'] / 'checkpoint_final.pt' if 'baseline' in dirs else ''}")
-        cfg, runs[p], dirs[p] = train_child(local_config(p), [*o, *start], parent_id, STARTS[p])
-        evaluate(cfg, use_micro=True, checkpoint=str(dirs[p] / "checkpoint_final.pt"))
+    for row in pipelines:
+        p, _, variant = row.partition(":")
+        kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
+
+        def train_critic():  # the critic this row's variant asks for, trained once; a row of its own
+            critic_row = f"critic:{variant}" if variant else "critic"
+            if critic_row not in runs:
+                _, runs[critic_row], dirs[critic_row] = train_child(
+                    local_config("critic"), [*o, *extra, f"model.init_from={warm}"], parent_id, "warm-up",
+                    f"critic-pretrain-{variant}" if variant else "")
+            return dirs[critic_row]
+
+        start = kind.compare_inputs(warm, dirs, train_critic)
+        cfg, runs[row], dirs[row] = train_child(local_config(p), [*o, *extra, *start], parent_id, kind.compare_start,
+                                                f"{RUN_NAMES[p]}-{variant}" if variant else "")
+        evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
     return runs
 
 
@@ -392,7 +409,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
     interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). Returns the
     summary."""
     from mlflow import MlflowClient
-    cfgs = {p: load_config(local_config(p), overrides) for p in pipelines}
+    cfgs = {p: load_config(local_config(p.partition(":")[0]), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
     warmup_steps = warmup_steps or load_config(WARMUP_CONFIG, overrides).training.max_steps
     if len(set(steps.values())) != 1 or not warmup_steps > 0:
@@ -407,7 +424,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
     status = "FAILED"
     try:
         runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
-        summary = summarize_compare(client, parent, pipelines, runs)
+        summary = summarize_compare(client, parent, list(runs[0]), runs)  # the rows, with the critics they trained
         print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
         print(f"\nparent run {parent} (experiment '{cfg.mlflow.experiment}'): ./run.sh ui", flush=True)
         status = "FINISHED"
@@ -431,8 +448,10 @@ def main(argv=None):
             return report(uri, args.experiment) if args.command == "report" else print(ui_url(uri, args.experiment))
         if args.command == "compare":
             pipelines = tuple(args.pipelines.split(","))
-            if args.seeds < 1 or not set(pipelines) <= set(POLICY_PIPELINES):
-                raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(POLICY_PIPELINES)}")
+            rows = [*POLICY_PIPELINES,
+                    *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
+            if args.seeds < 1 or not set(pipelines) <= set(rows):
+                raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(rows)}")
             compare(args.seeds, args.warmup_steps, args.override, pipelines)
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []

@@ -288,3 +288,82 @@ def weight_sparsity(w, valid):
         valid = valid.bool()
         zeros = ((w.detach() == 0) & valid).sum().to(torch.float32)
         return zeros / valid.sum().clamp(min=1).to(torch.float32)
+
+
+# -----------------------------------------------------------------------------
+# value models (the critic's losses and features) and the checks that its weights carry credit
+
+
+def bce_value_loss(logits, targets, value_mask):
+    """
+    Masked binary cross-entropy of V = σ(logits) against targets in [0, 1]:
+    mean over value states of −t·log σ(z) − (1 − t)·log(1 − σ(z)). 0 when the mask is empty.
+    """
+    m = value_mask.bool()
+    ce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    return (ce * m).sum() / m.sum().clamp(min=1)
+
+
+def pairwise_value_loss(scores, rewards, groups):
+    """
+    Bradley–Terry on right/wrong answers to the same prompt: mean over the pairs (i, j) with groups[i] == groups[j],
+    rewards[i] > 0.5 >= rewards[j] of −log σ(scores[i] − scores[j]). scores, rewards, groups [B]; 0 without a pair.
+    """
+    right, wrong = rewards > 0.5, rewards <= 0.5
+    pairs = (groups[:, None] == groups[None, :]) & right[:, None] & wrong[None, :]
+    margin = scores[:, None] - scores[None, :]
+    return (F.softplus(-margin) * pairs).sum() / pairs.sum().clamp(min=1)
+
+
+def token_logprobs(logits, tokens):
+    """
+    out[b, t] = log softmax(logits[b, t−1])[tokens[b, t]]: the log-probability of the token at t given those
+    before it; 0 at t = 0. logits [B, T, V], tokens [B, T] -> [B, T] float32.
+    """
+    lp = torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None].long())[..., 0]
+    return F.pad(lp, (1, 0))
+
+
+def answer_logprob_features(logprobs, response_mask):
+    """
+    The state at position t has read the tokens up to t: features[b, t] = (lp_t, Σ_{j <= t} lp_j) over response
+    tokens j (lp = token_logprobs of a frozen policy; 0 for prompt and padding). [B, T] -> [B, T, 2].
+    """
+    lp = logprobs * response_mask.bool()
+    return torch.stack([lp, lp.cumsum(dim=-1)], dim=-1)
+
+
+def answer_state_index(value_mask, fraction):
+    """
+    Index [B] of the value state that has read floor(fraction·(n − 1)) answer tokens, n the row's value states
+    (the states before each response token: the first has read none, the last all but the final one, its EOS).
+    fraction 1 -> the last value state; 0.5 -> the state after half the answer.
+    """
+    m = value_mask.bool()
+    first = m.float().argmax(dim=1)
+    n = m.sum(dim=1)
+    return first + torch.floor(fraction * (n - 1).clamp(min=0).float()).long()
+
+
+def shuffled_within(w_tok, mask, generator=None):
+    """
+    The weights permuted at random within each row's mask (the same values, moved to other tokens of the same
+    answer): a control with the weights' distribution and none of their credit. Off the mask, unchanged.
+    """
+    m = w_tok.new_zeros(w_tok.shape, dtype=torch.bool) | mask.bool()
+    B, T = m.shape
+    keys = torch.rand(B, T, generator=generator, device=w_tok.device)
+    keys = torch.where(m, keys, 2.0 + torch.arange(T, device=w_tok.device) / T)  # off-mask: in place, after
+    in_order = (~m).float().argsort(dim=1, stable=True)  # the mask's positions first, in order
+    at_random = keys.argsort(dim=1)  # the mask's positions first, shuffled
+    return w_tok.scatter(1, in_order, w_tok.gather(1, at_random))
+
+
+def token_credit(w_right, w_wrong):
+    """
+    P(w_right > w_wrong) over paired entries [N] (ties count ½): the right answer's token against the first wrong
+    token at the same position. 0.5 = no credit; nan without a pair.
+    """
+    if w_right.numel() == 0:
+        return torch.tensor(float("nan"))
+    return ((w_right > w_wrong).float() + 0.5 * (w_right == w_wrong).float()).mean()

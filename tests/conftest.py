@@ -7,11 +7,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
+# The value head on the policy (critic.model policy, as the production configs): the local configs' separate value
+# model is tested in test_value_model.py.
+POLICY_CRITIC = ["critic.model=policy", "critic.head=linear", "critic.features=hidden"]
 # Small enough that a pipeline runs in seconds, big enough that every code path is exercised (H=3 heads, GQA).
 TINY = ["model.micro.dim=32", "model.micro.n_trunk_layers=1", "model.micro.n_heads=2", "model.micro.n_kv_heads=1",
         "model.n_future_tokens=3", "data_sampling.n_samples=64", "data_sampling.val_samples=8",
         "training.batch_size=4", "training.max_steps=4", "training.log_interval=2", "training.eval_interval=2",
-        "training.warmup_steps=1", "checkpoint.save_every=2"]
+        "training.warmup_steps=1", "checkpoint.save_every=2", *POLICY_CRITIC]
 
 
 @pytest.fixture

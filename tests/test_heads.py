@@ -84,7 +84,7 @@ def loss_and_grads(pipe, model, data, memory_efficient, autocast=contextlib.null
     meter = Meter(torch.device("cpu"))
     wrapped = wrap(model)  # held until backward: a DDP object that is gone takes its gradient hooks along
     with autocast():
-        loss = pipe.loss(wrapped, data, meter, 0)
+        loss = pipe.loss(wrapped, data, meter, 1)  # step 1: a logged step (TINY: log_interval 2)
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     return loss.detach(), grads, meter.reduce()

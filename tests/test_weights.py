@@ -477,3 +477,75 @@ def test_policy_loss_does_not_reach_values():
     loss.backward()
     assert values.grad is None
     assert ce.grad is not None and ce.grad.abs().sum() > 0
+
+
+# -----------------------------------------------------------------------------
+# value models: losses, features, the credit checks
+
+
+def test_bce_value_loss():
+    # z = 0 -> σ = ½: −log ½ = ln 2 whatever the target; z = ln 3 -> σ = ¾: target 1 gives −ln ¾, target 0 −ln ¼
+    logits = t([[0.0, math.log(3), math.log(3), 9.0]])
+    targets = t([[1.0, 1.0, 0.0, 1.0]])
+    mask = t([[T_, T_, T_, F_]], torch.bool)  # the last state masked out
+    expected = (math.log(2) - math.log(0.75) - math.log(0.25)) / 3
+    assert_close(W.bce_value_loss(logits, targets, mask), t(expected))
+
+
+def test_pairwise_value_loss():
+    # prompt 0: right (score 2) vs wrong (score 0): −log σ(2); prompt 1: right 0 vs wrong 0: ln 2;
+    # prompt 2 has only a right answer: no pair. softplus(−2) = log(1 + e^−2).
+    scores, rewards, groups = t([2.0, 0.0, 0.0, 0.0, 5.0]), t([1.0, 0.0, 1.0, 0.0, 1.0]), t([0, 0, 1, 1, 2])
+    expected = (math.log(1 + math.exp(-2)) + math.log(2)) / 2
+    assert_close(W.pairwise_value_loss(scores, rewards, groups), t(expected))
+    assert W.pairwise_value_loss(scores[:1], rewards[:1], groups[:1]).item() == 0.0  # no pair: 0, not nan
+
+
+def test_pairwise_value_loss_gradient_pushes_right_up():
+    scores = t([0.0, 0.0]).requires_grad_(True)
+    W.pairwise_value_loss(scores, t([1.0, 0.0]), t([7, 7])).backward()
+    # d/ds_r −log σ(s_r − s_w) = −(1 − σ(0)) = −½; the wrong answer's gradient +½
+    assert_close(scores.grad, t([-0.5, 0.5]))
+
+
+def test_token_logprobs():
+    # uniform logits over 4 ids: every token ln ¼; position 0 has no context: 0
+    lp = W.token_logprobs(torch.zeros(1, 3, 4), t([[1, 2, 3]], torch.long))
+    assert_close(lp, t([[0.0, math.log(0.25), math.log(0.25)]]))
+    # logits favouring id 2 at position 0: log softmax([0, 0, ln 2, 0])[2] = ln(2 / 5)
+    logits = torch.zeros(1, 2, 4)
+    logits[0, 0, 2] = math.log(2)
+    assert_close(W.token_logprobs(logits, t([[0, 2]], torch.long))[0, 1], t(math.log(0.4)))
+
+
+def test_answer_logprob_features():
+    lp = t([[-9.0, -1.0, -2.0, -0.5, -7.0]])  # prompt at 0, answer at 1..3, padding at 4
+    mask = t([[F_, T_, T_, T_, F_]], torch.bool)
+    expected = t([[[0.0, 0.0], [-1.0, -1.0], [-2.0, -3.0], [-0.5, -3.5], [0.0, -3.5]]])
+    assert_close(W.answer_logprob_features(lp, mask), expected)
+
+
+def test_answer_state_index():
+    # row 0: value states 2..5 (n = 4): fraction 1 -> 2 + 3 = 5, ½ -> 2 + floor(1.5) = 3; row 1: states 1, 2
+    vmask = t([[0, 0, 1, 1, 1, 1, 0], [0, 1, 1, 0, 0, 0, 0]], torch.bool)
+    assert W.answer_state_index(vmask, 1.0).tolist() == [5, 2]
+    assert W.answer_state_index(vmask, 0.5).tolist() == [3, 1]
+
+
+def test_shuffled_within_keeps_each_rows_values_and_moves_them():
+    w = t([[0.0, 1.0, 2.0, 3.0, 4.0, 0.0], [5.0, 6.0, 7.0, 0.0, 0.0, 0.0]])
+    mask = w > 0
+    moved = 0
+    for seed in range(20):
+        out = W.shuffled_within(w, mask, torch.Generator().manual_seed(seed))
+        for b in range(2):  # the same multiset on the mask, the same values off it
+            assert sorted(out[b][mask[b]].tolist()) == sorted(w[b][mask[b]].tolist())
+            assert out[b][~mask[b]].tolist() == w[b][~mask[b]].tolist()
+        moved += not torch.equal(out, w)
+    assert moved >= 18  # 4!·3! orderings: the identity about once in 144
+
+
+def test_token_credit():
+    # 1 > 0.5 wins, 0.2 < 0.5 loses, a tie counts ½: (1 + 0 + ½) / 3
+    assert_close(W.token_credit(t([1.0, 0.2, 0.7]), t([0.5, 0.5, 0.7])), t(0.5))
+    assert math.isnan(W.token_credit(t([]), t([])).item())
