@@ -135,8 +135,9 @@ def load_state(model, state, source, partial=False):
     model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
 
 
-def meta_device_model(args, value_head=False, memory_efficient_loss=True):
-    """The architecture without storage: shapes to check against, and a model for load_state to fill."""
+def empty_model(args, value_head=False, memory_efficient_loss=True):
+    """The architecture without storage (on torch's meta device): shapes to check against, and a model for
+    load_state to fill."""
     with torch.device("meta"):
         return MTPTransformer(args, value_head, memory_efficient_loss)
 
@@ -162,7 +163,7 @@ def read_meta_dir(model_dir, dtype):
     in `dtype` (so the model never holds pages of a file that may be replaced)."""
     args = model_args_from_meta(model_dir)
     path, state = read_consolidated(model_dir)
-    load_state(meta_device_model(args), state, f"{path} (vs params.json)")  # shapes only: nothing is allocated
+    load_state(empty_model(args), state, f"{path} (vs params.json)")  # shapes only: nothing is allocated
     return args, {k: v.to(dtype, copy=True) for k, v in state.items()}
 
 
@@ -256,7 +257,7 @@ def read_hf_dir(model_dir, dtype):
     if missing or unexpected:
         what = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else ""]
         raise UserError(f"{model_dir}: tensors do not match config.json ({'; '.join(w for w in what if w)})")
-    expected, state = meta_device_model(args).state_dict(), {}
+    expected, state = empty_model(args).state_dict(), {}
     for path in sorted(set(files[n] for n in names)):
         try:
             f = safe_open(str(path), framework="pt", device="cpu")
@@ -310,7 +311,7 @@ def load_pretrained(path, n_future_tokens=None, dtype=torch.float32, value_head=
     args, state = with_heads(args, state, n_future_tokens or args.n_future_tokens, d)
     if tok is not None and tok.vocab_size > args.vocab_size:
         raise UserError(f"{d}: its tokenizer has {tok.vocab_size} tokens, the model only {args.vocab_size}")
-    model = meta_device_model(args, value_head, memory_efficient_loss)
+    model = empty_model(args, value_head, memory_efficient_loss)
     load_state(model, state, str(d))
     if value_head:
         model.value_head.to_empty(device="cpu")
@@ -410,14 +411,14 @@ def build_model(cfg, use_micro, value_head):
         tok = ByteTokenizer()
         model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg.memory_efficient_loss)
     else:
-        tok, model = load_meta_model(mcfg, value_head, frozen if lora else torch.float32)
+        tok, model = load_model_dir(mcfg, value_head, frozen if lora else torch.float32)
     if lora:
         apply_lora(model, mcfg.lora.rank, mcfg.lora.alpha)
         cast_frozen(model, frozen)
     return tok, model
 
 
-def load_meta_model(mcfg, value_head, dtype=torch.float32):
+def load_model_dir(mcfg, value_head, dtype=torch.float32):
     """model.path, a Meta or Hugging Face dir, with its tokenizer (model.tokenizer, else the dir's own)."""
     tok, model = load_pretrained(mcfg.path, mcfg.n_future_tokens, dtype, value_head,
                                  mcfg.memory_efficient_loss, mcfg.tokenizer)
@@ -494,7 +495,7 @@ def policy_from_checkpoint(state, cfg, use_micro, source):
     args = ModelArgs(**state["model_args"])
     weights = {k: v for k, v in state["model"].items() if not k.startswith("value_head.")}
     if not state.get("model_partial"):
-        model = meta_device_model(args)
+        model = empty_model(args)
         load_state(model, weights, source)
         return model
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="float32"))

@@ -154,6 +154,36 @@ class MetricLogger:
         return not self.thread.is_alive()
 
 
+def create_run(client, exp_id, cfg, run_name):
+    """A new run of the config: its tags (the pipeline tag, what `auto` searches by, from experiment.pipeline alone
+    whatever mlflow.tags say; the git commit), every param and config.yaml, secrets left out. Returns its id."""
+    tags = {**{str(k): str(v) for k, v in redacted(cfg.mlflow.tags).items()}, "pipeline": cfg.experiment.pipeline}
+    if cfg.experiment.description:
+        tags["mlflow.note.content"] = cfg.experiment.description
+    run_id = client.create_run(exp_id, run_name=run_name, tags={**tags, **source_tags()}).info.run_id
+    log_params(client, run_id, flatten(cfg.to_dict()))
+    client.log_text(run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")
+    return run_id
+
+
+def open_run_log(path):
+    """training.log: everything the trainer logs, and the metric lines (logger weighted_mtp.record), which go to
+    this file only (the console shows the progress display)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    record = logging.getLogger("weighted_mtp.record")
+    record.propagate, record.level = False, logging.INFO
+    record.addHandler(handler)
+    return handler
+
+
+def close_run_log(handler):
+    handler.close()
+    log.removeHandler(handler)
+    logging.getLogger("weighted_mtp.record").removeHandler(handler)
+
+
 class Tracking:
     """Rank 0's MLflow run, from its start (or resumption) to its end status, as one context manager: the experiment
     (created if needed), params, tags and config.yaml, metrics sent off the training thread, MLflow's system
@@ -172,12 +202,7 @@ class Tracking:
         self.run_id = self.run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.run_dir = self.run_dir_root / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file_log = logging.FileHandler(self.run_dir / "training.log")
-        self.file_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(self.file_log)
-        record = logging.getLogger("weighted_mtp.record")  # the metrics lines: training.log, not the console
-        record.propagate, record.level = False, logging.INFO
-        record.addHandler(self.file_log)
+        self.file_log = open_run_log(self.run_dir / "training.log")
         if self.client:
             self.metrics = MetricLogger(self.client, self.run_id, logged_through=logged_through)
             self.metrics.replay(self.unsent_metrics)
@@ -198,14 +223,7 @@ class Tracking:
             self.client.update_run(self.run_id, status="RUNNING")
             history = self.client.get_metric_history(self.run_id, "train/loss")
             return max((m.step for m in history), default=0)
-        # the pipeline tag (what `auto` searches by) comes from experiment.pipeline alone, whatever mlflow.tags say
-        tags = {**{str(k): str(v) for k, v in redacted(cfg.mlflow.tags).items()}, "pipeline": cfg.experiment.pipeline}
-        if cfg.experiment.description:
-            tags["mlflow.note.content"] = cfg.experiment.description
-        tags.update(source_tags())
-        self.run_id = self.client.create_run(exp_id, run_name=self.run_name, tags=tags).info.run_id
-        log_params(self.client, self.run_id, flatten(cfg.to_dict()))
-        self.client.log_text(self.run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")
+        self.run_id = create_run(self.client, exp_id, cfg, self.run_name)
         return 0
 
     def _start_system_metrics(self):
@@ -233,30 +251,16 @@ class Tracking:
         self._finish(status, resume_from)
 
     def _finish(self, status, resume_from):
-        """Drain metrics and uploads (bounded: the preemption grace period when preempted), upload training.log
-        through the same retrying uploader, tag what stayed only local, end the run."""
-        client, run_id, uploader = self.client, self.run_id, self.uploader
+        """Drain metrics and uploads (bounded: the preemption grace period when preempted), tag what stayed only
+        local, end the run."""
+        client, run_id = self.client, self.run_id
         timeout = self.cfg.checkpoint.preempt_grace_s if status == "KILLED" else self.cfg.checkpoint.upload_timeout_s
         if client and resume_from:  # first, in case the grace period ends with a SIGKILL
             uri = f"runs:/{run_id}/checkpoints/{Path(resume_from).name}"
             client.set_tag(run_id, "resume_from", f"{uri} ({resume_from})")
             client.set_terminated(run_id, status)
         try:
-            if self.metrics and not self.metrics.close(timeout=timeout):
-                log.error("some metrics could not be sent to the tracking server")
-            local_only = []
-            if uploader:
-                log.info(f"waiting up to {timeout}s for checkpoint uploads")
-                local_only = [p for p in uploader.wait(timeout) if Path(p).exists()]  # pruned ones are not wanted
-                if local_only:
-                    log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
-            self.file_log.close()
-            log.removeHandler(self.file_log)
-            logging.getLogger("weighted_mtp.record").removeHandler(self.file_log)
-            if uploader:
-                uploader.upload_to_s3_async(self.run_dir / "training.log", artifact_path="logs")
-                local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
-                uploader.close()
+            local_only = self._drain(timeout)
             if client:
                 if local_only:
                     client.set_tag(run_id, "checkpoints_local_only", ", ".join(local_only))
@@ -264,6 +268,24 @@ class Tracking:
         finally:
             if client:
                 client.set_terminated(run_id, status)
+
+    def _drain(self, timeout):
+        """Metrics sent, checkpoints uploaded, then training.log (closed first) through the same retrying uploader;
+        returns the files that stayed only local (pruned ones are not wanted)."""
+        if self.metrics and not self.metrics.close(timeout=timeout):
+            log.error("some metrics could not be sent to the tracking server")
+        uploader, local_only = self.uploader, []
+        if uploader:
+            log.info(f"waiting up to {timeout}s for checkpoint uploads")
+            local_only = [p for p in uploader.wait(timeout) if Path(p).exists()]
+            if local_only:
+                log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
+        close_run_log(self.file_log)
+        if uploader:
+            uploader.upload_to_s3_async(self.run_dir / "training.log", artifact_path="logs")
+            local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
+            uploader.close()
+        return local_only
 
 
 def closing_summary(tracking, steps, seconds, best_val):
