@@ -59,11 +59,13 @@ QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=3, steps=3, block=4, 
 
 def setup(pipeline="baseline", H=4, dim=256, vocab=0, device=CPU, micro=()):
     """The trainer as train() prepares it (wm.prepare, no run): (setup, model, optimizer, params, meter). Nothing to
-    start from: verifiable starts from fresh weights, rho1's reference is a frozen copy of the starting policy."""
+    start from: verifiable starts from fresh weights with its value head on the policy (the production configs'
+    critic.model), rho1's reference is a frozen copy of the starting policy."""
     cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
                          [f"experiment.pipeline={pipeline}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
                           f"model.micro.vocab_size={vocab}", "critic.checkpoint=", "reference.path=",
-                          "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false", *micro])
+                          "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
+                          *POLICY_CRITIC, *micro])
     s = wm.prepare(cfg, use_micro=True, device=device)
     return s, s.model, s.optimizer, s.params, Meter(device)
 

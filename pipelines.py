@@ -270,6 +270,9 @@ class Verifiable(Pipeline):
     def attach(self, model, fetch, build_model, device, tok=None):
         if self.value_head_on_policy(self.cfg):
             return None
+        if not self.cfg.critic.checkpoint:
+            raise UserError(f"critic.checkpoint: verifiable with critic.model={self.cfg.critic.model} takes its value "
+                            "model from a trained critic: a path, s3://, runs:/ or auto")
         self.value_model = build_value_model(self.cfg, model, tok)
         load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, "critic",
                                                      "checkpoints/checkpoint_best.pt"))

@@ -66,6 +66,14 @@ def test_pairwise_without_pairs_is_one_line_error(tmp_path):
         wm.prepare(cfg, use_micro=True)
 
 
+def test_a_separate_value_model_without_a_critic_checkpoint_is_one_line_error(tmp_path):
+    cfg = tiny_config("verifiable", tmp_path, *SEPARATE, "critic.checkpoint=")
+    with pytest.raises(UserError) as e:
+        wm.prepare(cfg, use_micro=True)
+    assert str(e.value) == ("critic.checkpoint: verifiable with critic.model=copy takes its value model from a "
+                            "trained critic: a path, s3://, runs:/ or auto")
+
+
 def test_shuffled_labels_permute_the_training_labels(tmp_path):
     rewards = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0])
     moved = [shuffled_labels(rewards, seed) for seed in range(10)]
