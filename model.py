@@ -270,6 +270,22 @@ class MTPTransformer(nn.Module):
         return ce.view_as(target)
 
 
+def init_parts(args, value_head=False):
+    """(name, module) of MTPTransformer's parts, each built when asked for, in its constructor's order: the order
+    their random init draws from the RNG. A model built on the meta device gets the same weights from these a part
+    (at most a block) at a time (pretrained.initial_weights)."""
+    H = args.n_future_tokens
+    yield "tok_embeddings", nn.Embedding(args.vocab_size, args.dim)
+    for i in range(args.n_layers - H + 1):
+        yield f"layers.{i}", Block(args)
+    for j in range(H - 1):
+        yield f"extra_heads.{j}", Block(args)
+    yield "norm", RMSNorm(args.dim, args.norm_eps)
+    yield "output", nn.Linear(args.dim, args.vocab_size, bias=False)
+    if value_head:
+        yield "value_head", nn.Linear(args.dim, 1)
+
+
 class KVCache:
     """Generation's memory for the trunk and head 0: per block, keys and values [B, length, n_kv_heads, head_dim],
     slot s holding position s of its row; and the RoPE angles of positions 0..length-1."""
@@ -282,6 +298,11 @@ class KVCache:
         self.cos, self.sin = rope_angles(shape[-1], length, a.rope_theta, device)
 
 
+def lora_a_init(rank, in_features, device=None):
+    """LoRA's A: N(0, 1/in_features) entries, drawn from the global RNG."""
+    return torch.randn(rank, in_features, device=device) / math.sqrt(in_features)
+
+
 class LoRALinear(nn.Module):
     """y = x Wᵀ + (α/r)·(x Aᵀ) Bᵀ with W frozen; B starts at 0, so training starts from the base layer.
 
@@ -291,8 +312,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        a = torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
-        self.lora_a = nn.Parameter(a)
+        self.lora_a = nn.Parameter(lora_a_init(rank, base.in_features, base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         self.scale = alpha / rank
 

@@ -103,18 +103,19 @@ def _write_sidecar(path, digest):
         _atomic_write(Path(f"{path}.sha256"), lambda f: f.write(f"{digest}\n".encode()))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Loads a checkpoint; when <path>.sha256 exists the bytes must match it. Raises CheckpointError otherwise."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Loads a checkpoint; when <path>.sha256 exists the bytes must match it. Raises CheckpointError otherwise.
+    mmap: tensors stay in the file, read when touched (a rank that keeps its own rows of each reads only those)."""
     path = Path(path)
     expected = _read_text(f"{path}.sha256")
     if path.is_file() and expected is not None and _sha256(path) != expected:
         raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
     try:
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             # weights_only refused a type (e.g. a numpy RNG state): these are our own files, so unpickle them fully
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
 
