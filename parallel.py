@@ -136,6 +136,8 @@ def fill_shards(model, groups, source):
                 local, rows = local_rows(p, full)
                 local.copy_(rows)
                 filled.add(name)
+            group.clear()  # before the next group is made or read: one alive at a time
+            full = rows = None
     return filled
 
 

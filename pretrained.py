@@ -475,7 +475,9 @@ def initial_weights(cfg, use_micro, model):
     torch.manual_seed(cfg.training.seed)
     if use_micro or not mcfg.path:
         for prefix, part in init_parts(model.args, value_head):
-            yield {f"{prefix}.{k}": v for k, v in part.state_dict().items()}
+            group = {f"{prefix}.{k}": v for k, v in part.state_dict().items()}
+            del part  # the next part is drawn once this one is gone (fill_shards drops its own references too)
+            yield group
     else:
         yield from pretrained_weights(mcfg.path, mcfg.n_future_tokens)
         if value_head:
