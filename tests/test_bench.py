@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT
 
 FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "ckpt_stall", "upload_step", "log_overhead", "gen_kv_cache",
-           "sandbox_throughput", "fsdp_step", "fsdp_memory"]
+           "sandbox_throughput", "fsdp_step", "fsdp_memory", "fsdp_setup_memory"]
 
 
 def test_bench_quick_reports_every_figure(tmp_path):
