@@ -121,3 +121,77 @@ def test_fsdp_loads_and_resumes_a_half_gigabyte_model_in_a_fraction_of_it_per_ra
     assert sorted(ddp) == sorted(uninterrupted["model"])
     for key, value in ddp.items():  # tolerance as tests/test_fsdp.py argues it: fp32 reduction order only
         torch.testing.assert_close(uninterrupted["model"][key], value, atol=1e-5, rtol=0, msg=key)
+
+
+# -----------------------------------------------------------------------------
+# Meta and Hugging Face dirs under FSDP: each rank fills its rows from the files; the same weights DDP loads whole
+
+LOAD_WORKER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import weighted_mtp as wm
+from config import load_config
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+mode, out = sys.argv[1], {out!r}
+world = 2 if mode == "fsdp" else 1
+if world > 1:
+    dist.init_process_group("gloo")
+full = lambda m: get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \\
+    if world > 1 else {{k: v.detach() for k, v in m.state_dict().items()}}
+for case, (config, overrides) in {cases!r}.items():
+    cfg = load_config(config, overrides + ["training.parallel=" + mode])
+    s = wm.prepare(cfg, False, dist.get_rank() if world > 1 else 0, world, torch.device("cpu"))
+    state = {{"model": full(s.model), "reference": full(s.pipeline.reference) if hasattr(s.pipeline, "reference")
+             else {{}}, "dtypes": sorted({{str(p.dtype) for p in s.model.parameters()}})}}
+    if world == 1 or dist.get_rank() == 0:
+        torch.save(state, f"{{out}}/{{mode}}-{{case}}.pt")
+if world > 1:
+    dist.destroy_process_group()
+"""
+
+
+def pretrained_dirs(tmp_path):
+    """A 1-head (next-token) model written as a Meta dir and as a Hugging Face dir, each with a tokenizer.json."""
+    from model import ModelArgs, MTPTransformer
+    from pretrained import save_hf, save_meta
+    from test_hf import write_tokenizer
+    torch.manual_seed(3)
+    model = MTPTransformer(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=260, multiple_of=32))
+    for name, save in (("meta", save_meta), ("hf", save_hf)):
+        save(model, tmp_path / name)
+        write_tokenizer(tmp_path / name)
+    return tmp_path / "meta", tmp_path / "hf"
+
+
+def test_fsdp_fills_its_rows_from_meta_and_hf_dirs_as_ddp_loads_them_whole(tmp_path):
+    meta, hf = pretrained_dirs(tmp_path)
+    common = ["mlflow.enable_logging=false", "checkpoint.resume=never", "model.init_from=", "model.n_future_tokens=3",
+              "data_sampling.n_samples=16", "data_sampling.val_samples=4", "training.batch_size=2",
+              f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    config = lambda p: str(ROOT / "configs" / p / f"{p}_local.yaml")
+    cases = {  # re-headed 1 -> 3 (heads 1, 2 copy head 0's block); LoRA's adapters drawn as DDP draws them
+        "meta-lora": (config("baseline"), common + [f"model.path={meta}", "model.lora.rank=2"]),
+        "hf-value-head": (config("verifiable"), common + [f"model.path={hf}", "critic.checkpoint="]),
+        "rho1-meta-reference": (config("rho1"), common + [f"model.path={hf}", f"reference.path={meta}",
+                                                          "model.dtype=bfloat16"]),
+    }
+    script = tmp_path / "load.py"
+    script.write_text(LOAD_WORKER.format(root=str(ROOT), out=str(tmp_path), cases=cases))
+    env = environment(f"sqlite:///{tmp_path}/unused.db")
+    for launcher in (TORCHRUN4[:-1] + ["--nproc_per_node=2"], [sys.executable]):
+        mode = "fsdp" if len(launcher) > 1 else "ddp"
+        r = subprocess.run(launcher + [str(script), mode], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    for case in cases:
+        fsdp, ddp = (torch.load(tmp_path / f"{mode}-{case}.pt", weights_only=False) for mode in ("fsdp", "ddp"))
+        assert fsdp["dtypes"] == ddp["dtypes"]
+        for part in ("model", "reference"):
+            assert sorted(fsdp[part]) == sorted(ddp[part]), (case, part)
+            for key, value in ddp[part].items():
+                assert fsdp[part][key].dtype == value.dtype and torch.equal(fsdp[part][key], value), (case, key)
+        if case == "meta-lora":  # the copies: head 1's and 2's blocks start as head 0's (layers.2)
+            w = ddp["model"]["layers.2.attention.wq.weight"]
+            assert torch.equal(ddp["model"]["extra_heads.1.attention.wq.weight"], w)
+        if case == "rho1-meta-reference":
+            assert ddp["reference"]["layers.2.attention.wq.weight"].dtype == torch.bfloat16
