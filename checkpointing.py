@@ -102,11 +102,17 @@ def checkpoint_weights(model, path, state=None):
 
 
 def read_trainer_state(directory):
-    """A sharded checkpoint's trainer.pt: everything but the model and optimizer shards (step, data position, ...)."""
+    """A sharded checkpoint's trainer.pt: everything but the model and optimizer shards (step, data position, ...),
+    once every shard file it lists is there with the size and sha256 it lists."""
     try:
-        return s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
+        state = s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
     except s3ckpt.CheckpointError as e:
         raise UserError(f"{directory}: incomplete sharded checkpoint ({e})")
+    try:  # its shard files as they were written (older checkpoints list none)
+        s3ckpt.verify_shards(directory, state.get("shards", {}))
+    except s3ckpt.CheckpointError as e:
+        raise UserError(str(e))
+    return state
 
 
 def find_resume(cfg, run_name, root, cache_dir):

@@ -120,6 +120,24 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
 
 
+def shard_manifest(directory):
+    """{file: [bytes, sha256]} of a sharded checkpoint directory's shard files (all but trainer.pt*): what
+    verify_shards checks before a resume reads any of them."""
+    return {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(Path(directory).iterdir())
+            if f.is_file() and not f.name.startswith("trainer.pt")}
+
+
+def verify_shards(directory, manifest):
+    """Raises CheckpointError naming the first shard file of `manifest` that is missing, of another size, or whose
+    bytes do not hash to the manifest's: never a partial or corrupted load."""
+    for name, (size, digest) in manifest.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (its checkpoint's trainer.pt lists it)")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
+
+
 def checkpoint_step(name):
     """'checkpoint_step_120.pt' (or any path / S3 key ending so) -> 120, also for a sharded checkpoint's directory
     'checkpoint_step_120' (or 'checkpoint_step_120/'); None for every other name."""
@@ -233,7 +251,7 @@ class CheckpointWriter:
 
     def _write_dir(self, written, state, path):
         written.result()
-        save_checkpoint(state, path / "trainer.pt")
+        save_checkpoint({**state, "shards": shard_manifest(path)}, path / "trainer.pt")
         self._upload_and_prune(path)
 
     def _upload_and_prune(self, path):
