@@ -415,10 +415,13 @@ def fsdp_figures(S, tmp):
     FSDP in separate torchrun jobs; a deeper model (16 blocks, dim 2·S.dim) at batch 1 x 64, where weights,
     gradients and AdamW state dominate as in a full fine-tune of a 7B model. The data and the Python heap count on
     both sides. (peak_memory()'s profiler count misses FSDP2's frees of gathered weights: it resizes storages.)
+    fsdp_setup_memory: per-rank peak RSS over prepare() under FSDP (the model built on the meta device, sharded,
+    each rank filling its own rows) ÷ the whole model's fp32 bytes, 4 processes, dim 1024, 16 blocks (--quick: dim
+    512, 8 blocks); the torch.distributed modules are imported before the baseline, the data counts.
     The processes run this file (--fsdp-worker); figures are rank 0's."""
-    def launch(kind):
+    def launch(kind, nproc=2):
         out = Path(tmp) / f"fsdp-{kind}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", __file__,
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
                "--fsdp-worker", f"{kind}:{out}", "--threads", "1"] + (["--quick"] if S.quick else [])
         # glibc: every allocation of 64 KiB or more its own mapping, returned at free: RSS follows the live tensors
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
@@ -429,9 +432,12 @@ def fsdp_figures(S, tmp):
         return json.loads(out.read_text())
     times = launch("times")
     peaks = {parallel: [launch(parallel) for _ in range(2)] for parallel in ("ddp", "fsdp")}
+    setup = [launch("setup", nproc=4) for _ in range(2)]
     return {"fsdp_step": summary(times, 1.3, processes=2),
             "fsdp_memory": summary([f / d for d, f in zip(peaks["ddp"], peaks["fsdp"])], 0.6, batch="1 x 64",
-                                   blocks=16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()})}
+                                   blocks=16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()}),
+            "fsdp_setup_memory": summary([peak / model for peak, model in setup], 0.5, processes=4,
+                                         model_mib=setup[0][1] / 2**20, peak_mib=setup[0][0] / 2**20)}
 
 
 def parallel_trainer(S, rank, world, parallel, *micro):
@@ -450,8 +456,9 @@ def rss_kib(field):
 
 
 def fsdp_worker(S, job):
-    """One of fsdp_figures' two processes. times: DDP and FSDP steps alternating in lockstep -> the ratios;
-    ddp or fsdp: the rise of peak RSS over preparing that trainer and 3 steps -> bytes."""
+    """One of fsdp_figures' processes. times: DDP and FSDP steps alternating in lockstep -> the ratios;
+    ddp or fsdp: the rise of peak RSS over preparing that trainer and 3 steps -> bytes; setup: (the rise of peak
+    RSS over preparing a deeper FSDP trainer, its model's bytes)."""
     import torch.distributed as dist
     kind, out = job.split(":", 1)
     dist.init_process_group("gloo")
@@ -460,6 +467,14 @@ def fsdp_worker(S, job):
         batch = make_batch(S.batch, S.seq)
         ddp, fsdp = (parallel_trainer(S, rank, world, p) for p in ("ddp", "fsdp"))
         result = compare(trainer_step(ddp, batch), trainer_step(fsdp, batch), S)
+    elif kind == "setup":  # (peak RSS rise over prepare(), the whole model's fp32 bytes)
+        import torch.distributed.checkpoint.state_dict, torch.distributed.fsdp, torch.distributed.tensor  # noqa
+        big = SimpleNamespace(dim=512 if S.quick else 1024)
+        before = rss_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        s = parallel_trainer(big, rank, world, "fsdp", f"model.micro.n_trunk_layers={4 if S.quick else 12}",
+                             "model.micro.n_heads=8", "model.micro.n_kv_heads=8", "model.micro.multiple_of=256")[0]
+        result = ((rss_kib("VmHWM") - before) * 1024, 4 * sum(p.numel() for p in s.model.parameters()))
     else:
         small, before = make_batch(1, 64), rss_kib("VmRSS")
         trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")

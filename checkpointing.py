@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from config import RUN_NAMES, tracking_uri, UserError
 from parallel import broadcast, full_state, is_sharded, save_sharded
-from pretrained import load_state
+from pretrained import check_state, load_state, release_pages
 from tracking import Preempted, finished, newest_run
 def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
     """A checkpoint path, s3:// or runs:/ URI, or `auto` (the newest finished run of a pipeline) -> (local file,
@@ -77,12 +77,40 @@ def load_checkpoint_into(model, path):
     return state
 
 
-def read_trainer_state(directory):
-    """A sharded checkpoint's trainer.pt: everything but the model and optimizer shards (step, data position, ...)."""
+def read_checkpoint(path):
+    """A full checkpoint memory-mapped: its tensors are read only where touched (a rank its own rows)."""
     try:
-        return s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
+        return s3ckpt.load_checkpoint(path, mmap=True)
+    except s3ckpt.CheckpointError as e:
+        raise UserError(str(e))
+
+
+def checkpoint_weights(model, path, state=None):
+    """(path, groups) for parallel.fill_shards: a full checkpoint's model weights (`state`, else read from path,
+    memory-mapped), checked against `model` (on the meta device), one tensor a group, whose pages leave this
+    process once its rows are copied."""
+    state = state or read_checkpoint(path)
+    check_state(model, state["model"], path, partial=state.get("model_partial", False))
+
+    def groups():
+        for name, tensor in state["model"].items():
+            yield {name: tensor}
+            release_pages(tensor)
+    return str(path), groups()
+
+
+def read_trainer_state(directory):
+    """A sharded checkpoint's trainer.pt: everything but the model and optimizer shards (step, data position, ...),
+    once every shard file it lists is there with the size and sha256 it lists."""
+    try:
+        state = s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
     except s3ckpt.CheckpointError as e:
         raise UserError(f"{directory}: incomplete sharded checkpoint ({e})")
+    try:  # its shard files as they were written (older checkpoints list none)
+        s3ckpt.verify_shards(directory, state.get("shards", {}))
+    except s3ckpt.CheckpointError as e:
+        raise UserError(str(e))
+    return state
 
 
 def find_resume(cfg, run_name, root, cache_dir):

@@ -21,7 +21,8 @@ PLAN_ROWS = {"parameters": "trainable parameters (fp32 masters)", "gradients": "
              "value": "separate value model (frozen)",
              "gathered": "FSDP gathered blocks + their grads", "copies": "bf16 autocast weight copies",
              "activations": "activations saved for backward", "logits": "loss logits (one head at a time)",
-             "peak": "peak"}
+             "peak": "peak", "validation": "validation: gathered weights + KV cache",
+             "setup": "setup: host RAM per rank while loading"}
 
 
 def model_shape(path, n_future_tokens):
@@ -73,7 +74,7 @@ def block_activations(args, lora_rank, trains_norms, act_bytes):
 
 def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1, frozen_dtype="float32",
                 batch_size=1, seq_len=2048, activation_checkpointing=False, memory_efficient_loss=True,
-                grad_accum=1, reference=None, device="cuda", value=None):
+                grad_accum=1, reference=None, device="cuda", value=None, eval_batch_size=16, eval_length=2048 + 256):
     """Estimated bytes per GPU, {row: bytes} (rows: PLAN_ROWS), for a policy of shape `args` (L blocks, H heads, V).
 
     Weights: a trained one costs 4 (fp32 master) + 4 (gradient) + 8 (AdamW's two fp32 moments) bytes, and under DDP
@@ -92,7 +93,8 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     its log-softmax (H·N·V·4). A forward-only loss (critic) holds logits and log-softmax, 2·N·V·4.
     Peak = weights + moments + buckets + the larger of: the start of backward (activations + logits + copies +
     gathered, + gradients when accumulating) and its end (gradients + one block's activations + gathered).
-    value: the shape of a separate value model held frozen beside the policy (verifiable), in frozen_dtype."""
+    value: the shape of a separate value model held frozen beside the policy (verifiable), in frozen_dtype.
+    Validation and setup are phases of their own (validation_and_setup); setup is the host's memory."""
     cuda, fsdp, ddp = device == "cuda", parallel == "fsdp", parallel == "ddp" and world > 1
     d, V, L, H, N = args.dim, args.vocab_size, args.n_layers, args.n_future_tokens, batch_size * seq_len
     shard, act_bytes = (world if fsdp else 1), (2 if cuda else 4)
@@ -123,6 +125,8 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     end = rows["gradients"] + s * trains_blocks + rows["gathered"]
     static = sum(rows[k] for k in ("parameters", "optimizer", "frozen", "reference", "buckets", "value"))
     rows["peak"] = static + max(start, end)
+    decodes = eval_batch_size * eval_length * (pipeline != "critic")  # the critic's validation decodes nothing
+    rows.update(validation_and_setup(args, rows, static, trainable + frozen, fsdp, act_bytes, decodes, N))
     return {k: int(v) for k, v in rows.items()}
 
 
@@ -133,6 +137,24 @@ def value_model_shape(spec, policy_args):
         return dataclasses.replace(policy_args, n_layers=policy_args.n_layers - policy_args.n_future_tokens + 1,
                                    n_future_tokens=1)
     return model_shape(spec, 1) if Path(spec).is_dir() else None
+
+
+def validation_and_setup(args, rows, static, weights, fsdp, act_bytes, decoded_tokens, N):
+    """The two phases beside training. Validation: the static rows (gradients are freed by then) + under FSDP the
+    whole policy gathered in the compute dtype (parallel.gathered) + the KV cache of the decoded tokens
+    (eval.batch_size sequences of dataset.max_length + eval.max_new_tokens), 2 (k, v) · act_bytes · n_kv_heads ·
+    head_dim per token and block of trunk + head 0, + the loss forward's fp32 logits and log-softmax of one head,
+    2·N·V·4.
+    Setup (host RAM per rank while loading): DDP builds the whole policy and reference on the host (trained
+    weights fp32, frozen ones in model.dtype); FSDP builds them on the meta device and holds on the host only the
+    part being drawn or read and the one before it, each at most a block or the embedding, in fp32."""
+    p_block, kv, _ = block_shape(args)
+    d, V, L, H = args.dim, args.vocab_size, args.n_layers, args.n_future_tokens
+    kv_cache = 2 * act_bytes * kv * (L - H + 1) * decoded_tokens
+    validation = static + act_bytes * weights * fsdp + kv_cache + 2 * N * V * 4
+    held = sum(rows[k] for k in ("parameters", "frozen", "reference", "value"))
+    setup = 2 * 4 * max(p_block, V * d) if fsdp else held
+    return {"validation": validation, "setup": setup}
 
 
 def plan_settings(cfg):
@@ -171,7 +193,8 @@ def config_plans(cfg, world, use_micro):
     reference = model_shape(ref, 1) if pipeline == "rho1" and is_local_path(ref) and Path(ref).is_dir() else None
     kw = dict(pipeline=pipeline, lora_rank=m.lora.rank, parallel=parallel, world=world, frozen_dtype=frozen_dtype,
               batch_size=t.batch_size, seq_len=cfg.dataset.max_length, memory_efficient_loss=m.memory_efficient_loss,
-              grad_accum=t.gradient_accumulation_steps, reference=reference)
+              grad_accum=t.gradient_accumulation_steps, reference=reference, eval_batch_size=cfg.eval.batch_size,
+              eval_length=cfg.dataset.max_length + cfg.eval.max_new_tokens)
     if PIPELINE_TYPES[pipeline].value_head and cfg.critic.model != "policy":
         value = value_model_shape(cfg.critic.model, args)
         if value is None:
@@ -206,8 +229,8 @@ def dry_run_report(cfg, world, world_from, use_micro, gpu_gb):
         for key, label in PLAN_ROWS.items():
             if plans[False][key] or plans[True][key]:
                 lines.append(f"  {label:<42}{plans[False][key] / scale:>18.2f}{plans[True][key] / scale:>8.2f}")
-        if gpu_gb:
-            fits = {ac: p["peak"] <= 0.9 * gpu_gb * 2**30 for ac, p in plans.items()}
+        if gpu_gb:  # the larger GPU phase: training's peak or validation
+            fits = {ac: max(p["peak"], p["validation"]) <= 0.9 * gpu_gb * 2**30 for ac, p in plans.items()}
             verdict, on_off = {True: "fits", False: "does NOT fit"}, {True: "on", False: "off"}
             lines.append(f"--gpu-memory-gb {gpu_gb:g}: {verdict[fits[checkpointing]]} as configured (activation "
                          f"checkpointing {on_off[checkpointing]}); with it {on_off[not checkpointing]}: "

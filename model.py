@@ -287,6 +287,23 @@ class MTPTransformer(nn.Module):
         return ce.view_as(target)
 
 
+def init_parts(args, value_head=False):
+    """(name, module) of MTPTransformer's parts, each built when asked for, in its constructor's order: the order
+    their random init draws from the RNG. A model built on the meta device gets the same weights from these a part
+    (at most a block) at a time (pretrained.initial_weights)."""
+    H = args.n_future_tokens
+    yield "tok_embeddings", nn.Embedding(args.vocab_size, args.dim)
+    for i in range(args.n_layers - H + 1):
+        yield f"layers.{i}", Block(args)
+    for j in range(H - 1):
+        yield f"extra_heads.{j}", Block(args)
+    yield "norm", RMSNorm(args.dim, args.norm_eps)
+    yield "output", nn.Linear(args.dim, args.vocab_size, bias=False)
+    if value_head:
+        yield "value_head", nn.Linear(args.dim, 1)
+
+
+
 class ValueModel(nn.Module):
     """A separate value model (critic.model copy or a model dir): V_t = head(features_t) on its own trunk, an
     MTPTransformer read through head 0's block alone (its extra heads are dropped: a value needs one state per
@@ -383,6 +400,11 @@ class StackedHeads:
         return h + mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
 
 
+def lora_a_init(rank, in_features, device=None):
+    """LoRA's A: N(0, 1/in_features) entries, drawn from the global RNG."""
+    return torch.randn(rank, in_features, device=device) / math.sqrt(in_features)
+
+
 class LoRALinear(nn.Module):
     """y = x Wᵀ + (α/r)·(x Aᵀ) Bᵀ with W frozen; B starts at 0, so training starts from the base layer.
 
@@ -392,8 +414,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        a = torch.randn(rank, base.in_features, device=base.weight.device) / math.sqrt(base.in_features)
-        self.lora_a = nn.Parameter(a)
+        self.lora_a = nn.Parameter(lora_a_init(rank, base.in_features, base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
         self.scale = alpha / rank
 

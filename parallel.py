@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from config import UserError
 from model import LoRALinear
+from pretrained import release_pages
 
 
 def setup_distributed(timeout_s):
@@ -105,6 +106,57 @@ def shard(model, device, world):
     return fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def shard_rows(rows, rank, world):
+    """[start, stop) of rank's dim-0 shard of `rows` rows as FSDP2 cuts them (torch.chunk): ceil(rows / world)
+    each, the last ranks' possibly fewer or none."""
+    size = -(-rows // world)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
+
+
+def local_rows(p, full):
+    """(p's local tensor, the rows of `full` it holds): a sharded parameter's own rows, else all of them."""
+    if not hasattr(p, "to_local"):
+        return p, full
+    start, stop = shard_rows(full.shape[0], p.device_mesh.get_local_rank(), p.device_mesh.size())
+    return p.to_local(), full[start:stop]
+
+
+def fill_shards(model, groups, source):
+    """Copies this rank's rows of each full tensor of `groups` (dicts {name: tensor}) into the model's parameters,
+    cast to theirs: each rank reads only its own rows of a memory-mapped file, so the file is read once per node in
+    all and whole by no rank. -> the names filled; a name the model lacks or another shape is a UserError."""
+    params, filled = dict(model.named_parameters()), set()
+    with torch.no_grad():
+        for group in groups:
+            for name, full in group.items():
+                p = params.get(name)
+                if p is None or tuple(p.shape) != tuple(full.shape):
+                    raise UserError(f"{source}: {name} {tuple(full.shape)} does not fit the model "
+                                    f"({'no such parameter' if p is None else tuple(p.shape)})")
+                local, rows = local_rows(p, full)
+                local.copy_(rows)
+                filled.add(name)
+            group.clear()  # before the next group is made or read: one alive at a time
+            full = rows = None
+    return filled
+
+
+def shard_from_meta(model, device, world, sources):
+    """A model built on the meta device, sharded (shard()), its shards alone allocated on `device`, then filled from
+    `sources` [(what, groups)] in order (a later source overwrites an earlier one's tensors: a checkpoint over the
+    initial weights). No rank ever holds a whole model: what it holds beyond its shards is one group (≤ a block)."""
+    shard(model, device, world)
+    model.to_empty(device=device)
+    filled = set()
+    for what, groups in sources:
+        filled |= fill_shards(model, groups, what)
+    missing = [n for n, _ in model.named_parameters() if n not in filled]
+    if missing:
+        raise UserError(f"{sources[-1][0]}: no weights for {missing[:3]}")
+    return model
+
+
 def is_sharded(model):
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
@@ -164,6 +216,27 @@ def load_optimizer(model, optimizer, state):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
     set_optimizer_state_dict(model, optimizer, by_name(state, trainable_names(model)),
                              options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_rows(model, optimizer, state):
+    """A full checkpoint's AdamW state (keyed by parameter index, memory-mapped: checkpointing.read_checkpoint) into
+    a sharded model's optimizer: of each moment only this rank's rows are read (then its pages released), into a
+    tensor sharded as its parameter; steps and the groups' hyperparameters as saved."""
+    params = [p for p in model.parameters() if p.requires_grad]  # trainable_names' order
+    for group, saved in zip(optimizer.param_groups, state["param_groups"]):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+    with torch.no_grad():
+        for index, saved in state["state"].items():
+            p, entry = params[index], {}
+            for key, value in saved.items():
+                if key == "step" or not hasattr(p, "to_local"):
+                    entry[key] = value.detach().clone().to(p.device)
+                    continue
+                entry[key] = torch.empty_like(p)
+                local, rows = local_rows(entry[key], value)
+                local.copy_(rows)
+                release_pages(value)
+            optimizer.state[p] = entry
 
 
 def sharded_state(model, optimizer):

@@ -396,16 +396,22 @@ class Rho1(Pipeline):
         return [f"model.init_from={warm}", f"reference.path={reference}"]
 
     def attach(self, model, fetch, build_model, device, tok=None):
-        ref, dtype = self.cfg.reference.path, DTYPES[self.cfg.model.dtype]
+        """On the meta device (FSDP) the reference gets its shape only; `reference_start` (a model dir, a checkpoint
+        file, or None for the starting policy) says what weighted_mtp.shard_from_start fills it with."""
+        ref, dtype, meta = self.cfg.reference.path, DTYPES[self.cfg.model.dtype], model.output.weight.is_meta
+        self.reference_start = None
         if is_model_dir(ref):  # a Meta or HF dir: its own architecture (a smaller model, say), one head
-            self.reference = load_reference(ref, model.args.vocab_size, dtype)
+            self.reference = load_reference(ref, model.args.vocab_size, dtype, meta)
+            self.reference_start = ref
         else:
             self.reference = build_model()  # the policy's architecture, LoRA included
             if ref:
-                load_checkpoint_into(self.reference, fetch(ref, "baseline", "checkpoints/checkpoint_final.pt"))
-            else:  # also when resuming: the frozen copy is the *starting* policy
+                self.reference_start = fetch(ref, "baseline", "checkpoints/checkpoint_final.pt")
+                if not meta:
+                    load_checkpoint_into(self.reference, self.reference_start)
+            elif not meta:  # also when resuming: the frozen copy is the *starting* policy
                 self.reference.load_state_dict(model.state_dict())
-        self.reference.requires_grad_(False).eval().to(device, dtype)
+        self.reference.requires_grad_(False).eval().to(None if meta else device, dtype)
 
     def loss(self, model, batch, meter, step):
         H, ratio = self.H, self.t.k_percent

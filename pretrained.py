@@ -3,7 +3,9 @@ Models in and out: tokenizers (bytes, sentencepiece, tokenizer.json), Meta dirs 
 and Hugging Face LLaMA dirs (config.json + safetensors) loaded into a model built on the meta device, tensor by
 tensor (no rank ever makes a random full-size model first), the micro model, and export back to either format.
 """
+import contextlib
 import copy
+import ctypes
 import dataclasses
 import json
 import logging
@@ -16,7 +18,7 @@ import s3ckpt
 import torch
 
 from config import config_from_dict, load_config, tracking_uri, UserError
-from model import LoRALinear, ModelArgs, MTPTransformer, ValueModel, apply_lora
+from model import LoRALinear, ModelArgs, MTPTransformer, ValueModel, apply_lora, init_parts, lora_a_init
 
 
 log = logging.getLogger("weighted_mtp")
@@ -121,6 +123,13 @@ def load_state(model, state, source, partial=False):
     Meta files, freshly initialised then) — and any key when `partial` (a LoRA run saves only what it trains);
     a mismatch is a UserError naming the source and the keys. A model on the meta device takes the tensors
     themselves (assign), in their dtype; a materialised one copies them into its own."""
+    check_state(model, state, source, partial)
+    model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
+
+
+def check_state(model, state, source, partial=False):
+    """load_state's checks alone (names and shapes; nothing is read): a model sharded on the meta device is
+    filled from checked checkpoints rows by rows (parallel.fill_shards)."""
     own = model.state_dict()
     optional = lambda k: partial or k.startswith("value_head.") or ".lora_" in k
     unexpected = [k for k in state if k not in own]
@@ -132,7 +141,6 @@ def load_state(model, state, source, partial=False):
                     f"shape {shapes[:2]}" if shapes else ""]
         raise UserError(f"{source}: does not match the model ({'; '.join(p for p in problems if p)}) "
                         "— another model size?")
-    model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
 
 
 def empty_model(args, value_head=False, memory_efficient_loss=True):
@@ -245,11 +253,20 @@ def hf_weight_files(model_dir):
 
 
 def read_hf_dir(model_dir, dtype):
-    """(args, state in Meta names) of a Hugging Face LLaMA dir. Names and shapes are checked against config.json
-    before any tensor is read; then the memory-mapped files give one tensor at a time, cast to dtype, q/k rows
-    put back in Meta's RoPE order; a tied lm_head becomes a copy of the embedding."""
-    from safetensors import safe_open
+    """(args, state in Meta names) of a Hugging Face LLaMA dir (hf_tensors); a tied lm_head becomes a copy of the
+    embedding."""
     args, tied = model_args_from_hf(model_dir)
+    state = dict(hf_tensors(model_dir, args, tied, dtype))
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
+    return args, state
+
+
+def hf_tensors(model_dir, args, tied, dtype=None):
+    """(Meta name, tensor) of a Hugging Face LLaMA dir, one at a time. Names and shapes are checked against
+    config.json before any tensor is read; then the memory-mapped files give each tensor, cast to dtype (None: as
+    stored), q/k rows put back in Meta's RoPE order."""
+    from safetensors import safe_open
     names, files = hf_key_map(args.n_layers, tied), hf_weight_files(model_dir)
     ignored = {n for n in files if n.endswith("rotary_emb.inv_freq") or (tied and n == "lm_head.weight")}
     missing = [n for n in names if n not in files]
@@ -257,7 +274,7 @@ def read_hf_dir(model_dir, dtype):
     if missing or unexpected:
         what = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else ""]
         raise UserError(f"{model_dir}: tensors do not match config.json ({'; '.join(w for w in what if w)})")
-    expected, state = empty_model(args).state_dict(), {}
+    expected = empty_model(args).state_dict()
     for path in sorted(set(files[n] for n in names)):
         try:
             f = safe_open(str(path), framework="pt", device="cpu")
@@ -270,13 +287,11 @@ def read_hf_dir(model_dir, dtype):
             shape = tuple(f.get_slice(name).get_shape())
             if shape != tuple(expected[meta].shape):
                 raise UserError(f"{path}: {name} has shape {shape}, config.json implies {tuple(expected[meta].shape)}")
-            w = f.get_tensor(name).to(dtype)
+            w = f.get_tensor(name)
+            w = w.to(dtype) if dtype else w
             if meta.endswith(("wq.weight", "wk.weight")):
                 w = rotary_to_meta(w, args.n_heads if meta.endswith("wq.weight") else args.n_kv_heads)
-            state[meta] = w
-    if tied:
-        state["output.weight"] = state["tok_embeddings.weight"].clone()
-    return args, state
+            yield meta, w
 
 
 def with_heads(args, state, H, source):
@@ -323,9 +338,13 @@ def is_model_dir(path):
     return bool(path) and ((Path(path) / "params.json").exists() or (Path(path) / "config.json").exists())
 
 
-def load_reference(path, vocab_size, dtype):
-    """rho1's reference from a Meta or HF dir: its own architecture and size, one head, frozen weights in dtype."""
-    _, reference = load_pretrained(path, n_future_tokens=1, dtype=dtype)
+def load_reference(path, vocab_size, dtype, meta=False):
+    """rho1's reference from a Meta or HF dir: its own architecture and size, one head, frozen weights in dtype
+    (meta: its shape alone, on the meta device; pretrained_weights(path, 1) fills it)."""
+    if meta:
+        reference = empty_model(pretrained_args(path, 1)).to(dtype)
+    else:
+        _, reference = load_pretrained(path, n_future_tokens=1, dtype=dtype)
     if reference.args.vocab_size != vocab_size:
         raise UserError(f"reference.path: {path} has a vocabulary of {reference.args.vocab_size}, the policy "
                         f"{vocab_size}: the reference must share the policy's tokenizer")
@@ -399,33 +418,117 @@ def check_micro(cfg, use_micro):
                         f"micro model; drop --local/--use-micro-model to train that model, or drop the setting")
 
 
-def build_model(cfg, use_micro, value_head):
+def build_model(cfg, use_micro, value_head, meta=False):
     """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or model.path (a Meta
     or HF dir, re-headed to model.n_future_tokens), with LoRA adapters when model.lora.rank > 0 — built before any
-    checkpoint loads into it. Under LoRA the frozen base is held in model.dtype (read straight into it)."""
+    checkpoint loads into it. Under LoRA the frozen base is held in model.dtype (read straight into it).
+    meta: the same model on the meta device, no weight read or drawn; initial_weights gives its weights."""
     mcfg = cfg.model
     check_micro(cfg, use_micro)
     torch.manual_seed(cfg.training.seed)  # every rank builds the same initial weights
     lora, frozen = mcfg.lora.rank > 0, DTYPES[mcfg.dtype]
-    if use_micro or not mcfg.path:
-        tok = ByteTokenizer()
-        model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg.memory_efficient_loss)
-    else:
-        tok, model = load_model_dir(mcfg, value_head, frozen if lora else torch.float32)
-    if lora:
-        apply_lora(model, mcfg.lora.rank, mcfg.lora.alpha)
-        cast_frozen(model, frozen)
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        if use_micro or not mcfg.path:
+            tok = ByteTokenizer()
+            model = MTPTransformer(micro_args(cfg, tok.vocab_size), value_head, mcfg.memory_efficient_loss)
+        else:
+            tok, model = load_model_dir(mcfg, value_head, frozen if lora else torch.float32, meta)
+        if lora:
+            apply_lora(model, mcfg.lora.rank, mcfg.lora.alpha)
+            cast_frozen(model, frozen)
     return tok, model
 
 
-def load_model_dir(mcfg, value_head, dtype=torch.float32):
-    """model.path, a Meta or Hugging Face dir, with its tokenizer (model.tokenizer, else the dir's own)."""
-    tok, model = load_pretrained(mcfg.path, mcfg.n_future_tokens, dtype, value_head,
-                                 mcfg.memory_efficient_loss, mcfg.tokenizer)
+def pretrained_args(path, H):
+    """ModelArgs of a Meta or HF dir re-headed to H heads (with_heads), from its params.json / config.json alone."""
+    d = Path(path)
+    args = model_args_from_hf(d)[0] if (d / "config.json").exists() else model_args_from_meta(d)
+    return dataclasses.replace(args, n_layers=args.n_layers - args.n_future_tokens + H, n_future_tokens=H)
+
+
+def load_model_dir(mcfg, value_head, dtype=torch.float32, meta=False):
+    """model.path, a Meta or Hugging Face dir, with its tokenizer (model.tokenizer, else the dir's own); meta: its
+    shape alone, on the meta device, in dtype (a value head in fp32)."""
+    if meta:
+        tok = load_tokenizer(mcfg.tokenizer, mcfg.path)
+        model = empty_model(pretrained_args(mcfg.path, mcfg.n_future_tokens), value_head,
+                                  mcfg.memory_efficient_loss)
+        for name, p in model.named_parameters():
+            p.data = p.data if name.startswith("value_head.") else p.data.to(dtype)
+        if tok is not None and tok.vocab_size > model.args.vocab_size:
+            raise UserError(f"{mcfg.path}: its tokenizer has {tok.vocab_size} tokens, the model only "
+                            f"{model.args.vocab_size}")
+    else:
+        tok, model = load_pretrained(mcfg.path, mcfg.n_future_tokens, dtype, value_head,
+                                     mcfg.memory_efficient_loss, mcfg.tokenizer)
     if tok is None:
         raise UserError(f"model.tokenizer: {mcfg.path} has no tokenizer.model or tokenizer.json "
                         "(set model.tokenizer)")
     return tok, model
+
+
+def release_pages(t):
+    """Drops a memory-mapped tensor's pages from this process's resident memory (madvise MADV_DONTNEED; the mapping
+    is private and never written, so a page touched again is read from the file again): a file read a tensor at a
+    time then costs one tensor of RSS, not the whole file."""
+    page, start = os.sysconf("SC_PAGE_SIZE"), t.data_ptr()
+    aligned = start // page * page
+    ctypes.CDLL(None).madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + t.nbytes - aligned), 4)
+
+
+def head_targets(args, H):
+    """{a checkpoint's tensor name: [the names it fills in an H-head model]}: with_heads without copying — head 0's
+    block also fills every head the checkpoint lacks, the heads beyond H fill nothing."""
+    own, names = args.n_future_tokens, empty_model(args).state_dict()
+    head0 = f"layers.{args.n_layers - own}."
+    targets = {k: [] if k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1 else [k] for k in names}
+    for k in names:
+        if k.startswith(head0):
+            targets[k] += [f"extra_heads.{j}.{k[len(head0):]}" for j in range(own - 1, H - 1)]
+    return targets
+
+
+def pretrained_weights(path, H):
+    """A Meta or HF dir's weights for an H-head model as groups {name: tensor} of one checkpoint tensor each (as
+    stored; with the names it fills, head_targets): a Meta consolidated.pth memory-mapped, each tensor's pages
+    released once its group is consumed; a Hugging Face dir through hf_tensors."""
+    d = Path(path)
+    if (d / "config.json").exists():
+        args, tied = model_args_from_hf(d)
+        tensors, mapped = hf_tensors(d, args, tied), False
+    else:
+        args = model_args_from_meta(d)
+        file, state = read_consolidated(d)
+        check_state(empty_model(args), state, f"{file} (vs params.json)")
+        tensors, mapped, tied = state.items(), True, False
+    targets = head_targets(args, H)
+    if tied:
+        targets["tok_embeddings.weight"].append("output.weight")
+    for name, tensor in tensors:
+        yield {target: tensor for target in targets[name]}
+        if mapped:
+            release_pages(tensor)
+
+
+def initial_weights(cfg, use_micro, model):
+    """The weights build_model(cfg, use_micro, ...) starts `model` (its twin on the meta device) with, as groups
+    {name: full tensor} of at most one block: the micro model's random init drawn part by part in its
+    constructor's order (init_parts), or model.path's tensors (pretrained_weights); then the value head's and the
+    LoRA adapters' random init, drawn as build_model draws them. For parallel.fill_shards."""
+    mcfg, value_head = cfg.model, model.value_head is not None
+    torch.manual_seed(cfg.training.seed)
+    if use_micro or not mcfg.path:
+        for prefix, part in init_parts(model.args, value_head):
+            group = {f"{prefix}.{k}": v for k, v in part.state_dict().items()}
+            del part  # the next part is drawn once this one is gone (fill_shards drops its own references too)
+            yield group
+    else:
+        yield from pretrained_weights(mcfg.path, mcfg.n_future_tokens)
+        if value_head:
+            yield {f"value_head.{k}": v for k, v in torch.nn.Linear(model.args.dim, 1).state_dict().items()}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            yield {f"{name}.lora_a": lora_a_init(*m.lora_a.shape), f"{name}.lora_b": torch.zeros(m.lora_b.shape)}
 
 
 def merged_state(model):

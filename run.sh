@@ -8,14 +8,14 @@
 #                         the test extras), then run pytest
 #   ui | report [args]    mlflow ui on ./mlflow.db, http://127.0.0.1:$PORT (5000), printing the runs view's URL |
 #                         the newest run of each pipeline (--experiment NAME, --tracking-uri URI; default ./mlflow.db)
-#   <pipeline> [--local] [--dry-run] [trainer args]
-#                         train baseline, critic, verifiable or rho1 with configs/<p>/<p>.yaml (it needs the
-#                         MLflow and AWS credentials of .env), or --local: <p>_local.yaml + --use-micro-model;
+#   <pipeline> [--local | --fsdp] [--dry-run] [trainer args]
+#                         train baseline, critic, verifiable or rho1 with configs/<p>/<p>.yaml (--fsdp: <p>_fsdp.yaml;
+#                         both need .env's MLflow and AWS credentials), or --local: <p>_local.yaml + --use-micro-model;
 #                         --dry-run prints the launch command and the merged config and trains nothing;
 #                         trainer args pass through, e.g. --override training.max_steps=10 --resume auto
 #   evaluate <pipeline> [--local] [args]   pass@k of the pipeline's newest finished run (python -m weighted_mtp
 #                         evaluate --checkpoint auto; args pass through: --checkpoint, --samples, --json, --override)
-#   vessl <pipeline> [--local] [--print] [--inline-secrets] [--override k=v ...]
+#   vessl <pipeline> [--local | --fsdp] [--print] [--inline-secrets] [--override k=v ...]
 #                         render vessl.yaml and submit it (`vessl run create -f`), or print it
 #   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow with basic auth;
 #                         prints the client's .env lines; Ctrl-C stops everything
@@ -127,14 +127,15 @@ print_cmd() { printf '+'; printf ' %q' "$@"; printf '\n'; }   # the exact line a
 
 # --- <pipeline> [--local] [--dry-run] [trainer args] -----------------------------------------------
 cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
-  local command=$1 pipeline=${2:-} local_=0 dry=0 a cfg missing="" v ngpu nproc nnodes args=() cmd=()
+  local command=$1 pipeline=${2:-} local_=0 dry=0 fsdp="" a cfg missing="" v ngpu nproc nnodes args=() cmd=(python)
   shift; [ $# -eq 0 ] || shift
   check_pipeline "$pipeline"
   for a in "$@"; do
-    case $a in --local) local_=1 ;; --dry-run) dry=1 ;; *) args+=("$a") ;; esac
+    case $a in --local) local_=1 ;; --dry-run) dry=1 ;; --fsdp) fsdp=_fsdp ;; *) args+=("$a") ;; esac
   done
+  [ "$local_" = 0 ] || [ -z "$fsdp" ] || usage_error "--local or --fsdp (or --local --override training.parallel=fsdp)"
   load_env
-  cfg=configs/$pipeline/$pipeline.yaml
+  cfg=configs/$pipeline/$pipeline$fsdp.yaml
   [ "$local_" = 0 ] || cfg=configs/$pipeline/${pipeline}_local.yaml
   for v in $PROD_VARS; do   # a --dry-run plan needs no credentials
     case $dry$local_:${!v:-} in 00: | 00:"<"*">") missing+=" $v" ;; esac   # unset, or .env.example's <placeholder>
@@ -152,8 +153,6 @@ cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
       "--rdzv_endpoint=$MASTER_ADDR:${MASTER_PORT:-29400}" "--rdzv_id=${RDZV_ID:-wmtp-$pipeline}")
   elif [ "$ngpu" -gt 0 ] || [ "$nproc" -gt 1 ]; then
     cmd=(torchrun --standalone "--nproc_per_node=$nproc")
-  else
-    cmd=(python)
   fi
   [ "$local_" = 0 ] || args=(--use-micro-model ${args[@]+"${args[@]}"})
   local train=(-m weighted_mtp "$command" --config "$cfg" ${args[@]+"${args[@]}"})
@@ -178,7 +177,7 @@ VESSL_TMP=""   # the private dir of the rendered file (it may hold secrets); the
 # model/data URI (required; its import line is dropped with --local); secret:NAME: a reference to the
 # VESSL org secret NAME, or with --inline-secrets {value: '...', secret: true}.
 VESSL_SPEC="VESSL_RUN_NAME:required VESSL_CLUSTER:required VESSL_PRESET:required VESSL_IMAGE:required
-  GIT_URL:required GIT_REF:required PIPELINE:required WMTP_LOCAL:optional WMTP_OVERRIDES:optional
+  GIT_URL:required GIT_REF:required PIPELINE:required WMTP_LOCAL:optional WMTP_FSDP:optional WMTP_OVERRIDES:optional
   WMTP_MODEL_SOURCE:source WMTP_DATA_SOURCE:source
   MLFLOW_TRACKING_URI:optional MLFLOW_S3_ENDPOINT_URL:optional AWS_DEFAULT_REGION:optional
   MLFLOW_TRACKING_USERNAME:secret:wmtp-mlflow-username MLFLOW_TRACKING_PASSWORD:secret:wmtp-mlflow-password
@@ -206,11 +205,11 @@ vessl_value() {
 }
 
 cmd_vessl() {
-  local pipeline=${1:-} local_=0 print=0 inline=0 a item var repl ph missing="" template=$ROOT/vessl.yaml o=""
+  local pipeline=${1:-} local_=0 fsdp="" print=0 inline=0 a item var repl ph missing="" template=$ROOT/vessl.yaml o=""
   [ $# -gt 0 ] && shift
   check_pipeline "$pipeline"
   while [ $# -gt 0 ]; do   # --override k=v: no blanks (they travel as one env value, split on the node)
-    case $1:${2:-} in --local:*) local_=1 ;; --print:*) print=1 ;; --inline-secrets:*) inline=1 ;;
+    case $1:${2:-} in --local:*) local_=1 ;; --fsdp:*) fsdp=1 ;; --print:*) print=1 ;; --inline-secrets:*) inline=1 ;;
       --override:*[[:space:]]* | --override:) usage_error "vessl: --override needs one k=v without blanks" ;;
       --override:*) o+="${o:+ }--override=$2" && shift ;; *) usage_error "vessl: unknown argument '$1' (see help)" ;;
     esac; shift; done
@@ -223,7 +222,7 @@ cmd_vessl() {
   : "${AWS_DEFAULT_REGION:=eu-north-1}"
   "$BASH" "$ROOT/scripts/vessl_preflight.sh" "$ROOT" "$local_" "${a:-0}" "$GIT_URL" "$GIT_REF" || exit 1
   # shellcheck disable=SC2034  # read through ${!var}
-  local PIPELINE=$pipeline WMTP_LOCAL=${local_#0} WMTP_OVERRIDES=$o
+  local PIPELINE=$pipeline WMTP_LOCAL=${local_#0} WMTP_FSDP=$fsdp WMTP_OVERRIDES=$o
   for ph in $(grep -v '^[[:space:]]*#' "$template" | grep -o '{{[A-Za-z0-9_]*}}' | tr -d '{}' | sort -u); do
     case " $VESSL_SPEC " in *[[:space:]]"$ph":*) ;; *) die "vessl.yaml uses {{$ph}}, which run.sh does not know" ;; esac
   done

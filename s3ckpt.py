@@ -103,20 +103,39 @@ def _write_sidecar(path, digest):
         _atomic_write(Path(f"{path}.sha256"), lambda f: f.write(f"{digest}\n".encode()))
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Loads a checkpoint; when <path>.sha256 exists the bytes must match it. Raises CheckpointError otherwise."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Loads a checkpoint; when <path>.sha256 exists the bytes must match it. Raises CheckpointError otherwise.
+    mmap: tensors stay in the file, read when touched (a rank that keeps its own rows of each reads only those)."""
     path = Path(path)
     expected = _read_text(f"{path}.sha256")
     if path.is_file() and expected is not None and _sha256(path) != expected:
         raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
     try:
         try:
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
         except pickle.UnpicklingError:
             # weights_only refused a type (e.g. a numpy RNG state): these are our own files, so unpickle them fully
-            return torch.load(path, map_location=map_location, weights_only=False)
+            return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
+
+
+def shard_manifest(directory):
+    """{file: [bytes, sha256]} of a sharded checkpoint directory's shard files (all but trainer.pt*): what
+    verify_shards checks before a resume reads any of them."""
+    return {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(Path(directory).iterdir())
+            if f.is_file() and not f.name.startswith("trainer.pt")}
+
+
+def verify_shards(directory, manifest):
+    """Raises CheckpointError naming the first shard file of `manifest` that is missing, of another size, or whose
+    bytes do not hash to the manifest's: never a partial or corrupted load."""
+    for name, (size, digest) in manifest.items():
+        path = Path(directory) / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing (its checkpoint's trainer.pt lists it)")
+        if path.stat().st_size != size or _sha256(path) != digest:
+            raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
 
 
 def checkpoint_step(name):
@@ -232,7 +251,7 @@ class CheckpointWriter:
 
     def _write_dir(self, written, state, path):
         written.result()
-        save_checkpoint(state, path / "trainer.pt")
+        save_checkpoint({**state, "shards": shard_manifest(path)}, path / "trainer.pt")
         self._upload_and_prune(path)
 
     def _upload_and_prune(self, path):

@@ -27,17 +27,19 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from checkpointing import (Checkpointer, find_resume, load_checkpoint_into, on_this_node, pipeline_state,
-                           read_trainer_state, resolve_uri, set_rng_state)
+from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_checkpoint_into, on_this_node,
+                           pipeline_state, read_checkpoint, read_trainer_state, resolve_uri, set_rng_state)
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, chat_template, encode_records, epoch_order, load_records, sample_records
 from evaluation import Validation, evaluate
 from memplan import dry_run_report
-from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer, load_sharded,
-                      setup_distributed, shard, transformer_blocks, wrap)
+from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
+                      load_optimizer_rows, load_sharded, setup_distributed, shard, shard_from_meta, transformer_blocks,
+                      wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
-from pretrained import build_model, check_micro, export, load_pretrained, next_token_logits
+from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
+                        pretrained_weights)
 from report import format_compare, report, summarize_compare
 from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
                       source_tags, ui_url)
@@ -95,13 +97,28 @@ def prepare_data(cfg, tok, pipeline):
     return train_examples, val_examples, checker, n_truncated
 
 
+def step_count(cfg, n_examples, rank, world):
+    """The run's optimizer steps: training.max_steps, else n_epochs of this rank's batches (too few examples for
+    one step is an error)."""
+    t = cfg.training
+    batches_per_epoch = len(epoch_order(n_examples, 0, cfg.data_sampling.seed, rank, world)) // t.batch_size
+    if batches_per_epoch < t.gradient_accumulation_steps:
+        raise UserError(f"{cfg.dataset.train}: {n_examples} examples make fewer than one step of "
+                        f"{t.gradient_accumulation_steps} x {t.batch_size} x {world} processes")
+    return t.max_steps or t.n_epochs * batches_per_epoch // t.gradient_accumulation_steps
+
+
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
-    t, s = cfg.training, cfg.data_sampling
+    t = cfg.training
+    master, fsdp = rank == 0, t.parallel == "fsdp" and world > 1  # FSDP: built on the meta device, filled sharded
     kind = PIPELINE_TYPES[cfg.experiment.pipeline]
-    tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg))
-    pipeline, master = kind(cfg, model.args.n_future_tokens), rank == 0
+    if fsdp and not kind.value_head_on_policy(cfg) and kind.name in ("critic", "verifiable"):
+        raise UserError(f"critic.model={cfg.critic.model} with training.parallel=fsdp: a separate value model is "
+                        "not sharded yet; use training.parallel=ddp or critic.model=policy")
+    tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg), meta=fsdp)
+    pipeline = kind(cfg, model.args.n_future_tokens)
     train_examples, val_examples, checker, n_truncated = prepare_data(cfg, tok, pipeline)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
@@ -115,40 +132,59 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
                                cache)
     spec, source, artifact = pipeline.start_from()
     started_from = "" if cfg.model.path or resume_path else ", from random weights (nothing pretrained)"
+    start_path = None
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        path = fetch(spec, source, artifact)
-        load_checkpoint_into(model, path)
-        started_from = f", initialised from {spec} ({path})"
-    fsdp = t.parallel == "fsdp" and world > 1
+        start_path = fetch(spec, source, artifact)
+        if not fsdp:
+            load_checkpoint_into(model, start_path)
+        started_from = f", initialised from {spec} ({start_path})"
     for block in transformer_blocks(model):
         block.checkpointed = t.activation_checkpointing
-    model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False)[1],
+    model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False, meta=fsdp)[1],
                             torch.device("cpu") if fsdp else device, tok) or model  # sharded: shards only (shard())
-    resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir()
-                              else load_checkpoint_into(model, resume_path))  # a full file: weights before sharding
+    resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir() else
+                              read_checkpoint(resume_path) if fsdp else load_checkpoint_into(model, resume_path))
     if fsdp:
-        for module in filter(None, (model, getattr(pipeline, "reference", None))):  # rho1's frozen reference too
-            shard(module, device, world)
+        shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path, resume)
     else:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
-    batches_per_epoch = len(epoch_order(len(train_examples), 0, s.seed, rank, world)) // t.batch_size
-    if batches_per_epoch < t.gradient_accumulation_steps:
-        raise UserError(f"{cfg.dataset.train}: {len(train_examples)} examples make fewer than one step of "
-                        f"{t.gradient_accumulation_steps} x {t.batch_size} x {world} processes")
-    total_steps = t.max_steps or t.n_epochs * batches_per_epoch // t.gradient_accumulation_steps
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, params, optimizer, train_examples, val_examples,
-                  checker, total_steps, run_name, n_truncated, started_from, resume_path)
+                  checker, step_count(cfg, len(train_examples), rank, world), run_name, n_truncated, started_from,
+                  resume_path)
     if resume:
         setup.resume = resume
         if Path(resume_path).is_dir():
             load_sharded(model, optimizer, resume_path)
-        else:
-            load_optimizer(model, optimizer, resume["optimizer"])
+        else:  # FSDP: this rank's rows of each moment, out of the memory-mapped file
+            (load_optimizer_rows if fsdp else load_optimizer)(model, optimizer, resume.pop("optimizer"))
         set_rng_state(resume["rng"])
         pipeline.load_state_dict(pipeline_state(resume))
     return setup
+
+
+def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path=None, resume=None):
+    """FSDP: the policy, built on the meta device, sharded and filled with what DDP would load whole — its initial
+    weights (initial_weights), model.init_from / critic.checkpoint's (start_path), a full checkpoint resumed from
+    (its memory-mapped state `resume`) — each rank reading its own rows only; rho1's frozen reference likewise from
+    its reference_start (a model dir, a checkpoint, or the starting policy), or, already whole, just sharded."""
+    def starting(m, path):
+        return [("initial weights", initial_weights(cfg, use_micro, m))] + (
+            [checkpoint_weights(m, path)] if path else [])
+    resumed = [checkpoint_weights(model, resume_path, resume)] if resume and "model" in resume else []
+    shard_from_meta(model, device, world, starting(model, start_path) + resumed)
+    if resumed:
+        del resume["model"]  # its pages are released: the mapping goes with the last reference
+    reference, ref_start = getattr(pipeline, "reference", None), getattr(pipeline, "reference_start", None)
+    if reference is None:
+        return
+    if not reference.output.weight.is_meta:
+        shard(reference, device, world)
+    elif ref_start and Path(ref_start).is_dir():
+        shard_from_meta(reference, device, world, [("reference.path", pretrained_weights(ref_start, 1))])
+    else:
+        shard_from_meta(reference, device, world, starting(reference, ref_start or start_path))
 
 
 def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, stop_requested=0):

@@ -5,8 +5,9 @@
 #                 (weights, moments, step count untouched), OneStepLate's pinned non-blocking copy of the flags
 #   3 pipelines   baseline, critic, verifiable, rho1: 4 steps each on the micro model (python -m weighted_mtp)
 #   4 ddp         torchrun over every GPU present, NCCL: 4 steps, the replicas identical at the end
-#   5 fsdp        FSDP2 (fully_shard per block and root, bf16 MixedPrecisionPolicy) over every GPU, NCCL, and the
-#                 trainer's training.parallel=fsdp when the trainer has that key
+#   5 fsdp        the trainer's FSDP2 (prepare(): built on the meta device, fully_shard per block and root, bf16
+#                 MixedPrecisionPolicy, each rank filling its own rows) over every GPU, NCCL: 4 steps of a 103M
+#                 model and its memory figures; then python -m weighted_mtp train with training.parallel=fsdp
 #   6 bench       bench.py's P6: tokens/s and MFU of a ~1B MTP model, bf16, seq 2048; speculative decoding's
 #                 verify forward / a plain decode step at batch 1 and 16 (random weights: the verify cost only)
 # It stops at the first failing step (exit 1, that step's log tail on stderr) and writes one line per step to the
@@ -147,43 +148,41 @@ print("RESULT", f"{len(states)} replica(s) identical after 4 steps")
 EOF
 
 cat >"$WORK/fsdp.py" <<'EOF'
-import torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+# The trainer's own FSDP path: prepare() builds the model on the meta device, shards it (parallel.shard: bf16
+# MixedPrecisionPolicy on CUDA) and fills each rank's rows; then train_step on the shards. Memory figures per rank.
+import os, torch, torch.distributed as dist
+from pathlib import Path
 import weighted_mtp as wm
-import weights as W
 from config import load_config
 from data import Batches
-from model import MTPTransformer
-from parallel import Meter, autocast_for, setup_distributed
-from pretrained import micro_args
+from parallel import Meter, is_sharded, setup_distributed
+rss = lambda f: int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(f)).split()[1])
 rank, world, device = setup_distributed(120)
-cfg = load_config("configs/baseline/baseline_local.yaml", ["mlflow.enable_logging=false"])
-torch.manual_seed(0)
-model = MTPTransformer(micro_args(cfg, 259)).to(device)
-mesh = init_device_mesh(device.type, (world,))
-mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else None
-for block in [*model.layers, *model.extra_heads]:
-    fully_shard(block, mesh=mesh, **({"mp_policy": mp} if mp else {}))
-fully_shard(model, mesh=mesh, **({"mp_policy": mp} if mp else {}))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-tokens = torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0)).to(device)
-targets = W.shift_targets(tokens, model.args.n_future_tokens)
-losses = []
-for _ in range(5):
-    ce, _ = model(tokens, targets)
-    loss = W.mtp_loss(ce, targets != -100)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    losses.append(loss.item())
+big = ["model.micro.dim=1024", "model.micro.n_trunk_layers=4", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
+       "model.micro.multiple_of=256"] if device.type == "cuda" else []  # 103M parameters, as tests/test_fsdp_memory
+cfg = load_config("configs/baseline/baseline_local.yaml", big + [
+    "mlflow.enable_logging=false", "training.parallel=fsdp", "checkpoint.resume=never", "model.init_from=",
+    "data_sampling.n_samples=64", "training.batch_size=4", f"checkpoint.dir={os.environ['CKPT']}"])
+before = rss("VmRSS:")
+Path("/proc/self/clear_refs").write_text("5")
+s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=device)
+setup_host = (rss("VmHWM:") - before) / 1024
+assert is_sharded(s.model), "prepare() did not shard the model"
+full = 4 * sum(p.numel() for p in s.model.parameters()) / 2**20
+batch, losses = Batches(s).take(1), []
+for step in range(4):
+    meter = Meter(device)
+    wm.train_step(s.pipeline, s.model, s.optimizer, s.params, batch, meter, step)
+    losses.append(meter.reduce()["train/loss"])
 assert losses[-1] < losses[0], f"FSDP training did not lower the loss: {losses}"
+gpu = f", GPU peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB" if device.type == "cuda" else ""
 if rank == 0:
-    print("RESULT", f"fully_shard x {world} ({dist.get_backend()}), loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    print("RESULT", f"prepare() + fully_shard x {world} ({dist.get_backend()}), loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}; model {full:.0f} MiB fp32, host RSS rise while loading {setup_host:.0f} MiB{gpu}")
 dist.destroy_process_group()
 wm.exit_worker(0)
 EOF
-step fsdp2 180 "${TORCHRUN[@]}" "$WORK/fsdp.py"
+step fsdp2 180 env CKPT="$WORK/ckpt-fsdp2" "${TORCHRUN[@]}" "$WORK/fsdp.py"
 if "$PYTHON" -c 'import sys, weighted_mtp as wm; sys.exit("parallel" not in wm.DEFAULTS["training"])'; then
   step trainer-fsdp 180 "${TORCHRUN[@]}" -m weighted_mtp train --config configs/baseline/baseline_local.yaml "${MICRO[@]}" \
     --override training.parallel=fsdp --override "checkpoint.dir=$WORK/ckpt-fsdp"

@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT
 
 FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "P10", "P10_separate", "ckpt_stall", "upload_step",
-           "log_overhead", "gen_kv_cache", "sandbox_throughput", "sandbox_isolation", "fsdp_step", "fsdp_memory"]
+           "log_overhead", "gen_kv_cache", "sandbox_throughput", "sandbox_isolation", "fsdp_step", "fsdp_memory",
+           "fsdp_setup_memory"]
 
 
 def test_bench_quick_reports_every_figure(tmp_path):

@@ -227,6 +227,9 @@ SKIP_WORKER = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
+from config import load_config
+from data import collate
+from parallel import Meter
 dist.init_process_group("gloo")
 cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
 s = wm.prepare(cfg, True, dist.get_rank(), 2, torch.device("cpu"))
