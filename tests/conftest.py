@@ -1,8 +1,10 @@
 """Shared helpers: a tiny micro-model config and an embedded MLflow store per test (never the repo's mlflow.db)."""
+import contextlib
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -49,3 +51,15 @@ def train_keeping_setup(cfg, use_micro=False):
         return wm.train(cfg, use_micro=use_micro), caught[-1]
     finally:
         wm.prepare = prepare
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's intra-op threads set to n for a while: tiny matmuls on a busy 2-core machine only wait for a core
+    with a second thread (OpenMP spins), and one thread is deterministic."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 import s3ckpt
 import weighted_mtp as wm
 from pretrained import build_model
-from conftest import ROOT, TINY, tiny_config
+from conftest import ROOT, TINY, tiny_config, torch_threads
 from s3server import BUCKET, moto_s3  # noqa: F401  (fixture)
 
 S3_ROOT = f"s3://{BUCKET}/mlflow-artifacts"
@@ -41,11 +41,8 @@ SIX_STEPS = [f"mlflow.s3_artifacts={S3_ROOT}", "checkpoint.save_every=1", "train
 
 @pytest.fixture(autouse=True)
 def one_torch_thread():
-    """One intra-op thread: deterministic, and on a busy 2-core machine 2 OpenMP threads spin (steps 5x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="session")

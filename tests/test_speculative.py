@@ -9,6 +9,7 @@ import weighted_mtp as wm
 import weights as W
 from model import LoRALinear, MTPTransformer, ModelArgs, apply_lora, decode_stats, generate
 from pretrained import ByteTokenizer
+from conftest import torch_threads
 from test_hf import CONFIG, random_llama, write_hf
 
 TOK = ByteTokenizer()
@@ -41,11 +42,8 @@ def train_briefly(args, steps=40, seed=0):
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny matmuls: on a busy machine a second torch thread only waits for a core (minutes instead of seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
