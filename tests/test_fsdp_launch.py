@@ -22,9 +22,9 @@ def installed_venv(tmp_path):
 def test_fsdp_flag_launches_the_fsdp_config(tmp_path, pipeline):
     env = base_env(tmp_path, WMTP_GPU_COUNT="4", WMTP_VENV=str(installed_venv(tmp_path)), **PROD_CREDS)
     res = run_sh([pipeline, "--fsdp", "--dry-run"], env)
-    assert res.stdout.splitlines()[0] == (
-        f"+ torchrun --standalone --nproc_per_node=4 -m weighted_mtp train --config configs/{pipeline}/"
-        f"{pipeline}_fsdp.yaml"), res.stderr
+    assert res.stdout.splitlines()[0] == (  # --dry-run: the one planning process, for the launch's 4
+        f"+ python -m weighted_mtp train --config configs/{pipeline}/{pipeline}_fsdp.yaml --dry-run --nproc 4"
+    ), res.stderr
     assert "training.parallel" not in res.stderr and "parallel: fsdp" in res.stdout  # the merged config it read
 
 

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from conftest import ROOT
+from conftest import POLICY_CRITIC, ROOT
 from test_reliability import environment
 
 TORCHRUN4 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4"]
@@ -171,7 +171,7 @@ def test_fsdp_fills_its_rows_from_meta_and_hf_dirs_as_ddp_loads_them_whole(tmp_p
     config = lambda p: str(ROOT / "configs" / p / f"{p}_local.yaml")
     cases = {  # re-headed 1 -> 3 (heads 1, 2 copy head 0's block); LoRA's adapters drawn as DDP draws them
         "meta-lora": (config("baseline"), common + [f"model.path={meta}", "model.lora.rank=2"]),
-        "hf-value-head": (config("verifiable"), common + [f"model.path={hf}", "critic.checkpoint="]),
+        "hf-value-head": (config("verifiable"), common + [f"model.path={hf}", "critic.checkpoint=", *POLICY_CRITIC]),
         "rho1-meta-reference": (config("rho1"), common + [f"model.path={hf}", f"reference.path={meta}",
                                                           "model.dtype=bfloat16"]),
     }

@@ -618,7 +618,8 @@ def test_vessl_refuses_what_a_node_cannot_clone_or_would_lose_and_passes_overrid
     run = yaml.safe_load(res.stdout)
     assert run["env"]["WMTP_OVERRIDES"] == (
         "--override=training.max_steps=5 --override=dataset.train=builtin:arith+pyfunc*4")
-    assert "set -f" in run["run"][0]["command"] and "${WMTP_LOCAL:+--local} $WMTP_OVERRIDES" in run["run"][0]["command"]
+    command = run["run"][0]["command"]
+    assert "set -f" in command and "${WMTP_LOCAL:+--local} ${WMTP_FSDP:+--fsdp} $WMTP_OVERRIDES" in command
     res = run_sh(["vessl", "baseline", "--print", "--override", "experiment.description=a b"], vessl_env(tmp_path))
     assert res.returncode == 2 and "--override needs one k=v without blanks" in res.stderr
 
