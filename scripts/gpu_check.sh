@@ -44,7 +44,8 @@ fi
 MICRO=(--use-micro-model --override mlflow.enable_logging=false --override training.max_steps=4
   --override training.log_interval=2 --override training.eval_interval=4 --override data_sampling.n_samples=64
   --override data_sampling.val_samples=8 --override training.batch_size=4 --override model.init_from=
-  --override critic.checkpoint= --override reference.path= --override checkpoint.resume=never)
+  --override critic.checkpoint= --override reference.path= --override checkpoint.resume=never
+  --override critic.model=policy --override critic.head=linear --override critic.features=hidden)   # production's
 mkdir -p "$(dirname "$SUMMARY")"
 : >"$SUMMARY"
 echo "gpu_check $(date -u +%FT%TZ) mode=$([ "$CPU_DRY" = 1 ] && echo cpu-dry || echo cuda) processes=$NPROC" >>"$SUMMARY"
@@ -92,7 +93,8 @@ from pretrained import micro_args
 device = torch.device(os.environ["CHECK_DEVICE"])
 cfg = load_config("configs/verifiable/verifiable_local.yaml",
                   ["mlflow.enable_logging=false", "critic.checkpoint=", "data_sampling.n_samples=64",
-                      "training.batch_size=4", "checkpoint.resume=never"])
+                   "training.batch_size=4", "checkpoint.resume=never", "critic.model=policy", "critic.head=linear",
+                   "critic.features=hidden"])
 s = wm.prepare(cfg, use_micro=True, device=device)
 x = torch.randn(2, 8, s.model.args.dim, device=device)
 with autocast_for(device):
