@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 import weighted_mtp as wm
 from config import DEFAULTS, UserError, dotted_keys, flatten, is_secret
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
-from conftest import ROOT, tiny_config
+from conftest import ROOT, tiny_config, train_keeping_setup
 
 SECRET = "s3cr3t-value-that-cannot-occur-by-chance"
 
@@ -155,8 +155,9 @@ def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_fol
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from model import generate
     from pretrained import ByteTokenizer, export
-    result = wm.train(tiny_config("baseline", tmp_path, "training.max_steps=2", "mlflow.enable_logging=false",
-                                  "checkpoint.save_every=0"), use_micro=True)
+    cfg = tiny_config("baseline", tmp_path, "training.max_steps=2", "mlflow.enable_logging=false",
+                      "checkpoint.save_every=0")
+    result, setup = train_keeping_setup(cfg, use_micro=True)
     final = tmp_path / "ckpt" / "baseline-mtp" / result["run_id"] / "checkpoint_final.pt"
     old = os.umask(0o022)
     try:
@@ -174,7 +175,7 @@ def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_fol
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (256, 257, 258)
     g = hf.generation_config
     assert (g.bos_token_id, g.eos_token_id, g.pad_token_id) == (256, 257, 258)
-    ours = generate(result["model"].eval(), [ids], 257, 258, 8)[0]   # greedy, up to and excluding EOS
+    ours = generate(setup.model.eval(), [ids], 257, 258, 8)[0]   # greedy, up to and excluding EOS
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     assert theirs[:len(ours)] == ours and theirs[len(ours):len(ours) + 1] in ([], [257])
     assert tok.decode(theirs, skip_special_tokens=True) == ByteTokenizer().decode(ours)

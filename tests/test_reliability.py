@@ -298,7 +298,8 @@ def test_a_crash_on_one_rank_fails_the_run_promptly_with_its_traceback_and_check
     assert Path(remote).read_bytes() == local.read_bytes()
     log_text = Path(client.download_artifacts(run.info.run_id, "logs/training.log", str(tmp_path))).read_text()
     assert f"ERROR training failed (baseline, run {run.info.run_id})\nTraceback (most recent call last):" in log_text
-    assert "Connection closed by peer" in log_text  # rank 0's own traceback: its collective saw rank 1 go
+    # rank 0's own traceback: its collective saw rank 1 go (gloo says closed or reset, as the socket's timing has it)
+    assert re.search(r"Connection (closed|reset) by peer", log_text)
 
 
 def test_a_finished_worker_exits_with_its_code_and_flushed_output_skipping_finalisation(tmp_path):
