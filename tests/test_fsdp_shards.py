@@ -39,7 +39,7 @@ def test_a_missing_or_corrupted_shard_is_named_before_anything_loads(tmp_path):
                         (corrupt, "__0_0.distcp: checksum mismatch (corrupted or truncated)")):
         r = train(tmp_path, tmp_path / f"resume-{copy.name}", f"checkpoint.resume={copy / step2.name}")
         assert r.returncode != 0
-        lines = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-        assert lines == [f"error: {copy / step2.name}/{error}"] * 2, r.stderr[-3000:]  # each rank, one line
+        # each rank, one line (the two ranks' lines may interleave on the shared stderr pipe)
+        assert r.stderr.count(f"error: {copy / step2.name}/{error}") == 2, r.stderr[-3000:]
     r = train(tmp_path, tmp_path / "resume-intact", f"checkpoint.resume={step2}")
     assert r.returncode == 0 and ", resumed at step 2 from " in r.stderr, r.stderr[-3000:]
