@@ -18,6 +18,8 @@ from config import RUN_NAMES, tracking_uri, UserError
 from parallel import broadcast, full_state, is_sharded, save_sharded
 from pretrained import check_state, load_state, release_pages
 from tracking import Preempted, finished, newest_run
+
+
 def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
     """A checkpoint path, s3:// or runs:/ URI, or `auto` (the newest finished run of a pipeline) -> (local file,
     the URI it was downloaded from or None)."""

@@ -244,7 +244,8 @@ class Verifiable(Pipeline):
     all-reduced then EMA-smoothed; loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)). critic.model policy: starts
     from the critic's checkpoint, its value head trains on (+ value_coef · value_loss); a separate value model: the
     policy starts from model.init_from and the value model is loaded frozen (eval) from critic.checkpoint, its loss
-    on the batch logged as a diagnostic. training.weight_control shuffled: w_tok permuted within each answer.
+    on the batch logged as a diagnostic. training.weight_control shuffled: w_tok permuted over the batch's
+    answer tokens.
     Validation adds val/token_credit: on held-out near-miss pairs, P(w of the right answer's token > w of the first
     wrong token at the same position) at λ = 0 (val/weight_right, val/weight_first_wrong: the means)."""
     name = "verifiable"
@@ -304,7 +305,7 @@ class Verifiable(Pipeline):
         w_tok = W.exp_weights(W.whiten(adv, mask, mean, var.sqrt()), mask, t.beta, t.weight_clip_min,
                               t.weight_clip_max)
         if t.weight_control == "shuffled":
-            w_tok = W.shuffled_within(w_tok, mask, torch.Generator(w_tok.device).manual_seed(t.seed * 7919 + step))
+            w_tok = W.shuffled_across(w_tok, mask, torch.Generator(w_tok.device).manual_seed(t.seed * 7919 + step))
         return td, w_tok
 
     def loss(self, model, batch, meter, step):
@@ -353,18 +354,17 @@ class Verifiable(Pipeline):
         Every rank computes it on all pairs alike."""
         device = next(model.parameters()).device
         rights, wrongs, where = zip(*self.pairs)
-        w = {}
-        for side, examples in (("right", rights), ("wrong", wrongs)):
-            tokens, labels, rewards = collate(list(examples), 0, device)
-            mask = labels != -100
-            _, w[side] = self.weights(self.frozen_values(model, tokens, labels), rewards, mask, 0.0,
-                                      self.t.td_ema_warmup_steps, update_ema=False)
-            w[side + "_mask"] = mask
-        rows, cols = torch.arange(len(where), device=device), torch.tensor(where, device=device)
-        right_at, wrong_at = w["right"][rows, cols], w["wrong"][rows, cols]
+        # one batch, as in training: the same whitening for both sides, and a shuffle control pools them
+        tokens, labels, rewards = collate([*rights, *wrongs], 0, device)
+        mask = labels != -100
+        _, w = self.weights(self.frozen_values(model, tokens, labels), rewards, mask, 0.0,
+                            self.t.td_ema_warmup_steps, update_ema=False)
+        n, cols = len(where), torch.tensor(where, device=device)
+        rows = torch.arange(n, device=device)
+        right_at, wrong_at, right_mask = w[rows, cols], w[n + rows, cols], mask[:n]
         return {"val/token_credit": W.token_credit(right_at, wrong_at).item(),
                 "val/weight_first_wrong": wrong_at.mean().item(),
-                "val/weight_right": (w["right"] * w["right_mask"]).sum().item() / w["right_mask"].sum().item()}
+                "val/weight_right": (w[:n] * right_mask).sum().item() / right_mask.sum().item()}
 
     def begin_step(self):
         self.ema_before = self.ema

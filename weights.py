@@ -345,18 +345,17 @@ def answer_state_index(value_mask, fraction):
     return first + torch.floor(fraction * (n - 1).clamp(min=0).float()).long()
 
 
-def shuffled_within(w_tok, mask, generator=None):
+def shuffled_across(w_tok, mask, generator=None):
     """
-    The weights permuted at random within each row's mask (the same values, moved to other tokens of the same
-    answer): a control with the weights' distribution and none of their credit. Off the mask, unchanged.
+    The weights on the mask (every answer of the batch) permuted at random over the mask's tokens: a control with
+    the batch's weights and none of their credit. Not within each answer: a wrong answer's weights are lower as a
+    whole (its first wrong token's among them), and a within-answer shuffle keeps that. Off the mask, unchanged.
     """
-    m = w_tok.new_zeros(w_tok.shape, dtype=torch.bool) | mask.bool()
-    B, T = m.shape
-    keys = torch.rand(B, T, generator=generator, device=w_tok.device)
-    keys = torch.where(m, keys, 2.0 + torch.arange(T, device=w_tok.device) / T)  # off-mask: in place, after
-    in_order = (~m).float().argsort(dim=1, stable=True)  # the mask's positions first, in order
-    at_random = keys.argsort(dim=1)  # the mask's positions first, shuffled
-    return w_tok.scatter(1, in_order, w_tok.gather(1, at_random))
+    where = mask.bool().expand_as(w_tok).flatten().nonzero().squeeze(1)
+    order = torch.randperm(len(where), generator=generator, device=w_tok.device)
+    flat = w_tok.flatten().clone()
+    flat[where] = w_tok.flatten()[where[order]]
+    return flat.view_as(w_tok)
 
 
 def token_credit(w_right, w_wrong):

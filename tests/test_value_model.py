@@ -90,7 +90,7 @@ def test_shuffled_labels_permute_the_training_labels(tmp_path):
     assert [ex[2] for ex in s.train_examples] != before.tolist()
 
 
-def test_weight_control_shuffled_moves_each_answers_weights():
+def test_weight_control_shuffled_moves_the_weights_across_the_batchs_answers():
     cfg = load_config(ROOT / "configs" / "verifiable" / "verifiable_local.yaml", [*TINY])
     shuffled_cfg = load_config(ROOT / "configs" / "verifiable" / "verifiable_local.yaml",
                                [*TINY, "training.weight_control=shuffled"])
@@ -101,8 +101,9 @@ def test_weight_control_shuffled_moves_each_answers_weights():
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
     _, plain = Verifiable(cfg, 3).weights(values, rewards, mask, 0.95, 0, update_ema=True)
     _, moved = Verifiable(shuffled_cfg, 3).weights(values, rewards, mask, 0.95, 0, update_ema=True)
-    for b in range(4):  # each answer keeps its own weights, on other tokens
-        assert sorted(moved[b][mask[b]].tolist()) == pytest.approx(sorted(plain[b][mask[b]].tolist()))
+    assert sorted(moved[mask].tolist()) == pytest.approx(sorted(plain[mask].tolist()))  # the batch's weights
+    assert any(sorted(moved[b][mask[b]].tolist()) != pytest.approx(sorted(plain[b][mask[b]].tolist()))
+               for b in range(4))  # some of them on other answers
     assert not torch.equal(moved, plain) and (moved[~mask] == 0).all()
 
 

@@ -532,17 +532,23 @@ def test_answer_state_index():
     assert W.answer_state_index(vmask, 0.5).tolist() == [3, 1]
 
 
-def test_shuffled_within_keeps_each_rows_values_and_moves_them():
+def test_shuffled_across_permutes_the_masks_values_over_the_whole_batch():
     w = t([[0.0, 1.0, 2.0, 3.0, 4.0, 0.0], [5.0, 6.0, 7.0, 0.0, 0.0, 0.0]])
     mask = w > 0
-    moved = 0
-    for seed in range(20):
-        out = W.shuffled_within(w, mask, torch.Generator().manual_seed(seed))
-        for b in range(2):  # the same multiset on the mask, the same values off it
-            assert sorted(out[b][mask[b]].tolist()) == sorted(w[b][mask[b]].tolist())
-            assert out[b][~mask[b]].tolist() == w[b][~mask[b]].tolist()
+    crossed, moved = 0, 0
+    for seed in range(40):
+        out = W.shuffled_across(w, mask, torch.Generator().manual_seed(seed))
+        assert sorted(out[mask].tolist()) == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]  # the batch's multiset on the mask
+        assert (out[~mask] == 0).all()  # off it, in place
+        crossed += sorted(out[0][mask[0]].tolist()) != [1.0, 2.0, 3.0, 4.0]  # a value went to the other answer
         moved += not torch.equal(out, w)
-    assert moved >= 18  # 4!·3! orderings: the identity about once in 144
+    # 7! orderings; the first row keeps its own 4 values in 4!·3!/7! = 1/35 of them
+    assert moved == 40 and crossed >= 35
+    # a wrong answer's lower weights as a whole: within-answer shuffles keep P(right > wrong) at 1, this one ~0.5
+    right, wrong = torch.full((1, 200), 2.0), torch.full((1, 200), 1.0)
+    out = W.shuffled_across(torch.cat([right, wrong]), torch.ones(2, 200, dtype=torch.bool),
+                            torch.Generator().manual_seed(0))
+    assert abs(W.token_credit(out[0], out[1]).item() - 0.5) < 0.1
 
 
 def test_token_credit():
