@@ -4,6 +4,7 @@ Data: JSONL records {instruction, input?, output, is_correct?, task_id?, metadat
 (builtin:arith, builtin:pyfunc, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
 correct ratio, encoded with labels -100 on the prompt, and cut into this rank's seeded, resumable batches.
 """
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -367,12 +368,22 @@ def length_grouped(order, lengths, size, seed):
     return grouped
 
 
+@dataclasses.dataclass
+class Examples:
+    """A run's encoded data: the training and validation examples (ids, labels, is_correct, record), the dataset's
+    answer checker (None: the records carry their own tests, or nothing decodes) and how many were truncated."""
+    train: list
+    val: list
+    checker: object = None
+    n_truncated: int = 0
+
+
 class Batches:
     """This rank's micro-batches: every epoch one seeded order of the examples (see epoch_order), cut into
     batch_size pieces. `position` counts the micro-batches consumed — what a resume restores exactly."""
 
     def __init__(self, setup, position=0):
-        self.examples, self.pad_id, self.device = setup.train_examples, setup.tok.pad_id, setup.device
+        self.examples, self.pad_id, self.device = setup.data.train, setup.tok.pad_id, setup.device
         self.size, self.seed = setup.cfg.training.batch_size, setup.cfg.data_sampling.seed
         self.rank, self.world, self.position = setup.rank, setup.world, position
         self.per_epoch = len(epoch_order(len(self.examples), 0, self.seed, self.rank, self.world)) // self.size

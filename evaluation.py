@@ -47,7 +47,7 @@ class Validation:
     run under eval's sandbox limits, and a validation record with malformed tests fails here, before training."""
 
     def __init__(self, setup, autocast):
-        self.pipeline, self.examples, self.checker = setup.pipeline, setup.val_examples, setup.checker
+        self.pipeline, self.examples, self.checker = setup.pipeline, setup.data.val, setup.data.checker
         self.tok = setup.tok
         self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
         self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast

@@ -31,7 +31,7 @@ from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_c
                            pipeline_state, read_checkpoint, read_trainer_state, resolve_uri, set_rng_state)
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
-from data import Batches, chat_template, encode_records, epoch_order, load_records, sample_records
+from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
 from evaluation import Validation, evaluate
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
@@ -68,23 +68,23 @@ class Setup:
     pipeline: Pipeline
     tok: object
     model: nn.Module
-    params: list
     optimizer: torch.optim.Optimizer
-    train_examples: list
-    val_examples: list
-    checker: object
+    data: Examples
     total_steps: int
     run_name: str
-    n_truncated: int = 0
     started_from: str = ""
     resume_path: str = None
     resume: dict = None  # the resumed checkpoint: step, position, best_val_loss, run_id, unsent_metrics
 
+    @property
+    def params(self):
+        """What the optimizer trains (after sharding: this rank's shards)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
 
 def prepare_data(cfg, tok, pipeline):
-    """(train examples, validation examples, the answer checker, how many were truncated): sampled to their correct
-    ratios, rendered (with the model dir's chat template for dataset.template: chat) and encoded; the pipeline sees
-    them (the critic's validation looks for near-miss pairs)."""
+    """The run's Examples: sampled to their correct ratios, rendered (with the model dir's chat template for
+    dataset.template: chat) and encoded; the pipeline sees them (verifiable's validation looks for near-miss pairs)."""
     s, ds, chat = cfg.data_sampling, cfg.dataset, chat_template(cfg.model.path)  # chat: None if the dir has none
     train_records, checker = load_records(ds.train, "train")
     val_records, _ = load_records(ds.validation, "validation")
@@ -94,7 +94,7 @@ def prepare_data(cfg, tok, pipeline):
     encode_val = lambda records: encode(records, ds.validation)[0]
     val_examples = encode_val(sample_records(val_records, s.val_samples, pipeline.val_correct_ratio, s.seed + 1))
     pipeline.see_data(train_examples, val_records, encode_val)
-    return train_examples, val_examples, checker, n_truncated
+    return Examples(train_examples, val_examples, checker, n_truncated)
 
 
 def step_count(cfg, n_examples, rank, world):
@@ -119,7 +119,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
                         "not sharded yet; use training.parallel=ddp or critic.model=policy")
     tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg), meta=fsdp)
     pipeline = kind(cfg, model.args.n_future_tokens)
-    train_examples, val_examples, checker, n_truncated = prepare_data(cfg, tok, pipeline)
+    data = prepare_data(cfg, tok, pipeline)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
     run_name = cfg.mlflow.run_name or RUN_NAMES[pipeline.name]
@@ -150,9 +150,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
-    setup = Setup(cfg, rank, world, device, pipeline, tok, model, params, optimizer, train_examples, val_examples,
-                  checker, step_count(cfg, len(train_examples), rank, world), run_name, n_truncated, started_from,
-                  resume_path)
+    setup = Setup(cfg, rank, world, device, pipeline, tok, model, optimizer, data,
+                  step_count(cfg, len(data.train), rank, world), run_name, started_from, resume_path)
     if resume:
         setup.resume = resume
         if Path(resume_path).is_dir():
@@ -354,8 +353,8 @@ def train(cfg, use_micro=False):
                     if rank == 0 else NoTracking(s.pipeline.name))
         with StopSignal() as signals, tracking:
             run_id = tracking.run_id = broadcast(tracking.run_id)
-            log.info(f"{s.pipeline.name}: run {run_id}, {world} process(es) on {device}, {len(s.train_examples)} "
-                     f"train / {len(s.val_examples)} val examples ({s.n_truncated} truncated), {s.total_steps} steps"
+            log.info(f"{s.pipeline.name}: run {run_id}, {world} process(es) on {device}, {len(s.data.train)} "
+                     f"train / {len(s.data.val)} val examples ({s.data.n_truncated} truncated), {s.total_steps} steps"
                      + s.started_from + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
             batches = Batches(s, resume.get("position", 0))
             model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))

@@ -27,6 +27,13 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
+def workers_said(stderr, limit=4000):
+    """What torchrun's workers wrote to stderr, without the launcher's own report (its SIGTERM notices and the
+    ChildFailedError block fill the tail and hide the failing rank's error): for a failed run's assertion."""
+    ours = [line for line in stderr.splitlines() if "torch/distributed/" not in line and "elastic" not in line]
+    return "\n".join(ours)[-limit:]
+
+
 def tiny_config(pipeline, tmp_path, *overrides):
     from config import load_config
     return load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",

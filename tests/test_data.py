@@ -7,8 +7,8 @@ import torch
 from config import UserError
 from model import MTPTransformer, ModelArgs, generate
 from pretrained import ByteTokenizer
-from data import (Batches, arith_records, check_arith, collate, encode_records, epoch_order, length_grouped, read_jsonl,
-                  render_prompt, sample_records)
+from data import (Batches, Examples, arith_records, check_arith, collate, encode_records, epoch_order, length_grouped,
+                  read_jsonl, render_prompt, sample_records)
 
 TOK = ByteTokenizer()
 
@@ -107,7 +107,7 @@ def test_grouped_batches_pad_little_and_resume_at_the_same_batch():
     examples = [([1] * n, [1] * n, 1.0, {}) for n in [6, 50, 7, 60, 5, 55] * 20]
     cfg = types.SimpleNamespace(training=types.SimpleNamespace(batch_size=4, group_by_length=True),
                                 data_sampling=types.SimpleNamespace(seed=3))
-    setup = types.SimpleNamespace(train_examples=examples, tok=TOK, device=torch.device("cpu"), cfg=cfg, rank=0,
+    setup = types.SimpleNamespace(data=Examples(examples, []), tok=TOK, device=torch.device("cpu"), cfg=cfg, rank=0,
                                   world=1)
     batches = Batches(setup).take(40)                                 # 30 per epoch: into the second one
     short = [(t != TOK.pad_id).sum(1).max() <= 7 for t, _, _ in batches]

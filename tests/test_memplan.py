@@ -42,7 +42,7 @@ MEASURE = textwrap.dedent("""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         rank, world, device = setup_distributed(120)
         s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=device)
-        model, s.params, s.optimizer = s.model, None, None  # the optimizer is built again after wrapping
+        model, s.optimizer = s.model, None  # the optimizer is built again after wrapping
         if checkpointing:
             from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
             for blocks in (model.layers, model.extra_heads):

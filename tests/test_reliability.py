@@ -42,7 +42,7 @@ def environment(tracking_uri, **extra):
            if k not in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
                         "WMTP_TEST_FAULT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "TORCHELASTIC_RESTART_COUNT")}
     env.update(OMP_NUM_THREADS="1", MLFLOW_TRACKING_URI=tracking_uri, PYTHONPATH=str(ROOT),
-               GLOO_SOCKET_IFNAME="lo", **extra)
+               GLOO_SOCKET_IFNAME="lo", PYTHONFAULTHANDLER="1", **extra)  # a fatal signal prints the Python stacks
     return env
 
 

@@ -84,10 +84,10 @@ def test_shuffled_labels_permute_the_training_labels(tmp_path):
     plain = wm.prepare(tiny_config("critic", tmp_path, *SEPARATE, "model.init_from="), use_micro=True)
     s = wm.prepare(tiny_config("critic", tmp_path, *SEPARATE, "critic.shuffle_labels=true", "model.init_from="),
                    use_micro=True)
-    before = torch.tensor([ex[2] for ex in plain.train_examples])
-    assert [ex[0] for ex in s.train_examples] == [ex[0] for ex in plain.train_examples]
-    assert [ex[2] for ex in s.train_examples] == shuffled_labels(before, s.cfg.data_sampling.seed).tolist()
-    assert [ex[2] for ex in s.train_examples] != before.tolist()
+    before = torch.tensor([ex[2] for ex in plain.data.train])
+    assert [ex[0] for ex in s.data.train] == [ex[0] for ex in plain.data.train]
+    assert [ex[2] for ex in s.data.train] == shuffled_labels(before, s.cfg.data_sampling.seed).tolist()
+    assert [ex[2] for ex in s.data.train] != before.tolist()
 
 
 def test_weight_control_shuffled_moves_the_weights_across_the_batchs_answers():
