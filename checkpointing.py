@@ -3,11 +3,14 @@ Checkpoints: where one comes from (a path, s3://, runs:/ or `auto`, on every nod
 decides when to write one (best, every save_every steps, at a preemption, final) and what it holds: everything an
 exact resume needs. Files and uploads themselves are s3ckpt.py's.
 """
+import concurrent.futures as cf
 import contextlib
 import dataclasses
+import logging
 import os
 from pathlib import Path
 import random
+import shutil
 import signal
 
 import s3ckpt
@@ -15,9 +18,12 @@ import torch
 import torch.distributed as dist
 
 from config import RUN_NAMES, tracking_uri, UserError
-from parallel import broadcast, full_state, is_sharded, save_sharded
+from parallel import (all_gather, broadcast, files_to_read, full_state, is_sharded, load_sharded, own_files,
+                      save_sharded)
 from pretrained import check_state, load_state, release_pages
 from tracking import Preempted, finished, newest_run
+
+log = logging.getLogger("weighted_mtp")
 
 
 def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
@@ -41,7 +47,18 @@ def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
 def on_this_node(cfg, found, cache_dir):
     """Rank 0's (path, URI) of a checkpoint -> a file on this rank's node: rank 0's path where this node sees it (one
     machine, a shared disk), else this node's own download of the URI, by its local rank 0 while the others wait."""
-    path, uri = broadcast(found)
+    return resume_point(cfg, found, cache_dir)[0]
+
+
+def resume_point(cfg, found, cache_dir):
+    """on_this_node's (path, URI, sharded): a sharded checkpoint's directory (rank 0's path, as rank 0 sees it) is
+    not fetched here: rank 0 reads its trainer.pt for everyone (trainer_state), each node fetches the shard files
+    its ranks read (load_shards)."""
+    if found is not None:  # rank 0
+        found = (*found, bool(found[0]) and Path(found[0]).is_dir())
+    path, uri, sharded = broadcast(found)
+    if sharded:
+        return path, uri, True
     missing = bool(path) and not Path(path).exists()
     if missing and not uri:
         raise UserError(f"{path}: on rank 0's node only and in no run's artifacts: give every node one checkpoint.dir")
@@ -52,7 +69,47 @@ def on_this_node(cfg, found, cache_dir):
         dist.barrier()
     if missing and not node_first:
         path = resolve_uri(cfg, uri, None, None, cache_dir)[0]  # in the node's cache by now
-    return path
+    return path, uri, False
+
+
+def node_id():
+    """This rank's node: torchrun's GROUP_RANK (0 without torchrun)."""
+    return int(os.environ.get("GROUP_RANK", 0))
+
+
+def by_node_first(fn):
+    """fn() run by this node's local rank 0 alone, its result on every rank of the node. A CheckpointError on any
+    node is a UserError on every rank (this node's own, else the first), so no rank goes on to load alone."""
+    first, result, error = int(os.environ.get("LOCAL_RANK", 0)) == 0, None, None
+    if first:
+        try:
+            result = fn()
+        except s3ckpt.CheckpointError as e:
+            error = str(e)
+    answers = all_gather((node_id(), first, result, error))
+    (_, _, result, error), *_ = [a for a in answers if a[0] == node_id() and a[1]]
+    errors = [a[3] for a in answers if a[3]]
+    if error or errors:
+        raise UserError(error or errors[0])
+    return result
+
+
+def load_shards(cfg, model, optimizer, path, uri, manifest, cache_dir):
+    """A sharded checkpoint (rank 0's `path`, `uri` in the run's artifacts, trainer.pt's manifest) into the model and
+    optimizer; returns the directory this rank loaded from. Each node reads it from one directory of its own: rank
+    0's path where the files its ranks read are there intact (one machine, a shared disk), else the node's cache,
+    filled by its local rank 0 (s3ckpt.fetch_shards: intact local copies linked, the rest downloaded and checked):
+    first .metadata (it says where each tensor is), then the files DCP's load plans of the node's ranks name (its
+    own ranks' shards when the world is the one that saved, and whichever files hold the replicated tensors).
+    A missing or corrupted file is a one-line error naming it on every rank, before any rank loads."""
+    tracking = tracking_uri(cfg.mlflow.tracking_uri)
+    fetch = lambda names: s3ckpt.fetch_shards(path, uri, names, manifest, cache_dir, tracking)
+    where = by_node_first(lambda: fetch([".metadata"]))
+    needs = all_gather((node_id(), files_to_read(model, optimizer, where)))
+    names = sorted({".metadata", *(n for node, files in needs if node == node_id() for n in files)})
+    where = by_node_first(lambda: fetch(names))
+    load_sharded(model, optimizer, where)
+    return str(where)
 
 
 def rng_state():
@@ -101,17 +158,19 @@ def checkpoint_weights(model, path, state=None):
     return str(path), groups()
 
 
-def read_trainer_state(directory):
-    """A sharded checkpoint's trainer.pt: everything but the model and optimizer shards (step, data position, ...),
-    once every shard file it lists is there with the size and sha256 it lists."""
-    try:
-        state = s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
-    except s3ckpt.CheckpointError as e:
-        raise UserError(f"{directory}: incomplete sharded checkpoint ({e})")
-    try:  # its shard files as they were written (older checkpoints list none)
-        s3ckpt.verify_shards(directory, state.get("shards", {}))
-    except s3ckpt.CheckpointError as e:
-        raise UserError(str(e))
+def trainer_state(directory):
+    """A sharded checkpoint's trainer.pt (everything but the model and optimizer shards: step, data position, the
+    manifest of its shard files, ...), read by rank 0 (whose node has it: find_resume) and sent to every rank; its
+    shard files are checked as each node fetches them (load_shards)."""
+    state = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            state = s3ckpt.load_checkpoint(Path(directory) / "trainer.pt")
+        except s3ckpt.CheckpointError as e:
+            state = f"{directory}: incomplete sharded checkpoint ({e})"
+    state = broadcast(state)
+    if isinstance(state, str):
+        raise UserError(state)
     return state
 
 
@@ -131,15 +190,31 @@ def find_resume(cfg, run_name, root, cache_dir):
         newest = max(candidates, key=lambda p: p.stat().st_mtime)  # in <run name>/<run id>/
         uploaded = cfg.mlflow.enable_logging and not newest.parent.name.startswith("local-")
         return str(newest), f"runs:/{newest.parent.name}/checkpoints/{newest.name}" if uploaded else None
-    remote = newest_remote_checkpoint(cfg, run_name) if cfg.mlflow.enable_logging else None
+    remote = newest_remote_checkpoint(cfg, run_name, cache_dir) if cfg.mlflow.enable_logging else None
     return resolve_uri(cfg, remote, None, None, cache_dir) if remote else (None, None)
 
 
-def newest_remote_checkpoint(cfg, run_name):
+def whole_remotely(client, run_id, name, cache_dir, uri_tracking):
+    """Whether the remote sharded checkpoint checkpoints/<name> is whole: its trainer.pt (uploaded last) is there,
+    and so is every file its manifest lists, of the size it lists (none lost to a failed node or a cleanup)."""
+    listed = {Path(f.path).name: f.file_size for f in client.list_artifacts(run_id, f"checkpoints/{name}")}
+    if "trainer.pt" not in listed:
+        return False
+    try:
+        trainer = s3ckpt.resolve_checkpoint(f"runs:/{run_id}/checkpoints/{name}/trainer.pt", cache_dir, uri_tracking)
+        shards = s3ckpt.load_checkpoint(trainer).get("shards", {})
+    except s3ckpt.CheckpointError as e:
+        log.warning(f"remote checkpoint {name} of run {run_id} passed over: {e}")
+        return False
+    return all(listed.get(n) == size for n, (size, _) in shards.items())
+
+
+def newest_remote_checkpoint(cfg, run_name, cache_dir):
     """runs:/ URI of the newest step checkpoint (by step number: a preemption writes one), else checkpoint_best.pt,
     of the newest unfinished run with this run name and experiment.name; None when there is none to resume from."""
     from mlflow import MlflowClient
-    client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
+    uri_tracking = tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(uri_tracking)
     same_config = (f"tags.mlflow.runName = '{run_name}' and params.`experiment.name` = '{cfg.experiment.name}' "
                    "and attributes.status != 'FINISHED'")
     run = newest_run(client, cfg.mlflow.experiment, same_config)
@@ -148,9 +223,8 @@ def newest_remote_checkpoint(cfg, run_name):
     names = [Path(f.path).name for f in client.list_artifacts(run.info.run_id, "checkpoints")]
     if "checkpoint_final.pt" in names:  # trained to the end, only its ending was lost: as finished locally
         return None
-    # a sharded checkpoint (a directory) is whole once its trainer.pt, uploaded last, is there
-    whole = lambda n: n.endswith(".pt") or "trainer.pt" in [
-        Path(f.path).name for f in client.list_artifacts(run.info.run_id, f"checkpoints/{n}")]
+    # a sharded checkpoint (a directory) is whole once its trainer.pt and every file that lists are there
+    whole = lambda n: n.endswith(".pt") or whole_remotely(client, run.info.run_id, n, cache_dir, uri_tracking)
     steps = sorted((n for n in names if s3ckpt.checkpoint_step(n) is not None), key=s3ckpt.checkpoint_step)
     newest = next((n for n in reversed(steps) if whole(n)), "checkpoint_best.pt")
     return f"runs:/{run.info.run_id}/checkpoints/{newest}" if newest in names else None
@@ -176,28 +250,49 @@ class Checkpointer:
     holds what an exact resume needs (model, optimizer, step, data position, RNG, the pipeline's state, ...).
     A full checkpoint is rank 0's one file (gathered from every rank when sharded); with checkpoint.format: sharded
     the step checkpoints (periodic and preemption) are directories each rank writes its shards into, rank 0 adding
-    trainer.pt (the rest of the state) once all are in; best and final stay files that any tool reads."""
+    trainer.pt (the rest of the state, and the manifest of every rank's files) once all are in; each rank uploads
+    the files it wrote, rank 0 trainer.pt after all of them (nodes need no shared disk). Best and final stay files
+    that any tool reads."""
 
     def __init__(self, setup, batches, tracking, run_id, run_dir):
         self.setup, self.batches, self.tracking, self.run_id, self.run_dir = setup, batches, tracking, run_id, run_dir
-        self.save_every, self.total = setup.cfg.checkpoint.save_every, setup.total_steps
+        c = setup.cfg.checkpoint
+        self.save_every, self.total, self.limit = c.save_every, setup.total_steps, c.save_total_limit
         self.best_val = setup.resume["best_val_loss"] if setup.resume else float("inf")
-        self.sharded, self.shards = setup.cfg.checkpoint.format == "sharded", None  # this rank's shards in flight
-        # sharded saves finish in a background thread: their collectives get a group of their own
-        self.group = dist.new_group(backend="gloo") if self.sharded and dist.is_initialized() else None
-        self.writer = None
+        self.sharded, self.shards = c.format == "sharded", None  # this rank's shards in flight
+        self.writer, self.uploader, self.published = None, tracking.uploader, []
         if setup.rank == 0:
-            self.writer = s3ckpt.CheckpointWriter(setup.cfg.checkpoint.save_total_limit, tracking.uploader)
+            self.writer = s3ckpt.CheckpointWriter(c.save_total_limit, tracking.uploader)
+        elif self.sharded and setup.cfg.mlflow.enable_logging:  # every rank uploads the shard files it writes
+            self.uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(setup.cfg.mlflow.tracking_uri),
+                                                      retry_budget_s=c.upload_retry_budget_s,
+                                                      verify_etag=c.verify_etag)
+        # sharded saves finish in background threads, their collectives on groups of their own: the save's and the
+        # manifest's on one, the uploads' (which may run beside the next save) on another
+        new_group = lambda: dist.new_group(backend="gloo") if self.sharded and dist.is_initialized() else None
+        self.group, self.upload_group = new_group(), new_group()
+        self.finishing = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-shards") if self.sharded else None
+        self.publishing = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-publish") if self.sharded else None
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
         if self.shards:
-            with contextlib.suppress(Exception):  # rank 0's writer reports a failed save
+            try:
                 self.shards.result()
+            except Exception as e:
+                log.error(f"sharded checkpoint failed: {e}")
         if self.writer:
             self.writer.close()
+        if self.sharded:
+            if self.setup.rank != 0 and self.published:  # rank 0's Tracking waits for its own (uploader.track)
+                c = self.setup.cfg.checkpoint
+                cf.wait(self.published, c.preempt_grace_s if exc_type is Preempted else c.upload_timeout_s)
+            for pool in (self.finishing, self.publishing):
+                pool.shutdown(wait=False, cancel_futures=True)
+            if self.uploader and self.setup.rank != 0:
+                self.uploader.close()
 
     def step_name(self, done):
         return f"checkpoint_step_{done}" + ("" if self.sharded else ".pt")
@@ -226,10 +321,7 @@ class Checkpointer:
         if not name.endswith(".pt"):
             self.wait_shards()  # one sharded save in flight per rank, as the writer keeps one write in flight
             written = save_sharded(s.model, s.optimizer, path, self.group)
-            if self.writer:
-                self.writer.save_dir(written, state, path)
-            else:
-                self.shards = written
+            self.shards = self.finishing.submit(self.after_shards, written, s3ckpt.cpu_copy(state), path, step)
         elif self.writer or is_sharded(s.model):  # every rank takes part in gathering a sharded model
             weights, partial, optimizer = full_state(s.model, s.optimizer)
             if self.writer:
@@ -243,3 +335,46 @@ class Checkpointer:
         shards, self.shards = self.shards, None
         if shards is not None:
             shards.result()
+
+    def after_shards(self, written, state, path, step):
+        """Every rank, once its sharded save `written` is done: the files each rank wrote, with their sizes and
+        sha256 (each hashes its own), gathered into one manifest; rank 0 writes trainer.pt with it; each node's
+        local rank 0 applies save_total_limit to its own disk. With a run to upload into, each rank's files (rank
+        0's trainer.pt apart) are snapshotted now and uploaded behind (publish)."""
+        rank, local_first = self.setup.rank, int(os.environ.get("LOCAL_RANK", 0)) == 0
+        mine = own_files(written.result(), rank)
+        manifest = {n: e for part in all_gather(s3ckpt.shard_manifest(path, mine), self.group) for n, e in part.items()}
+        if rank == 0:
+            s3ckpt.save_checkpoint({**state, "shards": manifest}, path / "trainer.pt")
+        if self.uploader:  # snapshots before pruning: the newest may be pruned at once (save_total_limit 0)
+            root = path.parent / ".upload-snapshots"
+            trainer = s3ckpt.snapshot_files([path / "trainer.pt", path / "trainer.pt.sha256"], root) if rank == 0 \
+                else None
+            published = self.publishing.submit(self.publish, s3ckpt.snapshot_files([path / n for n in mine], root),
+                                               trainer, path, step)
+            self.published = [f for f in self.published if not f.done()] + [published]
+            if rank == 0:
+                self.uploader.track(f"checkpoints/{path.name}", path, published)
+        if local_first:
+            s3ckpt.prune_local_checkpoints(path.parent, self.limit)
+        return manifest
+
+    def publish(self, mine, trainer, path, step):
+        """Every rank: its files (the snapshot `mine`) into the run's checkpoints/<directory>/; then rank 0, once
+        every rank says its files are in, trainer.pt (the mark of a whole remote directory) and the expiry of older
+        remote ones. Returns the directory's URI on rank 0; raises there when some rank's upload failed."""
+        artifact, error = f"checkpoints/{path.name}", None
+        try:
+            self.uploader.put_files(mine, artifact, str(path))
+        except Exception as e:
+            error = f"rank {self.setup.rank}: {type(e).__name__}: {e}"
+        errors = [e for e in all_gather(error, self.upload_group) if e]
+        if trainer is None:
+            return None
+        if errors:
+            shutil.rmtree(trainer, ignore_errors=True)
+            raise s3ckpt.CheckpointError(f"{path}: not every shard uploaded, so no trainer.pt either ({errors[0]})")
+        uri = self.uploader.put_files(trainer, artifact, str(path))[0].rsplit("/", 1)[0]
+        self.writer.expire_remote(upto=step)  # steps after this one may still be arriving from other ranks
+        return uri
+

@@ -46,6 +46,15 @@ def broadcast(obj):
     return box[0]
 
 
+def all_gather(obj, group=None):
+    """[every rank's Python object obj], in rank order ([obj] without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    box = [None] * dist.get_world_size(group)
+    dist.all_gather_object(box, obj, group=group)
+    return box
+
+
 class Meter:
     """Token-weighted means across micro-batches and ranks: sums of (value·count, count) stay on the device, one
     all-reduce at log time turns them into means; mins and maxes reduce with MIN/MAX."""
@@ -255,6 +264,29 @@ def save_sharded(model, optimizer, path, group):
     saved = dcp.async_save(sharded_state(model, optimizer), checkpoint_id=str(path), process_group=group,
                            no_dist=not dist.is_initialized())
     return getattr(saved, "upload_completion", saved)  # newer versions answer an AsyncSaveResponse
+
+
+def own_files(metadata, rank):
+    """The files of a finished sharded save (its Future's Metadata) that `rank` wrote: DCP names each rank's
+    __<rank>_<n>.distcp, and its coordinator, rank 0, writes .metadata."""
+    names = {info.relative_path for info in metadata.storage_data.values()}
+    return sorted(n for n in names if n.startswith(f"__{rank}_")) + ([".metadata"] if rank == 0 else [])
+
+
+def files_to_read(model, optimizer, path):
+    """The files of the sharded checkpoint directory `path` (its .metadata, at least, there) that load_sharded
+    reads on this rank: DCP's load plan for this rank's shards names them (its own shards' files when the world is
+    the one that saved, and, as every rank loads every replicated tensor, whichever rank's file holds each)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    try:
+        metadata = dcp.FileSystemReader(str(path)).read_metadata()
+        planner = DefaultLoadPlanner()
+        planner.set_up_planner(sharded_state(model, optimizer), metadata, is_coordinator=False)
+        items = planner.create_local_plan().items
+    except Exception as e:
+        raise UserError(f"{path}: not a readable sharded checkpoint for this model ({type(e).__name__}: {e})")
+    return sorted({metadata.storage_data[item.storage_index].relative_path for item in items})
 
 
 def load_sharded(model, optimizer, path):

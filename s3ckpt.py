@@ -8,8 +8,10 @@ Checkpoints that survive spot machines.
 - S3Store / MlflowStore: a run's artifacts behind put / list / delete (boto3 straight to S3 when the artifact
   location is s3://, MLflow's artifact repository otherwise).
 - CheckpointUploader: snapshots, orders and retries uploads to a store in the background, runs jobs after them,
-  and says in wait() which checkpoints are only local. Only rank 0 creates one.
-- resolve_checkpoint: a local path, s3://..., runs:/<id>/... or "auto" -> a local file (cached).
+  and says in wait() which checkpoints are only local. Rank 0 creates one; with sharded checkpoints every rank does
+  (each uploads the shard files it wrote: put_files).
+- resolve_checkpoint: a local path, s3://..., runs:/<id>/... or "auto" -> a local file (cached); fetch_shards: the
+  files of a sharded checkpoint a node reads, checked against its trainer.pt's manifest.
 
 Nothing here logs credentials: messages name local paths and artifact URIs only.
 mlflow and boto3 are imported lazily so that `import s3ckpt` stays cheap for local-only use.
@@ -120,21 +122,31 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
         raise CheckpointError(f"{path}: not a readable checkpoint ({e})") from e
 
 
-def shard_manifest(directory):
-    """{file: [bytes, sha256]} of a sharded checkpoint directory's shard files (all but trainer.pt*): what
-    verify_shards checks before a resume reads any of them."""
-    return {f.name: [f.stat().st_size, _sha256(f)] for f in sorted(Path(directory).iterdir())
+def shard_manifest(directory, names=None):
+    """{file: [bytes, sha256]} of a sharded checkpoint directory's shard files (all but trainer.pt*; only `names`
+    when given: the files one rank wrote): what verify_shards checks before a resume reads any of them."""
+    files = [Path(directory) / n for n in names] if names is not None else sorted(Path(directory).iterdir())
+    return {f.name: [f.stat().st_size, _sha256(f)] for f in files
             if f.is_file() and not f.name.startswith("trainer.pt")}
+
+
+def _intact(path, entry):
+    """Whether path holds the bytes a manifest's [size, sha256] entry lists (None, a checkpoint without a
+    manifest: whether it is there)."""
+    path = Path(path)
+    if not path.is_file() or entry is None:
+        return path.is_file()
+    return path.stat().st_size == entry[0] and _sha256(path) == entry[1]
 
 
 def verify_shards(directory, manifest):
     """Raises CheckpointError naming the first shard file of `manifest` that is missing, of another size, or whose
     bytes do not hash to the manifest's: never a partial or corrupted load."""
-    for name, (size, digest) in manifest.items():
+    for name, entry in manifest.items():
         path = Path(directory) / name
         if not path.is_file():
             raise CheckpointError(f"{path}: missing (its checkpoint's trainer.pt lists it)")
-        if path.stat().st_size != size or _sha256(path) != digest:
+        if not _intact(path, entry):
             raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
 
 
@@ -170,8 +182,8 @@ def prune_local_checkpoints(ckpt_dir, save_total_limit):
     d = Path(ckpt_dir)
     if not d.is_dir():
         return []
-    def delete(n):
-        shutil.rmtree(d / n) if (d / n).is_dir() else (d / n).unlink(missing_ok=True)
+    def delete(n):  # several nodes may prune one shared directory: a name another removed first is gone already
+        shutil.rmtree(d / n, ignore_errors=True) if (d / n).is_dir() else (d / n).unlink(missing_ok=True)
     return [d / n for n in _prune(os.listdir(d), save_total_limit, delete)]
 
 
@@ -217,13 +229,6 @@ class CheckpointWriter:
         self.wait()
         self._pending = self._pool.submit(self._write, cpu_copy(state), Path(path))
 
-    def save_dir(self, written, state, path):
-        """A sharded checkpoint: the directory `path` whose shards the Future `written` is writing. Once it is done,
-        state (the rest: step, data position, ...) goes in as trainer.pt, the mark of a whole directory; then the
-        directory is uploaded and retention runs, as for a file."""
-        self.wait()
-        self._pending = self._pool.submit(self._write_dir, written, cpu_copy(state), Path(path))
-
     def wait(self):
         """Blocks until the last saved checkpoint is on disk and queued for upload; raises its error."""
         pending, self._pending = self._pending, None
@@ -238,20 +243,15 @@ class CheckpointWriter:
             log.error("checkpoint write failed: %s", e)
         self._pool.shutdown(wait=True)
 
-    def expire_remote(self, artifact_path="checkpoints"):
+    def expire_remote(self, artifact_path="checkpoints", upto=None):
         """Returns a Future of the deleted remote names. Once every upload submitted before this call has landed
         (the newer checkpoints it keeps must be remote before the older ones go), deletes the remote step
         checkpoints beyond the newest save_total_limit and their .sha256; spares any name an upload submitted later
-        still writes."""
-        return self.uploader.after_uploads(lambda store: self._expire_remote(store, artifact_path.strip("/")))
+        still writes. upto: steps after it are not counted (a sharded directory other nodes are still filling)."""
+        return self.uploader.after_uploads(lambda store: self._expire_remote(store, artifact_path.strip("/"), upto))
 
     def _write(self, state, path):
         save_checkpoint(state, path)
-        self._upload_and_prune(path)
-
-    def _write_dir(self, written, state, path):
-        written.result()
-        save_checkpoint({**state, "shards": shard_manifest(path)}, path / "trainer.pt")
         self._upload_and_prune(path)
 
     def _upload_and_prune(self, path):
@@ -262,8 +262,9 @@ class CheckpointWriter:
             if self.uploader:
                 self.expire_remote()
 
-    def _expire_remote(self, store, artifact_path):
-        deleted = _prune(store.list(artifact_path), self.save_total_limit,
+    def _expire_remote(self, store, artifact_path, upto=None):
+        names = [n for n in store.list(artifact_path) if upto is None or (checkpoint_step(n) or 0) <= upto]
+        deleted = _prune(names, self.save_total_limit,
                          delete=lambda n: store.delete(f"{artifact_path}/{n}"),
                          spare=lambda n: self.uploader.uploading(f"{artifact_path}/{n.rstrip('/')}"))
         deleted = [f"{artifact_path}/{n.rstrip('/')}" for n in deleted]
@@ -405,6 +406,20 @@ def _link_or_copy(src, dst):
         shutil.copy2(src, dst)
 
 
+def snapshot_files(paths, root):
+    """Hard links (copies on another filesystem) of paths, taken now, in a new folder under root: what a later
+    put_files uploads, whatever pruning or a newer save does to the originals meanwhile."""
+    folder = Path(root) / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    try:
+        for p in paths:
+            _link_or_copy(p, folder / Path(p).name)
+    except Exception:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
+
+
 def _is_permanent(e):
     return isinstance(e, FileNotFoundError) or any(code in str(e) for code in PERMANENT_ERRORS)
 
@@ -459,6 +474,20 @@ class CheckpointUploader:
             fut = self._jobs.submit(self._after, before, job)
             self._job_futures.append(fut)
         return fut
+
+    def track(self, name, local, fut):
+        """Counts the Future fut (an upload done elsewhere: a sharded checkpoint's, whole once it is done) as the
+        newest upload of the remote name, of the local path: wait(), uploading() and after_uploads() see it."""
+        with self._lock:
+            self._latest[name] = (fut, str(local))
+
+    def put_files(self, folder, artifact_path, local):
+        """Uploads every file of folder (a snapshot_files snapshot; trainer.pt* last) into artifact_path now, in
+        this thread, retrying as every upload does; removes the snapshot once all are in. Returns their URIs."""
+        files = sorted(Path(folder).iterdir(), key=lambda f: (f.name.startswith("trainer.pt"), f.name))
+        uris = self._put([(f, artifact_path.strip("/")) for f in files], local, folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        return uris
 
     def uploading(self, name):
         """Whether an upload of the remote name (artifact_path/file) is queued or running."""
@@ -523,12 +552,19 @@ class CheckpointUploader:
         if snap.is_dir():
             inside = sorted((f for f in snap.rglob("*") if f.is_file()), key=lambda f: f.name.startswith("trainer.pt"))
             files = [(f, f"{artifact_path}/{f.parent.relative_to(snap.parent)}") for f in inside]
+        uris = self._put(files, local, snap)
+        uri = uris[0] if not snap.is_dir() else uris[-1].rsplit("/", 1)[0]
+        shutil.rmtree(snap.parent, ignore_errors=True)
+        log.info("uploaded %s -> %s", local, uri)
+        return uri
+
+    def _put(self, files, local, snap):
+        """store.put of each (file, artifact path), all of them again after a transient error until the retry
+        budget is spent (uploading a file again overwrites it: no half state)."""
         deadline, delay, attempt = time.monotonic() + self.retry_budget_s, BACKOFF_START_S, 1
         while True:
             try:
-                uris = [self.store.put(f, path) for f, path in files]
-                uri = uris[0] if not snap.is_dir() else uris[-1].rsplit("/", 1)[0]
-                break
+                return [self.store.put(f, path) for f, path in files]
             except Exception as e:
                 left = deadline - time.monotonic()
                 if _is_permanent(e) or left <= 0 or self._stop.is_set():
@@ -539,9 +575,6 @@ class CheckpointUploader:
                             min(delay, left))
                 self._stop.wait(min(delay, left))
                 delay, attempt = min(2 * delay, BACKOFF_MAX_S), attempt + 1
-        shutil.rmtree(snap.parent, ignore_errors=True)
-        log.info("uploaded %s -> %s", local, uri)
-        return uri
 
 
 # -----------------------------------------------------------------------------
@@ -574,21 +607,6 @@ def _is_dir_name(name):
     return checkpoint_step(name) is not None and not str(name).endswith(".pt")
 
 
-def _download_s3_dir(bucket, prefix, cache_dir):
-    """Every file under s3://bucket/prefix/ into the cache (each as _download_s3 does: verified, kept if current)."""
-    from botocore.exceptions import BotoCoreError, ClientError
-    try:
-        pages = s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix.rstrip('/')}/")
-        keys = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith(".sha256")]
-    except (BotoCoreError, ClientError) as e:
-        raise CheckpointError(f"s3://{bucket}/{prefix}: cannot list ({e})") from e
-    if not any(k.endswith("/trainer.pt") for k in keys):
-        raise CheckpointError(f"s3://{bucket}/{prefix}: not a whole sharded checkpoint (no trainer.pt)")
-    for key in keys:
-        _download_s3(bucket, key, cache_dir)
-    return Path(cache_dir) / "s3" / bucket / prefix.rstrip("/")
-
-
 def _download_mlflow(uri, run_id, path, cache_dir, tracking_uri):
     import mlflow
     dst = Path(cache_dir) / "runs" / run_id / path
@@ -615,24 +633,61 @@ def _download_mlflow(uri, run_id, path, cache_dir, tracking_uri):
 def resolve_checkpoint(uri, cache_dir, tracking_uri=None):
     """Returns a local file for uri: a local path as it is; s3://bucket/key and runs:/<run_id>/<path> downloaded
     atomically into cache_dir (with their .sha256 when the remote has one, so load_checkpoint verifies them).
-    Raises CheckpointError. (`auto` is the trainer's: checkpointing.resolve_uri turns it into a runs:/ URI.)"""
-    uri = str(uri)
+    A sharded checkpoint's directory comes down as its trainer.pt alone (-> the directory in the cache): each node
+    fetches the shard files it reads later (fetch_shards). Raises CheckpointError. (`auto` is the trainer's:
+    checkpointing.resolve_uri turns it into a runs:/ URI.)"""
+    uri = str(uri).rstrip("/")
     if not uri.startswith(("s3://", "runs:/")):
         path = Path(uri).expanduser()
         if not path.is_file() and not (path / "trainer.pt").is_file():
             raise CheckpointError(f"{path}: no such checkpoint file (or sharded checkpoint directory)")
         return path
+    if _is_dir_name(uri):
+        return resolve_checkpoint(f"{uri}/trainer.pt", cache_dir, tracking_uri).parent
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     try:
         if uri.startswith("s3://"):
-            return (_download_s3_dir if _is_dir_name(uri) else _download_s3)(*_split_s3(uri), cache_dir)
+            return _download_s3(*_split_s3(uri), cache_dir)
         run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
         base = MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri.rstrip("/")
         if base.startswith("s3://"):
             bucket, prefix = _split_s3(base)
-            download = _download_s3_dir if _is_dir_name(path) else _download_s3
-            return download(bucket, f"{prefix}/{path}".lstrip("/"), cache_dir)
+            return _download_s3(bucket, f"{prefix}/{path}".lstrip("/"), cache_dir)
         return _download_mlflow(uri, run_id, path, cache_dir, tracking_uri)
     except MlflowException as e:
         raise CheckpointError(f"{uri}: {e}") from e
+
+
+def _fetch_intact(uri, entry, cache_dir, tracking_uri):
+    """resolve_checkpoint(uri), its bytes checked against the manifest's entry; a cached copy that fails the check
+    (stale, broken) is downloaded once more before the remote copy is called corrupted."""
+    got = resolve_checkpoint(uri, cache_dir, tracking_uri)
+    if not _intact(got, entry):
+        got.unlink()
+        got = resolve_checkpoint(uri, cache_dir, tracking_uri)
+    if not _intact(got, entry):
+        raise CheckpointError(f"{uri}: checksum mismatch with its checkpoint's trainer.pt (corrupted or truncated)")
+    return got
+
+
+def fetch_shards(local_dir, uri, names, manifest, cache_dir, tracking_uri=None):
+    """The directory that holds the files `names` of a sharded checkpoint, each as trainer.pt's manifest lists it:
+    local_dir when it holds them all intact (one machine, a shared disk); else uri's folder in cache_dir, what is
+    missing or broken downloaded from uri (the checkpoint's directory in the run's artifacts) and the intact local
+    copies linked in. Raises CheckpointError naming the first file missing or corrupted (locally without a uri)."""
+    local = Path(local_dir) if local_dir else None
+    bad = [n for n in names if not (local and _intact(local / n, manifest.get(n)))]
+    if not bad:
+        return local
+    if not uri:
+        verify_shards(local, {n: manifest.get(n) for n in bad})  # raises, naming the first
+    folder = None
+    for name in bad:
+        folder = _fetch_intact(f"{uri.rstrip('/')}/{name}", manifest.get(name), cache_dir, tracking_uri).parent
+    for name in sorted(set(names) - set(bad)):
+        if not _intact(folder / name, manifest.get(name)):
+            tmp = folder / f".{name}.{uuid.uuid4().hex}.link"
+            _link_or_copy(local / name, tmp)
+            os.replace(tmp, folder / name)
+    return folder

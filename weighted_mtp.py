@@ -27,15 +27,16 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_checkpoint_into, on_this_node,
-                           pipeline_state, read_checkpoint, read_trainer_state, resolve_uri, set_rng_state)
+from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_checkpoint_into, load_shards,
+                           on_this_node, pipeline_state, read_checkpoint, resolve_uri, resume_point, set_rng_state,
+                           trainer_state)
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
 from evaluation import Validation, evaluate
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
-                      load_optimizer_rows, load_sharded, setup_distributed, shard, shard_from_meta, transformer_blocks,
+                      load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
                       wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
@@ -128,8 +129,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     def fetch(spec, pipeline_for_auto, artifact):
         return on_this_node(cfg, resolve_uri(cfg, spec, pipeline_for_auto, artifact, cache) if master else None, cache)
 
-    resume_path = on_this_node(cfg, find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache) if master else None,
-                               cache)
+    resume_path, resume_uri, sharded = resume_point(
+        cfg, find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache) if master else None, cache)
     spec, source, artifact = pipeline.start_from()
     started_from = "" if cfg.model.path or resume_path else ", from random weights (nothing pretrained)"
     start_path = None
@@ -142,7 +143,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
         block.checkpointed = t.activation_checkpointing
     model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False, meta=fsdp)[1],
                             torch.device("cpu") if fsdp else device, tok) or model  # sharded: shards only (shard())
-    resume = resume_path and (read_trainer_state(resume_path) if Path(resume_path).is_dir() else
+    resume = resume_path and (trainer_state(resume_path) if sharded else
                               read_checkpoint(resume_path) if fsdp else load_checkpoint_into(model, resume_path))
     if fsdp:
         shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path, resume)
@@ -154,8 +155,9 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
                   step_count(cfg, len(data.train), rank, world), run_name, started_from, resume_path)
     if resume:
         setup.resume = resume
-        if Path(resume_path).is_dir():
-            load_sharded(model, optimizer, resume_path)
+        if sharded:  # each node's ranks read from a directory of its own (a shared disk's, else its cache)
+            shards = resume.get("shards", {})  # (older checkpoints list none)
+            setup.resume_path = load_shards(cfg, model, optimizer, resume_path, resume_uri, shards, cache)
         else:  # FSDP: this rank's rows of each moment, out of the memory-mapped file
             (load_optimizer_rows if fsdp else load_optimizer)(model, optimizer, resume.pop("optimizer"))
         set_rng_state(resume["rng"])

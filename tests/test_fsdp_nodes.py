@@ -1,0 +1,140 @@
+"""Sharded checkpoints across nodes without a shared disk: two torchrun agents (2 processes each) rendezvous as two
+nodes on this machine, each in its own directory with a relative checkpoint.dir, so neither sees the other's files.
+Every rank uploads the shard files it wrote into the run's artifacts on a real (moto) S3 server, rank 0 trainer.pt
+last; a resume on two empty disks fetches on each node what its ranks read, checked against trainer.pt's manifest.
+"""
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import s3ckpt
+from s3server import BUCKET, CREDENTIALS, MotoS3, moto_s3  # noqa: F401 (a fixture)
+from test_reliability import FAULTY, empty_store, environment, runs_of, store, train_args  # noqa: F401 (a fixture)
+
+SHARDED = ["training.parallel=fsdp", "checkpoint.format=sharded", "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts",
+           "mlflow.system_metrics_interval_s=0", "training.eval_interval=0",
+           "training.max_steps=3"]
+STEP = "checkpoint_step_2"  # 3 steps, a step checkpoint every 2 (TINY)
+
+
+def two_nodes(tmp_path, env, *overrides, trainer=("-m", "weighted_mtp"), timeout=180):
+    """Two `torchrun --nnodes=2 --nproc_per_node=2` agents (c10d rendezvous), in tmp_path/node_a and node_b, each
+    with checkpoint.dir=ckpt (its own disk) -> [(return code, stderr)] of each."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=shards"]
+    nodes = []
+    for name in ("node_a", "node_b"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        nodes.append(subprocess.Popen(launcher + train_args("ckpt", *SHARDED, *overrides, trainer=trainer),
+                                      cwd=tmp_path / name, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        return [(node.wait(timeout) and node.returncode, node.communicate()[1]) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+
+
+def s3_objects(s3, prefix):
+    listed = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+    return {o["Key"][len(prefix):]: s3.client().get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
+            for o in listed}
+
+
+def final_weights(directory, pattern):
+    (path,) = directory.glob(f"{pattern}/baseline-mtp/*/checkpoint_final.pt")  # rank 0's node has it
+    return torch.load(path, weights_only=False)["model"]
+
+
+def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store):  # noqa: F811
+    s3 = MotoS3().start()
+    reference = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+         *train_args(tmp_path / "reference", *SHARDED, "mlflow.enable_logging=false")],
+        cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True)
+    try:
+        uri = store(empty_store, tmp_path)
+        env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+        # rank 0 crashes after step 3: step 2's checkpoint is the newest, its upload finished by the failing run
+        crashed = two_nodes(tmp_path, {**env, "WMTP_TEST_FAULT": "0:3"}, trainer=FAULTY)
+        assert [rc for rc, _ in crashed] != [0, 0]
+        assert any("WMTP_TEST_FAULT: rank 0 fails once at step 3" in err for _, err in crashed), crashed[0][1][-3000:]
+        _, (run,) = runs_of(uri)
+        assert run.info.status == "FAILED"
+        prefix = f"mlflow-artifacts/weighted-mtp-production/{run.info.run_id}/artifacts/checkpoints/{STEP}/"
+        remote = s3_objects(s3, prefix)
+        shards = [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+        assert sorted(remote) == sorted([*shards, "trainer.pt", "trainer.pt.sha256"])
+        local = {}
+        for name in ("node_a", "node_b"):  # each disk holds its own node's two ranks' shards only
+            (step_dir,) = (tmp_path / name / "ckpt").glob(f"baseline-mtp/{run.info.run_id}/{STEP}")
+            files = {f.name: f.read_bytes() for f in step_dir.iterdir() if f.is_file()}
+            assert len([f for f in files if f.endswith(".distcp")]) == 2, (name, sorted(files))
+            local.update(files)
+        assert sorted(local) == sorted(remote) and all(remote[f] == local[f] for f in local)  # byte for byte
+        trainer = s3.client().get_object(Bucket=BUCKET, Key=prefix + "trainer.pt")["Body"]
+        (tmp_path / "trainer.pt").write_bytes(trainer.read())
+        manifest = torch.load(tmp_path / "trainer.pt", weights_only=False)["shards"]
+        assert sorted(manifest) == shards
+        assert all(manifest[f][0] == len(remote[f]) for f in shards)
+
+        # both disks lost: --resume auto finds the run's step 2 in S3 and each node fetches what its ranks read
+        for name in ("node_a", "node_b"):
+            shutil.rmtree(tmp_path / name / "ckpt")
+        resumed = two_nodes(tmp_path, env, "checkpoint.resume=auto")
+        assert [rc for rc, _ in resumed] == [0, 0], "\n".join(err[-3000:] for _, err in resumed)
+        log = "".join(err for _, err in resumed)
+        assert ", resumed at step 2 from " in log and f"/.cache/s3/{BUCKET}/{prefix}".rstrip("/") in log, log[-3000:]
+        _, ref_err = reference.communicate(timeout=180)
+        assert reference.returncode == 0, ref_err[-3000:]
+        ours, theirs = final_weights(tmp_path, "node_*/ckpt"), final_weights(tmp_path, "reference")
+        assert sorted(ours) == sorted(theirs)
+        worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs)
+        assert worst <= 1e-6, worst  # as tests/test_fsdp.py: the same world, the same reductions
+
+    finally:
+        reference.kill()
+        s3.stop()
+
+
+def test_a_missing_or_corrupted_remote_shard_is_named_and_intact_local_copies_are_not_downloaded(tmp_path, moto_s3):
+    """s3ckpt.fetch_shards, what each node's local rank 0 runs, against the moto server over HTTP."""
+    step = tmp_path / "run" / STEP
+    step.mkdir(parents=True)
+    for name, data in ((".metadata", b"meta"), ("__0_0.distcp", b"zero" * 100), ("__1_0.distcp", b"one" * 100)):
+        (step / name).write_bytes(data)
+    manifest = s3ckpt.shard_manifest(step)
+    uri = f"s3://{BUCKET}/runs/r1/checkpoints/{STEP}"
+    for name in manifest:
+        moto_s3.client().put_object(Bucket=BUCKET, Key=f"runs/r1/checkpoints/{STEP}/{name}",
+                                    Body=(step / name).read_bytes())
+    cache = tmp_path / "cache"
+    # all there and intact: the local directory itself, nothing downloaded
+    assert s3ckpt.fetch_shards(step, uri, sorted(manifest), manifest, cache) == step and not cache.exists()
+    # one lost locally: it alone is downloaded, the intact local ones linked beside it in the cache
+    (step / "__1_0.distcp").unlink()
+    got = s3ckpt.fetch_shards(step, uri, sorted(manifest), manifest, cache)
+    assert got == cache / "s3" / BUCKET / "runs/r1/checkpoints" / STEP
+    assert s3ckpt.shard_manifest(got) == manifest and (got / "__0_0.distcp").stat().st_nlink == 2
+    # the remote copy corrupted (its size unchanged), or gone: a one-line error naming it
+    shutil.rmtree(cache)
+    moto_s3.client().put_object(Bucket=BUCKET, Key=f"runs/r1/checkpoints/{STEP}/__1_0.distcp", Body=b"eno" * 100)
+    with pytest.raises(s3ckpt.CheckpointError) as e:
+        s3ckpt.fetch_shards(step, uri, sorted(manifest), manifest, cache)
+    corrupt = "checksum mismatch with its checkpoint's trainer.pt (corrupted or truncated)"
+    assert str(e.value) == f"{uri}/__1_0.distcp: {corrupt}"
+    moto_s3.client().delete_object(Bucket=BUCKET, Key=f"runs/r1/checkpoints/{STEP}/__1_0.distcp")
+    with pytest.raises(s3ckpt.CheckpointError) as e:
+        s3ckpt.fetch_shards(step, uri, sorted(manifest), manifest, cache)
+    assert str(e.value).startswith(f"{uri}/__1_0.distcp: cannot download (") and "\n" not in str(e.value)
+    # without a run to download from: the local file is named
+    with pytest.raises(s3ckpt.CheckpointError, match=r"__1_0.distcp: missing \(its checkpoint's trainer.pt lists it\)"):
+        s3ckpt.fetch_shards(step, None, sorted(manifest), manifest, cache)
