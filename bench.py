@@ -51,7 +51,7 @@ BYTES = ByteTokenizer.vocab_size
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10G", 70e12)]  # dense bf16 FLOP/s by GPU name, first match wins
 FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=5, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False)
-QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=3, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True)
+QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=2, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True)
 
 # -----------------------------------------------------------------------------
 # the trainer, set up as train() sets it up, and timing
@@ -430,9 +430,10 @@ def fsdp_figures(S, tmp):
         if proc.returncode != 0:
             raise RuntimeError(f"fsdp worker failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
+    runs = 1 if S.quick else 2  # --quick (CI) checks the code paths; the full bench measures twice
     times = launch("times")
-    peaks = {parallel: [launch(parallel) for _ in range(2)] for parallel in ("ddp", "fsdp")}
-    setup = [launch("setup", nproc=4) for _ in range(2)]
+    peaks = {parallel: [launch(parallel) for _ in range(runs)] for parallel in ("ddp", "fsdp")}
+    setup = [launch("setup", nproc=4) for _ in range(runs)]
     return {"fsdp_step": summary(times, 1.3, processes=2),
             "fsdp_memory": summary([f / d for d, f in zip(peaks["ddp"], peaks["fsdp"])], 0.6, batch="1 x 64",
                                    blocks=16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()}),

@@ -68,7 +68,7 @@ ids = list(range(65, 97))
 batch = collate([(ids, [-100] * 4 + ids[4:], 1.0, {{}})], 258, torch.device("cpu"))  # every rank: the same batch
 if mode == "ddp-alone":  # the DDP reference on one process: with every rank's batch alike, the same gradients
     s, _ = measured_prepare(cfg("training.parallel=ddp"), 1)
-    steps(s, batch, 4)
+    steps(s, batch, 2)
     torch.save({{k: v.detach() for k, v in s.model.state_dict().items()}}, out_dir / "ddp.pt")
     sys.exit(0)
 dist.init_process_group("gloo")
@@ -79,14 +79,14 @@ with torch.device("meta"):
     out["block_bytes"] = 4 * sum(p.numel() for p in Block(args).parameters())
 out["model_bytes"] = 4 * sum(p.numel() for p in s.model.parameters())
 out["own_bytes"] = 4 * 3 * sum(p.to_local().numel() for p in s.model.parameters())  # weights + 2 moments
-steps(s, batch, 2)
-save(s, out_dir / "step2.pt", 2)
-steps(s, batch, 2)
-save(s, out_dir / "uninterrupted.pt", 4)
+steps(s, batch, 1)  # one step before the checkpoint (the moments exist), one after: enough to tell a bad resume
+save(s, out_dir / "step1.pt", 1)
+steps(s, batch, 1)
+save(s, out_dir / "uninterrupted.pt", 2)
 del s
-s, out["resume"] = measured_prepare(cfg("training.parallel=fsdp", f"checkpoint.resume={{out_dir / 'step2.pt'}}"), 4)
-steps(s, batch, 2)
-save(s, out_dir / "resumed.pt", 4)
+s, out["resume"] = measured_prepare(cfg("training.parallel=fsdp", f"checkpoint.resume={{out_dir / 'step1.pt'}}"), 4)
+steps(s, batch, 1)
+save(s, out_dir / "resumed.pt", 2)
 json.dump(out, open(out_dir / f"rank{{rank}}.json", "w"))
 dist.destroy_process_group()
 """
