@@ -314,21 +314,6 @@ def sample_completions(model, tok, tasks, e, rank, world, device, template="alpa
     return [pair for part in everyone for pair in part], stats
 
 
-def score_with_progress(tasks, pairs, limits, workers, progress):
-    """sandbox.score over the samples a few batches of workers at a time, a progress line after each; every
-    sample's programs are built first, so that a bad task fails before any program runs."""
-    import sandbox
-    for tid, completion in pairs:
-        if tid not in tasks:
-            raise sandbox.TaskError(f"unknown task_id {tid!r}")
-        sandbox.programs(tasks[tid], completion)
-    results = []
-    for chunk in batches_of(pairs, 4 * workers):
-        results += sandbox.score(tasks, chunk, limits, workers)
-        progress.programs_run(len(chunk))
-    return results
-
-
 def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None):
     """pass@k of a model's completions (model mode) or of a file of completions (samples mode) on eval.dataset;
     printed as a table, written as JSON, and logged: eval/pass@k on the evaluated training run (samples mode and
@@ -352,8 +337,8 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
                                                   progress)
         if rank != 0:
             return None
-        results = score_with_progress(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
-                                      progress)
+        results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
+                                progress.programs_run)
         summary, isolation = {**sandbox.summarize(results, e.k), **stats}, sandbox.isolation().mode  # probed
         print(f"sandbox: {sandbox.describe()}", flush=True)
     except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:

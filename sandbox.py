@@ -619,15 +619,16 @@ def write_atomic(path, text, mode=0o644):
 # -----------------------------------------------------------------------------
 # samples -> results -> pass@k
 
-def score(tasks, samples, limits=Limits(), workers=1):
+def score(tasks, samples, limits=Limits(), workers=1, scored=None):
     """Per sample (in order) {"task_id", "completion", "passed", "status", "tests", "stderr"}: tests are the
     statuses of the tests that ran (they stop at the first that does not pass); passed only when all ran and passed.
     tasks: task_id -> record; samples: [(task_id, completion)]. Bad records fail before anything runs.
-    One score() at a time per process: worker slots name the sandbox uids."""
-    return _score(tasks, samples, limits, workers, None)
+    scored(n), when given, hears of every n samples scored (in order: a progress line). One score() at a time per
+    process: worker slots name the sandbox uids."""
+    return _score(tasks, samples, limits, workers, None, scored)
 
 
-def _score(tasks, samples, limits, workers, iso):
+def _score(tasks, samples, limits, workers, iso, scored=None):
     if not 1 <= workers <= MAX_WORKERS:
         raise ValueError(f"sandbox workers must be in 1..{MAX_WORKERS}, got {workers}")
     plans = []
@@ -655,8 +656,13 @@ def _score(tasks, samples, limits, workers, iso):
                 and len(outcomes) == len(plans[i]), "status": last.status, "tests": [o.status for o in outcomes],
                 "stderr": stderr}
 
+    results, every = [], 4 * workers
     with Judges(iso, limits) as judges, cf.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
-        return list(pool.map(run_sample, range(len(samples))))
+        for result in pool.map(run_sample, range(len(samples))):
+            results.append(result)
+            if scored and (len(results) % every == 0 or len(results) == len(samples)):
+                scored(every if len(results) % every == 0 else len(results) % every)
+    return results
 
 
 def pass_at_k(n, c, k):

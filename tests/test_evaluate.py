@@ -40,8 +40,10 @@ def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracki
     tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
     samples = write_jsonl(tmp_path / "samples.jsonl", [{"task_id": t, "completion": c} for t, c in SAMPLES])
     r = run_evaluate(tmp_path, tracking, "--samples", str(samples), "--json", str(tmp_path / "out.json"),
-                     "--override", f"eval.dataset={tasks}", "--override", "eval.k=[1, 2]")
+                     "--override", f"eval.dataset={tasks}", "--override", "eval.k=[1, 2]", "--override",
+                     "eval.workers=1")
     assert r.returncode == 0, r.stderr
+    assert "evaluate: 4/4 programs run, ETA 0 s" in r.stderr  # the progress line (every 4 x workers programs)
     summary = json.loads((tmp_path / "out.json").read_text())
     # pass@1 = mean(c/n) = (1/2 + 0/2) / 2; pass@2 = mean(1 − C(n−c,2)/C(n,2)) = (1 + 0) / 2
     assert summary == {"pass@1": 0.25, "pass@2": 0.5, "n_tasks": 2, "n_samples": 4, "timeouts": 0, "errors": 0}

@@ -30,7 +30,9 @@ WRONG = [("add", "def add(a, b):\n    return a - b"), ("area", "def area(r):\n  
 
 
 def test_right_solutions_pass_and_wrong_ones_fail_in_both_styles():
-    results = sandbox.score(TASKS, RIGHT + WRONG, LIMITS, workers=2)
+    heard = []
+    results = sandbox.score(TASKS, RIGHT + WRONG, LIMITS, workers=1, scored=heard.append)
+    assert heard == [4, 3]  # every 4 x workers samples, then the rest: evaluate's progress line
     assert [r["passed"] for r in results] == [True] * 4 + [False] * 3
     assert [r["tests"] for r in results] == [["passed"], ["passed"], ["passed", "passed"], ["passed", "passed"],
                                              ["failed"], ["failed"], ["failed"]]   # 1*2 = 2 != 3: stops there
