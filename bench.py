@@ -348,11 +348,21 @@ def gen_kv_cache(S, prompt=32, new=256):
     return summary(ratios, 5.0, higher_is_better=True, new_tokens=new, batch=batch, prompt_tokens=prompt, dim=S.dim)
 
 
+def weights_read(model):
+    """Parameters a verify forward reads ÷ those a plain decode step reads: the trunk, every head's block and the
+    output matrix against the trunk, head 0's block and the output matrix (the embedding: a row or H rows). Where a
+    step is bound by reading the weights, tokens per forward ÷ this bounds the speculative speed-up."""
+    count = lambda modules: sum(p.numel() for m in modules for p in m.parameters())
+    shared = count([*model.layers[:-1], model.norm, model.output])
+    return (shared + count([model.layers[-1], *model.extra_heads])) / (shared + count([model.layers[-1]]))
+
+
 def p9_speculative(S, checkpoint):
     """P9 (with --checkpoint): decode tokens/s of self-speculative greedy decoding / plain greedy decoding (= plain's
     time / speculative's), max_new_tokens 32, over builtin:pyfunc's 64 held-out prompts at batch 1 (goal 1.5) and
     16 (P9_b16, goal 1.2), alternating repeats, on a trained checkpoint (random heads draft nothing right). Both
-    sides must give the same completions; tokens per forward and pass@1 come with the figure."""
+    sides must give the same completions; tokens per forward, pass@1, weights_read and the bound it sets
+    (weight_bound = tokens per forward / weights_read) come with the figure."""
     import sandbox
     from config import config_from_dict
     from evaluation import eval_tasks, model_to_evaluate, sample_completions
@@ -372,8 +382,10 @@ def p9_speculative(S, checkpoint):
         ratios = compare(fast, plain, SimpleNamespace(repeats=max(2, S.repeats // 2), steps=1), warmup=1)
         assert runs[True][0] == runs[False][0], "speculative decoding must give plain greedy's completions"
         passed = [r["passed"] for r in sandbox.score(tasks, runs[True][0], sandbox.Limits(timeout_s=10), workers=2)]
+        read = weights_read(model)
         results[name] = summary(ratios, goal, higher_is_better=True, batch=batch, tasks=len(tasks),
-                                pass_at_1=sum(passed) / len(passed), identical_completions=True, **runs[True][1])
+                                pass_at_1=sum(passed) / len(passed), identical_completions=True, weights_read=read,
+                                weight_bound=runs[True][1]["tokens_per_forward"] / read, **runs[True][1])
     return results
 
 

@@ -54,3 +54,16 @@ def test_bench_only_runs_the_chosen_figures_and_keeps_the_others(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--only: unknown figure(s) P99; known: P1, P2," in bad.stderr
     assert json.loads(out.read_text()) == results  # nothing written
+
+
+def test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step():
+    import bench
+    from config import load_config
+    from pretrained import build_model
+    _, model = build_model(load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", []), True,
+                           value_head=False)
+    # the micro model: dim 128, 4 heads of 32, 2 kv heads, FFN 352 (2/3 of 4·128 up to a multiple of 32), vocab 259
+    block = 128 * 128 + 2 * 128 * 64 + 128 * 128 + 3 * 128 * 352 + 2 * 128  # q, k and v, o, w1-w3, two norms
+    shared = 2 * block + 128 + 259 * 128  # 2 trunk blocks, the final norm, the output matrix
+    assert bench.weights_read(model) == (shared + 4 * block) / (shared + block)  # 1 140 736 / 587 008
+    assert (shared + block, shared + 4 * block) == (587_008, 1_140_736)
