@@ -4,7 +4,6 @@ Every rank uploads the shard files it wrote into the run's artifacts on a real (
 last; a resume on two empty disks fetches on each node what its ranks read, checked against trainer.pt's manifest.
 """
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 import s3ckpt
 from s3server import BUCKET, CREDENTIALS, MotoS3, moto_s3  # noqa: F401 (a fixture)
 from test_reliability import FAULTY, empty_store, environment, runs_of, store, train_args  # noqa: F401 (a fixture)
+from test_reliability import two_nodes as launch_two_nodes
 
 SHARDED = ["training.parallel=fsdp", "checkpoint.format=sharded", "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts",
            "mlflow.system_metrics_interval_s=0", "training.eval_interval=0",
@@ -21,25 +21,9 @@ SHARDED = ["training.parallel=fsdp", "checkpoint.format=sharded", "mlflow.s3_art
 STEP = "checkpoint_step_2"  # 3 steps, a step checkpoint every 2 (TINY)
 
 
-def two_nodes(tmp_path, env, *overrides, trainer=("-m", "weighted_mtp"), timeout=180):
-    """Two `torchrun --nnodes=2 --nproc_per_node=2` agents (c10d rendezvous), in tmp_path/node_a and node_b, each
-    with checkpoint.dir=ckpt (its own disk) -> [(return code, stderr)] of each."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2",
-                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=shards"]
-    nodes = []
-    for name in ("node_a", "node_b"):
-        (tmp_path / name).mkdir(exist_ok=True)
-        nodes.append(subprocess.Popen(launcher + train_args("ckpt", *SHARDED, *overrides, trainer=trainer),
-                                      cwd=tmp_path / name, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True))
-    try:
-        return [(node.wait(timeout) and node.returncode, node.communicate()[1]) for node in nodes]
-    finally:
-        for node in nodes:
-            node.kill()
+def two_nodes(tmp_path, env, *overrides, trainer=("-m", "weighted_mtp")):
+    """The sharded run on two nodes of 2 processes, each with checkpoint.dir=ckpt (its own disk)."""
+    return launch_two_nodes(tmp_path, env, train_args("ckpt", *SHARDED, *overrides, trainer=trainer), 2)
 
 
 def s3_objects(s3, prefix):

@@ -27,6 +27,29 @@ FAULTY = (str(Path(__file__).resolve().parent / "faults.py"),)
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+def two_nodes(cwd, env, args, nproc_per_node=1, timeout=180):
+    """Two torchrun agents that rendezvous (c10d) as two nodes of this machine, each in a directory of its own
+    (cwd/node_a, cwd/node_b: a relative checkpoint.dir is its own disk), running `args` -> [(exit code, stderr)].
+    stderr goes to a file: a full pipe would stall its node, and with it the other node's collectives."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--nproc_per_node={nproc_per_node}",
+                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-nodes"]
+    nodes = []
+    for name in ("node_a", "node_b"):
+        (cwd / name).mkdir(exist_ok=True)
+        with open(cwd / f"{name}.stderr", "w") as err:
+            nodes.append(subprocess.Popen(launcher + list(args), cwd=cwd / name, env=env, stdout=subprocess.DEVNULL,
+                                          stderr=err))
+    try:
+        return [(node.wait(timeout), (cwd / f"{name}.stderr").read_text())
+                for node, name in zip(nodes, ("node_a", "node_b"))]
+    finally:
+        for node in nodes:
+            node.kill()
+
+
 def train_args(ckpt_dir, *overrides, resume=None, trainer=("-m", "weighted_mtp")):
     """`trainer` FAULTY: the trainer with WMTP_TEST_FAULT's crash injected (tests/faults.py)."""
     args = [*trainer, "train", "--config", BASELINE, "--use-micro-model"]
@@ -219,18 +242,8 @@ def test_two_nodes_with_their_own_disks_each_fetch_the_starting_checkpoint(tmp_p
                                capture_output=True, text=True, timeout=120)
         assert first.returncode == 0, first.stderr[-3000:]
         _, (baseline,) = runs_of(uri)
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
-                    "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=two-disks"]
-        nodes = []
-        for name in ("node_a", "node_b"):
-            (tmp_path / name).mkdir()
-            nodes.append(subprocess.Popen(launcher + train_args("ckpt", s3_root, "model.init_from=auto"),
-                                          cwd=tmp_path / name, env=env, stderr=subprocess.PIPE, text=True))
-        errors = [node.communicate(timeout=180)[1] for node in nodes]
-        assert [node.returncode for node in nodes] == [0, 0], "\n".join(e[-3000:] for e in errors)
+        nodes = two_nodes(tmp_path, env, train_args("ckpt", s3_root, "model.init_from=auto"))
+        assert [rc for rc, _ in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in nodes)
         key = (f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/"
                "checkpoint_final.pt")
         remote = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
