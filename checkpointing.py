@@ -4,7 +4,6 @@ decides when to write one (best, every save_every steps, at a preemption, final)
 exact resume needs. Files and uploads themselves are s3ckpt.py's.
 """
 import concurrent.futures as cf
-import contextlib
 import dataclasses
 import logging
 import os
@@ -12,6 +11,7 @@ from pathlib import Path
 import random
 import shutil
 import signal
+import time
 
 import s3ckpt
 import torch
@@ -267,10 +267,9 @@ class Checkpointer:
             self.uploader = s3ckpt.CheckpointUploader(run_id, tracking_uri(setup.cfg.mlflow.tracking_uri),
                                                       retry_budget_s=c.upload_retry_budget_s,
                                                       verify_etag=c.verify_etag)
-        # sharded saves finish in background threads, their collectives on groups of their own: the save's and the
-        # manifest's on one, the uploads' (which may run beside the next save) on another
-        new_group = lambda: dist.new_group(backend="gloo") if self.sharded and dist.is_initialized() else None
-        self.group, self.upload_group = new_group(), new_group()
+        # a sharded save finishes in a background thread, its collectives (the save's, the manifest's) on a group of
+        # their own; the uploads behind it run no collective: rank 0 learns from the store that the others' are in
+        self.group = dist.new_group(backend="gloo") if self.sharded and dist.is_initialized() else None
         self.finishing = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-shards") if self.sharded else None
         self.publishing = cf.ThreadPoolExecutor(1, thread_name_prefix="ckpt-publish") if self.sharded else None
 
@@ -286,12 +285,14 @@ class Checkpointer:
         if self.writer:
             self.writer.close()
         if self.sharded:
-            if self.setup.rank != 0 and self.published:  # rank 0's Tracking waits for its own (uploader.track)
-                c = self.setup.cfg.checkpoint
-                cf.wait(self.published, c.preempt_grace_s if exc_type is Preempted else c.upload_timeout_s)
-            for pool in (self.finishing, self.publishing):
-                pool.shutdown(wait=False, cancel_futures=True)
-            if self.uploader and self.setup.rank != 0:
+            self.finishing.shutdown(wait=False, cancel_futures=True)
+            if self.setup.rank == 0:  # its Tracking waits for these (uploader.track), as long as the run's end allows
+                self.publishing.shutdown(wait=False)
+                return
+            c = self.setup.cfg.checkpoint
+            cf.wait(self.published, c.preempt_grace_s if exc_type is Preempted else c.upload_timeout_s)
+            self.publishing.shutdown(wait=False, cancel_futures=True)
+            if self.uploader:
                 self.uploader.close()
 
     def step_name(self, done):
@@ -351,7 +352,7 @@ class Checkpointer:
             trainer = s3ckpt.snapshot_files([path / "trainer.pt", path / "trainer.pt.sha256"], root) if rank == 0 \
                 else None
             published = self.publishing.submit(self.publish, s3ckpt.snapshot_files([path / n for n in mine], root),
-                                               trainer, path, step)
+                                               trainer, path, step, set(manifest))
             self.published = [f for f in self.published if not f.done()] + [published]
             if rank == 0:
                 self.uploader.track(f"checkpoints/{path.name}", path, published)
@@ -359,22 +360,22 @@ class Checkpointer:
             s3ckpt.prune_local_checkpoints(path.parent, self.limit)
         return manifest
 
-    def publish(self, mine, trainer, path, step):
-        """Every rank: its files (the snapshot `mine`) into the run's checkpoints/<directory>/; then rank 0, once
-        every rank says its files are in, trainer.pt (the mark of a whole remote directory) and the expiry of older
-        remote ones. Returns the directory's URI on rank 0; raises there when some rank's upload failed."""
-        artifact, error = f"checkpoints/{path.name}", None
-        try:
-            self.uploader.put_files(mine, artifact, str(path))
-        except Exception as e:
-            error = f"rank {self.setup.rank}: {type(e).__name__}: {e}"
-        errors = [e for e in all_gather(error, self.upload_group) if e]
+    def publish(self, mine, trainer, path, step, manifest):
+        """Every rank: its files (the snapshot `mine`) into the run's checkpoints/<directory>/. Rank 0 then waits
+        until the store lists every file of the manifest (each rank uploads its own: no collective runs behind the
+        loop, so a rank that stops early leaves no other waiting on it), puts trainer.pt last, the mark of a whole
+        remote directory, and expires older ones. Returns the directory's URI on rank 0."""
+        artifact = f"checkpoints/{path.name}"
+        self.uploader.put_files(mine, artifact, str(path))
         if trainer is None:
             return None
-        if errors:
-            shutil.rmtree(trainer, ignore_errors=True)
-            raise s3ckpt.CheckpointError(f"{path}: not every shard uploaded, so no trainer.pt either ({errors[0]})")
+        deadline = time.monotonic() + self.setup.cfg.checkpoint.upload_timeout_s
+        while missing := sorted(manifest - set(self.uploader.store.list(artifact))):
+            if time.monotonic() > deadline:
+                shutil.rmtree(trainer, ignore_errors=True)
+                raise s3ckpt.CheckpointError(f"{path}: {missing[0]} never reached the run's artifacts, so no "
+                                             "trainer.pt either")
+            time.sleep(0.5)
         uri = self.uploader.put_files(trainer, artifact, str(path))[0].rsplit("/", 1)[0]
         self.writer.expire_remote(upto=step)  # steps after this one may still be arriving from other ranks
         return uri
-
