@@ -106,10 +106,11 @@ def plot_compare(client, parent, summary):
 
 def format_compare(summary, seeds, warmup_steps, steps):
     """The table: per policy pipeline, where it started and mean ± 95 % half-width of each metric of COMPARED."""
-    head = f"{'pipeline':<11} {'started from':<26}" + "".join(f" {m:>17}" for m in COMPARED)
+    width = max([11, *map(len, summary)])  # control rows: verifiable:shuffled-critic
+    head = f"{'pipeline':<{width}} {'started from':<26}" + "".join(f" {m:>17}" for m in COMPARED)
     lines = [f"{seeds} seed(s); a {warmup_steps}-step warm-up baseline, then {steps} steps of each pipeline", head]
     for p, row in summary.items():
         cells = ["-" if m not in row else f"{row[m]['mean']:.3f}" + (
             f" ± {row[m]['ci95']:.3f}" if math.isfinite(row[m]["ci95"]) else "") for m in COMPARED]
-        lines.append(f"{p:<11} {row['started_from']:<26}" + "".join(f" {c:>17}" for c in cells))
+        lines.append(f"{p:<{width}} {row['started_from']:<26}" + "".join(f" {c:>17}" for c in cells))
     return "\n".join(lines)

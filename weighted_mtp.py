@@ -425,12 +425,13 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
         p, _, variant = row.partition(":")
         kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
 
-        def train_critic():  # the critic this row's variant asks for, trained once; a row of its own
-            critic_row = f"critic:{variant}" if variant else "critic"
+        def train_critic():  # the critic of the variant's critic.* overrides, trained once; a row of its own
+            critic_extra = [x for x in extra if x.startswith("critic.")]
+            critic_row = f"critic:{variant}" if critic_extra else "critic"
             if critic_row not in runs:
                 _, runs[critic_row], dirs[critic_row] = train_child(
-                    local_config("critic"), [*o, *extra, f"model.init_from={warm}"], parent_id, "warm-up",
-                    f"critic-pretrain-{variant}" if variant else "")
+                    local_config("critic"), [*o, *critic_extra, f"model.init_from={warm}"], parent_id, "warm-up",
+                    f"critic-pretrain-{variant}" if critic_extra else "")
             return dirs[critic_row]
 
         start = kind.compare_inputs(warm, dirs, train_critic)

@@ -173,3 +173,29 @@ def test_policy_pipelines_start_from_identical_weights(compared):
         # rho1's reference: this seed's baseline (trained from the same warm-up on correct answers)
         assert of_seed["rho1-wmtp"].data.params["reference.path"].endswith(
             f"/baseline-mtp/{of_seed['baseline-mtp'].info.run_id}/checkpoint_final.pt")
+
+
+def test_compare_control_rows_train_the_critic_their_variant_asks_for(tmp_path, monkeypatch):
+    """verifiable:shuffled changes only verifiable's weights: it uses the plain critic; verifiable:shuffled-critic
+    (critic.shuffle_labels) gets a critic of its own, a row of its own."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "eval.max_tasks=2", "eval.max_new_tokens=4",
+                 "eval.workers=1"]
+    summary = wm.compare(1, 2, overrides, ["verifiable:shuffled", "verifiable:shuffled-critic"])
+    assert list(summary) == ["critic", "verifiable:shuffled", "critic:shuffled-critic", "verifiable:shuffled-critic"]
+    client = MlflowClient(uri)
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [client.get_experiment_by_name("weighted-mtp/production").experiment_id], max_results=100)}
+    assert sorted(runs) == sorted(["compare-1-seeds", "warmup", "critic-pretrain", "verifiable-wmtp-shuffled",
+                                   "critic-pretrain-shuffled-critic", "verifiable-wmtp-shuffled-critic"])
+    params = lambda name, key: runs[name].data.params[key]
+    assert params("critic-pretrain", "critic.shuffle_labels") == "False"
+    assert params("critic-pretrain-shuffled-critic", "critic.shuffle_labels") == "True"
+    assert params("verifiable-wmtp-shuffled", "training.weight_control") == "shuffled"
+    assert params("verifiable-wmtp-shuffled-critic", "training.weight_control") == "none"
+    for policy, critic in (("verifiable-wmtp-shuffled", "critic-pretrain"),
+                           ("verifiable-wmtp-shuffled-critic", "critic-pretrain-shuffled-critic")):
+        assert f"/{critic}/{runs[critic].info.run_id}/" in params(policy, "critic.checkpoint")
+    assert format_compare(summary, 1, 2, 4).splitlines()[5].startswith("verifiable:shuffled-critic warm-up")
