@@ -89,7 +89,7 @@ def by_node_first(fn):
     answers = all_gather((node_id(), first, result, error))
     (_, _, result, error), *_ = [a for a in answers if a[0] == node_id() and a[1]]
     errors = [a[3] for a in answers if a[3]]
-    if error or errors:
+    if errors:
         raise UserError(error or errors[0])
     return result
 

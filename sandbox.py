@@ -656,12 +656,13 @@ def _score(tasks, samples, limits, workers, iso, scored=None):
                 and len(outcomes) == len(plans[i]), "status": last.status, "tests": [o.status for o in outcomes],
                 "stderr": stderr}
 
-    results, every = [], 4 * workers
+    results, heard = [], 0
     with Judges(iso, limits) as judges, cf.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
         for result in pool.map(run_sample, range(len(samples))):
             results.append(result)
-            if scored and (len(results) % every == 0 or len(results) == len(samples)):
-                scored(every if len(results) % every == 0 else len(results) % every)
+            if scored and len(results) in (heard + 4 * workers, len(samples)):
+                scored(len(results) - heard)
+                heard = len(results)
     return results
 
 

@@ -351,11 +351,13 @@ def shuffled_across(w_tok, mask, generator=None):
     the batch's weights and none of their credit. Not within each answer: a wrong answer's weights are lower as a
     whole (its first wrong token's among them), and a within-answer shuffle keeps that. Off the mask, unchanged.
     """
-    where = mask.bool().expand_as(w_tok).flatten().nonzero().squeeze(1)
-    order = torch.randperm(len(where), generator=generator, device=w_tok.device)
-    flat = w_tok.flatten().clone()
-    flat[where] = w_tok.flatten()[where[order]]
-    return flat.view_as(w_tok)
+    m, flat = mask.bool().expand_as(w_tok).flatten(), w_tok.flatten()
+    n = m.numel()  # sorts rather than nonzero(): nothing waits for the device
+    keys = torch.where(m, torch.rand(n, generator=generator, device=w_tok.device),
+                       2.0 + torch.arange(n, device=w_tok.device) / n)  # off the mask: in place, after
+    in_order = (~m).float().argsort(stable=True)  # the mask's positions first, in order
+    at_random = keys.argsort()  # the mask's positions first, shuffled
+    return flat.scatter(0, in_order, flat.gather(0, at_random)).view_as(w_tok)
 
 
 def token_credit(w_right, w_wrong):
