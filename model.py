@@ -359,17 +359,17 @@ class KVCache:
 
 class StackedHeads:
     """The H head blocks as one: each weight stacked on a leading head dim ([H, in, out], LoRA merged, in the
-    cache's dtype), so that the heads' matmuls run as one batched matmul each. Speculative decoding runs every head
-    at every step; one block's kernel launches instead of H keeps a verify forward near a plain step's cost."""
+    cache's dtype; wq|wk|wv and w1|w3 side by side), so that the heads' matmuls run as one batched matmul each.
+    Speculative decoding runs every head at every step; one block's kernel launches instead of H keeps a verify
+    forward near a plain step's cost."""
 
     def __init__(self, model, dtype):
         blocks = [model.layers[-1], *model.extra_heads]
         weight = lambda lin: lin.merged_weight() if isinstance(lin, LoRALinear) else lin.weight
-        stack = lambda get: torch.stack([get(b).detach() for b in blocks]).to(dtype)  # [H, in, out]
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(self, name, stack(lambda b: weight(getattr(b.attention, name)).T))
-        for name in ("w1", "w2", "w3"):
-            setattr(self, name, stack(lambda b: weight(getattr(b.feed_forward, name)).T))
+        part = lambda b, name: getattr(b.attention if name in ("wq", "wk", "wv", "wo") else b.feed_forward, name)
+        stack = lambda *names: torch.stack([torch.cat([weight(part(b, n)).detach() for n in names]).T
+                                            for b in blocks]).to(dtype)  # [H, in, out]
+        self.wqkv, self.wo, self.w13, self.w2 = stack("wq", "wk", "wv"), stack("wo"), stack("w1", "w3"), stack("w2")
         self.attention_norm = torch.stack([b.attention_norm.weight.detach() for b in blocks])[:, None, None]
         self.ffn_norm = torch.stack([b.ffn_norm.weight.detach() for b in blocks])[:, None, None]
         self.eps, attention = blocks[0].attention_norm.eps, blocks[0].attention
@@ -383,21 +383,22 @@ class StackedHeads:
         """Block.compute of every head on the same trunk output h [B, T, d] -> [H, B, T, d]; cache as in
         Attention.forward, with keys and values [H, B, S, n_kv_heads, head_dim]."""
         keys, values, (rows, positions), mask = cache
-        H, (B, T, _) = len(self.wq), h.shape
+        H, (B, T, _) = len(self.wo), h.shape
         mm = lambda x, w: torch.bmm(x.reshape(H, B * T, -1), w).view(H, B, T, -1)  # head k's x times head k's w
         x = self.rms(h)[None] * self.attention_norm
-        q = apply_rope(mm(x, self.wq).view(H, B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(mm(x, self.wk).view(H, B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = mm(x, self.wv).view(H, B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = mm(x, self.wqkv).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
+        q = apply_rope(q.view(H, B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(k.view(H, B, T, self.n_kv_heads, self.head_dim), cos, sin)
         heads = torch.arange(H, device=h.device)[:, None, None]
-        keys[heads, rows[None], positions[None]], values[heads, rows[None], positions[None]] = k, v
+        keys[heads, rows[None], positions[None]] = k
+        values[heads, rows[None], positions[None]] = v.view(H, B, T, self.n_kv_heads, self.head_dim)
         width = mask.shape[-1]
         k, v = (c[:, :, :width].flatten(0, 1).transpose(1, 2) for c in (keys, values))
         y = F.scaled_dot_product_attention(q.flatten(0, 1).transpose(1, 2), k, v, attn_mask=mask.repeat(H, 1, 1, 1),
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         h = h[None] + mm(y.transpose(1, 2), self.wo)
-        x = self.rms(h) * self.ffn_norm
-        return h + mm(F.silu(mm(x, self.w1)) * mm(x, self.w3), self.w2)
+        gate, up = mm(self.rms(h) * self.ffn_norm, self.w13).chunk(2, -1)
+        return h + mm(F.silu(gate) * up, self.w2)
 
 
 def lora_a_init(rank, in_features, device=None):
@@ -533,10 +534,11 @@ def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=Non
     Each row holds its pending token t (head 0's greedy choice after its last accepted token, not yet fed) and
     drafts d_1..d_{H-1}, heads 1..H-1's argmax at that last accepted position. One forward over [t, d_1, ...,
     d_{H-1}] gives head 0's greedy choice g_j after each; d_j is right when d_1..d_j equal g_0..g_{j-1}. With a
-    the length of that prefix, g_0..g_a are exactly what plain greedy would decide next: a + 1 tokens for one
-    forward; g_a is the new pending token and the heads' argmax at column a the new drafts. Rows advance by their
-    own a: the cache addresses slots by each row's positions, so a rejected draft's slots are overwritten by the
-    next forward before any query reads them (a query at position p reads slots <= p)."""
+    the length of that prefix, g_0..g_a are exactly what plain greedy would decide next (cut after an EOS): a + 1
+    tokens for one forward; g_a is the new pending token and the heads' argmax at column a the new drafts. Rows
+    advance by their own a: the cache addresses slots by each row's positions, so a rejected draft's slots are
+    overwritten by the next forward before any query reads them (a query at position p reads slots <= p); `out`
+    likewise takes all H choices at a row's next slots, and the next forward's overwrite those past the accepted."""
     device, (B, width), H = tokens.device, tokens.shape, model.args.n_future_tokens
     cache = KVCache(model, B, width + max_new_tokens + H, cache_dtype(model), device, heads=True)
     heads = StackedHeads(model, cache_dtype(model))
@@ -549,26 +551,23 @@ def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=Non
     out[:, 0] = pending
     n = torch.ones(B, dtype=torch.long, device=device)  # tokens decided per row
     done = (pending == eos_id) | (n >= max_new_tokens)
-    forwards, accepted, verified = n.clone(), torch.zeros(H - 1, dtype=torch.long, device=device), 0
+    fed_at, history = (lengths - 1)[:, None] + cols, []  # the pending token goes right after the row's last one
     while not done.all():
-        # the pending token sits right after the row's last one (a finished row's n may be past the end: clamped)
-        positions = (lengths + n.clamp(max=max_new_tokens) - 1)[:, None] + cols
-        feed = torch.cat([pending[:, None], drafts], 1)
-        logits, states = model.heads_states(feed, positions, int(positions.max()) + 1, cache, heads)
+        positions = fed_at + n.clamp(max=max_new_tokens)[:, None]  # a finished row's n may be past the end: clamped
+        logits, states = model.heads_states(torch.cat([pending[:, None], drafts], 1), positions,
+                                            int(positions.max()) + 1, cache, heads)
         greedy = logits.argmax(-1)  # [B, H]: head 0's choice after each fed token
-        a = (drafts == greedy[:, :-1]).long().cumprod(1).sum(1)  # the longest right prefix of the drafts
-        new = cols <= a[:, None]  # g_0..g_a; cut at the first EOS
-        new &= (greedy == eos_id).long().cumsum(1) - (greedy == eos_id).long() == 0
-        new &= ~done[:, None]
-        count = new.sum(1)
-        slots = n[:, None] + cols
-        out.scatter_(1, slots, torch.where(new, greedy, out.gather(1, slots)))
-        forwards, verified = forwards + ~done, verified + int((~done).sum())
-        accepted += ((cols[1:] <= a[:, None]) & ~done[:, None]).sum(0)
-        n = n + count
-        done |= (new & (greedy == eos_id)).any(1) | (n >= max_new_tokens)
+        a = (drafts == greedy[:, :-1]).cumprod(1).sum(1)  # the longest right prefix of the drafts
+        before_eos = ((greedy == eos_id).cumsum(1) == 0).sum(1)  # the column of the first EOS, H if none
+        out.scatter_(1, n[:, None] + cols, greedy)
+        history.append(torch.where(done, -1, a))
+        n = n + torch.where(done, 0, torch.minimum(a, before_eos) + 1)
+        done = done | (before_eos <= a) | (n >= max_new_tokens)
         pending, drafts = greedy[rows, a], draft(states, a)
     n = n.clamp(max=max_new_tokens)
-    add_stats(stats, n.sum(), forwards.sum(), accepted.tolist(), verified)
+    a = torch.stack(history) if history else torch.zeros(0, B, dtype=torch.long, device=device)  # [forwards, B]
+    accepted = [int((a >= k).sum()) for k in range(1, H)]  # head k's draft is kept when a >= k
+    verified = int((a >= 0).sum())
+    add_stats(stats, n.sum(), B + verified, accepted, verified)
     rows_out = [row[:k] for row, k in zip(out.tolist(), n.tolist())]
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows_out]
