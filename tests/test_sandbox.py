@@ -7,7 +7,9 @@ from fractions import Fraction
 import pytest
 
 import sandbox
+from config import UserError
 from data import BUILTIN, pyfunc_records
+from evaluation import read_samples
 
 SECRET = "wJalrXUtnFEMI-planted-secret-K7MDENG"
 LIMITS = sandbox.Limits(timeout_s=5.0, memory_mb=256, cpu_s=2, max_output_bytes=1 << 20)
@@ -139,17 +141,18 @@ def test_read_samples_and_its_errors(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"task_id": "add", "completion": RIGHT_ADD}) + "\n\n"
                     + json.dumps({"task_id": "sum", "completion": "print(3)"}) + "\n")
-    assert sandbox.read_samples(good, TASKS) == [("add", RIGHT_ADD), ("sum", "print(3)")]
+    assert read_samples(good, TASKS) == [("add", RIGHT_ADD), ("sum", "print(3)")]
     bad = {"malformed.jsonl": ('{"task_id": "add", "completion": "x"}\n{"task_id": "add",\n',
                                r"malformed.jsonl:2: not valid JSON"),
            "shape.jsonl": ('{"task_id": "add"}\n', r"shape.jsonl:1: expected \{\"task_id\": str, \"completion\""),
+           "array.jsonl": ('["add", "x"]\n', r"array.jsonl:1: expected a JSON object"),
            "unknown.jsonl": ('\n{"task_id": "add", "completion": ""}\n{"task_id": "nope", "completion": ""}\n',
                              r"unknown.jsonl:3: unknown task_id 'nope'"),
            "empty.jsonl": ("\n", r"empty.jsonl: no samples")}
     for name, (text, message) in bad.items():
         (tmp_path / name).write_text(text)
-        with pytest.raises(sandbox.TaskError, match=message):
-            sandbox.read_samples(tmp_path / name, TASKS)
+        with pytest.raises(UserError, match=message):
+            read_samples(tmp_path / name, TASKS)
 
 
 def test_task_errors_name_the_record():
