@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/gpu_check.sh [--cpu-dry] [--summary FILE] — every CUDA path of the trainer, once, in under 8 minutes:
+# scripts/gpu_check.sh [--cpu-dry] [--summary FILE] — every CUDA path of the trainer, once, in about 10 minutes:
 #   1 device      torch sees CUDA, the GPUs' names, NCCL's version
 #   2 step        bf16 autocast, a finite train_step that updates, a NaN step that fused AdamW's found_inf skips
 #                 (weights, moments, step count untouched), OneStepLate's pinned non-blocking copy of the flags
@@ -9,7 +9,8 @@
 #                 MixedPrecisionPolicy, each rank filling its own rows) over every GPU, NCCL: 4 steps of a 103M
 #                 model and its memory figures; then python -m weighted_mtp train with training.parallel=fsdp
 #   6 bench       bench.py's P6: tokens/s and MFU of a ~1B MTP model, bf16, seq 2048; speculative decoding's
-#                 verify forward / a plain decode step at batch 1 and 16 (random weights: the verify cost only)
+#                 verify forward / a plain decode step at batch 1 and 16 (random weights: the verify cost only);
+#                 P9 on the demo's warm-up trained here (1000 micro steps): speculative / plain decode tokens/s
 # It stops at the first failing step (exit 1, that step's log tail on stderr) and writes one line per step to the
 # summary (default outputs/gpu_check_summary.txt). --cpu-dry runs the same steps on the CPU (gloo, 2 processes, GPUs
 # hidden, bench skipped): how the script itself is tested where there is no GPU.
@@ -223,6 +224,18 @@ for batch in (1, 16):
         per_forward[speculative] = (time.perf_counter() - t) / (stats["forwards"] / batch)
     print("RESULT", f"batch {batch}: verify forward / plain step {per_forward[True] / per_forward[False]:.2f} "
           f"(random weights: the verify cost only; same tokens: {outs[True] == outs[False]})")
+EOF
+  # P9 as issue 22 states it: the demo's warm-up, trained here, decoding builtin:pyfunc's held-out tasks
+  step warmup 300 "$PYTHON" -m weighted_mtp train --config configs/baseline/warmup_local.yaml --use-micro-model \
+    --override mlflow.enable_logging=false --override "checkpoint.dir=$WORK/warmup" --override checkpoint.resume=never
+  step speculative-p9 300 env "WARMUP_DIR=$WORK/warmup" "${PY[@]}" <<'EOF'
+import glob, json, os, torch, bench
+path, = glob.glob(os.path.join(os.environ["WARMUP_DIR"], "**", "checkpoint_final.pt"), recursive=True)
+r = bench.p9_speculative(bench.FULL, path, torch.device("cuda"))
+print(json.dumps(r, indent=1))
+for name, f in r.items():
+    print("RESULT", f"{name} {f['median']:.2f} (goal {f['goal']}; {f['tokens_per_forward']:.2f} tokens/forward, "
+          f"{f['identical_completions']:.2f} identical, pass@1 {f['pass_at_1']:.3f})")
 EOF
 fi
 echo "ALL PASSED" >>"$SUMMARY"
