@@ -181,6 +181,23 @@ def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_fol
     assert tok.decode(theirs, skip_special_tokens=True) == ByteTokenizer().decode(ours)
 
 
+def test_export_downloads_into_a_private_temp_dir_not_a_fixed_path_in_tmp(tracking, tmp_path, monkeypatch):
+    """A runs:/ checkpoint comes down into a private temp dir, removed once loaded (issue 20: no fixed paths in
+    world-writable dirs): a link planted at the cache's old fixed name (<tmp>/wmtp-export-cache) redirects nothing."""
+    from pretrained import export
+    cfg = tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0")
+    run_id = wm.train(cfg, use_micro=True)["run_id"]
+    shared, victim = tmp_path / "shared-tmp", tmp_path / "victim"
+    for d in (shared, victim):
+        d.mkdir()
+    (shared / "wmtp-export-cache").symlink_to(victim)   # another user's, in a world-writable /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    export(f"runs:/{run_id}/checkpoints/checkpoint_final.pt", "hf", tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert list(victim.iterdir()) == []
+    assert [p.name for p in shared.iterdir() if p.name.startswith("wmtp-export")] == ["wmtp-export-cache"]
+
+
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2"},
         {"role": "assistant", "content": "3"}, {"role": "user", "content": "2+2"},
         {"role": "assistant", "content": "4"}]
