@@ -121,6 +121,11 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
     r = run_module("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)"]
+    env = {**os.environ, "WMTP_ENV_FILE": str(tmp_path / "no.env")}   # ./run.sh report: the same command
+    r = subprocess.run([str(ROOT / "run.sh"), "report", "--tracking-uri", uri, "--experiment", "nope"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)")
 
 
 def test_ui_url_opens_the_training_runs_view(tmp_path):
