@@ -663,6 +663,16 @@ def follow_umask(root):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
+def fetch_checkpoint(checkpoint):
+    """A checkpoint's state from a path, an s3:// or a runs:/ URI. A download goes to a private temporary dir removed
+    once loaded: a cache at a fixed name in the shared temp dir is any local user's to plant a link or a file in."""
+    with tempfile.TemporaryDirectory(prefix="wmtp-export-") as cache:
+        try:
+            return s3ckpt.load_checkpoint(s3ckpt.resolve_checkpoint(checkpoint, cache, tracking_uri=tracking_uri()))
+        except s3ckpt.CheckpointError as e:
+            raise UserError(str(e))
+
+
 def export(checkpoint, fmt, out, config="", use_micro=False):
     """Write a trainer checkpoint's policy (LoRA merged, value head left out) as a Hugging Face or Meta model dir,
     with the base model's tokenizer files. Everything goes to a temporary dir renamed to `out` at the end: an
@@ -670,12 +680,7 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty directory")
-    try:
-        path = s3ckpt.resolve_checkpoint(checkpoint, Path(tempfile.gettempdir()) / "wmtp-export-cache",
-                                         tracking_uri=tracking_uri())
-        state = s3ckpt.load_checkpoint(path)
-    except s3ckpt.CheckpointError as e:
-        raise UserError(str(e))
+    path, state = checkpoint, fetch_checkpoint(checkpoint)
     lacking = [k for k in ("model", "config", "model_args") if not isinstance(state, dict) or k not in state]
     if lacking:
         raise UserError(f"{path}: not a trainer checkpoint (no {', '.join(lacking)})")

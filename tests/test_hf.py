@@ -192,6 +192,12 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
     assert hf_tok("ab+1", add_special_tokens=False)["input_ids"] == ids
     generation = GenerationConfig.from_pretrained(tmp_path / "out" / "hf")
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (256, 257, 257)
+    from transformers import AutoModelForCausalLM   # transformers' own LLaMA generates greedily as the trainer does
+    from model import generate
+    auto, prompt = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf"), [256, *ids]
+    ours = generate(setup.model.eval(), [prompt], 257, 257, 6)[0]   # up to and excluding EOS
+    theirs = auto.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
+    assert theirs[:len(ours)] == ours and theirs[len(ours):len(ours) + 1] in ([], [257])
     tok, hf = wm.load_pretrained(tmp_path / "out" / "hf")
     assert hf.args.n_future_tokens == 1 and tok.bos_id == 256
     for key, value in hf.state_dict().items():   # head 0's model: trunk, layers.2, norm, output

@@ -156,10 +156,11 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
 
 
 # ------------------------------------------------------------------------- system packages (./run.sh test)
-def _path_without(tool: str, tmp_path: Path) -> str:
-    """$PATH with each directory that holds `tool` replaced by a folder of links to all its other entries."""
+def _path_without(tool: str, tmp_path: Path, path: str | None = None) -> str:
+    """path ($PATH by default) with each directory that holds `tool` replaced by a folder of links to all its other
+    entries."""
     dirs = []
-    for i, d in enumerate(os.environ["PATH"].split(os.pathsep)):
+    for i, d in enumerate((os.environ["PATH"] if path is None else path).split(os.pathsep)):
         if d and (Path(d) / tool).exists():
             mirror = tmp_path / f"path-{i}-without-{tool}"
             mirror.mkdir()
@@ -196,6 +197,18 @@ def test_test_as_root_apt_gets_what_the_tests_lack(tmp_path):
         "unset update", "noninteractive install -y --no-install-recommends shellcheck"]
     assert "run.sh: installing shellcheck (apt-get)" in res.stderr.splitlines()
     assert _calls(py_log)[-1] == "-m pytest -k nothing"
+
+
+def test_test_as_root_apt_gets_bubblewrap_when_bwrap_is_missing(tmp_path):
+    env, apt_log, py_log = _no_shellcheck_env(tmp_path, uid=0)
+    env["PATH"] = _path_without("bwrap", tmp_path, env["PATH"])
+    assert shutil.which("bwrap", path=env["PATH"]) is None
+    res = run_sh(["test", "tests/test_sandbox.py"], env)   # any selection: evaluation runs programs in bwrap
+    assert res.returncode == 0, res.stderr
+    assert apt_log.read_text().splitlines() == [
+        "unset update", "noninteractive install -y --no-install-recommends bubblewrap"]
+    assert "run.sh: installing bubblewrap (apt-get)" in res.stderr.splitlines()
+    assert _calls(py_log)[-1] == "-m pytest tests/test_sandbox.py"
 
 
 @pytest.mark.parametrize("args,needed", [
@@ -335,6 +348,16 @@ def test_unreadable_dotenv_is_a_clear_error(tmp_path):
     res = run_sh(["baseline", "--local", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
     assert res.returncode != 0
     assert f"could not read {dotenv}" in res.stderr
+
+
+def test_a_dotenv_that_group_or_others_can_read_is_warned_about(tmp_path):
+    dotenv = tmp_path / "my.env"
+    dotenv.write_text("MLFLOW_TRACKING_USERNAME=wmtp_admin\n")
+    warning = f"run.sh: warning: {dotenv} is readable by group or others: chmod 600 {dotenv}"
+    for mode, warned in ((0o644, True), (0o640, True), (0o604, True), (0o600, False)):   # cp .env.example: 644
+        dotenv.chmod(mode)
+        res = run_sh(["rho1", "--local", "--dry-run"], base_env(tmp_path, WMTP_ENV_FILE=str(dotenv)))
+        assert res.returncode == 0 and (warning in res.stderr.splitlines()) == warned, (oct(mode), res.stderr)
 
 
 def test_local_needs_no_credentials(tmp_path):

@@ -121,6 +121,11 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
     r = run_module("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)"]
+    env = {**os.environ, "WMTP_ENV_FILE": str(tmp_path / "no.env")}   # ./run.sh report: the same command
+    r = subprocess.run([str(ROOT / "run.sh"), "report", "--tracking-uri", uri, "--experiment", "nope"], cwd=tmp_path,
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)")
 
 
 def test_ui_url_opens_the_training_runs_view(tmp_path):
@@ -179,6 +184,23 @@ def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_fol
     theirs = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):].tolist()
     assert theirs[:len(ours)] == ours and theirs[len(ours):len(ours) + 1] in ([], [257])
     assert tok.decode(theirs, skip_special_tokens=True) == ByteTokenizer().decode(ours)
+
+
+def test_export_downloads_into_a_private_temp_dir_not_a_fixed_path_in_tmp(tracking, tmp_path, monkeypatch):
+    """A runs:/ checkpoint comes down into a private temp dir, removed once loaded (issue 20: no fixed paths in
+    world-writable dirs): a link planted at the cache's old fixed name (<tmp>/wmtp-export-cache) redirects nothing."""
+    from pretrained import export
+    cfg = tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0")
+    run_id = wm.train(cfg, use_micro=True)["run_id"]
+    shared, victim = tmp_path / "shared-tmp", tmp_path / "victim"
+    for d in (shared, victim):
+        d.mkdir()
+    (shared / "wmtp-export-cache").symlink_to(victim)   # another user's, in a world-writable /tmp
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    export(f"runs:/{run_id}/checkpoints/checkpoint_final.pt", "hf", tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert list(victim.iterdir()) == []
+    assert [p.name for p in shared.iterdir() if p.name.startswith("wmtp-export")] == ["wmtp-export-cache"]
 
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+2"},

@@ -2,6 +2,7 @@
 samples-file errors, and the built-in pyfunc tasks checked by execution."""
 import json
 import os
+import time
 from fractions import Fraction
 
 import pytest
@@ -114,6 +115,20 @@ def sandbox_processes():
         if sandbox.UID_BASE <= uid < 2 * sandbox.UID_BASE and state not in "ZX":   # dead, not yet reaped: fine
             found.append(pid)
     return found
+
+
+def test_one_deadline_covers_the_whole_task_the_program_and_its_tests():
+    """Calls that each fit in timeout_s but together do not, and tests that never end (dataset code is trusted,
+    not bug-free): both time out, each within timeout_s and the grace. Sleeping spends no CPU: the wall clock ends
+    them, not RLIMIT_CPU."""
+    limits = sandbox.Limits(timeout_s=2.0, memory_mb=256, cpu_s=2, max_output_bytes=1 << 20)
+    slow = "import time\ndef add(a, b):\n    time.sleep(1.2)\n    return a + b"   # ADD calls it twice: 2.4 s
+    hang = {"task_id": "hang", "metadata": {"test": "import time\ndef check(candidate):\n    time.sleep(60)\n",
+                                            "entry_point": "add"}}
+    start = time.monotonic()
+    results = sandbox.score({"add": ADD, "hang": hang}, [("add", slow), ("hang", RIGHT_ADD)], limits, workers=2)
+    assert [r["status"] for r in results] == ["timeout", "timeout"], [r["stderr"] for r in results]
+    assert time.monotonic() - start < 2 * (limits.timeout_s + sandbox.GRACE_S) + 3
 
 
 def test_pass_at_k_worked_by_hand():
