@@ -257,27 +257,35 @@ def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
 
 
 class Progress:
-    """One log line per batch while evaluate works: tasks generated, programs run, and the time left, from the
-    rate so far of each of the two phases."""
+    """evaluate's one progress display: tasks generated, then programs run, each phase with its time left from its
+    own rate so far. A tqdm bar on `terminal` (a stream: rank 0's stdout when it is a terminal, as training's and
+    validation's bars), else a log line per batch (a log file would get a bar's redraws)."""
 
-    def __init__(self, n_tasks, n_samples):
-        self.n_tasks, self.n_samples, self.start, self.generated, self.ran = n_tasks, n_samples, time.time(), 0, 0
-
-    def eta(self, done, total, since):
-        rate = done / max(time.time() - since, 1e-9)
-        return f"{(total - done) / rate:.0f} s" if done else "?"
+    def __init__(self, n_tasks, n_samples, terminal=None):
+        self.n_tasks, self.n_samples, self.terminal, self.bar = n_tasks, n_samples, terminal, None
+        self.start, self.generated, self.ran = time.time(), 0, 0
 
     def tasks_generated(self, n):
         self.generated += n
-        log.info(f"evaluate: {self.generated}/{self.n_tasks} tasks generated, ETA "
-                 f"{self.eta(self.generated, self.n_tasks, self.start)} (then {self.n_samples} programs to run)")
+        self.show("tasks generated", n, self.generated, self.n_tasks, f" (then {self.n_samples} programs to run)")
         if self.generated >= self.n_tasks:
             self.start = time.time()
 
     def programs_run(self, n):
         self.ran += n
-        eta = self.eta(self.ran, self.n_samples, self.start)
-        log.info(f"evaluate: {self.ran}/{self.n_samples} programs run, ETA {eta}")
+        self.show("programs run", n, self.ran, self.n_samples)
+
+    def show(self, what, n, done, total, then=""):
+        if self.terminal is None:
+            rate = done / max(time.time() - self.start, 1e-9)
+            log.info(f"evaluate: {done}/{total} {what}, ETA {f'{(total - done) / rate:.0f} s' if done else '?'}{then}")
+            return
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=f"evaluate: {what}", file=self.terminal, leave=False, mininterval=0)
+        self.bar.update(n)
+        if done >= total:
+            self.bar.close()
+            self.bar = None
 
 
 def sample_completions(model, tok, tasks, e, rank, world, device, template="alpaca", progress=None):
@@ -316,16 +324,17 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     import sandbox
     e = cfg.eval
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
         tasks = eval_tasks(e.dataset, e.max_tasks)
         run_id, step, stats = None, 0, {}
         if samples:
             pairs = read_samples(samples, tasks)
             tasks = {tid: tasks[tid] for tid in dict(pairs)}  # pass@k over the tasks that have samples
-            progress = Progress(len(tasks), len(pairs))
+            progress = Progress(len(tasks), len(pairs), terminal)
         else:
             tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
-            progress = Progress(len(tasks), len(tasks) * e.n_samples)
+            progress = Progress(len(tasks), len(tasks) * e.n_samples, terminal)
             with torch.no_grad():
                 pairs, stats = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template,
                                                   progress)

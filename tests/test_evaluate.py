@@ -1,7 +1,9 @@
 """`evaluate`: samples mode scored exactly against known answers, one-line errors for bad files, and model mode end
 to end on the micro model — eval/pass@k on the evaluated training run, every completion in eval/samples.jsonl."""
 import dataclasses
+import io
 import json
+import logging
 import subprocess
 import sys
 
@@ -10,7 +12,7 @@ from mlflow import MlflowClient
 
 import sandbox
 import weighted_mtp as wm
-from evaluation import eval_tasks, evaluate
+from evaluation import Progress, eval_tasks, evaluate
 from conftest import ROOT, tiny_config
 
 BASELINE = ROOT / "configs" / "baseline" / "baseline_local.yaml"
@@ -150,3 +152,17 @@ def test_a_completion_reading_the_environment_finds_no_secret_anywhere(tmp_path,
     assert json.loads(artifact)["stderr"]  # it did print something
     everything = artifact + r.stdout + r.stderr + json.dumps(run.data.params) + json.dumps(run.data.tags)
     assert "planted-secret-value-123" not in everything
+
+
+def test_evaluate_progress_is_a_bar_on_a_terminal_and_a_line_per_batch_in_a_log(caplog):
+    terminal = io.StringIO()
+    bars = Progress(4, 8, terminal)
+    bars.tasks_generated(2), bars.tasks_generated(2), bars.programs_run(8)
+    shown = terminal.getvalue()
+    assert "evaluate: tasks generated:  50%" in shown and " 2/4 " in shown and " 4/4 " in shown
+    assert "evaluate: programs run: 100%" in shown and " 8/8 " in shown
+    with caplog.at_level(logging.INFO, logger="weighted_mtp"):
+        lines = Progress(4, 8)
+        lines.tasks_generated(4), lines.programs_run(8)
+    assert [r.getMessage() for r in caplog.records] == [
+        "evaluate: 4/4 tasks generated, ETA 0 s (then 8 programs to run)", "evaluate: 8/8 programs run, ETA 0 s"]
