@@ -45,7 +45,9 @@ def random_llama(config, seed=0):
 
 def write_tokenizer(d):
     """A byte-level tokenizer.json (256 byte tokens, no merges) with <s> and </s>, named in tokenizer_config.json."""
-    vocab = {ch: i for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    # sorted: alphabet() comes out of a hash set, in another order in every process (the ids, and with them the
+    # losses the training tests compare, changed from run to run)
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab.update({"<s>": 256, "</s>": 257})
     tok = Tokenizer(models.BPE(vocab, []))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
