@@ -45,7 +45,7 @@ def random_llama(config, seed=0):
 
 def write_tokenizer(d):
     """A byte-level tokenizer.json (256 byte tokens, no merges) with <s> and </s>, named in tokenizer_config.json."""
-    # sorted: alphabet() comes out of a hash set, in another order in every process (the ids, and with them the
+    # sorted: alphabet() comes out of a hash set, in another order at every call (the ids, and with them the
     # losses the training tests compare, changed from run to run)
     vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     vocab.update({"<s>": 256, "</s>": 257})
