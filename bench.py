@@ -50,8 +50,11 @@ CPU = torch.device("cpu")
 BYTES = ByteTokenizer.vocab_size
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10G", 70e12)]  # dense bf16 FLOP/s by GPU name, first match wins
-FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=5, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False)
-QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=2, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True)
+FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=5, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False,
+                       vocab=32000)
+# --quick checks that every figure runs, not its value: smaller everything, vocab 4096 where a figure says 32000
+QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=2, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True,
+                        vocab=4096)
 
 # -----------------------------------------------------------------------------
 # the trainer, set up as train() sets it up, and timing
@@ -199,7 +202,7 @@ def p10_critic(S):
     the value head on the policy's frozen trunk (P10), and a frozen separate value model (a copy of the policy, MLP
     head: P10_separate). The critic runs the trunk and head 0 alone, no logits (on log steps only the heads' CE, for
     train/head_k_loss: not timed here, 1 step in log_interval). Goal 0.15 each (before: 0.53)."""
-    batch, vocab = make_batch(S.batch, S.seq, 32000), 32000
+    batch, vocab = make_batch(S.batch, S.seq, S.vocab), S.vocab
     base = setup("baseline", dim=S.dim, vocab=vocab)
     policy = setup("critic", dim=S.dim, vocab=vocab, micro=POLICY_CRITIC)
     separate = setup("critic", dim=S.dim, vocab=vocab, micro=["critic.model=copy", "critic.head=mlp",
@@ -231,10 +234,10 @@ def p3_overhead(S):
 
 def p4_memory(S):
     """P4: peak memory of a baseline train_step, H=4 / H=1, vocab 32000 (the logits dominate). See peak_memory()."""
-    batch, tiny = make_batch(S.mem_batch, S.seq, 32000), make_batch(1, 16, 32000)
+    batch, tiny = make_batch(S.mem_batch, S.seq, S.vocab), make_batch(1, 16, S.vocab)
     peaks = {1: [], 4: []}
     for H in peaks:
-        trainer = setup("baseline", H=H, dim=S.dim, vocab=32000)
+        trainer = setup("baseline", H=H, dim=S.dim, vocab=S.vocab)
         trainer_step(trainer, tiny)()  # creates the optimizer state, cheaply
         for _ in range(2):  # deterministic: two repeats show it
             peaks[H].append(peak_memory(trainer_step(trainer, batch), trainer[1], trainer[2], batch))
@@ -258,7 +261,7 @@ def p5_heads(S):
 def peer(S, H):
     """The P7/P8 model, set up as the trainer does: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face
     peer), 8 attention heads, vocab 32000 (where the unembedding dominates a small model's step)."""
-    return setup("baseline", H=H, dim=S.dim, vocab=32000, micro=(
+    return setup("baseline", H=H, dim=S.dim, vocab=S.vocab, micro=(
         "model.micro.n_trunk_layers=3", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
 
@@ -289,23 +292,23 @@ def hf_step(hf, optimizer, batch):
 def p7_peer(S):
     """P7: our baseline train_step, H=1 / a Hugging Face LlamaForCausalLM training step (forward with labels,
     backward, fused AdamW) at the same dims (dim, 4 blocks, 8 attention heads, vocab 32000, seq, batch)."""
-    batch = make_batch(S.batch, S.seq, 32000)
+    batch = make_batch(S.batch, S.seq, S.vocab)
     ours = peer(S, 1)
     hf = hf_llama(ours[1], S.seq)
     if hf is None:
         return {"skipped": "transformers is not installed (pip install -e '.[bench]')"}
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.0, fused=True)
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours[1].parameters())  # same dims
-    return summary(compare(lambda: hf_step(hf, hf_opt, batch), trainer_step(ours, batch), S), 1.00, vocab=32000)
+    return summary(compare(lambda: hf_step(hf, hf_opt, batch), trainer_step(ours, batch), S), 1.00, vocab=S.vocab)
 
 
 def p8_efficient_loss(S):
     """P8: baseline train_step, H=4, vocab 32000, memory-efficient loss (one head's logits alive at a time, each
     computed once) / the naive loss (every head's logits kept for backward): same weights and batch."""
-    batch = make_batch(S.batch, S.seq, 32000)
+    batch = make_batch(S.batch, S.seq, S.vocab)
     efficient, naive = peer(S, 4), peer(S, 4)
     efficient[1].memory_efficient_loss, naive[1].memory_efficient_loss = True, False
-    return summary(compare(trainer_step(naive, batch), trainer_step(efficient, batch), S), 1.03, vocab=32000)
+    return summary(compare(trainer_step(naive, batch), trainer_step(efficient, batch), S), 1.03, vocab=S.vocab)
 
 
 def p6_mfu(S):
