@@ -46,8 +46,13 @@ def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
 
 def on_this_node(cfg, found, cache_dir):
     """Rank 0's (path, URI) of a checkpoint -> a file on this rank's node: rank 0's path where this node sees it (one
-    machine, a shared disk), else this node's own download of the URI, by its local rank 0 while the others wait."""
-    return resume_point(cfg, found, cache_dir)[0]
+    machine, a shared disk), else this node's own download of the URI, by its local rank 0 while the others wait.
+    A start (model.init_from, critic.checkpoint, evaluate) is a whole checkpoint file: a sharded one resumes only."""
+    path, _, sharded = resume_point(cfg, found, cache_dir)
+    if sharded:
+        raise UserError(f"{path}: a sharded checkpoint (checkpoint.format=sharded) can only resume its own run: start "
+                        "from that run's checkpoint_best.pt or checkpoint_final.pt (whole files)")
+    return path
 
 
 def resume_point(cfg, found, cache_dir):

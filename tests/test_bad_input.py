@@ -446,3 +446,17 @@ def test_fuzz_config_files_and_overrides(tree, overrides):
     # what it accepts has every key, each with its default's type
     for key, value, default in leaves(cfg.to_dict(), DEFAULTS):
         assert type(value) is type(default) or (isinstance(default, dict) and isinstance(value, dict)), key
+
+
+@pytest.mark.parametrize("key", ["model.init_from", "critic.checkpoint"])
+def test_a_sharded_checkpoint_starts_no_run_and_names_the_files_that_do(tmp_path, key):
+    sharded = tmp_path / "checkpoint_step_3"   # what checkpoint.format=sharded writes: a directory with trainer.pt
+    sharded.mkdir()
+    (sharded / "trainer.pt").write_bytes(b"not read: refused before")
+    pipeline = "baseline" if key == "model.init_from" else "verifiable"
+    cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
+                      [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "model.init_from=", f"{key}={sharded}"])
+    with pytest.raises(UserError, match=rf"^{sharded}: a sharded checkpoint \(checkpoint.format=sharded\) can only "
+                                        r"resume its own run: start from that run's checkpoint_best.pt or "
+                                        r"checkpoint_final.pt \(whole files\)$"):
+        wm.prepare(cfg, use_micro=True)
