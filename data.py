@@ -161,8 +161,13 @@ BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, che
 def read_jsonl(path):
     """Training records of a JSONL file (config.json_rows), each in one of SHAPES; a bad line is a UserError naming
     file and line."""
+    return training_records(json_rows(path))
+
+
+def training_records(rows):
+    """read_jsonl's records from rows [("file:line", object)] already read."""
     records = []
-    for where, record in json_rows(path):
+    for where, record in rows:
         if record_shape(record) != "instruction":
             record = training_record(record, where)
         for key in ("instruction", "output"):

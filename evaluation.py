@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
 from config import flatten, json_rows, tracking_uri, UserError
-from data import collate, load_records, read_jsonl, render_prompt
+from data import collate, load_records, render_prompt, training_records
 from model import decode_stats, generate
 from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
 from pretrained import build_model
@@ -157,7 +157,7 @@ def eval_records(spec):
     path = humaneval_file() if spec == "humaneval" else spec
     rows = json_rows(path)
     if not path.endswith(".gz") and not any(benchmark_shape(row) for _, row in rows):
-        return read_jsonl(path)  # ours, checked line by line as training data are
+        return training_records(rows)  # ours, checked line by line as training data are
     records = []
     for where, row in rows:
         shape = benchmark_shape(row)

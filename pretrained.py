@@ -680,12 +680,12 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out}: exists and is not an empty directory")
-    path, state = checkpoint, fetch_checkpoint(checkpoint)
+    state = fetch_checkpoint(checkpoint)
     lacking = [k for k in ("model", "config", "model_args") if not isinstance(state, dict) or k not in state]
     if lacking:
-        raise UserError(f"{path}: not a trainer checkpoint (no {', '.join(lacking)})")
-    cfg = load_config(config) if config else config_from_dict(state["config"], f"{path} (its config)")
-    model = policy_from_checkpoint(state, cfg, use_micro, path)
+        raise UserError(f"{checkpoint}: not a trainer checkpoint (no {', '.join(lacking)})")
+    cfg = load_config(config) if config else config_from_dict(state["config"], f"{checkpoint} (its config)")
+    model = policy_from_checkpoint(state, cfg, use_micro, checkpoint)
     mcfg = cfg.model
     micro = use_micro or not mcfg.path
     tok = ByteTokenizer() if micro else load_tokenizer(mcfg.tokenizer, mcfg.path)
@@ -706,5 +706,5 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     heads = "head 0 (HF's LLaMA has no extra heads)" if fmt == "hf" else f"{model.args.n_future_tokens} heads"
-    log.info(f"exported {path} -> {out} ({fmt}: {heads}{', LoRA merged' if state.get('model_partial') else ''})")
+    log.info(f"exported {checkpoint} -> {out} ({fmt}: {heads}{', LoRA merged' if state.get('model_partial') else ''})")
     return out
