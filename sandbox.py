@@ -231,7 +231,7 @@ def _layout(interpreter):
     hidden = [site for site in dict.fromkeys(map(os.path.realpath, sites)) if os.path.isdir(site)]
     for site in hidden:
         args += ["--tmpfs", site, "--remount-ro", site]
-    readable = _beside(roots, hidden) + ["/etc/ld.so.cache", "/dev/urandom", "/dev/zero"]
+    readable = _beside(roots, hidden) + ["/etc/ld.so.cache", "/dev/urandom", "/dev/zero", "/proc/self"]  # its own
     rules = "".join(f"r {path}\n" for path in readable) + "w /dev/null\n"
     return tuple(args), code, rules
 
