@@ -461,18 +461,20 @@ def _start(program, limits, iso, uid, workdir, slot, judges):
 
 def _spawn(iso, uid, workdir, role, fds, numbers, stdin, stdout, stderr=subprocess.PIPE):
     """The harness in `role` with fds [SOURCE REQ RESP] (-1: unused) and numbers, under iso. bwrap: a root that
-    is a 1 MiB tmpfs made read-only, as is /dev, once the three sized tmpfs are in place; /proc/keys hidden. uid,
-    none: Landlock's rules (iso.rules and, read-write, the work dir) in a memfd."""
+    is a 1 MiB tmpfs made read-only, as is /dev, once the three sized tmpfs are in place; /proc/keys hidden; the
+    harness is the namespace's pid 1, so that bwrap waits for it and its CPU time reaches our wait4. uid, none:
+    Landlock's rules (iso.rules and, read-write, the work dir) in a memfd."""
     rules = _memfd(iso.rules + (f"w {workdir}\n" if workdir else "")) if iso.rules else -1
     argv = [iso.interpreter, "-I", "-S", "-X", "utf8", "-c", BOOT, iso.code, role, *map(str, fds + [rules] + numbers)]
     if iso.mode == "bwrap":
         size = str(TMPFS_MB << 20)
         bwrap, *fs = iso.bwrap
         argv = [bwrap, "--size", str(1 << 20), "--tmpfs", "/", *fs, "--unshare-all", "--unshare-user",
-                "--disable-userns", "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox",
-                "--proc", "/proc", "--ro-bind-try", "/dev/null", "/proc/keys", "--ro-bind-try", "/dev/null",
-                "/proc/key-users", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs",
-                "/dev/shm", "--size", size, "--tmpfs", HOME, "--remount-ro", "/dev", "--remount-ro", "/",
+                "--disable-userns", "--die-with-parent", "--as-pid-1", "--new-session", "--cap-drop", "ALL",
+                "--hostname", "sandbox", "--proc", "/proc", "--ro-bind-try", "/dev/null", "/proc/keys",
+                "--ro-bind-try", "/dev/null", "/proc/key-users", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp",
+                "--size", size, "--tmpfs", "/dev/shm", "--size", size, "--tmpfs", HOME, "--remount-ro", "/dev",
+                "--remount-ro", "/",
                 "--chdir", HOME, "--", *argv]
         cwd, env = "/", clean_env(HOME, "/tmp")
     else:
