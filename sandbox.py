@@ -74,7 +74,7 @@ class TaskError(ValueError):
 
 
 class SandboxUnavailable(RuntimeError):
-    """No isolation mode (or not the one WMTP_SANDBOX requires) passed its probe: one line saying why."""
+    """The sandbox asked for (bwrap unless the user chose less) does not work here: one line naming the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,13 +118,12 @@ class RunResult(NamedTuple):
 
 class Isolation(NamedTuple):
     """How programs run: mode "bwrap" | "uid" | "none"; uid: slot 0's uid (root) or None; bwrap: bwrap and the
-    interpreter's file-system arguments; why: who chose the mode; code: the harness's bytecode (hex) for this
-    interpreter; rules: Landlock's (uid, none), the same files as bwrap shows, read-only."""
+    interpreter's file-system arguments; code: the harness's bytecode (hex) for this interpreter; rules:
+    Landlock's (uid, none), the same files as bwrap shows, read-only."""
     interpreter: str
     uid: int | None
     mode: str
     bwrap: tuple = ()
-    why: str = ""
     code: str = ""
     rules: str = ""
 
@@ -297,8 +296,6 @@ def isolation(mode=None):
     for iso, why in _options(want):
         why = why or _probe(iso)
         if not why:
-            iso = iso._replace(why="the default" if want == "bwrap" and not mode and "WMTP_SANDBOX" not in os.environ
-                               else "chosen by " + ("the caller" if mode else "WMTP_SANDBOX"))
             (log.debug if want == "bwrap" else log.warning)("sandbox: %s", describe(iso))
             return iso
         failures.append(why if iso is None else f"{iso.interpreter}: {why}")
@@ -307,16 +304,16 @@ def isolation(mode=None):
 
 
 def describe(iso=None):
-    """One line for logs and `doctor`: the mode, what it isolates, and who chose it."""
+    """One line for logs and `doctor`: the mode and what it isolates."""
     iso = iso or isolation()
     who = "this user" if iso.uid is None else f"uid {iso.uid}+slot (judges +{JUDGE_UIDS})"
     text = {"bwrap": "bwrap: own user/pid/net/ipc/uts/mount namespaces, no network, read-only /usr, private "
                      "work dir, /tmp and /dev/shm",
-            "uid": "uid (WEAKER, no namespaces): an own uid per worker, Landlock (files, TCP, signals); UDP and "
-                   "the machine's processes are shared",
-            "none": "none (WEAKER, NOT ISOLATED from this user): programs run as this user under Landlock (files, "
-                    "TCP, signals); its processes and UDP are shared"}[iso.mode]
-    return f"{text}; seccomp, rlimits, one process; programs run as {who} with {iso.interpreter}; {iso.why}"
+            "uid": "uid (WEAKER, opted in; no namespaces): an own uid per worker, Landlock (files, TCP, signals); "
+                   "UDP and the machine's processes are shared",
+            "none": "none (WEAKER, opted in; NOT ISOLATED from this user): programs run as this user under Landlock "
+                    "(files, TCP, signals); its processes and UDP are shared"}[iso.mode]
+    return f"{text}; seccomp, rlimits, one process; programs run as {who} with {iso.interpreter}"
 
 
 # -----------------------------------------------------------------------------
@@ -539,10 +536,10 @@ def _tail(err):
 
 def _ran(out, expected, state, code):
     """A stdin/stdout (or plain) program's status: it exited 0 and, with expected, printed it."""
-    if state == "timeout" or code == -signal.SIGXCPU:  # uid, none: the kernel's signal
+    if state == "timeout":  # the wall clock, or the kernel's count of its CPU time
         return "timeout"
     if state or code < 0:
-        return "error"      # output cap, or killed by a signal (segfault, the hard CPU limit, its own killpg)
+        return "error"      # output cap, or killed by a signal (uid, none: segfault, its own killpg)
     if code != 0:
         return "failed"     # an exception, sys.exit(non-zero), or closing its stdout
     if expected is not None and not same_output(out.decode("utf-8", "replace"), expected):
@@ -558,8 +555,8 @@ def _judged(said, judge_code, judge_err, state, code, own):
     verdict, _, reason = said.partition("\n")
     if verdict == "passed":
         return "passed", ""
-    if -signal.SIGXCPU in (code, int(judge_code or 0)):
-        return "timeout", "CPU time limit"
+    if int(judge_code or 0) == -signal.SIGXCPU:  # the judge server's own child: its status is the kernel's
+        return "timeout", "CPU time limit of the tests"
     if verdict == "failed":
         return ("error" if own and code < 0 else "failed"), reason
     last = (judge_err.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
@@ -777,10 +774,10 @@ def bench_throughput(workers, n_programs=64, limits=Limits(), mode=None):
 
 
 def bench_isolation(workers, n_programs=64, repeats=3, start=0):
-    """bwrap against the fallback this machine would use without it (uid as root, else none), alternating which
-    goes first (start: the first repeat's parity, for callers that repeat one at a time):
-    {"bwrap", "fallback": programs/s (best of repeats), "mode": the fallback's, "ratio": bwrap / fallback,
-    "overhead_ms": bwrap's extra wall time per program and worker}."""
+    """bwrap against the weaker mode one may opt in to (uid as root, else none), alternating which goes first
+    (start: the first repeat's parity, for callers that repeat one at a time): {"bwrap", "fallback": programs/s
+    (best of repeats), "mode": the weaker mode's, "ratio": bwrap / fallback, "overhead_ms": bwrap's extra wall time
+    per program and worker}."""
     fallback = "uid" if os.geteuid() == 0 else "none"
     rates = {"bwrap": [], fallback: []}
     for r in range(repeats):

@@ -70,7 +70,6 @@ DENIED = {"memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29,
           "fork": (57, None), "vfork": (58, None)}
 ARCHES = {"x86_64": (0, 0xC000003E, 56, 435), "aarch64": (1, 0xC00000B7, 220, 435)}  # column, AUDIT_ARCH, clone(3)
 CLONE_THREAD, CLONE_NEW = 0x00010000, 0x7E020000  # CLONE_NEW*: ns, cgroup, uts, ipc, user, pid, net
-KEYCTL_NR = {"x86_64": 250, "aarch64": 219}
 LANDLOCK_CREATE, LANDLOCK_ADD, LANDLOCK_RESTRICT = 444, 445, 446
 
 
@@ -80,8 +79,9 @@ def seccomp_program(machine):
     uses clone); clone only for a thread of this process (no fork: one process, so RLIMIT_AS bounds its memory)."""
     column, arch, clone, clone3 = ARCHES[machine]
     ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    code = [(ld, "", "", 4), (jeq, "", "kill", arch), (ld, "", "", 0), (jge, "eperm", "", 0x40000000 if column == 0
-                                                                          else 0xFFFFFFFF)]
+    code = [(ld, "", "", 4), (jeq, "", "kill", arch), (ld, "", "", 0)]  # seccomp_data: nr at 0, arch at 4
+    if machine == "x86_64":
+        code.append((jge, "eperm", "", 0x40000000))  # __X32_SYSCALL_BIT
     code += [(jeq, "eperm", "", nrs[column]) for nrs in DENIED.values() if nrs[column] is not None]
     code += [(jeq, "enosys", "", clone3), (jeq, "", "allow", clone), (ld, "", "", 16),  # args[0], low half
              (jset, "eperm", "", CLONE_NEW), (jset, "allow", "eperm", CLONE_THREAD)]
@@ -106,20 +106,24 @@ def confine(rules_fd, seccomp=True):
     machine = os.uname().machine
     if machine not in ARCHES:
         raise OSError("no seccomp filter for %s" % machine)
-    libc.syscall(ctypes.c_long(KEYCTL_NR[machine]), ctypes.c_long(1), None)  # JOIN_SESSION_KEYRING; denied: fine
+    keyctl = DENIED["keyctl"][ARCHES[machine][0]]
+    libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(1), None)  # KEYCTL_JOIN_SESSION_KEYRING (denied: no keys)
     if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
     if rules_fd >= 0:
         landlock(libc, read_text(rules_fd))
     if not seccomp:
         return
-    program = ctypes.create_string_buffer(seccomp_program(machine))
-    fprog = struct.pack("HxxxxxxQ", len(program.raw) // 8, ctypes.addressof(program))
+    code = seccomp_program(machine)
+    program = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("HxxxxxxQ", len(code) // 8, ctypes.addressof(program))  # struct sock_fprog
     if libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
 
 
 def landlock(libc, rules):
+    """Restricts this process and its children to the rules ("r PATH" / "w PATH" lines) with every access right
+    this kernel's Landlock ABI handles; paths missing here are skipped."""
     import ctypes
     call = lambda nr, *args: libc.syscall(ctypes.c_long(nr), *args)  # noqa: E731
     abi = call(LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION

@@ -5,6 +5,7 @@ exit status is never read as a signal or a timeout; the throwaway-uid evaluator 
 can enter."""
 import json
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import sandbox
+import sandbox_harness as harness
 from config import UserError, load_config
 from report import pass_at_1_cell
 from test_sandbox_hostile import AS_ROOT, THROWAWAY_UID, as_root_with_setpriv, listener, run_evaluator  # noqa: F401
@@ -98,7 +100,7 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
     chosen = load_config(BASELINE).eval
     assert chosen.sandbox == weaker and sandbox_check(chosen)[0] is None  # doctor: a WARN, not a FAIL
     results = sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], sandbox.Limits.of(chosen))
-    assert results[0]["passed"] and sandbox.isolation(weaker).why == "chosen by the caller"
+    assert results[0]["passed"] and f"{weaker} (WEAKER, opted in" in sandbox.describe(sandbox.isolation(weaker))
 
 
 @pytest.mark.skipif(not AS_ROOT or not shutil.which("unshare"), reason="hiding bwrap needs root (a mount namespace)")
@@ -161,3 +163,56 @@ def test_the_throwaway_uid_evaluator_runs_from_a_checkout_only_root_can_enter(mo
     finally:
         shutil.rmtree(hidden)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_the_choice_is_checked_where_it_is_made(monkeypatch):
+    """WMTP_SANDBOX wins over the config file, --override over both; a bad value is one line naming its source."""
+    monkeypatch.setenv("WMTP_SANDBOX", "nspawn")
+    with pytest.raises(UserError, match=r"^WMTP_SANDBOX must be bwrap, uid, none; got 'nspawn'$"):
+        load_config(BASELINE)
+    monkeypatch.setenv("WMTP_SANDBOX", "none")
+    assert load_config(BASELINE).eval.sandbox == "none"
+    assert load_config(BASELINE, ["eval.sandbox=bwrap"]).eval.sandbox == "bwrap"
+    with pytest.raises(UserError, match="'eval.sandbox' must be bwrap, uid or none, got 'docker'"):
+        load_config(BASELINE, ["eval.sandbox=docker"])
+    with pytest.raises(sandbox.SandboxUnavailable, match="must be one of bwrap, uid, none; got 'docker'"):
+        sandbox.isolation("docker")
+
+
+def run_bpf(program, nr, arch, arg0=0):
+    """What the kernel does with a classic-BPF seccomp program for a call: the value of the RET it reaches."""
+    data = struct.pack("<IIQ6Q", nr, arch, 0, arg0, 0, 0, 0, 0, 0)  # struct seccomp_data
+    code = [struct.unpack("HBBI", program[i:i + 8]) for i in range(0, len(program), 8)]
+    pc, acc = 0, 0
+    while True:
+        op, yes, no, k = code[pc]
+        if op == 0x06:
+            return k
+        if op == 0x20:
+            acc, pc = struct.unpack_from("<I", data, k)[0], pc + 1
+            continue
+        taken = {0x15: acc == k, 0x35: acc >= k, 0x45: bool(acc & k)}[op]
+        pc += 1 + (yes if taken else no)
+
+
+THREAD = 0x3D0F00           # glibc's pthread_create: CLONE_VM|FS|FILES|SIGHAND|THREAD|SYSVSEM|SETTLS|*_SETTID
+FORK = 0x01200011           # glibc's fork: SIGCHLD|CLONE_CHILD_SETTID|CLONE_CHILD_CLEARTID
+ALLOW, EPERM, ENOSYS, KILL = 0x7FFF0000, 0x50001, 0x50026, 0x80000000
+
+
+@pytest.mark.parametrize("machine, calls", [
+    ("x86_64", [(0, 0, ALLOW), (319, 0, EPERM), (250, 0, EPERM), (248, 0, EPERM), (29, 0, EPERM), (57, 0, EPERM),
+                (56, THREAD, ALLOW), (56, FORK, EPERM), (56, THREAD | 0x10000000, EPERM), (435, 0, ENOSYS),
+                (0x40000000, 0, EPERM), (101, 0, EPERM), (272, 0, EPERM), (425, 0, EPERM)]),
+    ("aarch64", [(63, 0, ALLOW), (57, 0, ALLOW), (279, 0, EPERM), (219, 0, EPERM), (194, 0, EPERM),
+                 (220, THREAD, ALLOW), (220, FORK, EPERM), (435, 0, ENOSYS), (97, 0, EPERM), (117, 0, EPERM)]),
+])
+def test_the_seccomp_program_decides_each_call_as_written(machine, calls):
+    """The hand-written filter, run by a BPF interpreter: read (x86_64 0, aarch64 63) and close (aarch64 57, fork's
+    number on x86_64) pass; memfd_create, keyctl, add_key, shmget, fork, ptrace, unshare, io_uring get EPERM; a
+    thread's clone passes, a fork's or one asking for a namespace does not; clone3 is "not implemented" (the C
+    library falls back to clone); x32 calls get EPERM and another architecture's calls kill."""
+    program = harness.seccomp_program(machine)
+    arch = harness.ARCHES[machine][1]
+    assert [run_bpf(program, nr, arch, arg0) for nr, arg0, _ in calls] == [want for _, _, want in calls]
+    assert run_bpf(program, 0, 0x40000003) == KILL  # i386 on x86_64
