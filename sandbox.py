@@ -386,7 +386,9 @@ def _run(program, limits, iso, slot, judges=None, deadline=None):
         own = _exited(proc.pid)  # it ended by itself, so its exit status is its own
         _kill_group(proc.pid)
         code, cpu_s = _reap(proc)
-        state = state or ("timeout" if cpu_s >= 0.95 * limits.cpu_s else "")  # the kernel's count, not a signal
+        # the kernel's word only: a real SIGXCPU (uid, none: our own child) or its CPU count (under bwrap, pid 1
+        # ignores SIGXCPU: the hard limit, a second later, kills it)
+        state = state or ("timeout" if code == -signal.SIGXCPU or cpu_s >= limits.cpu_s else "")
         if not ours:
             return RunResult(_ran(out, program.expected, state, code), _tail(err), state)
         said, sep, judge_code = verdict.decode("utf-8", "replace").rpartition("\0")
@@ -523,8 +525,7 @@ def _collect(proc, judge_fds, deadline, max_output_bytes):
 
 def _reap(proc):
     """(exit status, CPU seconds of the process and of the descendants it reaped). Negative statuses are signals
-    the kernel reported; bwrap's 128 + N is not read as one (the program may exit with any status), nor is the
-    CPU limit read from a signal: the caller compares the CPU seconds with the limit."""
+    the kernel reported; bwrap's 128 + N is not read as one: the program may exit with any status."""
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, usage.ru_utime + usage.ru_stime
