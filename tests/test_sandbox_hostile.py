@@ -293,8 +293,8 @@ hold("forks", fork)
 heap = []
 hold("heap", lambda n: heap.append(bytearray(chunk)))
 print("HELD:", json.dumps(held), file=sys.stderr, flush=True)
-time.sleep(60)
-""".replace("TRY", str(HOG_MB))
+time.sleep(2)  # holding it while the test reads the host's accounting
+""".replace("TRY", str(HOG_MB)) + WRONG_ADD
 
 DATASET_THIEF = """
 import json, os, sys
