@@ -4,6 +4,7 @@ from the candidate cannot end a test's loop; a stdin/stdout task has one deadlin
 exit status is never read as a signal or a timeout; the throwaway-uid evaluator runs from a checkout that only root
 can enter."""
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -216,3 +217,43 @@ def test_the_seccomp_program_decides_each_call_as_written(machine, calls):
     arch = harness.ARCHES[machine][1]
     assert [run_bpf(program, nr, arch, arg0) for nr, arg0, _ in calls] == [want for _, _, want in calls]
     assert run_bpf(program, 0, 0x40000003) == KILL  # i386 on x86_64
+
+
+LEAVER = """
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+segment = libc.shmget(0, 4096, 0o1600)            # IPC_PRIVATE
+ds = ctypes.create_string_buffer(256)
+libc.shmctl(segment, 2, ds)                        # IPC_STAT
+ds[4:8] = bytes(4)                                 # shm_perm.uid = 0: owned by root now, created by this uid
+assert libc.shmctl(segment, 1, ds) == 0            # IPC_SET
+print(segment)
+for where in ("/tmp", "/dev/shm", "/run/lock"):
+    open(f"{where}/wmtp-left-{os.getuid()}", "w").write("x")
+os.mkdir(f"/tmp/wmtp-deep-{os.getuid()}")
+os.chdir(f"/tmp/wmtp-deep-{os.getuid()}")
+for _ in range(1500):  # deeper than the recursion limit
+    os.mkdir("d")
+    os.chdir("d")
+os.chmod(".", 0)
+"""
+
+
+@pytest.mark.skipif(not AS_ROOT, reason="the uid mode's sweep runs as root")
+def test_the_uid_sweep_removes_what_a_slot_uid_left_even_re_owned_or_1500_deep():
+    """The second fence behind Landlock and the filter, tested with what they keep out: a SysV segment its uid made
+    and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep tree (a recursive cleanup dies on it)."""
+    uid = sandbox.UID_BASE + 4321
+    sandbox._sweep(uid)  # what an interrupted run of this test left
+    made = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
+                           LEAVER], cwd="/", capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    segment = made.stdout.strip()
+    rows = Path("/proc/sysvipc/shm").read_text().splitlines()
+    header = rows[0].split()
+    [row] = [r.split() for r in rows[1:] if r.split()[1] == segment]
+    assert (row[header.index("uid")], row[header.index("cuid")]) == ("0", str(uid))  # matched on owner: missed
+    left = [Path(f"{d}/wmtp-left-{uid}") for d in ("/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)]
+    sandbox._sweep(uid)
+    assert segment not in [r.split()[1] for r in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
+    assert not [p for p in left if p.exists()] and not Path(f"/tmp/wmtp-deep-{uid}").exists()
