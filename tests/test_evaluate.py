@@ -48,7 +48,8 @@ def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracki
     assert "evaluate: 4/4 programs run, ETA 0 s" in r.stderr  # the progress line (every 4 x workers programs)
     summary = json.loads((tmp_path / "out.json").read_text())
     # pass@1 = mean(c/n) = (1/2 + 0/2) / 2; pass@2 = mean(1 − C(n−c,2)/C(n,2)) = (1 + 0) / 2
-    assert summary == {"pass@1": 0.25, "pass@2": 0.5, "n_tasks": 2, "n_samples": 4, "timeouts": 0, "errors": 0}
+    assert summary == {"pass@1": 0.25, "pass@2": 0.5, "n_tasks": 2, "n_samples": 4, "timeouts": 0, "errors": 0,
+                       "sandbox": "bwrap"}  # the isolation that produced it (bwrap: the default)
     client = MlflowClient(tracking)
     [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
     assert run.info.run_name == "evaluate" and run.info.status == "FINISHED"

@@ -95,13 +95,14 @@ def test_as_root_programs_cannot_reach_the_evaluator_or_other_programs(monkeypat
     ]
     escapee = ("import subprocess, sys\nsubprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
                "start_new_session=True)\n" + RIGHT_ADD)
-    samples = [("add", a) for a in attacks] + [("add", escapee)] + RIGHT * 2
+    samples = [("add", a) for a in attacks + [escapee]] + RIGHT * 2
     results = sandbox.score(TASKS, samples, LIMITS, workers=4)
-    assert [r["status"] for r in results[:len(attacks)]] == ["failed"] * len(attacks)
+    assert [r["status"] for r in results[:len(attacks) + 1]] == ["failed"] * (len(attacks) + 1)
     assert all("PermissionError" in r["stderr"] for r in results[:4])
-    assert all(r["passed"] for r in results[len(attacks):])
+    assert "PermissionError: [Errno 1] Operation not permitted" in results[len(attacks)]["stderr"]  # no fork
+    assert all(r["passed"] for r in results[len(attacks) + 1:])
     assert SECRET not in json.dumps(results)
-    assert sandbox_processes() == []                                  # the escaped sleeper died with its uid
+    assert sandbox_processes() == []
 
 
 def sandbox_processes():

@@ -10,6 +10,7 @@
   starts or creates outlives it; where a fallback does not isolate, the same program shows the attack is real.
 - Right solutions of HumanEval-format tasks and of builtin:pyfunc pass, with the pass@k they always had.
 """
+import ctypes
 import json
 import os
 import shutil
@@ -106,7 +107,11 @@ for o in gc.get_objects():
         blob.append(repr(o.co_consts) + repr(o.co_names))
     elif isinstance(o, str) and "assert" in o:
         blob.append(o)
-for pid in [p for p in os.listdir("/proc") if p.isdigit()] + ["self"]:
+try:
+    pids = [p for p in os.listdir("/proc") if p.isdigit()] + ["self"]
+except OSError:
+    pids = ["self"]
+for pid in pids:
     for part in ("cmdline", "environ"):
         try:
             blob.append(open(f"/proc/{pid}/{part}", "rb").read().decode("utf-8", "replace"))
@@ -171,43 +176,125 @@ except OSError:
     pass
 """ + WRONG_ADD
 
+NR = {name: nrs[harness.ARCHES[os.uname().machine][0]] for name, nrs in harness.DENIED.items()}  # this machine's
+
 LEFTOVERS = """
-import ctypes, os, resource, sys, time
+import ctypes, os, resource, sys
 libc = ctypes.CDLL(None, use_errno=True)
-made = [libc.shmget(KEY, 4096, 0o1600), libc.msgget(KEY, 0o1600), libc.semget(KEY, 1, 0o1600)]
+libc.syscall.restype = ctypes.c_long
+made = [libc.shmget(KEY, 4096, 0o1600), libc.msgget(KEY, 0o1600), libc.semget(KEY, 1, 0o1600),
+        libc.syscall(MQ_OPEN, b"TOKEN-mq", 0o102, 0o600, None),                 # O_CREAT | O_RDWR
+        libc.syscall(ADD_KEY, b"user", b"TOKEN-key", b"x", 1, -4)]              # -4: its uid's user keyring
 print("IPC:", made, file=sys.stderr)
-for where in ("/tmp", "/var/tmp", "/dev/shm", "."):
+for where in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/", "."):
     try:
         open(f"{where}/TOKEN-file", "w").write("x")
         os.mkfifo(f"{where}/TOKEN-fifo")
+        print("FILE:", where, "written", file=sys.stderr)
     except OSError as e:
         print("FILE:", where, type(e).__name__, file=sys.stderr)
-if os.fork() == 0:  # a sleeper that leaves the process group and the session
-    os.setsid()
-    if os.fork() == 0:
+forks = 0
+for _ in range(64):  # a fork bomb whose children leave the session: sleepers that would outlive it
+    try:
+        pid = os.fork()
+    except OSError as e:
+        print("FORK:", type(e).__name__, file=sys.stderr)
+        break
+    if pid == 0:
+        os.setsid()
         os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(60)", "TOKEN-sleeper"])
-    os._exit(0)
-os.wait()
-child = os.fork()
-if child == 0:
-    os.abort()
-print("CORE:", os.WCOREDUMP(os.waitpid(child, 0)[1]), file=sys.stderr)
+    forks += 1
+print("NPROC:", forks, file=sys.stderr)
 try:
     resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     print("CORELIMIT: raised", file=sys.stderr)
 except (ValueError, OSError):
     print("CORELIMIT: fixed", file=sys.stderr)
-forks = 0
+for depth in range(1500):  # deeper than the recursion limit (1000): a recursive cleanup dies on it
+    os.mkdir("TOKEN-deep")
+    os.chdir("TOKEN-deep")
+os.chmod(".", 0)
+print("DEEP:", depth + 1, file=sys.stderr, flush=True)
+os.abort()  # no core file anywhere
+""".replace("TOKEN", LEFT).replace("MQ_OPEN", str(NR["mq_open"])).replace("ADD_KEY", str(NR["add_key"]))
+
+KEY_PAYLOAD = "planted-key-payload-77"
+KEYRING = """
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+buf = ctypes.create_string_buffer(4096)
+n = libc.syscall(KEYCTL, 11, -3, buf, 4096)                      # KEYCTL_READ of the session keyring: its key ids
+ids = [int.from_bytes(buf.raw[i:i + 4], "little") for i in range(0, max(n, 0), 4)]
+found = libc.syscall(KEYCTL, 10, -3, b"user", b"wmtp-planted", 0)  # KEYCTL_SEARCH
+for key in ids + [found]:
+    n = libc.syscall(KEYCTL, 11, key, buf, 4096)
+    print("KEYS: read", key, buf.raw[:n] if n > 0 else n, file=sys.stderr)
+    print("KEYS: update", libc.syscall(KEYCTL, 2, key, b"forged", 6), file=sys.stderr)   # KEYCTL_UPDATE
+print("KEYS: add", libc.syscall(ADD_KEY, b"user", b"wmtp-added", b"x", 1, -3), file=sys.stderr)
 try:
-    for _ in range(64):
-        if os.fork() == 0:
-            time.sleep(60)
-            os._exit(0)
-        forks += 1
-except OSError:
-    pass
-print("NPROC:", forks, file=sys.stderr)
-""".replace("TOKEN", LEFT) + WRONG_ADD
+    print("KEYS: /proc/keys", open("/proc/keys").read().count("wmtp-planted"), file=sys.stderr)
+except OSError as e:
+    print("KEYS: /proc/keys", type(e).__name__, file=sys.stderr)
+""".replace("KEYCTL", str(NR["keyctl"])).replace("ADD_KEY", str(NR["add_key"])) + WRONG_ADD
+
+HOG_MB = 512  # per route: what a program holds where no limit counts it (each route alone beats memory_mb)
+HOG = """
+import ctypes, fcntl, json, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.shmat.restype = ctypes.c_void_p
+MB, chunk, held, kept = 1 << 20, b"x" * (1 << 20), {}, []
+def hold(route, write):
+    n = 0
+    try:
+        while n < TRY:
+            write(n)
+            n += 1
+    except (OSError, MemoryError):
+        pass
+    held[route] = n
+def memfd(n):
+    if n % 64 == 0:
+        kept.append(os.memfd_create("hog"))
+    os.write(kept[-1], chunk)
+hold("memfd", memfd)
+segment = libc.shmget(0, TRY * MB, 0o1600)                       # IPC_PRIVATE
+if segment >= 0:
+    ctypes.memset(libc.shmat(segment, None, 0), 1, TRY * MB)
+held["sysv"] = TRY if segment >= 0 else 0
+for where in ("/", "/dev", "/tmp", "/dev/shm", "."):              # a tmpfs under bwrap; "." on disk elsewhere
+    files = []
+    def write(n, where=where, files=files):
+        if n % 64 == 0:                                             # 64 MiB a file: under the largest file
+            files[-1:] = [open(f"{where}/hog-{n}", "wb", buffering=0)]
+        files[-1].write(chunk)
+    hold(where, write)
+def pipe(n):
+    r, w = os.pipe()
+    kept.append((r, w))
+    try:
+        fcntl.fcntl(w, 1031, MB)                                    # F_SETPIPE_SZ: 1 MiB a pipe
+    except OSError:
+        pass
+    os.set_blocking(w, False)
+    try:
+        while True:
+            os.write(w, chunk)
+    except BlockingIOError:
+        pass
+hold("pipes", pipe)
+def fork(n):
+    if os.fork() == 0:
+        hog = bytearray(64 * MB)
+        time.sleep(60)
+    if n == 15:
+        raise OSError("enough")
+hold("forks", fork)
+heap = []
+hold("heap", lambda n: heap.append(bytearray(chunk)))
+print("HELD:", json.dumps(held), file=sys.stderr, flush=True)
+time.sleep(2)  # holding it while the test reads the host's accounting
+""".replace("TRY", str(HOG_MB)) + WRONG_ADD
 
 DATASET_THIEF = """
 import json, os, sys
@@ -319,9 +406,8 @@ def test_grading_tricks_with_a_wrong_answer_score_zero_in_every_mode(mode):
     assert sandbox.summarize(results[:-1])["pass@1"] == 0.0  # the tricks alone: any pass would show
     assert "not plain data" in by_name["equal to everything"]["stderr"]
     assert "Anything" in by_name["equal to everything"]["stderr"]
-    if mode != "none":  # as this user, /proc/<judge>/mem is the program's to read (README)
-        assert "nothing found" in by_name["tests read from anywhere it can"]["stderr"]
-        assert TOKEN not in json.dumps(results)
+    assert "nothing found" in by_name["tests read from anywhere it can"]["stderr"]  # none: Landlock hides /proc
+    assert TOKEN not in json.dumps(results)
 
 
 HE = {  # HumanEval's own prompts and tests (0, 32, 38), in this project's task shape
@@ -393,18 +479,38 @@ def test_every_held_out_pyfunc_task_keeps_its_pass_at_k():
 
 # ------------------------------------------------------------------- an evaluator run, as root and as a user
 DRIVER = """
-import json, sys
+import ctypes, json, sys
 sys.path.insert(0, sys.argv[4])
 import sandbox
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+buf = ctypes.create_string_buffer(4096)
+
+
+def keys():
+    \"\"\"The ids in this process's session keyring and the planted key's payload.\"\"\"
+    n = libc.syscall(KEYCTL, 11, -3, buf, 4096)
+    ids = [int.from_bytes(buf.raw[i:i + 4], "little") for i in range(0, max(n, 0), 4)]
+    n = libc.syscall(KEYCTL, 11, key, buf, 4096)
+    return ids, buf.raw[:max(n, 0)].decode()
+
+
+libc.syscall(KEYCTL, 1, b"wmtp-evaluator")  # KEYCTL_JOIN_SESSION_KEYRING: its own, as a login session has
+key = libc.syscall(ADD_KEY, b"user", b"wmtp-planted", PAYLOAD, len(PAYLOAD), -3)
+before = keys()
 dataset, spec, out = sys.argv[1:4]
 tasks = {r["task_id"]: r for r in map(json.loads, open(dataset))}
 spec = json.load(open(spec))
-results = sandbox.score(tasks, [tuple(s) for s in spec["samples"]], sandbox.Limits(**spec["limits"]), 2)
-sandbox.write_atomic(out, json.dumps({"mode": sandbox.isolation().mode, "results": results}))
-"""
+limits = sandbox.Limits(**spec["limits"])
+results = sandbox.score(tasks, [tuple(s) for s in spec["samples"]], limits, 2)
+sandbox.write_atomic(out, json.dumps({"mode": sandbox.isolation(limits.mode).mode, "results": results,
+                                      "keys": [before, keys()]}))
+""".replace("KEYCTL", str(NR["keyctl"])).replace("ADD_KEY", str(NR["add_key"])).replace(
+    "PAYLOAD", repr(KEY_PAYLOAD.encode()))
 ENV_TOKEN = "planted-env-5c0ffee"
 FILE_TOKEN = "planted-file-d00d"
 KEY = 0x5EED0000 + os.getpid() % 0xFFFF
+LANDLOCK_ABI = ctypes.CDLL(None).syscall(harness.LANDLOCK_CREATE, None, 0, 1)  # < 1: none (then no fallback runs)
 
 
 @pytest.fixture
@@ -424,20 +530,19 @@ def listener():
     server.close()
 
 
-def battery(mode, port, cwd, home):
-    """(name, task, program) of every hostile sample for this mode, and the right answers."""
+def battery(port, cwd, home):
+    """(name, task, program) of every hostile sample, and the right answers."""
     reach = {name: code.replace("PORT", str(port)).replace("CWD_SECRET", repr(f"{cwd}/secret.txt"))
              .replace("HOME_SECRET", repr(f"{home}/secret.txt")) + WRONG_ADD for name, code in REACH.items()}
     found = [(n, "add", c) for n, c in {**GRADING_TRICKS, **reach}.items()]
-    found.append(("dataset thief", "sum", DATASET_THIEF))
-    if mode != "none":  # as this user, kill(-1) ends the evaluator and sleepers outlive it (README)
-        found += [("signals", "add", SIGNALS), ("leftovers", "add", LEFTOVERS.replace("KEY", str(KEY)))]
+    found += [("dataset thief", "sum", DATASET_THIEF), ("signals", "add", SIGNALS), ("keyring", "add", KEYRING),
+              ("leftovers", "add", LEFTOVERS.replace("KEY", str(KEY))), ("memory hog", "add", HOG)]
     return found + [("right add", "add", RIGHT_ADD), ("right sum", "sum", "print(sum(map(int, input().split())))")]
 
 
 def shared_state():
     """What programs could leave behind: names in the shared temp dirs, SysV IPC keys, sleepers."""
-    names = {d: set(os.listdir(d)) for d in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(d)}
+    names = {d: set(os.listdir(d)) for d in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)}
     keys = set()
     for kind in ("shm", "msg", "sem"):
         keys |= {int(row.split()[0]) for row in Path(f"/proc/sysvipc/{kind}").read_text().splitlines()[1:]}
@@ -451,22 +556,31 @@ def shared_state():
     return names, keys, sleepers
 
 
-def run_evaluator(user, mode, base, port):
-    """Runs the driver (the dataset path in its argv, 0644 secrets in its cwd and home, a planted variable) as
-    root or as THROWAWAY_UID -> (mode used, {name: result})."""
-    cwd, home = base / "cwd", base / "home"
-    for d in (cwd, home):
+def memory():
+    """(MemAvailable, Shmem) of the host in MiB."""
+    info = dict(line.split(":") for line in Path("/proc/meminfo").read_text().splitlines())
+    return int(info["MemAvailable"].split()[0]) >> 10, int(info["Shmem"].split()[0]) >> 10
+
+
+def run_evaluator(user, mode, base, port, samples, source=ROOT):
+    """Runs the driver (the dataset path in its argv, 0644 secrets in its cwd and home, a planted variable, a key
+    in its session keyring) as root or as THROWAWAY_UID, with sandbox.py and its harness copied from source into
+    base (the other uid may not enter the checkout) -> (mode used, {name: result}, stderr, its keys before and after,
+    the host's largest drop of MemAvailable and rise of Shmem while it ran, MiB)."""
+    cwd, home, lib = base / "cwd", base / "home", base / "lib"
+    for d in (cwd, home, lib):
         d.mkdir()
+    for d in (cwd, home):
         (d / "secret.txt").write_text(FILE_TOKEN)
         (d / "secret.txt").chmod(0o644)
-    samples = battery(mode, port, cwd, home)
+    for name in ("sandbox.py", "sandbox_harness.py"):
+        shutil.copy(source / name, lib / name)
     (base / "tasks.jsonl").write_text(json.dumps(ADD) + "\n" + json.dumps(SUM) + "\n")
     (base / "spec.json").write_text(json.dumps({"samples": [(t, c) for _, t, c in samples], "limits": LIMITS}))
     (base / "driver.py").write_text(DRIVER)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "WMTP_PLANTED": ENV_TOKEN,
-           "AWS_SECRET_ACCESS_KEY": ENV_TOKEN}
-    if mode != "auto":
-        env["WMTP_SANDBOX"] = mode
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "WMTP_PLANTED": ENV_TOKEN, "AWS_SECRET_ACCESS_KEY": ENV_TOKEN}
+    if mode != "default":
+        env["WMTP_SANDBOX"] = mode  # an explicit opt-in to a weaker mode
     python, prefix = sys.executable, []
     if user != "root":
         python = "/usr/bin/python3"  # the venv's Python may live under /root
@@ -474,37 +588,49 @@ def run_evaluator(user, mode, base, port):
         for path in [base, *base.rglob("*")]:
             os.chown(path, THROWAWAY_UID, THROWAWAY_UID)
     files = [str(base / n) for n in ("tasks.jsonl", "spec.json", "out.json")]
-    r = subprocess.run([*prefix, python, str(base / "driver.py"), *files, str(ROOT)], cwd=cwd, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
+    start, lowest = memory(), [memory()]
+    proc = subprocess.Popen([*prefix, python, str(base / "driver.py"), *files, str(lib)], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None:
+        lowest.append(memory())
+        time.sleep(0.1)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-3000:]
     out = json.loads((base / "out.json").read_text())
-    return out["mode"], {name: result for (name, _, _), result in zip(samples, out["results"])}, r.stderr
+    drop = (start[0] - min(m[0] for m in lowest), max(m[1] for m in lowest) - start[1])
+    return out["mode"], {name: r for (name, _, _), r in zip(samples, out["results"])}, stderr, out["keys"], drop
 
 
 def runs_here():
-    """(user, mode): as root and as a throwaway user, the mode isolation() picks and the fallback of each."""
-    return [("root", "auto"), ("root", "uid"), ("user", "auto"), ("user", "none")]
+    """(user, mode): as root and as a throwaway user, the default (bwrap) and the weaker mode each may opt in to."""
+    return [("root", "default"), ("root", "uid"), ("user", "default"), ("user", "none")]
 
 
-@pytest.mark.skipif(not AS_ROOT, reason="switching to a throwaway uid (and the uid fallback) needs root")
-@pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv (util-linux) not installed")
+def as_root_with_setpriv(test):
+    test = pytest.mark.skipif(not AS_ROOT, reason="switching to a throwaway uid (and the uid mode) needs root")(test)
+    return pytest.mark.skipif(not shutil.which("setpriv"), reason="setpriv (util-linux) not installed")(test)
+
+
+@as_root_with_setpriv
 @pytest.mark.parametrize("user, mode", runs_here())
 def test_an_evaluator_run_of_hostile_programs(user, mode, listener, tmp_path):
     port, accepted = listener
     base = tmp_path if user == "root" else Path(tempfile.mkdtemp(prefix="wmtp-hostile-"))
     before = shared_state()
     try:
-        used, results, log = run_evaluator(user, mode, base, port)
+        samples = battery(port, base / "cwd", base / "home")
+        used, results, log, keys, drop = run_evaluator(user, mode, base, port, samples)
         deadline = time.monotonic() + 5  # a killed pid namespace empties a moment after bwrap exits
         while shared_state()[2] and time.monotonic() < deadline:
             time.sleep(0.1)
-        print(f"{user}: mode {used} ({'picked by isolation()' if mode == 'auto' else 'WMTP_SANDBOX'})")
-        assert used == mode or mode == "auto" and used in sandbox.MODES
-        assert (used == "none") == ("FALLBACK" in log and "NOT ISOLATED" in log)  # a fallback says so
+        print(f"{user}: mode {used}; host memory while it ran: MemAvailable -{drop[0]} MiB, Shmem +{drop[1]} MiB")
+        assert used == ("bwrap" if mode == "default" else mode)
+        assert ("WEAKER" in log) == (used != "bwrap")  # an opted-in weaker mode says so
         check_grading(used, results)
         check_reach(used, results, accepted)
-        if used != "none":
-            check_nothing_left(results, before, shared_state(), base / "cwd")
+        check_nothing_left(used, results, before, shared_state(), base / "cwd")
+        check_keys(results["keyring"]["stderr"], keys)
+        check_memory(used, results["memory hog"], drop)
     finally:
         if user != "root":
             shutil.rmtree(base, ignore_errors=True)
@@ -513,44 +639,77 @@ def test_an_evaluator_run_of_hostile_programs(user, mode, listener, tmp_path):
 def check_grading(mode, results):
     assert results["right add"]["passed"] and results["right sum"]["passed"]
     hostile = {name: r["passed"] for name, r in results.items() if not name.startswith("right")}
-    stealable = {"dataset thief"} if mode == "none" else set()  # the evaluator's argv and files are its to read
-    assert hostile == {name: name in stealable for name in hostile}, hostile
+    assert hostile == dict.fromkeys(hostile, False), hostile  # the dataset thief too: no /proc, no dataset
     if mode == "bwrap":
         assert "DATASET: not found" in results["dataset thief"]["stderr"]
+    else:  # Landlock: no /proc at all, so neither the evaluator's argv nor the dataset's path
+        assert "PermissionError: [Errno 13] Permission denied: '/proc'" in results["dataset thief"]["stderr"]
     everything, environ = json.dumps(results), results["environment"]["stderr"].splitlines()
     assert environ[0].startswith("ENV: {'PATH'") and ENV_TOKEN not in environ[0]  # built from nothing, in any mode
-    if mode != "none":
-        assert ENV_TOKEN not in everything and TOKEN not in everything
-        assert "nothing found" in results["tests read from anywhere it can"]["stderr"]
-    else:  # as this user, /proc/<evaluator>/environ is readable: the attack is real
-        assert ENV_TOKEN in results["environment"]["stderr"]
+    assert ENV_TOKEN not in everything and TOKEN not in everything
+    assert "nothing found" in results["tests read from anywhere it can"]["stderr"]
 
 
 def check_reach(mode, results, accepted):
     net, files = results["network"]["stderr"], results["files"]["stderr"]
-    if mode == "bwrap":
+    if mode == "bwrap" or LANDLOCK_ABI >= 4:  # own network namespace; Landlock ABI 4 denies TCP
         assert "NET:connected" not in net and not accepted and "NET:" in net
-        assert FILE_TOKEN not in files and files.count("FILE: FileNotFoundError") == 2
-    else:  # the fallbacks share the network (and as this user, its files): the attacks are real
-        assert "NET:connected" in net and accepted
-        assert mode != "none" or files.count(FILE_TOKEN) == 2
-    privileges = results["privileges"]["stderr"]
-    assert f"PRIV: {'1' if mode == 'bwrap' else '0'} 0000000000000000" in privileges or mode == "none", privileges
-    if "signals" in results:
-        assert "KILL:" in results["signals"]["stderr"]  # it tried, and the evaluator finished regardless
+    else:
+        assert "NET:connected" in net and accepted  # UDP and TCP shared: the attack is real
+    missing = "FileNotFoundError" if mode == "bwrap" else "PermissionError"
+    assert FILE_TOKEN not in files and files.count(f"FILE: {missing}") == 2
+    assert "PRIV: 1 0000000000000000" in results["privileges"]["stderr"]  # no-new-privs, no capabilities, any mode
+    signals = results["signals"]["stderr"]
+    if mode != "bwrap" and LANDLOCK_ABI >= 6:  # Landlock scopes signals; under bwrap its parent is in its pid ns
+        assert "KILL: 1 PermissionError" in signals and "sent" not in signals, signals
 
 
-def check_nothing_left(results, before, after, cwd):
+def check_nothing_left(mode, results, before, after, cwd):
     said = results["leftovers"]["stderr"]
-    assert "CORE: False" in said and "CORELIMIT: fixed" in said, said
-    forks = int(said.split("NPROC:")[1].split()[0])
-    assert forks < sandbox.NPROC, said                       # a fork bomb stops there
-    assert "IPC: [-1" not in said, said                      # it did make its segments ...
+    assert "IPC: [-1, -1, -1, -1, -1]" in said, said             # no SysV, POSIX queue or key: the filter
+    assert "FORK: PermissionError" in said and "NPROC: 0" in said   # one process: no fork bomb, no sleeper
+    assert "CORELIMIT: fixed" in said and "DEEP: 1500" in said
+    writable = {"/tmp", "/dev/shm", "."} if mode == "bwrap" else {"."}  # bwrap's are its own tmpfs
+    for where in ("/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/", "."):
+        assert (f"FILE: {where} written" in said) == (where in writable), (where, said)
     names, keys, sleepers = after
-    assert sleepers == [] and KEY not in keys                # ... and none of them outlived it
+    assert sleepers == [] and KEY not in keys
     for d, listed in names.items():
-        assert not [n for n in listed - before[0].get(d, set()) if LEFT in n], d
+        assert not [n for n in listed - before[0].get(d, set()) if LEFT in n or sandbox_owned(f"{d}/{n}")], d
     assert not [p for p in cwd.iterdir() if LEFT in p.name or p.name.startswith("core")]
+
+
+def sandbox_owned(path):
+    """A path of a sandbox uid or of the throwaway user (a work dir left behind)."""
+    try:
+        owner = os.lstat(path).st_uid
+    except OSError:
+        return False
+    return owner == THROWAWAY_UID or sandbox.UID_BASE <= owner < 3 * sandbox.UID_BASE
+
+
+def check_keys(said, keys):
+    """The evaluator's session keyring and its key: neither read, changed nor added to, in any mode."""
+    (ids_before, payload_before), (ids_after, payload_after) = keys
+    assert payload_before == payload_after == KEY_PAYLOAD and ids_before == ids_after and len(ids_before) == 1
+    assert "KEYS: read" in said and KEY_PAYLOAD not in said and "forged" not in said
+    assert all(line.endswith(" -1") for line in said.splitlines() if line.startswith(("KEYS: read", "KEYS: up")))
+    assert "KEYS: add -1" in said and ("KEYS: /proc/keys PermissionError" in said or "/proc/keys 0" in said)
+
+
+def check_memory(mode, hog, drop):
+    """The hog tried HOG_MB through each route no rlimit counts (and 16 forks of 64 MiB): it held at most memory_mb
+    plus its tmpfs plus NOFILE pipes, also in the host's accounting."""
+    held = json.loads(hog["stderr"].split("HELD: ")[1].splitlines()[0])
+    tmpfs = ("/tmp", "/dev/shm", ".") if mode == "bwrap" else ()  # elsewhere "." is the work dir, on disk here
+    denied = [route for route in ("memfd", "sysv", "/", "/dev", "/tmp", "/dev/shm", "forks") if route not in tmpfs]
+    assert {route: held[route] for route in denied} == dict.fromkeys(denied, 0), held
+    assert all(held[t] <= sandbox.TMPFS_MB for t in tmpfs) and (mode == "bwrap" or held["."] == HOG_MB), held
+    assert held["pipes"] < harness.NOFILE // 2 and held["heap"] < LIMITS["memory_mb"], held
+    bound = LIMITS["memory_mb"] + 3 * sandbox.TMPFS_MB + harness.NOFILE // 2  # pipes: NOFILE / 2 of <= 1 MiB
+    # Shmem (tmpfs, memfd, SysV) is exact; MemAvailable also moves with the rest of the machine: 1 GiB of slack
+    # still fails a hog that gets through (>= 3 GiB), and `held` names the route
+    assert drop[1] <= 3 * sandbox.TMPFS_MB + 32 and drop[0] <= bound + 1024, drop
 
 
 # --------------------------------------------------------------------------------- the evaluator's own files
@@ -589,9 +748,10 @@ os.chmod("deep", 0)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.json.tmp", "out.json", "out.json.tmp", "victim"]
 
 
-def test_only_an_interpreter_whose_probe_passes_is_accepted(monkeypatch):
+def test_only_an_interpreter_whose_probe_passes_is_accepted_and_no_mode_is_chosen_silently(monkeypatch):
     """An interpreter that answers the layout question but runs no program, and a bwrap that cannot create its
-    namespaces: neither is used; the fallback says why, and requiring the broken mode is an error."""
+    namespaces: neither is used. Without a working bwrap the default is a refusal naming the fix (install it, or opt
+    in to uid / none), never a weaker mode; a weaker mode asked for works."""
     fakes = Path(tempfile.mkdtemp(prefix="wmtp-fakes-"))  # where a sandbox uid can run them too
     fakes.chmod(0o755)
     fake_python, fake_bwrap = fakes / "python3", fakes / "bwrap"
@@ -601,18 +761,24 @@ def test_only_an_interpreter_whose_probe_passes_is_accepted(monkeypatch):
         f.chmod(0o755)
     which, system_python = shutil.which, shutil.which("python3", path=sandbox.SAFE_PATH)
     monkeypatch.setattr(sandbox, "_interpreters", lambda: [str(fake_python)])
+    monkeypatch.delenv("WMTP_SANDBOX", raising=False)
     sandbox.isolation.cache_clear()
     try:
-        with pytest.raises(sandbox.SandboxUnavailable, match="none with .*python3: "):
+        with pytest.raises(sandbox.SandboxUnavailable, match="sandbox none does not work here .*python3: probe"):
             sandbox.isolation("none")
         monkeypatch.setattr(sandbox, "_interpreters", lambda: [system_python])
         monkeypatch.setattr(sandbox.shutil, "which", lambda name, **kw: str(fake_bwrap) if name == "bwrap"
                             else which(name, **kw))
-        with pytest.raises(sandbox.SandboxUnavailable, match="No permissions to create new namespace"):
-            sandbox.isolation("bwrap")
-        iso = sandbox.isolation()
-        assert iso.mode == ("uid" if AS_ROOT else "none") and "FALLBACK" in sandbox.describe(iso)
-        assert "No permissions to create new namespace" in sandbox.describe(iso)
+        for mode in (None, "bwrap"):
+            with pytest.raises(sandbox.SandboxUnavailable) as refused:
+                sandbox.isolation(mode)
+            message = str(refused.value)
+            assert "\n" not in message and "No permissions to create new namespace" in message
+            assert "apt-get install bubblewrap" in message and "eval.sandbox: uid" in message
+        with pytest.raises(sandbox.SandboxUnavailable, match="sandbox bwrap does not work"):  # score() runs nothing
+            sandbox.score({"add": ADD}, [("add", RIGHT_ADD)], sandbox.Limits(**LIMITS))
+        iso = sandbox.isolation("uid" if AS_ROOT else "none")
+        assert iso.mode == ("uid" if AS_ROOT else "none") and "WEAKER" in sandbox.describe(iso)
     finally:
         sandbox.isolation.cache_clear()
         sandbox._layout.cache_clear()

@@ -114,8 +114,7 @@ def test_doctor_passes_on_the_stack(stack_env, tmp_path):
     assert lines[0].startswith(f"ok   {env_file} found; set: MLFLOW_TRACKING_URI, MLFLOW_TRACKING_USERNAME")
     assert lines[-3] == "ok   S3 bucket 'wmtp' reachable and writable under " + lines[-3].split("under ")[-1]
     assert lines[-2] == f"WARN {env_file} is readable by group or others (mode 644): chmod 600 {env_file}"
-    assert lines[-1].startswith(("ok   sandbox: bwrap: ", "WARN sandbox: uid (FALLBACK",
-                                 "WARN sandbox: none (FALLBACK"))
+    assert lines[-1].startswith(("ok   sandbox: bwrap: ", "WARN sandbox: uid (WEAKER", "WARN sandbox: none (WEAKER"))
     assert stack_env["MLFLOW_TRACKING_PASSWORD"] not in doctor.stdout
     assert stack_env["AWS_SECRET_ACCESS_KEY"] not in doctor.stdout
 
