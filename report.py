@@ -8,9 +8,9 @@ from pathlib import Path
 import tempfile
 import time
 
-from config import PIPELINES, UserError
+from config import CONFIGS, PIPELINES, RUN_NAMES, UserError, read_yaml
 from pipelines import PIPELINE_TYPES
-from tracking import metric_name, newest_run
+from tracking import metric_name, newest_run, runs_view_url
 
 
 COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "val/token_credit")
@@ -21,31 +21,52 @@ PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
 
 
 
-def report(uri, experiment):
-    """The newest run of each pipeline: steps, val/loss, val/accuracy (the critic: AUC), pass@1 (evaluate's
-    eval/pass@1, else validation's val/pass@1, marked "val"), start, wall. An unknown experiment is a UserError."""
+def report(uri, experiment, every_run=False):
+    """The newest run of each pipeline (every_run: every run, newest first): name, id, status, steps, val/loss,
+    val/accuracy (the critic: AUC), pass@1 (evaluate's eval/pass@1, else validation's val/pass@1, marked "val"),
+    wall time and where it started (tag wmtp.started_from); then the link to the runs in MLflow's UI. An unknown
+    experiment is a UserError."""
     from mlflow import MlflowClient
     client = MlflowClient(uri)
-    if client.get_experiment_by_name(experiment) is None:
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
         known = ", ".join(e.name for e in client.search_experiments()) or "none"
         raise UserError(f"report: no experiment '{experiment}' in {uri} (known: {known})")
-    print(f"{'pipeline':<11} {'run id':<33} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>9} {'wall':>6}  "
-          "started from")
-    for pipeline in PIPELINES:
+    print(f"{'run':<16} {'run id':<33} {'status':<8} {'steps':>6} {'val/loss':>9} {'accuracy':>9} {'pass@1':>9} "
+          f"{'wall':>6}  started from")
+    if every_run:
+        runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
+        for r in runs:
+            print(report_row(r.info.run_name, r))
+    for pipeline in () if every_run else PIPELINES:
         r = newest_run(client, experiment, f"tags.pipeline = '{pipeline}'")
-        if r is None:
-            print(f"{pipeline:<11} (no run)")
-            continue
-        m = r.data.metrics
-        acc = m.get("val/accuracy", m.get("val/auc"))
-        acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
-        pass1 = m.get(metric_name("eval/pass@1"))
-        pass1_text = f"{pass1:.3f}" if pass1 is not None else "-" if metric_name("val/pass@1") not in m else (
-            f"{m[metric_name('val/pass@1')]:.3f} val")
-        wall = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
-        print(f"{pipeline:<11} {r.info.run_id:<33} {r.data.tags.get('wmtp.steps', '?'):>6} "
-              f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {pass1_text:>9} "
-              f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
+        print(f"{RUN_NAMES[pipeline]:<16} (no run)" if r is None else report_row(r.info.run_name, r))
+    print(f"\nMLflow UI: {runs_view_url(uri, exp.experiment_id)}"
+          + ("" if uri.startswith("http") else "   (start it with ./run.sh ui)"))
+
+
+def report_row(name, r):
+    """One run's line of `report`."""
+    m = r.data.metrics
+    acc = m.get("val/accuracy", m.get("val/auc"))
+    acc_text = "-" if acc is None else (f"{acc:.3f}" + (" auc" if "val/accuracy" not in m else ""))
+    pass1 = m.get(metric_name("eval/pass@1"))
+    pass1_text = f"{pass1:.3f}" if pass1 is not None else "-" if metric_name("val/pass@1") not in m else (
+        f"{m[metric_name('val/pass@1')]:.3f} val")
+    wall = ((r.info.end_time or r.info.start_time) - r.info.start_time) / 1000
+    return (f"{name:<16} {r.info.run_id:<33} {r.info.status[:8]:<8} {r.data.tags.get('wmtp.steps', '?'):>6} "
+            f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {pass1_text:>9} "
+            f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
+
+
+def list_configs():
+    """`ls`: every config under configs/ with its pipeline and experiment.description, one line each."""
+    print(f"{'config':<42} {'pipeline':<11} description")
+    for path in sorted(CONFIGS.glob("*/*.yaml")):
+        experiment = read_yaml(path).get("experiment", {})
+        print(f"{str(path.relative_to(CONFIGS.parent)):<42} {experiment.get('pipeline', '-'):<11} "
+              f"{experiment.get('description', '')}")
+    return 0
 
 
 def mean_interval(values):
