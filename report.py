@@ -16,7 +16,11 @@ from tracking import metric_name, newest_run, runs_view_url
 COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "val/token_credit")
 
 
-PLOTTED = ("train/loss", "val/loss", "val/accuracy", metric_name("val/pass@1"))
+# compare/metrics.png's panels: (title, metric, whose rows). The critic's losses are a value MSE, not the policies'
+# cross-entropy: panels of their own, never on the same axes.
+PANELS = (("policies: train/loss (CE)", "train/loss", "policy"), ("policies: val/loss (CE)", "val/loss", "policy"),
+          ("val/accuracy", "val/accuracy", "policy"), ("val/pass_at_1", metric_name("val/pass@1"), "policy"),
+          ("critic: train/loss (value MSE)", "train/loss", "critic"), ("critic: val/auc", "val/auc", "critic"))
 
 
 
@@ -83,7 +87,7 @@ def mean_interval(values):
 
 def summarize_compare(client, parent, pipelines, runs):
     """{pipeline: {metric: {values, mean, ci95}, runs, started_from}} from the runs' last logged values; logged on
-    the parent run with the plot of PLOTTED over steps."""
+    the parent run with the plot of PANELS over steps."""
     from mlflow.entities import Metric
     summary, now = {}, int(time.time() * 1000)
     for p in pipelines:
@@ -104,25 +108,44 @@ def summarize_compare(client, parent, pipelines, runs):
 
 
 def plot_compare(client, parent, summary):
-    """compare/metrics.png: one panel per metric of PLOTTED, a line per pipeline and seed over its steps."""
+    """compare/metrics.png (compare_figure) on the parent run."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(PLOTTED), figsize=(4.5 * len(PLOTTED), 3.6))
-    for ax, metric in zip(axes, PLOTTED):
-        for i, (p, row) in enumerate(summary.items()):
-            for j, run_id in enumerate(row["runs"]):
-                history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
-                if history:
-                    ax.plot(*zip(*history), color=f"C{i}", alpha=0.8, label=p if j == 0 else None)
-        ax.set(title=metric, xlabel="policy step (after the warm-up)")
-        if ax.lines:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
+    histories = {run_id: {m: sorted((x.step, x.value) for x in client.get_metric_history(run_id, m))
+                          for m in {metric for _, metric, _ in PANELS}}
+                 for row in summary.values() for run_id in row["runs"]}
+    fig = compare_figure(summary, histories)
     with tempfile.TemporaryDirectory() as tmp:
         fig.savefig(Path(tmp) / "metrics.png", dpi=100)
         client.log_artifact(parent, str(Path(tmp) / "metrics.png"), "compare")
     plt.close(fig)
+
+
+def compare_figure(summary, histories):
+    """PANELS on a 2 x 3 grid, 1200 x 760 px at dpi 100 (MLflow's artifact preview shows it at its width): a line
+    with markers per row and seed over its steps (a series of one point still shows), one colour per row, the
+    critic's rows on the critic's panels only."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.6))
+    for ax, (title, metric, whose) in zip(axes.flat, PANELS):
+        for i, (row, values) in enumerate(summary.items()):
+            if (row.partition(":")[0] == "critic") != (whose == "critic"):
+                continue
+            for j, run_id in enumerate(values["runs"]):
+                points = histories[run_id].get(metric, [])
+                if points:
+                    ax.plot(*zip(*points), color=f"C{i}", marker="o", markersize=4, alpha=0.85,
+                            label=row if j == 0 else None)
+        ax.set_title(title, fontsize=11)
+        ax.set_xlabel("step (after the warm-up)", fontsize=9)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.tight_layout()
+    return fig
 
 
 def format_compare(summary, seeds, warmup_steps, steps):

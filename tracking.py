@@ -127,13 +127,16 @@ def source_run(resolved):
     return parent if RUN_ID.fullmatch(parent) else ""
 
 
-def start_text(starts):
+def start_text(starts, files=True):
     """The first log line's account of where the weights come from: `starts` {config key: (what it starts, what the
-    config says, what that resolved to)}, e.g. "policy from runs:/<id>/checkpoints/checkpoint_final.pt
-    (model.init_from=auto); reference from ... (reference.path=auto)"."""
-    order = sorted(starts, key=list(START_KEYS).index)
-    return "; ".join(starts[k][0] if not starts[k][2] else f"{starts[k][0]} from {starts[k][2]}" + (
-        f" ({k}={starts[k][1]})" if starts[k][1] and starts[k][1] != starts[k][2] else "") for k in order)
+    config says, what that resolved to[, the local file read])}, e.g. "policy from runs:/<id>/checkpoints/
+    checkpoint_final.pt (model.init_from=auto, file <checkpoint.dir>/.cache/...); reference from ..."."""
+    def one(key, what, spec, resolved, local=""):
+        said = [f"{key}={spec}" if spec and spec != resolved else "",
+                f"file {local}" if files and local and local != resolved else ""]
+        said = ", ".join(s for s in said if s)
+        return what if not resolved else f"{what} from {resolved}" + (f" ({said})" if said else "")
+    return "; ".join(one(k, *starts[k]) for k in sorted(starts, key=list(START_KEYS).index))
 
 
 def run_description(cfg, use_micro, starts):
@@ -151,8 +154,8 @@ def run_description(cfg, use_micro, starts):
 def provenance_tags(starts):
     """Tags recording each start as resolved: wmtp.<short>.resolved (the URI or absolute path) and wmtp.<short>.run
     (its source run id, where there is one), and wmtp.started_from, the one line `report` shows."""
-    tags = {"wmtp.started_from": start_text(starts)}
-    for key, (_, _, resolved) in starts.items():
+    tags = {"wmtp.started_from": start_text(starts, files=False)}
+    for key, (_, _, resolved, *_) in starts.items():
         if not resolved:
             continue
         tags[f"wmtp.{START_KEYS[key]}.resolved"] = resolved

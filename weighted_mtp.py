@@ -132,7 +132,7 @@ def fetcher(cfg, master, cache, starts):
         if master:
             key, what = (key, what) if key else {"critic": ("critic.checkpoint", "critic"),
                                                  "baseline": ("reference.path", "reference")}[pipeline_for_auto]
-            starts[key] = (what, spec, found[1] or str(Path(found[0]).resolve()))
+            starts[key] = (what, spec, found[1] or str(Path(found[0]).resolve()), str(found[0]))
         return on_this_node(cfg, found, cache)
     return fetch
 

@@ -61,8 +61,11 @@ def test_the_local_chain_records_where_each_run_started(chain):
     # the first line of each run's log names its starts
     log_path = tmp / "ckpt" / "verifiable-wmtp" / runs["verifiable"] / "training.log"
     first = log_path.read_text().splitlines()[0]
-    assert first.endswith(f"4 steps; policy from runs:/{base}/{FINAL} (model.init_from=auto); critic from "
-                          f"runs:/{critic}/{BEST} (critic.checkpoint=auto)"), first
+    files = re.fullmatch(rf".* 4 steps; policy from runs:/{base}/{FINAL} \(model.init_from=auto, file (\S+)\); "
+                         rf"critic from runs:/{critic}/{BEST} \(critic.checkpoint=auto, file (\S+)\)", first).groups()
+    assert [Path(f).read_bytes() for f in files] == [  # the files named are the runs' own checkpoints
+        (tmp / "ckpt" / name / run_id / Path(artifact).name).read_bytes()
+        for name, run_id, artifact in (("baseline-mtp", base, FINAL), ("critic-pretrain", critic, BEST))]
 
 
 def test_report_shows_every_run_and_where_it_started_and_links_the_training_view(chain):
@@ -179,3 +182,31 @@ def test_the_readme_quickstart_is_commands_the_check_script_runs():
         "./run.sh compare --seeds 3",
         "./run.sh report --all",
         "./run.sh ui"]
+
+
+def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size(tmp_path):
+    import struct as st
+    from report import plot_compare
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp_id = client.create_experiment("plot", artifact_location=(tmp_path / "artifacts").as_uri())
+    runs = {}
+    for row, points in (("baseline", [(2, 2.5)]), ("critic", [(1, 0.25), (2, 0.2)]), ("verifiable", [(2, 2.4)])):
+        run_id = client.create_run(exp_id).info.run_id
+        for step, value in points:   # baseline and verifiable: one validation each, the critic two
+            client.log_metric(run_id, "val/loss" if row != "critic" else "train/loss", value, step=step)
+        runs[row] = run_id
+    parent = client.create_run(exp_id).info.run_id
+    summary = {row: {"runs": [run_id]} for row, run_id in runs.items()}
+    plot_compare(client, parent, summary)
+    png = Path(client.download_artifacts(parent, "compare/metrics.png", str(tmp_path)))
+    assert st.unpack(">II", png.read_bytes()[16:24]) == (1200, 760)   # width, height from the PNG header
+    from report import compare_figure
+    histories = {runs["baseline"]: {"val/loss": [(2, 2.5)]}, runs["verifiable"]: {"val/loss": [(2, 2.4)]},
+                 runs["critic"]: {"train/loss": [(1, 0.25), (2, 0.2)]}}
+    fig = compare_figure(summary, histories)
+    panels = {ax.get_title(): [(line.get_label(), line.get_marker(), list(line.get_xdata())) for line in ax.lines]
+              for ax in fig.axes}
+    assert panels == {"policies: train/loss (CE)": [], "policies: val/loss (CE)": [("baseline", "o", [2]),
+                                                                                   ("verifiable", "o", [2])],
+                      "val/accuracy": [], "val/pass_at_1": [], "critic: train/loss (value MSE)": [("critic", "o", [1, 2])],
+                      "critic: val/auc": []}
