@@ -2,13 +2,14 @@
 Results: `report` (the newest run of each pipeline), and compare's statistics (mean ± 95 % Student-t intervals over
 seeds), its plot of the metrics over steps and its table.
 """
+import difflib
 import json
 import math
 from pathlib import Path
 import tempfile
 import time
 
-from config import CONFIGS, PIPELINES, RUN_NAMES, UserError, read_yaml
+from config import CONFIGS, PIPELINES, POLICY_PIPELINES, RUN_NAMES, UserError, read_yaml
 from pipelines import PIPELINE_TYPES
 from tracking import metric_name, newest_run, runs_view_url
 
@@ -61,6 +62,19 @@ def report_row(name, r):
     return (f"{name:<16} {r.info.run_id:<33} {r.info.status[:8]:<8} {r.data.tags.get('wmtp.steps', '?'):>6} "
             f"{m.get('val/loss', float('nan')):>9.4f} {acc_text:>9} {pass1_text:>9} "
             f"{wall:>5.0f}s  {r.data.tags.get('wmtp.started_from', '-')}")
+
+
+def compare_rows(seeds, pipelines):
+    """--pipelines as a tuple of compare's rows; a bad --seeds or row is a UserError naming it."""
+    rows = [*POLICY_PIPELINES, *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
+    if seeds < 1:
+        raise UserError(f"compare: --seeds {seeds}: must be >= 1")
+    for row in pipelines.split(","):
+        if row not in rows:
+            near = difflib.get_close_matches(row, rows, 1)
+            raise UserError(f"compare: --pipelines: '{row}' is not a row" + (f" (did you mean '{near[0]}'?)" if near
+                            else "") + f"; choose among {', '.join(rows)}")
+    return tuple(pipelines.split(","))
 
 
 def list_configs():

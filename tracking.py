@@ -3,12 +3,15 @@ MLflow, rank 0 only: the experiment (created and marked as model development), t
 params, metrics sent off the training thread, system metrics, artifacts and uploads, the run's end status;
 newest_run() behind every `auto`; preflight and doctor checks of the credentials and stores.
 """
+import contextlib
+import io
 import logging
 import os
 from pathlib import Path
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -515,6 +518,56 @@ class Preempted(Exception):
     def __init__(self, signum, checkpoint):
         super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
         self.signum, self.checkpoint = signum, checkpoint
+
+
+class AboveTheBars(logging.StreamHandler):
+    """The console's log handler: each line written with tqdm.write, which lifts the progress bars off the terminal,
+    writes the line and redraws them, so a log line never lands in the middle of a bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class OnlyWarnings(logging.Filter):
+    def filter(self, record):
+        return record.levelno >= logging.WARNING
+
+
+def console_logging(verbose):
+    """One line per event on the terminal: our log lines above the bars (AboveTheBars); MLflow's own INFO lines and
+    artifact download bars off unless --verbose (MLflow reads both variables when it is imported, and its logger is
+    set here in case it was already); MLflow's remaining lines through the same handler."""
+    handler = AboveTheBars(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        handlers=[handler])
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401  (its import configures its loggers: taken over below)
+    for name in ("mlflow", "alembic", "huey"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [], True
+        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+@contextlib.contextmanager
+def quiet_console():
+    """compare's children: their progress bars and summaries (stdout) and INFO lines (the console) left out, so that
+    compare shows one line per run and the table; each run's training.log still gets everything."""
+    quiet = OnlyWarnings()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(quiet)
 
 
 def metric_name(name):

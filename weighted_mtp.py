@@ -7,10 +7,7 @@ weighted-mtp: train multi-token-prediction (MTP) language models in which every 
 The trainer, read top to bottom: prepare() (everything that can reject bad input), the step, the loop and its
 guards, the compare driver, the CLI. Each other concern is a module of its own (README: "For the next engineer").
 """
-import contextlib
 import dataclasses
-import difflib
-import io
 import logging
 import math
 import os
@@ -30,9 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_checkpoint_into, load_shards,
-                           on_this_node, pipeline_state, read_checkpoint, resolve_uri, resume_point, set_rng_state,
-                           trainer_state)
+from checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_checkpoint_into, load_shards,
+                           pipeline_state, read_checkpoint, resume_from, resume_point, set_rng_state, trainer_state)
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
@@ -44,9 +40,10 @@ from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync,
 from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
                         pretrained_weights)
-from report import format_compare, list_configs, report, summarize_compare
-from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
-                      provenance_tags, run_description, run_url, source_tags, start_text, ui_url)
+from report import compare_rows, format_compare, list_configs, report, summarize_compare
+from tracking import (NoTracking, Preempted, Tracking, closing_summary, console_logging, doctor, experiment_id,
+                      log_params, preflight, provenance_tags, quiet_console, run_description, run_url, source_tags,
+                      start_text, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
 __all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "compare", "main"]
 log = logging.getLogger("weighted_mtp")
@@ -123,31 +120,6 @@ def policy_start(cfg, pipeline):
     return {"model.init_from": ("policy", "", "random weights")}
 
 
-def fetcher(cfg, master, cache, starts):
-    """fetch(spec, pipeline_for_auto, artifact, key, what) -> a start's checkpoint on this node; rank 0 resolves it
-    once and records it in `starts` (the first log line, the run's tags). pipeline.attach fetches without a key:
-    critic.checkpoint ("critic") or reference.path ("baseline")."""
-    def fetch(spec, pipeline_for_auto, artifact, key=None, what=None):
-        found = resolve_uri(cfg, spec, pipeline_for_auto, artifact, cache) if master else None
-        if master:
-            key, what = (key, what) if key else {"critic": ("critic.checkpoint", "critic"),
-                                                 "baseline": ("reference.path", "reference")}[pipeline_for_auto]
-            starts[key] = (what, spec, found[1] or str(Path(found[0]).resolve()), str(found[0]))
-        return on_this_node(cfg, found, cache)
-    return fetch
-
-
-def resume_from(cfg, run_name, cache, starts):
-    """Rank 0's (path, URI) to resume from (find_resume), recorded in `starts`; `auto` finding nothing says so."""
-    found = find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache)
-    if found[0]:
-        starts["checkpoint.resume"] = ("resumed", cfg.checkpoint.resume, found[1] or found[0])
-    elif cfg.checkpoint.resume == "auto":  # said in the first log line, not a silent fresh start
-        starts["checkpoint.resume"] = (f"--resume auto found nothing to resume (no unfinished {run_name} run of "
-                                       f"experiment.name '{cfg.experiment.name}'): a fresh run", "auto", "")
-    return found
-
-
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
@@ -173,8 +145,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     spec, source, artifact = pipeline.start_from()
     start_path = None
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        start_path = fetch(spec, source, artifact, *(("critic.checkpoint", "policy and value head") if source == "critic"
-                                                     else ("model.init_from", "policy")))
+        key, what = ("critic.checkpoint", "policy and value head") if source == "critic" else ("model.init_from", "policy")
+        start_path = fetch(spec, source, artifact, key, what)
         if not fsdp:
             load_checkpoint_into(model, start_path)
     for block in transformer_blocks(model):
@@ -537,69 +509,6 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
         return summary
     finally:
         client.set_terminated(parent, status)
-
-
-def compare_rows(seeds, pipelines):
-    """--pipelines as a tuple of compare's rows; a bad --seeds or row is a UserError naming it."""
-    rows = [*POLICY_PIPELINES, *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
-    if seeds < 1:
-        raise UserError(f"compare: --seeds {seeds}: must be >= 1")
-    for row in pipelines.split(","):
-        if row not in rows:
-            near = difflib.get_close_matches(row, rows, 1)
-            raise UserError(f"compare: --pipelines: '{row}' is not a row" + (f" (did you mean '{near[0]}'?)" if near
-                            else "") + f"; choose among {', '.join(rows)}")
-    return tuple(pipelines.split(","))
-
-
-class AboveTheBars(logging.StreamHandler):
-    """The console's log handler: each line written with tqdm.write, which lifts the progress bars off the terminal,
-    writes the line and redraws them, so a log line never lands in the middle of a bar."""
-
-    def emit(self, record):
-        try:
-            from tqdm import tqdm
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-class OnlyWarnings(logging.Filter):
-    def filter(self, record):
-        return record.levelno >= logging.WARNING
-
-
-def console_logging(verbose):
-    """One line per event on the terminal: our log lines above the bars (AboveTheBars); MLflow's own INFO lines and
-    artifact download bars off unless --verbose (MLflow reads both variables when it is imported, and its logger is
-    set here in case it was already); MLflow's remaining lines through the same handler."""
-    handler = AboveTheBars(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
-                        handlers=[handler])
-    if not verbose:
-        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import mlflow  # noqa: F401  (its import configures its loggers: taken over below)
-    for name in ("mlflow", "alembic", "huey"):
-        logger = logging.getLogger(name)
-        logger.handlers, logger.propagate = [], True
-        logger.setLevel(logging.INFO if verbose else logging.WARNING)
-
-
-@contextlib.contextmanager
-def quiet_console():
-    """compare's children: their progress bars and summaries (stdout) and INFO lines (the console) left out, so that
-    compare shows one line per run and the table; each run's training.log still gets everything."""
-    quiet = OnlyWarnings()
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(quiet)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        for handler in logging.getLogger().handlers:
-            handler.removeFilter(quiet)
 
 
 def main(argv=None):

@@ -208,5 +208,5 @@ def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_
               for ax in fig.axes}
     assert panels == {"policies: train/loss (CE)": [], "policies: val/loss (CE)": [("baseline", "o", [2]),
                                                                                    ("verifiable", "o", [2])],
-                      "val/accuracy": [], "val/pass_at_1": [], "critic: train/loss (value MSE)": [("critic", "o", [1, 2])],
-                      "critic: val/auc": []}
+                      "val/accuracy": [], "val/pass_at_1": [],
+                      "critic: train/loss (value MSE)": [("critic", "o", [1, 2])], "critic: val/auc": []}
