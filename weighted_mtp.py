@@ -145,7 +145,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     spec, source, artifact = pipeline.start_from()
     start_path = None
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        key, what = ("critic.checkpoint", "policy and value head") if source == "critic" else ("model.init_from", "policy")
+        key, what = ("critic.checkpoint", "policy and value head") if source == "critic" else (
+            "model.init_from", "policy")
         start_path = fetch(spec, source, artifact, key, what)
         if not fsdp:
             load_checkpoint_into(model, start_path)
