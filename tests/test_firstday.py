@@ -210,3 +210,21 @@ def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_
                                                                                    ("verifiable", "o", [2])],
                       "val/accuracy": [], "val/pass_at_1": [],
                       "critic: train/loss (value MSE)": [("critic", "o", [1, 2])], "critic: val/auc": []}
+
+
+def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [a for o in [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri={uri}"]
+                 for a in ("--override", o)]
+    assert wm.main(["compare", "--seeds", "1", "--warmup-steps", "2", "--pipelines", "baseline", *overrides]) == 0
+    out = capsys.readouterr().out.splitlines()
+    client = MlflowClient(uri)
+    exp_id = client.get_experiment_by_name("weighted-mtp/production").experiment_id
+    runs = {r.info.run_name: r.info.run_id for r in client.search_runs([exp_id])}
+    assert sorted(runs) == ["baseline-mtp", "compare-1-seeds", "warmup"]
+    assert re.fullmatch(rf"warmup +run {runs['warmup']}  2 steps in +\d+s  val/loss \d\.\d{{4}}", out[0]), out[0]
+    assert re.fullmatch(rf"baseline-mtp +run {runs['baseline-mtp']}  4 steps in +\d+s  val/loss \d\.\d{{4}}", out[1])
+    assert out[2] == "1 seed(s); a 2-step warm-up baseline, then 4 steps of each pipeline"
+    assert out[3].split()[:3] == ["pipeline", "started", "from"] and out[4].startswith("baseline    warm-up")
+    assert out[5:] == ["", f"parent run {runs['compare-1-seeds']}: http://127.0.0.1:5000/#/experiments/{exp_id}/runs/"
+                           f"{runs['compare-1-seeds']}?workflowType=machine_learning   (start the UI with ./run.sh ui)"]
