@@ -390,7 +390,8 @@ def train(cfg, use_micro=False):
             run_id = tracking.run_id = broadcast(tracking.run_id)
             log.info(f"{s.pipeline.name}: run {run_id}, {world} process(es) on {device}, {len(s.data.train)} "
                      f"train / {len(s.data.val)} val examples ({s.data.n_truncated} truncated), {s.total_steps} steps"
-                     + f"{val_note}; {start_text(s.starts)}" + (f" at step {start}" if s.resume else ""))
+                     + f"{val_note}; {start_text({k: v for k, v in s.starts.items() if v[0] != 'resumed'})}"
+                     + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
             batches = Batches(s, resume.get("position", 0))
             model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))
             flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,

@@ -108,6 +108,9 @@ def test_a_resumed_run_records_the_checkpoint_it_resumed_from(tmp_path, tracking
     tags = client.get_run(first).data.tags
     assert tags["wmtp.resume.resolved"] == f"runs:/{first}/checkpoints/{newest}"
     assert tags["wmtp.resume.run"] == first and tags["wmtp.init_from.resolved"] == "random weights"
+    started = [line for line in (run_dir / "training.log").read_text().splitlines() if " baseline: run " in line]
+    assert re.search(rf"; policy from random weights, resumed at step \d from {re.escape(str(run_dir / newest))}$",
+                     started[-1]), started[-1]
 
 
 def run_in_pty(argv, cwd, timeout=300, columns=100):
