@@ -552,7 +552,7 @@ def console_logging(verbose):
     for name in ("mlflow", "alembic", "huey"):
         logger = logging.getLogger(name)
         logger.handlers, logger.propagate = [], True
-        logger.setLevel(logging.INFO if verbose else logging.WARNING)
+        logger.setLevel(logging.INFO if verbose and name == "mlflow" else logging.WARNING)  # MLflow's own levels
 
 
 @contextlib.contextmanager
