@@ -231,3 +231,26 @@ def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link
     assert out[3].split()[:3] == ["pipeline", "started", "from"] and out[4].startswith("baseline    warm-up")
     assert out[5:] == ["", f"parent run {runs['compare-1-seeds']}: http://127.0.0.1:5000/#/experiments/{exp_id}/runs/"
                            f"{runs['compare-1-seeds']}?workflowType=machine_learning   (start the UI with ./run.sh ui)"]
+
+
+def test_a_micro_model_from_random_weights_validates_on_64_records_and_says_so(tmp_path):
+    from weighted_mtp import validation_for_a_random_start
+    cfg = tiny_config("baseline", tmp_path, "data_sampling.val_samples=512")
+    quick, note = validation_for_a_random_start(cfg, use_micro=True)
+    assert quick.data_sampling.val_samples == 64 and note == (
+        " (validation on 64 of data_sampling.val_samples=512 records: from random weights)")
+    for started, micro in ((tiny_config("baseline", tmp_path, "data_sampling.val_samples=512",
+                                        "model.init_from=runs:/x/checkpoints/checkpoint_final.pt"), True), (cfg, False)):
+        assert validation_for_a_random_start(started, micro) == (started, "")   # a trained start, a real model
+
+
+def test_run_sh_lists_the_configs_and_passes_export_through(tmp_path):
+    env = {**os.environ, "WMTP_ENV_FILE": str(tmp_path / "no.env")}
+    r = subprocess.run([str(ROOT / "run.sh"), "ls"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and len(r.stdout.splitlines()) == 1 + len(list((ROOT / "configs").glob("*/*.yaml")))
+    r = subprocess.run([str(ROOT / "run.sh"), "export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "hf",
+                        "--out", str(tmp_path / "hf")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'none.pt'}")
+    assert not (tmp_path / "hf").exists()
