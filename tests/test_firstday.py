@@ -239,9 +239,10 @@ def test_a_micro_model_from_random_weights_validates_on_64_records_and_says_so(t
     quick, note = validation_for_a_random_start(cfg, use_micro=True)
     assert quick.data_sampling.val_samples == 64 and note == (
         " (validation on 64 of data_sampling.val_samples=512 records: from random weights)")
-    for started, micro in ((tiny_config("baseline", tmp_path, "data_sampling.val_samples=512",
-                                        "model.init_from=runs:/x/checkpoints/checkpoint_final.pt"), True), (cfg, False)):
-        assert validation_for_a_random_start(started, micro) == (started, "")   # a trained start, a real model
+    trained = tiny_config("baseline", tmp_path, "data_sampling.val_samples=512",
+                          "model.init_from=runs:/x/checkpoints/checkpoint_final.pt")
+    for started, micro in ((trained, True), (cfg, False)):   # a trained start; a real model
+        assert validation_for_a_random_start(started, micro) == (started, "")
 
 
 def test_run_sh_lists_the_configs_and_passes_export_through(tmp_path):
