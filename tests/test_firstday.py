@@ -156,6 +156,12 @@ def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(t
     summary = out[out.index("finished baseline run"):].splitlines()
     assert summary[1].startswith("  this run:    http://127.0.0.1:5000/#/experiments/1/runs/")
     assert summary[1].split()[2].endswith("?workflowType=machine_learning")
+    # the critic's `auto` fetches that baseline's checkpoint through MLflow: no download bar, no MLflow line
+    code, out = run_in_pty([sys.executable, "-m", "weighted_mtp", "train", "--config",
+                            str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model",
+                            *(a for o in [*overrides, "training.max_steps=2"] for a in ("--override", o))], tmp_path)
+    assert code == 0 and "critic: run " in out and "model.init_from=auto" in out, out[-3000:]
+    assert "Downloading artifacts" not in out and " INFO mlflow" not in out and "%|" not in out.split("critic: run")[0]
 
 
 def test_listing_configs_and_bad_compare_rows_and_the_critic_evaluate(tmp_path, capsys):
