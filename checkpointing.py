@@ -384,3 +384,28 @@ class Checkpointer:
         uri = self.uploader.put_files(trainer, artifact, str(path))[0].rsplit("/", 1)[0]
         self.writer.expire_remote(upto=step)  # steps after this one may still be arriving from other ranks
         return uri
+
+
+def fetcher(cfg, master, cache, starts):
+    """fetch(spec, pipeline_for_auto, artifact, key, what) -> a start's checkpoint on this node; rank 0 resolves it
+    once and records it in `starts` (the first log line, the run's tags). pipeline.attach fetches without a key:
+    critic.checkpoint ("critic") or reference.path ("baseline")."""
+    def fetch(spec, pipeline_for_auto, artifact, key=None, what=None):
+        found = resolve_uri(cfg, spec, pipeline_for_auto, artifact, cache) if master else None
+        if master:
+            key, what = (key, what) if key else {"critic": ("critic.checkpoint", "critic"),
+                                                 "baseline": ("reference.path", "reference")}[pipeline_for_auto]
+            starts[key] = (what, spec, found[1] or str(Path(found[0]).resolve()), str(found[0]))
+        return on_this_node(cfg, found, cache)
+    return fetch
+
+
+def resume_from(cfg, run_name, cache, starts):
+    """Rank 0's (path, URI) to resume from (find_resume), recorded in `starts`; `auto` finding nothing says so."""
+    found = find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache)
+    if found[0]:
+        starts["checkpoint.resume"] = ("resumed", cfg.checkpoint.resume, found[1] or found[0])
+    elif cfg.checkpoint.resume == "auto":  # said in the first log line, not a silent fresh start
+        starts["checkpoint.resume"] = (f"--resume auto found nothing to resume (no unfinished {run_name} run of "
+                                       f"experiment.name '{cfg.experiment.name}'): a fresh run", "auto", "")
+    return found

@@ -6,8 +6,8 @@
 #   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run
 #   test [pytest args]    install what the selected tests lack (Debian packages when root, else print the command;
 #                         the test extras), then run pytest
-#   ui | report [args]    mlflow ui on ./mlflow.db, http://127.0.0.1:$PORT (5000), printing the runs view's URL |
-#                         the newest run of each pipeline (--experiment NAME, --tracking-uri URI; default ./mlflow.db)
+#   ui | report | ls      mlflow ui on ./mlflow.db, :$PORT (5000), printing its URL (no job runner unless MLFLOW_SERVER_
+#   export [args]         ENABLE_JOB_EXECUTION=true) | newest run per pipeline (--all) | the configs | a model dir
 #   <pipeline> [--local | --fsdp] [--dry-run] [trainer args]
 #                         train baseline, critic, verifiable or rho1 with configs/<p>/<p>.yaml (--fsdp: <p>_fsdp.yaml;
 #                         both need .env's MLflow and AWS credentials), or --local: <p>_local.yaml + --use-micro-model;
@@ -276,9 +276,10 @@ main() {
     demo) cmd_compare --seeds 1 "$@" ;;
     compare) cmd_compare "$@" ;;
     evaluate) cmd_train evaluate "$@" ;;
-    report) load_env; bootstrap; exec "$PYTHON" -m weighted_mtp report "$@" ;;
+    report | ls | export) load_env; bootstrap; exec "$PYTHON" -m weighted_mtp "$sub" "$@" ;;
     test) cmd_test "$@" ;;
-    ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (README: why), then one worker: several race
+    ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (docs/mlflow.md: why), then one worker: several race
+      export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}   # ~10 GenAI processes
       note "open $(MLFLOW_TRACKING_URI='' "$PYTHON" -m weighted_mtp ui-url || echo "http://127.0.0.1:$PORT")"
       exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "$PORT" \
         --workers 1 "$@" ;;   # to create the tables of a fresh mlflow.db (and are slower on 2 cores)

@@ -3,12 +3,15 @@ MLflow, rank 0 only: the experiment (created and marked as model development), t
 params, metrics sent off the training thread, system metrics, artifacts and uploads, the run's end status;
 newest_run() behind every `auto`; preflight and doctor checks of the credentials and stores.
 """
+import contextlib
+import io
 import logging
 import os
 from pathlib import Path
 import queue
 import re
 import signal
+import sys
 import threading
 import time
 
@@ -63,12 +66,22 @@ def source_tags():
     return {"mlflow.source.git.commit": commit} if commit else {}
 
 
+def ui_base(uri, port=None):
+    """The MLflow UI's address: the tracking server itself, or `./run.sh ui` on this machine for a sqlite store."""
+    return uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port or os.environ.get('PORT', 5000)}"
+
+
 def runs_view_url(uri, exp_id, port=None):
-    """The experiment's training-runs view in the MLflow UI: the tracking server itself, or `./run.sh ui` on this
-    machine for a sqlite store. `workflowType=machine_learning` because MLflow 3.17's workflow toggle lives in the
-    browser's localStorage, defaults to GenAI and ignores the experiment's kind (MLflow issue 24498)."""
-    base = uri.rstrip("/") if uri.startswith("http") else f"http://127.0.0.1:{port or os.environ.get('PORT', 5000)}"
-    return f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+    """The experiment's runs in the MLflow UI's model-training view. `workflowType=machine_learning` because MLflow
+    3's workflow toggle lives in the browser's localStorage, defaults to GenAI and ignores the experiment's kind
+    (mlflow/mlflow#24498): without it a fresh browser opens the Traces page."""
+    return f"{ui_base(uri, port)}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
+
+
+def run_url(uri, exp_id, run_id, port=None):
+    """One run's page in the model-training view (without workflowType a fresh browser files it under GenAI's
+    "Evaluations")."""
+    return f"{ui_base(uri, port)}/#/experiments/{exp_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def ui_url(uri, experiment):
@@ -100,6 +113,58 @@ def newest_run(client, experiment, where):
 
 def finished(pipeline):
     return f"tags.pipeline = '{pipeline}' and attributes.status = 'FINISHED'"
+
+
+# Where a run's weights come from, one config key each; the short names make the tags wmtp.<short>.resolved/.run.
+START_KEYS = {"model.init_from": "init_from", "model.path": "model_path", "critic.checkpoint": "critic",
+              "reference.path": "reference", "checkpoint.resume": "resume"}
+RUN_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def source_run(resolved):
+    """The MLflow run a checkpoint came from: the id in runs:/<id>/..., else the <run id> directory the trainer
+    writes a local checkpoint into (checkpoint.dir/<run name>/<run id>/...), else ''."""
+    if resolved.startswith("runs:/"):
+        return resolved[len("runs:/"):].split("/", 1)[0]
+    parent = Path(resolved).parent.name
+    return parent if RUN_ID.fullmatch(parent) else ""
+
+
+def start_text(starts, files=True):
+    """The first log line's account of where the weights come from: `starts` {config key: (what it starts, what the
+    config says, what that resolved to[, the local file read])}, e.g. "policy from runs:/<id>/checkpoints/
+    checkpoint_final.pt (model.init_from=auto, file <checkpoint.dir>/.cache/...); reference from ..."."""
+    def one(key, what, spec, resolved, local=""):
+        said = [f"{key}={spec}" if spec and spec != resolved else "",
+                f"file {local}" if files and local and local != resolved else ""]
+        said = ", ".join(s for s in said if s)
+        return what if not resolved else f"{what} from {resolved}" + (f" ({said})" if said else "")
+    return "; ".join(one(k, *starts[k]) for k in sorted(starts, key=list(START_KEYS).index))
+
+
+def run_description(cfg, use_micro, starts):
+    """The run's note (MLflow's Description column in the runs list): [micro] for the micro model, the config's
+    experiment.description, and where it started, source runs by their first 8 characters, so that runs of one
+    name tell apart at a glance."""
+    order = sorted(starts, key=list(START_KEYS).index)
+    short = [f"{starts[k][0]} from " + (f"run {source_run(starts[k][2])[:8]}" if source_run(starts[k][2]) else
+                                        Path(starts[k][2]).name if "/" in starts[k][2] else starts[k][2])
+             for k in order if starts[k][2]]
+    return " · ".join([("[micro] " if use_micro else "") + (cfg.experiment.description or cfg.experiment.name),
+                       *short])
+
+
+def provenance_tags(starts):
+    """Tags recording each start as resolved: wmtp.<short>.resolved (the URI or absolute path) and wmtp.<short>.run
+    (its source run id, where there is one), and wmtp.started_from, the one line `report` shows."""
+    tags = {"wmtp.started_from": start_text(starts, files=False)}
+    for key, (_, _, resolved, *_) in starts.items():
+        if not resolved:
+            continue
+        tags[f"wmtp.{START_KEYS[key]}.resolved"] = resolved
+        if source_run(resolved):
+            tags[f"wmtp.{START_KEYS[key]}.run"] = source_run(resolved)
+    return tags
 
 
 class MetricLogger:
@@ -154,12 +219,13 @@ class MetricLogger:
         return not self.thread.is_alive()
 
 
-def create_run(client, exp_id, cfg, run_name):
-    """A new run of the config: its tags (the pipeline tag, what `auto` searches by, from experiment.pipeline alone
-    whatever mlflow.tags say; the git commit), every param and config.yaml, secrets left out. Returns its id."""
-    tags = {**{str(k): str(v) for k, v in redacted(cfg.mlflow.tags).items()}, "pipeline": cfg.experiment.pipeline}
-    if cfg.experiment.description:
-        tags["mlflow.note.content"] = cfg.experiment.description
+def create_run(client, exp_id, cfg, run_name, extra_tags=None):
+    """A new run of the config: its tags (extra_tags: provenance and the note, which mlflow.tags may override; the
+    pipeline tag, what `auto` searches by, from experiment.pipeline alone whatever mlflow.tags say; the git commit),
+    every param and config.yaml, secrets left out. Returns its id."""
+    tags = {"mlflow.note.content": cfg.experiment.description, **(extra_tags or {}),
+            **{str(k): str(v) for k, v in redacted(cfg.mlflow.tags).items()}, "pipeline": cfg.experiment.pipeline}
+    tags = {k: v for k, v in tags.items() if v}
     run_id = client.create_run(exp_id, run_name=run_name, tags={**tags, **source_tags()}).info.run_id
     log_params(client, run_id, flatten(cfg.to_dict()))
     client.log_text(run_id, yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False), "config.yaml")
@@ -190,8 +256,9 @@ class Tracking:
     metrics, the checkpoint uploader and logs/training.log. Leaving it ends the run FINISHED, KILLED (preempted: the
     checkpoint to resume from is tagged first) or FAILED, with the metrics and uploads drained — whatever fails."""
 
-    def __init__(self, cfg, run_name, run_dir_root, steps, resume_run_id=None, unsent_metrics=(), resumed=False):
-        self.cfg, self.run_name, self.run_dir_root, self.steps = cfg, run_name, run_dir_root, steps
+    def __init__(self, cfg, run_name, run_dir_root, steps, resume_run_id=None, unsent_metrics=(), resumed=False,
+                 tags=None):
+        self.cfg, self.run_name, self.run_dir_root, self.steps, self.tags = cfg, run_name, run_dir_root, steps, tags
         self.run_id, self.unsent_metrics, self.resumed = resume_run_id, list(unsent_metrics), resumed
         self.client = self.metrics = self.uploader = self.system = self.file_log = self.exp_id = None
 
@@ -221,9 +288,12 @@ class Tracking:
         exp_id = self.exp_id = experiment_id(self.client, cfg)
         if self.run_id:
             self.client.update_run(self.run_id, status="RUNNING")
+            for key, value in (self.tags or {}).items():  # the resume's provenance, kept beside the original start
+                if key.startswith("wmtp.resume."):
+                    self.client.set_tag(self.run_id, key, value)
             history = self.client.get_metric_history(self.run_id, "train/loss")
             return max((m.step for m in history), default=0)
-        self.run_id = create_run(self.client, exp_id, cfg, self.run_name)
+        self.run_id = create_run(self.client, exp_id, cfg, self.run_name, self.tags)
         return 0
 
     def _start_system_metrics(self):
@@ -288,22 +358,32 @@ class Tracking:
         return local_only
 
 
+# The key each pipeline's successor reads a finished run by, and the checkpoint it reads (the `continue:` hint).
+NEXT_KEY = {"baseline": ("model.init_from", "checkpoint_final.pt"), "critic": ("critic.checkpoint",
+            "checkpoint_best.pt"), "verifiable": ("model.init_from", "checkpoint_final.pt"),
+            "rho1": ("model.init_from", "checkpoint_final.pt")}
+
+
 def closing_summary(tracking, steps, seconds, best_val):
-    """The lines a run ends on: its id, the UI's runs view, where the best and final checkpoints are (locally and in
-    the run), how to start from it or resume it."""
+    """The lines a run ends on: its id, its page and its experiment's runs in the MLflow UI, where the best and final
+    checkpoints are (locally and in the run), and the override the next pipeline reads it by."""
     cfg, run_id, run_dir = tracking.cfg, tracking.run_id, tracking.run_dir
     lines = [f"finished {cfg.experiment.pipeline} run {run_id}: {steps} steps in {seconds:.0f}s, "
              f"best val/loss {best_val:.4f}"]
     if tracking.exp_id is not None:
         uri = tracking_uri(cfg.mlflow.tracking_uri)
-        lines.append(f"  MLflow UI:   {runs_view_url(uri, tracking.exp_id)}"
-                     + ("" if uri.startswith("http") else "   (start it with ./run.sh ui)"))
+        lines.append(f"  this run:    {run_url(uri, tracking.exp_id, run_id)}"
+                     + ("" if uri.startswith("http") else "   (start the UI with ./run.sh ui)"))
+        lines.append(f"  all runs:    {runs_view_url(uri, tracking.exp_id)}")
     for name in ("checkpoint_best.pt", "checkpoint_final.pt"):
         if (run_dir / name).exists():
             remote = f" and runs:/{run_id}/checkpoints/{name}" if tracking.client else ""
             lines.append(f"  {name.split('_')[1][:-3] + ':':<12} {run_dir / name}{remote}")
-    final = f"runs:/{run_id}/checkpoints/checkpoint_final.pt" if tracking.client else run_dir / "checkpoint_final.pt"
-    lines.append(f"  continue:    --override model.init_from={final}   (a stopped run: --resume auto)")
+    key, name = NEXT_KEY[cfg.experiment.pipeline]
+    start = f"runs:/{run_id}/checkpoints/{name}" if tracking.client else run_dir / name
+    reader = {"baseline": "a policy or the critic starts from it; rho1's reference: reference.path",
+              "critic": "verifiable reads its value model from it"}.get(cfg.experiment.pipeline, "a run starts from it")
+    lines.append(f"  continue:    --override {key}={start}   ({reader}; a stopped run: --resume auto)")
     return "\n".join(lines)
 
 
@@ -439,6 +519,56 @@ class Preempted(Exception):
     def __init__(self, signum, checkpoint):
         super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
         self.signum, self.checkpoint = signum, checkpoint
+
+
+class AboveTheBars(logging.StreamHandler):
+    """The console's log handler: each line written with tqdm.write, which lifts the progress bars off the terminal,
+    writes the line and redraws them, so a log line never lands in the middle of a bar."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
+class OnlyWarnings(logging.Filter):
+    def filter(self, record):
+        return record.levelno >= logging.WARNING
+
+
+def console_logging(verbose):
+    """One line per event on the terminal: our log lines above the bars (AboveTheBars); MLflow's own INFO lines and
+    artifact download bars off unless --verbose (MLflow reads both variables when it is imported, and its logger is
+    set here in case it was already); MLflow's remaining lines through the same handler."""
+    handler = AboveTheBars(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
+                        handlers=[handler])
+    if not verbose:
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow  # noqa: F401  (its import configures its loggers: taken over below)
+    for name in ("mlflow", "alembic", "huey"):
+        logger = logging.getLogger(name)
+        logger.handlers, logger.propagate = [], True
+        logger.setLevel(logging.INFO if verbose and name == "mlflow" else logging.WARNING)  # MLflow's own levels
+
+
+@contextlib.contextmanager
+def quiet_console():
+    """compare's children: their progress bars and summaries (stdout) and INFO lines (the console) left out, so that
+    compare shows one line per run and the table; each run's training.log still gets everything."""
+    quiet = OnlyWarnings()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(quiet)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(quiet)
 
 
 def metric_name(name):

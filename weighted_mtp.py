@@ -27,9 +27,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_checkpoint_into, load_shards,
-                           on_this_node, pipeline_state, read_checkpoint, resolve_uri, resume_point, set_rng_state,
-                           trainer_state)
+from checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_checkpoint_into, load_shards,
+                           pipeline_state, read_checkpoint, resume_from, resume_point, set_rng_state, trainer_state)
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
@@ -41,9 +40,10 @@ from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync,
 from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
                         pretrained_weights)
-from report import format_compare, report, summarize_compare
-from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
-                      source_tags, ui_url)
+from report import compare_rows, format_compare, list_configs, report, summarize_compare
+from tracking import (NoTracking, Preempted, Tracking, closing_summary, console_logging, doctor, experiment_id,
+                      log_params, preflight, provenance_tags, quiet_console, run_description, run_url, source_tags,
+                      start_text, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
 __all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "compare", "main"]
 log = logging.getLogger("weighted_mtp")
@@ -73,7 +73,7 @@ class Setup:
     data: Examples
     total_steps: int
     run_name: str
-    started_from: str = ""
+    starts: dict = None  # rank 0's {config key: (what it starts, its value, what that resolved to)}
     resume_path: str = None
     resume: dict = None  # the resumed checkpoint: step, position, best_val_loss, run_id, unsent_metrics
 
@@ -109,6 +109,17 @@ def step_count(cfg, n_examples, rank, world):
     return t.max_steps or t.n_epochs * batches_per_epoch // t.gradient_accumulation_steps
 
 
+def policy_start(cfg, pipeline):
+    """Where the policy's weights come from when no checkpoint is fetched for it: model.path, else random weights
+    (prepare() replaces this with model.init_from's or, for verifiable on the critic's value head,
+    critic.checkpoint's resolved checkpoint)."""
+    if pipeline.start_from()[0]:
+        return {}
+    if cfg.model.path:
+        return {"model.path": ("policy", cfg.model.path, str(Path(cfg.model.path).resolve()))}
+    return {"model.init_from": ("policy", "", "random weights")}
+
+
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
     before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
@@ -126,23 +137,26 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     run_name = cfg.mlflow.run_name or RUN_NAMES[pipeline.name]
     cache = Path(cfg.checkpoint.dir) / ".cache"
 
-    def fetch(spec, pipeline_for_auto, artifact):
-        return on_this_node(cfg, resolve_uri(cfg, spec, pipeline_for_auto, artifact, cache) if master else None, cache)
+    starts = policy_start(cfg, pipeline)  # {config key: (what it starts, its value, what that resolved to)}
 
-    resume_path, resume_uri, sharded = resume_point(
-        cfg, find_resume(cfg, run_name, Path(cfg.checkpoint.dir), cache) if master else None, cache)
+    fetch = fetcher(cfg, master, cache, starts)
+    found_resume = resume_from(cfg, run_name, cache, starts) if master else None
+    resume_path, resume_uri, sharded = resume_point(cfg, found_resume, cache)
     spec, source, artifact = pipeline.start_from()
-    started_from = "" if cfg.model.path or resume_path else ", from random weights (nothing pretrained)"
     start_path = None
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        start_path = fetch(spec, source, artifact)
+        key, what = ("critic.checkpoint", "policy and value head") if source == "critic" else (
+            "model.init_from", "policy")
+        start_path = fetch(spec, source, artifact, key, what)
         if not fsdp:
             load_checkpoint_into(model, start_path)
-        started_from = f", initialised from {spec} ({start_path})"
     for block in transformer_blocks(model):
         block.checkpointed = t.activation_checkpointing
     model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False, meta=fsdp)[1],
                             torch.device("cpu") if fsdp else device, tok) or model  # sharded: shards only (shard())
+    if getattr(pipeline, "reference", None) is not None and "reference.path" not in starts:
+        ref = cfg.reference.path  # a model dir, or empty: a frozen copy of the starting policy
+        starts["reference.path"] = ("reference", ref, str(Path(ref).resolve()) if ref else "the starting policy")
     resume = resume_path and (trainer_state(resume_path) if sharded else
                               read_checkpoint(resume_path) if fsdp else load_checkpoint_into(model, resume_path))
     if fsdp:
@@ -152,7 +166,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, optimizer, data,
-                  step_count(cfg, len(data.train), rank, world), run_name, started_from, resume_path)
+                  step_count(cfg, len(data.train), rank, world), run_name, starts, resume_path)
     if resume:
         setup.resume = resume
         if sharded:  # each node's ranks read from a directory of its own (a shared disk's, else its cache)
@@ -343,21 +357,41 @@ class StopSignal:
         log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
 
 
+RANDOM_START_VAL_SAMPLES = 64
+
+
+def validation_for_a_random_start(cfg, use_micro):
+    """The micro model from random weights validates on RANDOM_START_VAL_SAMPLES records, not the local configs' 512:
+    it answers none of them right yet, and decoding 512 answers at every validation was most of a standalone
+    `--local` run's time. Said in the first log line; the params record the number used."""
+    kind = PIPELINE_TYPES[cfg.experiment.pipeline](cfg, cfg.model.n_future_tokens)
+    if not use_micro or kind.start_from()[0] or cfg.data_sampling.val_samples <= RANDOM_START_VAL_SAMPLES:
+        return cfg, ""
+    return (dataclasses.replace(cfg, data_sampling=dataclasses.replace(
+        cfg.data_sampling, val_samples=RANDOM_START_VAL_SAMPLES)),
+        f" (validation on {RANDOM_START_VAL_SAMPLES} of data_sampling.val_samples={cfg.data_sampling.val_samples} "
+        "records: from random weights)")
+
+
 def train(cfg, use_micro=False):
+    cfg, val_note = validation_for_a_random_start(cfg, use_micro)
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         s = prepare(cfg, use_micro, rank, world, device)
         resume = s.resume or {}
         start, run_root = resume.get("step", 0), Path(cfg.checkpoint.dir) / s.run_name
+        tags = {**provenance_tags(s.starts), "mlflow.note.content": run_description(cfg, use_micro, s.starts),
+                "wmtp.model": "micro" if use_micro else cfg.model.path or "-"}
         tracking = (Tracking(cfg, s.run_name, run_root, s.total_steps, resume.get("run_id"),
-                             resume.get("unsent_metrics", []), resumed=bool(s.resume))
+                             resume.get("unsent_metrics", []), resumed=bool(s.resume), tags=tags)
                     if rank == 0 else NoTracking(s.pipeline.name))
         with StopSignal() as signals, tracking:
             run_id = tracking.run_id = broadcast(tracking.run_id)
             log.info(f"{s.pipeline.name}: run {run_id}, {world} process(es) on {device}, {len(s.data.train)} "
                      f"train / {len(s.data.val)} val examples ({s.data.n_truncated} truncated), {s.total_steps} steps"
-                     + s.started_from + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
+                     + f"{val_note}; {start_text({k: v for k, v in s.starts.items() if v[0] != 'resumed'})}"
+                     + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
             batches = Batches(s, resume.get("position", 0))
             model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))
             flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,
@@ -408,8 +442,13 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
     cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(
         cfg.mlflow, run_name=run_name, tags={**cfg.mlflow.tags, "mlflow.parentRunId": parent_id,
                                              "wmtp.started_from": started_from}))
-    run_id = train(cfg, use_micro=True)["run_id"]
-    return cfg, run_id, Path(cfg.checkpoint.dir) / (run_name or RUN_NAMES[cfg.experiment.pipeline]) / run_id
+    started = time.time()
+    with quiet_console():
+        result = train(cfg, use_micro=True)
+    name = run_name or RUN_NAMES[cfg.experiment.pipeline]
+    print(f"{name:<28} run {result['run_id']}  {result['steps']} steps in {time.time() - started:4.0f}s  "
+          f"val/loss {result.get('val/loss', math.nan):.4f}", flush=True)
+    return cfg, result["run_id"], Path(cfg.checkpoint.dir) / name / result["run_id"]
 
 
 def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
@@ -437,7 +476,8 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
         start = kind.compare_inputs(warm, dirs, train_critic)
         cfg, runs[row], dirs[row] = train_child(local_config(p), [*o, *extra, *start], parent_id, kind.compare_start,
                                                 f"{RUN_NAMES[p]}-{variant}" if variant else "")
-        evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
+        with quiet_console():
+            evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
     return runs
 
 
@@ -454,8 +494,9 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
         raise UserError(f"compare: the policy pipelines must train the same steps after a warm-up of > 0 steps, "
                         f"got {steps} after --warmup-steps {warmup_steps}")
     cfg = cfgs[pipelines[0]]
-    client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
-    parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
+    uri = tracking_uri(cfg.mlflow.tracking_uri)
+    client, exp_id = MlflowClient(uri), experiment_id(MlflowClient(uri), cfg)
+    parent = client.create_run(exp_id, run_name=f"compare-{seeds}-seeds",
                                tags={"pipeline": "compare", **source_tags()}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
                                 "overrides": " ".join(overrides) or "-"})
@@ -464,7 +505,8 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
         runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
         summary = summarize_compare(client, parent, list(runs[0]), runs)  # the rows, with the critics they trained
         print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
-        print(f"\nparent run {parent} (experiment '{cfg.mlflow.experiment}'): ./run.sh ui", flush=True)
+        print(f"\nparent run {parent}: {run_url(uri, exp_id, parent)}"
+              + ("" if uri.startswith("http") else "   (start the UI with ./run.sh ui)"), flush=True)
         status = "FINISHED"
         return summary
     finally:
@@ -473,24 +515,24 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
 
 def main(argv=None):
     args = cli(__doc__).parse_args(argv)
-    logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    if args.command in ("train", "evaluate", "compare", "export"):
+        console_logging(getattr(args, "verbose", False))
+    else:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         if args.command == "doctor":
             return doctor(load_config(args.config, args.override), args.env_file)
         if args.command == "export":
             export(args.checkpoint, args.format, args.out, args.config, args.use_micro_model)
             return 0
+        if args.command == "ls":
+            return list_configs()
         if args.command in ("report", "ui-url"):
             uri = tracking_uri(args.tracking_uri)
-            return report(uri, args.experiment) if args.command == "report" else print(ui_url(uri, args.experiment))
+            return report(uri, args.experiment, args.all) if args.command == "report" else print(
+                ui_url(uri, args.experiment))
         if args.command == "compare":
-            pipelines = tuple(args.pipelines.split(","))
-            rows = [*POLICY_PIPELINES,
-                    *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
-            if args.seeds < 1 or not set(pipelines) <= set(rows):
-                raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(rows)}")
-            compare(args.seeds, args.warmup_steps, args.override, pipelines)
+            compare(args.seeds, args.warmup_steps, args.override, compare_rows(args.seeds, args.pipelines))
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
@@ -502,6 +544,9 @@ def main(argv=None):
             report_lines = dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb)
             print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False) + report_lines)
         elif args.command == "evaluate":
+            if cfg.experiment.pipeline == "critic" and not args.samples:
+                raise UserError(f"{args.config}: the critic has no pass@k (it trains a value function and generates "
+                                "nothing): evaluate baseline, verifiable or rho1")
             evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
         else:
             train(cfg, use_micro=args.use_micro_model)

@@ -1,4 +1,4 @@
-"""What a new user hits first (issue 23): settings that would be ignored, the record of a run (every key, no secret,
+"""What a new user hits first: settings that would be ignored, the record of a run (every key, no secret,
 the commit), `report`, the UI's URL, the closing summary, start-up time, checkpoints stored once, export, data."""
 import json
 import os
@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from config import DEFAULTS, UserError, dotted_keys, flatten, is_secret
+from config import DEFAULTS, RUN_NAMES, UserError, dotted_keys, flatten, is_secret
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
 from conftest import ROOT, tiny_config, train_keeping_setup
 
@@ -57,17 +57,19 @@ def test_every_key_is_recorded_no_secret_anywhere_and_the_commit_is_tagged(track
     out = capsys.readouterr().out.splitlines()   # the closing summary: where everything is, how to go on
     summary = out[next(i for i, line in enumerate(out) if line.startswith(f"finished baseline run {run_id}: 4 steps")):]
     run_dir = tmp_path / "ckpt" / "baseline-mtp" / run_id
+    exp_id = run.info.experiment_id
     assert summary[1:] == [
-        f"  MLflow UI:   http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs"
-        "?workflowType=machine_learning   (start it with ./run.sh ui)",
+        f"  this run:    http://127.0.0.1:5000/#/experiments/{exp_id}/runs/{run_id}"
+        "?workflowType=machine_learning   (start the UI with ./run.sh ui)",
+        f"  all runs:    http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning",
         f"  best:        {run_dir}/checkpoint_best.pt and runs:/{run_id}/checkpoints/checkpoint_best.pt",
         f"  final:       {run_dir}/checkpoint_final.pt and runs:/{run_id}/checkpoints/checkpoint_final.pt",
         f"  continue:    --override model.init_from=runs:/{run_id}/checkpoints/checkpoint_final.pt   "
-        "(a stopped run: --resume auto)"]
+        "(a policy or the critic starts from it; rho1's reference: reference.path; a stopped run: --resume auto)"]
     stored = Path(urlparse(run.info.artifact_uri).path) / "checkpoints" / "checkpoint_final.pt"
     assert os.path.samefile(stored, run_dir / "checkpoint_final.pt")   # one copy on disk: a hard link
     log_text = (run_dir / "training.log").read_text()   # each metric once: on the console and in training.log
-    assert ", from random weights (nothing pretrained)" in log_text
+    assert "4 steps; policy from random weights\n" in log_text
     assert sum(line.startswith("step 2/4 |") for line in out) == 1 and "step 2/4: train/grad_norm=" in log_text
     expected = {k for k in dotted_keys(DEFAULTS) if k != "mlflow.tags"}   # tags: one param per tag
     assert expected <= set(run.data.params)
@@ -102,7 +104,8 @@ def logged_run(uri, pipeline, **metrics):
     exp = client.get_experiment_by_name("weighted-mtp/production") or client.get_experiment(
         client.create_experiment("weighted-mtp/production"))
     exp_id = getattr(exp, "experiment_id", exp)
-    run_id = client.create_run(exp_id, tags={"pipeline": pipeline, "wmtp.steps": "7"}).info.run_id
+    run_id = client.create_run(exp_id, run_name=RUN_NAMES[pipeline],
+                               tags={"pipeline": pipeline, "wmtp.steps": "7"}).info.run_id
     for key, value in metrics.items():
         client.log_metric(run_id, key.replace("__", "/"), value, step=7)
     client.set_terminated(run_id)
@@ -114,10 +117,11 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
     logged_run(uri, "baseline", val__loss=1.5, val__pass_at_1=0.25)
     logged_run(uri, "rho1", val__loss=1.25, val__pass_at_1=0.25, eval__pass_at_1=0.5)
     r = run_module("report", "--tracking-uri", uri, cwd=tmp_path)
-    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:]}
-    assert r.returncode == 0 and rows["baseline"][2:6] == ["7", "1.5000", "-", "0.250"] and rows["baseline"][6] == "val"
-    assert rows["rho1"][2:6] == ["7", "1.2500", "-", "0.500"]   # evaluate's pass@1 wins over validation's
-    assert rows["critic"] == ["critic", "(no", "run)"]
+    rows = {line.split()[0]: line.split() for line in r.stdout.splitlines()[1:-2]}
+    assert r.returncode == 0 and rows["baseline-mtp"][3:7] == ["7", "1.5000", "-", "0.250"]
+    assert rows["baseline-mtp"][7] == "val"
+    assert rows["rho1-wmtp"][3:7] == ["7", "1.2500", "-", "0.500"]   # evaluate's pass@1 wins over validation's
+    assert rows["critic-pretrain"] == ["critic-pretrain", "(no", "run)"]
     r = run_module("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)"]
@@ -187,7 +191,7 @@ def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_fol
 
 
 def test_export_downloads_into_a_private_temp_dir_not_a_fixed_path_in_tmp(tracking, tmp_path, monkeypatch):
-    """A runs:/ checkpoint comes down into a private temp dir, removed once loaded (issue 20: no fixed paths in
+    """A runs:/ checkpoint comes down into a private temp dir, removed once loaded (no fixed paths in
     world-writable dirs): a link planted at the cache's old fixed name (<tmp>/wmtp-export-cache) redirects nothing."""
     from pretrained import export
     cfg = tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0")

@@ -520,7 +520,7 @@ def test_critic_checkpoint_as_s3_and_runs_uri_starts_the_verifiable_value_head(m
                                       "training.max_steps=2", "checkpoint.save_every=0"), use_micro=True)
         run_dir = tmp_path / "ckpt" / "verifiable-wmtp" / result["run_id"]
         log_text = (run_dir / "training.log").read_text()
-        (downloaded,) = re.findall(rf", initialised from {re.escape(uri)} \((\S+)\)", log_text)
+        (downloaded,) = re.findall(rf"; policy and value head from {re.escape(uri)} \(file (\S+)\)", log_text)
         assert Path(downloaded).read_bytes() == best_bytes
         final = torch.load(run_dir / "checkpoint_final.pt", weights_only=False)["model"]
         assert sorted(final) == sorted(best)

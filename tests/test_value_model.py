@@ -67,7 +67,7 @@ def test_pairwise_without_pairs_is_one_line_error(tmp_path):
 
 
 def test_a_separate_value_model_without_a_critic_checkpoint_is_one_line_error(tmp_path):
-    cfg = tiny_config("verifiable", tmp_path, *SEPARATE, "critic.checkpoint=")
+    cfg = tiny_config("verifiable", tmp_path, *SEPARATE, "critic.checkpoint=", "model.init_from=")
     with pytest.raises(UserError) as e:
         wm.prepare(cfg, use_micro=True)
     assert str(e.value) == ("critic.checkpoint: verifiable with critic.model=copy takes its value model from a "
