@@ -113,12 +113,22 @@ def greedy_answers(model, pairs, tok, device, autocast, decoding):
     return answers
 
 
+def decode_clock(model):
+    """Seconds for timing decoding: on CUDA the wall clock once the GPU is done; on the CPU this process's CPU time,
+    which other processes on a shared machine do not inflate (time spent waiting for a core is not counted)."""
+    if model.output.weight.is_cuda:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
 class Decoding:
     """Greedy decoding as eval.speculative says: true, false, or auto — the first greedy batch of a model with extra
     heads is decoded both ways (the same tokens), each timed, and the faster way decodes the rest. Speculative
     decoding pays only where its tokens per forward outweigh a verify forward's cost over a plain step (untrained
     heads: ~1.04 tokens per forward; trained ones several), which depends on the device and the batch: measured,
-    not guessed. `measured`: speculative (1 or 0) and speculative_speedup (plain's time / speculative's)."""
+    not guessed. `measured`: speculative (1 or 0: how it decoded) and, under auto, speculative_speedup (the first
+    batch's plain time / speculative time)."""
 
     def __init__(self, setting):
         self.setting, self.speculative, self.measured = setting, None if setting == "auto" else setting, {}
@@ -126,14 +136,15 @@ class Decoding:
     def generate(self, model, prompts, eos_id, pad_id, max_new_tokens, stats=None, stop=None, **sampling):
         greedy = sampling.get("temperature", 0.0) == 0 and model.args.n_future_tokens > 1
         if self.speculative is not None or not greedy:
+            self.measured["speculative"] = float(bool(self.speculative) and greedy)
             return generate(model, prompts, eos_id, pad_id, max_new_tokens, speculative=bool(self.speculative),
                             stats=stats, stop=stop, **sampling)
         outs, seconds, counts = {}, {}, {}
         for speculative in (True, False):
-            counts[speculative], start = {}, time.perf_counter()
+            counts[speculative], start = {}, decode_clock(model)
             outs[speculative] = generate(model, prompts, eos_id, pad_id, max_new_tokens, speculative=speculative,
                                          stats=counts[speculative], stop=stop, **sampling)
-            seconds[speculative] = time.perf_counter() - start
+            seconds[speculative] = decode_clock(model) - start
         self.speculative = seconds[True] < seconds[False]
         kept, drafted = counts[self.speculative], decode_stats(counts[True])
         add_stats(stats, kept["tokens"], kept["forwards"], kept.get("accepted", []), kept.get("verified", 0))
