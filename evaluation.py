@@ -343,10 +343,11 @@ class Progress:
 def task_prompt(record, tok, e, template, chat=None):
     """A task's prompt ids under eval.prompt. completion: a completion-style task's prompt exactly as the dataset
     gives it (HumanEval's: _prompt), any other rendered in dataset.template, after what the tokenizer's own config
-    puts first (tok.prefix_ids: BOS, or nothing). chat: the task as one user turn through the model's chat template
-    `chat` (which writes its own start), or PLAIN_CHAT after prefix_ids when the model has none."""
+    puts first (tok.prefix_ids: BOS, or nothing). chat: the task as one user turn (what training's dataset.template
+    chat puts there) through the model's chat template `chat` (which writes its own start), or PLAIN_CHAT after
+    prefix_ids when the model has none."""
     if e.prompt == "chat":
-        turn = [{"role": "user", "content": render_prompt(record, "plain").strip()}]
+        turn = [{"role": "user", "content": record.get("_prompt") or render_prompt(record, "plain")}]  # as trained
         start = tok.prefix_ids if chat is None else []
         return start + tok.encode(render_chat(turn, chat, True, tok.special_text))
     return tok.prefix_ids + tok.encode(record.get("_prompt") or render_prompt(record, template))

@@ -71,7 +71,7 @@ class HFTokenizer:
         self.bos_id, self.eos_id = special_ids(Path(path).parent, self.tok)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.pad_id = self.eos_id  # as for sentencepiece: pads are masked out of every loss
-        self.prefix_ids = bos_prefix(Path(path).parent, self.tok, self.bos_id)
+        self.prefix_ids = bos_prefix(self.tok, self.bos_id)
         # a chat template's {{ bos_token }} / {{ eos_token }}: their text, which encode() reads back as the token
         self.special_text = {"bos_token": self.tok.id_to_token(self.bos_id) or "",
                              "eos_token": self.tok.id_to_token(self.eos_id) or ""}
@@ -108,13 +108,10 @@ def special_ids(model_dir, tok):
     return ids
 
 
-def bos_prefix(model_dir, tok, bos_id):
-    """[BOS] or []: tokenizer_config.json's add_bos_token when it says, else what tokenizer.json's post-processor
-    puts before a text; transformers' AutoTokenizer follows the same rule (SmolLM2's adds none, LLaMA's adds <s>)."""
-    config = Path(model_dir) / "tokenizer_config.json"
-    add_bos = read_json(config).get("add_bos_token") if config.is_file() else None
-    if isinstance(add_bos, bool):
-        return [bos_id] if add_bos else []
+def bos_prefix(tok, bos_id):
+    """[BOS] or []: whether tokenizer.json's post-processor puts BOS before a text, as transformers' AutoTokenizer
+    then does (LLaMA's and Mistral's add <s>, LLaMA 3's <|begin_of_text|>, SmolLM2's nothing). A generic
+    tokenizer_config.json's add_bos_token is not read: transformers 5 ignores it too."""
     text = tok.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
     full = tok.encode(TOKENIZER_PROBE, add_special_tokens=True).ids
     return [bos_id] if full[:1] == [bos_id] and full[1:len(text) + 1] == text else []

@@ -138,11 +138,11 @@ def test_chat_prompting_renders_the_models_template_as_transformers_does_and_tak
     record = eval_tasks("builtin:pyfunc", 1).popitem()[1]
     ids = task_prompt(record, tok, e, "alpaca", chat_template(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    theirs = hf.apply_chat_template([{"role": "user", "content": record["instruction"]}], add_generation_prompt=True,
-                                    tokenize=True)
+    content = record["instruction"] + "\n"  # the user turn as training's dataset.template chat writes it
+    theirs = hf.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=True)
     theirs = theirs["input_ids"] if isinstance(theirs, dict) or hasattr(theirs, "keys") else theirs
     assert ids == list(theirs)
-    assert tok.decode(ids) == f"<|im_start|>user\n{record['instruction']}<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ids) == f"<|im_start|>user\n{content}<|im_end|>\n<|im_start|>assistant\n"
     assert task_stops(record, e) == []  # a chat answer ends with the template's EOS
     answer = "Here it is:\n```python\ndef f(x):\n    return x + 1\n```\nIt adds one.\n```python\nprint(2)\n```"
     assert answer_code(answer) == "def f(x):\n    return x + 1\n"
