@@ -606,7 +606,8 @@ def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
               "intermediate_size": meta["layers.0.feed_forward.w1.weight"].shape[0], "num_hidden_layers": n_blocks,
               "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads or a.n_heads,
               "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "hidden_act": "silu",
-              "tie_word_embeddings": a.tie_word_embeddings, "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
+              "tie_word_embeddings": a.tie_word_embeddings,
+              "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
     config.update({"max_position_embeddings": a.max_seq_len} if a.max_seq_len else {})
     config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
                   if tok is not None else {})

@@ -12,13 +12,11 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from config import load_config
-from evaluation import (Decoding, HUMANEVAL_STOP, StopAt, answer_code, eval_tasks, evaluate, sample_completions,
-                        task_prompt, task_stops)
+from evaluation import Decoding, HUMANEVAL_STOP, StopAt, answer_code, eval_tasks, evaluate, task_prompt, task_stops
 from model import generate
 from pretrained import ByteTokenizer, HFTokenizer
 import weighted_mtp as wm
-from conftest import ROOT, tiny_config, torch_threads
+from conftest import tiny_config, torch_threads
 from test_hf import write_tokenizer
 from test_speculative import ARGS, PROMPTS, TOK, train_briefly
 

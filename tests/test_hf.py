@@ -393,5 +393,6 @@ def test_an_export_generates_the_trainers_tokens_with_stock_transformers_tied_an
     theirs = hf_tok.apply_chat_template([{"role": "user", "content": "Write f.\n"}], add_generation_prompt=True)
     assert ids == list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
     [(train_ids, labels, _, _)], _ = encode_records([record], tok, 512, "error", "x", "chat", chat_template(d))
-    assert tok.decode(train_ids) == "<|im_start|>user\nWrite f.\n<|im_end|>\n<|im_start|>assistant\ndef f(): pass<|im_end|>\n"
+    assert tok.decode(train_ids) == ("<|im_start|>user\nWrite f.\n<|im_end|>\n<|im_start|>assistant\n"
+                                     "def f(): pass<|im_end|>\n")
     assert train_ids[:len(ids)] == ids and train_ids[-1] == tok.eos_id
