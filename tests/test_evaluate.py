@@ -1,5 +1,6 @@
 """`evaluate`: samples mode scored exactly against known answers, one-line errors for bad files, and model mode end
-to end on the micro model — eval/pass@k on the evaluated training run, every completion in the evaluation's own eval/<evaluation>/samples.jsonl."""
+to end on the micro model — eval/pass@k on the evaluated training run, every completion in the evaluation's own
+eval/<evaluation>/samples.jsonl."""
 import dataclasses
 import io
 import json
