@@ -219,6 +219,12 @@ class MTPTransformer(nn.Module):
         if self.args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty gives each module a new parameter of its own: a tied output would come out untied."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie()
+        return self
+
     def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None, heads=True):
         """tokens [B,T] -> (logits [B,T,h,V], values) without targets; with targets [B,T,>=h] (-100 = none):
         (ce [B,T,h], values) without weigh, (loss, ce [B,T,h] detached, values) with it. h = n_heads, default H

@@ -366,6 +366,9 @@ def test_an_export_generates_the_trainers_tokens_with_stock_transformers_tied_an
     _, setup = train_keeping_setup(cfg)
     model, tok = setup.model.eval(), setup.tok
     assert model.output.weight is model.tok_embeddings.weight  # tied while training: one matrix, trained as one
+    from pretrained import empty_model
+    twin = empty_model(model.args).to_empty(device="cpu")  # how FSDP materialises a model built on the meta device
+    assert twin.output.weight is twin.tok_embeddings.weight
     assert tok.prefix_ids == ([] if rule == "none" else [256])
     ckpt_path = next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))
     trained = torch.load(ckpt_path)["model"]
