@@ -131,7 +131,7 @@ class Decoding:
     batch's plain time / speculative time)."""
 
     def __init__(self, setting):
-        self.setting, self.speculative, self.measured = setting, None if setting == "auto" else setting, {}
+        self.speculative, self.measured = None if setting == "auto" else setting, {}  # None: not decided yet
 
     def generate(self, model, prompts, eos_id, pad_id, max_new_tokens, stats=None, stop=None, **sampling):
         greedy = sampling.get("temperature", 0.0) == 0 and model.args.n_future_tokens > 1

@@ -142,8 +142,9 @@ def load_state(model, state, source, partial=False):
     themselves (assign), in their dtype; a materialised one copies them into its own."""
     check_state(model, state, source, partial)
     model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
-    if hasattr(model, "tie"):
-        model.tie()
+    for m in model.modules():  # assigning replaced the parameters: tie a tied model's output to its embedding again
+        if isinstance(m, MTPTransformer):
+            m.tie()
 
 
 def check_state(model, state, source, partial=False):
@@ -633,8 +634,9 @@ def policy_from_checkpoint(state, cfg, use_micro, source):
 
 
 def copy_tokenizer_files(source, out_dir):
-    """The tokenizer (a given file, or the dir's tokenizer.model / tokenizer.json), the JSON beside it that names
-    BOS/EOS and says whether a text starts with BOS, and the chat template, so an exported dir is complete."""
+    """The tokenizer (a given file, or the dir's tokenizer.model / tokenizer.json, whose post-processor says whether
+    a text starts with BOS), the JSON beside it that names BOS/EOS, and chat_template.jinja, so that an exported dir
+    is complete and tokenizes as the trainer did."""
     folder = source if source.is_dir() else source.parent
     names = ["tokenizer.model", "tokenizer.json"] if source.is_dir() else [source.name]
     for name in names + ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]:
