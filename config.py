@@ -133,7 +133,13 @@ def checked_value(value, default, key, source):
             return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
+    if default == "auto" and isinstance(value, AUTO_OR.get(key, ())):
+        return value  # the key's own rule checks it
     raise UserError(f"{source}: '{key}' must be {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+# keys whose default is `auto` and which also take a value of another type
+AUTO_OR = {"eval.speculative": bool, "eval.stop": list}
 
 
 def merge(base, update, source, defaults, prefix=""):
@@ -345,7 +351,10 @@ class EvalConfig:
     memory_mb: int = rule(lambda v: v >= 64, ">= 64")
     workers: int = rule(*NON_NEGATIVE)
     sandbox: str = rule(lambda v: v in SANDBOXES, "bwrap, uid or none")
-    speculative: bool
+    speculative: str = rule(lambda v: v in ("auto", True, False), "auto, true or false")  # or a bool: AUTO_OR
+    prompt: str = rule(lambda v: v in ("completion", "chat"), "completion or chat")
+    stop: str = rule(lambda v: v == "auto" or isinstance(v, list) and all(isinstance(s, str) and s for s in v),
+                     "auto or a list of non-empty strings")  # or a list: AUTO_OR
 
 
 @frozen

@@ -214,8 +214,14 @@ def training_record(record, where):
 
 
 def chat_template(model_path):
-    """The chat template (Jinja text) in model_path's tokenizer_config.json, or None (then PLAIN_CHAT renders)."""
-    config = Path(model_path or "") / "tokenizer_config.json"
+    """The chat template (Jinja text) of model_path: its chat_template.jinja (where transformers 5 writes it), else
+    the chat_template in its tokenizer_config.json; None when it has neither (then PLAIN_CHAT renders)."""
+    jinja, config = Path(model_path or "") / "chat_template.jinja", Path(model_path or "") / "tokenizer_config.json"
+    if model_path and jinja.is_file():
+        try:
+            return jinja.read_text()
+        except (OSError, ValueError) as e:
+            raise UserError(f"{jinja}: cannot read ({e})")
     try:
         template = json.loads(config.read_text()).get("chat_template") if model_path and config.is_file() else None
     except (OSError, ValueError, AttributeError) as e:
@@ -228,9 +234,10 @@ def chat_template(model_path):
 PLAIN_CHAT = "{role}: {content}\n"  # the fallback: one line per turn; an assistant turn ends with EOS, not a newline
 
 
-def render_chat(messages, template, add_generation_prompt):
-    """The text of a conversation: the model's Jinja chat template, or PLAIN_CHAT (its generation prompt is
-    "assistant: ")."""
+def render_chat(messages, template, add_generation_prompt, special_text=None):
+    """The text of a conversation: the model's Jinja chat template (its {{ bos_token }} and {{ eos_token }} the
+    tokenizer's special_text, as transformers' apply_chat_template renders them), or PLAIN_CHAT (its generation
+    prompt is "assistant: ")."""
     if template is None:
         text = "".join(PLAIN_CHAT.format(**m) for m in messages)
         return text + ("assistant: " if add_generation_prompt else "")
@@ -238,18 +245,20 @@ def render_chat(messages, template, add_generation_prompt):
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = lambda message: (_ for _ in ()).throw(UserError(f"chat template: {message}"))
     return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            bos_token="", eos_token="")
+                                            **{"bos_token": "", "eos_token": "", **(special_text or {})})
 
 
 def encode_chat(messages, tok, template):
-    """(ids, labels) of a conversation: [BOS], then each turn's text; labels on the assistant turns only (their text
-    + EOS), -100 elsewhere. A turn's text is what rendering through it adds to rendering up to it (PLAIN_CHAT's
-    assistant turn: its content, then EOS instead of the newline)."""
-    ids, labels, done = [tok.bos_id], [-100], ""
+    """(ids, labels) of a conversation: each turn's text, labels on the assistant turns only (their text + EOS), -100
+    elsewhere. A model's template writes its own start (transformers encodes it adding nothing); PLAIN_CHAT starts
+    with the tokenizer's prefix_ids (BOS or nothing). A turn's text is what rendering through it adds to rendering
+    up to it (PLAIN_CHAT's assistant turn: its content, then EOS instead of the newline)."""
+    start = [] if template is not None else tok.prefix_ids
+    ids, labels, done = list(start), [-100] * len(start), ""
     for i, m in enumerate(messages):
-        full = render_chat(messages[:i + 1], template, add_generation_prompt=False)
+        full = render_chat(messages[:i + 1], template, False, tok.special_text)
         if m["role"] == "assistant":
-            prefix = render_chat(messages[:i], template, add_generation_prompt=True)
+            prefix = render_chat(messages[:i], template, True, tok.special_text)
             prompt = tok.encode(prefix[len(done):])
             answer = tok.encode(m["content"] if template is None else full[len(prefix):]) + [tok.eos_id]
             ids, labels = ids + prompt + answer, labels + [-100] * len(prompt) + answer
@@ -297,8 +306,9 @@ def sample_records(records, n_samples, correct_ratio, seed):
 
 
 def encode_records(records, tok, max_length, on_overlong, source, template="alpaca", chat=None):
-    """[(ids, labels, reward, record)]: [BOS] prompt response [EOS], labels -100 on BOS and prompt; a chat record
-    (or any record under dataset.template chat) by encode_chat with the model's chat template `chat`."""
+    """[(ids, labels, reward, record)]: prefix prompt response [EOS], labels -100 on the prefix (the tokenizer's own
+    BOS rule: tok.prefix_ids) and the prompt; a chat record (or any record under dataset.template chat) by encode_chat
+    with the model's chat template `chat`."""
     examples, truncated = [], 0
     for record in records:
         if "messages" in record or template == "chat":
@@ -306,7 +316,7 @@ def encode_records(records, tok, max_length, on_overlong, source, template="alpa
                 {"role": "user", "content": record.get("_prompt") or render_prompt(record, "plain")},
                 {"role": "assistant", "content": record["output"]}], tok, chat if template == "chat" else None)
         else:
-            prompt = [tok.bos_id] + tok.encode(record.get("_prompt") or render_prompt(record, template))
+            prompt = tok.prefix_ids + tok.encode(record.get("_prompt") or render_prompt(record, template))
             response = tok.encode(record["output"]) + [tok.eos_id]
             ids, labels = prompt + response, [-100] * len(prompt) + response
         n_prompt = next(i for i, label in enumerate(labels) if label != -100)

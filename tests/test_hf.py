@@ -329,3 +329,73 @@ def test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line(tmp_path):
     assert exported.returncode == 2
     assert exported.stderr == f"error: {tmp_path / 'state.pt'}: not a trainer checkpoint (no config, model_args)\n"
     assert not (tmp_path / "out").exists()
+
+
+CHAT_JINJA = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tokenizer_with_bos_rule(d, rule):
+    """write_tokenizer's tokenizer as transformers reads it (special tokens named by strings), whose own config adds
+    BOS or not: "none" (as SmolLM2's) or "bos" (tokenizer.json's post-processor "<s> $A", as LLaMA's); and a chat
+    template in chat_template.jinja, where transformers 5 writes it."""
+    from tokenizers import processors
+    write_tokenizer(d)
+    if rule == "bos":
+        tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+        tok.save(str(d / "tokenizer.json"))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>"}
+    (d / "tokenizer_config.json").write_text(json.dumps(config))
+    (d / "chat_template.jinja").write_text(CHAT_JINJA)
+
+
+@pytest.mark.parametrize("rule", ["none", "bos"])
+def test_an_export_generates_the_trainers_tokens_with_stock_transformers_tied_and_with_its_chat_template(tmp_path,
+                                                                                                         rule):
+    transformers = pytest.importorskip("transformers")
+    from data import chat_template, encode_records
+    from evaluation import task_prompt
+    from model import generate
+    config = {**CONFIG, "tie_word_embeddings": True}
+    d = write_hf(tmp_path / "hf", config, random_llama(config))
+    tokenizer_with_bos_rule(d, rule)
+    cfg = tiny_config("baseline", tmp_path, f"model.path={d}", "model.n_future_tokens=2", "training.max_steps=2",
+                      "training.eval_interval=0", "checkpoint.save_every=0", "mlflow.enable_logging=false",
+                      "training.learning_rate=1e-2")
+    _, setup = train_keeping_setup(cfg)
+    model, tok = setup.model.eval(), setup.tok
+    assert model.output.weight is model.tok_embeddings.weight  # tied while training: one matrix, trained as one
+    from pretrained import empty_model
+    twin = empty_model(model.args).to_empty(device="cpu")  # how FSDP materialises a model built on the meta device
+    assert twin.output.weight is twin.tok_embeddings.weight
+    assert tok.prefix_ids == ([] if rule == "none" else [256])
+    ckpt_path = next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))
+    trained = torch.load(ckpt_path)["model"]
+    assert torch.equal(trained["output.weight"], trained["tok_embeddings.weight"])
+    assert not torch.equal(trained["tok_embeddings.weight"], random_llama(config)["model.embed_tokens.weight"])
+    out = export(ckpt_path, "hf", tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    from safetensors import safe_open
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()  # no duplicate weight
+    assert (out / "chat_template.jinja").read_text() == CHAT_JINJA and chat_template(out) == CHAT_JINJA
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    auto = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert auto.lm_head.weight.data_ptr() == auto.model.embed_tokens.weight.data_ptr()  # tied there too
+    for text in ("def f(x):", "12+30\n", "ab"):
+        prompt = tok.prefix_ids + tok.encode(text)
+        assert hf_tok(text)["input_ids"] == prompt  # the same BOS rule as stock transformers
+        ours = generate(model, [prompt], tok.eos_id, tok.pad_id, 8)[0]
+        theirs = auto.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)[0, len(prompt):].tolist()
+        assert theirs[:len(ours)] == ours and theirs[len(ours):len(ours) + 1] in ([], [257])
+    # the chat template is used: training renders it, evaluate's chat prompt is transformers' own
+    e = tiny_config("baseline", tmp_path, "eval.prompt=chat").eval
+    record = {"instruction": "Write f.", "output": "def f(): pass", "task_id": "t"}
+    ids = task_prompt(record, tok, e, "alpaca", chat_template(out))
+    theirs = hf_tok.apply_chat_template([{"role": "user", "content": "Write f.\n"}], add_generation_prompt=True)
+    assert ids == list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+    [(train_ids, labels, _, _)], _ = encode_records([record], tok, 512, "error", "x", "chat", chat_template(d))
+    assert tok.decode(train_ids) == ("<|im_start|>user\nWrite f.\n<|im_end|>\n<|im_start|>assistant\n"
+                                     "def f(): pass<|im_end|>\n")
+    assert train_ids[:len(ids)] == ids and train_ids[-1] == tok.eos_id
