@@ -453,7 +453,11 @@ def cli(doc):
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--warmup-steps", type=int, default=0,
                    help="the shared warm-up's steps (default: those of configs/baseline/warmup_local.yaml)")
-    c.add_argument("--pipelines", default=",".join(POLICY_PIPELINES), help="comma-separated policy pipelines")
+    c.add_argument("--pipelines", default="", help="comma-separated policy pipelines and control rows (default: "
+                   f"{','.join(POLICY_PIPELINES)}; with --control: baseline,baseline:filtered,verifiable,"
+                   "verifiable:shuffled)")
+    c.add_argument("--control", action="store_true", help="the positive control (configs/control/): token weighting "
+                   "that must help by construction, to show the harness can see an effect")
     c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")
     r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])

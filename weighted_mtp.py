@@ -395,10 +395,15 @@ def train(cfg, use_micro=False):
 
 
 WARMUP_CONFIG = CONFIGS / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
+CONTROL_ROWS = ("baseline", "baseline:filtered", "verifiable", "verifiable:shuffled")  # compare --control's rows
 
 
-def local_config(pipeline):
-    return CONFIGS / pipeline / f"{pipeline}_local.yaml"
+def local_config(pipeline, setting="demo"):
+    """The config compare trains `pipeline` (or "warmup") with: the demo's configs/<p>/<p>_local.yaml (and
+    WARMUP_CONFIG), or the positive control's configs/control/<p>.yaml."""
+    if setting == "control":
+        return CONFIGS / "control" / f"{pipeline}.yaml"
+    return WARMUP_CONFIG if pipeline == "warmup" else CONFIGS / pipeline / f"{pipeline}_local.yaml"
 
 
 def train_child(path, overrides, parent_id, started_from, run_name=""):
@@ -412,13 +417,14 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
     return cfg, run_id, Path(cfg.checkpoint.dir) / (run_name or RUN_NAMES[cfg.experiment.pipeline]) / run_id
 
 
-def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
-    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each row of `pipelines`
+def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="demo"):
+    """One seed: the warm-up (local_config("warmup", setting), for warmup_steps), then from its final weights each row of `pipelines`
     ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the same steps, and
     evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's critic is trained
     on the warm-up (once per variant), rho1's reference is this seed's baseline. -> {row: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
-    warm = train_child(WARMUP_CONFIG, [*o, f"training.max_steps={warmup_steps}"], parent_id, "random init",
+    warm = train_child(local_config("warmup", setting), [*o, f"training.max_steps={warmup_steps}"], parent_id,
+                       "random init",
                        "warmup")[2] / "checkpoint_final.pt"
     runs, dirs = {}, {}
     for row in pipelines:
@@ -430,38 +436,41 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
             critic_row = f"critic:{variant}" if critic_extra else "critic"
             if critic_row not in runs:
                 _, runs[critic_row], dirs[critic_row] = train_child(
-                    local_config("critic"), [*o, *critic_extra, f"model.init_from={warm}"], parent_id, "warm-up",
+                    local_config("critic", setting), [*o, *critic_extra, f"model.init_from={warm}"], parent_id,
+                    "warm-up",
                     f"critic-pretrain-{variant}" if critic_extra else "")
             return dirs[critic_row]
 
         start = kind.compare_inputs(warm, dirs, train_critic)
-        cfg, runs[row], dirs[row] = train_child(local_config(p), [*o, *extra, *start], parent_id, kind.compare_start,
+        cfg, runs[row], dirs[row] = train_child(local_config(p, setting), [*o, *extra, *start], parent_id,
+                                                kind.compare_start,
                                                 f"{RUN_NAMES[p]}-{variant}" if variant else "")
         evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
     return runs
 
 
-def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
+def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, setting="demo"):
     """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed; warmup_steps 0 = the warm-up config's),
     under one parent run that gets, per pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the
-    interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). Returns the
-    summary."""
+    interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). setting: the
+    demo's configs, or the positive control's (local_config). Returns the summary."""
     from mlflow import MlflowClient
-    cfgs = {p: load_config(local_config(p.partition(":")[0]), overrides) for p in pipelines}
+    cfgs = {p: load_config(local_config(p.partition(":")[0], setting), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
-    warmup_steps = warmup_steps or load_config(WARMUP_CONFIG, overrides).training.max_steps
+    warmup_steps = warmup_steps or load_config(local_config("warmup", setting), overrides).training.max_steps
     if len(set(steps.values())) != 1 or not warmup_steps > 0:
         raise UserError(f"compare: the policy pipelines must train the same steps after a warm-up of > 0 steps, "
                         f"got {steps} after --warmup-steps {warmup_steps}")
     cfg = cfgs[pipelines[0]]
     client = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri))
-    parent = client.create_run(experiment_id(client, cfg), run_name=f"compare-{seeds}-seeds",
+    name = "control" if setting == "control" else "compare"
+    parent = client.create_run(experiment_id(client, cfg), run_name=f"{name}-{seeds}-seeds",
                                tags={"pipeline": "compare", **source_tags()}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
-                                "overrides": " ".join(overrides) or "-"})
+                                "overrides": " ".join(overrides) or "-", "setting": setting})
     status = "FAILED"
     try:
-        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
+        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines, setting) for seed in range(seeds)]
         summary = summarize_compare(client, parent, list(runs[0]), runs)  # the rows, with the critics they trained
         print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
         print(f"\nparent run {parent} (experiment '{cfg.mlflow.experiment}'): ./run.sh ui", flush=True)
@@ -485,12 +494,13 @@ def main(argv=None):
             uri = tracking_uri(args.tracking_uri)
             return report(uri, args.experiment) if args.command == "report" else print(ui_url(uri, args.experiment))
         if args.command == "compare":
-            pipelines = tuple(args.pipelines.split(","))
+            pipelines = tuple(args.pipelines.split(",")) if args.pipelines else (
+                CONTROL_ROWS if args.control else POLICY_PIPELINES)
             rows = [*POLICY_PIPELINES,
                     *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
             if args.seeds < 1 or not set(pipelines) <= set(rows):
                 raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(rows)}")
-            compare(args.seeds, args.warmup_steps, args.override, pipelines)
+            compare(args.seeds, args.warmup_steps, args.override, pipelines, "control" if args.control else "demo")
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
