@@ -439,6 +439,11 @@ def cli(doc):
                    "finished run of the config's pipeline) or none (the config's model as it is)")
     e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
     e.add_argument("--json", help="also write the summary here")
+    s = sub.add_parser("sample", parents=[config], help="the policy's own answers to eval.dataset's tasks, graded "
+                       "in the sandbox, as training JSONL (eval.n_samples per task, at eval.temperature)")
+    s.add_argument("--checkpoint", default="auto", help="PATH, s3://..., runs:/<id>/..., auto (default: the newest "
+                   "finished run of the config's pipeline) or none (the config's model as it is)")
+    s.add_argument("--out", required=True, help="the JSONL file to write (atomically: all of it or nothing)")
     d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
     d.add_argument("--config", default=str(CONFIGS / "defaults.yaml"))
     d.add_argument("--env-file", default=".env")

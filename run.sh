@@ -15,6 +15,8 @@
 #                         trainer args pass through, e.g. --override training.max_steps=10 --resume auto
 #   evaluate <pipeline> [--local] [args]   pass@k of the pipeline's newest finished run (python -m weighted_mtp
 #                         evaluate --checkpoint auto; args pass through: --checkpoint, --samples, --json, --override)
+#   sample <pipeline> [--local] --out FILE [args]   the policy's own answers to eval.dataset's tasks, graded in the
+#                         sandbox, as training JSONL (python -m weighted_mtp sample; --checkpoint as for evaluate)
 #   vessl <pipeline> [--local | --fsdp] [--print] [--inline-secrets] [--override k=v ...]
 #                         render vessl.yaml and submit it (`vessl run create -f`), or print it
 #   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow with basic auth;
@@ -126,7 +128,7 @@ gpu_count() {
 print_cmd() { printf '+'; printf ' %q' "$@"; printf '\n'; }   # the exact line a user would type
 
 # --- <pipeline> [--local] [--dry-run] [trainer args] -----------------------------------------------
-cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
+cmd_train() {   # cmd_train train|evaluate|sample <pipeline> [args]
   local command=$1 pipeline=${2:-} local_=0 dry=0 fsdp="" a cfg missing="" v ngpu nproc nnodes args=() cmd=(python)
   shift; [ $# -eq 0 ] || shift
   check_pipeline "$pipeline"
@@ -276,6 +278,7 @@ main() {
     demo) cmd_compare --seeds 1 "$@" ;;
     compare) cmd_compare "$@" ;;
     evaluate) cmd_train evaluate "$@" ;;
+    sample) cmd_train sample "$@" ;;
     report) load_env; bootstrap; exec "$PYTHON" -m weighted_mtp report "$@" ;;
     test) cmd_test "$@" ;;
     ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (README: why), then one worker: several race

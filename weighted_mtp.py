@@ -33,7 +33,7 @@ from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_c
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
-from evaluation import Validation, evaluate
+from evaluation import Validation, evaluate, sample
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
                       load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
@@ -45,7 +45,7 @@ from report import format_compare, report, summarize_compare
 from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
                       source_tags, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
-__all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "compare", "main"]
+__all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "sample", "compare", "main"]
 log = logging.getLogger("weighted_mtp")
 record = logging.getLogger("weighted_mtp.record")  # training.log only: the console shows the progress bar
 
@@ -513,6 +513,8 @@ def main(argv=None):
             print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False) + report_lines)
         elif args.command == "evaluate":
             evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
+        elif args.command == "sample":
+            sample(cfg, args.use_micro_model, args.checkpoint, args.out)
         else:
             train(cfg, use_micro=args.use_micro_model)
         return 0
