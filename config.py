@@ -463,6 +463,8 @@ def cli(doc):
                    "verifiable:shuffled)")
     c.add_argument("--control", action="store_true", help="the positive control (configs/control/): token weighting "
                    "that must help by construction, to show the harness can see an effect")
+    c.add_argument("--gold", action="store_true", help="the critic and verifiable train on the built-ins' written "
+                   "right and wrong answers instead of the warm-up's own sampled ones")
     c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")
     r.add_argument("--experiment", default=DEFAULTS["mlflow"]["experiment"])

@@ -8,6 +8,7 @@ The trainer, read top to bottom: prepare() (everything that can reject bad input
 guards, the compare driver, the CLI. Each other concern is a module of its own (README: "For the next engineer").
 """
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ from checkpointing import (Checkpointer, checkpoint_weights, find_resume, load_c
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
-from evaluation import Validation, evaluate, sample
+from evaluation import Validation, eval_tasks, evaluate, sample
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
                       load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
@@ -417,16 +418,40 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
     return cfg, run_id, Path(cfg.checkpoint.dir) / (run_name or RUN_NAMES[cfg.experiment.pipeline]) / run_id
 
 
-def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="demo"):
+ON_POLICY_TASKS = 256  # the warm-up's answers to this many training tasks of eval.dataset: the critic's data
+ON_POLICY_SAMPLING = ["eval.n_samples=4", "eval.temperature=1.0", "eval.batch_size=64"]  # right and wrong ones
+
+
+def on_policy_data(warm, overrides):
+    """The warm-up's own answers (sample: ON_POLICY_SAMPLING, graded in the sandbox) to eval.dataset's tasks,
+    written beside its checkpoint `warm`: for training, the first ON_POLICY_TASKS (or eval.max_tasks) tasks of a
+    built-in's training split; for validation, its held-out tasks (a JSONL eval.dataset: its tasks, both times).
+    -> the overrides [dataset.train=..., dataset.validation=...] that make critic and verifiable train on them."""
+    cfg = load_config(local_config("warmup"), [*overrides, *ON_POLICY_SAMPLING])
+    spec, n = cfg.eval.dataset, cfg.eval.max_tasks or ON_POLICY_TASKS
+    train_tasks = {}
+    for record in load_records(spec, "train")[0] if spec.startswith("builtin:") else []:
+        train_tasks.setdefault(record["task_id"], record)
+    files = {}
+    for split, tasks in (("train", dict(itertools.islice(train_tasks.items(), n)) or None),
+                         ("validation", eval_tasks(spec, cfg.eval.max_tasks))):
+        files[split] = warm.parent / f"on_policy_{split}.jsonl"
+        sample(cfg, True, str(warm), str(files[split]), tasks)
+    return [f"dataset.train={files['train']}", f"dataset.validation={files['validation']}"]
+
+
+def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="demo", on_policy=False):
     """One seed: the warm-up (local_config("warmup", setting), for warmup_steps), then from its final weights each row of `pipelines`
     ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the same steps, and
     evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's critic is trained
-    on the warm-up (once per variant), rho1's reference is this seed's baseline. -> {row: run id}."""
+    on the warm-up (once per variant), rho1's reference is this seed's baseline. on_policy: critic and verifiable
+    train on the warm-up's own graded answers (on_policy_data). -> {row: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
     warm = train_child(local_config("warmup", setting), [*o, f"training.max_steps={warmup_steps}"], parent_id,
                        "random init",
                        "warmup")[2] / "checkpoint_final.pt"
     runs, dirs = {}, {}
+    own = on_policy_data(warm, o) if on_policy and any(r.startswith("verifiable") for r in pipelines) else []
     for row in pipelines:
         p, _, variant = row.partition(":")
         kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
@@ -436,12 +461,12 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="d
             critic_row = f"critic:{variant}" if critic_extra else "critic"
             if critic_row not in runs:
                 _, runs[critic_row], dirs[critic_row] = train_child(
-                    local_config("critic", setting), [*o, *critic_extra, f"model.init_from={warm}"], parent_id,
+                    local_config("critic", setting), [*o, *own, *critic_extra, f"model.init_from={warm}"], parent_id,
                     "warm-up",
                     f"critic-pretrain-{variant}" if critic_extra else "")
             return dirs[critic_row]
 
-        start = kind.compare_inputs(warm, dirs, train_critic)
+        start = kind.compare_inputs(warm, dirs, train_critic) + (own if p == "verifiable" else [])
         cfg, runs[row], dirs[row] = train_child(local_config(p, setting), [*o, *extra, *start], parent_id,
                                                 kind.compare_start,
                                                 f"{RUN_NAMES[p]}-{variant}" if variant else "")
@@ -449,11 +474,12 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="d
     return runs
 
 
-def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, setting="demo"):
+def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, setting="demo", on_policy=False):
     """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed; warmup_steps 0 = the warm-up config's),
     under one parent run that gets, per pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the
     interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). setting: the
-    demo's configs, or the positive control's (local_config). Returns the summary."""
+    demo's configs, or the positive control's (local_config); on_policy: the demo's critic and verifiable train on
+    the warm-up's own answers (compare_seed). Returns the summary."""
     from mlflow import MlflowClient
     cfgs = {p: load_config(local_config(p.partition(":")[0], setting), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
@@ -467,10 +493,11 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, set
     parent = client.create_run(experiment_id(client, cfg), run_name=f"{name}-{seeds}-seeds",
                                tags={"pipeline": "compare", **source_tags()}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
-                                "overrides": " ".join(overrides) or "-", "setting": setting})
+                                "overrides": " ".join(overrides) or "-", "setting": setting, "on_policy": on_policy})
     status = "FAILED"
     try:
-        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines, setting) for seed in range(seeds)]
+        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines, setting, on_policy)
+                for seed in range(seeds)]
         summary = summarize_compare(client, parent, list(runs[0]), runs)  # the rows, with the critics they trained
         print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
         print(f"\nparent run {parent} (experiment '{cfg.mlflow.experiment}'): ./run.sh ui", flush=True)
@@ -500,7 +527,8 @@ def main(argv=None):
                     *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
             if args.seeds < 1 or not set(pipelines) <= set(rows):
                 raise UserError(f"compare: --seeds must be >= 1 and --pipelines among {', '.join(rows)}")
-            compare(args.seeds, args.warmup_steps, args.override, pipelines, "control" if args.control else "demo")
+            compare(args.seeds, args.warmup_steps, args.override, pipelines, "control" if args.control else "demo",
+                    on_policy=not (args.control or args.gold))
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
