@@ -1,7 +1,7 @@
 """
 Data: JSONL records {instruction, input?, output, is_correct?, task_id?, metadata?} ({prompt, completion} and chat
-{messages: [{role, content}]} too, recognised by their fields) or built-in generated sets
-(builtin:arith, builtin:pyfunc, builtin:sums, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
+{messages: [{role, content}]} too, recognised by their fields) or built-in generated sets (builtin:arith,
+builtin:pyfunc, builtin:sums, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
 correct ratio, encoded with labels -100 on the prompt, and cut into this rank's seeded, resumable batches.
 """
 import dataclasses

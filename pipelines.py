@@ -229,7 +229,8 @@ class Critic(Pipeline):
         self.answers["lp_mean"] += lp_mean.tolist()
 
     def val_end(self, out, world):
-        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUCs over all ranks' answers."""
+        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUCs over all ranks'
+        answers."""
         var_t = out.pop("ev/t2") - out.pop("ev/t") ** 2
         var_e = out.pop("ev/e2") - out.pop("ev/e") ** 2
         out["val/explained_variance"] = 1.0 - var_e / var_t if var_t > 1e-12 else 0.0

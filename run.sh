@@ -15,8 +15,7 @@
 #                         trainer args pass through, e.g. --override training.max_steps=10 --resume auto
 #   evaluate <pipeline> [--local] [args]   pass@k of the pipeline's newest finished run (python -m weighted_mtp
 #                         evaluate --checkpoint auto; args pass through: --checkpoint, --samples, --json, --override)
-#   sample <pipeline> [--local] --out FILE [args]   the policy's own answers to eval.dataset's tasks, graded in the
-#                         sandbox, as training JSONL (python -m weighted_mtp sample; --checkpoint as for evaluate)
+#   sample <pipeline> [--local] --out FILE [args]   its newest run's graded answers to eval.dataset as training JSONL
 #   vessl <pipeline> [--local | --fsdp] [--print] [--inline-secrets] [--override k=v ...]
 #                         render vessl.yaml and submit it (`vessl run create -f`), or print it
 #   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow with basic auth;
@@ -277,8 +276,7 @@ main() {
     help | -h | --help) usage ;;
     demo) cmd_compare --seeds 1 "$@" ;;
     compare) cmd_compare "$@" ;;
-    evaluate) cmd_train evaluate "$@" ;;
-    sample) cmd_train sample "$@" ;;
+    evaluate | sample) cmd_train "$sub" "$@" ;;
     report) load_env; bootstrap; exec "$PYTHON" -m weighted_mtp report "$@" ;;
     test) cmd_test "$@" ;;
     ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (README: why), then one worker: several race

@@ -441,11 +441,11 @@ def on_policy_data(warm, overrides):
 
 
 def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="demo", on_policy=False):
-    """One seed: the warm-up (local_config("warmup", setting), for warmup_steps), then from its final weights each row of `pipelines`
-    ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the same steps, and
-    evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's critic is trained
-    on the warm-up (once per variant), rho1's reference is this seed's baseline. on_policy: critic and verifiable
-    train on the warm-up's own graded answers (on_policy_data). -> {row: run id}."""
+    """One seed: the warm-up (local_config("warmup", setting), for warmup_steps), then from its final weights each
+    row of `pipelines` ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the
+    same steps, and evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's
+    critic is trained on the warm-up (once per variant), rho1's reference is this seed's baseline. on_policy: critic
+    and verifiable train on the warm-up's own graded answers (on_policy_data). -> {row: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
     warm = train_child(local_config("warmup", setting), [*o, f"training.max_steps={warmup_steps}"], parent_id,
                        "random init",
