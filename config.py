@@ -456,6 +456,11 @@ def cli(doc):
                    "finished run of the config's pipeline) or none (the config's model as it is)")
     e.add_argument("--samples", help="score these {task_id, completion} JSONL lines instead of generating")
     e.add_argument("--json", help="also write the summary here")
+    s = sub.add_parser("sample", parents=[config], help="the policy's own answers to eval.dataset's tasks, graded "
+                       "in the sandbox, as training JSONL (eval.n_samples per task, at eval.temperature)")
+    s.add_argument("--checkpoint", default="auto", help="PATH, s3://..., runs:/<id>/..., auto (default: the newest "
+                   "finished run of the config's pipeline) or none (the config's model as it is)")
+    s.add_argument("--out", required=True, help="the JSONL file to write (atomically: all of it or nothing)")
     d = sub.add_parser("doctor", help="check .env, tracking server, credentials, experiment and S3 bucket")
     d.add_argument("--config", default=str(CONFIGS / "defaults.yaml"))
     d.add_argument("--env-file", default=".env")
@@ -470,7 +475,13 @@ def cli(doc):
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--warmup-steps", type=int, default=0,
                    help="the shared warm-up's steps (default: those of configs/baseline/warmup_local.yaml)")
-    c.add_argument("--pipelines", default=",".join(POLICY_PIPELINES), help="comma-separated policy pipelines")
+    c.add_argument("--pipelines", default="", help="comma-separated policy pipelines and control rows (default: "
+                   f"{','.join(POLICY_PIPELINES)}; with --control: baseline,baseline:filtered,verifiable,"
+                   "verifiable:shuffled)")
+    c.add_argument("--control", action="store_true", help="the positive control (configs/control/): token weighting "
+                   "that must help by construction, to show the harness can see an effect")
+    c.add_argument("--gold", action="store_true", help="the critic and verifiable train on the built-ins' written "
+                   "right and wrong answers instead of the warm-up's own sampled ones")
     c.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="for every run")
     c.add_argument("--verbose", action="store_true", help="also MLflow's own log lines and download bars")
     r = sub.add_parser("report", help="table of the newest run of each pipeline")

@@ -1,7 +1,7 @@
 """
 Data: JSONL records {instruction, input?, output, is_correct?, task_id?, metadata?} ({prompt, completion} and chat
-{messages: [{role, content}]} too, recognised by their fields) or built-in generated sets
-(builtin:arith, builtin:pyfunc, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
+{messages: [{role, content}]} too, recognised by their fields) or built-in generated sets (builtin:arith,
+builtin:pyfunc, builtin:sums, mixes such as builtin:arith+pyfunc*4), rendered with a prompt template, sampled to a
 correct ratio, encoded with labels -100 on the prompt, and cut into this rank's seeded, resumable batches.
 """
 import dataclasses
@@ -156,7 +156,26 @@ def check_pyfunc(record, answer):
     return all(sandbox.run_program(p, limits).status == "passed" for p in sandbox.programs(record, answer))
 
 
-BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, check_pyfunc)}
+def sums_records(split):
+    """The positive control's data: the 100 one-digit sums a+b (the instruction "3+4", the answer the expression
+    f returns: "7"; tests assert f() == a + b), each once right (is_correct) and twice with the same harmful answer
+    a + b + 1 (is_correct: false): two thirds of the answers teach one systematic mistake, and the labels say which.
+    Training on all of them teaches the mistake; on the right ones alone (or on weights that see the labels), the
+    sums. Both splits hold all 100 problems: the control asks which answer training makes the model write, not
+    whether it generalises."""
+    records = []
+    for a in range(10):
+        for b in range(10):
+            metadata = {"test": f"def check(f):\n    assert f() == {a + b}\n", "entry_point": "f",
+                        "code_prefix": "def f(): return "}
+            for output, ok in ((str(a + b), True), (str(a + b + 1), False), (str(a + b + 1), False)):
+                records.append({"instruction": f"{a}+{b}", "output": output, "is_correct": ok,
+                                "task_id": f"sums-{a}-{b}", "metadata": metadata})
+    return records
+
+
+BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, check_pyfunc),
+           "sums": (sums_records, check_pyfunc)}
 
 
 def read_jsonl(path):

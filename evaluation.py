@@ -501,3 +501,63 @@ def log_evaluation(cfg, run_id, step, summary, samples_text, isolation, folder, 
     if own_run:
         client.set_terminated(run_id, "FINISHED")
     log.info(f"logged {', '.join(k for k in keys if k in summary)} and {folder}/samples.jsonl to run {run_id}")
+
+
+# -----------------------------------------------------------------------------
+# sample: the policy's own answers, graded, as training data
+
+def sample(cfg, use_micro=False, checkpoint="auto", out=None, tasks=None):
+    """eval.n_samples completions of each task of eval.dataset (or of `tasks`, task_id -> record) from a checkpoint,
+    as evaluate generates them, graded in the sandbox, and written atomically to `out` as the trainer's JSONL
+    (sampled_records): critic, verifiable and rho1 train on it as it is. Returns the records."""
+    import sandbox
+    e = cfg.eval
+    rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
+    try:
+        if out and not Path(out).parent.is_dir():
+            raise UserError(f"--out {out}: no directory {Path(out).parent} to write it in")
+        tasks = tasks or eval_tasks(e.dataset, e.max_tasks)
+        for record in tasks.values():
+            sandbox.programs(record, "")  # a task without runnable tests fails here, before any generation
+        tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
+        progress = Progress(len(tasks), len(tasks) * e.n_samples, terminal)
+        with torch.no_grad():
+            pairs, _ = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template, progress)
+        if rank != 0:
+            return None
+        results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
+                                progress.programs_run)
+        provenance = {"checkpoint": checkpoint, "run_id": run_id, "step": step, "n_samples": e.n_samples,
+                      "temperature": e.temperature if e.n_samples > 1 else 0.0, "top_p": e.top_p, "seed": e.seed,
+                      "max_new_tokens": e.max_new_tokens, "template": cfg.dataset.template,
+                      "sandbox": sandbox.isolation().mode}
+    except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
+        raise UserError(str(err))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    records = sampled_records(tasks, results, provenance)
+    if out:
+        sandbox.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))
+    n_right = sum(r["is_correct"] for r in records)
+    print(f"sample: {len(records)} answers to {len(tasks)} tasks, {n_right} right ({n_right / len(records):.1%})"
+          + (f", written to {out}" if out else ""), flush=True)
+    return records
+
+
+def sampled_records(tasks, results, provenance):
+    """Training records of graded completions: each task's record (instruction, input, task_id, metadata with its
+    tests) with the completion as output, is_correct = the sandbox's verdict (every test ran and passed), and
+    provenance = where it came from (checkpoint, sampling settings) plus the sandbox's status and its index among
+    its task's samples. The task's own answer (output, completion, messages) and private keys (_source) stay out:
+    training then renders the prompt from instruction and input, as sampling did (render_prompt)."""
+    records, index = [], {}
+    for r in results:
+        task = tasks[r["task_id"]]
+        i = index[r["task_id"]] = index.get(r["task_id"], -1) + 1
+        record = {k: v for k, v in task.items()
+                  if not k.startswith("_") and k not in ("output", "completion", "messages")}
+        records.append({**record, "task_id": r["task_id"], "output": r["completion"], "is_correct": r["passed"],
+                        "provenance": {**provenance, "sample": i, "status": r["status"]}})
+    return records

@@ -11,13 +11,19 @@ from checkpointing import load_checkpoint_into
 from config import UserError
 from data import collate
 from parallel import all_reduce
-from pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference
+from pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference, next_token_logits
 
 
 def policy_ce(model, tokens, labels, H, values=False):
     targets = W.shift_targets(labels, H)
     ce, vals = model(tokens, targets, values=values)
     return ce, targets != -100, vals
+
+
+def starting_logprobs(policy, tokens):
+    """[B,T] log-probability of each token under `policy`'s head 0 given those before it (W.token_logprobs)."""
+    with torch.no_grad():
+        return W.token_logprobs(next_token_logits(policy, tokens), tokens)
 
 
 def log_head_losses(meter, prefix, ce, valid):
@@ -102,7 +108,9 @@ class Pipeline:
 
 
 class Baseline(Pipeline):
-    """MTP on correct answers: loss = mtp_loss(ce, valid)."""
+    """MTP on correct answers: loss = mtp_loss(ce, valid). compare's baseline:filtered trains on the right answers
+    alone whatever the config's correct_ratio (the positive control's ceiling)."""
+    compare_variants = {"filtered": ["data_sampling.correct_ratio=1.0"]}
 
 
 def prompt_ids(tokens, labels):
@@ -142,7 +150,9 @@ class Critic(Pipeline):
     but on log steps for train/head_k_loss); copy or a model dir: a separate value model (ValueModel) with its own
     trunk (frozen, LoRA or full), head (linear, mlp), features (hidden, +logprob) and loss (mse, bce, pairwise).
     Validation: val/loss (the value MSE), val/explained_variance, val/auc (V at the end of the answer) and
-    val/auc_half (V after half of it): P(V of a right answer > V of a wrong one)."""
+    val/auc_half (V after half of it): P(V of a right answer > V of a wrong one); beside them the no-training
+    baselines val/auc_logprob and val/auc_logprob_mean: the same AUC with the starting policy's log-probability of
+    the answer (its sum, its mean per token) as the score. A critic is worth its margin over them."""
     name = "critic"
     value_head, decodes = True, False
     val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
@@ -150,11 +160,19 @@ class Critic(Pipeline):
 
     def attach(self, model, fetch, build_model, device, tok=None):
         model.requires_grad_(False)
+        self.start_policy = model  # the baselines' scorer: the policy's LM part, frozen whatever trains
         if self.value_head_on_policy(self.cfg):
             model.value_head.requires_grad_(True)
             cast_frozen(model, DTYPES[self.cfg.model.dtype])
             return None
-        return build_value_model(self.cfg, model, tok)  # trained (and saved) instead of the policy
+        value_model = build_value_model(self.cfg, model, tok)  # trained (and saved) instead of the policy
+        c = self.cfg.critic
+        if c.model == "copy" and c.trunk == "frozen":
+            self.start_policy = value_model.trunk  # the same weights: no second copy in memory
+        else:
+            cast_frozen(model, DTYPES[self.cfg.model.dtype])
+            self.start_policy = model.to(device)
+        return value_model
 
     def see_data(self, train_examples, val_records, encode):
         if self.cfg.critic.shuffle_labels:
@@ -189,7 +207,7 @@ class Critic(Pipeline):
         return loss
 
     def val_begin(self):
-        self.answers = {"end": [], "half": [], "rewards": []}
+        self.answers = {"end": [], "half": [], "rewards": [], "lp_sum": [], "lp_mean": []}
 
     def val_step(self, model, batch, meter):
         tokens, labels, rewards = batch
@@ -206,9 +224,13 @@ class Critic(Pipeline):
         for key, fraction in (("end", 1.0), ("half", 0.5)):  # end: the whole answer read, before its EOS
             self.answers[key] += values.gather(1, W.answer_state_index(vmask, fraction)[:, None])[:, 0].tolist()
         self.answers["rewards"] += rewards.tolist()
+        lp_sum, lp_mean = W.answer_logprob(starting_logprobs(self.start_policy, tokens), labels != -100)
+        self.answers["lp_sum"] += lp_sum.tolist()
+        self.answers["lp_mean"] += lp_mean.tolist()
 
     def val_end(self, out, world):
-        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUCs over all ranks' answers."""
+        """explained variance = 1 − Var(target − V) / Var(target) over value states; AUCs over all ranks'
+        answers."""
         var_t = out.pop("ev/t2") - out.pop("ev/t") ** 2
         var_e = out.pop("ev/e2") - out.pop("ev/e") ** 2
         out["val/explained_variance"] = 1.0 - var_e / var_t if var_t > 1e-12 else 0.0
@@ -219,6 +241,8 @@ class Critic(Pipeline):
         rewards = [r for g in gathered for r in g["rewards"]]
         out["val/auc"] = auc([v for g in gathered for v in g["end"]], rewards)
         out["val/auc_half"] = auc([v for g in gathered for v in g["half"]], rewards)
+        out["val/auc_logprob"] = auc([v for g in gathered for v in g["lp_sum"]], rewards)
+        out["val/auc_logprob_mean"] = auc([v for g in gathered for v in g["lp_mean"]], rewards)
         return out
 
 
@@ -239,6 +263,24 @@ def near_miss_pairs(examples, limit=128):
     return pairs[:limit]
 
 
+def logprob_credit(policy, pairs):
+    """P(log p(the right answer's token at j) > log p(the first wrong token at j)) under `policy` over near-miss
+    pairs (right, wrong, j) (ties ½): the no-training baseline of val/token_credit. Both tokens follow the same
+    prefix, so this asks whether the policy alone already prefers the right continuation."""
+    device = next(policy.parameters()).device
+    rights, wrongs, where = zip(*pairs)
+    tokens, _, _ = collate([*rights, *wrongs], 0, device)
+    return W.token_credit(*at_first_wrong(starting_logprobs(policy, tokens), where)).item()
+
+
+def at_first_wrong(x, where):
+    """(x[i, j_i], x[n + i, j_i]) for i < n = len(where): a per-token value [2n, T] of n right answers then their n
+    wrong ones, read at each pair's first wrong position j_i."""
+    cols = torch.tensor(where, device=x.device)
+    rows = torch.arange(len(where), device=x.device)
+    return x[rows, cols], x[len(where) + rows, cols]
+
+
 class Verifiable(Pipeline):
     """w_tok = clamp(exp(whiten(GAE(δ))/β), w_min, w_max), δ the TD errors of the critic's V, whitening stats
     all-reduced then EMA-smoothed; loss = mtp_loss(ce, valid, heads_from_tokens(w_tok)). critic.model policy: starts
@@ -247,7 +289,9 @@ class Verifiable(Pipeline):
     on the batch logged as a diagnostic. training.weight_control shuffled: w_tok permuted over the batch's
     answer tokens.
     Validation adds val/token_credit: on held-out near-miss pairs, P(w of the right answer's token > w of the first
-    wrong token at the same position) at λ = 0 (val/weight_right, val/weight_first_wrong: the means)."""
+    wrong token at the same position) at λ = 0 (val/weight_right, val/weight_first_wrong: the means), and its
+    no-training baseline val/token_credit_logprob: the same probability with the starting policy's log-probability
+    of each token as its weight (measured once, before the first step)."""
     name = "verifiable"
     value_head = True
     compare_start = "warm-up; critic on it"
@@ -261,7 +305,7 @@ class Verifiable(Pipeline):
     def __init__(self, cfg, H):
         super().__init__(cfg, H)
         self.ema = self.ema_before = None  # running mean/var of the advantages
-        self.value_model, self.pairs = None, []
+        self.value_model, self.pairs, self.credit_logprob = None, [], None
 
     def start_from(self):
         if not self.value_head_on_policy(self.cfg):
@@ -269,6 +313,8 @@ class Verifiable(Pipeline):
         return self.cfg.critic.checkpoint, "critic", "checkpoints/checkpoint_best.pt"
 
     def attach(self, model, fetch, build_model, device, tok=None):
+        if self.pairs and not model.output.weight.is_meta:  # FSDP builds on the meta device: no baseline there
+            self.credit_logprob = logprob_credit(model.to(device), self.pairs)
         if self.value_head_on_policy(self.cfg):
             return None
         if not self.cfg.critic.checkpoint:
@@ -346,6 +392,8 @@ class Verifiable(Pipeline):
         out = super().val_end(out, world)
         if self.pairs:
             out.update(self.token_credit(self.val_model))
+        if self.credit_logprob is not None:
+            out["val/token_credit_logprob"] = self.credit_logprob
         return out
 
     def token_credit(self, model):
@@ -359,12 +407,11 @@ class Verifiable(Pipeline):
         mask = labels != -100
         _, w = self.weights(self.frozen_values(model, tokens, labels), rewards, mask, 0.0,
                             self.t.td_ema_warmup_steps, update_ema=False)
-        n, cols = len(where), torch.tensor(where, device=device)
-        rows = torch.arange(n, device=device)
-        right_at, wrong_at, right_mask = w[rows, cols], w[n + rows, cols], mask[:n]
+        right_at, wrong_at = at_first_wrong(w, where)
+        right_mask = mask[:len(where)]
         return {"val/token_credit": W.token_credit(right_at, wrong_at).item(),
                 "val/weight_first_wrong": wrong_at.mean().item(),
-                "val/weight_right": (w[:n] * right_mask).sum().item() / right_mask.sum().item()}
+                "val/weight_right": (w[:len(where)] * right_mask).sum().item() / right_mask.sum().item()}
 
     def begin_step(self):
         self.ema_before = self.ema

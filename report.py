@@ -14,7 +14,9 @@ from pipelines import PIPELINE_TYPES
 from tracking import metric_name, newest_run, runs_view_url
 
 
-COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "val/token_credit")
+# each critic figure beside its no-training baseline (the starting policy's log-probabilities): its margin is the news
+COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "val/auc_logprob",
+            "val/auc_logprob_mean", "val/token_credit", "val/token_credit_logprob")
 
 
 # compare/metrics.png's panels: (title, metric, whose rows). The critic's losses are a value MSE, not the policies'
@@ -176,10 +178,12 @@ def compare_figure(summary, histories):
 def format_compare(summary, seeds, warmup_steps, steps):
     """The table: per policy pipeline, where it started and mean ± 95 % half-width of each metric of COMPARED."""
     width = max([11, *map(len, summary)])  # control rows: verifiable:shuffled-critic
-    head = f"{'pipeline':<{width}} {'started from':<26}" + "".join(f" {m:>17}" for m in COMPARED)
+    shown = [m for m in COMPARED if any(m in row for row in summary.values())]  # no all-"-" columns
+    cols = [max(15, len(m)) for m in shown]
+    head = f"{'pipeline':<{width}} {'started from':<26}" + "".join(f" {m:>{c}}" for m, c in zip(shown, cols))
     lines = [f"{seeds} seed(s); a {warmup_steps}-step warm-up baseline, then {steps} steps of each pipeline", head]
     for p, row in summary.items():
         cells = ["-" if m not in row else f"{row[m]['mean']:.3f}" + (
-            f" ± {row[m]['ci95']:.3f}" if math.isfinite(row[m]["ci95"]) else "") for m in COMPARED]
-        lines.append(f"{p:<{width}} {row['started_from']:<26}" + "".join(f" {c:>17}" for c in cells))
+            f" ± {row[m]['ci95']:.3f}" if math.isfinite(row[m]["ci95"]) else "") for m in shown]
+        lines.append(f"{p:<{width}} {row['started_from']:<26}" + "".join(f" {c:>{w}}" for c, w in zip(cells, cols)))
     return "\n".join(lines)

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # run.sh: the one entry point of weighted-mtp; thin on purpose (find Python, pick a launcher, fill a template).
 # usage: ./run.sh <command> [args]
-#   demo [args]           compare --seeds 1: a warm-up baseline, then baseline, critic -> verifiable and rho1 from it
-#                         for the same steps on the micro model (CPU, MLflow in ./mlflow.db); the summary table
-#   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run
-#   test [pytest args]    install what the selected tests lack (Debian packages when root, else print the command;
-#                         the test extras), then run pytest
+#   demo [args]           compare --seeds 1 on the micro model (CPU, MLflow in ./mlflow.db): a warm-up, then baseline,
+#                         critic -> verifiable (on the warm-up's own graded answers) and rho1 from it; the summary table
+#   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run; --control
+#                         the positive control (configs/control/); --gold: critics on written answers, not sampled ones
+#   test [pytest args]    install what the selected tests lack (Debian packages as root, the test extras); pytest
 #   ui | report | ls      mlflow ui on ./mlflow.db, :$PORT (5000), printing its URL (no job runner unless MLFLOW_SERVER_
 #   export [args]         ENABLE_JOB_EXECUTION=true) | newest run per pipeline (--all) | the configs | a model dir
 #   <pipeline> [--local | --fsdp] [--dry-run] [trainer args]
@@ -15,10 +15,10 @@
 #                         trainer args pass through, e.g. --override training.max_steps=10 --resume auto
 #   evaluate <pipeline> [--local] [args]   pass@k of the pipeline's newest finished run (python -m weighted_mtp
 #                         evaluate --checkpoint auto; args pass through: --checkpoint, --samples, --json, --override)
+#   sample <pipeline> [--local] --out FILE [args]   its newest run's graded answers to eval.dataset as training JSONL
 #   vessl <pipeline> [--local | --fsdp] [--print] [--inline-secrets] [--override k=v ...]
 #                         render vessl.yaml and submit it (`vessl run create -f`), or print it
-#   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow with basic auth;
-#                         prints the client's .env lines; Ctrl-C stops everything
+#   server                PostgreSQL + S3 (moto unless MLFLOW_S3_ENDPOINT_URL) + MLflow, basic auth; prints .env lines
 #   doctor [args]         python -m weighted_mtp doctor (default --config configs/defaults.yaml)
 #   bench [args]          python bench.py: speed ratios (--quick, --scaling, --threads N, --out PATH)
 #
@@ -126,7 +126,7 @@ gpu_count() {
 print_cmd() { printf '+'; printf ' %q' "$@"; printf '\n'; }   # the exact line a user would type
 
 # --- <pipeline> [--local] [--dry-run] [trainer args] -----------------------------------------------
-cmd_train() {   # cmd_train train|evaluate <pipeline> [args]
+cmd_train() {   # cmd_train train|evaluate|sample <pipeline> [args]
   local command=$1 pipeline=${2:-} local_=0 dry=0 fsdp="" a cfg missing="" v ngpu nproc nnodes args=() cmd=(python)
   shift; [ $# -eq 0 ] || shift
   check_pipeline "$pipeline"
@@ -275,10 +275,10 @@ main() {
     help | -h | --help) usage ;;
     demo) cmd_compare --seeds 1 "$@" ;;
     compare) cmd_compare "$@" ;;
-    evaluate) cmd_train evaluate "$@" ;;
+    evaluate | sample) cmd_train "$sub" "$@" ;;
     report | ls | export) load_env; bootstrap; exec "$PYTHON" -m weighted_mtp "$sub" "$@" ;;
     test) cmd_test "$@" ;;
-    ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (docs/mlflow.md: why), then one worker: several race
+    ui) bootstrap; export PORT=${PORT:-5000}   # the runs view's URL (docs/mlflow.md), then one worker: several race
       export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}   # ~10 GenAI processes
       note "open $(MLFLOW_TRACKING_URI='' "$PYTHON" -m weighted_mtp ui-url || echo "http://127.0.0.1:$PORT")"
       exec "$VENV/bin/mlflow" ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port "$PORT" \

@@ -6,6 +6,7 @@ newest_run() behind every `auto`; preflight and doctor checks of the credentials
 import contextlib
 import io
 import logging
+import math
 import os
 from pathlib import Path
 import queue
@@ -19,6 +20,7 @@ import s3ckpt
 import yaml
 
 from config import flatten, redacted, tracking_uri, UserError
+from parallel import Meter, all_reduce
 log = logging.getLogger("weighted_mtp")
 
 
@@ -574,3 +576,69 @@ def quiet_console():
 def metric_name(name):
     """MLflow allows no '@' in metric names: eval/pass@1 is logged as eval/pass_at_1."""
     return name.replace("@", "_at_")
+
+
+class TrainLog:
+    """Every log_interval steps (and at a stop or the end): the step's means over ranks, the learning rate and
+    tokens/s — shown once on stdout (rank 0's progress bar with loss, lr and tok/s on a terminal, else one line per
+    log_interval; validation as one line), every metric written once to training.log and sent to the run."""
+
+    def __init__(self, setup, batches, tracking, start_step):
+        from tqdm import tqdm
+        self.interval, self.total, self.master = setup.cfg.training.log_interval, setup.total_steps, setup.rank == 0
+        self.batches, self.tracking, self.start_step = batches, tracking, start_step
+        self.meter, self.t_start, self.t_log = Meter(setup.device), time.time(), time.time()
+        self.lines = self.master and not sys.stdout.isatty()  # a log file gets lines, not a bar's redraws
+        self.bar = tqdm(total=self.total, initial=start_step, desc=setup.pipeline.name, unit="step", file=sys.stdout,
+                        disable=not self.master or self.lines, dynamic_ncols=True)
+
+    def step(self, done, lr, stop):
+        self.bar.update(1)
+        if done % self.interval and done != self.total and not stop:
+            return
+        stats = self.meter.reduce()
+        stats["train/learning_rate"] = lr
+        elapsed, self.t_log = time.time() - self.t_log, time.time()
+        stats["train/tokens_per_sec"] = all_reduce(self.batches.tokens_seen.clone()).item() / max(elapsed, 1e-9)
+        self.batches.tokens_seen.zero_()
+        if self.master:
+            progress = (f"loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
+                        f"{stats['train/tokens_per_sec']:,.0f} tok/s")
+            self.bar.set_postfix_str(progress)
+            if self.lines:
+                eta = (time.time() - self.t_start) / (done - self.start_step) * (self.total - done)
+                print(f"step {done}/{self.total} | {progress} | ETA {eta:.0f}s", flush=True)
+            logging.getLogger("weighted_mtp.record").info(f"step {done}/{self.total}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
+        self.tracking.log(stats, done)
+
+    def validation(self, done, val):
+        if self.master:
+            line = f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items()))
+            self.bar.write(line, file=sys.stdout)
+            logging.getLogger("weighted_mtp.record").info(line)
+        self.tracking.log(val, done)
+
+    def close(self):
+        self.bar.close()
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary;
+    held through the end of the run, so torchrun's SIGTERM after a crash cannot cut the cleanup short."""
+
+    def __enter__(self):
+        self.received = 0
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        # A second Ctrl-C means "now". A second SIGTERM does not: torchrun forwards the one every process of a
+        # container already got, and SIGKILLs 30 s later anyway.
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+        log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")

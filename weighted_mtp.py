@@ -8,11 +8,11 @@ The trainer, read top to bottom: prepare() (everything that can reject bad input
 guards, the compare driver, the CLI. Each other concern is a module of its own (README: "For the next engineer").
 """
 import dataclasses
+import itertools
 import logging
 import math
 import os
 from pathlib import Path
-import signal
 import sys
 import time
 import traceback
@@ -32,7 +32,7 @@ from checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_check
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
-from evaluation import Validation, evaluate
+from evaluation import Validation, eval_tasks, evaluate, sample
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
                       load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
@@ -41,11 +41,11 @@ from pipelines import PIPELINE_TYPES, Pipeline
 from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
                         pretrained_weights)
 from report import compare_rows, format_compare, list_configs, report, summarize_compare
-from tracking import (NoTracking, Preempted, Tracking, closing_summary, console_logging, doctor, experiment_id,
-                      log_params, preflight, provenance_tags, quiet_console, run_description, run_url, source_tags,
-                      start_text, ui_url)
+from tracking import (NoTracking, Preempted, StopSignal, Tracking, TrainLog, closing_summary, console_logging, doctor,
+                      experiment_id, log_params, preflight, provenance_tags, quiet_console, run_description, run_url,
+                      source_tags, start_text, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
-__all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "compare", "main"]
+__all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "sample", "compare", "main"]
 log = logging.getLogger("weighted_mtp")
 record = logging.getLogger("weighted_mtp.record")  # training.log only: the console shows the progress bar
 
@@ -291,72 +291,6 @@ class StepFlags:
         return stop > 0
 
 
-class TrainLog:
-    """Every log_interval steps (and at a stop or the end): the step's means over ranks, the learning rate and
-    tokens/s — shown once on stdout (rank 0's progress bar with loss, lr and tok/s on a terminal, else one line per
-    log_interval; validation as one line), every metric written once to training.log and sent to the run."""
-
-    def __init__(self, setup, batches, tracking, start_step):
-        from tqdm import tqdm
-        self.interval, self.total, self.master = setup.cfg.training.log_interval, setup.total_steps, setup.rank == 0
-        self.batches, self.tracking, self.start_step = batches, tracking, start_step
-        self.meter, self.t_start, self.t_log = Meter(setup.device), time.time(), time.time()
-        self.lines = self.master and not sys.stdout.isatty()  # a log file gets lines, not a bar's redraws
-        self.bar = tqdm(total=self.total, initial=start_step, desc=setup.pipeline.name, unit="step", file=sys.stdout,
-                        disable=not self.master or self.lines, dynamic_ncols=True)
-
-    def step(self, done, lr, stop):
-        self.bar.update(1)
-        if done % self.interval and done != self.total and not stop:
-            return
-        stats = self.meter.reduce()
-        stats["train/learning_rate"] = lr
-        elapsed, self.t_log = time.time() - self.t_log, time.time()
-        stats["train/tokens_per_sec"] = all_reduce(self.batches.tokens_seen.clone()).item() / max(elapsed, 1e-9)
-        self.batches.tokens_seen.zero_()
-        if self.master:
-            progress = (f"loss {stats.get('train/loss', math.nan):.4f} | lr {lr:.2e} | "
-                        f"{stats['train/tokens_per_sec']:,.0f} tok/s")
-            self.bar.set_postfix_str(progress)
-            if self.lines:
-                eta = (time.time() - self.t_start) / (done - self.start_step) * (self.total - done)
-                print(f"step {done}/{self.total} | {progress} | ETA {eta:.0f}s", flush=True)
-            record.info(f"step {done}/{self.total}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
-        self.tracking.log(stats, done)
-
-    def validation(self, done, val):
-        if self.master:
-            line = f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items()))
-            self.bar.write(line, file=sys.stdout)
-            record.info(line)
-        self.tracking.log(val, done)
-
-    def close(self):
-        self.bar.close()
-
-
-class StopSignal:
-    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary;
-    held through the end of the run, so torchrun's SIGTERM after a crash cannot cut the cleanup short."""
-
-    def __enter__(self):
-        self.received = 0
-        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum, frame):
-        # A second Ctrl-C means "now". A second SIGTERM does not: torchrun forwards the one every process of a
-        # container already got, and SIGKILLs 30 s later anyway.
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = self.received or signum
-        log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
-
-
 RANDOM_START_VAL_SAMPLES = 64
 
 
@@ -429,10 +363,15 @@ def train(cfg, use_micro=False):
 
 
 WARMUP_CONFIG = CONFIGS / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
+CONTROL_ROWS = ("baseline", "baseline:filtered", "verifiable", "verifiable:shuffled")  # compare --control's rows
 
 
-def local_config(pipeline):
-    return CONFIGS / pipeline / f"{pipeline}_local.yaml"
+def local_config(pipeline, setting="demo"):
+    """The config compare trains `pipeline` (or "warmup") with: the demo's configs/<p>/<p>_local.yaml (and
+    WARMUP_CONFIG), or the positive control's configs/control/<p>.yaml."""
+    if setting == "control":
+        return CONFIGS / "control" / f"{pipeline}.yaml"
+    return WARMUP_CONFIG if pipeline == "warmup" else CONFIGS / pipeline / f"{pipeline}_local.yaml"
 
 
 def train_child(path, overrides, parent_id, started_from, run_name=""):
@@ -451,15 +390,40 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
     return cfg, result["run_id"], Path(cfg.checkpoint.dir) / name / result["run_id"]
 
 
-def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
-    """One seed: the warm-up (WARMUP_CONFIG, for warmup_steps), then from its final weights each row of `pipelines`
-    ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the same steps, and
-    evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's critic is trained
-    on the warm-up (once per variant), rho1's reference is this seed's baseline. -> {row: run id}."""
+ON_POLICY_TASKS = 256  # the warm-up's answers to this many training tasks of eval.dataset: the critic's data
+ON_POLICY_SAMPLING = ["eval.n_samples=4", "eval.temperature=1.0", "eval.batch_size=64"]  # right and wrong ones
+
+
+def on_policy_data(warm, overrides):
+    """The warm-up's own answers (sample: ON_POLICY_SAMPLING, graded in the sandbox) to eval.dataset's tasks,
+    written beside its checkpoint `warm`: for training, the first ON_POLICY_TASKS (or eval.max_tasks) tasks of a
+    built-in's training split; for validation, its held-out tasks (a JSONL eval.dataset: its tasks, both times).
+    -> the overrides [dataset.train=..., dataset.validation=...] that make critic and verifiable train on them."""
+    cfg = load_config(local_config("warmup"), [*overrides, *ON_POLICY_SAMPLING])
+    spec, n = cfg.eval.dataset, cfg.eval.max_tasks or ON_POLICY_TASKS
+    train_tasks = {}
+    for record in load_records(spec, "train")[0] if spec.startswith("builtin:") else []:
+        train_tasks.setdefault(record["task_id"], record)
+    files = {}
+    for split, tasks in (("train", dict(itertools.islice(train_tasks.items(), n)) or None),
+                         ("validation", eval_tasks(spec, cfg.eval.max_tasks))):
+        files[split] = warm.parent / f"on_policy_{split}.jsonl"
+        sample(cfg, True, str(warm), str(files[split]), tasks)
+    return [f"dataset.train={files['train']}", f"dataset.validation={files['validation']}"]
+
+
+def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="demo", on_policy=False):
+    """One seed: the warm-up (local_config("warmup", setting), for warmup_steps), then from its final weights each
+    row of `pipelines` ("<pipeline>" or "<pipeline>:<variant>", its class's compare_variants overrides added) for the
+    same steps, and evaluate (eval/pass@k on its run). Each starts as its class's compare_inputs say: verifiable's
+    critic is trained on the warm-up (once per variant), rho1's reference is this seed's baseline. on_policy: critic
+    and verifiable train on the warm-up's own graded answers (on_policy_data). -> {row: run id}."""
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
-    warm = train_child(WARMUP_CONFIG, [*o, f"training.max_steps={warmup_steps}"], parent_id, "random init",
+    warm = train_child(local_config("warmup", setting), [*o, f"training.max_steps={warmup_steps}"], parent_id,
+                       "random init",
                        "warmup")[2] / "checkpoint_final.pt"
     runs, dirs = {}, {}
+    own = on_policy_data(warm, o) if on_policy and any(r.startswith("verifiable") for r in pipelines) else []
     for row in pipelines:
         p, _, variant = row.partition(":")
         kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
@@ -469,40 +433,45 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines):
             critic_row = f"critic:{variant}" if critic_extra else "critic"
             if critic_row not in runs:
                 _, runs[critic_row], dirs[critic_row] = train_child(
-                    local_config("critic"), [*o, *critic_extra, f"model.init_from={warm}"], parent_id, "warm-up",
+                    local_config("critic", setting), [*o, *own, *critic_extra, f"model.init_from={warm}"], parent_id,
+                    "warm-up",
                     f"critic-pretrain-{variant}" if critic_extra else "")
             return dirs[critic_row]
 
-        start = kind.compare_inputs(warm, dirs, train_critic)
-        cfg, runs[row], dirs[row] = train_child(local_config(p), [*o, *extra, *start], parent_id, kind.compare_start,
+        start = kind.compare_inputs(warm, dirs, train_critic) + (own if p == "verifiable" else [])
+        cfg, runs[row], dirs[row] = train_child(local_config(p, setting), [*o, *extra, *start], parent_id,
+                                                kind.compare_start,
                                                 f"{RUN_NAMES[p]}-{variant}" if variant else "")
         with quiet_console():
             evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
     return runs
 
 
-def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES):
+def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, setting="demo", on_policy=False):
     """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed; warmup_steps 0 = the warm-up config's),
     under one parent run that gets, per pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the
-    interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). Returns the
-    summary."""
+    interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). setting: the
+    demo's configs, or the positive control's (local_config); on_policy: the demo's critic and verifiable train on
+    the warm-up's own answers (compare_seed). Returns the summary."""
     from mlflow import MlflowClient
-    cfgs = {p: load_config(local_config(p.partition(":")[0]), overrides) for p in pipelines}
+    cfgs = {p: load_config(local_config(p.partition(":")[0], setting), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
-    warmup_steps = warmup_steps or load_config(WARMUP_CONFIG, overrides).training.max_steps
+    warmup_steps = warmup_steps or load_config(local_config("warmup", setting), overrides).training.max_steps
     if len(set(steps.values())) != 1 or not warmup_steps > 0:
         raise UserError(f"compare: the policy pipelines must train the same steps after a warm-up of > 0 steps, "
                         f"got {steps} after --warmup-steps {warmup_steps}")
     cfg = cfgs[pipelines[0]]
     uri = tracking_uri(cfg.mlflow.tracking_uri)
     client, exp_id = MlflowClient(uri), experiment_id(MlflowClient(uri), cfg)
-    parent = client.create_run(exp_id, run_name=f"compare-{seeds}-seeds",
+    name = "control" if setting == "control" else "compare"
+    parent = client.create_run(exp_id, run_name=f"{name}-{seeds}-seeds",
                                tags={"pipeline": "compare", **source_tags()}).info.run_id
     log_params(client, parent, {"seeds": seeds, "warmup_steps": warmup_steps, "policy_steps": steps[pipelines[0]],
-                                "overrides": " ".join(overrides) or "-"})
+                                "overrides": " ".join(overrides) or "-", "setting": setting, "on_policy": on_policy})
     status = "FAILED"
     try:
-        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines) for seed in range(seeds)]
+        runs = [compare_seed(seed, warmup_steps, overrides, parent, pipelines, setting, on_policy)
+                for seed in range(seeds)]
         summary = summarize_compare(client, parent, list(runs[0]), runs)  # the rows, with the critics they trained
         print(format_compare(summary, seeds, warmup_steps, steps[pipelines[0]]), flush=True)
         print(f"\nparent run {parent}: {run_url(uri, exp_id, parent)}"
@@ -532,7 +501,9 @@ def main(argv=None):
             return report(uri, args.experiment, args.all) if args.command == "report" else print(
                 ui_url(uri, args.experiment))
         if args.command == "compare":
-            compare(args.seeds, args.warmup_steps, args.override, compare_rows(args.seeds, args.pipelines))
+            rows = args.pipelines or ",".join(CONTROL_ROWS if args.control else POLICY_PIPELINES)
+            compare(args.seeds, args.warmup_steps, args.override, compare_rows(args.seeds, rows),
+                    "control" if args.control else "demo", on_policy=not (args.control or args.gold))
             return 0
         resume = [f"checkpoint.resume={args.resume}"] if getattr(args, "resume", None) else []
         cfg = load_config(args.config, args.override + resume)
@@ -548,6 +519,8 @@ def main(argv=None):
                 raise UserError(f"{args.config}: the critic has no pass@k (it trains a value function and generates "
                                 "nothing): evaluate baseline, verifiable or rho1")
             evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
+        elif args.command == "sample":
+            sample(cfg, args.use_micro_model, args.checkpoint, args.out)
         else:
             train(cfg, use_micro=args.use_micro_model)
         return 0

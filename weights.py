@@ -368,3 +368,14 @@ def token_credit(w_right, w_wrong):
     if w_right.numel() == 0:
         return torch.tensor(float("nan"))
     return ((w_right > w_wrong).float() + 0.5 * (w_right == w_wrong).float()).mean()
+
+
+def answer_logprob(logprobs, response_mask):
+    """
+    (sum [B], mean [B]) of each row's answer-token log-probabilities (token_logprobs of the starting policy):
+    Σ_j lp_j and Σ_j lp_j / n_b over its response tokens j (n_b of them; the mean is 0 for a row without any).
+    As scores of the answers they are the no-training baseline a critic must beat (val/auc_logprob).
+    """
+    lp = logprobs * response_mask.bool()
+    total = lp.sum(dim=-1)
+    return total, total / response_mask.bool().sum(dim=-1).clamp(min=1)

@@ -21,10 +21,12 @@ COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_
           *[f"{split}/head_{k}_loss" for split in ("train", "val") for k in range(3)]]
 EXPECTED = {
     "baseline": COMMON + ["val/accuracy", "val/pass_at_1"],  # the local configs' data: arith + pyfunc (tests)
-    "critic": COMMON + ["train/value_loss", "val/explained_variance", "val/auc", "val/auc_half"],
+    "critic": COMMON + ["train/value_loss", "val/explained_variance", "val/auc", "val/auc_half",
+               "val/auc_logprob", "val/auc_logprob_mean"],
     "verifiable": COMMON + ["val/accuracy", "val/pass_at_1", "train/td_error_mean", "train/weight_mean",
                             "train/weight_entropy", "train/value_loss", "train/weight_min", "train/weight_max",
-                            "val/token_credit", "val/weight_first_wrong", "val/weight_right"],
+                            "val/token_credit", "val/weight_first_wrong", "val/weight_right",
+                            "val/token_credit_logprob"],
     "rho1": COMMON + ["val/accuracy", "val/pass_at_1", "train/excess_loss_mean", "train/weight_sparsity"],
 }
 

@@ -57,7 +57,8 @@ def test_builtins_mix_and_hold_the_same_problems_out_of_training_and_evaluation(
         held_out = {r["task_id"] for r in load_records(f"builtin:{name}", "eval")[0]}
         assert held_out == {r["task_id"] for r in load_records(f"builtin:{name}", "validation")[0]}
         assert not held_out & {r["task_id"] for r in load_records(f"builtin:{name}", "train")[0]}
-    with pytest.raises(UserError, match=r"^dataset.train: unknown built-in dataset 'nope' \(known: arith, pyfunc\)"):
+    with pytest.raises(UserError, match=r"^dataset.train: unknown built-in dataset 'nope' "
+                                        r"\(known: arith, pyfunc, sums\)"):
         load_records("builtin:arith+nope", "train")
     for bad in ("pyfunc*0", "pyfunc*x", "pyfunc*"):
         with pytest.raises(UserError, match=rf"^dataset.train: '{re.escape(bad)}': the count after \* must be a whole "
