@@ -22,6 +22,7 @@ import yaml
 from config import flatten, redacted, tracking_uri, UserError
 from parallel import Meter, all_reduce
 log = logging.getLogger("weighted_mtp")
+RECORD = logging.getLogger("weighted_mtp.record")  # training.log only: the console shows the progress bar
 
 
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -608,14 +609,14 @@ class TrainLog:
             if self.lines:
                 eta = (time.time() - self.t_start) / (done - self.start_step) * (self.total - done)
                 print(f"step {done}/{self.total} | {progress} | ETA {eta:.0f}s", flush=True)
-            logging.getLogger("weighted_mtp.record").info(f"step {done}/{self.total}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
+            RECORD.info(f"step {done}/{self.total}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(stats.items())))
         self.tracking.log(stats, done)
 
     def validation(self, done, val):
         if self.master:
             line = f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items()))
             self.bar.write(line, file=sys.stdout)
-            logging.getLogger("weighted_mtp.record").info(line)
+            RECORD.info(line)
         self.tracking.log(val, done)
 
     def close(self):

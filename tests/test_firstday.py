@@ -172,7 +172,7 @@ def test_listing_configs_and_bad_compare_rows_and_the_critic_evaluate(tmp_path, 
     assert wm.main(["compare", "--pipelines", "baseline,rh01"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: compare: --pipelines: 'rh01' is not a row (did you mean 'rho1'?); choose among baseline, verifiable, "
-        "rho1, verifiable:shuffled, verifiable:shuffled-critic")
+        "rho1, baseline:filtered, verifiable:shuffled, verifiable:shuffled-critic")
     assert wm.main(["evaluate", "--config", str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model"]) == 2
     assert capsys.readouterr().err.strip().endswith(
         "critic_local.yaml: the critic has no pass@k (it trains a value function and generates nothing): evaluate "
