@@ -32,7 +32,7 @@ TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{inp
 
 def render_prompt(record, template="alpaca"):
     """The prompt of a record in dataset.template (training, validation and evaluate all render it here); chat:
-    one user turn in PLAIN_CHAT (evaluate has no model's chat template)."""
+    one user turn in PLAIN_CHAT (eval.prompt: chat renders the model's own template instead: evaluation.task_prompt)."""
     if template == "chat":
         return render_chat([{"role": "user", "content": render_prompt(record, "plain")}], None, True)
     with_input, without_input = TEMPLATES[template]

@@ -483,7 +483,7 @@ def logged_keys(ks, n_heads):
 def log_evaluation(cfg, run_id, step, summary, samples_text, isolation, folder, keys):
     """eval/<key> for each of `keys` (NaN where the summary has none) and <folder>/samples.jsonl on the training run,
     or on a new run `evaluate` when there is none; the tag eval.samples names the newest samples file, and
-    sandbox.isolation which isolation the programs ran under (bwrap, or a fallback: uid, none)."""
+    sandbox.isolation which isolation the programs ran under (bwrap, or uid or none where eval.sandbox opted in)."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
     client, own_run = MlflowClient(tracking_uri(cfg.mlflow.tracking_uri)), run_id is None

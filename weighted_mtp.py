@@ -484,7 +484,7 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, set
 
 def main(argv=None):
     args = cli(__doc__).parse_args(argv)
-    if args.command in ("train", "evaluate", "compare", "export"):
+    if args.command in ("train", "evaluate", "sample", "compare", "export"):
         console_logging(getattr(args, "verbose", False))
     else:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
