@@ -67,7 +67,7 @@ class Validation:
         return bool(self.interval and done % self.interval == 0) or done == total
 
     @torch.no_grad()
-    def run(self, model):
+    def run(self, model, decode=True):
         model.eval()
         meter, mine = Meter(self.device), self.examples[self.rank::self.world]
         self.pipeline.val_begin()
@@ -76,7 +76,7 @@ class Validation:
                 with self.autocast():
                     self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
             out = self.pipeline.val_end(meter.reduce(), self.world)
-            if self.pipeline.decodes:
+            if decode and self.pipeline.decodes:
                 out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast,
                                            self.limits, self.workers, self.speculative))
         model.train()

@@ -26,17 +26,46 @@ def log_head_losses(meter, prefix, ce, valid):
 
 
 class Pipeline:
-    """What every pipeline does unless it says otherwise: MTP on correct answers, loss = mtp_loss(ce, valid), from
-    model.init_from, nothing frozen, no state of its own. Each pipeline below overrides what makes it different."""
+    """What every pipeline does unless it says otherwise: MTP on correct answers, loss = mtp_loss(ce, valid, λ) with
+    λ_k training.head_loss_weights, from model.init_from, nothing frozen (but the trunk and head 0 through the
+    new-heads warm-up), no state of its own. Each pipeline below overrides what makes it different."""
     name = "baseline"
     value_head = False  # a value head on the policy, when critic.model is policy (value_head_on_policy)
     decodes = True  # validation also decodes answers (val/accuracy) when the dataset has a checker
+    watches_head_0 = True  # val/head_0_loss against its start (weighted_mtp.Head0Watch): the LM heads train
     val_correct_ratio = 1.0  # the share of right answers among the validation examples
     compare_start = "warm-up"  # where compare starts it (its table's "started from")
     compare_variants = {}  # compare rows "<name>:<variant>": the overrides that make the variant
 
     def __init__(self, cfg, H):
         self.cfg, self.t, self.H = cfg, cfg.training, H
+        if len(self.t.head_loss_weights) not in (1, H):
+            raise UserError(f"training.head_loss_weights {self.t.head_loss_weights}: one number (a decay) or one per "
+                            f"head ({H}, model.n_future_tokens)")
+        lam = W.head_loss_weights(self.t.head_loss_weights, H)
+        self.head_weights = None if bool((lam == 1).all()) else lam  # None: mtp_loss's own path, bit for bit
+        self.warmup_frozen = []  # the parameters the new-heads warm-up holds still (freeze_for_warmup)
+
+    def weighed(self, valid, weights, targets):
+        """(valid, weights) for the model's weigh(): `weights` (None = 1) times head k's training.head_loss_weights."""
+        if self.head_weights is None:
+            return valid, weights
+        lam = self.head_weights.to(targets.device).expand(targets.shape)
+        return valid, lam if weights is None else weights * lam
+
+    def freeze_for_warmup(self, model, new_heads):
+        """The new-heads warm-up: for its first training.new_heads_warmup_steps steps only the blocks of
+        `new_heads` (the heads the starting weights lacked) train; the trunk, head 0, the shared norm and output (and
+        any value head) keep their weights bit for bit (frozen_now)."""
+        if not new_heads or not self.t.new_heads_warmup_steps:
+            return
+        training = tuple(f"extra_heads.{k - 1}." for k in new_heads)
+        self.warmup_frozen = [p for name, p in model.named_parameters()
+                              if p.requires_grad and not name.startswith(training)]
+
+    def frozen_now(self, step):
+        """The parameters whose gradients step `step` drops (no update, no AdamW state): the warm-up's."""
+        return self.warmup_frozen if step < self.t.new_heads_warmup_steps else []
 
     @classmethod
     def value_head_on_policy(cls, cfg):
@@ -70,7 +99,7 @@ class Pipeline:
         tokens, labels, _ = batch
         targets = W.shift_targets(labels, self.H)
         valid = targets != -100
-        loss, ce, _ = model(tokens, targets, weigh=lambda values: (valid, None))  # W.mtp_loss(ce, valid)
+        loss, ce, _ = model(tokens, targets, weigh=lambda values: self.weighed(valid, None, targets))
         log_head_losses(meter, "train", ce, valid)
         return loss
 
@@ -144,7 +173,7 @@ class Critic(Pipeline):
     Validation: val/loss (the value MSE), val/explained_variance, val/auc (V at the end of the answer) and
     val/auc_half (V after half of it): P(V of a right answer > V of a wrong one)."""
     name = "critic"
-    value_head, decodes = True, False
+    value_head, decodes, watches_head_0 = True, False, False  # the LM heads stay as they are
     val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
     compare_start = "warm-up (value model)"
 
@@ -155,6 +184,9 @@ class Critic(Pipeline):
             cast_frozen(model, DTYPES[self.cfg.model.dtype])
             return None
         return build_value_model(self.cfg, model, tok)  # trained (and saved) instead of the policy
+
+    def freeze_for_warmup(self, model, new_heads):
+        """Nothing to warm up: the critic trains no LM head."""
 
     def see_data(self, train_examples, val_records, encode):
         if self.cfg.critic.shuffle_labels:
@@ -321,7 +353,7 @@ class Verifiable(Pipeline):
         def weigh(head_values):  # the model calls it with the value head's output (detached), before any CE
             found["td"], found["w_tok"] = self.weights(frozen if separate else head_values, rewards, mask,
                                                        t.td_lambda, step, update_ema=True)
-            return policy_valid, W.heads_from_tokens(found["w_tok"], H)
+            return self.weighed(policy_valid, W.heads_from_tokens(found["w_tok"], H), head_targets)
 
         policy, ce, values = model(tokens, head_targets, values=not separate, weigh=weigh)
         values = frozen if separate else values
@@ -428,7 +460,7 @@ class Rho1(Pipeline):
             chosen[k] = W.topk_weights(W.excess_loss(ce_k, ref[..., k])[..., None], valid[..., k, None], ratio)[..., 0]
             return valid[..., k] & (chosen[k] > 0)
 
-        loss, ce, _ = model(tokens, targets, weigh=lambda values: (selected, None))  # mtp_loss(ce, valid & (w > 0))
+        loss, ce, _ = model(tokens, targets, weigh=lambda values: self.weighed(selected, None, targets))
         excess = W.excess_loss(ce, ref)
         w = torch.stack([chosen[k] for k in range(ce.shape[-1])], dim=-1)
         log_head_losses(meter, "train", ce, valid)

@@ -39,8 +39,8 @@ from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync,
                       load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
                       wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
-from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
-                        pretrained_weights)
+from pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
+                        next_token_logits, pretrained_weights)
 from report import format_compare, report, summarize_compare
 from tracking import (NoTracking, Preempted, Tracking, closing_summary, doctor, experiment_id, log_params, preflight,
                       source_tags, ui_url)
@@ -150,6 +150,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     else:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
+    pipeline.freeze_for_warmup(model, () if spec else added_heads(cfg, use_micro))  # heads a checkpoint's start has
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, optimizer, data,
                   step_count(cfg, len(data.train), rank, world), run_name, started_from, resume_path)
@@ -208,6 +209,8 @@ def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, sto
         n_tok = (batch[1] != -100).sum()
         step_meter.add("train/loss", loss.detach() * n_tok, n_tok)
         step_loss += loss.detach() / accum
+    for p in pipeline.frozen_now(step):  # no gradient: the fused AdamW leaves the weight and its state untouched
+        p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(params, pipeline.t.max_grad_norm)  # the pre-clip norm
     if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor, already the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
@@ -275,6 +278,36 @@ class StepFlags:
             raise RuntimeError(f"{self.skipped} non-finite steps in a row (training.max_skipped_steps): "
                                f"lower training.learning_rate or check the data")
         return stop > 0
+
+
+class Head0Watch:
+    """Next-token prediction against where it started: head k's val loss of the starting weights (logged as
+    val/head_k_loss at step 0; after a resume, those of the resumed weights, not logged again), then at every
+    validation a warning, or with training.head_0_on_rise stop a failed run, once val/head_0_loss exceeds its start
+    by more than training.head_0_max_rise (a fraction). Pipelines that leave the LM heads alone are not watched."""
+
+    def __init__(self, setup, validation, train_log, start_step):
+        self.t, self.start = setup.cfg.training, None
+        if not setup.pipeline.watches_head_0:
+            return
+        heads = {k: v for k, v in validation.run(setup.model, decode=False).items() if k.startswith("val/head_")}
+        self.start, self.since = heads.get("val/head_0_loss"), f"step {start_step}"
+        if start_step == 0:
+            train_log.validation(0, heads)
+
+    def check(self, done, val):
+        if self.start is None or "val/head_0_loss" not in val:
+            return
+        now, limit = val["val/head_0_loss"], self.start * (1 + self.t.head_0_max_rise)
+        if now <= limit:
+            return
+        message = (f"step {done}: val/head_0_loss {now:.4f} is {now / self.start - 1:.1%} above its {self.since} "
+                   f"value {self.start:.4f} (training.head_0_max_rise {self.t.head_0_max_rise}): next-token "
+                   "prediction is getting worse; lower training.head_loss_weights of the other heads or the learning "
+                   "rate, or raise training.new_heads_warmup_steps (docs/models.md)")
+        if self.t.head_0_on_rise == "stop":
+            raise UserError(message + "; stopped (training.head_0_on_rise stop)")
+        log.warning(message)
 
 
 class TrainLog:
@@ -362,6 +395,7 @@ def train(cfg, use_micro=False):
             model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))
             flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,
                                                                                                     tracking, start)
+            head_0 = Head0Watch(s, validation, train_log, start)
             with Checkpointer(s, batches, tracking, run_id, run_root / run_id) as checkpointer:
                 val = {}
                 for step in range(start, s.total_steps):
@@ -380,6 +414,7 @@ def train(cfg, use_micro=False):
                         val = validation.run(s.model)
                         train_log.validation(done, val)
                         checkpointer.after_validation(done, val)
+                        head_0.check(done, val)
                     checkpointer.after_step(done)
                 checkpointer.final()
                 train_log.close()
