@@ -150,7 +150,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     else:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
-    pipeline.freeze_for_warmup(model, () if spec else added_heads(cfg, use_micro))  # heads a checkpoint's start has
+    pipeline.heads_added(model, () if spec else added_heads(cfg, use_micro))  # a checkpoint's start has them all
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, optimizer, data,
                   step_count(cfg, len(data.train), rank, world), run_name, started_from, resume_path)
