@@ -2,6 +2,7 @@
 a Hugging Face dir, then trained as a 4-head policy. With the defaults (the new-heads warm-up, the new heads'
 losses weighed 0.1^k) head 0's held-out loss does not rise; with equal weights and no warm-up it does. The starting
 model's val/head_k_loss is logged at step 0, read back from MLflow."""
+import json
 import logging
 
 import pytest
@@ -11,34 +12,38 @@ from mlflow import MlflowClient
 import weighted_mtp as wm
 import weights as W
 from config import UserError
+from data import arith_records
 from parallel import Meter
 from pipelines import PIPELINE_TYPES
 from pretrained import build_model, export
 from conftest import tiny_config, train_keeping_setup
 from test_hf import CONFIG, random_llama, write_hf
 
-ARITH = ["dataset.train=builtin:arith", "dataset.validation=builtin:arith", "data_sampling.n_samples=0",
-         "data_sampling.val_samples=64", "training.batch_size=16", "checkpoint.save_every=0", "training.log_interval=10",
-         "training.warmup_steps=5"]
-REHEAD = [*ARITH, "model.n_future_tokens=4", "training.max_steps=60", "training.eval_interval=20",
+ARITH = ["data_sampling.n_samples=0", "data_sampling.val_samples=64", "training.batch_size=16",
+         "checkpoint.save_every=0", "training.log_interval=10", "training.warmup_steps=5"]
+REHEAD = [*ARITH, "model.n_future_tokens=4", "training.max_steps=60", "training.eval_interval=30",
           "training.learning_rate=1e-3"]
 OLD = ["training.head_loss_weights=[1.0]", "training.new_heads_warmup_steps=0"]  # equal weights, no warm-up
 
 
 @pytest.fixture(scope="module")
 def ntp(tmp_path_factory):
-    """(a next-token model's HF dir, its val/head_0_loss, the MLflow URI): a tiny random LLaMA trained for 300 steps
-    as a one-head model on two-digit additions, exported."""
+    """(a next-token model's HF dir, its val/head_0_loss, the MLflow URI, the data's overrides): a tiny random
+    LLaMA trained for 300 steps as a one-head model on two-digit additions (a JSONL copy of builtin:arith: no
+    checker, so validation measures losses and decodes nothing), exported."""
     root = tmp_path_factory.mktemp("reheading")
     uri = f"sqlite:///{root}/mlflow.db"
+    for split in ("train", "validation"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arith_records(split)))
+    data = [f"dataset.train={root / 'train.jsonl'}", f"dataset.validation={root / 'validation.jsonl'}"]
     shape = {**CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4}
     start = write_hf(root / "random", shape, random_llama(shape))
-    cfg = tiny_config("baseline", root / "ntp", f"model.path={start}", "model.n_future_tokens=1", *ARITH,
+    cfg = tiny_config("baseline", root / "ntp", f"model.path={start}", "model.n_future_tokens=1", *ARITH, *data,
                       "training.max_steps=300", "training.eval_interval=0", "training.learning_rate=3e-3",
                       f"mlflow.tracking_uri={uri}")
     result = wm.train(cfg)
     export(next((root / "ntp" / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt")), "hf", root / "ntp_hf")
-    return root / "ntp_hf", result["val/head_0_loss"], uri
+    return root / "ntp_hf", result["val/head_0_loss"], uri, data
 
 
 class Warnings(logging.Handler):
@@ -58,14 +63,14 @@ def history(uri, run_id, key):
 def reheaded(ntp, tmp_path_factory):
     """{"old" | "defaults": (val/head_0_loss history [(step, value)], the warnings it logged)}: 60 steps as a
     4-head policy, with equal weights and no warm-up, and with the defaults."""
-    model_dir, _, uri = ntp
+    model_dir, _, uri, data = ntp
     runs = {}
     for name, extra in (("old", OLD), ("defaults", [])):
         warnings, logger = Warnings(), logging.getLogger("weighted_mtp")
         logger.addHandler(warnings)
         try:
             result = wm.train(tiny_config("baseline", tmp_path_factory.mktemp(name), f"model.path={model_dir}",
-                                          *REHEAD, f"mlflow.tracking_uri={uri}", *extra))
+                                          *REHEAD, *data, f"mlflow.tracking_uri={uri}", *extra))
         finally:
             logger.removeHandler(warnings)
         runs[name] = (history(uri, result["run_id"], "val/head_0_loss"), warnings.messages, result["run_id"])
@@ -73,13 +78,13 @@ def reheaded(ntp, tmp_path_factory):
 
 
 def test_step_0_logs_the_starting_models_head_losses(ntp, reheaded):
-    _, ntp_loss, uri = ntp
+    _, ntp_loss, uri, _ = ntp
     for name, (head_0, _, run_id) in reheaded.items():
-        assert [step for step, _ in head_0] == [0, 20, 40, 60], name
+        assert [step for step, _ in head_0] == [0, 30, 60], name
         assert head_0[0][1] == pytest.approx(ntp_loss, rel=1e-5)  # the exported model's own, before any step
         head_1 = history(uri, run_id, "val/head_1_loss")
         assert head_1[0][0] == 0 and head_1[0][1] > 2 * head_0[0][1]  # a copy of head 0 predicting a token later
-        assert [step for step, _ in history(uri, run_id, "val/loss")] == [20, 40, 60]  # best checkpoint: trained only
+        assert [step for step, _ in history(uri, run_id, "val/loss")] == [30, 60]  # best checkpoint: trained only
 
 
 def test_defaults_keep_head_0_where_equal_weights_raise_it(reheaded):
@@ -88,17 +93,17 @@ def test_defaults_keep_head_0_where_equal_weights_raise_it(reheaded):
     # measured: start 1.0486; equal weights, no warm-up 1.4644 (+40 %); the defaults 1.0340
     assert old[-1][1] > 1.2 * start, (start, old[-1][1])
     assert new[-1][1] <= start, (start, new[-1][1])
-    assert new[1][1] == start  # step 20: inside the 30-step warm-up head 0 has not moved at all
+    assert new[1][1] == start  # step 30: through the 30-step warm-up head 0 has not moved at all
     rose = [m for m in old_warnings if "val/head_0_loss" in m]
-    assert rose and rose[0].startswith(f"step 20: val/head_0_loss {old[1][1]:.4f} is ")
+    assert rose and rose[0].startswith(f"step 30: val/head_0_loss {old[1][1]:.4f} is ")
     assert f"above its step 0 value {start:.4f} (training.head_0_max_rise 0.05)" in rose[0]
     assert not [m for m in new_warnings if "val/head_0_loss" in m]
 
 
 def test_the_warmup_freezes_exactly_the_trunk_and_head_0(ntp, tmp_path):
-    model_dir, _, _ = ntp
+    model_dir, _, _, data = ntp
     _, start = wm.load_pretrained(model_dir, n_future_tokens=4)
-    cfg = tiny_config("baseline", tmp_path, f"model.path={model_dir}", *ARITH, "model.n_future_tokens=4",
+    cfg = tiny_config("baseline", tmp_path, f"model.path={model_dir}", *ARITH, *data, "model.n_future_tokens=4",
                       "training.max_steps=5", "training.new_heads_warmup_steps=5", "training.eval_interval=0",
                       "mlflow.enable_logging=false")
     _, setup = train_keeping_setup(cfg)
@@ -115,8 +120,8 @@ def test_the_warmup_freezes_exactly_the_trunk_and_head_0(ntp, tmp_path):
 
 
 def test_head_0_on_rise_stop_fails_the_run_naming_both_losses(ntp, tmp_path):
-    model_dir, ntp_loss, uri = ntp
-    cfg = tiny_config("baseline", tmp_path, f"model.path={model_dir}", *REHEAD, *OLD, "training.max_steps=20",
+    model_dir, _, uri, data = ntp
+    cfg = tiny_config("baseline", tmp_path, f"model.path={model_dir}", *REHEAD, *data, *OLD, "training.max_steps=20",
                       "training.eval_interval=10", "training.head_0_on_rise=stop", f"mlflow.tracking_uri={uri}",
                       "mlflow.run_name=stopped")
     with pytest.raises(UserError) as stopped:
