@@ -173,7 +173,8 @@ EOF
 
 say "4. export round trip: the 'defaults' run's policy as a Hugging Face dir, read by stock transformers"
 rm -rf "$WORK/export"
-"$PY" -m weighted_mtp export --checkpoint "$(ls "$WORK"/ckpt-defaults/baseline-mtp/*/checkpoint_final.pt)" --format hf \
+# shellcheck disable=SC2012  # the newest of our own run dirs: plain names
+"$PY" -m weighted_mtp export --checkpoint "$(ls -t "$WORK"/ckpt-defaults/*/*/checkpoint_final.pt | head -1)" --format hf \
   --out "$WORK/export" > "$WORK/export.log" 2>&1 || { tail -20 "$WORK/export.log"; exit 1; }
 measure <<'EOF'
 import json, os, torch
