@@ -331,7 +331,7 @@ def p6_mfu(S):
 
 
 def gen_kv_cache(S, prompt=32, new=256):
-    """gen_kv_cache: generation tokens/s with weighted_mtp.generate's KV cache / re-running the whole prefix for
+    """gen_kv_cache: generation tokens/s with model.generate's KV cache / re-running the whole prefix for
     every token (what the trainer did before): greedy, 256 new tokens for 4 random 32-token prompts (1 in --quick,
     where the uncached side would take most of the minute), micro model."""
     model, batch = setup("baseline", dim=S.dim)[1].eval(), 1 if S.quick else 4

@@ -277,6 +277,11 @@ class TrainingConfig:
     parallel: str = rule(lambda v: v in ("ddp", "fsdp"), "ddp or fsdp")
     activation_checkpointing: bool
     weight_control: str = rule(lambda v: v in ("none", "shuffled"), "none or shuffled")
+    head_loss_weights: list = rule(lambda v: all(type(x) in (int, float) and x >= 0 for x in v) and v[:1] != [0],
+                                   "[], a decay [r] or one weight per head: numbers >= 0, head 0's > 0")
+    new_heads_warmup_steps: int = rule(*NON_NEGATIVE)
+    head_0_max_rise: float = rule(*NON_NEGATIVE)
+    head_0_on_rise: str = rule(lambda v: v in ("warn", "stop"), "warn or stop")
 
     def check(self, source):
         if self.weight_clip_min >= self.weight_clip_max:

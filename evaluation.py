@@ -71,7 +71,7 @@ class Validation:
         return bool(self.interval and done % self.interval == 0) or done == total
 
     @torch.no_grad()
-    def run(self, model):
+    def run(self, model, decode=True):
         model.eval()
         meter, mine = Meter(self.device), self.examples[self.rank::self.world]
         self.pipeline.val_begin()
@@ -80,11 +80,41 @@ class Validation:
                 with self.autocast():
                     self.pipeline.val_step(model, collate(chunk, self.tok.pad_id, self.device), meter)
             out = self.pipeline.val_end(meter.reduce(), self.world)
-            if self.pipeline.decodes:
+            if decode and self.pipeline.decodes:
                 out.update(decoded_metrics(model, mine, self.checker, self.tok, self.device, self.autocast,
                                            self.limits, self.workers, self.decoding))
         model.train()
         return out
+
+
+class Head0Watch:
+    """Next-token prediction against where it started: head k's val loss of the starting weights (logged as
+    val/head_k_loss at step 0; after a resume, those of the resumed weights, not logged again), then at every
+    validation a warning, or with training.head_0_on_rise stop a failed run, once val/head_0_loss exceeds its start
+    by more than training.head_0_max_rise (a fraction). Pipelines that leave the LM heads alone are not watched."""
+
+    def __init__(self, setup, validation, train_log, start_step):
+        self.t, self.start = setup.cfg.training, None
+        if not setup.pipeline.watches_head_0:
+            return
+        heads = {k: v for k, v in validation.run(setup.model, decode=False).items() if k.startswith("val/head_")}
+        self.start, self.since = heads.get("val/head_0_loss"), f"step {start_step}"
+        if start_step == 0:
+            train_log.validation(0, heads)
+
+    def check(self, done, val):
+        if self.start is None or "val/head_0_loss" not in val:
+            return
+        now, limit = val["val/head_0_loss"], self.start * (1 + self.t.head_0_max_rise)
+        if now <= limit:
+            return
+        message = (f"step {done}: val/head_0_loss {now:.4f} is {now / self.start - 1:.1%} above its {self.since} "
+                   f"value {self.start:.4f} (training.head_0_max_rise {self.t.head_0_max_rise}): next-token "
+                   "prediction is getting worse; lower training.head_loss_weights of the other heads or the learning "
+                   "rate, or raise training.new_heads_warmup_steps (docs/models.md)")
+        if self.t.head_0_on_rise == "stop":
+            raise UserError(message + "; stopped (training.head_0_on_rise stop)")
+        log.warning(message)
 
 
 def distinct_prompts(examples):

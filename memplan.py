@@ -15,6 +15,9 @@ from pretrained import ByteTokenizer, micro_args, model_args_from_hf, model_args
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
+TORCH_ITSELF = 0.4 * 2**30  # a CPU process's resident memory before any model: Python, torch and the trainer's imports
+
+
 PLAN_ROWS = {"parameters": "trainable parameters (fp32 masters)", "gradients": "gradients (fp32)",
              "buckets": "DDP all-reduce buckets (fp32)", "optimizer": "AdamW moments (2 x fp32)",
              "frozen": "frozen weights (LoRA base, critic trunk)", "reference": "rho1 reference (frozen)",
@@ -173,14 +176,16 @@ def expected_paths(cfg, use_micro):
     keys = {"model.path": model.path, "model.tokenizer": model.tokenizer,
             "model.init_from": cfg.model.init_from if PIPELINE_TYPES[pipeline].start_from_init(cfg) else "",
             "critic.checkpoint": cfg.critic.checkpoint if pipeline == "verifiable" else "",
-            "critic.model": cfg.critic.model if PIPELINE_TYPES[pipeline].value_head else "",
+            "critic.model": cfg.critic.model if PIPELINE_TYPES[pipeline].value_head and cfg.critic.model not in
+            ("policy", "copy") else "",  # policy and copy name no directory
             "reference.path": cfg.reference.path if pipeline == "rho1" else "",
             "dataset.train": cfg.dataset.train, "dataset.validation": cfg.dataset.validation}
     return [(key, path, Path(path).exists()) for key, path in keys.items() if is_local_path(path)]
 
 
 def config_plans(cfg, world, use_micro):
-    """(what was planned, {checkpointing off/on: memory_plan}) for the config on `world` processes, or (why not, {})."""
+    """(what was planned, {checkpointing off/on: memory_plan on CUDA, "cpu": the configured one in fp32 on the
+    CPU}) for the config on `world` processes, or (why not, {})."""
     m, t, pipeline = cfg.model, cfg.training, cfg.experiment.pipeline
     parallel, _, frozen_dtype = plan_settings(cfg)
     if use_micro or not m.path:
@@ -213,7 +218,9 @@ def config_plans(cfg, world, use_micro):
             f"batch {t.batch_size} x {cfg.dataset.max_length} tokens, CUDA bf16 autocast")
     if kw.get("value"):
         what += f"; a separate value model of {sum(parameter_counts(kw['value'], 'baseline', 0)) / 1e6:,.1f}M, frozen"
-    return what, {ac: memory_plan(args, activation_checkpointing=ac, **kw) for ac in (False, True)}
+    plans = {ac: memory_plan(args, activation_checkpointing=ac, **kw) for ac in (False, True)}
+    plans["cpu"] = memory_plan(args, activation_checkpointing=cfg.training.activation_checkpointing, device="cpu", **kw)
+    return what, plans
 
 
 def dry_run_report(cfg, world, world_from, use_micro, gpu_gb):
@@ -229,6 +236,10 @@ def dry_run_report(cfg, world, world_from, use_micro, gpu_gb):
         for key, label in PLAN_ROWS.items():
             if plans[False][key] or plans[True][key]:
                 lines.append(f"  {label:<42}{plans[False][key] / scale:>18.2f}{plans[True][key] / scale:>8.2f}")
+        cpu = plans["cpu"]
+        lines.append(f"on the CPU instead (fp32, no autocast; host RAM per process, + {TORCH_ITSELF / 2**30:.1f} "
+                     f"GiB for Python and torch): peak {cpu['peak'] / 2**30:.2f} GiB, validation "
+                     f"{cpu['validation'] / 2**30:.2f} GiB")
         if gpu_gb:  # the larger GPU phase: training's peak or validation
             fits = {ac: max(p["peak"], p["validation"]) <= 0.9 * gpu_gb * 2**30 for ac, p in plans.items()}
             verdict, on_off = {True: "fits", False: "does NOT fit"}, {True: "on", False: "off"}

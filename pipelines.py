@@ -31,18 +31,60 @@ def log_head_losses(meter, prefix, ce, valid):
         meter.add(f"{prefix}/head_{k}_loss", (ce[..., k] * valid[..., k]).sum(), valid[..., k].sum())
 
 
+# Heads added to a next-token checkpoint start as copies of head 0, ~15 nats from their targets on SmolLM2; with
+# equal weights their gradients through the shared trunk raised head 0's held-out loss 1.05 -> 1.46 on the micro
+# model (docs/models.md: Re-heading). At 0.1 each new head still trains its own block at full speed (AdamW scales
+# every parameter's step) but pulls on the shared trunk 10x (100x, 1000x) less than head 0: 1.05 -> 1.03.
+REHEADED_DECAY = 0.1
+
+
 class Pipeline:
-    """What every pipeline does unless it says otherwise: MTP on correct answers, loss = mtp_loss(ce, valid), from
-    model.init_from, nothing frozen, no state of its own. Each pipeline below overrides what makes it different."""
+    """What every pipeline does unless it says otherwise: MTP on correct answers, loss = mtp_loss(ce, valid, λ) with
+    λ_k training.head_loss_weights, from model.init_from, nothing frozen (but the trunk and head 0 through the
+    new-heads warm-up), no state of its own. Each pipeline below overrides what makes it different."""
     name = "baseline"
     value_head = False  # a value head on the policy, when critic.model is policy (value_head_on_policy)
     decodes = True  # validation also decodes answers (val/accuracy) when the dataset has a checker
+    watches_head_0 = True  # val/head_0_loss against its start (evaluation.Head0Watch): the LM heads train
     val_correct_ratio = 1.0  # the share of right answers among the validation examples
     compare_start = "warm-up"  # where compare starts it (its table's "started from")
     compare_variants = {}  # compare rows "<name>:<variant>": the overrides that make the variant
 
     def __init__(self, cfg, H):
         self.cfg, self.t, self.H = cfg, cfg.training, H
+        if len(self.t.head_loss_weights) not in (0, 1, H):
+            raise UserError(f"training.head_loss_weights {self.t.head_loss_weights}: one number (a decay), one per "
+                            f"head ({H}, model.n_future_tokens), or none (the default)")
+        self.set_head_weights(self.t.head_loss_weights or [1.0])
+        self.warmup_frozen = []  # the parameters the new-heads warm-up holds still (heads_added)
+
+    def set_head_weights(self, spec):
+        lam = W.head_loss_weights(spec, self.H)
+        self.head_weights = None if bool((lam == 1).all()) else lam  # None: mtp_loss's own path, bit for bit
+
+    def weighed(self, valid, weights, targets):
+        """(valid, weights) for the model's weigh(): `weights` (None = 1) times head k's training.head_loss_weights."""
+        if self.head_weights is None:
+            return valid, weights
+        lam = self.head_weights.to(targets.device).expand(targets.shape)
+        return valid, lam if weights is None else weights * lam
+
+    def heads_added(self, model, new_heads):
+        """The starting weights lacked the heads `new_heads` (re-heading: they start as copies of head 0). Without
+        training.head_loss_weights their losses weigh REHEADED_DECAY^k; and for the first
+        training.new_heads_warmup_steps steps only their blocks train: the trunk, head 0, the shared norm and output
+        (and any value head) keep their weights bit for bit (frozen_now)."""
+        if not new_heads:
+            return
+        if not self.t.head_loss_weights:
+            self.set_head_weights([REHEADED_DECAY])
+        training = tuple(f"extra_heads.{k - 1}." for k in new_heads)
+        self.warmup_frozen = [p for name, p in model.named_parameters()
+                              if p.requires_grad and not name.startswith(training)]
+
+    def frozen_now(self, step):
+        """The parameters whose gradients step `step` drops (no update, no AdamW state): the warm-up's."""
+        return self.warmup_frozen if step < self.t.new_heads_warmup_steps else []
 
     @classmethod
     def value_head_on_policy(cls, cfg):
@@ -76,7 +118,7 @@ class Pipeline:
         tokens, labels, _ = batch
         targets = W.shift_targets(labels, self.H)
         valid = targets != -100
-        loss, ce, _ = model(tokens, targets, weigh=lambda values: (valid, None))  # W.mtp_loss(ce, valid)
+        loss, ce, _ = model(tokens, targets, weigh=lambda values: self.weighed(valid, None, targets))
         log_head_losses(meter, "train", ce, valid)
         return loss
 
@@ -154,7 +196,7 @@ class Critic(Pipeline):
     baselines val/auc_logprob and val/auc_logprob_mean: the same AUC with the starting policy's log-probability of
     the answer (its sum, its mean per token) as the score. A critic is worth its margin over them."""
     name = "critic"
-    value_head, decodes = True, False
+    value_head, decodes, watches_head_0 = True, False, False  # the LM heads stay as they are
     val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
     compare_start = "warm-up (value model)"
 
@@ -173,6 +215,9 @@ class Critic(Pipeline):
             cast_frozen(model, DTYPES[self.cfg.model.dtype])
             self.start_policy = model.to(device)
         return value_model
+
+    def heads_added(self, model, new_heads):
+        """Nothing to protect: the critic trains no LM head."""
 
     def see_data(self, train_examples, val_records, encode):
         if self.cfg.critic.shuffle_labels:
@@ -367,7 +412,7 @@ class Verifiable(Pipeline):
         def weigh(head_values):  # the model calls it with the value head's output (detached), before any CE
             found["td"], found["w_tok"] = self.weights(frozen if separate else head_values, rewards, mask,
                                                        t.td_lambda, step, update_ema=True)
-            return policy_valid, W.heads_from_tokens(found["w_tok"], H)
+            return self.weighed(policy_valid, W.heads_from_tokens(found["w_tok"], H), head_targets)
 
         policy, ce, values = model(tokens, head_targets, values=not separate, weigh=weigh)
         values = frozen if separate else values
@@ -475,7 +520,7 @@ class Rho1(Pipeline):
             chosen[k] = W.topk_weights(W.excess_loss(ce_k, ref[..., k])[..., None], valid[..., k, None], ratio)[..., 0]
             return valid[..., k] & (chosen[k] > 0)
 
-        loss, ce, _ = model(tokens, targets, weigh=lambda values: (selected, None))  # mtp_loss(ce, valid & (w > 0))
+        loss, ce, _ = model(tokens, targets, weigh=lambda values: self.weighed(selected, None, targets))
         excess = W.excess_loss(ce, ref)
         w = torch.stack([chosen[k] for k in range(ce.shape[-1])], dim=-1)
         log_head_losses(meter, "train", ce, valid)

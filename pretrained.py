@@ -460,6 +460,16 @@ def build_model(cfg, use_micro, value_head, meta=False):
     return tok, model
 
 
+def added_heads(cfg, use_micro):
+    """The heads that re-heading model.path adds (with_heads: they start as copies of head 0): own..H-1, where
+    own is the directory's head count (1 for a Hugging Face dir); none for the micro model."""
+    if use_micro or not cfg.model.path:
+        return range(0)
+    d = Path(cfg.model.path)
+    own = (model_args_from_hf(d)[0] if (d / "config.json").exists() else model_args_from_meta(d)).n_future_tokens
+    return range(own, cfg.model.n_future_tokens)
+
+
 def pretrained_args(path, H):
     """ModelArgs of a Meta or HF dir re-headed to H heads (with_heads), from its params.json / config.json alone."""
     d = Path(path)

@@ -297,7 +297,7 @@ class Tracking:
             history = self.client.get_metric_history(self.run_id, "train/loss")
             return max((m.step for m in history), default=0)
         self.run_id = create_run(self.client, exp_id, cfg, self.run_name, self.tags)
-        return 0
+        return -1  # nothing yet: step 0 (the starting model's val/head_k_loss) is sent too
 
     def _start_system_metrics(self):
         """MLflow's own monitor (CPU, memory, disk, network; GPU with nvidia-ml-py) on a thread."""

@@ -32,14 +32,14 @@ from checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_check
 from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
                     tracking_uri)
 from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
-from evaluation import Validation, eval_tasks, evaluate, sample
+from evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
 from memplan import dry_run_report
 from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
                       load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
                       wrap)
 from pipelines import PIPELINE_TYPES, Pipeline
-from pretrained import (build_model, check_micro, export, initial_weights, load_pretrained, next_token_logits,
-                        pretrained_weights)
+from pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
+                        next_token_logits, pretrained_weights)
 from report import compare_rows, format_compare, list_configs, report, summarize_compare
 from tracking import (NoTracking, Preempted, StopSignal, Tracking, TrainLog, closing_summary, console_logging, doctor,
                       experiment_id, log_params, preflight, provenance_tags, quiet_console, run_description, run_url,
@@ -164,6 +164,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     else:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
+    pipeline.heads_added(model, () if spec else added_heads(cfg, use_micro))  # a checkpoint's start has them all
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, optimizer, data,
                   step_count(cfg, len(data.train), rank, world), run_name, starts, resume_path)
@@ -222,6 +223,8 @@ def train_step(pipeline, ddp_model, optimizer, params, batches, meter, step, sto
         n_tok = (batch[1] != -100).sum()
         step_meter.add("train/loss", loss.detach() * n_tok, n_tok)
         step_loss += loss.detach() / accum
+    for p in pipeline.frozen_now(step):  # no gradient: the fused AdamW leaves the weight and its state untouched
+        p.grad = None
     grad_norm = torch.nn.utils.clip_grad_norm_(params, pipeline.t.max_grad_norm)  # the pre-clip norm
     if hasattr(grad_norm, "full_tensor"):  # sharded: a DTensor, already the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
@@ -330,6 +333,7 @@ def train(cfg, use_micro=False):
             model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))
             flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,
                                                                                                     tracking, start)
+            head_0 = Head0Watch(s, validation, train_log, start)
             with Checkpointer(s, batches, tracking, run_id, run_root / run_id) as checkpointer:
                 val = {}
                 for step in range(start, s.total_steps):
@@ -348,6 +352,7 @@ def train(cfg, use_micro=False):
                         val = validation.run(s.model)
                         train_log.validation(done, val)
                         checkpointer.after_validation(done, val)
+                        head_0.check(done, val)
                     checkpointer.after_step(done)
                 checkpointer.final()
                 train_log.close()

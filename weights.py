@@ -78,6 +78,17 @@ def mtp_loss(ce, valid, weights=None):
     return (per_head * has.to(num.dtype)).sum() / has.sum().clamp(min=1).to(num.dtype)
 
 
+def head_loss_weights(spec, n_heads):
+    """
+    lambda_k for k = 0..H-1 from training.head_loss_weights: one number r is a decay, lambda_k = r^k (head 0
+    always 1); H numbers are lambda_k as given. The trainer multiplies them into mtp_loss's weights, so
+    loss = mean over heads of lambda_k * loss_k. spec: a list of floats -> [H] float tensor.
+    """
+    if len(spec) == 1:
+        return torch.tensor(float(spec[0])) ** torch.arange(n_heads, dtype=torch.float32)
+    return torch.tensor([float(x) for x in spec])
+
+
 def mtp_scale(valid, weights=None):
     """
     scale[b,t,k] = w * valid / max(n_k, 1) / max(#heads with n_k > 0, 1),   n_k = sum_{b,t} valid[b,t,k]

@@ -167,8 +167,11 @@ def losses(tracking, run_id):
     return [m.value for m in MlflowClient(tracking).get_metric_history(run_id, "train/loss")]
 
 
+# the trainer on a re-headed model as it trains from scratch: every block from step 1, equal head weights (the
+# re-heading defaults that protect head 0 are tests/test_reheading.py's)
+EQUAL_HEADS = ["training.new_heads_warmup_steps=0", "training.head_loss_weights=[1.0]"]
 RUN = ["training.max_steps=30", "training.log_interval=5", "training.eval_interval=0", "data_sampling.n_samples=240",
-       "checkpoint.save_every=0", "training.learning_rate=2e-3"]
+       "checkpoint.save_every=0", "training.learning_rate=2e-3", *EQUAL_HEADS]
 
 
 def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(tracking, tmp_path, hf_dir):
@@ -217,7 +220,7 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
 
 def test_a_lora_run_exports_with_its_adapters_merged(tmp_path, hf_dir):
     cfg = tiny_config("baseline", tmp_path, f"model.path={hf_dir}", "model.lora.rank=2", "mlflow.enable_logging=false",
-                      "checkpoint.save_every=0")
+                      "checkpoint.save_every=0", *EQUAL_HEADS)
     model = train_keeping_setup(cfg)[1].model
     ckpt_path = next((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))
     assert torch.load(ckpt_path)["model_partial"]

@@ -23,6 +23,7 @@ from config import PIPELINES, load_config
 from model import MTPTransformer, ModelArgs, apply_lora
 from pretrained import ByteTokenizer, micro_args
 from pipelines import PIPELINE_TYPES
+import memplan
 from memplan import block_shape, memory_plan, model_shape, parameter_counts
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -239,6 +240,27 @@ def test_dry_run_reads_a_hugging_face_config_and_the_rho1_reference(tmp_path):
     assert "# memory plan per GPU: rho1, 7 blocks (4 heads), d=64, V=259" in r.stdout
     assert f"#   reference.path      {ref}  found" in r.stdout
     assert "#   dataset.train       /nonexistent/train.jsonl  MISSING on this machine" in r.stdout
+
+
+def test_dry_run_plans_a_cpu_run_and_reads_critic_model_copy_as_no_path():
+    """critic_local.yaml's critic.model copy (and policy) name no directory: nothing MISSING. The CPU line is the
+    configured plan in fp32 (memory_plan device=cpu): 4-byte activations, no bf16 copies."""
+    r = dry_run("--config", "configs/critic/critic_local.yaml", "--use-micro-model")
+    assert r.returncode == 0, r.stderr
+    assert "critic.model" not in "".join(line for line in r.stdout.splitlines() if line.startswith("#  "))
+    assert "MISSING" not in r.stdout
+    cfg = load_config(ROOT / "configs/critic/critic_local.yaml")
+    args = micro_args(cfg, ByteTokenizer.vocab_size)
+    # the critic trains its separate value model alone: a frozen copy of the policy's trunk and head 0
+    value = memplan.value_model_shape("copy", args)
+    cpu = memory_plan(value, "critic", 0, "ddp", 1, batch_size=64, seq_len=256, device="cpu",
+                      eval_batch_size=16, eval_length=256 + 32)
+    cuda = memory_plan(value, "critic", 0, "ddp", 1, batch_size=64, seq_len=256, eval_batch_size=16,
+                       eval_length=256 + 32)
+    assert cpu["logits"] == cuda["logits"] == 2 * 4 * 64 * 256 * 259  # a forward-only loss: logits, log-softmax
+    assert cpu["activations"] == (16 * 128 + 3 * 4 * 352) * 64 * 256 != cuda["activations"]  # fp32 matmul inputs
+    assert (f"# on the CPU instead (fp32, no autocast; host RAM per process, + 0.4 GiB for Python and torch): peak "
+            f"{cpu['peak'] / 2**30:.2f} GiB, validation {cpu['validation'] / 2**30:.2f} GiB") in r.stdout.splitlines()
 
 
 def test_dry_run_of_a_bad_model_dir_is_one_line(tmp_path):

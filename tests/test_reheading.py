@@ -1,0 +1,166 @@
+"""Re-heading a next-token model without hurting it: a tiny LLaMA trained as a next-token model (H = 1), exported as
+a Hugging Face dir, then trained as a 4-head policy. With the defaults (the new-heads warm-up, the new heads'
+losses weighed 0.1^k) head 0's held-out loss does not rise; with equal weights and no warm-up it does. The starting
+model's val/head_k_loss is logged at step 0, read back from MLflow."""
+import json
+import logging
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import weighted_mtp as wm
+import weights as W
+from config import UserError
+from data import arith_records
+from parallel import Meter
+from pipelines import PIPELINE_TYPES
+from pretrained import build_model, export
+from conftest import tiny_config, train_keeping_setup
+from test_hf import CONFIG, random_llama, write_hf
+
+ARITH = ["data_sampling.n_samples=0", "data_sampling.val_samples=64", "training.batch_size=16",
+         "checkpoint.save_every=0", "training.log_interval=10", "training.warmup_steps=5"]
+REHEAD = [*ARITH, "model.n_future_tokens=4", "training.max_steps=60", "training.eval_interval=30",
+          "training.learning_rate=1e-3"]
+OLD = ["training.head_loss_weights=[1.0]", "training.new_heads_warmup_steps=0"]  # equal weights, no warm-up
+
+
+@pytest.fixture(scope="module")
+def ntp(tmp_path_factory):
+    """(a next-token model's HF dir, its val/head_0_loss, the MLflow URI, the data's overrides): a tiny random
+    LLaMA trained for 300 steps as a one-head model on two-digit additions (a JSONL copy of builtin:arith: no
+    checker, so validation measures losses and decodes nothing), exported."""
+    root = tmp_path_factory.mktemp("reheading")
+    uri = f"sqlite:///{root}/mlflow.db"
+    for split in ("train", "validation"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arith_records(split)))
+    data = [f"dataset.train={root / 'train.jsonl'}", f"dataset.validation={root / 'validation.jsonl'}"]
+    shape = {**CONFIG, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4}
+    start = write_hf(root / "random", shape, random_llama(shape))
+    cfg = tiny_config("baseline", root / "ntp", f"model.path={start}", "model.n_future_tokens=1", *ARITH, *data,
+                      "training.max_steps=300", "training.eval_interval=0", "training.learning_rate=3e-3",
+                      f"mlflow.tracking_uri={uri}")
+    result = wm.train(cfg)
+    export(next((root / "ntp" / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt")), "hf", root / "ntp_hf")
+    return root / "ntp_hf", result["val/head_0_loss"], uri, data
+
+
+class Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def history(uri, run_id, key):
+    return [(m.step, m.value) for m in sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)]
+
+
+@pytest.fixture(scope="module")
+def reheaded(ntp, tmp_path_factory):
+    """{"old" | "defaults": (val/head_0_loss history [(step, value)], the warnings it logged)}: 60 steps as a
+    4-head policy, with equal weights and no warm-up, and with the defaults."""
+    model_dir, _, uri, data = ntp
+    runs = {}
+    for name, extra in (("old", OLD), ("defaults", [])):
+        warnings, logger = Warnings(), logging.getLogger("weighted_mtp")
+        logger.addHandler(warnings)
+        try:
+            result = wm.train(tiny_config("baseline", tmp_path_factory.mktemp(name), f"model.path={model_dir}",
+                                          *REHEAD, *data, f"mlflow.tracking_uri={uri}", *extra))
+        finally:
+            logger.removeHandler(warnings)
+        runs[name] = (history(uri, result["run_id"], "val/head_0_loss"), warnings.messages, result["run_id"])
+    return runs
+
+
+def test_step_0_logs_the_starting_models_head_losses(ntp, reheaded):
+    _, ntp_loss, uri, _ = ntp
+    for name, (head_0, _, run_id) in reheaded.items():
+        assert [step for step, _ in head_0] == [0, 30, 60], name
+        assert head_0[0][1] == pytest.approx(ntp_loss, rel=1e-5)  # the exported model's own, before any step
+        head_1 = history(uri, run_id, "val/head_1_loss")
+        assert head_1[0][0] == 0 and head_1[0][1] > 2 * head_0[0][1]  # a copy of head 0 predicting a token later
+        assert [step for step, _ in history(uri, run_id, "val/loss")] == [30, 60]  # best checkpoint: trained only
+
+
+def test_defaults_keep_head_0_where_equal_weights_raise_it(reheaded):
+    (old, old_warnings, _), (new, new_warnings, _) = reheaded["old"], reheaded["defaults"]
+    start = old[0][1]
+    # measured: start 1.0486; equal weights, no warm-up 1.4644 (+40 %); the defaults 1.0340
+    assert old[-1][1] > 1.2 * start, (start, old[-1][1])
+    assert new[-1][1] <= start, (start, new[-1][1])
+    assert new[1][1] == start  # step 30: through the 30-step warm-up head 0 has not moved at all
+    rose = [m for m in old_warnings if "val/head_0_loss" in m]
+    assert rose and rose[0].startswith(f"step 30: val/head_0_loss {old[1][1]:.4f} is ")
+    assert f"above its step 0 value {start:.4f} (training.head_0_max_rise 0.05)" in rose[0]
+    assert not [m for m in new_warnings if "val/head_0_loss" in m]
+
+
+def test_the_warmup_freezes_exactly_the_trunk_and_head_0(ntp, tmp_path):
+    model_dir, _, _, data = ntp
+    _, start = wm.load_pretrained(model_dir, n_future_tokens=4)
+    cfg = tiny_config("baseline", tmp_path, f"model.path={model_dir}", *ARITH, *data, "model.n_future_tokens=4",
+                      "training.max_steps=5", "training.new_heads_warmup_steps=5", "training.eval_interval=0",
+                      "mlflow.enable_logging=false")
+    _, setup = train_keeping_setup(cfg)
+    trained, before = dict(setup.model.named_parameters()), dict(start.named_parameters())
+    new = {name for name in trained if name.startswith("extra_heads.")}
+    assert {id(p) for p in setup.pipeline.warmup_frozen} == {id(trained[n]) for n in set(trained) - new}
+    for name, p in trained.items():
+        if name in new:
+            assert not torch.equal(p, before[name]), name
+        else:
+            assert torch.equal(p, before[name]), name
+            assert p not in setup.optimizer.state  # AdamW never saw it: no moments, no step count
+    assert setup.pipeline.head_weights.tolist() == pytest.approx([1.0, 0.1, 0.01, 0.001])
+
+
+def test_head_0_on_rise_stop_fails_the_run_naming_both_losses(ntp, tmp_path):
+    model_dir, _, uri, data = ntp
+    cfg = tiny_config("baseline", tmp_path, f"model.path={model_dir}", *REHEAD, *data, *OLD, "training.max_steps=20",
+                      "training.eval_interval=10", "training.head_0_on_rise=stop", f"mlflow.tracking_uri={uri}",
+                      "mlflow.run_name=stopped")
+    with pytest.raises(UserError) as stopped:
+        wm.train(cfg)
+    run = MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name(cfg.mlflow.experiment).experiment_id],
+                                        "attributes.run_name = 'stopped'")[0]
+    assert run.info.status == "FAILED"
+    head_0 = history(uri, run.info.run_id, "val/head_0_loss")
+    assert [step for step, _ in head_0] == [0, 10]
+    assert str(stopped.value).startswith(
+        f"step 10: val/head_0_loss {head_0[1][1]:.4f} is {head_0[1][1] / head_0[0][1] - 1:.1%} above its step 0 "
+        f"value {head_0[0][1]:.4f} (training.head_0_max_rise 0.05)")
+    assert str(stopped.value).endswith("; stopped (training.head_0_on_rise stop)")
+
+
+def test_head_loss_weights_scale_each_heads_loss(tmp_path):
+    assert W.head_loss_weights([0.5], 4).tolist() == [1.0, 0.5, 0.25, 0.125]
+    assert W.head_loss_weights([1, 0.2, 0], 3).tolist() == pytest.approx([1.0, 0.2, 0.0])
+    cfg = tiny_config("baseline", tmp_path, "training.head_loss_weights=[1, 0.5, 0.25]")
+    _, model = build_model(cfg, True, value_head=False)
+    pipeline = PIPELINE_TYPES["baseline"](cfg, 3)
+    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    labels = tokens.clone()
+    labels[:, :4] = -100
+    loss = pipeline.loss(model, (tokens, labels, torch.ones(2)), Meter(torch.device("cpu")), 0)
+    ce, _ = model(tokens, W.shift_targets(labels, 3))
+    valid = W.shift_targets(labels, 3) != -100
+    per_head = (ce * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1))
+    assert valid.sum(dim=(0, 1)).tolist() == [16, 16, 16]  # each head: the 8 answer tokens of each row
+    assert loss.item() == pytest.approx(((per_head * torch.tensor([1, 0.5, 0.25])).sum() / 3).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[1, 0.5]", "training.head_loss_weights [1, 0.5]: one number (a decay), one per head (3, model.n_future_tokens), "
+                 "or none (the default)"),
+    ("[0, 1, 1]", "'training.head_loss_weights' must be [], a decay [r] or one weight per head: numbers >= 0, head "
+                  "0's > 0, got [0, 1, 1]"),
+])
+def test_bad_head_loss_weights_are_one_line_errors(tmp_path, value, message):
+    with pytest.raises(UserError) as bad:
+        wm.prepare(tiny_config("baseline", tmp_path, f"training.head_loss_weights={value}"), use_micro=True)
+    assert str(bad.value).endswith(message)
