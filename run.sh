@@ -4,8 +4,8 @@
 #   demo [args]           compare --seeds 1: a warm-up baseline, then baseline, critic -> verifiable and rho1 from it
 #                         for the same steps on the micro model (CPU, MLflow in ./mlflow.db); the summary table
 #   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run
-#   test [pytest args]    install what the selected tests lack (Debian packages when root, else print the command;
-#                         the test extras), then run pytest
+#   test [--fast] [pytest args]   install what the selected tests lack (Debian packages when root, else print the
+#                         command; the test extras), then run pytest; --fast: the fast tier only (docs/testing.md)
 #   ui | report [args]    mlflow ui on ./mlflow.db, http://127.0.0.1:$PORT (5000), printing the runs view's URL |
 #                         the newest run of each pipeline (--experiment NAME, --tracking-uri URI; default ./mlflow.db)
 #   <pipeline> [--local | --fsdp] [--dry-run] [trainer args]
@@ -260,7 +260,8 @@ cmd_compare() {   # python -m weighted_mtp compare --help: --seeds, --warmup-ste
   python -m weighted_mtp compare "$@" || die "compare failed"
 }
 
-cmd_test() {
+cmd_test() {   # --help: this usage, installing nothing; --fast is pytest's (tests/conftest.py: the tiers)
+  case " $* " in *" -h "* | *" --help "*) usage | sed -n '/^  test /,/^  ui /{/^  ui /!p;}'; exit 0 ;; esac
   "$BASH" "$ROOT/scripts/system_packages.sh" "$PYTHON" "$@" || exit 1   # $BASH: works with an empty PATH too
   bootstrap test
   local rc=0; "$PYTHON" -m pytest "$@" || rc=$?

@@ -732,7 +732,7 @@ REPO_LITTER = ("mlflow.db", "mlruns", "mlartifacts", "checkpoints", "outputs")
 
 
 @pytest.mark.skipif(not TRAINER.exists(), reason="weighted_mtp.py has not landed yet")
-def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
+def test_verifiable_local_trains_with_two_cpu_processes(tmp_path, empty_store):
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
@@ -742,6 +742,7 @@ def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
 
     before = litter()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    shutil.copy(empty_store, tmp_path / "mlflow.db")   # the session's migrated store (tests/conftest.py)
     # Create the experiment first so its artifacts land in tmp_path, not ./mlruns of the CWD.
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("weighted-mtp/production", artifact_location=str(tmp_path / "artifacts"))

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 import weighted_mtp as wm
 from config import DEFAULTS, UserError, dotted_keys, flatten, is_secret
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
-from conftest import ROOT, tiny_config, train_keeping_setup
+from conftest import ROOT, new_store, tiny_config, train_keeping_setup
 
 SECRET = "s3cr3t-value-that-cannot-occur-by-chance"
 
@@ -109,8 +109,8 @@ def logged_run(uri, pipeline, **metrics):
     return client, exp_id, run_id
 
 
-def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path, empty_store):
+    uri = new_store(empty_store, tmp_path)
     logged_run(uri, "baseline", val__loss=1.5, val__pass_at_1=0.25)
     logged_run(uri, "rho1", val__loss=1.25, val__pass_at_1=0.25, eval__pass_at_1=0.5)
     r = run_module("report", "--tracking-uri", uri, cwd=tmp_path)
@@ -128,8 +128,8 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)")
 
 
-def test_ui_url_opens_the_training_runs_view(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_ui_url_opens_the_training_runs_view(tmp_path, empty_store):
+    uri = new_store(empty_store, tmp_path)
     _, exp_id, _ = logged_run(uri, "baseline")
     r = run_module("ui-url", "--tracking-uri", uri, cwd=tmp_path, env={**os.environ, "PORT": "5123"})
     assert r.returncode == 0 and r.stdout == (
