@@ -49,6 +49,8 @@ SLOW = {
     "test_heads.py::test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduce",
     "test_heads.py::test_twenty_step_training_curve_matches_the_naive_one",
     "test_memplan.py::test_plan_is_within_25_percent_of_the_measured_peak",
+    "test_memplan.py::test_gpu_check_cpu_dry_runs_every_step",          # every pipeline, DDP and FSDP, for real
+    "test_memplan.py::test_gpu_check_stops_loudly_at_the_first_broken_step",
     "test_launch.py::test_verifiable_local_trains_with_two_cpu_processes",
     "test_results.py::test_compare_nests_every_run_under_one_parent",
     "test_results.py::test_compare_intervals_worked_by_hand_from_the_logged_values",
@@ -192,6 +194,28 @@ def tracking(empty_store, tmp_path, monkeypatch):
     uri = new_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def main_in_process(*argv, env=None, cwd=None):
+    """`python -m weighted_mtp *argv` run in this process: weighted_mtp.main, the CLI exactly, without the seconds
+    a new interpreter spends importing torch and mlflow. A CompletedProcess (exit code, stdout, stderr); `env`: the
+    variables set for the call, `cwd`: where it runs. Each command and exit code keeps one test of the real process
+    (docs/testing.md)."""
+    import io
+    import logging
+    import subprocess
+    from unittest import mock
+    import weighted_mtp as wm
+    out, err, handlers = io.StringIO(), io.StringIO(), logging.getLogger().handlers[:]
+    with mock.patch.dict(os.environ, env or {}), contextlib.chdir(cwd or os.getcwd()), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = wm.main(list(argv))
+        except SystemExit as e:   # argparse's usage errors
+            code = e.code
+        finally:
+            logging.getLogger().handlers[:] = handlers   # main's basicConfig must not outlive the call
+    return subprocess.CompletedProcess(["weighted_mtp", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def workers_said(stderr, limit=4000):

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 import weighted_mtp as wm
 from config import DEFAULTS, UserError, dotted_keys, flatten, is_secret
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
-from conftest import ROOT, new_store, tiny_config, train_keeping_setup
+from conftest import ROOT, main_in_process, new_store, tiny_config, train_keeping_setup
 
 SECRET = "s3cr3t-value-that-cannot-occur-by-chance"
 
@@ -27,8 +27,8 @@ def run_module(*args, cwd=ROOT, env=None, timeout=120):
 
 
 def test_the_micro_model_refuses_a_model_path_it_would_ignore(tmp_path):
-    r = run_module("train", "--config", "configs/baseline/baseline_local.yaml", "--use-micro-model",
-                   "--override", "model.path=/nope/7B", "--dry-run")
+    r = main_in_process("train", "--config", "configs/baseline/baseline_local.yaml", "--use-micro-model",
+                        "--override", "model.path=/nope/7B", "--dry-run", cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: model.path=/nope/7B would be ignored: --use-micro-model (./run.sh --local) trains the micro model; "
@@ -118,7 +118,8 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path, 
     assert r.returncode == 0 and rows["baseline"][2:6] == ["7", "1.5000", "-", "0.250"] and rows["baseline"][6] == "val"
     assert rows["rho1"][2:6] == ["7", "1.2500", "-", "0.500"]   # evaluate's pass@1 wins over validation's
     assert rows["critic"] == ["critic", "(no", "run)"]
-    r = run_module("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
+    # in this process: report's exit 2 from real processes is ./run.sh report's below
+    r = main_in_process("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)"]
     env = {**os.environ, "WMTP_ENV_FILE": str(tmp_path / "no.env")}   # ./run.sh report: the same command
