@@ -130,6 +130,8 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):   # an xdist worker: the controller, which gets every report, judges
+        return
     durations = _CLOCK["durations"]
     fast = [nodeid for nodeid, (slow, _) in durations.items() if not slow]
     if not fast:
