@@ -46,6 +46,9 @@ SLOW = {
     "test_pipelines.py::test_baseline_loss_decreases_over_100_steps",
     "test_pipelines.py::test_two_process_torchrun_makes_one_run_with_identical_replicas",
     "test_pipelines.py::test_memory_efficient_loss_trains_like_the_naive_one_under_ddp",
+    "test_pipelines.py::test_memory_efficient_loss_trains_like_the_naive_one",    # four trainings
+    "test_pipelines.py::test_lora_runs_save_only_what_they_train_and_still_chain",
+    "test_pipelines.py::test_system_metrics_reach_the_run",                       # 40 steps for the metrics thread
     "test_heads.py::test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduce",
     "test_heads.py::test_twenty_step_training_curve_matches_the_naive_one",
     "test_memplan.py::test_plan_is_within_25_percent_of_the_measured_peak",
@@ -55,12 +58,16 @@ SLOW = {
     "test_results.py::test_compare_nests_every_run_under_one_parent",
     "test_results.py::test_compare_intervals_worked_by_hand_from_the_logged_values",
     "test_results.py::test_policy_pipelines_start_from_identical_weights",
+    "test_results.py::test_compare_control_rows_train_the_critic_their_variant_asks_for",
+    "test_results.py::test_val_pass_at_1_appears_at_each_validation_on_data_with_tests",
     "test_hf.py::test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit",
     "test_hf.py::test_an_hf_reference_drives_rho1",
     "test_hf.py::test_bf16_frozen_weights_lora_base_and_reference_still_learn",
     "test_value_model.py::test_a_separate_critic_round_trips_into_a_frozen_verifiable",
     "test_benchmarks.py::test_humaneval_canonical_solutions_pass_all_164_and_max_tasks_takes_the_first_20",
     "test_evaluate.py::test_model_mode_logs_pass_at_k_on_the_evaluated_training_run",
+    "test_evaluate.py::test_run_sh_evaluate_launches_the_same_command",            # run.sh, then a real evaluate
+    "test_evaluate.py::test_a_completion_reading_the_environment_finds_no_secret_anywhere",
     "test_s3ckpt.py::test_outage_longer_than_budget_reports_local_paths",
 }
 FAST_TIMEOUT_S = 300        # a fast test this long is hung (idle: seconds; a loaded 2-core machine: minutes)

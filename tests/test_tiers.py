@@ -37,20 +37,22 @@ def test_the_fast_tier_tests_every_module():
     assert sorted(set(LAYERS) - covered) == []
 
 
-def collected(*args):
-    """The test ids `pytest --collect-only` lists for tests/test_bench.py (two slow tests, then a fast one)."""
-    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", *args,
+def test_fast_leaves_out_the_slow_tier():
+    """A real `pytest --fast` of tests/test_bench.py (two slow tests, then a fast one) collects the fast one only."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "--fast",
                         "tests/test_bench.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    return [line for line in r.stdout.splitlines() if "::" in line], r.stdout
+    assert [line for line in r.stdout.splitlines() if "::" in line] == [
+        "tests/test_bench.py::test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step"]
+    assert "1/3 tests collected (2 deselected)" in r.stdout
 
 
-def test_fast_leaves_out_the_slow_tier_and_a_plain_run_runs_the_fast_tier_first():
-    fast, out = collected("--fast")
-    assert fast == ["tests/test_bench.py::test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step"]
-    assert "1/3 tests collected (2 deselected)" in out
-    everything, _ = collected()
-    assert everything == [*fast, "tests/test_bench.py::test_bench_quick_reports_every_figure",
-                          "tests/test_bench.py::test_bench_only_runs_the_chosen_figures_and_keeps_the_others"]
+def test_this_run_marks_the_slow_tier_and_runs_the_fast_tier_first(request):
+    """In this very session: every item is marked slow exactly when SLOW names it, and no fast item comes after a
+    slow one."""
+    items = request.session.items
+    slow = [item.get_closest_marker("slow") is not None for item in items]
+    assert slow == [is_slow(item.path, item.originalname) for item in items]
+    assert slow == sorted(slow)
 
 
 def test_the_fast_tiers_time_is_the_wall_alone_or_collection_plus_its_tests():
