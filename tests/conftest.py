@@ -49,12 +49,16 @@ SLOW = {
     "test_pipelines.py::test_memory_efficient_loss_trains_like_the_naive_one",    # four trainings
     "test_pipelines.py::test_lora_runs_save_only_what_they_train_and_still_chain",
     "test_pipelines.py::test_system_metrics_reach_the_run",                       # 40 steps for the metrics thread
+    "test_pipelines.py::test_the_experiment_is_marked_for_model_development",
     "test_heads.py::test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduce",
     "test_heads.py::test_twenty_step_training_curve_matches_the_naive_one",
     "test_memplan.py::test_plan_is_within_25_percent_of_the_measured_peak",
     "test_memplan.py::test_gpu_check_cpu_dry_runs_every_step",          # every pipeline, DDP and FSDP, for real
     "test_memplan.py::test_gpu_check_stops_loudly_at_the_first_broken_step",
     "test_launch.py::test_verifiable_local_trains_with_two_cpu_processes",
+    "test_launch.py::test_test_command_treats_no_tests_as_failure",   # the real ./run.sh test: install + pytest
+    "test_launch.py::test_dotenv_lines_count_and_missing_one_is_named",
+    "test_launch.py::test_a_dotenv_that_group_or_others_can_read_is_warned_about",
     "test_results.py::test_compare_nests_every_run_under_one_parent",
     "test_results.py::test_compare_intervals_worked_by_hand_from_the_logged_values",
     "test_results.py::test_policy_pipelines_start_from_identical_weights",
