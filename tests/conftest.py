@@ -37,7 +37,8 @@ SLOW = {
     "test_tracking_stack_training.py",  # training against that stack
     "test_reliability.py",              # torchrun: SIGTERM, elastic restarts, crashes, two nodes
     "test_s3_training.py",              # training runs against moto S3 behind a slow / failing proxy
-    "test_fsdp.py", "test_fsdp_launch.py", "test_fsdp_memory.py", "test_fsdp_nodes.py", "test_fsdp_shards.py",
+    "test_fsdp.py", "test_fsdp_memory.py", "test_fsdp_nodes.py", "test_fsdp_shards.py",   # torchrun, FSDP2
+    "test_fsdp_launch.py",              # ./run.sh --fsdp: a real trainer dry run per pipeline
     "test_sandbox_hostile.py",          # hostile programs as root and as a throwaway uid, under every isolation
     # single tests of fast files
     "test_bench.py::test_bench_quick_reports_every_figure",   # bench.py --quick: every figure runs (~2 min)
@@ -72,7 +73,6 @@ SLOW = {
     "test_evaluate.py::test_model_mode_logs_pass_at_k_on_the_evaluated_training_run",
     "test_evaluate.py::test_run_sh_evaluate_launches_the_same_command",            # run.sh, then a real evaluate
     "test_evaluate.py::test_a_completion_reading_the_environment_finds_no_secret_anywhere",
-    "test_s3ckpt.py::test_outage_longer_than_budget_reports_local_paths",
 }
 FAST_TIMEOUT_S = 300        # a fast test this long is hung (idle: seconds; a loaded 2-core machine: minutes)
 FAST_TIER_BUDGET_S = 120.0  # the fast tier's whole time on an idle 2-core machine; enforced with CI=true
