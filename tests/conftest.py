@@ -71,6 +71,12 @@ SLOW = {
     "test_value_model.py::test_a_separate_critic_round_trips_into_a_frozen_verifiable",
     "test_benchmarks.py::test_humaneval_canonical_solutions_pass_all_164_and_max_tasks_takes_the_first_20",
     "test_evaluate.py::test_model_mode_logs_pass_at_k_on_the_evaluated_training_run",
+    "test_evaluate.py::test_samples_mode_scores_known_answers_and_logs_its_own_run",  # a real evaluate process
+    "test_generate.py::test_greedy_with_the_cache_equals_rerunning_the_prefix_for_a_batch_of_lengths",  # O(n^2)
+    "test_generate.py::test_greedy_with_the_cache_equals_rerunning_the_prefix_under_lora",  # forwards, ~10 s each
+    "test_newcomer.py::test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment",  # 2 real processes
+    "test_newcomer.py::test_export_downloads_into_a_private_temp_dir_not_a_fixed_path_in_tmp",  # a tracked run
+    "test_hf.py::test_a_lora_run_exports_with_its_adapters_merged",
     "test_evaluate.py::test_run_sh_evaluate_launches_the_same_command",            # run.sh, then a real evaluate
     "test_evaluate.py::test_a_completion_reading_the_environment_finds_no_secret_anywhere",
 }
