@@ -29,7 +29,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 # What makes a test slow: a real torchrun, the tracking stack (PostgreSQL + mlflow server), a moto S3 server with a
 # training run behind it, the bench, a pip install, uid-switching sandbox runs, training curves of tens of steps.
 # A whole file: its name. One test of an otherwise fast file: "file::test" (the function's name, every
-# parametrization). test_tiers.py checks that every name here still exists.
+# parametrization). And every test that starts moto's S3 server (SLOW_FIXTURES). test_tiers.py checks that every
+# name here still exists.
 SLOW = {
     # every test in these files
     "test_packaging.py",                # a venv and a pip install of the checkout
@@ -60,6 +61,7 @@ SLOW = {
     "test_launch.py::test_test_command_treats_no_tests_as_failure",   # the real ./run.sh test: install + pytest
     "test_launch.py::test_dotenv_lines_count_and_missing_one_is_named",
     "test_launch.py::test_a_dotenv_that_group_or_others_can_read_is_warned_about",
+    "test_launch.py::test_dry_run_prints_the_launcher_line",          # a real trainer dry run per launch shape
     "test_results.py::test_compare_nests_every_run_under_one_parent",
     "test_results.py::test_compare_intervals_worked_by_hand_from_the_logged_values",
     "test_results.py::test_policy_pipelines_start_from_identical_weights",
@@ -80,14 +82,15 @@ SLOW = {
     "test_evaluate.py::test_run_sh_evaluate_launches_the_same_command",            # run.sh, then a real evaluate
     "test_evaluate.py::test_a_completion_reading_the_environment_finds_no_secret_anywhere",
 }
+SLOW_FIXTURES = {"moto_s3", "s3_server"}   # a test that starts moto's S3 server is slow, wherever it is
 FAST_TIMEOUT_S = 300        # a fast test this long is hung (idle: seconds; a loaded 2-core machine: minutes)
 FAST_TIER_BUDGET_S = 120.0  # the fast tier's whole time on an idle 2-core machine; enforced with CI=true
 
 
-def is_slow(path, name):
-    """Whether the test function `name` of tests/<path> is in the slow tier."""
+def is_slow(path, name, fixtures=()):
+    """Whether the test function `name` of tests/<path>, which requests `fixtures`, is in the slow tier."""
     file = Path(path).name
-    return file in SLOW or f"{file}::{name}" in SLOW
+    return file in SLOW or f"{file}::{name}" in SLOW or bool(SLOW_FIXTURES & set(fixtures))
 
 
 def pytest_addoption(parser):
@@ -106,7 +109,7 @@ def pytest_collection_modifyitems(config, items):
     """Mark the slow tier, give the fast tier its timeout, and run the fast tier first (a plain run's first minutes
     answer what --fast would; the fast tier's session fixtures are charged to it)."""
     for item in items:
-        if is_slow(item.path, getattr(item, "originalname", item.name)):
+        if is_slow(item.path, getattr(item, "originalname", item.name), getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
         elif item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))

@@ -51,7 +51,7 @@ def test_this_run_marks_the_slow_tier_and_runs_the_fast_tier_first(request):
     slow one."""
     items = request.session.items
     slow = [item.get_closest_marker("slow") is not None for item in items]
-    assert slow == [is_slow(item.path, item.originalname) for item in items]
+    assert slow == [is_slow(item.path, item.originalname, item.fixturenames) for item in items]
     assert slow == sorted(slow)
 
 
@@ -92,3 +92,4 @@ def test_a_slow_name_marks_a_file_or_one_test(monkeypatch, name):
     assert is_slow("tests/test_x.py", "test_y")
     assert is_slow("tests/test_x.py", "test_z") == (name == "test_x.py")
     assert not is_slow("tests/test_w.py", "test_y")
+    assert is_slow("tests/test_w.py", "test_y", ["tmp_path", "moto_s3"])   # moto's S3 server: slow anywhere
