@@ -3,9 +3,9 @@
 # usage: ./run.sh <command> [args]
 #   demo [args]           compare --seeds 1 on the micro model (CPU, MLflow in ./mlflow.db): a warm-up, then baseline,
 #                         critic -> verifiable (on the warm-up's own graded answers) and rho1 from it; the summary table
-#   compare [args]        the same over --seeds N (default 3): mean ± 95 % intervals, a plot, one parent run; --control
-#                         the positive control (configs/control/); --gold: critics on written answers, not sampled ones
-#   test [pytest args]    install what the selected tests lack (Debian packages as root, the test extras); pytest
+#   compare [args]        the same over --seeds N (3): mean ± 95 % intervals, plot; --control, --gold: docs/compare.md
+#   test [--fast] [pytest args]   install what the selected tests lack (Debian packages as root, the test extras),
+#                         then pytest; --fast: the fast tier only (docs/testing.md)
 #   ui | report | ls      mlflow ui on ./mlflow.db, :$PORT (5000), printing its URL (no job runner unless MLFLOW_SERVER_
 #   export [args]         ENABLE_JOB_EXECUTION=true) | newest run per pipeline (--all) | the configs | a model dir
 #   <pipeline> [--local | --fsdp] [--dry-run] [trainer args]
@@ -104,7 +104,6 @@ check_pipeline() {
   case " $PIPELINES " in *" ${1:-} "*) [ -n "${1:-}" ] && return 0 ;; esac
   usage_error "unknown pipeline '${1:-}': choose one of: ${PIPELINES// /, } (or ./run.sh help)"
 }
-
 is_uint() { case ${1:-x} in *[!0-9]*) return 1 ;; *) return 0 ;; esac; }
 
 # GPUs this process may use: the physical count (nvidia-smi -L, or WMTP_GPU_COUNT to pretend),
@@ -260,7 +259,8 @@ cmd_compare() {   # python -m weighted_mtp compare --help: --seeds, --warmup-ste
   python -m weighted_mtp compare "$@" || die "compare failed"
 }
 
-cmd_test() {
+cmd_test() {   # --help: this usage, installing nothing; --fast is pytest's (tests/conftest.py: the tiers)
+  case " $* " in *" -h "* | *" --help "*) usage | sed -n '/^  test /,/^  ui /{/^  ui /!p;}'; exit 0 ;; esac
   "$BASH" "$ROOT/scripts/system_packages.sh" "$PYTHON" "$@" || exit 1   # $BASH: works with an empty PATH too
   bootstrap test
   local rc=0; "$PYTHON" -m pytest "$@" || rc=$?

@@ -1,13 +1,184 @@
-"""Shared helpers: a tiny micro-model config and an embedded MLflow store per test (never the repo's mlflow.db)."""
+"""Shared helpers, shared set-up and the suite's two tiers.
+
+Tiers (docs/testing.md): every test is in the fast tier unless SLOW below names its file or the test itself; the
+collection hook marks those `slow`. `pytest --fast` (`./run.sh test --fast`) runs the fast tier only; a plain run
+runs both, the fast tier first. A new test file is fast until it is listed here: the list is the one place to edit.
+
+Guards on the suite itself: pytest-timeout gives each test a limit (FAST_TIMEOUT_S, the slow tier pyproject.toml's
+`timeout`), so a hang fails with its stack; with CI=true a run that includes the fast tier fails when the fast tier
+takes more than FAST_TIER_BUDGET_S (see fast_tier_seconds).
+
+Shared set-up: one migrated MLflow sqlite store per session (empty_store) that each test copies (tracking,
+new_store), instead of paying the schema migrations (seconds) in every test.
+"""
 import contextlib
 import os
+import shutil
+import time
 from pathlib import Path
 
-import pytest
-import torch
+_STARTED = time.monotonic()   # before torch's import: the fast tier's wall time counts the imports too
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# ----------------------------------------------------------------------------------------------------- tiers
+# What makes a test slow: a real torchrun, the tracking stack (PostgreSQL + mlflow server), a moto S3 server with a
+# training run behind it, the bench, a pip install, uid-switching sandbox runs, training curves of tens of steps.
+# A whole file: its name. One test of an otherwise fast file: "file::test" (the function's name, every
+# parametrization). And every test that starts moto's S3 server (SLOW_FIXTURES). test_tiers.py checks that every
+# name here still exists.
+SLOW = {
+    # every test in these files
+    "test_packaging.py",                # a venv and a pip install of the checkout
+    "test_stack.py",                    # PostgreSQL + moto + mlflow server with basic auth
+    "test_tracking_stack_training.py",  # training against that stack
+    "test_reliability.py",              # torchrun: SIGTERM, elastic restarts, crashes, two nodes
+    "test_s3_training.py",              # training runs against moto S3 behind a slow / failing proxy
+    "test_fsdp.py", "test_fsdp_memory.py", "test_fsdp_nodes.py", "test_fsdp_shards.py",   # torchrun, FSDP2
+    "test_fsdp_launch.py",              # ./run.sh --fsdp: a real trainer dry run per pipeline
+    "test_sandbox_hostile.py",          # hostile programs as root and as a throwaway uid, under every isolation
+    # single tests of fast files
+    "test_bench.py::test_bench_quick_reports_every_figure",   # bench.py --quick: every figure runs (~2 min)
+    "test_bench.py::test_bench_only_runs_the_chosen_figures_and_keeps_the_others",
+    "test_pipelines.py::test_four_pipelines_chain_and_log_everything",
+    "test_pipelines.py::test_baseline_loss_decreases_over_100_steps",
+    "test_pipelines.py::test_two_process_torchrun_makes_one_run_with_identical_replicas",
+    "test_pipelines.py::test_memory_efficient_loss_trains_like_the_naive_one_under_ddp",
+    "test_pipelines.py::test_memory_efficient_loss_trains_like_the_naive_one",    # four trainings
+    "test_pipelines.py::test_lora_runs_save_only_what_they_train_and_still_chain",
+    "test_pipelines.py::test_system_metrics_reach_the_run",                       # 40 steps for the metrics thread
+    "test_pipelines.py::test_the_experiment_is_marked_for_model_development",
+    "test_heads.py::test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduce",
+    "test_heads.py::test_twenty_step_training_curve_matches_the_naive_one",
+    "test_memplan.py::test_plan_is_within_25_percent_of_the_measured_peak",
+    "test_memplan.py::test_gpu_check_cpu_dry_runs_every_step",          # every pipeline, DDP and FSDP, for real
+    "test_memplan.py::test_gpu_check_stops_loudly_at_the_first_broken_step",
+    "test_launch.py::test_verifiable_local_trains_with_two_cpu_processes",
+    "test_launch.py::test_test_command_treats_no_tests_as_failure",   # the real ./run.sh test: install + pytest
+    "test_launch.py::test_dotenv_lines_count_and_missing_one_is_named",
+    "test_launch.py::test_a_dotenv_that_group_or_others_can_read_is_warned_about",
+    "test_launch.py::test_dry_run_prints_the_launcher_line",          # a real trainer dry run per launch shape
+    "test_results.py::test_compare_nests_every_run_under_one_parent",
+    "test_results.py::test_compare_intervals_worked_by_hand_from_the_logged_values",
+    "test_results.py::test_policy_pipelines_start_from_identical_weights",
+    "test_results.py::test_compare_control_rows_train_the_critic_their_variant_asks_for",
+    "test_results.py::test_val_pass_at_1_appears_at_each_validation_on_data_with_tests",
+    "test_hf.py::test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit",
+    "test_hf.py::test_an_hf_reference_drives_rho1",
+    "test_hf.py::test_bf16_frozen_weights_lora_base_and_reference_still_learn",
+    "test_value_model.py::test_a_separate_critic_round_trips_into_a_frozen_verifiable",
+    "test_benchmarks.py::test_humaneval_canonical_solutions_pass_all_164_and_max_tasks_takes_the_first_20",
+    "test_evaluate.py::test_model_mode_logs_pass_at_k_on_the_evaluated_training_run",
+    "test_evaluate.py::test_samples_mode_scores_known_answers_and_logs_its_own_run",  # a real evaluate process
+    "test_generate.py::test_greedy_with_the_cache_equals_rerunning_the_prefix_for_a_batch_of_lengths",  # O(n^2)
+    "test_generate.py::test_greedy_with_the_cache_equals_rerunning_the_prefix_under_lora",  # forwards, ~10 s each
+    "test_newcomer.py::test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment",  # 2 real processes
+    "test_newcomer.py::test_export_downloads_into_a_private_temp_dir_not_a_fixed_path_in_tmp",  # a tracked run
+    "test_hf.py::test_a_lora_run_exports_with_its_adapters_merged",
+    "test_evaluate.py::test_run_sh_evaluate_launches_the_same_command",            # run.sh, then a real evaluate
+    "test_evaluate.py::test_a_completion_reading_the_environment_finds_no_secret_anywhere",
+}
+SLOW_FIXTURES = {"moto_s3", "s3_server"}   # a test that starts moto's S3 server is slow, wherever it is
+FAST_TIMEOUT_S = 300        # a fast test this long is hung (idle: seconds; a loaded 2-core machine: minutes)
+FAST_TIER_BUDGET_S = 120.0  # the fast tier's whole time on an idle 2-core machine; enforced with CI=true
+
+
+def is_slow(path, name, fixtures=()):
+    """Whether the test function `name` of tests/<path>, which requests `fixtures`, is in the slow tier."""
+    file = Path(path).name
+    return file in SLOW or f"{file}::{name}" in SLOW or bool(SLOW_FIXTURES & set(fixtures))
+
+
+def pytest_addoption(parser):
+    parser.addoption("--fast", action="store_true", help="run the fast tier only (the tests not marked slow)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: the slow tier (tests/conftest.py's SLOW): left out by --fast")
+    if config.getoption("--fast"):
+        expr = config.option.markexpr
+        config.option.markexpr = f"({expr}) and not slow" if expr else "not slow"
+
+
+@pytest.hookimpl(tryfirst=True)   # before -m reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Mark the slow tier, give the fast tier its timeout, and run the fast tier first (a plain run's first minutes
+    answer what --fast would; the fast tier's session fixtures are charged to it)."""
+    for item in items:
+        if is_slow(item.path, getattr(item, "originalname", item.name), getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+        elif item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)   # stable: file order kept in a tier
+
+
+# ------------------------------------------------------------------------------------- the fast tier's budget
+
+def fast_tier_seconds(start_s, collected_s, end_s, durations):
+    """The fast tier's time in this run, from `durations` {nodeid: (slow?, seconds of setup + call + teardown)}:
+    with no slow test run, the wall time from conftest's import to the end (what `--fast` costs); in a run with
+    slow tests too, the start-up and collection plus the fast tests' own seconds (they run first, so the session
+    fixtures they use are theirs)."""
+    if not any(slow for slow, _ in durations.values()):
+        return end_s - start_s
+    return (collected_s - start_s) + sum(seconds for slow, seconds in durations.values() if not slow)
+
+
+def fast_tier_budget():
+    """The budget in seconds that this run enforces, or None: WMTP_FAST_TIER_BUDGET_S when set (0: none), else
+    FAST_TIER_BUDGET_S under CI=true (CI runs on an idle machine; a developer's shared one would fail at random)."""
+    given = os.environ.get("WMTP_FAST_TIER_BUDGET_S")
+    if given is not None:
+        return float(given) or None
+    return FAST_TIER_BUDGET_S if os.environ.get("CI") == "true" else None
+
+
+_CLOCK = {"collected": None, "durations": {}, "verdict": None}
+
+
+def pytest_collection_finish(session):
+    _CLOCK["collected"] = time.monotonic()
+
+
+def pytest_runtest_logreport(report):
+    slow, seconds = _CLOCK["durations"].get(report.nodeid, ("slow" in report.keywords, 0.0))
+    _CLOCK["durations"][report.nodeid] = (slow, seconds + report.duration)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):   # an xdist worker: the controller, which gets every report, judges
+        return
+    durations = _CLOCK["durations"]
+    fast = [nodeid for nodeid, (slow, _) in durations.items() if not slow]
+    if not fast:
+        return
+    seconds = fast_tier_seconds(_STARTED, _CLOCK["collected"] or _STARTED, time.monotonic(), durations)
+    budget = fast_tier_budget()
+    over = budget is not None and seconds > budget
+    _CLOCK["verdict"] = (len(fast), seconds, budget, over)
+    if over and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _CLOCK["verdict"] is None:
+        return
+    n, seconds, budget, over = _CLOCK["verdict"]
+    limit = f"budget {budget:.0f} s" if budget else f"budget {FAST_TIER_BUDGET_S:.0f} s, enforced with CI=true"
+    terminalreporter.write_line(f"fast tier: {n} tests, {seconds:.1f} s ({limit})", red=over, bold=over)
+    if over:
+        slowest = sorted(((s, nodeid) for nodeid, (slow, s) in _CLOCK["durations"].items() if not slow), reverse=True)
+        terminalreporter.write_line("FAILED: the fast tier is over its budget; its slowest tests (make them faster, "
+                                    "or move them to the slow tier in tests/conftest.py's SLOW):", red=True)
+        for s, nodeid in slowest[:10]:
+            terminalreporter.write_line(f"  {s:7.2f} s  {nodeid}", red=True)
+
+
+# ------------------------------------------------------------------------------------------ shared set-up
 
 # The value head on the policy (critic.model policy, as the production configs): the local configs' separate value
 # model is tested in test_value_model.py.
@@ -19,12 +190,54 @@ TINY = ["model.micro.dim=32", "model.micro.n_trunk_layers=1", "model.micro.n_hea
         "training.warmup_steps=1", "checkpoint.save_every=2", *POLICY_CRITIC]
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An empty MLflow sqlite store with every migration applied, built once per session (creating one runs the
+    schema migrations: 3-11 s); tests copy it (new_store, tracking: ~0.1 s). Built in its own directory, so that
+    its Default experiment's artifact location is there too, never the CWD's mlruns/."""
+    from mlflow import MlflowClient
+    home = tmp_path_factory.mktemp("empty-store")
+    with contextlib.chdir(home):
+        MlflowClient(f"sqlite:///{home}/mlflow.db").search_experiments()
+    return home / "mlflow.db"
+
+
+def new_store(empty_store, directory):
+    """A copy of the migrated empty store as `directory`/mlflow.db; its sqlite URI."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy(empty_store, directory / "mlflow.db")
+    return f"sqlite:///{directory}/mlflow.db"
+
+
 @pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    """An embedded sqlite MLflow store in tmp_path, set as MLFLOW_TRACKING_URI."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def tracking(empty_store, tmp_path, monkeypatch):
+    """An empty sqlite MLflow store in tmp_path (a copy of the session's migrated one), set as MLFLOW_TRACKING_URI."""
+    uri = new_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
+
+
+def main_in_process(*argv, env=None, cwd=None):
+    """`python -m weighted_mtp *argv` run in this process: weighted_mtp.main, the CLI exactly, without the seconds
+    a new interpreter spends importing torch and mlflow. A CompletedProcess (exit code, stdout, stderr); `env`: the
+    variables set for the call, `cwd`: where it runs. Each command and exit code keeps one test of the real process
+    (docs/testing.md)."""
+    import io
+    import logging
+    import subprocess
+    from unittest import mock
+    import weighted_mtp as wm
+    out, err, handlers = io.StringIO(), io.StringIO(), logging.getLogger().handlers[:]
+    with mock.patch.dict(os.environ, env or {}), contextlib.chdir(cwd or os.getcwd()), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = wm.main(list(argv))
+        except SystemExit as e:   # argparse's usage errors
+            code = e.code
+        finally:
+            logging.getLogger().handlers[:] = handlers   # main's basicConfig must not outlive the call
+    return subprocess.CompletedProcess(["weighted_mtp", *argv], code or 0, out.getvalue(), err.getvalue())
 
 
 def workers_said(stderr, limit=4000):

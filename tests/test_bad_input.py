@@ -25,7 +25,7 @@ from config import DEFAULTS, PIPELINES, UserError, dotted_keys, load_config
 from model import MTPTransformer
 from pretrained import micro_args, model_args_from_meta, save_meta
 from data import read_jsonl
-from conftest import load_meta_weights, ROOT, TINY
+from conftest import load_meta_weights, main_in_process, ROOT, TINY
 
 BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")
 VERIFIABLE = str(ROOT / "configs" / "verifiable" / "verifiable_local.yaml")
@@ -163,18 +163,22 @@ def test_weight_clip_min_not_below_max(cli, tmp_path, lo, hi):
 
 
 def test_the_process_itself_exits_2_with_one_line(tracking, tmp_path):
-    """The real CLI process: exit status 2 and exactly one line on stderr, for a config error and a data error."""
+    """The real CLI process: exit status 2 and exactly one line on stderr, for a data error (read after the config
+    was loaded and checked); the same for a config error in this process (a real process costs seconds)."""
     data = write_jsonl(tmp_path / "d.jsonl", OK, "{", OK)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking}
-    base = [sys.executable, "-m", "weighted_mtp", "train", "--config", BASELINE, "--use-micro-model",
-            "--override", f"checkpoint.dir={tmp_path}/ckpt"]
-    cases = [(["--override", "training.max_stpes=3"],
+    base = ["train", "--config", BASELINE, "--use-micro-model", "--override", f"checkpoint.dir={tmp_path}/ckpt"]
+    cases = [(main_in_process, ["--override", "training.max_stpes=3"],
               "error: --override training.max_stpes=3: unknown key 'training.max_stpes' (did you mean "
               "'training.max_steps'?)\n"),
-             (["--override", f"dataset.train={data}"],
+             (None, ["--override", f"dataset.train={data}"],
               f"error: {data}:2: not valid JSON (Expecting property name enclosed in double quotes)\n")]
-    for extra, message in cases:
-        r = subprocess.run(base + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    for in_process, extra, message in cases:
+        if in_process:
+            r = in_process(*base, *extra, cwd=tmp_path)
+        else:
+            r = subprocess.run([sys.executable, "-m", "weighted_mtp", *base, *extra], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
         assert (r.returncode, r.stderr, r.stdout) == (2, message, "")
     nothing_left(tmp_path)
 

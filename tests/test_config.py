@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from config import Config, DEFAULTS, UserError, dotted_keys, flatten, load_config
-from conftest import ROOT
+from conftest import ROOT, main_in_process
 
 LOCAL = ROOT / "configs" / "verifiable" / "verifiable_local.yaml"
 
@@ -82,12 +82,14 @@ def run_cli(*args):
 
 
 def test_cli_bad_override_exits_2_with_one_line():
-    r = run_cli("train", "--config", str(LOCAL), "--override", "training.k_percent=2", "--dry-run")
+    # in this process (train's exit 2 from a real process: test_bad_input.py)
+    r = main_in_process("train", "--config", str(LOCAL), "--override", "training.k_percent=2", "--dry-run")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [f"error: {LOCAL}: 'training.k_percent' must be in (0, 1], got 2.0"]
 
 
 def test_cli_dry_run_prints_merged_config():
+    """A real process: `train --dry-run`'s exit 0 and stdout (the other dry runs: in process, test_memplan.py)."""
     r = run_cli("train", "--config", str(LOCAL), "--override", "training.beta=0.25", "--dry-run")
     assert r.returncode == 0, r.stderr
     printed = yaml.safe_load(r.stdout)

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 import sandbox
 import weighted_mtp as wm
 from evaluation import Progress, eval_tasks, evaluate
-from conftest import ROOT, tiny_config
+from conftest import ROOT, main_in_process, tiny_config
 
 BASELINE = ROOT / "configs" / "baseline" / "baseline_local.yaml"
 TASKS = [  # one task of each test style
@@ -77,8 +77,9 @@ def test_samples_mode_scores_known_answers_and_logs_its_own_run(tmp_path, tracki
 def test_a_bad_samples_line_is_one_line_naming_file_and_line(tmp_path, tracking, line, message):
     tasks = write_jsonl(tmp_path / "tasks.jsonl", TASKS)
     (tmp_path / "samples.jsonl").write_text(line + "\n")
-    r = run_evaluate(tmp_path, tracking, "--samples", str(tmp_path / "samples.jsonl"),
-                     "--override", f"eval.dataset={tasks}")
+    # in this process (evaluate's exit 2 from a real process: the test below)
+    r = main_in_process("evaluate", "--config", str(BASELINE), "--samples", str(tmp_path / "samples.jsonl"),
+                        "--override", f"eval.dataset={tasks}", cwd=tmp_path)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith(f"error: {tmp_path}/{message}"), r.stderr
     assert not list(MlflowClient(tracking).search_experiments(filter_string="name = 'weighted-mtp/production'"))

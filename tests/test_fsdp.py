@@ -20,8 +20,7 @@ import torch
 import s3ckpt
 from conftest import ROOT, TINY, workers_said
 from s3server import BUCKET, CREDENTIALS, MotoS3
-from test_reliability import (TORCHRUN, empty_store, environment, logged_steps, runs_of, store,  # noqa: F401
-                              train_args, wait_until)
+from test_reliability import TORCHRUN, environment, logged_steps, runs_of, store, train_args, wait_until
 
 CONFIGS = {p: str(ROOT / "configs" / p / f"{p}_local.yaml") for p in ("baseline", "verifiable", "rho1")}
 
@@ -150,7 +149,7 @@ def preempt_and_resume(tmp, uri, s3, name, overrides, after_steps):
 
 
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory, empty_store):  # noqa: F811
+def preempted(tmp_path_factory, empty_store):
     """An uninterrupted reference run (own dir, MLflow off) beside a full-format and a sharded-format run, each
     SIGTERMed mid-training and resumed with --resume auto on an empty checkpoint dir from S3 alone."""
     tmp = tmp_path_factory.mktemp("fsdp-preempt")

@@ -12,7 +12,7 @@ import torch
 
 import s3ckpt
 from s3server import BUCKET, CREDENTIALS, MotoS3, moto_s3  # noqa: F401 (a fixture)
-from test_reliability import FAULTY, empty_store, environment, runs_of, store, train_args  # noqa: F401 (a fixture)
+from test_reliability import FAULTY, environment, runs_of, store, train_args
 from test_reliability import two_nodes as launch_two_nodes
 
 SHARDED = ["training.parallel=fsdp", "checkpoint.format=sharded", "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts",

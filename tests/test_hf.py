@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 import weighted_mtp as wm
 from config import UserError
 from pretrained import HFTokenizer, export
-from conftest import train_keeping_setup, ROOT, tiny_config
+from conftest import main_in_process, train_keeping_setup, ROOT, tiny_config
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 40,
           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 262,
@@ -311,9 +311,9 @@ def test_bad_hf_dirs_are_one_line_errors(tmp_path):
 
 def test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line(tmp_path):
     d = write_hf(tmp_path / "hf", CONFIG, {k: v for k, v in random_llama(CONFIG).items() if k != "lm_head.weight"})
-    train = subprocess.run([sys.executable, "-m", "weighted_mtp", "train", "--config",
-                            str(ROOT / "configs/baseline/baseline_local.yaml"), "--override", f"model.path={d}",
-                            "--override", "mlflow.enable_logging=false"], cwd=tmp_path, capture_output=True, text=True)
+    # train's in this process (its exit 2 from a real process: test_bad_input.py); export's first is a real process
+    train = main_in_process("train", "--config", str(ROOT / "configs/baseline/baseline_local.yaml"), "--override",
+                            f"model.path={d}", "--override", "mlflow.enable_logging=false", cwd=tmp_path)
     assert train.returncode == 2
     assert train.stderr.strip().splitlines()[-1] == \
         f"error: {d}: tensors do not match config.json (missing ['lm_head.weight'])"
@@ -326,9 +326,8 @@ def test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line(tmp_path):
     assert exported.stderr.startswith(f"error: {tmp_path / 'junk.pt'}: not a readable checkpoint")
     assert not out.exists() and not (tmp_path / "out").exists()
     torch.save({"model": {}}, tmp_path / "state.pt")
-    exported = subprocess.run([sys.executable, "-m", "weighted_mtp", "export", "--checkpoint",
-                               str(tmp_path / "state.pt"), "--format", "meta", "--out", str(out)],
-                              cwd=tmp_path, capture_output=True, text=True)
+    exported = main_in_process("export", "--checkpoint", str(tmp_path / "state.pt"), "--format", "meta", "--out",
+                               str(out), cwd=tmp_path)
     assert exported.returncode == 2
     assert exported.stderr == f"error: {tmp_path / 'state.pt'}: not a trainer checkpoint (no config, model_args)\n"
     assert not (tmp_path / "out").exists()

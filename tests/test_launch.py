@@ -155,6 +155,23 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     assert (venv / ".wmtp-installed-test").read_text().strip() == sha
 
 
+def test_test_help_installs_nothing_and_fast_goes_to_pytest(tmp_path):
+    """`./run.sh test --help` prints the command's usage with no venv, install or pytest; --fast is pytest's option
+    (tests/conftest.py: the fast tier), passed through as it is."""
+    venv, log = _fake_venv(tmp_path)
+    env = base_env(tmp_path, WMTP_VENV=str(venv))
+    res = run_sh(["test", "--help"], env)
+    assert res.returncode == 0 and res.stdout.startswith("  test [--fast] [pytest args]"), res.stderr
+    assert "--fast: the fast tier only" in res.stdout and res.stderr == ""
+    assert _calls(log) == [] and not (venv / ".wmtp-installed-test").exists()
+    no_venv = tmp_path / "no-venv"
+    assert run_sh(["test", "-h"], base_env(tmp_path, WMTP_VENV=str(no_venv))).stdout == res.stdout
+    assert not no_venv.exists()
+    res = run_sh(["test", "--fast", "-x"], env)
+    assert res.returncode == 0, res.stderr
+    assert _calls(log)[-1] == "-m pytest --fast -x"
+
+
 # ------------------------------------------------------------------------- system packages (./run.sh test)
 def _path_without(tool: str, tmp_path: Path, path: str | None = None) -> str:
     """path ($PATH by default) with each directory that holds `tool` replaced by a folder of links to all its other
@@ -732,7 +749,7 @@ REPO_LITTER = ("mlflow.db", "mlruns", "mlartifacts", "checkpoints", "outputs")
 
 
 @pytest.mark.skipif(not TRAINER.exists(), reason="weighted_mtp.py has not landed yet")
-def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
+def test_verifiable_local_trains_with_two_cpu_processes(tmp_path, empty_store):
     from mlflow.entities import ViewType
     from mlflow.tracking import MlflowClient
 
@@ -742,6 +759,7 @@ def test_verifiable_local_trains_with_two_cpu_processes(tmp_path):
 
     before = litter()
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    shutil.copy(empty_store, tmp_path / "mlflow.db")   # the session's migrated store (tests/conftest.py)
     # Create the experiment first so its artifacts land in tmp_path, not ./mlruns of the CWD.
     client = MlflowClient(tracking_uri=uri)
     exp_id = client.create_experiment("weighted-mtp/production", artifact_location=str(tmp_path / "artifacts"))

@@ -25,6 +25,7 @@ from pretrained import ByteTokenizer, micro_args
 from pipelines import PIPELINE_TYPES
 import memplan
 from memplan import block_shape, memory_plan, model_shape, parameter_counts
+from conftest import main_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
@@ -184,8 +185,8 @@ def write_meta_dir(path, **params):
 
 
 def dry_run(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "weighted_mtp", "train", *args, "--dry-run"], cwd=ROOT,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=120)
+    """`train ... --dry-run` in this process (its real process: test_config.py's test_cli_dry_run_prints_...)."""
+    return main_in_process("train", *args, "--dry-run", env=env, cwd=ROOT)
 
 
 def test_dry_run_plans_a_7b_meta_dir_and_names_the_missing_paths(tmp_path):

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 import weighted_mtp as wm
 from config import DEFAULTS, RUN_NAMES, UserError, dotted_keys, flatten, is_secret
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
-from conftest import ROOT, tiny_config, train_keeping_setup
+from conftest import ROOT, main_in_process, new_store, tiny_config, train_keeping_setup
 
 SECRET = "s3cr3t-value-that-cannot-occur-by-chance"
 
@@ -27,8 +27,8 @@ def run_module(*args, cwd=ROOT, env=None, timeout=120):
 
 
 def test_the_micro_model_refuses_a_model_path_it_would_ignore(tmp_path):
-    r = run_module("train", "--config", "configs/baseline/baseline_local.yaml", "--use-micro-model",
-                   "--override", "model.path=/nope/7B", "--dry-run")
+    r = main_in_process("train", "--config", "configs/baseline/baseline_local.yaml", "--use-micro-model",
+                        "--override", "model.path=/nope/7B", "--dry-run", cwd=ROOT)
     assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         "error: model.path=/nope/7B would be ignored: --use-micro-model (./run.sh --local) trains the micro model; "
@@ -112,8 +112,8 @@ def logged_run(uri, pipeline, **metrics):
     return client, exp_id, run_id
 
 
-def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path, empty_store):
+    uri = new_store(empty_store, tmp_path)
     logged_run(uri, "baseline", val__loss=1.5, val__pass_at_1=0.25)
     logged_run(uri, "rho1", val__loss=1.25, val__pass_at_1=0.25, eval__pass_at_1=0.5)
     r = run_module("report", "--tracking-uri", uri, cwd=tmp_path)
@@ -122,7 +122,8 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
     assert rows["baseline-mtp"][7] == "val"
     assert rows["rho1-wmtp"][3:7] == ["7", "1.2500", "-", "0.500"]   # evaluate's pass@1 wins over validation's
     assert rows["critic-pretrain"] == ["critic-pretrain", "(no", "run)"]
-    r = run_module("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
+    # in this process: report's exit 2 from real processes is ./run.sh report's below
+    r = main_in_process("report", "--tracking-uri", uri, "--experiment", "nope", cwd=tmp_path)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)"]
     env = {**os.environ, "WMTP_ENV_FILE": str(tmp_path / "no.env")}   # ./run.sh report: the same command
@@ -132,8 +133,8 @@ def test_report_shows_val_pass_at_1_and_refuses_an_unknown_experiment(tmp_path):
         f"error: report: no experiment 'nope' in {uri} (known: weighted-mtp/production, Default)")
 
 
-def test_ui_url_opens_the_training_runs_view(tmp_path):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_ui_url_opens_the_training_runs_view(tmp_path, empty_store):
+    uri = new_store(empty_store, tmp_path)
     _, exp_id, _ = logged_run(uri, "baseline")
     r = run_module("ui-url", "--tracking-uri", uri, cwd=tmp_path, env={**os.environ, "PORT": "5123"})
     assert r.returncode == 0 and r.stdout == (

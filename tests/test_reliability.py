@@ -5,7 +5,6 @@ dir, and for the preemption test a moto S3 server reached over HTTP, exactly as 
 """
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT, TINY
+from conftest import ROOT, TINY, new_store
 from s3server import BUCKET, CREDENTIALS, MotoS3
 
 EXPERIMENT = "weighted-mtp/production"
@@ -69,18 +68,9 @@ def environment(tracking_uri, **extra):
     return env
 
 
-@pytest.fixture(scope="module")
-def empty_store(tmp_path_factory):
-    """An MLflow sqlite store with its tables created once: every run copies it instead of paying the schema
-    migrations (seconds) in its first process."""
-    db = tmp_path_factory.mktemp("store") / "mlflow.db"
-    MlflowClient(f"sqlite:///{db}").search_experiments()
-    return db
-
-
 def store(empty_store, directory):
-    shutil.copy(empty_store, directory / "mlflow.db")
-    return f"sqlite:///{directory}/mlflow.db"
+    """A copy of the session's migrated store (conftest's empty_store) in `directory`: its URI."""
+    return new_store(empty_store, directory)
 
 
 def runs_of(uri):

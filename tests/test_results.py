@@ -15,7 +15,7 @@ from pretrained import ByteTokenizer
 from data import arith_records, encode_records, load_records, pyfunc_records, render_prompt
 from evaluation import distinct_prompts
 from report import format_compare, mean_interval
-from conftest import ROOT, TINY, tiny_config
+from conftest import ROOT, TINY, new_store, tiny_config
 
 TOK = ByteTokenizer()
 PASS1 = "val/pass_at_1"
@@ -101,10 +101,10 @@ def test_mean_interval_is_student_t():
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
+def compared(tmp_path_factory, empty_store):
     """compare over 2 seeds on the tiny micro model, evaluated on 3 tasks, in its own sqlite store."""
     tmp = tmp_path_factory.mktemp("compare")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = new_store(empty_store, tmp)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(tmp)

@@ -26,7 +26,7 @@ from mlflow import MlflowClient
 import s3ckpt
 import weighted_mtp as wm
 from pretrained import build_model
-from conftest import ROOT, TINY, tiny_config, torch_threads
+from conftest import ROOT, TINY, new_store, tiny_config, torch_threads
 from s3server import BUCKET, moto_s3  # noqa: F401  (fixture)
 
 S3_ROOT = f"s3://{BUCKET}/mlflow-artifacts"
@@ -43,20 +43,6 @@ SIX_STEPS = [f"mlflow.s3_artifacts={S3_ROOT}", "checkpoint.save_every=1", "train
 def one_torch_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="session")
-def empty_store(tmp_path_factory):
-    """An initialised, empty MLflow sqlite database: copying it is ~1 s cheaper than creating one per store."""
-    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
-    MlflowClient(f"sqlite:///{path}").search_experiments()
-    return path
-
-
-def new_store(empty_store, directory):
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copy(empty_store, directory / "mlflow.db")
-    return f"sqlite:///{directory}/mlflow.db"
 
 
 @pytest.fixture

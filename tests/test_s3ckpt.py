@@ -15,15 +15,17 @@ from mlflow import MlflowClient
 import s3ckpt
 from s3ckpt import (CheckpointError, CheckpointUploader, checkpoint_step, load_checkpoint, prune_local_checkpoints,
                     resolve_checkpoint, s3_client, save_checkpoint)
+from conftest import new_store
 from s3server import BUCKET, moto_s3, s3_server  # noqa: F401  (fixtures)
 
 S3_LOCATION = f"s3://{BUCKET}/mlflow-artifacts/exp"
 
 
 @pytest.fixture(scope="module")
-def mlflow_db(tmp_path_factory):
-    """One sqlite store for the module (creating one costs ~1 s); every test makes its own experiment."""
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+def mlflow_db(empty_store, tmp_path_factory):
+    """One sqlite store for the module (a copy of the session's migrated one); every test makes its own
+    experiment."""
+    return new_store(empty_store, tmp_path_factory.mktemp("mlflow"))
 
 
 def new_run(mlflow_db, location, experiment=None, run_name="baseline-mtp", status=None, start_time=None):

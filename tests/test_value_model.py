@@ -14,7 +14,7 @@ from pipelines import Verifiable, critic_loss, near_miss_pairs, prompt_ids, shuf
 from conftest import ROOT, TINY, tiny_config
 from s3server import moto_s3  # noqa: F401  (fixture)
 from test_hf import CONFIG, random_llama, write_hf
-from test_s3_training import S3_ROOT, empty_store, store  # noqa: F401  (fixtures)
+from test_s3_training import S3_ROOT, store  # noqa: F401  (fixture)
 
 SEPARATE = ["critic.model=copy", "critic.head=mlp", "critic.features=hidden+logprob"]
 
