@@ -81,6 +81,29 @@ SLOW = {
     "test_hf.py::test_a_lora_run_exports_with_its_adapters_merged",
     "test_evaluate.py::test_run_sh_evaluate_launches_the_same_command",            # run.sh, then a real evaluate
     "test_evaluate.py::test_a_completion_reading_the_environment_finds_no_secret_anywhere",
+    "test_reheading.py",                # an NTP model trained 300 steps, then re-headed runs of 60: training curves
+    "test_controls.py::test_compare_control_trains_floor_ceiling_weighted_and_shuffled_rows_from_the_control_configs",
+    "test_controls.py::test_compare_on_policy_trains_critic_and_verifiable_on_the_warm_ups_own_graded_answers",
+    "test_controls.py::test_critic_and_verifiable_log_their_no_training_baselines",
+    "test_firstday.py::test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar",  # a real pty run
+    "test_firstday.py::test_the_local_chain_records_where_each_run_started",
+    "test_firstday.py::test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link",
+    "test_firstday.py::test_report_shows_every_run_and_where_it_started_and_links_the_training_view",
+    "test_firstday.py::test_run_sh_lists_the_configs_and_passes_export_through",       # real run.sh processes
+    "test_sandbox_closed.py::test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for",
+    "test_sample.py::test_the_trainer_reads_sampled_records_as_written",               # samples, then trains a critic
+    "test_firstday.py::test_a_resumed_run_records_the_checkpoint_it_resumed_from",
+    "test_firstday.py::test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size",
+    "test_tiers.py::test_a_fast_tier_over_its_budget_fails_the_run_and_names_its_slowest_tests",  # pytest in pytest
+    "test_tiers.py::test_fast_leaves_out_the_slow_tier",
+    # the end-to-end CLI processes (one per command and exit code): 4-5 s each of imports
+    "test_newcomer.py::test_ui_url_opens_the_training_runs_view",
+    "test_launch.py::test_dry_run_needs_no_credentials_and_keeps_the_users_nproc",
+    "test_launch.py::test_local_needs_no_credentials",
+    "test_config.py::test_cli_dry_run_prints_merged_config",
+    "test_evaluate.py::test_a_task_without_tests_is_an_error_naming_its_line",
+    "test_bad_input.py::test_the_process_itself_exits_2_with_one_line",
+    "test_hf.py::test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line",
 }
 SLOW_FIXTURES = {"moto_s3", "s3_server"}   # a test that starts moto's S3 server is slow, wherever it is
 FAST_TIMEOUT_S = 300        # a fast test this long is hung (idle: seconds; a loaded 2-core machine: minutes)

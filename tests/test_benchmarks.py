@@ -100,4 +100,5 @@ def test_humaneval_canonical_solutions_pass_all_164_and_max_tasks_takes_the_firs
                                                    for tid, r in tasks.items()])
     cfg = tiny_config("baseline", tmp_path, "eval.dataset=humaneval", "eval.k=[1]", "eval.workers=2")
     summary = evaluate(cfg, samples=samples)
-    assert summary == {"pass@1": 1.0, "n_tasks": 164, "n_samples": 164, "timeouts": 0, "errors": 0}
+    assert summary == {"pass@1": 1.0, "n_tasks": 164, "n_samples": 164, "timeouts": 0, "errors": 0,
+                       "sandbox": "bwrap"}

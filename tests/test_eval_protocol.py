@@ -16,20 +16,9 @@ from evaluation import Decoding, HUMANEVAL_STOP, StopAt, answer_code, eval_tasks
 from model import generate
 from pretrained import ByteTokenizer, HFTokenizer
 import weighted_mtp as wm
-from conftest import tiny_config, torch_threads
+from conftest import tiny_config
 from test_hf import write_tokenizer
-from test_speculative import ARGS, PROMPTS, TOK, train_briefly
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def trained(one_thread):
-    return train_briefly(ARGS)
+from test_speculative import PROMPTS, TOK, one_thread, trained  # noqa: F401 (module fixtures, shared)
 
 
 def fresh_heads(model):

@@ -201,8 +201,11 @@ def test_memory_efficient_loss_trains_like_the_naive_one(tracking, tmp_path, pip
     efficient = train_keeping_setup(tiny_config(pipeline, tmp_path / "a", *extra), use_micro=True)[1].model.state_dict()
     naive = train_keeping_setup(tiny_config(pipeline, tmp_path / "b", *extra, "model.memory_efficient_loss=false"),
                                 use_micro=True)[1].model.state_dict()
+    # AdamW divides each step by sqrt(v) + eps: where an element's gradient is near zero, the two paths' rounding
+    # (1e-7 relative) becomes a step difference (measured: 1.1e-5 on one of 3072 weights after 4 steps at lr 1e-3).
+    # 5e-5 is 5 % of one step; the gradients themselves are held to 1e-6 in test_heads.py.
     for key in efficient:
-        torch.testing.assert_close(efficient[key], naive[key], atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(efficient[key], naive[key], atol=5e-5, rtol=1e-5, msg=key)
 
 
 def test_lora_runs_save_only_what_they_train_and_still_chain(tracking, tmp_path):
