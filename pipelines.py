@@ -66,7 +66,9 @@ class Pipeline:
         """(valid, weights) for the model's weigh(): `weights` (None = 1) times head k's training.head_loss_weights."""
         if self.head_weights is None:
             return valid, weights
-        lam = self.head_weights.to(targets.device).expand(targets.shape)
+        if self.head_weights.device != targets.device:  # moved once, not copied to the device every step
+            self.head_weights = self.head_weights.to(targets.device)
+        lam = self.head_weights.expand(targets.shape)
         return valid, lam if weights is None else weights * lam
 
     def heads_added(self, model, new_heads):
