@@ -37,13 +37,13 @@ import torch.nn.functional as F
 
 import s3ckpt
 import weighted_mtp as wm
-from config import load_config
-from model import Block, generate
-from pretrained import ByteTokenizer
-from data import collate
-from parallel import Meter, model_state, wrap
-from tracking import MetricLogger
-from checkpointing import checkpoint_state
+from wmtp.config import load_config
+from wmtp.model import Block, generate
+from wmtp.pretrained import ByteTokenizer
+from wmtp.data import collate
+from wmtp.parallel import Meter, model_state, wrap
+from wmtp.tracking import MetricLogger
+from wmtp.checkpointing import checkpoint_state
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -368,9 +368,9 @@ def p9_speculative(S, checkpoint, device=CPU):
     forward, pass@1, weights_read and the bound it sets where reading weights is the cost (weight_bound = tokens per
     forward / weights_read) come with the figure, and the share of completions identical to plain greedy's (1.0 in
     fp32; bf16 rounds a verify forward's wider matmuls differently, so a near tie may break the other way)."""
-    import sandbox
-    from config import config_from_dict
-    from evaluation import eval_tasks, model_to_evaluate, sample_completions
+    from wmtp import sandbox
+    from wmtp.config import config_from_dict
+    from wmtp.evaluation import eval_tasks, model_to_evaluate, sample_completions
     cfg = config_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"], checkpoint)
     cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "dataset": "builtin:pyfunc",
                                                       "n_samples": 1, "max_new_tokens": 32}}, checkpoint)
@@ -397,7 +397,7 @@ def p9_speculative(S, checkpoint, device=CPU):
 def sandbox_throughput(S):
     """sandbox_throughput: programs/s with eval.workers = the CPU cores / with one worker — each program a sandboxed
     subprocess (sandbox.py) running a small function's asserts; goal 0.8 x cores. Alternating repeats."""
-    import sandbox
+    from wmtp import sandbox
     cores, n = os.cpu_count() or 1, 8 if S.quick else 32
     ratios = []
     for r in range(S.repeats):
@@ -411,7 +411,7 @@ def sandbox_isolation(S):
     """sandbox_isolation: programs/s under bwrap / under the fallback this machine would use without it (uid as
     root, else none: the earlier isolation, the same judges), `cores` workers; goal 0.5. overhead_ms: bwrap's
     extra wall time per program. Alternating repeats (sandbox.bench_isolation)."""
-    import sandbox
+    from wmtp import sandbox
     try:
         sandbox.isolation("bwrap")
     except sandbox.SandboxUnavailable as e:

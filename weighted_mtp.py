@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 
-from config import cli
+from wmtp.config import cli
 
 if __name__ == "__main__":  # the arguments first: --help and a usage error come back without waiting for torch
     cli(__doc__).parse_args()
@@ -27,23 +27,22 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_checkpoint_into, load_shards,
-                           pipeline_state, read_checkpoint, resume_from, resume_point, set_rng_state, trainer_state)
-from config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted,
-                    tracking_uri)
-from data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
-from evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
-from memplan import dry_run_report
-from parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
-                      load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
-                      wrap)
-from pipelines import PIPELINE_TYPES, Pipeline
-from pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
-                        next_token_logits, pretrained_weights)
-from report import compare_rows, format_compare, list_configs, report, summarize_compare
-from tracking import (NoTracking, Preempted, StopSignal, Tracking, TrainLog, closing_summary, console_logging, doctor,
-                      experiment_id, log_params, preflight, provenance_tags, quiet_console, run_description, run_url,
-                      source_tags, start_text, ui_url)
+from wmtp.checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_checkpoint_into, load_shards,
+                                pipeline_state, read_checkpoint, resume_from, resume_point, set_rng_state,
+                                trainer_state)
+from wmtp.config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted, tracking_uri)
+from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
+from wmtp.evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
+from wmtp.memplan import dry_run_report
+from wmtp.parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
+                           load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks, wrap)
+from wmtp.pipelines import PIPELINE_TYPES, Pipeline
+from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
+                             next_token_logits, pretrained_weights)
+from wmtp.report import compare_rows, format_compare, list_configs, report, summarize_compare
+from wmtp.tracking import (NoTracking, Preempted, StopSignal, Tracking, TrainLog, closing_summary, console_logging,
+                           doctor, experiment_id, log_params, preflight, provenance_tags, quiet_console,
+                           run_description, run_url, source_tags, start_text, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
 __all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "sample", "compare", "main"]
 log = logging.getLogger("weighted_mtp")

@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 def make_store(tmp):
     """A store with the experiment as the trainer creates it and one run per pipeline, tagged as the trainer tags."""
     from mlflow import MlflowClient
-    from config import RUN_NAMES, load_config
-    from tracking import experiment_id
+    from wmtp.config import RUN_NAMES, load_config
+    from wmtp.tracking import experiment_id
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", [f"mlflow.tracking_uri={uri}"])
     client = MlflowClient(uri)
@@ -102,7 +102,7 @@ def main():
                 time.sleep(1)
         time.sleep(3)
         print(f"mlflow ui: {processes_in_group(ui.pid)} processes (MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false)")
-        from tracking import run_url, runs_view_url
+        from wmtp.tracking import run_url, runs_view_url
         run_id, name = runs["verifiable-wmtp"], "verifiable-wmtp"
         note = "[micro] verifiable (micro model)"
         links = {"runs-view": runs_view_url(uri, exp_id, port), "run-page": run_url(uri, exp_id, run_id, port),

@@ -271,7 +271,7 @@ def workers_said(stderr, limit=4000):
 
 
 def tiny_config(pipeline, tmp_path, *overrides):
-    from config import load_config
+    from wmtp.config import load_config
     return load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
                        [*TINY, f"checkpoint.dir={tmp_path}/ckpt", *overrides])
 
@@ -279,7 +279,7 @@ def tiny_config(pipeline, tmp_path, *overrides):
 def load_meta_weights(model, model_dir):
     """A Meta dir's consolidated.pth loaded strictly into `model` (the trainer reads Meta dirs through
     pretrained.read_meta_dir; the tests check the strict load itself)."""
-    from pretrained import load_state, read_consolidated
+    from wmtp.pretrained import load_state, read_consolidated
     path, state = read_consolidated(model_dir)
     load_state(model, state, f"{path} (vs params.json)")
 

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, example, given, settings, strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
 import weighted_mtp as wm
-from config import DEFAULTS, PIPELINES, UserError, dotted_keys, load_config
-from model import MTPTransformer
-from pretrained import micro_args, model_args_from_meta, save_meta
-from data import read_jsonl
+from wmtp.config import DEFAULTS, PIPELINES, UserError, dotted_keys, load_config
+from wmtp.model import MTPTransformer
+from wmtp.pretrained import micro_args, model_args_from_meta, save_meta
+from wmtp.data import read_jsonl
 from conftest import load_meta_weights, main_in_process, ROOT, TINY
 
 BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")

@@ -58,8 +58,8 @@ def test_bench_only_runs_the_chosen_figures_and_keeps_the_others(tmp_path):
 
 def test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step():
     import bench
-    from config import load_config
-    from pretrained import build_model
+    from wmtp.config import load_config
+    from wmtp.pretrained import build_model
     _, model = build_model(load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", []), True,
                            value_head=False)
     # the micro model: dim 128, 4 heads of 32, 2 kv heads, FFN 352 (2/3 of 4·128 up to a multiple of 32), vocab 259

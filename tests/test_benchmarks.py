@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-import sandbox
-from config import UserError
-from evaluation import eval_tasks, evaluate
+from wmtp import sandbox
+from wmtp.config import UserError
+from wmtp.evaluation import eval_tasks, evaluate
 from conftest import tiny_config
 
 HUMANEVAL_PLUS = [  # HumanEval+'s fields (evalplus): the test defines check(candidate)

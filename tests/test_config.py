@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from config import Config, DEFAULTS, UserError, dotted_keys, flatten, load_config
+from wmtp.config import Config, DEFAULTS, UserError, dotted_keys, flatten, load_config
 from conftest import ROOT, main_in_process
 
 LOCAL = ROOT / "configs" / "verifiable" / "verifiable_local.yaml"

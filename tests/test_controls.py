@@ -10,10 +10,10 @@ from mlflow import MlflowClient
 
 import weighted_mtp as wm
 import weights as W
-from data import encode_records, load_records, sample_records, sums_records
-from pipelines import at_first_wrong, auc
-from pretrained import ByteTokenizer
-from report import format_compare
+from wmtp.data import encode_records, load_records, sample_records, sums_records
+from wmtp.pipelines import at_first_wrong, auc
+from wmtp.pretrained import ByteTokenizer
+from wmtp.report import format_compare
 from conftest import TINY, tiny_config
 
 TOK = ByteTokenizer()

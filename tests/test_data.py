@@ -4,11 +4,11 @@ import types
 import pytest
 import torch
 
-from config import UserError
-from model import MTPTransformer, ModelArgs, generate
-from pretrained import ByteTokenizer
-from data import (Batches, Examples, arith_records, check_arith, collate, encode_records, epoch_order, length_grouped,
-                  read_jsonl, render_prompt, sample_records)
+from wmtp.config import UserError
+from wmtp.model import MTPTransformer, ModelArgs, generate
+from wmtp.pretrained import ByteTokenizer
+from wmtp.data import (Batches, Examples, arith_records, check_arith, collate, encode_records, epoch_order,
+                       length_grouped, read_jsonl, render_prompt, sample_records)
 
 TOK = ByteTokenizer()
 

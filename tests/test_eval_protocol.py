@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from evaluation import Decoding, HUMANEVAL_STOP, StopAt, answer_code, eval_tasks, evaluate, task_prompt, task_stops
-from model import generate
-from pretrained import ByteTokenizer, HFTokenizer
+from wmtp.evaluation import Decoding, HUMANEVAL_STOP, StopAt, answer_code, eval_tasks, evaluate, task_prompt, task_stops
+from wmtp.model import generate
+from wmtp.pretrained import ByteTokenizer, HFTokenizer
 import weighted_mtp as wm
 from conftest import tiny_config
 from test_hf import write_tokenizer
@@ -119,7 +119,7 @@ def test_chat_prompting_renders_the_models_template_as_transformers_does_and_tak
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     (tmp_path / "chat_template.jinja").write_text(JINJA)
     tok = HFTokenizer(tmp_path / "tokenizer.json")
-    from data import chat_template
+    from wmtp.data import chat_template
     assert chat_template(tmp_path) == JINJA
     e = humaneval_cfg(tmp_path, "eval.prompt=chat")
     record = eval_tasks("builtin:pyfunc", 1).popitem()[1]

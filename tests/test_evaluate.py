@@ -11,9 +11,9 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-import sandbox
+from wmtp import sandbox
 import weighted_mtp as wm
-from evaluation import Progress, eval_tasks, evaluate
+from wmtp.evaluation import Progress, eval_tasks, evaluate
 from conftest import ROOT, main_in_process, tiny_config
 
 BASELINE = ROOT / "configs" / "baseline" / "baseline_local.yaml"

@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from config import UserError
+from wmtp.config import UserError
 from conftest import ROOT, TINY, tiny_config
 
 # The local configs' own critic (a separate value model copied from the baseline) instead of TINY's value head.
@@ -87,7 +87,7 @@ def test_report_shows_every_run_and_where_it_started_and_links_the_training_view
 
 
 def test_every_printed_link_opens_the_model_training_view():
-    from tracking import run_url, runs_view_url
+    from wmtp.tracking import run_url, runs_view_url
     assert runs_view_url("sqlite:///x.db", "3", port=5123) == (
         "http://127.0.0.1:5123/#/experiments/3/runs?workflowType=machine_learning")
     assert run_url("https://mlflow.example/", "3", "abc") == (
@@ -195,7 +195,7 @@ def test_the_readme_quickstart_is_commands_the_check_script_runs():
 
 def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size(tmp_path):
     import struct as st
-    from report import plot_compare
+    from wmtp.report import plot_compare
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     exp_id = client.create_experiment("plot", artifact_location=(tmp_path / "artifacts").as_uri())
     runs = {}
@@ -209,7 +209,7 @@ def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_
     plot_compare(client, parent, summary)
     png = Path(client.download_artifacts(parent, "compare/metrics.png", str(tmp_path)))
     assert st.unpack(">II", png.read_bytes()[16:24]) == (1200, 760)   # width, height from the PNG header
-    from report import compare_figure
+    from wmtp.report import compare_figure
     histories = {runs["baseline"]: {"val/loss": [(2, 2.5)]}, runs["verifiable"]: {"val/loss": [(2, 2.4)]},
                  runs["critic"]: {"train/loss": [(1, 0.25), (2, 0.2)]}}
     fig = compare_figure(summary, histories)

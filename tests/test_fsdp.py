@@ -71,9 +71,9 @@ MEMORY_WORKER = """
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
-from config import load_config
-from data import Batches, collate
-from parallel import Meter, wrap
+from wmtp.config import load_config
+from wmtp.data import Batches, collate
+from wmtp.parallel import Meter, wrap
 dist.init_process_group("gloo")
 rank, world, out = dist.get_rank(), dist.get_world_size(), {{}}
 for parallel in ("ddp", "fsdp"):
@@ -227,9 +227,9 @@ SKIP_WORKER = """
 import json, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
-from config import load_config
-from data import collate
-from parallel import Meter
+from wmtp.config import load_config
+from wmtp.data import collate
+from wmtp.parallel import Meter
 dist.init_process_group("gloo")
 cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
 s = wm.prepare(cfg, True, dist.get_rank(), 2, torch.device("cpu"))

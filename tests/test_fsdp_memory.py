@@ -30,11 +30,11 @@ import dataclasses, gc, json, sys, torch, torch.distributed as dist
 from pathlib import Path
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
-from checkpointing import rng_state
-from config import load_config
-from data import collate
-from parallel import Meter, full_state
-from model import Block
+from wmtp.checkpointing import rng_state
+from wmtp.config import load_config
+from wmtp.data import collate
+from wmtp.parallel import Meter, full_state
+from wmtp.model import Block
 
 def rss(field):
     line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(field + ":"))
@@ -134,7 +134,7 @@ LOAD_WORKER = """
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
-from config import load_config
+from wmtp.config import load_config
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 mode, out = sys.argv[1], {out!r}
 world = 2 if mode == "fsdp" else 1
@@ -156,8 +156,8 @@ if world > 1:
 
 def pretrained_dirs(tmp_path):
     """A 1-head (next-token) model written as a Meta dir and as a Hugging Face dir, each with a tokenizer.json."""
-    from model import ModelArgs, MTPTransformer
-    from pretrained import save_hf, save_meta
+    from wmtp.model import ModelArgs, MTPTransformer
+    from wmtp.pretrained import save_hf, save_meta
     from test_hf import write_tokenizer
     torch.manual_seed(3)
     model = MTPTransformer(ModelArgs(dim=32, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=260, multiple_of=32))

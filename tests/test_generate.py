@@ -3,8 +3,8 @@ different lengths, GQA, LoRA), EOS stops a row and the loop, reproducible sampli
 import pytest
 import torch
 
-from model import KVCache, LoRALinear, MTPTransformer, ModelArgs, apply_lora, generate, next_token
-from pretrained import ByteTokenizer
+from wmtp.model import KVCache, LoRALinear, MTPTransformer, ModelArgs, apply_lora, generate, next_token
+from wmtp.pretrained import ByteTokenizer
 
 TOK = ByteTokenizer()
 # the micro model's shape (2 trunk blocks, H=3 heads, GQA) at small dims: random weights, byte vocabulary

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 import weighted_mtp as wm
-from config import load_config
-from model import MTPTransformer
-from pretrained import ByteTokenizer, build_model
-from data import collate
-from parallel import Meter
-from pipelines import PIPELINE_TYPES
+from wmtp.config import load_config
+from wmtp.model import MTPTransformer
+from wmtp.pretrained import ByteTokenizer, build_model
+from wmtp.data import collate
+from wmtp.parallel import Meter
+from wmtp.pipelines import PIPELINE_TYPES
 import weights as W
 from conftest import ROOT, TINY
 

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders
 
 import weighted_mtp as wm
-from config import UserError
-from pretrained import HFTokenizer, export
+from wmtp.config import UserError
+from wmtp.pretrained import HFTokenizer, export
 from conftest import main_in_process, train_keeping_setup, ROOT, tiny_config
 
 CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 40,
@@ -198,7 +198,7 @@ def test_an_hf_next_token_model_trains_as_h4_and_exports_both_ways_bit_for_bit(t
     generation = GenerationConfig.from_pretrained(tmp_path / "out" / "hf")
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (256, 257, 257)
     from transformers import AutoModelForCausalLM   # transformers' own LLaMA generates greedily as the trainer does
-    from model import generate
+    from wmtp.model import generate
     auto, prompt = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "hf"), [256, *ids]
     ours = generate(setup.model.eval(), [prompt], 257, 257, 6)[0]   # up to and excluding EOS
     theirs = auto.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False)[0, len(prompt):].tolist()
@@ -356,9 +356,9 @@ def tokenizer_with_bos_rule(d, rule):
 def test_an_export_generates_the_trainers_tokens_with_stock_transformers_tied_and_with_its_chat_template(tmp_path,
                                                                                                          rule):
     transformers = pytest.importorskip("transformers")
-    from data import chat_template, encode_records
-    from evaluation import task_prompt
-    from model import generate
+    from wmtp.data import chat_template, encode_records
+    from wmtp.evaluation import task_prompt
+    from wmtp.model import generate
     config = {**CONFIG, "tie_word_embeddings": True}
     d = write_hf(tmp_path / "hf", config, random_llama(config))
     tokenizer_with_bos_rule(d, rule)
@@ -368,7 +368,7 @@ def test_an_export_generates_the_trainers_tokens_with_stock_transformers_tied_an
     _, setup = train_keeping_setup(cfg)
     model, tok = setup.model.eval(), setup.tok
     assert model.output.weight is model.tok_embeddings.weight  # tied while training: one matrix, trained as one
-    from pretrained import empty_model
+    from wmtp.pretrained import empty_model
     twin = empty_model(model.args).to_empty(device="cpu")  # how FSDP materialises a model built on the meta device
     assert twin.output.weight is twin.tok_embeddings.weight
     assert tok.prefix_ids == ([] if rule == "none" else [256])

@@ -19,12 +19,12 @@ import pytest
 import torch
 import yaml
 
-from config import PIPELINES, load_config
-from model import MTPTransformer, ModelArgs, apply_lora
-from pretrained import ByteTokenizer, micro_args
-from pipelines import PIPELINE_TYPES
-import memplan
-from memplan import block_shape, memory_plan, model_shape, parameter_counts
+from wmtp.config import PIPELINES, load_config
+from wmtp.model import MTPTransformer, ModelArgs, apply_lora
+from wmtp.pretrained import ByteTokenizer, micro_args
+from wmtp.pipelines import PIPELINE_TYPES
+from wmtp import memplan
+from wmtp.memplan import block_shape, memory_plan, model_shape, parameter_counts
 from conftest import main_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,8 +36,8 @@ MEASURE = textwrap.dedent("""
     import torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     import weighted_mtp as wm
-    from config import load_config
-    from parallel import Meter, setup_distributed
+    from wmtp.config import load_config
+    from wmtp.parallel import Meter, setup_distributed
 
     cfg = load_config({config!r}, {overrides!r})
     parallel, checkpointing, B, T = {parallel!r}, {checkpointing!r}, {batch!r}, {seq!r}

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from config import ROOT, UserError, load_config
-from model import MTPTransformer, ModelArgs, apply_lora, apply_rope, rope_angles
-from pretrained import ByteTokenizer, build_model, load_state, model_args_from_meta, save_meta
+from wmtp.config import ROOT, UserError, load_config
+from wmtp.model import MTPTransformer, ModelArgs, apply_lora, apply_rope, rope_angles
+from wmtp.pretrained import ByteTokenizer, build_model, load_state, model_args_from_meta, save_meta
 import weights as W
 from conftest import load_meta_weights
 

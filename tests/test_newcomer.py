@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from config import DEFAULTS, RUN_NAMES, UserError, dotted_keys, flatten, is_secret
+from wmtp.config import DEFAULTS, RUN_NAMES, UserError, dotted_keys, flatten, is_secret
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
 from conftest import ROOT, main_in_process, new_store, tiny_config, train_keeping_setup
 
@@ -139,7 +139,7 @@ def test_ui_url_opens_the_training_runs_view(tmp_path, empty_store):
     r = run_module("ui-url", "--tracking-uri", uri, cwd=tmp_path, env={**os.environ, "PORT": "5123"})
     assert r.returncode == 0 and r.stdout == (
         f"http://127.0.0.1:5123/#/experiments/{exp_id}/runs?workflowType=machine_learning\n")
-    from tracking import runs_view_url
+    from wmtp.tracking import runs_view_url
     assert runs_view_url("https://mlflow.example/", "7") == (
         "https://mlflow.example/#/experiments/7/runs?workflowType=machine_learning")
 
@@ -163,8 +163,8 @@ def test_a_local_artifact_store_links_checkpoints_checks_their_sum_and_copies_ac
 
 def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_follows_the_umask(tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from model import generate
-    from pretrained import ByteTokenizer, export
+    from wmtp.model import generate
+    from wmtp.pretrained import ByteTokenizer, export
     cfg = tiny_config("baseline", tmp_path, "training.max_steps=2", "mlflow.enable_logging=false",
                       "checkpoint.save_every=0")
     result, setup = train_keeping_setup(cfg, use_micro=True)
@@ -194,7 +194,7 @@ def test_a_micro_export_loads_in_transformers_generates_like_the_trainer_and_fol
 def test_export_downloads_into_a_private_temp_dir_not_a_fixed_path_in_tmp(tracking, tmp_path, monkeypatch):
     """A runs:/ checkpoint comes down into a private temp dir, removed once loaded (no fixed paths in
     world-writable dirs): a link planted at the cache's old fixed name (<tmp>/wmtp-export-cache) redirects nothing."""
-    from pretrained import export
+    from wmtp.pretrained import export
     cfg = tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0")
     run_id = wm.train(cfg, use_micro=True)["run_id"]
     shared, victim = tmp_path / "shared-tmp", tmp_path / "victim"
@@ -221,7 +221,7 @@ def write_lines(path, *records):
 
 
 def test_prompt_completion_and_chat_records_are_recognised_by_their_fields(tmp_path):
-    from data import read_jsonl
+    from wmtp.data import read_jsonl
     path = write_lines(tmp_path / "mixed.jsonl", {"instruction": "Add.", "input": "1+2", "output": "3"},
                        {"prompt": "Q: 1+2\nA: ", "completion": "3"}, {"messages": CHAT}, {"text": "x", "id": 1})
     with pytest.raises(UserError) as e:
@@ -236,8 +236,8 @@ def test_prompt_completion_and_chat_records_are_recognised_by_their_fields(tmp_p
 
 
 def test_chat_trains_on_the_assistant_turns_only_in_the_plain_fallback_and_the_models_template(tmp_path):
-    from data import chat_template, encode_records
-    from pretrained import ByteTokenizer
+    from wmtp.data import chat_template, encode_records
+    from wmtp.pretrained import ByteTokenizer
     tok, B, E = ByteTokenizer(), 256, 257
     chat, prompted = {"messages": CHAT}, {"prompt": "Q: 1+2\nA: ", "completion": "3", "_prompt": "Q: 1+2\nA: ",
                                           "instruction": "Q: 1+2\nA: ", "output": "3"}

@@ -28,7 +28,7 @@ def test_a_non_editable_install_trains_from_another_directory(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
     run = lambda *args: subprocess.run([str(python), *args], cwd=work, env=env, capture_output=True, text=True,
                                        timeout=300)
-    where = run("-c", "import weighted_mtp, config; print(weighted_mtp.__file__); print(config.CONFIGS)")
+    where = run("-c", "import weighted_mtp; from wmtp import config; print(weighted_mtp.__file__, config.CONFIGS)")
     assert where.returncode == 0, where.stderr
     module, configs = where.stdout.split()
     assert module == str(Path(site) / "weighted_mtp.py") and configs == str(venv / "share" / "weighted-mtp" / "configs")

@@ -9,12 +9,12 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from config import RUN_NAMES, UserError, load_config
-from pretrained import build_model
-from data import collate
-from parallel import Meter
-from checkpointing import load_checkpoint_into
-from pipelines import PIPELINE_TYPES
+from wmtp.config import RUN_NAMES, UserError, load_config
+from wmtp.pretrained import build_model
+from wmtp.data import collate
+from wmtp.parallel import Meter
+from wmtp.checkpointing import load_checkpoint_into
+from wmtp.pipelines import PIPELINE_TYPES
 from conftest import train_keeping_setup, ROOT, TINY, tiny_config
 
 COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "val/loss",
@@ -155,7 +155,7 @@ def torchrun_train(tmp_path, tracking, config, overrides, nproc=2):
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
-        from config import load_config
+        from wmtp.config import load_config
         from conftest import train_keeping_setup
         cfg = load_config({str(ROOT / config)!r}, {TINY + [f"checkpoint.dir={tmp_path}/ckpt"] + overrides!r})
         model = train_keeping_setup(cfg, use_micro=True)[1].model
@@ -244,7 +244,7 @@ def test_the_experiment_is_marked_for_model_development(tracking, tmp_path, exis
 
 def test_a_checkpoint_from_before_the_split_still_gives_its_pipeline_state():
     """Checkpoints written before checkpoint_state() kept the pipeline's own state under "ema"."""
-    from checkpointing import pipeline_state
+    from wmtp.checkpointing import pipeline_state
     td_ema = {"mean": torch.tensor(0.25), "var": torch.tensor(2.0)}
     assert pipeline_state({"ema": td_ema, "step": 3}) is td_ema
     assert pipeline_state({"pipeline_state": td_ema}) is td_ema

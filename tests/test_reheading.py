@@ -11,11 +11,11 @@ from mlflow import MlflowClient
 
 import weighted_mtp as wm
 import weights as W
-from config import UserError
-from data import arith_records
-from parallel import Meter
-from pipelines import PIPELINE_TYPES
-from pretrained import build_model, export
+from wmtp.config import UserError
+from wmtp.data import arith_records
+from wmtp.parallel import Meter
+from wmtp.pipelines import PIPELINE_TYPES
+from wmtp.pretrained import build_model, export
 from conftest import tiny_config, train_keeping_setup
 from test_hf import CONFIG, random_llama, write_hf
 

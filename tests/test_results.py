@@ -10,11 +10,11 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from config import UserError, load_config
-from pretrained import ByteTokenizer
-from data import arith_records, encode_records, load_records, pyfunc_records, render_prompt
-from evaluation import distinct_prompts
-from report import format_compare, mean_interval
+from wmtp.config import UserError, load_config
+from wmtp.pretrained import ByteTokenizer
+from wmtp.data import arith_records, encode_records, load_records, pyfunc_records, render_prompt
+from wmtp.evaluation import distinct_prompts
+from wmtp.report import format_compare, mean_interval
 from conftest import ROOT, TINY, new_store, tiny_config
 
 TOK = ByteTokenizer()

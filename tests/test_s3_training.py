@@ -25,7 +25,7 @@ from mlflow import MlflowClient
 
 import s3ckpt
 import weighted_mtp as wm
-from pretrained import build_model
+from wmtp.pretrained import build_model
 from conftest import ROOT, TINY, new_store, tiny_config, torch_threads
 from s3server import BUCKET, moto_s3  # noqa: F401  (fixture)
 

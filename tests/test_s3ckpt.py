@@ -344,8 +344,8 @@ def test_resolve_s3_and_runs_uri(s3_server, mlflow_db, tmp_path):
 
 def test_resolve_auto_picks_newest_finished_run(s3_server, mlflow_db, tmp_path):
     """`auto` (checkpointing.resolve_uri, the one definition) = the newest FINISHED run tagged with the pipeline."""
-    from checkpointing import resolve_uri
-    from config import UserError, load_config
+    from wmtp.checkpointing import resolve_uri
+    from wmtp.config import UserError, load_config
     exp = f"auto-{uuid.uuid4().hex[:8]}"
     cases = [("critic", "FINISHED", 1), ("critic", "FINISHED", 2), ("critic", "FAILED", 3), ("critic", None, 4),
              ("baseline", "FINISHED", 5)]

@@ -5,11 +5,11 @@ import json
 
 import pytest
 
-import sandbox
+from wmtp import sandbox
 import weighted_mtp as wm
-from data import encode_records, load_records, render_prompt
-from evaluation import eval_tasks, sampled_records
-from pretrained import ByteTokenizer
+from wmtp.data import encode_records, load_records, render_prompt
+from wmtp.evaluation import eval_tasks, sampled_records
+from wmtp.pretrained import ByteTokenizer
 from conftest import TINY, tiny_config
 
 TOK = ByteTokenizer()

@@ -7,10 +7,10 @@ from fractions import Fraction
 
 import pytest
 
-import sandbox
-from config import UserError
-from data import BUILTIN, pyfunc_records
-from evaluation import read_samples
+from wmtp import sandbox
+from wmtp.config import UserError
+from wmtp.data import BUILTIN, pyfunc_records
+from wmtp.evaluation import read_samples
 
 SECRET = "wJalrXUtnFEMI-planted-secret-K7MDENG"
 LIMITS = sandbox.Limits(timeout_s=5.0, memory_mb=256, cpu_s=2, max_output_bytes=1 << 20)

@@ -16,10 +16,10 @@ from types import SimpleNamespace
 
 import pytest
 
-import sandbox
-import sandbox_harness as harness
-from config import UserError, load_config
-from report import pass_at_1_cell
+from wmtp import sandbox
+from wmtp import sandbox_harness as harness
+from wmtp.config import UserError, load_config
+from wmtp.report import pass_at_1_cell
 from test_sandbox_hostile import AS_ROOT, THROWAWAY_UID, as_root_with_setpriv, listener, run_evaluator  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,10 +87,10 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
         sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], LIMITS)
     assert str(refused.value) == ("sandbox bwrap does not work here (bubblewrap (bwrap) is not installed): "
                                   + sandbox.FIX)
-    from tracking import sandbox_check
+    from wmtp.tracking import sandbox_check
     cfg = load_config(BASELINE)
     assert sandbox_check(cfg.eval) == (False, f"sandbox: {refused.value}")
-    from evaluation import Validation
+    from wmtp.evaluation import Validation
     record = {"task_id": "double", **DOUBLE}
     setup = SimpleNamespace(pipeline=SimpleNamespace(decodes=True), data=SimpleNamespace(
         val=[(None, None, None, record)], checker=None), tok=None, cfg=cfg, rank=0, world=1, device="cpu")
@@ -149,7 +149,7 @@ def test_the_throwaway_uid_evaluator_runs_from_a_checkout_only_root_can_enter(mo
         checkout = hidden / "checkout"
         checkout.mkdir()
         for name in ("sandbox.py", "sandbox_harness.py"):
-            shutil.copy(ROOT / name, checkout / name)
+            shutil.copy(ROOT / "wmtp" / name, checkout / name)
         assert oct(hidden.stat().st_mode & 0o777) == "0o700"
         probe = subprocess.run(["setpriv", f"--reuid={THROWAWAY_UID}", f"--regid={THROWAWAY_UID}", "--clear-groups",
                                 "/usr/bin/python3", "-c", f"open({str(checkout / 'sandbox.py')!r})"],

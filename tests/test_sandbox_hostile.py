@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pytest
 
-import sandbox
-import sandbox_harness as harness
-from data import pyfunc_records
+from wmtp import sandbox
+from wmtp import sandbox_harness as harness
+from wmtp.data import pyfunc_records
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMITS = {"timeout_s": 10.0, "memory_mb": 256, "cpu_s": 3, "max_output_bytes": 1 << 20}
@@ -481,7 +481,7 @@ def test_every_held_out_pyfunc_task_keeps_its_pass_at_k():
 DRIVER = """
 import ctypes, json, sys
 sys.path.insert(0, sys.argv[4])
-import sandbox
+from wmtp import sandbox
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 buf = ctypes.create_string_buffer(4096)
@@ -562,7 +562,7 @@ def memory():
     return int(info["MemAvailable"].split()[0]) >> 10, int(info["Shmem"].split()[0]) >> 10
 
 
-def run_evaluator(user, mode, base, port, samples, source=ROOT):
+def run_evaluator(user, mode, base, port, samples, source=ROOT / "wmtp"):
     """Runs the driver (the dataset path in its argv, 0644 secrets in its cwd and home, a planted variable, a key
     in its session keyring) as root or as THROWAWAY_UID, with sandbox.py and its harness copied from source into
     base (the other uid may not enter the checkout) -> (mode used, {name: result}, stderr, its keys before and after,

@@ -7,8 +7,8 @@ import torch
 
 import weighted_mtp as wm
 import weights as W
-from model import LoRALinear, MTPTransformer, ModelArgs, apply_lora, decode_stats, generate
-from pretrained import ByteTokenizer
+from wmtp.model import LoRALinear, MTPTransformer, ModelArgs, apply_lora, decode_stats, generate
+from wmtp.pretrained import ByteTokenizer
 from conftest import torch_threads
 from test_hf import CONFIG, random_llama, write_hf
 

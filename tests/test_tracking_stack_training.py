@@ -11,7 +11,7 @@ import boto3
 import pytest
 from mlflow import MlflowClient
 
-from config import flatten, load_config
+from wmtp.config import flatten, load_config
 
 import stack
 from conftest import ROOT, TINY

@@ -9,8 +9,8 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from config import UserError, load_config
-from pipelines import Verifiable, critic_loss, near_miss_pairs, prompt_ids, shuffled_labels
+from wmtp.config import UserError, load_config
+from wmtp.pipelines import Verifiable, critic_loss, near_miss_pairs, prompt_ids, shuffled_labels
 from conftest import ROOT, TINY, tiny_config
 from s3server import moto_s3  # noqa: F401  (fixture)
 from test_hf import CONFIG, random_llama, write_hf

@@ -14,18 +14,19 @@ import re
 import sys
 import time
 import uuid
+from datetime import datetime, timezone
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpointing import load_checkpoint_into, on_this_node, resolve_uri
-from config import flatten, json_rows, tracking_uri, UserError
-from data import chat_template, collate, load_records, render_chat, render_prompt, training_records
-from model import add_stats, decode_stats, generate
-from parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
-from pretrained import build_model
-from tracking import experiment_id, log_params, metric_name
+from wmtp.checkpointing import load_checkpoint_into, on_this_node, resolve_uri
+from wmtp.config import flatten, json_rows, tracking_uri, UserError
+from wmtp.data import chat_template, collate, load_records, render_chat, render_prompt, training_records
+from wmtp.model import add_stats, decode_stats, generate
+from wmtp.parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
+from wmtp.pretrained import build_model
+from wmtp.tracking import experiment_id, log_params, metric_name
 log = logging.getLogger("weighted_mtp")
 
 
@@ -57,7 +58,7 @@ class Validation:
         self.workers, self.decoding = e.workers or os.cpu_count() or 1, Decoding(e.speculative)  # auto: decided once
         self.limits = None
         if self.pipeline.decodes and any(has_tests(ex[3]) for ex in self.examples):
-            import sandbox
+            from wmtp import sandbox
             self.limits = sandbox.Limits.of(e)
             try:
                 for ex in self.examples:
@@ -202,7 +203,7 @@ def decoded_metrics(model, examples, checker, tok, device, autocast, limits, wor
         answers = greedy_answers(model, checked, tok, device, autocast, decoding)
         counts[0] = sum(bool(checker(r, a)) for (_, r), a in zip(checked, answers))
     if tested:
-        import sandbox  # no torch there; imported here so validation on other data never loads it
+        from wmtp import sandbox  # no torch there; imported here so validation on other data never loads it
         answers = greedy_answers(model, tested, tok, device, autocast, decoding)
         tasks = {str(i): r for i, (_, r) in enumerate(tested)}
         if not quiet_rank():
@@ -455,7 +456,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     runs without one: a run `evaluate`), with eval/<evaluation>/samples.jsonl holding every completion and its test
     outcomes (a local file under checkpoint.dir when MLflow logging is off). Model mode adds decoding's
     eval/tokens_per_forward and eval/accept_head_{k} (model.decode_stats), and eval.speculative auto's choice."""
-    import sandbox
+    from wmtp import sandbox
     e = cfg.eval
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
@@ -489,7 +490,8 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     if json_out:
         sandbox.write_atomic(json_out, json.dumps(summary, indent=2) + "\n")  # random temp name: no planted link
     samples_text = "".join(json.dumps(r) + "\n" for r in results)
-    folder = f"eval/{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"  # one per evaluation
+    # one folder per evaluation; microseconds so that names sort in the order the evaluations ran
+    folder = f"eval/{datetime.now(timezone.utc).strftime('%Y%m%d-%H%M%S-%f')}-{uuid.uuid4().hex[:4]}"
     if cfg.mlflow.enable_logging:
         log_evaluation(cfg, run_id, step, summary, samples_text, isolation, folder, logged_keys(e.k, n_heads))
     else:
@@ -540,7 +542,7 @@ def sample(cfg, use_micro=False, checkpoint="auto", out=None, tasks=None):
     """eval.n_samples completions of each task of eval.dataset (or of `tasks`, task_id -> record) from a checkpoint,
     as evaluate generates them, graded in the sandbox, and written atomically to `out` as the trainer's JSONL
     (sampled_records): critic, verifiable and rho1 train on it as it is. Returns the records."""
-    import sandbox
+    from wmtp import sandbox
     e = cfg.eval
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 import weights as W
 
-from config import UserError
+from wmtp.config import UserError
 
 
 @dataclasses.dataclass

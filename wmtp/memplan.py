@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from model import Block
-from pipelines import PIPELINE_TYPES
-from pretrained import ByteTokenizer, micro_args, model_args_from_hf, model_args_from_meta
+from wmtp.model import Block
+from wmtp.pipelines import PIPELINE_TYPES
+from wmtp.pretrained import ByteTokenizer, micro_args, model_args_from_hf, model_args_from_meta
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}

@@ -19,8 +19,8 @@ import time
 import s3ckpt
 import yaml
 
-from config import flatten, redacted, tracking_uri, UserError
-from parallel import Meter, all_reduce
+from wmtp.config import flatten, redacted, tracking_uri, UserError
+from wmtp.parallel import Meter, all_reduce
 log = logging.getLogger("weighted_mtp")
 RECORD = logging.getLogger("weighted_mtp.record")  # training.log only: the console shows the progress bar
 
@@ -508,7 +508,7 @@ def doctor(cfg, env_path):
 def sandbox_check(eval_cfg):
     """(True: bwrap | None: a weaker mode opted in to, a warning | False: the chosen mode does not work, the line
     naming the fix) for doctor."""
-    import sandbox  # no torch there
+    from wmtp import sandbox  # no torch there
     try:
         iso = sandbox.isolation(sandbox.Limits.of(eval_cfg).mode)
     except sandbox.SandboxUnavailable as e:

@@ -7,11 +7,11 @@ import torch
 import torch.distributed as dist
 import weights as W
 
-from checkpointing import load_checkpoint_into
-from config import UserError
-from data import collate
-from parallel import all_reduce
-from pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference, next_token_logits
+from wmtp.checkpointing import load_checkpoint_into
+from wmtp.config import UserError
+from wmtp.data import collate
+from wmtp.parallel import all_reduce
+from wmtp.pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference, next_token_logits
 
 
 def policy_ce(model, tokens, labels, H, values=False):

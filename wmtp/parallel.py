@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from config import UserError
-from model import LoRALinear
-from pretrained import release_pages
+from wmtp.config import UserError
+from wmtp.model import LoRALinear
+from wmtp.pretrained import release_pages
 
 
 def setup_distributed(timeout_s):

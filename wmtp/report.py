@@ -9,9 +9,9 @@ from pathlib import Path
 import tempfile
 import time
 
-from config import CONFIGS, PIPELINES, POLICY_PIPELINES, RUN_NAMES, UserError, read_yaml
-from pipelines import PIPELINE_TYPES
-from tracking import metric_name, newest_run, runs_view_url
+from wmtp.config import CONFIGS, PIPELINES, POLICY_PIPELINES, RUN_NAMES, UserError, read_yaml
+from wmtp.pipelines import PIPELINE_TYPES
+from wmtp.tracking import metric_name, newest_run, runs_view_url
 
 
 # each critic figure beside its no-training baseline (the starting policy's log-probabilities): its margin is the news

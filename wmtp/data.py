@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from config import json_rows, UserError
+from wmtp.config import json_rows, UserError
 
 
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -151,7 +151,7 @@ PYFUNC_CHECK = SimpleNamespace(timeout_s=5.0, memory_mb=512, sandbox="")
 
 def check_pyfunc(record, answer):
     """Runs the answer against the record's tests in the sandbox (sandbox.py): True when they all pass."""
-    import sandbox  # no torch there; imported here so training on other data never loads it
+    from wmtp import sandbox  # no torch there; imported here so training on other data never loads it
     limits = sandbox.Limits.of(PYFUNC_CHECK)
     return all(sandbox.run_program(p, limits).status == "passed" for p in sandbox.programs(record, answer))
 

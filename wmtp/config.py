@@ -19,8 +19,8 @@ import re
 import yaml
 
 
-ROOT = Path(__file__).resolve().parent
-# configs/ beside the modules (a checkout, an editable install), else where `pip install .` put it (pyproject.toml's
+ROOT = Path(__file__).resolve().parent.parent  # the checkout (this file is wmtp/config.py)
+# configs/ beside the package (a checkout, an editable install), else where `pip install .` put it (pyproject.toml's
 # data-files: <venv>/share/weighted-mtp/configs)
 CONFIGS = next((d for d in (ROOT / "configs", Path(sys.prefix) / "share" / "weighted-mtp" / "configs")
                 if (d / "defaults.yaml").is_file()), ROOT / "configs")

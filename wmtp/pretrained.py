@@ -17,8 +17,8 @@ import tempfile
 import s3ckpt
 import torch
 
-from config import config_from_dict, load_config, tracking_uri, UserError
-from model import LoRALinear, ModelArgs, MTPTransformer, ValueModel, apply_lora, init_parts, lora_a_init
+from wmtp.config import config_from_dict, load_config, tracking_uri, UserError
+from wmtp.model import LoRALinear, ModelArgs, MTPTransformer, ValueModel, apply_lora, init_parts, lora_a_init
 
 
 log = logging.getLogger("weighted_mtp")

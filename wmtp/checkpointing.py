@@ -17,11 +17,11 @@ import s3ckpt
 import torch
 import torch.distributed as dist
 
-from config import RUN_NAMES, tracking_uri, UserError
-from parallel import (all_gather, broadcast, files_to_read, full_state, is_sharded, load_sharded, own_files,
-                      save_sharded)
-from pretrained import check_state, load_state, release_pages
-from tracking import Preempted, finished, newest_run
+from wmtp.config import RUN_NAMES, tracking_uri, UserError
+from wmtp.parallel import (all_gather, broadcast, files_to_read, full_state, is_sharded, load_sharded, own_files,
+                           save_sharded)
+from wmtp.pretrained import check_state, load_state, release_pages
+from wmtp.tracking import Preempted, finished, newest_run
 
 log = logging.getLogger("weighted_mtp")
 
