@@ -86,11 +86,11 @@ step step 120 "${PY[@]}" <<'EOF'
 import os, torch
 import weighted_mtp as wm
 import weights as W
-from config import load_config
-from data import Batches
-from model import MTPTransformer
-from parallel import Meter, autocast_for, setup_distributed
-from pretrained import micro_args
+from wmtp.config import load_config
+from wmtp.data import Batches
+from wmtp.model import MTPTransformer
+from wmtp.parallel import Meter, autocast_for, setup_distributed
+from wmtp.pretrained import micro_args
 device = torch.device(os.environ["CHECK_DEVICE"])
 cfg = load_config("configs/verifiable/verifiable_local.yaml",
                   ["mlflow.enable_logging=false", "critic.checkpoint=", "data_sampling.n_samples=64",
@@ -127,11 +127,11 @@ cat >"$WORK/ddp.py" <<'EOF'
 import os, torch
 import weighted_mtp as wm
 import weights as W
-from config import load_config
-from data import Batches
-from model import MTPTransformer
-from parallel import Meter, autocast_for, setup_distributed
-from pretrained import micro_args
+from wmtp.config import load_config
+from wmtp.data import Batches
+from wmtp.model import MTPTransformer
+from wmtp.parallel import Meter, autocast_for, setup_distributed
+from wmtp.pretrained import micro_args
 cfg = load_config("configs/baseline/baseline_local.yaml", [
     "mlflow.enable_logging=false", "training.max_steps=4", "data_sampling.n_samples=64", "training.batch_size=4",
     "training.eval_interval=4", "data_sampling.val_samples=8", f"checkpoint.dir={os.environ['CKPT']}"])
@@ -156,9 +156,9 @@ cat >"$WORK/fsdp.py" <<'EOF'
 import os, torch, torch.distributed as dist
 from pathlib import Path
 import weighted_mtp as wm
-from config import load_config
-from data import Batches
-from parallel import Meter, is_sharded, setup_distributed
+from wmtp.config import load_config
+from wmtp.data import Batches
+from wmtp.parallel import Meter, is_sharded, setup_distributed
 rss = lambda f: int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(f)).split()[1])
 rank, world, device = setup_distributed(120)
 big = ["model.micro.dim=1024", "model.micro.n_trunk_layers=4", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
@@ -207,7 +207,7 @@ EOF
   # a trained checkpoint: python bench.py --checkpoint PATH)
   step speculative 240 "${PY[@]}" <<'EOF'
 import time, torch
-from model import MTPTransformer, ModelArgs, generate
+from wmtp.model import MTPTransformer, ModelArgs, generate
 torch.manual_seed(0)
 args = ModelArgs(dim=2048, n_layers=16 + 4, n_heads=16, n_kv_heads=8, vocab_size=32000, n_future_tokens=4)
 model = MTPTransformer(args).cuda().eval()

@@ -180,7 +180,7 @@ measure <<'EOF'
 import json, os, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 import weighted_mtp as wm
-from model import generate
+from wmtp.model import generate
 work = os.environ["WORK"]
 d = os.path.join(work, "export")
 tok, ours = wm.load_pretrained(d)

@@ -1,5 +1,6 @@
 """`pip install .` (not editable) gives a trainer that works from any directory: every module and every config is
-in the installed package, nothing is read from the checkout."""
+in the installed package, nothing is read from the checkout. Neither that install nor the editable one run.sh makes
+can be shadowed by what a researcher's directory holds: data/, model/, config/, weights/ folders and a config.py."""
 import os
 import shutil
 import subprocess
@@ -10,9 +11,46 @@ from pathlib import Path
 from conftest import ROOT, TINY
 
 
+def researchers_directory(work):
+    """A directory with the names a user's project has: folders named like our rooms (the package's own name among
+    them) and a config.py that fails loudly if it is ever imported instead of ours."""
+    for name in ("data", "model", "config", "weights", "wmtp"):
+        (work / name).mkdir(parents=True)
+        (work / name / "README.txt").write_text("the user's own\n")
+    (work / "config.py").write_text("raise SystemExit(\"the user's config.py was imported\")\n")
+    return sorted(p.name for p in work.iterdir())
+
+
+def one_step(python, work, env, configs, ckpt):
+    """`--help` and a one-step local training run from `work` -> (the help's stdout, the checkpoints written)."""
+    run = lambda *args: subprocess.run([str(python), "-m", "weighted_mtp", *args], cwd=work, env=env,
+                                       capture_output=True, text=True, timeout=300)
+    helped = run("--help")
+    assert helped.returncode == 0, helped.stderr[-3000:]
+    overrides = [*TINY, "training.max_steps=1", "checkpoint.save_every=0", "mlflow.enable_logging=false",
+                 f"checkpoint.dir={ckpt}"]
+    trained = run("train", "--config", f"{configs}/baseline/baseline_local.yaml", "--use-micro-model",
+                  *[f"--override={o}" for o in overrides])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    return helped.stdout, sorted(p.name for p in Path(ckpt).glob("baseline-mtp/*/checkpoint_*.pt"))
+
+
+def test_the_editable_install_is_not_shadowed_by_a_researchers_directory(tmp_path):
+    work = tmp_path / "project"
+    planted = researchers_directory(work)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    probe = "import weights, wmtp.config as c; print(weights.__file__, c.__file__)"
+    where = subprocess.run([sys.executable, "-c", probe],
+                           cwd=work, env=env, capture_output=True, text=True, timeout=120)
+    assert where.stdout.split() == [str(ROOT / "weights.py"), str(ROOT / "wmtp" / "config.py")], where.stderr
+    helped, written = one_step(sys.executable, work, env, ROOT / "configs", tmp_path / "ckpt")
+    assert "train" in helped and "evaluate" in helped and written == ["checkpoint_best.pt", "checkpoint_final.pt"]
+    assert sorted(p.name for p in work.iterdir()) == planted  # nothing written into the user's directory
+
+
 def test_a_non_editable_install_trains_from_another_directory(tmp_path):
     venv, work = tmp_path / "venv", tmp_path / "elsewhere"
-    work.mkdir()
+    planted = researchers_directory(work)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -34,12 +72,6 @@ def test_a_non_editable_install_trains_from_another_directory(tmp_path):
     assert module == str(Path(site) / "weighted_mtp.py") and configs == str(venv / "share" / "weighted-mtp" / "configs")
     assert sorted(p.name for p in Path(configs).glob("*/*_local.yaml")) == sorted(
         p.name for p in (ROOT / "configs").glob("*/*_local.yaml"))
-    helped = run("-m", "weighted_mtp", "--help")
-    assert helped.returncode == 0 and "train" in helped.stdout and "evaluate" in helped.stdout
-    overrides = [*TINY, "training.max_steps=2", "checkpoint.save_every=0", "mlflow.enable_logging=false",
-                 f"checkpoint.dir={tmp_path / 'ckpt'}"]
-    trained = run("-m", "weighted_mtp", "train", "--config", f"{configs}/baseline/baseline_local.yaml",
-                  "--use-micro-model", *[f"--override={o}" for o in overrides])
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    assert len(list((tmp_path / "ckpt" / "baseline-mtp").glob("*/checkpoint_final.pt"))) == 1
-    assert list(work.iterdir()) == []  # nothing written into the working directory
+    helped, written = one_step(python, work, env, configs, tmp_path / "ckpt")
+    assert "train" in helped and "evaluate" in helped and written == ["checkpoint_best.pt", "checkpoint_final.pt"]
+    assert sorted(p.name for p in work.iterdir()) == planted  # nothing written into the working directory
