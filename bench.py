@@ -44,6 +44,7 @@ from wmtp.data import collate
 from wmtp.parallel import Meter, model_state, wrap
 from wmtp.tracking import MetricLogger
 from wmtp.checkpointing import checkpoint_state
+from wmtp import sandbox
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -368,7 +369,6 @@ def p9_speculative(S, checkpoint, device=CPU):
     forward, pass@1, weights_read and the bound it sets where reading weights is the cost (weight_bound = tokens per
     forward / weights_read) come with the figure, and the share of completions identical to plain greedy's (1.0 in
     fp32; bf16 rounds a verify forward's wider matmuls differently, so a near tie may break the other way)."""
-    from wmtp import sandbox
     from wmtp.config import config_from_dict
     from wmtp.evaluation import eval_tasks, model_to_evaluate, sample_completions
     cfg = config_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"], checkpoint)
@@ -394,15 +394,43 @@ def p9_speculative(S, checkpoint, device=CPU):
     return results
 
 
+def programs_per_second(workers, n_programs=64, limits=None, mode=None):
+    """Programs per second through sandbox.score() with `workers` parallel workers (small assert programs: a candidate
+    each, judged by the slots' judge servers) under isolation(mode)."""
+    limits = limits or sandbox.Limits()
+    task = {"task_id": "bench", "metadata": {"test": "def check(f):\n    assert f(2) == 3\n", "entry_point": "f"}}
+    samples = [("bench", "def f(x):\n    return x + 1")] * n_programs
+    sandbox.isolation(mode)  # probed once and cached: the probe is not part of the throughput
+    start = time.perf_counter()
+    results = sandbox.score({"bench": task}, samples, dataclasses.replace(limits, mode=mode or ""), workers)
+    elapsed = time.perf_counter() - start
+    assert all(r["passed"] for r in results), results[0]["stderr"]
+    return n_programs / elapsed
+
+
+def isolation_rates(workers, n_programs=64, repeats=3, start=0):
+    """bwrap against the weaker mode one may opt in to (uid as root, else none), alternating which goes first
+    (start: the first repeat's parity, for callers that repeat one at a time): {"bwrap", "fallback": programs/s
+    (best of repeats), "mode": the weaker mode's, "ratio": bwrap / fallback, "overhead_ms": bwrap's extra wall time
+    per program and worker}."""
+    fallback = "uid" if os.geteuid() == 0 else "none"
+    rates = {"bwrap": [], fallback: []}
+    for r in range(repeats):
+        for mode in ("bwrap", fallback)[::1 if (r + start) % 2 == 0 else -1]:
+            rates[mode].append(programs_per_second(workers, n_programs, mode=mode))
+    bwrap, other = max(rates["bwrap"]), max(rates[fallback])
+    return {"bwrap": bwrap, "fallback": other, "mode": fallback, "ratio": bwrap / other,
+            "overhead_ms": 1000 * workers * (1 / bwrap - 1 / other)}
+
+
 def sandbox_throughput(S):
     """sandbox_throughput: programs/s with eval.workers = the CPU cores / with one worker — each program a sandboxed
     subprocess (sandbox.py) running a small function's asserts; goal 0.8 x cores. Alternating repeats."""
-    from wmtp import sandbox
     cores, n = os.cpu_count() or 1, 8 if S.quick else 32
     ratios = []
     for r in range(S.repeats):
         sides = [1, cores] if r % 2 == 0 else [cores, 1]
-        rate = {w: sandbox.bench_throughput(w, n * w) for w in sides}  # the same time's worth of work per side
+        rate = {w: programs_per_second(w, n * w) for w in sides}  # the same time's worth of work per side
         ratios.append(rate[cores] / rate[1])
     return summary(ratios, 0.8 * cores, higher_is_better=True, cores=cores, programs_per_worker=n)
 
@@ -410,14 +438,13 @@ def sandbox_throughput(S):
 def sandbox_isolation(S):
     """sandbox_isolation: programs/s under bwrap / under the fallback this machine would use without it (uid as
     root, else none: the earlier isolation, the same judges), `cores` workers; goal 0.5. overhead_ms: bwrap's
-    extra wall time per program. Alternating repeats (sandbox.bench_isolation)."""
-    from wmtp import sandbox
+    extra wall time per program. Alternating repeats (isolation_rates)."""
     try:
         sandbox.isolation("bwrap")
     except sandbox.SandboxUnavailable as e:
         return {"skipped": str(e)}
     cores, n = os.cpu_count() or 1, 8 if S.quick else 32
-    runs = [sandbox.bench_isolation(cores, n * cores, repeats=1, start=r) for r in range(S.repeats)]
+    runs = [isolation_rates(cores, n * cores, repeats=1, start=r) for r in range(S.repeats)]
     return summary([r["ratio"] for r in runs], 0.5, higher_is_better=True, fallback=runs[0]["mode"],
                    bwrap_per_s=statistics.median(r["bwrap"] for r in runs),
                    fallback_per_s=statistics.median(r["fallback"] for r in runs),

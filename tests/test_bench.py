@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 
 import torch
 
@@ -67,3 +68,12 @@ def test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step():
     shared = 2 * block + 128 + 259 * 128  # 2 trunk blocks, the final norm, the output matrix
     assert bench.weights_read(model) == (shared + 4 * block) / (shared + block)  # 1 140 736 / 587 008
     assert (shared + block, shared + 4 * block) == (587_008, 1_140_736)
+
+
+def test_programs_per_second_scores_every_program_and_counts_them():
+    """bench's sandbox figures: every program is scored (each must pass its assert, or the call fails) and the rate
+    is programs over the seconds the scoring took: at least the programs over the whole call's wall time."""
+    import bench
+    start = time.perf_counter()
+    rate = bench.programs_per_second(workers=2, n_programs=4)
+    assert rate >= 4 / (time.perf_counter() - start)

@@ -226,10 +226,6 @@ def test_every_pyfunc_right_solution_passes_and_every_wrong_one_fails_by_executi
     assert BUILTIN["pyfunc"][1](picked[0], picked[1]["output"]) is False
 
 
-def test_bench_throughput_counts_programs_per_second():
-    assert sandbox.bench_throughput(workers=2, n_programs=4) > 0
-
-
 @pytest.mark.skipif(not ISOLATED, reason="the uid probe runs only as root")
 def test_the_isolation_probe_runs_once_before_any_program(monkeypatch):
     """isolation() probes slot 0's uid with a program and then kills everything of that uid: two workers probing

@@ -38,12 +38,13 @@ def test_the_fast_tier_tests_every_module():
 
 
 def test_fast_leaves_out_the_slow_tier():
-    """A real `pytest --fast` of tests/test_bench.py (two slow tests, then a fast one) collects the fast one only."""
+    """A real `pytest --fast` of tests/test_bench.py (two slow tests, then two fast ones) collects the fast ones."""
     r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-p", "no:cacheprovider", "--fast",
                         "tests/test_bench.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert [line for line in r.stdout.splitlines() if "::" in line] == [
-        "tests/test_bench.py::test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step"]
-    assert "1/3 tests collected (2 deselected)" in r.stdout
+        "tests/test_bench.py::test_weights_read_counts_what_a_verify_forward_reads_against_a_plain_step",
+        "tests/test_bench.py::test_programs_per_second_scores_every_program_and_counts_them"]
+    assert "2/4 tests collected (2 deselected)" in r.stdout
 
 
 def test_this_run_marks_the_slow_tier_and_runs_the_fast_tier_first(request):

@@ -759,31 +759,3 @@ def format_summary(summary):
     rows = [(key, f"{value:.4f}" if isinstance(value, float) else str(value)) for key, value in summary.items()]
     width = max([len("metric")] + [len(key) for key, _ in rows])
     return "\n".join([f"{'metric':<{width}}  value"] + [f"{key:<{width}}  {value}" for key, value in rows])
-
-
-def bench_throughput(workers, n_programs=64, limits=Limits(), mode=None):
-    """Programs per second through score() with `workers` parallel workers (small assert programs: a candidate
-    each, judged by the slots' judge servers) under isolation(mode)."""
-    task = {"task_id": "bench", "metadata": {"test": "def check(f):\n    assert f(2) == 3\n", "entry_point": "f"}}
-    samples = [("bench", "def f(x):\n    return x + 1")] * n_programs
-    iso = isolation(mode)  # the one-off probe is not part of the throughput
-    start = time.perf_counter()
-    results = _score({"bench": task}, samples, limits, workers, iso)
-    elapsed = time.perf_counter() - start
-    assert all(r["passed"] for r in results), results[0]["stderr"]
-    return n_programs / elapsed
-
-
-def bench_isolation(workers, n_programs=64, repeats=3, start=0):
-    """bwrap against the weaker mode one may opt in to (uid as root, else none), alternating which goes first
-    (start: the first repeat's parity, for callers that repeat one at a time): {"bwrap", "fallback": programs/s
-    (best of repeats), "mode": the weaker mode's, "ratio": bwrap / fallback, "overhead_ms": bwrap's extra wall time
-    per program and worker}."""
-    fallback = "uid" if os.geteuid() == 0 else "none"
-    rates = {"bwrap": [], fallback: []}
-    for r in range(repeats):
-        for mode in ("bwrap", fallback)[::1 if (r + start) % 2 == 0 else -1]:
-            rates[mode].append(bench_throughput(workers, n_programs, mode=mode))
-    bwrap, other = max(rates["bwrap"]), max(rates[fallback])
-    return {"bwrap": bwrap, "fallback": other, "mode": fallback, "ratio": bwrap / other,
-            "overhead_ms": 1000 * workers * (1 / bwrap - 1 / other)}
