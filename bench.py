@@ -41,7 +41,7 @@ from wmtp.config import load_config
 from wmtp.model import Block, generate
 from wmtp.pretrained import ByteTokenizer
 from wmtp.data import collate
-from wmtp.parallel import Meter, model_state, wrap
+from wmtp.parallel import Meter, model_state, wrap_and_compile
 from wmtp.tracking import MetricLogger
 from wmtp.checkpointing import checkpoint_state
 from wmtp import sandbox
@@ -491,7 +491,7 @@ def parallel_trainer(S, rank, world, parallel, *micro):
                          ["model.n_future_tokens=4", f"model.micro.dim={S.dim}", "checkpoint.resume=never",
                           "model.init_from=", "mlflow.enable_logging=false", f"training.parallel={parallel}", *micro])
     s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=CPU)
-    return s, wrap(s.model, cfg, world), s.optimizer, s.params, Meter(CPU)
+    return s, wrap_and_compile(s.model, cfg.model.compile, world), s.optimizer, s.params, Meter(CPU)
 
 
 def rss_kib(field):

@@ -35,7 +35,8 @@ from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_or
 from wmtp.evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
 from wmtp.memplan import dry_run_report
 from wmtp.parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
-                           load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks, wrap)
+                           load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
+                           wrap_and_compile)
 from wmtp.pipelines import PIPELINE_TYPES, Pipeline
 from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
                              next_token_logits, pretrained_weights)
@@ -329,7 +330,8 @@ def train(cfg, use_micro=False):
                      + f"{val_note}; {start_text({k: v for k, v in s.starts.items() if v[0] != 'resumed'})}"
                      + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
             batches = Batches(s, resume.get("position", 0))
-            model, validation = wrap(s.model, cfg, world), Validation(s, lambda: autocast_for(device))
+            model = wrap_and_compile(s.model, cfg.model.compile, world)
+            validation = Validation(s, lambda: autocast_for(device))
             flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,
                                                                                                     tracking, start)
             head_0 = Head0Watch(s, validation, train_log, start)

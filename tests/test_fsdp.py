@@ -73,13 +73,13 @@ sys.path.insert(0, {root!r})
 import weighted_mtp as wm
 from wmtp.config import load_config
 from wmtp.data import Batches, collate
-from wmtp.parallel import Meter, wrap
+from wmtp.parallel import Meter, wrap_and_compile
 dist.init_process_group("gloo")
 rank, world, out = dist.get_rank(), dist.get_world_size(), {{}}
 for parallel in ("ddp", "fsdp"):
     cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=" + parallel])
     s = wm.prepare(cfg, True, rank, world, torch.device("cpu"))
-    model = wrap(s.model, cfg, world)
+    model = wrap_and_compile(s.model, cfg.model.compile, world)
     batch = Batches(s).take(1)
     wm.train_step(s.pipeline, model, s.optimizer, s.params, batch, Meter(s.device), 0)  # the optimizer's state
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t

@@ -211,7 +211,7 @@ def full_state(model, optimizer):
     if not is_sharded(model):
         return (*model_state(model), optimizer.state_dict())
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    partial = any(isinstance(m, LoRALinear) for m in model.modules())
+    partial = adapters_only(model)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=partial)
     weights = get_model_state_dict(model, options=options)
     optim = get_optimizer_state_dict(model, optimizer, options=options)
@@ -252,8 +252,7 @@ def sharded_state(model, optimizer):
     """{"model", "optimizer"}: this rank's shards (frozen weights left out, as in a LoRA run's full checkpoint), what
     torch.distributed.checkpoint saves and loads in place."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    lora = any(isinstance(m, LoRALinear) for m in model.modules())
-    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=lora)),
+    return {"model": get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=adapters_only(model))),
             "optimizer": get_optimizer_state_dict(model, optimizer)}
 
 
@@ -302,9 +301,14 @@ def load_sharded(model, optimizer, path):
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def adapters_only(model):
+    """True for a LoRA model: its checkpoints hold the trainable tensors only (the frozen base is model.path)."""
+    return any(isinstance(m, LoRALinear) for m in model.modules())
+
+
 def model_state(model):
     """(state, partial): LoRA runs save the trainable tensors only (the base is model.path), others the whole model."""
-    if any(isinstance(m, LoRALinear) for m in model.modules()):
+    if adapters_only(model):
         return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}, True
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}, False
 
@@ -323,9 +327,9 @@ def autocast_for(device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def wrap(model, cfg, world):
-    """DDP across processes (gradients all-reduced in backward; a model prepare() sharded is used as it is), then
-    torch.compile when asked."""
+def wrap_and_compile(model, compile, world):
+    """The model the training step calls: DDP across processes (gradients all-reduced in backward; a model prepare()
+    sharded is used as it is), then torch.compile when `compile` (model.compile) says so."""
     ddp = world > 1 and not is_sharded(model)
     wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
-    return torch.compile(wrapped) if cfg.model.compile else wrapped
+    return torch.compile(wrapped) if compile else wrapped
