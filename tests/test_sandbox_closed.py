@@ -87,9 +87,8 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
         sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], LIMITS)
     assert str(refused.value) == ("sandbox bwrap does not work here (bubblewrap (bwrap) is not installed): "
                                   + sandbox.FIX)
-    from wmtp.tracking import sandbox_check
     cfg = load_config(BASELINE)
-    assert sandbox_check(cfg.eval) == (False, f"sandbox: {refused.value}")
+    assert sandbox.check(cfg.eval.sandbox) == (False, f"sandbox: {refused.value}")
     from wmtp.evaluation import Validation
     record = {"task_id": "double", **DOUBLE}
     setup = SimpleNamespace(pipeline=SimpleNamespace(decodes=True), data=SimpleNamespace(
@@ -99,7 +98,7 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
     weaker = "uid" if AS_ROOT else "none"
     monkeypatch.setenv("WMTP_SANDBOX", weaker)
     chosen = load_config(BASELINE).eval
-    assert chosen.sandbox == weaker and sandbox_check(chosen)[0] is None  # doctor: a WARN, not a FAIL
+    assert chosen.sandbox == weaker and sandbox.check(chosen.sandbox)[0] is None  # doctor: a WARN, not a FAIL
     results = sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], sandbox.Limits.of(chosen))
     assert results[0]["passed"] and f"{weaker} (WEAKER, opted in" in sandbox.describe(sandbox.isolation(weaker))
 

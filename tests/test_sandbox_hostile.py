@@ -481,7 +481,7 @@ def test_every_held_out_pyfunc_task_keeps_its_pass_at_k():
 DRIVER = """
 import ctypes, json, sys
 sys.path.insert(0, sys.argv[4])
-from wmtp import sandbox
+import sandbox  # sandbox.py and its harness, copied alone into sys.argv[4] (no package there)
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 buf = ctypes.create_string_buffer(4096)

@@ -9,7 +9,6 @@ exception that reaches the user as a single line. Imports nothing of the project
 import contextlib
 import dataclasses
 import difflib
-import gzip
 import json
 import os
 import sys
@@ -71,30 +70,6 @@ def tracking_uri(configured=""):
 
 class UserError(Exception):
     """Bad input (config, data, checkpoint): reported as one line, exit code 2, before any training."""
-
-
-def json_rows(path):
-    """[("file:line", object)] of a JSONL file (gunzipped when it ends in .gz), blank lines skipped; a file that
-    cannot be read, or a line that is not a JSON object, is a UserError naming the file or file:line."""
-    try:
-        raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
-        lines = raw.decode("utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
-    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
-        raise UserError(f"{path}: cannot read ({e})")
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})")
-        except RecursionError:
-            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)")
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object")
-        rows.append((f"{path}:{number}", row))
-    return rows
 
 
 def read_yaml(path):

@@ -6,6 +6,7 @@ correct ratio, encoded with labels -100 on the prompt, and cut into this rank's 
 """
 import dataclasses
 import functools
+import gzip
 import json
 from pathlib import Path
 import random
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
-from wmtp.config import json_rows, UserError
+from wmtp.config import UserError
 
 
 ALPACA = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -29,6 +30,30 @@ ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a respo
 # of which 3-4 are trained, where Alpaca's ~150 would buy a step no more signal at 14x the compute.
 TEMPLATES = {"alpaca": (ALPACA, ALPACA_NO_INPUT), "plain": ("{instruction}\n{input}\n", "{instruction}\n")}
 
+
+
+def json_rows(path):
+    """[("file:line", object)] of a JSONL file (gunzipped when it ends in .gz), blank lines skipped; a file that
+    cannot be read, or a line that is not a JSON object, is a UserError naming the file or file:line."""
+    try:
+        raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+        lines = raw.decode("utf-8").split("\n")  # not splitlines(): JSON strings may hold U+2028
+    except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read ({e})")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"{path}:{number}: not valid JSON ({e.msg})")
+        except RecursionError:
+            raise UserError(f"{path}:{number}: not valid JSON (nested too deeply)")
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected a JSON object")
+        rows.append((f"{path}:{number}", row))
+    return rows
 
 def render_prompt(record, template="alpaca"):
     """The prompt of a record in dataset.template (training, validation and evaluate all render it here); chat:
@@ -179,7 +204,7 @@ BUILTIN = {"arith": (arith_records, check_arith), "pyfunc": (pyfunc_records, che
 
 
 def read_jsonl(path):
-    """Training records of a JSONL file (config.json_rows), each in one of SHAPES; a bad line is a UserError naming
+    """Training records of a JSONL file (json_rows), each in one of SHAPES; a bad line is a UserError naming
     file and line."""
     return training_records(json_rows(path))
 

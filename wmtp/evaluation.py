@@ -21,8 +21,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from wmtp.checkpointing import load_checkpoint_into, on_this_node, resolve_uri
-from wmtp.config import flatten, json_rows, tracking_uri, UserError
-from wmtp.data import chat_template, collate, load_records, render_chat, render_prompt, training_records
+from wmtp.config import flatten, tracking_uri, UserError
+from wmtp.data import (chat_template, collate, json_rows, load_records, render_chat, render_prompt,
+                       training_records)
 from wmtp.model import add_stats, decode_stats, generate
 from wmtp.parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
 from wmtp.pretrained import build_model

@@ -319,6 +319,16 @@ def describe(iso=None):
 # -----------------------------------------------------------------------------
 # one program: the candidate (and for assert tests a judge), collected, ended, cleaned up
 
+
+def check(mode=None):
+    """doctor's line on the sandbox: (True, its description) for bwrap; (None, the description: a warning) for a
+    weaker mode opted in to; (False, the one-line reason naming the fix) when the chosen mode does not work."""
+    try:
+        iso = isolation(mode)
+    except SandboxUnavailable as e:
+        return False, f"sandbox: {e}"
+    return (True if iso.mode == "bwrap" else None), f"sandbox: {describe(iso)}"
+
 class Judges:
     """The judge servers of one score(): per worker slot a sandboxed process (as root: its own uid) that forks
     a fresh judge for each task, started when first needed; one left busy with an abandoned task is replaced."""

@@ -499,21 +499,11 @@ def doctor(cfg, env_path):
     if found and Path(env_path).stat().st_mode & 0o077:
         lines.append((None, f"{env_path} is readable by group or others (mode {Path(env_path).stat().st_mode & 0o777:o}"
                             f"): chmod 600 {env_path}"))
-    lines.append(sandbox_check(cfg.eval))
+    from wmtp import sandbox  # no torch there
+    lines.append(sandbox.check(sandbox.Limits.of(cfg.eval).mode))
     for ok, line in lines:
         print(f"{'ok' if ok else 'WARN' if ok is None else 'FAIL':<4} {line}")
     return 0 if all(ok is not False for ok, _ in lines) else 1
-
-
-def sandbox_check(eval_cfg):
-    """(True: bwrap | None: a weaker mode opted in to, a warning | False: the chosen mode does not work, the line
-    naming the fix) for doctor."""
-    from wmtp import sandbox  # no torch there
-    try:
-        iso = sandbox.isolation(sandbox.Limits.of(eval_cfg).mode)
-    except sandbox.SandboxUnavailable as e:
-        return False, f"sandbox: {e}"
-    return (True if iso.mode == "bwrap" else None), f"sandbox: {sandbox.describe(iso)}"
 
 
 class Preempted(Exception):
