@@ -85,6 +85,7 @@ def arith_records(split):
 
 
 def check_arith(record, answer):
+    """builtin:arith's checker: the answer (stripped) is the sum of the two numbers in the instruction "a+b"."""
     a, b = record["instruction"].split("+")
     return answer.strip() == str(int(a) + int(b))
 
@@ -333,6 +334,7 @@ def load_records(spec, split, key=None):
 
 
 def check_builtin(record, answer):
+    """The checker of the built-in dataset the record came from (its _source "builtin:<name>")."""
     return BUILTIN[record["_source"].split(":", 1)[1]][1](record, answer)
 
 
@@ -446,6 +448,8 @@ class Batches:
         return self.epoch_indices[1]
 
     def take(self, n):
+        """The next n micro-batches [tokens, labels, ...] on the device, moving the position on by n (past an epoch's
+        end, into the next epoch's order)."""
         batches = []
         for _ in range(n):
             epoch, index = divmod(self.position, self.per_epoch)

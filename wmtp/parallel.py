@@ -32,6 +32,7 @@ def setup_distributed(timeout_s):
 
 
 def all_reduce(t, op=None):
+    """t reduced over every rank in place (SUM unless op says otherwise) and returned; t itself on one process."""
     if dist.is_initialized():
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
@@ -63,11 +64,14 @@ class Meter:
         self.device, self.sums, self.mins, self.maxs = device, {}, {}, {}
 
     def add(self, name, total, count):
+        """Adds (total, count) to name's running sums: its logged value is sum(total) / sum(count) over steps and ranks.
+        """
         pair = torch.stack([torch.as_tensor(total, dtype=torch.float32, device=self.device).detach().reshape(()),
                             torch.as_tensor(count, dtype=torch.float32, device=self.device).reshape(())])
         self.sums[name] = self.sums[name] + pair if name in self.sums else pair
 
     def extreme(self, name, value, fn):
+        """Keeps fn(kept, value) under name (fn torch.minimum or torch.maximum): logged as the min or max over ranks."""
         table = self.mins if fn is torch.minimum else self.maxs
         value = value.detach().float().reshape(())
         table[name] = fn(table[name], value) if name in table else value
@@ -82,6 +86,8 @@ class Meter:
                 self.extreme(name, torch.where(keep > 0, value, nothing), fn)
 
     def reduce(self):
+        """{name: sum(total) / sum(count)} and the extremes, over every rank (every rank must call it); then empties the
+        meter. Names with a zero count, or no finite extreme, are left out."""
         out = {}
         if self.sums:
             names = sorted(self.sums)
@@ -97,6 +103,8 @@ class Meter:
 
 
 def transformer_blocks(model):
+    """The blocks of the trunk and the heads (a separate value model's trunk's), the units FSDP shards and activation
+    checkpointing recomputes one at a time."""
     model = getattr(model, "trunk", model)  # a separate value model: its trunk's blocks
     return [*model.layers, *model.extra_heads]
 
@@ -167,6 +175,7 @@ def shard_from_meta(model, device, world, sources):
 
 
 def is_sharded(model):
+    """True when model is an FSDP2 module (its parameters are DTensor shards)."""
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)
 
@@ -201,6 +210,7 @@ def by_index(state, names):
 
 
 def by_name(state, names):
+    """The inverse of by_index: an optimizer state keyed by parameter index -> keyed by name."""
     return {"state": {names[i]: v for i, v in state["state"].items()},
             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
 

@@ -101,6 +101,8 @@ class Limits:
 
 
 class Program(NamedTuple):
+    """One untrusted program and how it is judged: assert tests run by the judge against its names, or stdin in and
+    stdout compared."""
     source: str                     # what the untrusted process runs (code_prefix + completion)
     stdin: str = ""
     expected: str | None = None     # stdout wanted (stdin/stdout tests); None: passing means finishing
@@ -111,6 +113,8 @@ class Program(NamedTuple):
 
 
 class RunResult(NamedTuple):
+    """How one program ended: status passed | failed | timeout | error, the tail of its stderr, and why the judge or
+    harness failed it."""
     status: str                    # passed | failed | timeout | error
     stderr: str                    # its tail
     detail: str = ""               # why the judge or the harness failed it, when one did
@@ -370,6 +374,8 @@ class Judges:
             theirs.close()
 
     def discard(self, slot):
+        """Stops slot's judge server (its whole process group) and closes its socket: the next program of that slot gets
+        a new one."""
         proc, sock = self.servers.pop(slot)
         _kill_group(proc.pid)
         proc.wait()

@@ -33,6 +33,7 @@ class NotPlain(BaseException):
 
 
 def quit_(code=None):
+    """exit() and quit() for the program (python -S skips site, which defines them): SystemExit(code), as site's do."""
     raise SystemExit(code)
 
 
@@ -190,15 +191,19 @@ class Reader:
         self.data, self.pos, self.items = data, 0, LIMIT_ITEMS
 
     def take(self, n):
+        """The next n bytes of the message; Gone when fewer are left (a truncated message)."""
         if n > len(self.data) - self.pos:
             raise Gone("a truncated message")
         self.pos += n
         return self.data[self.pos - n:self.pos]
 
     def size(self):
+        """The next 4-byte big-endian length."""
         return int.from_bytes(self.take(4), "big")
 
     def value(self, depth=0):
+        """The next plain value (None, bool, int, float, str, bytes, list, dict), each counted against LIMIT_ITEMS and
+        nested at most LIMIT_DEPTH deep; Gone for anything else."""
         self.items -= 1
         if self.items < 0 or depth > LIMIT_DEPTH:
             raise Gone("a value of over %d items or nested over %d deep" % (LIMIT_ITEMS, LIMIT_DEPTH))
@@ -226,6 +231,7 @@ class Reader:
 
 
 def read_exactly(fd, n):
+    """Exactly n bytes from fd, in reads of at most 1 MiB; Gone when the other side closes first."""
     chunks = []
     while n:
         chunk = os.read(fd, min(n, 1 << 20))
@@ -237,6 +243,8 @@ def read_exactly(fd, n):
 
 
 def send(fd, message):
+    """One message to fd: its 4-byte length, then its plain-data encoding; NotPlain over LIMIT_MESSAGE bytes or for a
+    value that is not plain data."""
     out = bytearray(4)
     encode(message, out)
     if len(out) - 4 > LIMIT_MESSAGE:
@@ -260,6 +268,7 @@ def recv(fd):
 
 
 def read_text(fd):
+    """All of fd as text (UTF-8; lone surrogates kept), closing it."""
     with os.fdopen(fd, "rb") as f:
         return f.read().decode("utf-8", "surrogatepass")
 
@@ -323,6 +332,8 @@ class Link:
         self.req, self.resp, self.poison, self.unbound = req, resp, None, {}
 
     def ask(self, message, what):
+        """Sends one request and returns (kind, the rest of the reply); a broken pipe or a malformed reply poisons the
+        link: every later ask raises the first failure, named by `what`."""
         try:
             send(self.req, message)
             reply = recv(self.resp)
@@ -335,6 +346,8 @@ class Link:
             raise Gone(self.poison)
 
     def bind(self, ns, name):
+        """Puts the program's `name` into the judge's namespace: a proxy for a function, a copy of plain data, a
+        standard-library module by name; anything else is left unbound with the reason a test that uses it will see."""
         kind, rest = self.ask(["get", name], "looking up %s" % name)
         if kind == "fn":
             ns[name] = self.proxy(name)
@@ -348,6 +361,8 @@ class Link:
             self.unbound[name] = "%s is not a function, plain data or a standard module" % name
 
     def proxy(self, name):
+        """A function the tests call in place of the program's `name`: plain-data arguments cross to the program, its
+        result or its exception comes back as remote_error makes it."""
         def call(*args, **kwargs):
             try:
                 encode([args, kwargs], bytearray())
