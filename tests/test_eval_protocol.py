@@ -177,3 +177,19 @@ def test_two_evaluations_of_one_checkpoint_keep_both_sample_files_and_leave_no_s
     evaluate(tiny_config("baseline", tmp_path, *common, "mlflow.enable_logging=false"), True, "auto")
     [local] = (tmp_path / "ckpt" / "eval").glob("*/samples.jsonl")
     assert local.read_text() == kept[0]
+
+
+def test_lockstep_ranks_of_a_sharded_model_decode_plain_untimed_unless_told_to_draft(trained, caplog):
+    """Under FSDP each rank timing auto for itself could pick differently, and plain and speculative decoding call
+    different blocks through FSDP's hooks: the ranks' collectives then mismatch in the next training step. With
+    lockstep auto is plain on every rank without timing (the heads here are trained: timed, auto would draft)."""
+    plain = generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40)
+    with caplog.at_level(logging.INFO, logger="weighted_mtp"):
+        lockstep, stats = Decoding("auto", lockstep=True), {}
+        assert lockstep.generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40, stats) == plain
+    assert lockstep.speculative is False and lockstep.measured == {"speculative": 0.0}  # no speculative_speedup
+    assert stats["tokens"] == stats["forwards"] and not stats.get("verified")
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == ["eval.speculative auto: plain decoding"]
+    drafting, stats = Decoding(True, lockstep=True), {}
+    assert drafting.generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40, stats) == plain
+    assert drafting.measured == {"speculative": 1.0} and stats["verified"] > 0

@@ -56,7 +56,9 @@ class Validation:
         self.interval, self.batch_size = setup.cfg.training.eval_interval, setup.cfg.training.batch_size
         self.rank, self.world, self.device, self.autocast = setup.rank, setup.world, setup.device, autocast
         e = setup.cfg.eval
-        self.workers, self.decoding = e.workers or os.cpu_count() or 1, Decoding(e.speculative)  # auto: decided once
+        # ranks of one sharded model must decode alike (see Decoding's lockstep); auto is otherwise decided once
+        lockstep = is_sharded(setup.model) and setup.world > 1
+        self.workers, self.decoding = e.workers or os.cpu_count() or 1, Decoding(e.speculative, lockstep)
         self.limits = None
         if self.pipeline.decodes and any(has_tests(ex[3]) for ex in self.examples):
             from wmtp import sandbox
@@ -161,9 +163,20 @@ class Decoding:
     decoding pays only where its tokens per forward outweigh a verify forward's cost over a plain step (untrained
     heads: ~1.04 tokens per forward; trained ones several), which depends on the device and the batch: measured,
     not guessed. `measured`: speculative (1 or 0: how it decoded) and, under auto, speculative_speedup (the first
-    batch's plain time / speculative time)."""
+    batch's plain time / speculative time).
 
-    def __init__(self, setting):
+    lockstep: the ranks share one sharded (FSDP) model. Each rank timing its own first batch could choose
+    differently, and a rank decoding plain calls head 0's block where a speculative one calls the stacked heads:
+    FSDP's hooks then leave the ranks one all-gather apart, and the next training step's collectives mismatch
+    (gloo aborts: "Received data size doesn't match expected size"; seen in 2 of 11 FSDP rho1 runs). So under
+    lockstep auto decodes plain on every rank, untimed; eval.speculative=true still drafts, on every rank alike."""
+
+    def __init__(self, setting, lockstep=False):
+        if setting == "auto" and lockstep:
+            setting = False
+            if not quiet_rank():
+                log.info("eval.speculative auto: plain decoding (the ranks of a sharded model decode alike, untimed; "
+                         "eval.speculative=true drafts)")
         self.speculative, self.measured = None if setting == "auto" else setting, {}  # None: not decided yet
 
     def generate(self, model, prompts, eos_id, pad_id, max_new_tokens, stats=None, stop=None, **sampling):
