@@ -38,9 +38,11 @@ def test_generation_ends_at_a_stop_sequence_in_plain_and_speculative_decoding_ba
             for row in full]
     assert sum(len(w) < len(f) for w, f in zip(want, full)) >= 4  # most rows stop early, at different places
     assert len({len(w) for w in want}) >= 3
-    stop = StopAt(TOK.decode, [stops] * len(PROMPTS))
+    decoded = []  # how many ids each stop check decodes: the tail only, whatever the completion's length
+    stop = StopAt(lambda ids: decoded.append(len(ids)) or TOK.decode(ids), [stops] * len(PROMPTS))
     plain, fast = {}, {}
     assert generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40, stop=stop, stats=plain) == want
+    assert stop.window == 4 * max(map(len, stops)) + 1 and max(decoded) == stop.window < max(map(len, full))
     assert generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40, speculative=True, stop=stop, stats=fast) == want
     assert plain["tokens"] == sum(len(w) + (len(w) == len(f) < 40) for w, f in zip(want, full))  # + a row's EOS
     assert fast["tokens"] == plain["tokens"] and fast["forwards"] < plain["forwards"]

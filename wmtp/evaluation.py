@@ -325,13 +325,18 @@ def task_stops(record, e):
 
 class StopAt:
     """Row b's completion ends at the first of stops[b] in its text: asked during decoding (model.generate's stop),
-    then cut() takes the text up to it, as the benchmarks' harnesses do."""
+    then cut() takes the text up to it, as the benchmarks' harnesses do.
+
+    Each call decodes only the last `window` ids: a stop of L characters is at most 4L bytes, so at most 4L
+    tokens (every token is at least a byte), and it is asked after every token: a stop is seen when its last token
+    arrives, and decoding stays O(window) per token, not O(length)."""
 
     def __init__(self, decode, stops):
         self.decode, self.stops = decode, stops
+        self.window = 4 * max((len(s) for row in stops for s in row), default=0) + 1
 
     def __call__(self, b, ids):
-        text = self.decode(ids)
+        text = self.decode(ids[-self.window:])
         return any(s in text for s in self.stops[b])
 
     @staticmethod
