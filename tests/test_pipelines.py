@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from wmtp.config import RUN_NAMES, UserError, load_config
+from wmtp.config import UserError, load_config
 from wmtp.pretrained import build_model
 from wmtp.data import collate
 from wmtp.parallel import Meter
@@ -49,7 +49,7 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
     client = MlflowClient(tracking)
     for pipeline in ["baseline", "critic", "verifiable", "rho1"]:
         result = wm.train(tiny_config(pipeline, tmp_path), use_micro=True)
-        run = only_run(client, RUN_NAMES[pipeline])
+        run = only_run(client, PIPELINE_TYPES[pipeline].run_name)
         assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
         assert run.data.tags["pipeline"] == pipeline and run.data.tags["wmtp.steps"] == "4"
         logged = sorted(k for k in run.data.metrics if not k.startswith("system/"))
