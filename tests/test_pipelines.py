@@ -84,8 +84,8 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
 
 
 def test_verifiable_without_a_critic_says_which_pipeline_to_run_first(tracking, tmp_path):
-    with pytest.raises(UserError, match="no finished 'critic-pretrain' run in experiment 'weighted-mtp/production': "
-                                           "run the critic pipeline first"):
+    with pytest.raises(UserError, match="no finished run of pipeline 'critic' in experiment "
+                                           "'weighted-mtp/production': run the critic pipeline first"):
         wm.train(tiny_config("verifiable", tmp_path), use_micro=True)
     exp = MlflowClient(tracking).get_experiment_by_name("weighted-mtp/production")
     assert exp is None or MlflowClient(tracking).search_runs([exp.experiment_id]) == []   # no empty run left behind
