@@ -125,8 +125,8 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     t = cfg.training
     master, fsdp = rank == 0, t.parallel == "fsdp" and world > 1  # FSDP: built on the meta device, filled sharded
     kind = PIPELINE_TYPES[cfg.experiment.pipeline]
-    if fsdp and kind.shardable(cfg):
-        raise UserError(kind.shardable(cfg))
+    if fsdp and (refusal := kind.fsdp_refusal(cfg)):
+        raise UserError(refusal)
     tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg), meta=fsdp)
     pipeline = kind(cfg, model.args.n_future_tokens)
     data = prepare_data(cfg, tok, pipeline)

@@ -8,11 +8,15 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import ROOT, TINY
-from wmtp.config import PIPELINES, pipeline_names
-from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, policy_pipelines
+import weighted_mtp as wm
+from conftest import POLICY_CRITIC, ROOT, TINY
+from wmtp.config import PIPELINES, UserError, load_config, pipeline_names
+from wmtp.memplan import memory_plan, parameter_counts
+from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, Baseline, Critic, Rho1, Verifiable, policy_pipelines
+from wmtp.pretrained import ByteTokenizer, micro_args
 
 FIFTH = '''
 
@@ -83,6 +87,26 @@ def test_the_pipelines_of_the_configs_are_the_registered_classes(tmp_path):
         for f in files:
             (tmp_path / d / f).write_text("{}\n")
     assert pipeline_names(tmp_path) == ("fifth",)
+
+
+def test_the_trainer_and_the_memory_plan_ask_the_class():
+    """FSDP's guard is the class's fsdp_refusal (a separate value model: verifiable and critic with critic.model copy,
+    raised by prepare before anything is built); the memory plan's rows come from trains_policy, holds_reference
+    and decodes: rho1's reference is one more frozen copy of the policy in fp32, 4 bytes a parameter."""
+    copy = load_config(Verifiable.local_config(), ["critic.model=copy", "training.parallel=fsdp"])
+    refusal = ("critic.model=copy with training.parallel=fsdp: a separate value model is not sharded yet; use "
+               "training.parallel=ddp or critic.model=policy")
+    assert Verifiable.fsdp_refusal(copy) == Critic.fsdp_refusal(copy) == refusal
+    assert Baseline.fsdp_refusal(copy) is Rho1.fsdp_refusal(copy) is None
+    assert Verifiable.fsdp_refusal(load_config(Verifiable.local_config(), POLICY_CRITIC)) is None
+    with pytest.raises(UserError, match=re.escape(refusal)):
+        wm.prepare(copy, use_micro=True, rank=0, world=2)
+    args = micro_args(load_config(Baseline.local_config(), TINY), ByteTokenizer.vocab_size)
+    n = sum(parameter_counts(args, None, 0))
+    base, rho1, critic = (memory_plan(args, p, device="cpu") for p in ("baseline", "rho1", "critic"))
+    assert memory_plan(args, None, device="cpu") == base and base["reference"] == 0 and rho1["reference"] == 4 * n
+    assert parameter_counts(args, "critic", 0) == (args.dim + 1, n)  # the value head trains, the policy is frozen
+    assert critic["activations"] < base["activations"] and critic["validation"] < base["validation"]
 
 
 # ------------------------------------------------------------------------------------------- the farm of facts

@@ -185,6 +185,7 @@ def expected_paths(cfg, use_micro):
     model = cfg.model if not use_micro else dataclasses.replace(cfg.model, path="", tokenizer="")
     keys = {"model.path": model.path, "model.tokenizer": model.tokenizer,
             "model.init_from": cfg.model.init_from if kind.start_from_init(cfg) else "",
+            # a pipeline with a value model that it does not train itself takes it from a trained critic
             "critic.checkpoint": cfg.critic.checkpoint if kind.value_head and not kind.trains_value_model else "",
             "critic.model": cfg.critic.model if kind.value_head and cfg.critic.model not in
             ("policy", "copy") else "",  # policy and copy name no directory

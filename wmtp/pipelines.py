@@ -132,7 +132,7 @@ class Pipeline:
         return cls.value_head and not cls.value_head_on_policy(cfg)
 
     @classmethod
-    def shardable(cls, cfg):
+    def fsdp_refusal(cls, cfg):
         """None when training.parallel=fsdp can shard everything this pipeline holds, else why not (a UserError's
         text): a separate value model is not sharded yet."""
         if cls.separate_value_model(cfg):
