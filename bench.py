@@ -42,6 +42,7 @@ from wmtp.model import Block, generate
 from wmtp.pretrained import ByteTokenizer
 from wmtp.data import collate
 from wmtp.parallel import Meter, model_state, wrap_and_compile
+from wmtp.pipelines import Baseline, Critic, Rho1, Verifiable
 from wmtp.tracking import MetricLogger
 from wmtp.checkpointing import checkpoint_state
 from wmtp import sandbox
@@ -61,12 +62,13 @@ QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=2, steps=3, block=4, 
 # the trainer, set up as train() sets it up, and timing
 
 
-def setup(pipeline="baseline", H=4, dim=256, vocab=0, device=CPU, micro=()):
-    """The trainer as train() prepares it (wm.prepare, no run): (setup, model, optimizer, params, meter). Nothing to
+def setup(kind=Baseline, H=4, dim=256, vocab=0, device=CPU, micro=()):
+    """The trainer of pipeline class `kind` as train() prepares it (wm.prepare, no run): (setup, model, optimizer,
+    params, meter), from its local config (kind.local_config()). Nothing to
     start from: verifiable starts from fresh weights with its value head on the policy (the production configs'
     critic.model), rho1's reference is a frozen copy of the starting policy."""
-    cfg = load_config(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml",
-                         [f"experiment.pipeline={pipeline}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
+    cfg = load_config(kind.local_config(),
+                         [f"experiment.pipeline={kind.name}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
                           f"model.micro.vocab_size={vocab}", "critic.checkpoint=", "reference.path=",
                           "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
                           *POLICY_CRITIC, *micro])
@@ -184,15 +186,15 @@ def p1_verifiable(S):
     """P1: verifiable train_step / baseline train_step: same weights, batch and H; the extra is the value head,
     TD errors, GAE, whitening, EMA and the weighted loss."""
     batch = make_batch(S.batch, S.seq)
-    base, ver = setup("baseline", dim=S.dim), setup("verifiable", dim=S.dim)
+    base, ver = setup(Baseline, dim=S.dim), setup(Verifiable, dim=S.dim)
     return summary(compare(trainer_step(base, batch), trainer_step(ver, batch), S), 1.10)
 
 
 def p2_rho1(S):
     """P2: rho1 train_step / baseline train_step; the extra is the frozen reference's forward and the top-k."""
     batch = make_batch(S.batch, S.seq)
-    base, rho1 = setup("baseline", dim=S.dim), setup("rho1", dim=S.dim)
-    return summary(compare(trainer_step(base, batch), trainer_step(rho1, batch), S), 1.40)
+    base, rho = setup(Baseline, dim=S.dim), setup(Rho1, dim=S.dim)
+    return summary(compare(trainer_step(base, batch), trainer_step(rho, batch), S), 1.40)
 
 
 POLICY_CRITIC = ["critic.model=policy", "critic.head=linear", "critic.features=hidden"]
@@ -204,9 +206,9 @@ def p10_critic(S):
     head: P10_separate). The critic runs the trunk and head 0 alone, no logits (on log steps only the heads' CE, for
     train/head_k_loss: not timed here, 1 step in log_interval). Goal 0.15 each (before: 0.53)."""
     batch, vocab = make_batch(S.batch, S.seq, S.vocab), S.vocab
-    base = setup("baseline", dim=S.dim, vocab=vocab)
-    policy = setup("critic", dim=S.dim, vocab=vocab, micro=POLICY_CRITIC)
-    separate = setup("critic", dim=S.dim, vocab=vocab, micro=["critic.model=copy", "critic.head=mlp",
+    base = setup(Baseline, dim=S.dim, vocab=vocab)
+    policy = setup(Critic, dim=S.dim, vocab=vocab, micro=POLICY_CRITIC)
+    separate = setup(Critic, dim=S.dim, vocab=vocab, micro=["critic.model=copy", "critic.head=mlp",
                                                                 "critic.features=hidden"])
     for trainer in (policy, separate):  # a step that logs nothing: the steady state
         trainer[0].pipeline.t = dataclasses.replace(trainer[0].pipeline.t, log_interval=10**9)
@@ -228,7 +230,7 @@ def bare_step(model, optimizer, batch):
 def p3_overhead(S):
     """P3: baseline train_step with H=1 / a bare PyTorch loop on the same model (own AdamW): the trainer's own cost."""
     batch = make_batch(S.batch, S.seq)
-    trainer = setup("baseline", H=1, dim=S.dim)
+    trainer = setup(Baseline, H=1, dim=S.dim)
     model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0, fused=True)  # as train()
     return summary(compare(lambda: bare_step(model, bare_opt, batch), trainer_step(trainer, batch), S), 1.05)
 
@@ -238,7 +240,7 @@ def p4_memory(S):
     batch, tiny = make_batch(S.mem_batch, S.seq, S.vocab), make_batch(1, 16, S.vocab)
     peaks = {1: [], 4: []}
     for H in peaks:
-        trainer = setup("baseline", H=H, dim=S.dim, vocab=S.vocab)
+        trainer = setup(Baseline, H=H, dim=S.dim, vocab=S.vocab)
         trainer_step(trainer, tiny)()  # creates the optimizer state, cheaply
         for _ in range(2):  # deterministic: two repeats show it
             peaks[H].append(peak_memory(trainer_step(trainer, batch), trainer[1], trainer[2], batch))
@@ -252,7 +254,7 @@ def p5_heads(S):
     """P5: baseline train_step, H=4 / H=1 (same trunk and batch). Goal 1 + 3·share + 0.05, share = model FLOPs of
     one head (block + unembedding) per token / those of the whole H=1 model."""
     batch = make_batch(S.batch, S.seq)
-    one, four = setup("baseline", H=1, dim=S.dim), setup("baseline", H=4, dim=S.dim)
+    one, four = setup(Baseline, H=1, dim=S.dim), setup(Baseline, H=4, dim=S.dim)
     total, head = flops_per_token(one[1].args, S.seq)
     share = head / total
     ratios = compare(trainer_step(one, batch), trainer_step(four, batch), S)
@@ -262,7 +264,7 @@ def p5_heads(S):
 def peer(S, H):
     """The P7/P8 model, set up as the trainer does: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face
     peer), 8 attention heads, vocab 32000 (where the unembedding dominates a small model's step)."""
-    return setup("baseline", H=H, dim=S.dim, vocab=S.vocab, micro=(
+    return setup(Baseline, H=H, dim=S.dim, vocab=S.vocab, micro=(
         "model.micro.n_trunk_layers=3", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
 
@@ -319,7 +321,7 @@ def p6_mfu(S):
     peak = next((v for key, v in PEAK_BF16 if key in name), None)
     if peak is None:
         return {"skipped": f"no peak bf16 FLOP/s known for {name}"}
-    trainer = setup("baseline", dim=2048, vocab=32000, device=device, micro=(
+    trainer = setup(Baseline, dim=2048, vocab=32000, device=device, micro=(
         "model.micro.n_trunk_layers=16", "model.micro.n_heads=16", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
     args = trainer[1].args
@@ -335,7 +337,7 @@ def gen_kv_cache(S, prompt=32, new=256):
     """gen_kv_cache: generation tokens/s with model.generate's KV cache / re-running the whole prefix for
     every token (what the trainer did before): greedy, 256 new tokens for 4 random 32-token prompts (1 in --quick,
     where the uncached side would take most of the minute), micro model."""
-    model, batch = setup("baseline", dim=S.dim)[1].eval(), 1 if S.quick else 4
+    model, batch = setup(Baseline, dim=S.dim)[1].eval(), 1 if S.quick else 4
     prompts = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
 
     @torch.no_grad()
@@ -487,7 +489,7 @@ def fsdp_figures(S, tmp):
 
 def parallel_trainer(S, rank, world, parallel, *micro):
     """The baseline (H=4, dim S.dim) prepared and wrapped as train() does under training.parallel."""
-    cfg = load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml",
+    cfg = load_config(Baseline.local_config(),
                          ["model.n_future_tokens=4", f"model.micro.dim={S.dim}", "checkpoint.resume=never",
                           "model.init_from=", "mlflow.enable_logging=false", f"training.parallel={parallel}", *micro])
     s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=CPU)
@@ -576,7 +578,7 @@ def s3_figures(S, tmp):
     write, upload and retention run in the background) / a plain local torch.save of the same state; writes and
     uploads settle between calls. upload_step: train_step time while a checkpoint is being written and uploaded
     in the background (one saved every other step) / without."""
-    trainer, batch = setup("baseline", dim=S.dim), make_batch(S.batch, S.seq)
+    trainer, batch = setup(Baseline, dim=S.dim), make_batch(S.batch, S.seq)
     step = trainer_step(trainer, batch)
     step(), step()
     state, run_dir, n = trainer_checkpoint(trainer), Path(tmp) / "run", [0]
@@ -642,7 +644,7 @@ def mlflow_server(tmp):
 def log_figure(S, tmp):
     """log_overhead: verifiable train_step + Meter.reduce + MetricLogger.log of 20 metrics every step / the same
     with logging off. The logger sends in a background thread; blocks long enough for several flushes."""
-    trainer, batch = setup("verifiable", dim=S.dim), make_batch(S.batch, S.seq)
+    trainer, batch = setup(Verifiable, dim=S.dim), make_batch(S.batch, S.seq)
     meter, step_no = trainer[4], [0]
     from mlflow import MlflowClient
 
@@ -683,7 +685,7 @@ def scaling(device):
     rows = []
     for T in (256, 512, 1024, 2048):
         for H in (1, 2, 4, 8):
-            trainer = setup("baseline", H=H, dim=256, vocab=32000, device=device)
+            trainer = setup(Baseline, H=H, dim=256, vocab=32000, device=device)
             batch = make_batch(1, T, 32000, device)
             trainer_step(trainer, make_batch(1, 16, 32000, device))()  # creates the optimizer state, cheaply
             step = trainer_step(trainer, batch)

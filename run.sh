@@ -42,7 +42,7 @@ shopt -u patsub_replacement 2>/dev/null || true
 case ${BASH_SOURCE[0]} in */*) ROOT=${BASH_SOURCE[0]%/*} ;; *) ROOT=. ;; esac
 ROOT=$(cd "$ROOT" && pwd) && cd "$ROOT"
 
-PIPELINES="baseline critic verifiable rho1"
+PIPELINES=; for d in configs/*/; do p=${d%/} p=${p#*/}; [ -f "$d${p}_local.yaml" ] && PIPELINES+=${PIPELINES:+ }$p; done
 VENV=${WMTP_VENV:-$ROOT/.venv}
 PYTHON=$VENV/bin/python
 TORCH_PIN="torch==2.13.0"   # an unpinned torch pulls a multi-GB CUDA build where a CPU wheel would do

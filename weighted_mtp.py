@@ -30,14 +30,14 @@ import yaml
 from wmtp.checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_checkpoint_into, load_shards,
                                 pipeline_state, read_checkpoint, resume_from, resume_point, set_rng_state,
                                 trainer_state)
-from wmtp.config import (CONFIGS, POLICY_PIPELINES, RUN_NAMES, Config, UserError, load_config, redacted, tracking_uri)
+from wmtp.config import CONFIGS, Config, UserError, load_config, redacted, tracking_uri
 from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
 from wmtp.evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
 from wmtp.memplan import dry_run_report
 from wmtp.parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
                            load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
                            wrap_and_compile)
-from wmtp.pipelines import PIPELINE_TYPES, Pipeline
+from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, WARMUP_CONFIG, Pipeline, policy_pipelines
 from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
                              next_token_logits, pretrained_weights)
 from wmtp.report import compare_rows, format_compare, list_configs, report, summarize_compare
@@ -126,15 +126,14 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     t = cfg.training
     master, fsdp = rank == 0, t.parallel == "fsdp" and world > 1  # FSDP: built on the meta device, filled sharded
     kind = PIPELINE_TYPES[cfg.experiment.pipeline]
-    if fsdp and not kind.value_head_on_policy(cfg) and kind.name in ("critic", "verifiable"):
-        raise UserError(f"critic.model={cfg.critic.model} with training.parallel=fsdp: a separate value model is "
-                        "not sharded yet; use training.parallel=ddp or critic.model=policy")
+    if fsdp and (refusal := kind.fsdp_refusal(cfg)):
+        raise UserError(refusal)
     tok, model = build_model(cfg, use_micro, value_head=kind.value_head_on_policy(cfg), meta=fsdp)
     pipeline = kind(cfg, model.args.n_future_tokens)
     data = prepare_data(cfg, tok, pipeline)
     if master and cfg.mlflow.enable_logging:
         preflight(cfg)  # credentials and bucket, before the server is asked for any checkpoint
-    run_name = cfg.mlflow.run_name or RUN_NAMES[pipeline.name]
+    run_name = cfg.mlflow.run_name or pipeline.run_name
     cache = Path(cfg.checkpoint.dir) / ".cache"
 
     starts = policy_start(cfg, pipeline)  # {config key: (what it starts, its value, what that resolved to)}
@@ -142,11 +141,9 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     fetch = fetcher(cfg, master, cache, starts)
     found_resume = resume_from(cfg, run_name, cache, starts) if master else None
     resume_path, resume_uri, sharded = resume_point(cfg, found_resume, cache)
-    spec, source, artifact = pipeline.start_from()
+    spec, source, artifact, key, what = pipeline.start_from()
     start_path = None
     if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        key, what = ("critic.checkpoint", "policy and value head") if source == "critic" else (
-            "model.init_from", "policy")
         start_path = fetch(spec, source, artifact, key, what)
         if not fsdp:
             load_checkpoint_into(model, start_path)
@@ -154,7 +151,7 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
         block.checkpointed = t.activation_checkpointing
     model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False, meta=fsdp)[1],
                             torch.device("cpu") if fsdp else device, tok) or model  # sharded: shards only (shard())
-    if getattr(pipeline, "reference", None) is not None and "reference.path" not in starts:
+    if pipeline.reference is not None and "reference.path" not in starts:
         ref = cfg.reference.path  # a model dir, or empty: a frozen copy of the starting policy
         starts["reference.path"] = ("reference", ref, str(Path(ref).resolve()) if ref else "the starting policy")
     resume = resume_path and (trainer_state(resume_path) if sharded else
@@ -192,7 +189,7 @@ def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world,
     shard_from_meta(model, device, world, starting(model, start_path) + resumed)
     if resumed:
         del resume["model"]  # its pages are released: the mapping goes with the last reference
-    reference, ref_start = getattr(pipeline, "reference", None), getattr(pipeline, "reference_start", None)
+    reference, ref_start = pipeline.reference, pipeline.reference_start
     if reference is None:
         return
     if not reference.output.weight.is_meta:
@@ -360,16 +357,12 @@ def train(cfg, use_micro=False):
             record.info(f"done: {s.total_steps} steps in {time.time() - train_log.t_start:.1f}s, "
                         f"best val/loss {checkpointer.best_val:.4f}")
         if rank == 0:
-            print(closing_summary(tracking, s.total_steps, time.time() - train_log.t_start, checkpointer.best_val),
-                  flush=True)
+            print(closing_summary(tracking, s.total_steps, time.time() - train_log.t_start, checkpointer.best_val,
+                                  s.pipeline.continued_by), flush=True)
         return {"run_id": run_id, "steps": s.total_steps, **val}
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-WARMUP_CONFIG = CONFIGS / "baseline" / "warmup_local.yaml"  # the shared warm-up; each pipeline's own steps
-CONTROL_ROWS = ("baseline", "baseline:filtered", "verifiable", "verifiable:shuffled")  # compare --control's rows
 
 
 def local_config(pipeline, setting="demo"):
@@ -390,7 +383,7 @@ def train_child(path, overrides, parent_id, started_from, run_name=""):
     started = time.time()
     with quiet_console():
         result = train(cfg, use_micro=True)
-    name = run_name or RUN_NAMES[cfg.experiment.pipeline]
+    name = run_name or PIPELINE_TYPES[cfg.experiment.pipeline].run_name
     print(f"{name:<28} run {result['run_id']}  {result['steps']} steps in {time.time() - started:4.0f}s  "
           f"val/loss {result.get('val/loss', math.nan):.4f}", flush=True)
     return cfg, result["run_id"], Path(cfg.checkpoint.dir) / name / result["run_id"]
@@ -429,37 +422,39 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="d
                        "random init",
                        "warmup")[2] / "checkpoint_final.pt"
     runs, dirs = {}, {}
-    own = on_policy_data(warm, o) if on_policy and any(r.startswith("verifiable") for r in pipelines) else []
-    for row in pipelines:
-        p, _, variant = row.partition(":")
-        kind, extra = PIPELINE_TYPES[p], PIPELINE_TYPES[p].compare_variants.get(variant, []) if variant else []
+    kinds = [PIPELINE_TYPES[row.partition(":")[0]] for row in pipelines]
+    own = on_policy_data(warm, o) if on_policy and any(kind.on_policy for kind in kinds) else []
+    for row, kind in zip(pipelines, kinds):
+        variant = row.partition(":")[2]
+        extra = kind.compare_variants.get(variant, []) if variant else []
 
-        def train_critic():  # the critic of the variant's critic.* overrides, trained once; a row of its own
-            critic_extra = [x for x in extra if x.startswith("critic.")]
-            critic_row = f"critic:{variant}" if critic_extra else "critic"
-            if critic_row not in runs:
-                _, runs[critic_row], dirs[critic_row] = train_child(
-                    local_config("critic", setting), [*o, *own, *critic_extra, f"model.init_from={warm}"], parent_id,
-                    "warm-up",
-                    f"critic-pretrain-{variant}" if critic_extra else "")
-            return dirs[critic_row]
+        def train_input(source):  # a run `kind` starts from (verifiable's critic), trained once per variant of the
+            # overrides of its own config section (critic.*); a row of its own
+            source_extra = [x for x in extra if x.startswith(source.name + ".")]
+            source_row = f"{source.name}:{variant}" if source_extra else source.name
+            if source_row not in runs:
+                _, runs[source_row], dirs[source_row] = train_child(
+                    local_config(source.name, setting),
+                    [*o, *(own if source.on_policy else []), *source_extra, f"model.init_from={warm}"], parent_id,
+                    "warm-up", f"{source.run_name}-{variant}" if source_extra else "")
+            return dirs[source_row]
 
-        start = kind.compare_inputs(warm, dirs, train_critic) + (own if p == "verifiable" else [])
-        cfg, runs[row], dirs[row] = train_child(local_config(p, setting), [*o, *extra, *start], parent_id,
-                                                kind.compare_start,
-                                                f"{RUN_NAMES[p]}-{variant}" if variant else "")
+        start = kind.compare_inputs(warm, dirs, train_input) + (own if kind.on_policy else [])
+        cfg, runs[row], dirs[row] = train_child(local_config(kind.name, setting), [*o, *extra, *start], parent_id,
+                                                kind.compare_start, f"{kind.run_name}-{variant}" if variant else "")
         with quiet_console():
             evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
     return runs
 
 
-def compare(seeds, warmup_steps=0, overrides=(), pipelines=POLICY_PIPELINES, setting="demo", on_policy=False):
-    """Every pipeline of `pipelines` over seeds 0..seeds-1 (compare_seed; warmup_steps 0 = the warm-up config's),
-    under one parent run that gets, per pipeline and metric of COMPARED, <pipeline>/<metric>_mean and _ci95 (the
-    interval's half-width), the table (compare/summary.json) and the plot (compare/metrics.png). setting: the
-    demo's configs, or the positive control's (local_config); on_policy: the demo's critic and verifiable train on
-    the warm-up's own answers (compare_seed). Returns the summary."""
+def compare(seeds, warmup_steps=0, overrides=(), pipelines=(), setting="demo", on_policy=False):
+    """Every row of `pipelines` (default: policy_pipelines()) over seeds 0..seeds-1 (compare_seed; warmup_steps 0 =
+    the warm-up config's), under one parent run that gets, per pipeline and metric of COMPARED,
+    <pipeline>/<metric>_mean and _ci95 (the interval's half-width), the table (compare/summary.json) and the plot
+    (compare/metrics.png). setting: the demo's configs, or the positive control's (local_config); on_policy: the
+    demo's critic and verifiable train on the warm-up's own answers (compare_seed). Returns the summary."""
     from mlflow import MlflowClient
+    pipelines = pipelines or policy_pipelines()
     cfgs = {p: load_config(local_config(p.partition(":")[0], setting), overrides) for p in pipelines}
     steps = {p: c.training.max_steps for p, c in cfgs.items()}
     warmup_steps = warmup_steps or load_config(local_config("warmup", setting), overrides).training.max_steps
@@ -507,7 +502,7 @@ def main(argv=None):
             return report(uri, args.experiment, args.all) if args.command == "report" else print(
                 ui_url(uri, args.experiment))
         if args.command == "compare":
-            rows = args.pipelines or ",".join(CONTROL_ROWS if args.control else POLICY_PIPELINES)
+            rows = args.pipelines or ",".join(CONTROL_ROWS if args.control else policy_pipelines())
             compare(args.seeds, args.warmup_steps, args.override, compare_rows(args.seeds, rows),
                     "control" if args.control else "demo", on_policy=not (args.control or args.gold))
             return 0
@@ -521,9 +516,10 @@ def main(argv=None):
             report_lines = dry_run_report(cfg, world, world_from, args.use_micro_model, args.gpu_memory_gb)
             print(yaml.safe_dump(redacted(cfg.to_dict()), sort_keys=False) + report_lines)
         elif args.command == "evaluate":
-            if cfg.experiment.pipeline == "critic" and not args.samples:
-                raise UserError(f"{args.config}: the critic has no pass@k (it trains a value function and generates "
-                                "nothing): evaluate baseline, verifiable or rho1")
+            if not PIPELINE_TYPES[cfg.experiment.pipeline].decodes and not args.samples:
+                *others, last = [p for p, kind in PIPELINE_TYPES.items() if kind.decodes]
+                raise UserError(f"{args.config}: the {cfg.experiment.pipeline} has no pass@k (it generates "
+                                f"nothing): evaluate {', '.join(others)} or {last}")
             evaluate(cfg, args.use_micro_model, args.checkpoint, args.samples, args.json)
         elif args.command == "sample":
             sample(cfg, args.use_micro_model, args.checkpoint, args.out)

@@ -28,14 +28,15 @@ sys.path.insert(0, str(ROOT))
 def make_store(tmp):
     """A store with the experiment as the trainer creates it and one run per pipeline, tagged as the trainer tags."""
     from mlflow import MlflowClient
-    from wmtp.config import RUN_NAMES, load_config
+    from wmtp.config import load_config
+    from wmtp.pipelines import PIPELINE_TYPES
     from wmtp.tracking import experiment_id
     uri = f"sqlite:///{tmp}/mlflow.db"
     cfg = load_config(ROOT / "configs" / "baseline" / "baseline_local.yaml", [f"mlflow.tracking_uri={uri}"])
     client = MlflowClient(uri)
     exp_id = experiment_id(client, cfg)
     runs = {}
-    for pipeline, run_name in RUN_NAMES.items():
+    for pipeline, run_name in ((p, kind.run_name) for p, kind in PIPELINE_TYPES.items()):
         note = f"[micro] {pipeline} (micro model) · policy from random weights"
         run = client.create_run(exp_id, run_name=run_name, tags={"pipeline": pipeline, "mlflow.note.content": note,
                                                                  "wmtp.model": "micro"})

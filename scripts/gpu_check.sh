@@ -118,7 +118,9 @@ assert same and kept, "fused AdamW's found_inf did not skip the NaN step"
 print("RESULT", f"autocast {y.dtype}, found_inf skip ok, pinned flag copies {device.type == 'cuda'}")
 EOF
 
-for p in baseline critic verifiable rho1; do
+for dir in configs/*/; do   # each pipeline: configs/<p>/ holding <p>_local.yaml (wmtp.config.PIPELINES)
+  p=${dir%/}; p=${p##*/}
+  [ -f "configs/$p/${p}_local.yaml" ] || continue
   step "pipeline-$p" 150 "$PYTHON" -m weighted_mtp train --config "configs/$p/${p}_local.yaml" "${MICRO[@]}" \
     --override "checkpoint.dir=$WORK/ckpt-$p"
 done

@@ -54,6 +54,7 @@ SLOW = {
     "test_pipelines.py::test_the_experiment_is_marked_for_model_development",
     "test_heads.py::test_two_process_ddp_gradients_equal_the_naive_paths_and_reach_the_all_reduce",
     "test_heads.py::test_twenty_step_training_curve_matches_the_naive_one",
+    "test_fifth_pipeline.py::test_a_fifth_pipeline_is_its_class_and_its_configs",   # a copy of the tree, 2 launches
     "test_memplan.py::test_plan_is_within_25_percent_of_the_measured_peak",
     "test_memplan.py::test_gpu_check_cpu_dry_runs_every_step",          # every pipeline, DDP and FSDP, for real
     "test_memplan.py::test_gpu_check_stops_loudly_at_the_first_broken_step",

@@ -140,7 +140,7 @@ def test_an_unknown_key_in_a_config_file(cli, tmp_path):
 
 
 def test_an_unknown_pipeline(cli, tmp_path):
-    rejected(cli, tmp_path, f"{BASELINE}: 'experiment.pipeline' must be one of baseline, critic, verifiable, rho1, "
+    rejected(cli, tmp_path, f"{BASELINE}: 'experiment.pipeline' must be one of baseline, critic, rho1, verifiable, "
                             "got 'ppo'", "experiment.pipeline=ppo")
 
 

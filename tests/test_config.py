@@ -29,7 +29,7 @@ def test_layers_merge_in_order():
     ("training.batch_size=true", "'training.batch_size' must be int, got bool True"),
     ("training.k_percent=1.5", "'training.k_percent' must be in (0, 1], got 1.5"),
     ("training.k_percent=0", "'training.k_percent' must be in (0, 1], got 0.0"),
-    ("experiment.pipeline=ppo", "'experiment.pipeline' must be one of baseline, critic, verifiable, rho1, got 'ppo'"),
+    ("experiment.pipeline=ppo", "'experiment.pipeline' must be one of baseline, critic, rho1, verifiable, got 'ppo'"),
     ("training.weight_clip_min=3.0", "'training.weight_clip_min' (3.0) must be < 'training.weight_clip_max' (3.0)"),
     ("model.micro=4", "'model.micro' must be a mapping"),
     ("nonsense", "expected key=value"),

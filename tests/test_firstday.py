@@ -175,7 +175,7 @@ def test_listing_configs_and_bad_compare_rows_and_the_critic_evaluate(tmp_path, 
         "rho1, baseline:filtered, verifiable:shuffled, verifiable:shuffled-critic")
     assert wm.main(["evaluate", "--config", str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model"]) == 2
     assert capsys.readouterr().err.strip().endswith(
-        "critic_local.yaml: the critic has no pass@k (it trains a value function and generates nothing): evaluate "
+        "critic_local.yaml: the critic has no pass@k (it generates nothing): evaluate "
         "baseline, verifiable or rho1")
 
 

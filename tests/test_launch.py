@@ -85,7 +85,7 @@ def test_unknown_pipeline_exits_2_and_lists_pipelines(tmp_path):
     res = run_sh(["verifyable", "--local"], base_env(tmp_path))
     assert res.returncode == 2
     assert "unknown pipeline 'verifyable'" in res.stderr
-    assert "baseline, critic, verifiable, rho1" in res.stderr
+    assert "choose one of: baseline, critic, rho1, verifiable (or" in res.stderr  # configs/<p>/<p>_local.yaml
     assert res.stdout == ""
 
 
@@ -642,7 +642,7 @@ def test_vessl_refuses_what_a_node_cannot_clone_or_would_lose_and_passes_overrid
     subprocess.run(["git", "init", "-q", str(clone)], check=True)
     subprocess.run(["git", "-C", str(clone), "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-q",
                     "--allow-empty", "-m", "x"], check=True)
-    for name in ("run.sh", "vessl.yaml", "scripts"):
+    for name in ("run.sh", "vessl.yaml", "scripts", "configs"):  # configs/: run.sh's pipelines
         (clone / name).symlink_to(ROOT / name)
     head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     res = subprocess.run([str(clone / "run.sh"), "vessl", "baseline", "--print"], cwd=clone, env=env,

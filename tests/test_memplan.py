@@ -293,7 +293,7 @@ def test_gpu_check_cpu_dry_runs_every_step(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (tmp_path / "summary.txt").read_text().splitlines()
     assert [line.split()[1] for line in lines[1:-1]] == [
-        "device", "step", "pipeline-baseline", "pipeline-critic", "pipeline-verifiable", "pipeline-rho1", "ddp",
+        "device", "step", "pipeline-baseline", "pipeline-critic", "pipeline-rho1", "pipeline-verifiable", "ddp",
         "ddp-replicas", "fsdp2", "trainer-fsdp", "bench-p6"]
     assert all(line.startswith(("PASS", "SKIP")) for line in lines[1:-1]) and lines[-1] == "ALL PASSED"
     assert "found_inf skip ok" in lines[2] and "2 replica(s) identical" in lines[8] and "(gloo)" in lines[9]

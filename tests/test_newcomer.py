@@ -14,7 +14,8 @@ import yaml
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from wmtp.config import DEFAULTS, RUN_NAMES, UserError, dotted_keys, flatten, is_secret
+from wmtp.config import DEFAULTS, UserError, dotted_keys, flatten, is_secret
+from wmtp.pipelines import PIPELINE_TYPES
 from s3ckpt import CheckpointError, MlflowStore, save_checkpoint
 from conftest import ROOT, main_in_process, new_store, tiny_config, train_keeping_setup
 
@@ -96,7 +97,7 @@ def test_help_and_usage_errors_come_back_before_torch_is_imported():
         r = subprocess.run([sys.executable, "-X", "importtime", "-m", "weighted_mtp", *args], cwd=ROOT,
                            capture_output=True, text=True)
         imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
-        assert r.returncode == code and "config" in imported and not {"torch", "mlflow", "numpy"} & imported, args
+        assert r.returncode == code and "wmtp.config" in imported and not {"torch", "mlflow", "numpy"} & imported, args
 
 
 def logged_run(uri, pipeline, **metrics):
@@ -104,7 +105,7 @@ def logged_run(uri, pipeline, **metrics):
     exp = client.get_experiment_by_name("weighted-mtp/production") or client.get_experiment(
         client.create_experiment("weighted-mtp/production"))
     exp_id = getattr(exp, "experiment_id", exp)
-    run_id = client.create_run(exp_id, run_name=RUN_NAMES[pipeline],
+    run_id = client.create_run(exp_id, run_name=PIPELINE_TYPES[pipeline].run_name,
                                tags={"pipeline": pipeline, "wmtp.steps": "7"}).info.run_id
     for key, value in metrics.items():
         client.log_metric(run_id, key.replace("__", "/"), value, step=7)

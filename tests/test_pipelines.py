@@ -9,7 +9,7 @@ import torch
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from wmtp.config import RUN_NAMES, UserError, load_config
+from wmtp.config import UserError, load_config
 from wmtp.pretrained import build_model
 from wmtp.data import collate
 from wmtp.parallel import Meter
@@ -49,7 +49,7 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
     client = MlflowClient(tracking)
     for pipeline in ["baseline", "critic", "verifiable", "rho1"]:
         result = wm.train(tiny_config(pipeline, tmp_path), use_micro=True)
-        run = only_run(client, RUN_NAMES[pipeline])
+        run = only_run(client, PIPELINE_TYPES[pipeline].run_name)
         assert run.info.run_id == result["run_id"] and run.info.status == "FINISHED"
         assert run.data.tags["pipeline"] == pipeline and run.data.tags["wmtp.steps"] == "4"
         logged = sorted(k for k in run.data.metrics if not k.startswith("system/"))
@@ -84,8 +84,8 @@ def test_four_pipelines_chain_and_log_everything(tracking, tmp_path):
 
 
 def test_verifiable_without_a_critic_says_which_pipeline_to_run_first(tracking, tmp_path):
-    with pytest.raises(UserError, match="no finished 'critic-pretrain' run in experiment 'weighted-mtp/production': "
-                                           "run the critic pipeline first"):
+    with pytest.raises(UserError, match="no finished run of pipeline 'critic' in experiment "
+                                           "'weighted-mtp/production': run the critic pipeline first"):
         wm.train(tiny_config("verifiable", tmp_path), use_micro=True)
     exp = MlflowClient(tracking).get_experiment_by_name("weighted-mtp/production")
     assert exp is None or MlflowClient(tracking).search_runs([exp.experiment_id]) == []   # no empty run left behind

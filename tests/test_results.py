@@ -125,7 +125,7 @@ def test_compare_nests_every_run_under_one_parent(compared):
     names = sorted(r.info.run_name for r in children)
     assert names == sorted(["warmup", "baseline-mtp", "critic-pretrain", "verifiable-wmtp", "rho1-wmtp"] * 2)
     assert all(r.info.status == "FINISHED" for r in children)
-    policy = [r for r in children if r.data.tags["pipeline"] in wm.POLICY_PIPELINES and r.info.run_name != "warmup"]
+    policy = [r for r in children if r.data.tags["pipeline"] in wm.policy_pipelines() and r.info.run_name != "warmup"]
     assert {r.data.tags["wmtp.steps"] for r in policy} == {"4"}   # the same policy steps for every pipeline
     assert {r.data.tags["wmtp.steps"] for r in children if r.info.run_name == "warmup"} == {"3"}
     assert all("eval/pass_at_1" in r.data.metrics for r in policy)

@@ -364,7 +364,8 @@ def test_resolve_auto_picks_newest_finished_run(s3_server, mlflow_db, tmp_path):
     assert uri.startswith("runs:/") and uri.endswith("/checkpoints/checkpoint_best.pt")
     with pytest.raises(UserError) as e:
         resolve_uri(cfg, "auto", "rho1", "checkpoints/checkpoint_final.pt", tmp_path / "cache")
-    assert str(e.value) == f"no finished 'rho1-wmtp' run in experiment '{exp}': run the rho1 pipeline first"
+    assert str(e.value) == (f"no finished run of pipeline 'rho1' in experiment '{exp}': "
+                            "run the rho1 pipeline first")
 
 
 def test_resolve_local_and_missing(tmp_path):

@@ -17,7 +17,7 @@ import s3ckpt
 import torch
 import torch.distributed as dist
 
-from wmtp.config import RUN_NAMES, tracking_uri, UserError
+from wmtp.config import tracking_uri, UserError
 from wmtp.parallel import (all_gather, broadcast, files_to_read, full_state, is_sharded, load_sharded, own_files,
                            save_sharded)
 from wmtp.pretrained import check_state, load_state, release_pages
@@ -34,7 +34,7 @@ def resolve_uri(cfg, uri, pipeline_for_auto, artifact, cache_dir):
         from mlflow import MlflowClient
         run = newest_run(MlflowClient(uri_tracking), cfg.mlflow.experiment, finished(pipeline_for_auto))
         if run is None:
-            raise UserError(f"no finished '{RUN_NAMES[pipeline_for_auto]}' run in experiment "
+            raise UserError(f"no finished run of pipeline '{pipeline_for_auto}' in experiment "
                             f"'{cfg.mlflow.experiment}': run the {pipeline_for_auto} pipeline first")
         uri = f"runs:/{run.info.run_id}/{artifact}"
     try:
@@ -388,13 +388,10 @@ class Checkpointer:
 
 def fetcher(cfg, master, cache, starts):
     """fetch(spec, pipeline_for_auto, artifact, key, what) -> a start's checkpoint on this node; rank 0 resolves it
-    once and records it in `starts` (the first log line, the run's tags). pipeline.attach fetches without a key:
-    critic.checkpoint ("critic") or reference.path ("baseline")."""
-    def fetch(spec, pipeline_for_auto, artifact, key=None, what=None):
+    once and records it in `starts` under the config key it came from (the first log line, the run's tags)."""
+    def fetch(spec, pipeline_for_auto, artifact, key, what):
         found = resolve_uri(cfg, spec, pipeline_for_auto, artifact, cache) if master else None
         if master:
-            key, what = (key, what) if key else {"critic": ("critic.checkpoint", "critic"),
-                                                 "baseline": ("reference.path", "reference")}[pipeline_for_auto]
             starts[key] = (what, spec, found[1] or str(Path(found[0]).resolve()), str(found[0]))
         return on_this_node(cfg, found, cache)
     return fetch

@@ -3,7 +3,7 @@ Config: configs/defaults.yaml <- the pipeline's file <- --override a.b=c, every 
 then typed into frozen dataclasses. defaults.yaml is the one source of defaults and comments; the dataclasses name
 the keys, their types and their ranges (tests/test_config.py checks that the two agree key for key).
 
-Also the names every other module agrees on (pipelines, run names, templates, dtypes) and UserError, the one
+Also the names every other module agrees on (pipelines, templates, dtypes) and UserError, the one
 exception that reaches the user as a single line. Imports nothing of the project's.
 """
 import contextlib
@@ -45,15 +45,18 @@ def without_userinfo(value):
     return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@\s]*@", r"\1", value) if isinstance(value, str) else value
 
 
-# The names every module agrees on, as literals here so that config.py imports nothing of the project's.
-RUN_NAMES = {"baseline": "baseline-mtp", "critic": "critic-pretrain", "verifiable": "verifiable-wmtp",
-             "rho1": "rho1-wmtp"}  # the guide's MLflow run names
+def pipeline_names(configs):
+    """The pipelines, sorted: each directory configs/<name>/ that holds <name>_local.yaml. Read off the disk because
+    config.py is below pipelines.py (it cannot ask PIPELINE_TYPES, and a registry filled by pipelines.py would be
+    empty whenever that module is not yet imported); configs/control/, which holds other pipelines' configs, is none.
+    tests/test_fifth_pipeline.py checks that these are the names of pipelines.PIPELINE_TYPES."""
+    return tuple(sorted(d.name for d in configs.iterdir() if (d / f"{d.name}_local.yaml").is_file()))
 
 
-PIPELINES = tuple(RUN_NAMES)
+PIPELINES = pipeline_names(CONFIGS)
 
 
-POLICY_PIPELINES = ("baseline", "verifiable", "rho1")
+# The other names every module agrees on, as literals here so that config.py imports nothing of the project's.
 SANDBOXES = ("bwrap", "uid", "none")  # eval.sandbox: how generated code runs (sandbox.py)
 
 
@@ -454,10 +457,9 @@ def cli(doc):
     c = sub.add_parser("compare", help="the policy pipelines from one warm-up over seeds: mean ± 95 %% intervals")
     c.add_argument("--seeds", type=int, default=3)
     c.add_argument("--warmup-steps", type=int, default=0,
-                   help="the shared warm-up's steps (default: those of configs/baseline/warmup_local.yaml)")
-    c.add_argument("--pipelines", default="", help="comma-separated policy pipelines and control rows (default: "
-                   f"{','.join(POLICY_PIPELINES)}; with --control: baseline,baseline:filtered,verifiable,"
-                   "verifiable:shuffled)")
+                   help="the shared warm-up's steps (default: those of its config, warmup_local.yaml)")
+    c.add_argument("--pipelines", default="", help="comma-separated policy pipelines and <pipeline>:<variant> rows "
+                   "(default: every pipeline that trains the policy; with --control: the positive control's rows)")
     c.add_argument("--control", action="store_true", help="the positive control (configs/control/): token weighting "
                    "that must help by construction, to show the harness can see an effect")
     c.add_argument("--gold", action="store_true", help="the critic and verifiable train on the built-ins' written "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from wmtp.model import Block
-from wmtp.pipelines import PIPELINE_TYPES
+from wmtp.pipelines import PIPELINE_TYPES, Pipeline
 from wmtp.pretrained import ByteTokenizer, micro_args, model_args_from_hf, model_args_from_meta
 
 
@@ -20,7 +20,7 @@ TORCH_ITSELF = 0.4 * 2**30  # a CPU process's resident memory before any model: 
 
 PLAN_ROWS = {"parameters": "trainable parameters (fp32 masters)", "gradients": "gradients (fp32)",
              "buckets": "DDP all-reduce buckets (fp32)", "optimizer": "AdamW moments (2 x fp32)",
-             "frozen": "frozen weights (LoRA base, critic trunk)", "reference": "rho1 reference (frozen)",
+             "frozen": "frozen weights (LoRA base, critic trunk)", "reference": "reference model (frozen)",
              "value": "separate value model (frozen)",
              "gathered": "FSDP gathered blocks + their grads", "copies": "bf16 autocast weight copies",
              "activations": "activations saved for backward", "logits": "loss logits (one head at a time)",
@@ -45,16 +45,23 @@ def block_shape(args):
     return sum(p.numel() for p in block.parameters()), attention.wk.out_features, ffn.w1.out_features
 
 
+def pipeline_type(pipeline):
+    """The class of the pipeline named `pipeline`; None: the base Pipeline (a policy trained whole, nothing beside)."""
+    return PIPELINE_TYPES[pipeline] if pipeline else Pipeline
+
+
 def parameter_counts(args, pipeline, lora_rank):
-    """(trainable, frozen) parameters of the policy. L blocks of P_b, embedding and output V·d each, final norm d;
-    LoRA adds r·(in + out) per projection: r·(9d + 2·d_kv + 3f) per block; the value head d + 1 (critic,
-    verifiable). LoRA trains adapters and value head; the critic only its value head."""
+    """(trainable, frozen) parameters of the policy of `pipeline` (a name, None: pipeline_type). L blocks of P_b,
+    embedding and output V·d each, final norm d; LoRA adds r·(in + out) per projection: r·(9d + 2·d_kv + 3f) per
+    block; the value head d + 1 (its class's value_head). LoRA trains adapters and value head; a pipeline that
+    trains no policy (trains_policy false: the critic) only its value head."""
+    kind = pipeline_type(pipeline)
     p_block, kv, hidden = block_shape(args)
     d, L, V = args.dim, args.n_layers, args.vocab_size
     base = L * p_block + 2 * V * d + d
     adapters = L * lora_rank * (9 * d + 2 * kv + 3 * hidden)
-    value_head = d + 1 if PIPELINE_TYPES[pipeline].value_head else 0
-    if pipeline == "critic":
+    value_head = d + 1 if kind.value_head else 0
+    if not kind.trains_policy:
         return value_head, base + adapters
     if lora_rank:
         return adapters + value_head, base
@@ -75,10 +82,12 @@ def block_activations(args, lora_rank, trains_norms, act_bytes):
     return 4 * d * (2 + 2 * trains_norms) + act_bytes * (4 * d + 2 * kv + 4 * hidden + 7 * lora_rank)
 
 
-def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1, frozen_dtype="float32",
+def memory_plan(args, pipeline=None, lora_rank=0, parallel="ddp", world=1, frozen_dtype="float32",
                 batch_size=1, seq_len=2048, activation_checkpointing=False, memory_efficient_loss=True,
                 grad_accum=1, reference=None, device="cuda", value=None, eval_batch_size=16, eval_length=2048 + 256):
-    """Estimated bytes per GPU, {row: bytes} (rows: PLAN_ROWS), for a policy of shape `args` (L blocks, H heads, V).
+    """Estimated bytes per GPU, {row: bytes} (rows: PLAN_ROWS), for a policy of shape `args` (L blocks, H heads, V)
+    trained by `pipeline` (a name; None: the base Pipeline), whose class says what it trains (trains_policy) and
+    holds (holds_reference).
 
     Weights: a trained one costs 4 (fp32 master) + 4 (gradient) + 8 (AdamW's two fp32 moments) bytes, and under DDP
     with world > 1 4 more (the all-reduce buckets: gradient_as_bucket_view is off); a frozen one (LoRA base, critic
@@ -102,13 +111,14 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     d, V, L, H, N = args.dim, args.vocab_size, args.n_layers, args.n_future_tokens, batch_size * seq_len
     shard, act_bytes = (world if fsdp else 1), (2 if cuda else 4)
     p_block, _, hidden = block_shape(args)
+    kind = pipeline_type(pipeline)
     trainable, frozen = parameter_counts(args, pipeline, lora_rank)
-    ref = sum(parameter_counts(reference or args, "baseline", 0)) if pipeline == "rho1" else 0
-    trains_blocks, full_ft = pipeline != "critic", pipeline != "critic" and not lora_rank
+    ref = sum(parameter_counts(reference or args, None, 0)) if kind.holds_reference else 0
+    trains_blocks, full_ft = kind.trains_policy, kind.trains_policy and not lora_rank
     rows = {"parameters": 4 * trainable / shard, "gradients": 4 * trainable / shard, "buckets": 4 * trainable * ddp,
             "optimizer": 8 * trainable / shard, "frozen": DTYPE_BYTES[frozen_dtype] * frozen / shard,
             "reference": DTYPE_BYTES[frozen_dtype] * ref / shard,
-            "value": DTYPE_BYTES[frozen_dtype] * sum(parameter_counts(value, "baseline", 0)) if value else 0}
+            "value": DTYPE_BYTES[frozen_dtype] * sum(parameter_counts(value, None, 0)) if value else 0}
     gathered = 2 * V * d + 2 * p_block  # the root's embedding and output, the current and the prefetched block
     rows["gathered"] = (act_bytes + 4 * full_ft) * gathered * fsdp
     fp32_block_weights = p_block if full_ft or frozen_dtype == "float32" else 0
@@ -128,7 +138,7 @@ def memory_plan(args, pipeline="baseline", lora_rank=0, parallel="ddp", world=1,
     end = rows["gradients"] + s * trains_blocks + rows["gathered"]
     static = sum(rows[k] for k in ("parameters", "optimizer", "frozen", "reference", "buckets", "value"))
     rows["peak"] = static + max(start, end)
-    decodes = eval_batch_size * eval_length * (pipeline != "critic")  # the critic's validation decodes nothing
+    decodes = eval_batch_size * eval_length * kind.decodes  # the critic's validation decodes nothing
     rows.update(validation_and_setup(args, rows, static, trainable + frozen, fsdp, act_bytes, decodes, N))
     return {k: int(v) for k, v in rows.items()}
 
@@ -171,14 +181,15 @@ def is_local_path(value):
 
 def expected_paths(cfg, use_micro):
     """[(key, path, exists)] for the config's paths that must be on this machine."""
-    pipeline = cfg.experiment.pipeline
+    kind = PIPELINE_TYPES[cfg.experiment.pipeline]
     model = cfg.model if not use_micro else dataclasses.replace(cfg.model, path="", tokenizer="")
     keys = {"model.path": model.path, "model.tokenizer": model.tokenizer,
-            "model.init_from": cfg.model.init_from if PIPELINE_TYPES[pipeline].start_from_init(cfg) else "",
-            "critic.checkpoint": cfg.critic.checkpoint if pipeline == "verifiable" else "",
-            "critic.model": cfg.critic.model if PIPELINE_TYPES[pipeline].value_head and cfg.critic.model not in
+            "model.init_from": cfg.model.init_from if kind.start_from_init(cfg) else "",
+            # a pipeline with a value model that it does not train itself takes it from a trained critic
+            "critic.checkpoint": cfg.critic.checkpoint if kind.value_head and not kind.trains_value_model else "",
+            "critic.model": cfg.critic.model if kind.value_head and cfg.critic.model not in
             ("policy", "copy") else "",  # policy and copy name no directory
-            "reference.path": cfg.reference.path if pipeline == "rho1" else "",
+            "reference.path": cfg.reference.path if kind.holds_reference else "",
             "dataset.train": cfg.dataset.train, "dataset.validation": cfg.dataset.validation}
     return [(key, path, Path(path).exists()) for key, path in keys.items() if is_local_path(path)]
 
@@ -187,6 +198,7 @@ def config_plans(cfg, world, use_micro):
     """(what was planned, {checkpointing off/on: memory_plan on CUDA, "cpu": the configured one in fp32 on the
     CPU}) for the config on `world` processes, or (why not, {})."""
     m, t, pipeline = cfg.model, cfg.training, cfg.experiment.pipeline
+    kind = PIPELINE_TYPES[pipeline]
     parallel, _, frozen_dtype = plan_settings(cfg)
     if use_micro or not m.path:
         args = micro_args(cfg, ByteTokenizer.vocab_size)
@@ -195,21 +207,21 @@ def config_plans(cfg, world, use_micro):
     else:
         args = model_shape(m.path, m.n_future_tokens)
     ref = cfg.reference.path
-    reference = model_shape(ref, 1) if pipeline == "rho1" and is_local_path(ref) and Path(ref).is_dir() else None
+    reference = model_shape(ref, 1) if kind.holds_reference and is_local_path(ref) and Path(ref).is_dir() else None
     kw = dict(pipeline=pipeline, lora_rank=m.lora.rank, parallel=parallel, world=world, frozen_dtype=frozen_dtype,
               batch_size=t.batch_size, seq_len=cfg.dataset.max_length, memory_efficient_loss=m.memory_efficient_loss,
               grad_accum=t.gradient_accumulation_steps, reference=reference, eval_batch_size=cfg.eval.batch_size,
               eval_length=cfg.dataset.max_length + cfg.eval.max_new_tokens)
-    if PIPELINE_TYPES[pipeline].value_head and cfg.critic.model != "policy":
+    if kind.separate_value_model(cfg):
         value = value_model_shape(cfg.critic.model, args)
         if value is None:
             return (f"critic.model {cfg.critic.model} is not on this machine: its config gives the value model's "
                     "shape"), {}
-        if pipeline == "verifiable":
+        if not kind.trains_value_model:
             kw["value"] = value
         else:  # the critic holds the value model alone: trained as a policy of its shape (LoRA, full) or frozen
             c = cfg.critic
-            args, kw["pipeline"] = value, "critic" if c.trunk == "frozen" else "baseline"
+            args, kw["pipeline"] = value, pipeline if c.trunk == "frozen" else None
             kw["lora_rank"] = c.lora.rank if c.trunk == "lora" else 0
     what = (f"{pipeline}, {args.n_layers} blocks ({args.n_future_tokens} heads), d={args.dim}, V={args.vocab_size}, "
             f"{sum(parameter_counts(args, pipeline, m.lora.rank)) / 1e6:,.1f}M parameters, "
@@ -217,7 +229,7 @@ def config_plans(cfg, world, use_micro):
             + f"{parallel} x {world}, frozen {frozen_dtype}, "
             f"batch {t.batch_size} x {cfg.dataset.max_length} tokens, CUDA bf16 autocast")
     if kw.get("value"):
-        what += f"; a separate value model of {sum(parameter_counts(kw['value'], 'baseline', 0)) / 1e6:,.1f}M, frozen"
+        what += f"; a separate value model of {sum(parameter_counts(kw['value'], None, 0)) / 1e6:,.1f}M, frozen"
     plans = {ac: memory_plan(args, activation_checkpointing=ac, **kw) for ac in (False, True)}
     plans["cpu"] = memory_plan(args, activation_checkpointing=cfg.training.activation_checkpointing, device="cpu", **kw)
     return what, plans

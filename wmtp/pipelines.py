@@ -1,14 +1,16 @@
 """
-The four pipelines, one class each: what it starts from, what it freezes or builds beside the model (value head,
-reference), its loss, its validation metrics and its own state with that state's share of a checkpoint. The
-weighting math is weights.py's. A fifth pipeline is one class and one PIPELINE_TYPES entry (and its configs).
+The four pipelines, one class each: its name and MLflow run name, what it starts from, what it freezes or builds
+beside the model (value head, reference) and what the memory plan and FSDP must know of that, its loss, its
+validation metrics and its own state with that state's share of a checkpoint. The weighting math is weights.py's.
+A fifth pipeline is one subclass of Pipeline with a `name` (defining it registers it in PIPELINE_TYPES) and its
+configs in configs/<name>/ (<name>_local.yaml at least: config.PIPELINES reads the names from there).
 """
 import torch
 import torch.distributed as dist
 import weights as W
 
 from wmtp.checkpointing import load_checkpoint_into
-from wmtp.config import UserError
+from wmtp.config import CONFIGS, UserError
 from wmtp.data import collate
 from wmtp.parallel import all_reduce
 from wmtp.pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference, next_token_logits
@@ -38,17 +40,38 @@ def log_head_losses(meter, prefix, ce, valid):
 REHEADED_DECAY = 0.1
 
 
+PIPELINE_TYPES = {}  # experiment.pipeline -> its class, in the order they are defined (Pipeline.__init_subclass__)
+
+
 class Pipeline:
     """What every pipeline does unless it says otherwise: MTP on correct answers, loss = mtp_loss(ce, valid, λ) with
     λ_k training.head_loss_weights, from model.init_from, nothing frozen (but the trunk and head 0 through the
-    new-heads warm-up), no state of its own. Each pipeline below overrides what makes it different."""
-    name = "baseline"
+    new-heads warm-up), no state of its own. Each pipeline below overrides what makes it different; a subclass
+    that sets `name` is a pipeline (registered in PIPELINE_TYPES, its MLflow run `run_name`, default <name>-mtp)."""
+    name = None  # experiment.pipeline, the directory of its configs (configs/<name>/) and the run's tag `pipeline`
+    run_name = None  # the guide's MLflow run name
+    trains_policy = True  # its loss trains the policy's blocks (compare's rows, the memory plan's trained weights)
+    trains_value_model = False  # a separate value model (critic.model not policy) is what it trains, the policy not
+    holds_reference = False  # a frozen next-token model beside the policy (memory plan row "reference")
+    reference = None  # that model, once attach has built it
+    reference_start = None  # what FSDP fills the meta-device reference with (weighted_mtp.shard_from_start)
+    on_policy = False  # compare --on-policy: it trains on the warm-up's own graded answers
     value_head = False  # a value head on the policy, when critic.model is policy (value_head_on_policy)
     decodes = True  # validation also decodes answers (val/accuracy) when the dataset has a checker
     watches_head_0 = True  # val/head_0_loss against its start (evaluation.Head0Watch): the LM heads train
     val_correct_ratio = 1.0  # the share of right answers among the validation examples
     compare_start = "warm-up"  # where compare starts it (its table's "started from")
     compare_variants = {}  # compare rows "<name>:<variant>": the overrides that make the variant
+    # how a finished run is continued (its closing lines): (config key, checkpoint file, who reads it)
+    continued_by = ("model.init_from", "checkpoint_final.pt", "a run starts from it")
+
+    def __init_subclass__(cls, **kwargs):
+        """A subclass that names itself is a pipeline: registered under its name, its run name <name>-mtp unless it
+        gives one."""
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            cls.run_name = cls.__dict__.get("run_name") or f"{cls.name}-mtp"
+            PIPELINE_TYPES[cls.name] = cls
 
     def __init__(self, cfg, H):
         self.cfg, self.t, self.H = cfg, cfg.training, H
@@ -89,29 +112,52 @@ class Pipeline:
         return self.warmup_frozen if step < self.t.new_heads_warmup_steps else []
 
     @classmethod
+    def local_config(cls):
+        """Its config for one machine: configs/<name>/<name>_local.yaml (the file config.PIPELINES finds it by)."""
+        return CONFIGS / cls.name / f"{cls.name}_local.yaml"
+
+    @classmethod
     def value_head_on_policy(cls, cfg):
         return cls.value_head and cfg.critic.model == "policy"
 
     @classmethod
     def start_from_init(cls, cfg):
-        """Whether the policy starts from model.init_from (verifiable with the value head on the policy: from the
-        critic's checkpoint)."""
-        return not (cls.name == "verifiable" and cls.value_head_on_policy(cfg))
+        """Whether the policy starts from model.init_from (True unless the pipeline starts from another run's
+        checkpoint: verifiable with the value head on the policy starts from the critic's)."""
+        return True
 
     @classmethod
-    def compare_inputs(cls, warm, dirs, train_critic):
+    def separate_value_model(cls, cfg):
+        """Whether this run holds a value model of its own beside the policy (critic.model copy or a model dir)."""
+        return cls.value_head and not cls.value_head_on_policy(cfg)
+
+    @classmethod
+    def fsdp_refusal(cls, cfg):
+        """None when training.parallel=fsdp can shard everything this pipeline holds, else why not (a UserError's
+        text): a separate value model is not sharded yet."""
+        if cls.separate_value_model(cfg):
+            return (f"critic.model={cfg.critic.model} with training.parallel=fsdp: a separate value model is not "
+                    "sharded yet; use training.parallel=ddp or critic.model=policy")
+        return None
+
+    @classmethod
+    def compare_inputs(cls, warm, dirs, train_input):
         """compare's overrides that start this pipeline: from the warm-up's checkpoint `warm`; `dirs` holds the
-        run directories of the pipelines of this seed so far, train_critic() trains a critic and gives its dir."""
+        run directories of the rows of this seed so far ({name: dir}), train_input(kind) trains pipeline class
+        `kind` from the warm-up (once per variant) and gives its run directory."""
         return [f"model.init_from={warm}"]
 
     def start_from(self):
-        """(checkpoint spec, the pipeline whose newest finished run `auto` names, the artifact of that run)."""
-        return self.cfg.model.init_from, "baseline", "checkpoints/checkpoint_final.pt"
+        """(checkpoint spec, the pipeline whose newest finished run `auto` names, the artifact of that run, the
+        config key of the spec, what it starts): model.init_from, `auto` meaning the newest policy trained on correct
+        answers (a Baseline run)."""
+        return self.cfg.model.init_from, Baseline.name, "checkpoints/checkpoint_final.pt", "model.init_from", "policy"
 
     def attach(self, model, fetch, build_model, device, tok=None):
         """Called once the starting weights are in `model`: freeze what this pipeline does not train, build what
-        it needs beside the model (`fetch(spec, pipeline, artifact)` gives a checkpoint file on this node).
-        Returns the module to train instead of the policy (the critic's separate value model), else None."""
+        it needs beside the model (`fetch(spec, pipeline_for_auto, artifact, config key, what)` gives a checkpoint
+        file on this node). Returns the module to train instead of the policy (the critic's separate value model),
+        else None."""
 
     def see_data(self, train_examples, val_records, encode):
         """Called once with the data: check what this pipeline needs of it, keep what it measures on."""
@@ -154,6 +200,9 @@ class Pipeline:
 class Baseline(Pipeline):
     """MTP on correct answers: loss = mtp_loss(ce, valid). compare's baseline:filtered trains on the right answers
     alone whatever the config's correct_ratio (the positive control's ceiling)."""
+    name, run_name = "baseline", "baseline-mtp"
+    continued_by = ("model.init_from", "checkpoint_final.pt",
+                    "a policy or the critic starts from it; rho1's reference: reference.path")
     compare_variants = {"filtered": ["data_sampling.correct_ratio=1.0"]}
 
 
@@ -197,7 +246,9 @@ class Critic(Pipeline):
     val/auc_half (V after half of it): P(V of a right answer > V of a wrong one); beside them the no-training
     baselines val/auc_logprob and val/auc_logprob_mean: the same AUC with the starting policy's log-probability of
     the answer (its sum, its mean per token) as the score. A critic is worth its margin over them."""
-    name = "critic"
+    name, run_name = "critic", "critic-pretrain"
+    continued_by = ("critic.checkpoint", "checkpoint_best.pt", "verifiable reads its value model from it")
+    trains_policy, trains_value_model, on_policy = False, True, True
     value_head, decodes, watches_head_0 = True, False, False  # the LM heads stay as they are
     val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
     compare_start = "warm-up (value model)"
@@ -339,15 +390,19 @@ class Verifiable(Pipeline):
     wrong token at the same position) at λ = 0 (val/weight_right, val/weight_first_wrong: the means), and its
     no-training baseline val/token_credit_logprob: the same probability with the starting policy's log-probability
     of each token as its weight (measured once, before the first step)."""
-    name = "verifiable"
-    value_head = True
+    name, run_name = "verifiable", "verifiable-wmtp"
+    value_head, on_policy = True, True
     compare_start = "warm-up; critic on it"
     compare_variants = {"shuffled": ["training.weight_control=shuffled"],  # no credit, the same weights
                         "shuffled-critic": ["critic.shuffle_labels=true"]}  # a critic that learned no label
 
     @classmethod
-    def compare_inputs(cls, warm, dirs, train_critic):
-        return [f"model.init_from={warm}", f"critic.checkpoint={train_critic() / 'checkpoint_best.pt'}"]
+    def compare_inputs(cls, warm, dirs, train_input):
+        return [f"model.init_from={warm}", f"critic.checkpoint={train_input(Critic) / 'checkpoint_best.pt'}"]
+
+    @classmethod
+    def start_from_init(cls, cfg):
+        return not cls.value_head_on_policy(cfg)  # else from critic.checkpoint: the policy and its value head
 
     def __init__(self, cfg, H):
         super().__init__(cfg, H)
@@ -357,7 +412,8 @@ class Verifiable(Pipeline):
     def start_from(self):
         if not self.value_head_on_policy(self.cfg):
             return super().start_from()
-        return self.cfg.critic.checkpoint, "critic", "checkpoints/checkpoint_best.pt"
+        return (self.cfg.critic.checkpoint, Critic.name, "checkpoints/checkpoint_best.pt", "critic.checkpoint",
+                "policy and value head")
 
     def attach(self, model, fetch, build_model, device, tok=None):
         if self.pairs and not model.output.weight.is_meta:  # FSDP builds on the meta device: no baseline there
@@ -368,8 +424,8 @@ class Verifiable(Pipeline):
             raise UserError(f"critic.checkpoint: verifiable with critic.model={self.cfg.critic.model} takes its value "
                             "model from a trained critic: a path, s3://, runs:/ or auto")
         self.value_model = build_value_model(self.cfg, model, tok)
-        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, "critic",
-                                                     "checkpoints/checkpoint_best.pt"))
+        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, Critic.name,
+                                                     "checkpoints/checkpoint_best.pt", "critic.checkpoint", "critic"))
         self.value_model.requires_grad_(False).eval().to(device)
         return None
 
@@ -482,11 +538,12 @@ class Rho1(Pipeline):
     """Keep, per head, the top k_percent tokens by excess loss ce_policy − ce_reference; average CE over them. The
     reference is a frozen next-token model: reference.path, the newest baseline, or a copy of the starting policy."""
     name, run_name = "rho1", "rho1-wmtp"
+    holds_reference = True
     compare_start = "warm-up (ref: baseline)"
 
     @classmethod
-    def compare_inputs(cls, warm, dirs, train_critic):  # without a baseline of this seed: a frozen copy of the warm-up
-        reference = dirs["baseline"] / "checkpoint_final.pt" if "baseline" in dirs else ""
+    def compare_inputs(cls, warm, dirs, train_input):  # without a baseline of this seed: a frozen copy of the warm-up
+        reference = dirs[Baseline.name] / "checkpoint_final.pt" if Baseline.name in dirs else ""
         return [f"model.init_from={warm}", f"reference.path={reference}"]
 
     def attach(self, model, fetch, build_model, device, tok=None):
@@ -500,7 +557,8 @@ class Rho1(Pipeline):
         else:
             self.reference = build_model()  # the policy's architecture, LoRA included
             if ref:
-                self.reference_start = fetch(ref, "baseline", "checkpoints/checkpoint_final.pt")
+                self.reference_start = fetch(ref, Baseline.name, "checkpoints/checkpoint_final.pt",
+                                             "reference.path", "reference")
                 if not meta:
                     load_checkpoint_into(self.reference, self.reference_start)
             elif not meta:  # also when resuming: the frozen copy is the *starting* policy
@@ -531,7 +589,15 @@ class Rho1(Pipeline):
         return loss
 
 
-PIPELINE_TYPES = {p.name: p for p in (Baseline, Critic, Verifiable, Rho1)}  # a fifth pipeline: one class, one entry
+
+
+def policy_pipelines():
+    """The names of the pipelines that train the policy, in PIPELINE_TYPES's order: compare's default rows."""
+    return tuple(name for name, kind in PIPELINE_TYPES.items() if kind.trains_policy)
+
+
+CONTROL_ROWS = ("baseline", "baseline:filtered", "verifiable", "verifiable:shuffled")  # compare --control's rows
+WARMUP_CONFIG = CONFIGS / Baseline.name / "warmup_local.yaml"  # compare's shared warm-up: a short baseline
 
 
 def auc(scores, labels):

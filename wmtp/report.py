@@ -9,8 +9,8 @@ from pathlib import Path
 import tempfile
 import time
 
-from wmtp.config import CONFIGS, PIPELINES, POLICY_PIPELINES, RUN_NAMES, UserError, read_yaml
-from wmtp.pipelines import PIPELINE_TYPES
+from wmtp.config import CONFIGS, UserError, read_yaml
+from wmtp.pipelines import PIPELINE_TYPES, policy_pipelines
 from wmtp.tracking import metric_name, newest_run, runs_view_url
 
 
@@ -21,9 +21,10 @@ COMPARED = ("val/loss", "val/accuracy", metric_name("eval/pass@1"), "val/auc", "
 
 # compare/metrics.png's panels: (title, metric, whose rows). The critic's losses are a value MSE, not the policies'
 # cross-entropy: panels of their own, never on the same axes.
+# Whose: "policy", the rows of pipelines that train the policy (trains_policy), else "value".
 PANELS = (("policies: train/loss (CE)", "train/loss", "policy"), ("policies: val/loss (CE)", "val/loss", "policy"),
           ("val/accuracy", "val/accuracy", "policy"), ("val/pass_at_1", metric_name("val/pass@1"), "policy"),
-          ("critic: train/loss (value MSE)", "train/loss", "critic"), ("critic: val/auc", "val/auc", "critic"))
+          ("critic: train/loss (value MSE)", "train/loss", "value"), ("critic: val/auc", "val/auc", "value"))
 WEAKER_MARK = "!"   # beside a pass@1 whose programs ran in a weaker sandbox than bwrap
 
 
@@ -44,8 +45,9 @@ def report(uri, experiment, every_run=False):
         runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=1000)
         lines = [report_row(r.info.run_name, r) for r in runs]
     else:
-        newest = [(p, newest_run(client, experiment, f"tags.pipeline = '{p}'")) for p in PIPELINES]
-        lines = [f"{RUN_NAMES[p]:<16} (no run)" if r is None else report_row(r.info.run_name, r) for p, r in newest]
+        newest = [(kind, newest_run(client, experiment, f"tags.pipeline = '{name}'"))
+                  for name, kind in PIPELINE_TYPES.items()]
+        lines = [f"{kind.run_name:<16} (no run)" if r is None else report_row(r.info.run_name, r) for kind, r in newest]
     print("\n".join(lines))
     if any(WEAKER_MARK in line for line in lines):
         print(f"{WEAKER_MARK} scored in a weaker sandbox (eval.sandbox uid or none): a program may have read what "
@@ -68,7 +70,8 @@ def report_row(name, r):
 
 def compare_rows(seeds, pipelines):
     """--pipelines as a tuple of compare's rows; a bad --seeds or row is a UserError naming it."""
-    rows = [*POLICY_PIPELINES, *(f"{p}:{v}" for p in POLICY_PIPELINES for v in PIPELINE_TYPES[p].compare_variants)]
+    policy = policy_pipelines()
+    rows = [*policy, *(f"{p}:{v}" for p in policy for v in PIPELINE_TYPES[p].compare_variants)]
     if seeds < 1:
         raise UserError(f"compare: --seeds {seeds}: must be >= 1")
     for row in pipelines.split(","):
@@ -157,7 +160,7 @@ def compare_figure(summary, histories):
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.6))
     for ax, (title, metric, whose) in zip(axes.flat, PANELS):
         for i, (row, values) in enumerate(summary.items()):
-            if (row.partition(":")[0] == "critic") != (whose == "critic"):
+            if PIPELINE_TYPES[row.partition(":")[0]].trains_policy != (whose == "policy"):
                 continue
             for j, run_id in enumerate(values["runs"]):
                 points = histories[run_id].get(metric, [])

@@ -361,15 +361,10 @@ class Tracking:
         return local_only
 
 
-# The key each pipeline's successor reads a finished run by, and the checkpoint it reads (the `continue:` hint).
-NEXT_KEY = {"baseline": ("model.init_from", "checkpoint_final.pt"), "critic": ("critic.checkpoint",
-            "checkpoint_best.pt"), "verifiable": ("model.init_from", "checkpoint_final.pt"),
-            "rho1": ("model.init_from", "checkpoint_final.pt")}
-
-
-def closing_summary(tracking, steps, seconds, best_val):
+def closing_summary(tracking, steps, seconds, best_val, continued_by):
     """The lines a run ends on: its id, its page and its experiment's runs in the MLflow UI, where the best and final
-    checkpoints are (locally and in the run), and the override the next pipeline reads it by."""
+    checkpoints are (locally and in the run), and the override the next pipeline reads it by: continued_by, the
+    pipeline's (config key, checkpoint file, who reads it)."""
     cfg, run_id, run_dir = tracking.cfg, tracking.run_id, tracking.run_dir
     lines = [f"finished {cfg.experiment.pipeline} run {run_id}: {steps} steps in {seconds:.0f}s, "
              f"best val/loss {best_val:.4f}"]
@@ -382,10 +377,8 @@ def closing_summary(tracking, steps, seconds, best_val):
         if (run_dir / name).exists():
             remote = f" and runs:/{run_id}/checkpoints/{name}" if tracking.client else ""
             lines.append(f"  {name.split('_')[1][:-3] + ':':<12} {run_dir / name}{remote}")
-    key, name = NEXT_KEY[cfg.experiment.pipeline]
+    key, name, reader = continued_by
     start = f"runs:/{run_id}/checkpoints/{name}" if tracking.client else run_dir / name
-    reader = {"baseline": "a policy or the critic starts from it; rho1's reference: reference.path",
-              "critic": "verifiable reads its value model from it"}.get(cfg.experiment.pipeline, "a run starts from it")
     lines.append(f"  continue:    --override {key}={start}   ({reader}; a stopped run: --resume auto)")
     return "\n".join(lines)
 
