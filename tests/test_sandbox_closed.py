@@ -92,7 +92,7 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
     from wmtp.evaluation import Validation
     record = {"task_id": "double", **DOUBLE}
     setup = SimpleNamespace(pipeline=SimpleNamespace(decodes=True), data=SimpleNamespace(
-        val=[(None, None, None, record)], checker=None), tok=None, cfg=cfg, rank=0, world=1, device="cpu")
+        val=[(None, None, None, record)], checker=None), tok=None, model=None, cfg=cfg, rank=0, world=1, device="cpu")
     with pytest.raises(UserError, match="apt-get install bubblewrap"):
         Validation(setup, None)
     weaker = "uid" if AS_ROOT else "none"
