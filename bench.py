@@ -43,7 +43,7 @@ from wmtp.pretrained import ByteTokenizer
 from wmtp.data import collate
 from wmtp.parallel import Meter, model_state, wrap
 from wmtp.tracking import MetricLogger
-from wmtp.checkpointing import checkpoint_state
+from wmtp.checkpointing import training_parts
 
 ROOT = Path(__file__).resolve().parent
 CPU = torch.device("cpu")
@@ -507,11 +507,12 @@ def fsdp_worker(S, job):
 
 
 def trainer_checkpoint(trainer):
-    """What the trainer's Checkpointer writes (checkpointing.checkpoint_state + the model and optimizer)."""
+    """What the trainer's Checkpointer writes (checkpointing.training_parts + the model and optimizer)."""
     s, model, optimizer = trainer[:3]
     weights, partial = model_state(model)
-    return {**checkpoint_state(s, 1, 1, "bench", 1.0, False), "model": weights, "model_partial": partial,
-            "optimizer": optimizer.state_dict()}
+    return s3ckpt.checkpoint_dict({**training_parts(s, 1, 1, "bench", 1.0, False),
+                                   "model": {"model": weights, "model_partial": partial},
+                                   "optimizer": {"optimizer": optimizer.state_dict()}})
 
 
 @contextlib.contextmanager
@@ -558,7 +559,7 @@ def s3_figures(S, tmp):
 
         def trainer_save():
             n[0] += 1
-            writer.save(state, run_dir / f"checkpoint_step_{n[0]}.pt")
+            writer.save(state, run_dir / s3ckpt.step_name(n[0]))
 
         def settle():
             writer.wait()
@@ -575,7 +576,7 @@ def s3_figures(S, tmp):
             return times
         upload = compare_blocks(lambda: [timed(step) for _ in range(S.block)], with_checkpoint, S)
         writer.close()
-        ckpt = run_dir / f"checkpoint_step_{n[0]}.pt"
+        ckpt = run_dir / s3ckpt.step_name(n[0])
     mib = ckpt.stat().st_size / 2**20
     return {"ckpt_stall": summary(stall, 1.1, checkpoint_mib=mib),
             "upload_step": summary(upload, 1.05, checkpoint_mib=mib, torch_threads=threads)}

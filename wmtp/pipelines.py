@@ -3,6 +3,7 @@ The four pipelines, one class each: what it starts from, what it freezes or buil
 reference), its loss, its validation metrics and its own state with that state's share of a checkpoint. The
 weighting math is weights.py's. A fifth pipeline is one class and one PIPELINE_TYPES entry (and its configs).
 """
+import s3ckpt
 import torch
 import torch.distributed as dist
 import weights as W
@@ -105,12 +106,12 @@ class Pipeline:
         return [f"model.init_from={warm}"]
 
     def start_from(self):
-        """(checkpoint spec, the pipeline whose newest finished run `auto` names, the artifact of that run)."""
-        return self.cfg.model.init_from, "baseline", "checkpoints/checkpoint_final.pt"
+        """(checkpoint spec, the pipeline whose newest finished run `auto` names, that run's checkpoint it reads)."""
+        return self.cfg.model.init_from, "baseline", s3ckpt.FINAL
 
     def attach(self, model, fetch, build_model, device, tok=None):
         """Called once the starting weights are in `model`: freeze what this pipeline does not train, build what
-        it needs beside the model (`fetch(spec, pipeline, artifact)` gives a checkpoint file on this node).
+        it needs beside the model (`fetch(spec, pipeline, checkpoint name)` gives a checkpoint file on this node).
         Returns the module to train instead of the policy (the critic's separate value model), else None."""
 
     def see_data(self, train_examples, val_records, encode):
@@ -347,7 +348,7 @@ class Verifiable(Pipeline):
 
     @classmethod
     def compare_inputs(cls, warm, dirs, train_critic):
-        return [f"model.init_from={warm}", f"critic.checkpoint={train_critic() / 'checkpoint_best.pt'}"]
+        return [f"model.init_from={warm}", f"critic.checkpoint={train_critic() / s3ckpt.BEST}"]
 
     def __init__(self, cfg, H):
         super().__init__(cfg, H)
@@ -357,7 +358,7 @@ class Verifiable(Pipeline):
     def start_from(self):
         if not self.value_head_on_policy(self.cfg):
             return super().start_from()
-        return self.cfg.critic.checkpoint, "critic", "checkpoints/checkpoint_best.pt"
+        return self.cfg.critic.checkpoint, "critic", s3ckpt.BEST
 
     def attach(self, model, fetch, build_model, device, tok=None):
         if self.pairs and not model.output.weight.is_meta:  # FSDP builds on the meta device: no baseline there
@@ -368,8 +369,7 @@ class Verifiable(Pipeline):
             raise UserError(f"critic.checkpoint: verifiable with critic.model={self.cfg.critic.model} takes its value "
                             "model from a trained critic: a path, s3://, runs:/ or auto")
         self.value_model = build_value_model(self.cfg, model, tok)
-        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, "critic",
-                                                     "checkpoints/checkpoint_best.pt"))
+        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, "critic", s3ckpt.BEST))
         self.value_model.requires_grad_(False).eval().to(device)
         return None
 
@@ -486,7 +486,7 @@ class Rho1(Pipeline):
 
     @classmethod
     def compare_inputs(cls, warm, dirs, train_critic):  # without a baseline of this seed: a frozen copy of the warm-up
-        reference = dirs["baseline"] / "checkpoint_final.pt" if "baseline" in dirs else ""
+        reference = dirs["baseline"] / s3ckpt.FINAL if "baseline" in dirs else ""
         return [f"model.init_from={warm}", f"reference.path={reference}"]
 
     def attach(self, model, fetch, build_model, device, tok=None):
@@ -500,7 +500,7 @@ class Rho1(Pipeline):
         else:
             self.reference = build_model()  # the policy's architecture, LoRA included
             if ref:
-                self.reference_start = fetch(ref, "baseline", "checkpoints/checkpoint_final.pt")
+                self.reference_start = fetch(ref, "baseline", s3ckpt.FINAL)
                 if not meta:
                     load_checkpoint_into(self.reference, self.reference_start)
             elif not meta:  # also when resuming: the frozen copy is the *starting* policy
