@@ -371,7 +371,7 @@ def p9_speculative(S, checkpoint, device=CPU):
     from wmtp import sandbox
     from wmtp.config import config_from_dict
     from wmtp.evaluation import eval_tasks, model_to_evaluate, sample_completions
-    cfg = config_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"], checkpoint)
+    cfg = config_from_dict(s3ckpt.checkpoint_part(s3ckpt.load_checkpoint(checkpoint), "about")["config"], checkpoint)
     cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "dataset": "builtin:pyfunc",
                                                       "n_samples": 1, "max_new_tokens": 32}}, checkpoint)
     tok, model, _, _ = model_to_evaluate(cfg, not cfg.model.path, checkpoint, 0, device)
