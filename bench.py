@@ -44,7 +44,7 @@ from wmtp.data import collate
 from wmtp.parallel import Meter, model_state, wrap_and_compile
 from wmtp.pipelines import Baseline, Critic, Rho1, Verifiable
 from wmtp.tracking import MetricLogger
-from wmtp.checkpointing import checkpoint_state
+from wmtp.checkpointing import training_parts
 from wmtp import sandbox
 
 ROOT = Path(__file__).resolve().parent
@@ -373,7 +373,7 @@ def p9_speculative(S, checkpoint, device=CPU):
     fp32; bf16 rounds a verify forward's wider matmuls differently, so a near tie may break the other way)."""
     from wmtp.config import config_from_dict
     from wmtp.evaluation import eval_tasks, model_to_evaluate, sample_completions
-    cfg = config_from_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["config"], checkpoint)
+    cfg = config_from_dict(s3ckpt.checkpoint_part(s3ckpt.load_checkpoint(checkpoint), "about")["config"], checkpoint)
     cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "dataset": "builtin:pyfunc",
                                                       "n_samples": 1, "max_new_tokens": 32}}, checkpoint)
     tok, model, _, _ = model_to_evaluate(cfg, not cfg.model.path, checkpoint, 0, device)
@@ -536,11 +536,12 @@ def fsdp_worker(S, job):
 
 
 def trainer_checkpoint(trainer):
-    """What the trainer's Checkpointer writes (checkpointing.checkpoint_state + the model and optimizer)."""
+    """What the trainer's Checkpointer writes (checkpointing.training_parts + the model and optimizer)."""
     s, model, optimizer = trainer[:3]
     weights, partial = model_state(model)
-    return {**checkpoint_state(s, 1, 1, "bench", 1.0, False), "model": weights, "model_partial": partial,
-            "optimizer": optimizer.state_dict()}
+    return s3ckpt.checkpoint_dict({**training_parts(s, 1, 1, "bench", 1.0, False),
+                                   "model": {"model": weights, "model_partial": partial},
+                                   "optimizer": {"optimizer": optimizer.state_dict()}})
 
 
 @contextlib.contextmanager
@@ -587,7 +588,7 @@ def s3_figures(S, tmp):
 
         def trainer_save():
             n[0] += 1
-            writer.save(state, run_dir / f"checkpoint_step_{n[0]}.pt")
+            writer.save(state, run_dir / s3ckpt.step_name(n[0]))
 
         def settle():
             writer.wait()
@@ -604,7 +605,7 @@ def s3_figures(S, tmp):
             return times
         upload = compare_blocks(lambda: [timed(step) for _ in range(S.block)], with_checkpoint, S)
         writer.close()
-        ckpt = run_dir / f"checkpoint_step_{n[0]}.pt"
+        ckpt = run_dir / s3ckpt.step_name(n[0])
     mib = ckpt.stat().st_size / 2**20
     return {"ckpt_stall": summary(stall, 1.1, checkpoint_mib=mib),
             "upload_step": summary(upload, 1.05, checkpoint_mib=mib, torch_threads=threads)}

@@ -47,6 +47,65 @@ class CheckpointError(Exception):
 
 
 # -----------------------------------------------------------------------------
+# a run's checkpoint files and what one holds: every name and the dict's layout live here, and only here
+
+BEST, FINAL = "checkpoint_best.pt", "checkpoint_final.pt"  # the lowest val/loss; the end of training
+SHARDED_STATE = "trainer.pt"  # a sharded checkpoint directory's own state (all but the shards) and shard manifest
+RUN_LOG = "training.log"      # the run's log, beside its checkpoints and in its artifacts' logs/
+ARTIFACTS = "checkpoints"     # a run's checkpoints among its artifacts: runs:/<id>/checkpoints/<name>
+STEP_NAME = re.compile(r"checkpoint_step_(\d+)(\.pt)?")
+
+# Each component's keys in a checkpoint's one flat dict: the keys checkpoints have always had, so older files resume
+# and export / evaluate read them as they are. A component saves its part (a dict of its keys) and loads it back
+# (checkpoint_part); checkpoint_dict assembles the parts.
+PARTS = {"model": ("model", "model_partial"), "optimizer": ("optimizer",), "schedule": ("step",),
+         "data": ("position",), "rng": ("rng",), "pipeline": ("pipeline_state",),
+         "tracking": ("run_id", "best_val_loss", "unsent_metrics"),
+         "about": ("config", "pipeline", "model_args", "finished"), "shards": ("shards",)}
+FORMER_KEYS = {"pipeline_state": "ema"}  # checkpoints written before the pipelines' split named it so
+
+
+def step_name(step, sharded=False):
+    """The step checkpoint's name: checkpoint_step_<step>.pt, a sharded one's directory without the suffix."""
+    return f"checkpoint_step_{step}" + ("" if sharded else ".pt")
+
+
+def artifact(name):
+    """Where checkpoint `name` lies among its run's artifacts (a runs:/<id>/... path)."""
+    return f"{ARTIFACTS}/{name}"
+
+
+def resumable_checkpoints(run_dir):
+    """The checkpoints of a run's directory that a resume may start from: checkpoint_best.pt, the step files and the
+    sharded step directories whose trainer.pt is written (a directory without one is still being written)."""
+    d = Path(run_dir)
+    return [p for p in d.iterdir() if p.name == BEST or (checkpoint_step(p.name) is not None and (
+        p.suffix == ".pt" and p.is_file() or (p / SHARDED_STATE).is_file()))] if d.is_dir() else []
+
+
+def checkpoint_dict(parts):
+    """{component: its part} -> the flat dict a checkpoint file holds. A key outside its component's PARTS entry is
+    a bug caught here: no two components write one key."""
+    state = {}
+    for component, part in parts.items():
+        stray = set(part) - set(PARTS[component])
+        if stray:
+            raise KeyError(f"checkpoint part {component!r} has no key {sorted(stray)[0]!r} (s3ckpt.PARTS)")
+        state.update(part)
+    return state
+
+
+def checkpoint_part(state, component):
+    """A checkpoint dict's `component` part: those of its PARTS keys the file holds, a key under its FORMER_KEYS
+    name read as the new one (the new name wins), a key the file lacks left out."""
+    part = {}
+    for key in PARTS[component]:
+        if key in state or FORMER_KEYS.get(key) in state:
+            part[key] = state[key] if key in state else state[FORMER_KEYS[key]]
+    return part
+
+
+# -----------------------------------------------------------------------------
 # local files
 
 def _sha256(path):
@@ -127,7 +186,7 @@ def shard_manifest(directory, names=None):
     when given: the files one rank wrote): what verify_shards checks before a resume reads any of them."""
     files = [Path(directory) / n for n in names] if names is not None else sorted(Path(directory).iterdir())
     return {f.name: [f.stat().st_size, _sha256(f)] for f in files
-            if f.is_file() and not f.name.startswith("trainer.pt")}
+            if f.is_file() and not f.name.startswith(SHARDED_STATE)}
 
 
 def _intact(path, entry):
@@ -145,7 +204,7 @@ def verify_shards(directory, manifest):
     for name, entry in manifest.items():
         path = Path(directory) / name
         if not path.is_file():
-            raise CheckpointError(f"{path}: missing (its checkpoint's trainer.pt lists it)")
+            raise CheckpointError(f"{path}: missing (its checkpoint's {SHARDED_STATE} lists it)")
         if not _intact(path, entry):
             raise CheckpointError(f"{path}: checksum mismatch (corrupted or truncated)")
 
@@ -153,7 +212,7 @@ def verify_shards(directory, manifest):
 def checkpoint_step(name):
     """'checkpoint_step_120.pt' (or any path / S3 key ending so) -> 120, also for a sharded checkpoint's directory
     'checkpoint_step_120' (or 'checkpoint_step_120/'); None for every other name."""
-    m = re.fullmatch(r"checkpoint_step_(\d+)(\.pt)?", Path(str(name)).name)
+    m = STEP_NAME.fullmatch(Path(str(name)).name)
     return int(m.group(1)) if m else None
 
 
@@ -243,7 +302,7 @@ class CheckpointWriter:
             log.error("checkpoint write failed: %s", e)
         self._pool.shutdown(wait=True)
 
-    def expire_remote(self, artifact_path="checkpoints", upto=None):
+    def expire_remote(self, artifact_path=ARTIFACTS, upto=None):
         """Returns a Future of the deleted remote names. Once every upload submitted before this call has landed
         (the newer checkpoints it keeps must be remote before the older ones go), deletes the remote step
         checkpoints beyond the newest save_total_limit and their .sha256; spares any name an upload submitted later
@@ -449,7 +508,7 @@ class CheckpointUploader:
         self._job_futures = []
         self._stop = threading.Event()
 
-    def upload_to_s3_async(self, checkpoint_path, artifact_path="checkpoints"):
+    def upload_to_s3_async(self, checkpoint_path, artifact_path=ARTIFACTS):
         """Returns at once a Future of the remote URI. The file (and its .sha256) is snapshotted now, so a later
         overwrite or local pruning cannot change or lose what gets uploaded. Never raises: a failure, even of the
         snapshot, is the future's exception and is reported by wait(). A directory (a sharded checkpoint) goes up
@@ -484,7 +543,7 @@ class CheckpointUploader:
     def put_files(self, folder, artifact_path, local):
         """Uploads every file of folder (a snapshot_files snapshot; trainer.pt* last) into artifact_path now, in
         this thread, retrying as every upload does; removes the snapshot once all are in. Returns their URIs."""
-        files = sorted(Path(folder).iterdir(), key=lambda f: (f.name.startswith("trainer.pt"), f.name))
+        files = sorted(Path(folder).iterdir(), key=lambda f: (f.name.startswith(SHARDED_STATE), f.name))
         uris = self._put([(f, artifact_path.strip("/")) for f in files], local, folder)
         shutil.rmtree(folder, ignore_errors=True)
         return uris
@@ -550,7 +609,7 @@ class CheckpointUploader:
             cf.wait([prev])  # an older upload of this name must land first, or it would overwrite the newer one
         files = [(f, artifact_path) for f in (snap, Path(f"{snap}.sha256")) if f is snap or f.exists()]
         if snap.is_dir():
-            inside = sorted((f for f in snap.rglob("*") if f.is_file()), key=lambda f: f.name.startswith("trainer.pt"))
+            inside = sorted((f for f in snap.rglob("*") if f.is_file()), key=lambda f: f.name.startswith(SHARDED_STATE))
             files = [(f, f"{artifact_path}/{f.parent.relative_to(snap.parent)}") for f in inside]
         uris = self._put(files, local, snap)
         uri = uris[0] if not snap.is_dir() else uris[-1].rsplit("/", 1)[0]
@@ -639,11 +698,11 @@ def resolve_checkpoint(uri, cache_dir, tracking_uri=None):
     uri = str(uri).rstrip("/")
     if not uri.startswith(("s3://", "runs:/")):
         path = Path(uri).expanduser()
-        if not path.is_file() and not (path / "trainer.pt").is_file():
+        if not path.is_file() and not (path / SHARDED_STATE).is_file():
             raise CheckpointError(f"{path}: no such checkpoint file (or sharded checkpoint directory)")
         return path
     if _is_dir_name(uri):
-        return resolve_checkpoint(f"{uri}/trainer.pt", cache_dir, tracking_uri).parent
+        return resolve_checkpoint(f"{uri}/{SHARDED_STATE}", cache_dir, tracking_uri).parent
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
     try:
@@ -667,7 +726,8 @@ def _fetch_intact(uri, entry, cache_dir, tracking_uri):
         got.unlink()
         got = resolve_checkpoint(uri, cache_dir, tracking_uri)
     if not _intact(got, entry):
-        raise CheckpointError(f"{uri}: checksum mismatch with its checkpoint's trainer.pt (corrupted or truncated)")
+        raise CheckpointError(f"{uri}: checksum mismatch with its checkpoint's {SHARDED_STATE} (corrupted or "
+                              "truncated)")
     return got
 
 

@@ -22,21 +22,20 @@ from wmtp.config import cli
 if __name__ == "__main__":  # the arguments first: --help and a usage error come back without waiting for torch
     cli(__doc__).parse_args()
 
+import s3ckpt
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from wmtp.checkpointing import (Checkpointer, checkpoint_weights, fetcher, load_checkpoint_into, load_shards,
-                                pipeline_state, read_checkpoint, resume_from, resume_point, set_rng_state,
-                                trainer_state)
+from wmtp.checkpointing import (Checkpointer, LoopStart, checkpoint_on_node, checkpoint_weights, fetcher,
+                                load_checkpoint_into, load_shards, read_resumed, resume_components, resume_from)
 from wmtp.config import CONFIGS, Config, UserError, load_config, redacted, tracking_uri
 from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
 from wmtp.evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
 from wmtp.memplan import dry_run_report
-from wmtp.parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, load_optimizer,
-                           load_optimizer_rows, setup_distributed, shard, shard_from_meta, transformer_blocks,
-                           wrap_and_compile)
+from wmtp.parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, setup_distributed, shard,
+                           shard_from_meta, transformer_blocks, wrap_and_compile)
 from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, WARMUP_CONFIG, Pipeline, policy_pipelines
 from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
                              next_token_logits, pretrained_weights)
@@ -74,8 +73,8 @@ class Setup:
     total_steps: int
     run_name: str
     starts: dict = None  # rank 0's {config key: (what it starts, its value, what that resolved to)}
-    resume_path: str = None
-    resume: dict = None  # the resumed checkpoint: step, position, best_val_loss, run_id, unsent_metrics
+    resume_path: str = None  # the checkpoint resumed from (a sharded one: the directory this rank read), or None
+    start: LoopStart = dataclasses.field(default_factory=LoopStart)  # a fresh run's, or the resumed checkpoint's
 
     @property
     def params(self):
@@ -122,7 +121,9 @@ def policy_start(cfg, pipeline):
 
 def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     """Model, data, optimizer, starting weights and resume point: everything that can reject bad input, checked
-    before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0)."""
+    before any MLflow run, thread or file exists. Every rank calls it (the checkpoints to load come from rank 0).
+    Read top to bottom: the start path (the weights a run starts from, pipeline.attach), then the resume path (a
+    resumed checkpoint's model, then, once the optimizer exists, each component's part)."""
     t = cfg.training
     master, fsdp = rank == 0, t.parallel == "fsdp" and world > 1  # FSDP: built on the meta device, filled sharded
     kind = PIPELINE_TYPES[cfg.experiment.pipeline]
@@ -138,15 +139,10 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
 
     starts = policy_start(cfg, pipeline)  # {config key: (what it starts, its value, what that resolved to)}
 
-    fetch = fetcher(cfg, master, cache, starts)
-    found_resume = resume_from(cfg, run_name, cache, starts) if master else None
-    resume_path, resume_uri, sharded = resume_point(cfg, found_resume, cache)
-    spec, source, artifact, key, what = pipeline.start_from()
-    start_path = None
-    if spec:  # also when resuming: rho1's frozen-copy reference is the *starting* policy
-        start_path = fetch(spec, source, artifact, key, what)
-        if not fsdp:
-            load_checkpoint_into(model, start_path)
+    fetch = fetcher(cfg.mlflow, master, cache, starts)
+    resume_path, resume_uri, sharded = checkpoint_on_node(
+        cfg.mlflow, resume_from(cfg, run_name, cache, starts) if master else None, cache)
+    start_path = load_start(pipeline, model, fetch, fsdp)  # also when resuming: rho1's copy is the *starting* policy
     for block in transformer_blocks(model):
         block.checkpointed = t.activation_checkpointing
     model = pipeline.attach(model, fetch, lambda: build_model(cfg, use_micro, value_head=False, meta=fsdp)[1],
@@ -154,27 +150,36 @@ def prepare(cfg, use_micro=False, rank=0, world=1, device=torch.device("cpu")):
     if pipeline.reference is not None and "reference.path" not in starts:
         ref = cfg.reference.path  # a model dir, or empty: a frozen copy of the starting policy
         starts["reference.path"] = ("reference", ref, str(Path(ref).resolve()) if ref else "the starting policy")
-    resume = resume_path and (trainer_state(resume_path) if sharded else
-                              read_checkpoint(resume_path) if fsdp else load_checkpoint_into(model, resume_path))
+    resumed = read_resumed(model, resume_path, sharded, fsdp) if resume_path else None
     if fsdp:
-        shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path, resume)
+        shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path, resumed)
     else:
         model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding: the optimizer holds the shards
-    pipeline.heads_added(model, () if spec else added_heads(cfg, use_micro))  # a checkpoint's start has them all
+    pipeline.heads_added(model, () if start_path else added_heads(cfg, use_micro))  # a checkpoint's has them all
     optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True)
     setup = Setup(cfg, rank, world, device, pipeline, tok, model, optimizer, data,
                   step_count(cfg, len(data.train), rank, world), run_name, starts, resume_path)
-    if resume:
-        setup.resume = resume
-        if sharded:  # each node's ranks read from a directory of its own (a shared disk's, else its cache)
-            shards = resume.get("shards", {})  # (older checkpoints list none)
-            setup.resume_path = load_shards(cfg, model, optimizer, resume_path, resume_uri, shards, cache)
-        else:  # FSDP: this rank's rows of each moment, out of the memory-mapped file
-            (load_optimizer_rows if fsdp else load_optimizer)(model, optimizer, resume.pop("optimizer"))
-        set_rng_state(resume["rng"])
-        pipeline.load_state_dict(pipeline_state(resume))
+    if sharded:  # each node's ranks read from a directory of its own (a shared disk's, else its cache)
+        shards = s3ckpt.checkpoint_part(resumed, "shards").get("shards", {})  # (older checkpoints list none)
+        setup.resume_path = load_shards(tracking_uri(cfg.mlflow.tracking_uri), model, optimizer, resume_path,
+                                        resume_uri, shards, cache)
+    if resumed:
+        setup.start = resume_components(resumed, model, optimizer, pipeline, fsdp)
     return setup
+
+
+def load_start(pipeline, model, fetch, fsdp):
+    """The start path: the checkpoint the pipeline starts from (model.init_from, or critic.checkpoint for verifiable
+    on the critic's value head) fetched onto this node and, unless FSDP fills the shards later (shard_from_start),
+    loaded into `model`. -> its path, or None for a start from model.path or random weights (policy_start)."""
+    spec, source, name, key, what = pipeline.start_from()
+    if not spec:
+        return None
+    start_path = fetch(spec, source, name, key, what)
+    if not fsdp:
+        load_checkpoint_into(model, start_path)
+    return start_path
 
 
 def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path=None, resume=None):
@@ -185,7 +190,7 @@ def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world,
     def starting(m, path):
         return [("initial weights", initial_weights(cfg, use_micro, m))] + (
             [checkpoint_weights(m, path)] if path else [])
-    resumed = [checkpoint_weights(model, resume_path, resume)] if resume and "model" in resume else []
+    resumed = [checkpoint_weights(model, resume_path, resume)] if s3ckpt.checkpoint_part(resume or {}, "model") else []
     shard_from_meta(model, device, world, starting(model, start_path) + resumed)
     if resumed:
         del resume["model"]  # its pages are released: the mapping goes with the last reference
@@ -313,20 +318,19 @@ def train(cfg, use_micro=False):
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         s = prepare(cfg, use_micro, rank, world, device)
-        resume = s.resume or {}
-        start, run_root = resume.get("step", 0), Path(cfg.checkpoint.dir) / s.run_name
+        start, run_root = s.start.step, Path(cfg.checkpoint.dir) / s.run_name
         tags = {**provenance_tags(s.starts), "mlflow.note.content": run_description(cfg, use_micro, s.starts),
                 "wmtp.model": "micro" if use_micro else cfg.model.path or "-"}
-        tracking = (Tracking(cfg, s.run_name, run_root, s.total_steps, resume.get("run_id"),
-                             resume.get("unsent_metrics", []), resumed=bool(s.resume), tags=tags)
+        tracking = (Tracking(cfg, s.run_name, run_root, s.total_steps, s.start.run_id, s.start.unsent_metrics,
+                             resumed=bool(s.resume_path), tags=tags)
                     if rank == 0 else NoTracking(s.pipeline.name))
         with StopSignal() as signals, tracking:
             run_id = tracking.run_id = broadcast(tracking.run_id)
             log.info(f"{s.pipeline.name}: run {run_id}, {world} process(es) on {device}, {len(s.data.train)} "
                      f"train / {len(s.data.val)} val examples ({s.data.n_truncated} truncated), {s.total_steps} steps"
                      + f"{val_note}; {start_text({k: v for k, v in s.starts.items() if v[0] != 'resumed'})}"
-                     + (f", resumed at step {start} from {s.resume_path}" if s.resume else ""))
-            batches = Batches(s, resume.get("position", 0))
+                     + (f", resumed at step {start} from {s.resume_path}" if s.resume_path else ""))
+            batches = Batches(s, s.start.position)
             model = wrap_and_compile(s.model, cfg.model.compile, world)
             validation = Validation(s, lambda: autocast_for(device))
             flags, train_log = StepFlags(device, cfg.training.max_skipped_steps, tracking), TrainLog(s, batches,
@@ -420,7 +424,7 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="d
     o = [*overrides, f"training.seed={seed}", "checkpoint.save_every=0"]  # resuming is not what this measures
     warm = train_child(local_config("warmup", setting), [*o, f"training.max_steps={warmup_steps}"], parent_id,
                        "random init",
-                       "warmup")[2] / "checkpoint_final.pt"
+                       "warmup")[2] / s3ckpt.FINAL
     runs, dirs = {}, {}
     kinds = [PIPELINE_TYPES[row.partition(":")[0]] for row in pipelines]
     own = on_policy_data(warm, o) if on_policy and any(kind.on_policy for kind in kinds) else []
@@ -443,7 +447,7 @@ def compare_seed(seed, warmup_steps, overrides, parent_id, pipelines, setting="d
         cfg, runs[row], dirs[row] = train_child(local_config(kind.name, setting), [*o, *extra, *start], parent_id,
                                                 kind.compare_start, f"{kind.run_name}-{variant}" if variant else "")
         with quiet_console():
-            evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / "checkpoint_final.pt"))
+            evaluate(cfg, use_micro=True, checkpoint=str(dirs[row] / s3ckpt.FINAL))
     return runs
 
 

@@ -240,12 +240,3 @@ def test_the_experiment_is_marked_for_model_development(tracking, tmp_path, exis
     wm.train(tiny_config("baseline", tmp_path, "training.max_steps=2", "checkpoint.save_every=0"))
     tags = client.get_experiment_by_name("weighted-mtp/production").tags
     assert tags["mlflow.experimentKind"] == "custom_model_development"
-
-
-def test_a_checkpoint_from_before_the_split_still_gives_its_pipeline_state():
-    """Checkpoints written before checkpoint_state() kept the pipeline's own state under "ema"."""
-    from wmtp.checkpointing import pipeline_state
-    td_ema = {"mean": torch.tensor(0.25), "var": torch.tensor(2.0)}
-    assert pipeline_state({"ema": td_ema, "step": 3}) is td_ema
-    assert pipeline_state({"pipeline_state": td_ema}) is td_ema
-    assert pipeline_state({"pipeline_state": None, "ema": td_ema}) is None  # a new checkpoint's own None wins

@@ -359,11 +359,11 @@ def test_resolve_auto_picks_newest_finished_run(s3_server, mlflow_db, tmp_path):
             MlflowClient(mlflow_db).set_terminated(run_id, status)
     cfg = load_config(Path(__file__).parent.parent / "configs/defaults.yaml",
                       [f"mlflow.experiment={exp}", f"mlflow.tracking_uri={mlflow_db}"])
-    got, uri = resolve_uri(cfg, "auto", "critic", "checkpoints/checkpoint_best.pt", tmp_path / "cache")
+    got, uri = resolve_uri(cfg.mlflow, "auto", "critic", "checkpoint_best.pt", tmp_path / "cache")
     assert load_checkpoint(got)["step"] == 2  # the newest FINISHED one: not the failed or the running run
     assert uri.startswith("runs:/") and uri.endswith("/checkpoints/checkpoint_best.pt")
     with pytest.raises(UserError) as e:
-        resolve_uri(cfg, "auto", "rho1", "checkpoints/checkpoint_final.pt", tmp_path / "cache")
+        resolve_uri(cfg.mlflow, "auto", "rho1", "checkpoint_final.pt", tmp_path / "cache")
     assert str(e.value) == (f"no finished run of pipeline 'rho1' in experiment '{exp}': "
                             "run the rho1 pipeline first")
 

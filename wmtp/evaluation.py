@@ -16,6 +16,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
+import s3ckpt
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -262,11 +263,12 @@ def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
     run_id, step = None, 0
     if checkpoint and checkpoint != "none":
         cache = Path(cfg.checkpoint.dir) / ".cache"
-        found = (resolve_uri(cfg, checkpoint, cfg.experiment.pipeline, "checkpoints/checkpoint_final.pt", cache)
+        found = (resolve_uri(cfg.mlflow, checkpoint, cfg.experiment.pipeline, s3ckpt.FINAL, cache)
                  if rank == 0 else None)
-        state = load_checkpoint_into(model, on_this_node(cfg, found, cache))
-        run_id = None if str(state["run_id"]).startswith("local-") else state["run_id"]
-        step = state["step"]
+        state = load_checkpoint_into(model, on_this_node(cfg.mlflow, found, cache))
+        run_id = s3ckpt.checkpoint_part(state, "tracking")["run_id"]
+        run_id = None if str(run_id).startswith("local-") else run_id
+        step = s3ckpt.checkpoint_part(state, "schedule")["step"]
     return tok, model.to(device).eval(), run_id, step
 
 

@@ -5,6 +5,7 @@ validation metrics and its own state with that state's share of a checkpoint. Th
 A fifth pipeline is one subclass of Pipeline with a `name` (defining it registers it in PIPELINE_TYPES) and its
 configs in configs/<name>/ (<name>_local.yaml at least: config.PIPELINES reads the names from there).
 """
+import s3ckpt
 import torch
 import torch.distributed as dist
 import weights as W
@@ -148,16 +149,16 @@ class Pipeline:
         return [f"model.init_from={warm}"]
 
     def start_from(self):
-        """(checkpoint spec, the pipeline whose newest finished run `auto` names, the artifact of that run, the
+        """(checkpoint spec, the pipeline whose newest finished run `auto` names, that run's checkpoint file, the
         config key of the spec, what it starts): model.init_from, `auto` meaning the newest policy trained on correct
         answers (a Baseline run)."""
-        return self.cfg.model.init_from, Baseline.name, "checkpoints/checkpoint_final.pt", "model.init_from", "policy"
+        return self.cfg.model.init_from, Baseline.name, s3ckpt.FINAL, "model.init_from", "policy"
 
     def attach(self, model, fetch, build_model, device, tok=None):
         """Called once the starting weights are in `model`: freeze what this pipeline does not train, build what
-        it needs beside the model (`fetch(spec, pipeline_for_auto, artifact, config key, what)` gives a checkpoint
-        file on this node). Returns the module to train instead of the policy (the critic's separate value model),
-        else None."""
+        it needs beside the model (`fetch(spec, pipeline_for_auto, checkpoint file, config key, what)` gives a
+        checkpoint file on this node). Returns the module to train instead of the policy (the critic's separate
+        value model), else None."""
 
     def see_data(self, train_examples, val_records, encode):
         """Called once with the data: check what this pipeline needs of it, keep what it measures on."""
@@ -398,7 +399,7 @@ class Verifiable(Pipeline):
 
     @classmethod
     def compare_inputs(cls, warm, dirs, train_input):
-        return [f"model.init_from={warm}", f"critic.checkpoint={train_input(Critic) / 'checkpoint_best.pt'}"]
+        return [f"model.init_from={warm}", f"critic.checkpoint={train_input(Critic) / s3ckpt.BEST}"]
 
     @classmethod
     def start_from_init(cls, cfg):
@@ -412,8 +413,7 @@ class Verifiable(Pipeline):
     def start_from(self):
         if not self.value_head_on_policy(self.cfg):
             return super().start_from()
-        return (self.cfg.critic.checkpoint, Critic.name, "checkpoints/checkpoint_best.pt", "critic.checkpoint",
-                "policy and value head")
+        return self.cfg.critic.checkpoint, Critic.name, s3ckpt.BEST, "critic.checkpoint", "policy and value head"
 
     def attach(self, model, fetch, build_model, device, tok=None):
         if self.pairs and not model.output.weight.is_meta:  # FSDP builds on the meta device: no baseline there
@@ -424,8 +424,8 @@ class Verifiable(Pipeline):
             raise UserError(f"critic.checkpoint: verifiable with critic.model={self.cfg.critic.model} takes its value "
                             "model from a trained critic: a path, s3://, runs:/ or auto")
         self.value_model = build_value_model(self.cfg, model, tok)
-        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, Critic.name,
-                                                     "checkpoints/checkpoint_best.pt", "critic.checkpoint", "critic"))
+        load_checkpoint_into(self.value_model, fetch(self.cfg.critic.checkpoint, Critic.name, s3ckpt.BEST,
+                                                     "critic.checkpoint", "critic"))
         self.value_model.requires_grad_(False).eval().to(device)
         return None
 
@@ -543,7 +543,7 @@ class Rho1(Pipeline):
 
     @classmethod
     def compare_inputs(cls, warm, dirs, train_input):  # without a baseline of this seed: a frozen copy of the warm-up
-        reference = dirs[Baseline.name] / "checkpoint_final.pt" if Baseline.name in dirs else ""
+        reference = dirs[Baseline.name] / s3ckpt.FINAL if Baseline.name in dirs else ""
         return [f"model.init_from={warm}", f"reference.path={reference}"]
 
     def attach(self, model, fetch, build_model, device, tok=None):
@@ -557,8 +557,7 @@ class Rho1(Pipeline):
         else:
             self.reference = build_model()  # the policy's architecture, LoRA included
             if ref:
-                self.reference_start = fetch(ref, Baseline.name, "checkpoints/checkpoint_final.pt",
-                                             "reference.path", "reference")
+                self.reference_start = fetch(ref, Baseline.name, s3ckpt.FINAL, "reference.path", "reference")
                 if not meta:
                     load_checkpoint_into(self.reference, self.reference_start)
             elif not meta:  # also when resuming: the frozen copy is the *starting* policy

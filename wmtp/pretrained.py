@@ -628,9 +628,10 @@ def save_hf(model, out_dir, tok=None, max_shard_bytes=5 * 2**30):
 def policy_from_checkpoint(state, cfg, use_micro, source):
     """The policy a trainer checkpoint holds, value head dropped. A full one needs only its model_args; a LoRA one
     (model_partial) is its adapters over the base model.path (or the micro model's seeded init), rebuilt in fp32."""
-    args = ModelArgs(**state["model_args"])
-    weights = {k: v for k, v in state["model"].items() if not k.startswith("value_head.")}
-    if not state.get("model_partial"):
+    args = ModelArgs(**s3ckpt.checkpoint_part(state, "about")["model_args"])
+    part = s3ckpt.checkpoint_part(state, "model")
+    weights = {k: v for k, v in part["model"].items() if not k.startswith("value_head.")}
+    if not part.get("model_partial"):
         model = empty_model(args)
         load_state(model, weights, source)
         return model
@@ -718,7 +719,8 @@ def export(checkpoint, fmt, out, config="", use_micro=False):
     lacking = [k for k in ("model", "config", "model_args") if not isinstance(state, dict) or k not in state]
     if lacking:
         raise UserError(f"{checkpoint}: not a trainer checkpoint (no {', '.join(lacking)})")
-    cfg = load_config(config) if config else config_from_dict(state["config"], f"{checkpoint} (its config)")
+    cfg = load_config(config) if config else config_from_dict(s3ckpt.checkpoint_part(state, "about")["config"],
+                                                              f"{checkpoint} (its config)")
     model = policy_from_checkpoint(state, cfg, use_micro, checkpoint)
     mcfg = cfg.model
     micro = use_micro or not mcfg.path

@@ -253,6 +253,14 @@ def close_run_log(handler):
     logging.getLogger("weighted_mtp.record").removeHandler(handler)
 
 
+def checkpoint_uploader(run_id, mlflow, checkpoint):
+    """The one way an uploader of checkpoints into run `run_id` is made (rank 0's Tracking, and each rank that
+    uploads its own shards): to the store of mlflow.tracking_uri, with checkpoint.upload_retry_budget_s and
+    checkpoint.verify_etag."""
+    return s3ckpt.CheckpointUploader(run_id, tracking_uri(mlflow.tracking_uri), verify_etag=checkpoint.verify_etag,
+                                     retry_budget_s=checkpoint.upload_retry_budget_s)
+
+
 class Tracking:
     """Rank 0's MLflow run, from its start (or resumption) to its end status, as one context manager: the experiment
     (created if needed), params, tags and config.yaml, metrics sent off the training thread, MLflow's system
@@ -272,15 +280,12 @@ class Tracking:
         self.run_id = self.run_id or f"local-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
         self.run_dir = self.run_dir_root / self.run_id
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.file_log = open_run_log(self.run_dir / "training.log")
+        self.file_log = open_run_log(self.run_dir / s3ckpt.RUN_LOG)
         if self.client:
             self.metrics = MetricLogger(self.client, self.run_id, logged_through=logged_through)
             self.metrics.replay(self.unsent_metrics)
             self.system = self._start_system_metrics()
-            c = self.cfg.checkpoint
-            self.uploader = s3ckpt.CheckpointUploader(self.run_id, tracking_uri(self.cfg.mlflow.tracking_uri),
-                                                      retry_budget_s=c.upload_retry_budget_s,
-                                                      verify_etag=c.verify_etag)
+            self.uploader = checkpoint_uploader(self.run_id, self.cfg.mlflow, self.cfg.checkpoint)
         return self
 
     def _start_run(self):
@@ -329,7 +334,7 @@ class Tracking:
         client, run_id = self.client, self.run_id
         timeout = self.cfg.checkpoint.preempt_grace_s if status == "KILLED" else self.cfg.checkpoint.upload_timeout_s
         if client and resume_from:  # first, in case the grace period ends with a SIGKILL
-            uri = f"runs:/{run_id}/checkpoints/{Path(resume_from).name}"
+            uri = f"runs:/{run_id}/{s3ckpt.artifact(Path(resume_from).name)}"
             client.set_tag(run_id, "resume_from", f"{uri} ({resume_from})")
             client.set_terminated(run_id, status)
         try:
@@ -355,7 +360,7 @@ class Tracking:
                 log.error(f"checkpoints NOT uploaded, only local: {', '.join(local_only)}")
         close_run_log(self.file_log)
         if uploader:
-            uploader.upload_to_s3_async(self.run_dir / "training.log", artifact_path="logs")
+            uploader.upload_to_s3_async(self.run_dir / s3ckpt.RUN_LOG, artifact_path="logs")
             local_only = [p for p in uploader.wait(min(timeout, 60)) if Path(p).exists()]
             uploader.close()
         return local_only
@@ -373,12 +378,12 @@ def closing_summary(tracking, steps, seconds, best_val, continued_by):
         lines.append(f"  this run:    {run_url(uri, tracking.exp_id, run_id)}"
                      + ("" if uri.startswith("http") else "   (start the UI with ./run.sh ui)"))
         lines.append(f"  all runs:    {runs_view_url(uri, tracking.exp_id)}")
-    for name in ("checkpoint_best.pt", "checkpoint_final.pt"):
+    for which, name in (("best:", s3ckpt.BEST), ("final:", s3ckpt.FINAL)):
         if (run_dir / name).exists():
-            remote = f" and runs:/{run_id}/checkpoints/{name}" if tracking.client else ""
-            lines.append(f"  {name.split('_')[1][:-3] + ':':<12} {run_dir / name}{remote}")
+            remote = f" and runs:/{run_id}/{s3ckpt.artifact(name)}" if tracking.client else ""
+            lines.append(f"  {which:<12} {run_dir / name}{remote}")
     key, name, reader = continued_by
-    start = f"runs:/{run_id}/checkpoints/{name}" if tracking.client else run_dir / name
+    start = f"runs:/{run_id}/{s3ckpt.artifact(name)}" if tracking.client else run_dir / name
     lines.append(f"  continue:    --override {key}={start}   ({reader}; a stopped run: --resume auto)")
     return "\n".join(lines)
 
