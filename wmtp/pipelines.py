@@ -64,7 +64,7 @@ class Pipeline:
     compare_start = "warm-up"  # where compare starts it (its table's "started from")
     compare_variants = {}  # compare rows "<name>:<variant>": the overrides that make the variant
     # how a finished run is continued (its closing lines): (config key, checkpoint file, who reads it)
-    continued_by = ("model.init_from", "checkpoint_final.pt", "a run starts from it")
+    continued_by = ("model.init_from", s3ckpt.FINAL, "a run starts from it")
 
     def __init_subclass__(cls, **kwargs):
         """A subclass that names itself is a pipeline: registered under its name, its run name <name>-mtp unless it
@@ -202,7 +202,7 @@ class Baseline(Pipeline):
     """MTP on correct answers: loss = mtp_loss(ce, valid). compare's baseline:filtered trains on the right answers
     alone whatever the config's correct_ratio (the positive control's ceiling)."""
     name, run_name = "baseline", "baseline-mtp"
-    continued_by = ("model.init_from", "checkpoint_final.pt",
+    continued_by = ("model.init_from", s3ckpt.FINAL,
                     "a policy or the critic starts from it; rho1's reference: reference.path")
     compare_variants = {"filtered": ["data_sampling.correct_ratio=1.0"]}
 
@@ -248,7 +248,7 @@ class Critic(Pipeline):
     baselines val/auc_logprob and val/auc_logprob_mean: the same AUC with the starting policy's log-probability of
     the answer (its sum, its mean per token) as the score. A critic is worth its margin over them."""
     name, run_name = "critic", "critic-pretrain"
-    continued_by = ("critic.checkpoint", "checkpoint_best.pt", "verifiable reads its value model from it")
+    continued_by = ("critic.checkpoint", s3ckpt.BEST, "verifiable reads its value model from it")
     trains_policy, trains_value_model, on_policy = False, True, True
     value_head, decodes, watches_head_0 = True, False, False  # the LM heads stay as they are
     val_correct_ratio = 0.5  # the critic must see wrong answers to rank them
