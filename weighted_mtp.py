@@ -34,15 +34,15 @@ from wmtp.config import CONFIGS, Config, UserError, load_config, redacted, track
 from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
 from wmtp.evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
 from wmtp.memplan import dry_run_report
-from wmtp.parallel import (Meter, all_reduce, autocast_for, broadcast, gradient_sync, setup_distributed, shard,
-                           shard_from_meta, transformer_blocks, wrap_and_compile)
+from wmtp.parallel import (Meter, Preempted, StopSignal, all_reduce, autocast_for, broadcast, gradient_sync,
+                           setup_distributed, shard, shard_from_meta, transformer_blocks, wrap_and_compile)
 from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, WARMUP_CONFIG, Pipeline, policy_pipelines
 from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
                              next_token_logits, pretrained_weights)
 from wmtp.report import compare_rows, format_compare, list_configs, report, summarize_compare
-from wmtp.tracking import (NoTracking, Preempted, StopSignal, Tracking, TrainLog, closing_summary, console_logging,
-                           doctor, experiment_id, log_params, preflight, provenance_tags, quiet_console,
-                           run_description, run_url, source_tags, start_text, ui_url)
+from wmtp.tracking import (NoTracking, Tracking, TrainLog, closing_summary, console_logging, doctor, experiment_id,
+                           log_params, preflight, provenance_tags, quiet_console, run_description, run_url, source_tags,
+                           start_text, ui_url)
 # load_pretrained and next_token_logits are fixed contracts: callers outside the repo reach them as weighted_mtp.*
 __all__ = ["load_pretrained", "next_token_logits", "prepare", "train", "evaluate", "sample", "compare", "main"]
 log = logging.getLogger("weighted_mtp")

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 
 from wmtp.config import tracking_uri, UserError
-from wmtp.parallel import (all_gather, broadcast, files_to_read, full_state, is_sharded, load_optimizer,
+from wmtp.parallel import (Preempted, all_gather, broadcast, files_to_read, full_state, is_sharded, load_optimizer,
                            load_optimizer_rows, load_sharded, own_files, save_sharded)
 from wmtp.pretrained import check_state, load_state, release_pages
-from wmtp.tracking import Preempted, checkpoint_uploader, finished, newest_run
+from wmtp.tracking import checkpoint_uploader, finished, newest_run
 
 log = logging.getLogger("weighted_mtp")
 

@@ -5,8 +5,10 @@ full (gathered into rank 0's one file) or sharded (torch.distributed.checkpoint 
 """
 import contextlib
 import datetime
+import logging
 import math
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -15,6 +17,8 @@ import torch.nn as nn
 from wmtp.config import UserError
 from wmtp.model import LoRALinear
 from wmtp.pretrained import release_pages
+
+log = logging.getLogger("weighted_mtp")
 
 
 def setup_distributed(timeout_s):
@@ -343,3 +347,35 @@ def wrap_and_compile(model, compile, world):
     ddp = world > 1 and not is_sharded(model)
     wrapped = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
     return torch.compile(wrapped) if compile else wrapped
+
+
+# ------------------------------------------------- preemption: a SIGTERM/SIGINT to the run's processes
+
+class Preempted(Exception):
+    """A SIGTERM/SIGINT stopped training at a step boundary after a resumable checkpoint was written."""
+
+    def __init__(self, signum, checkpoint):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+class StopSignal:
+    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary;
+    held through the end of the run, so torchrun's SIGTERM after a crash cannot cut the cleanup short."""
+
+    def __enter__(self):
+        self.received = 0
+        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def handle(self, signum, frame):
+        # A second Ctrl-C means "now". A second SIGTERM does not: torchrun forwards the one every process of a
+        # container already got, and SIGKILLs 30 s later anyway.
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or signum
+        log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")

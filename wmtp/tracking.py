@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 import queue
 import re
-import signal
 import sys
 import threading
 import time
@@ -20,7 +19,7 @@ import s3ckpt
 import yaml
 
 from wmtp.config import flatten, redacted, tracking_uri, UserError
-from wmtp.parallel import Meter, all_reduce
+from wmtp.parallel import Meter, Preempted, all_reduce
 log = logging.getLogger("weighted_mtp")
 RECORD = logging.getLogger("weighted_mtp.record")  # training.log only: the console shows the progress bar
 
@@ -504,14 +503,6 @@ def doctor(cfg, env_path):
     return 0 if all(ok is not False for ok, _ in lines) else 1
 
 
-class Preempted(Exception):
-    """A SIGTERM/SIGINT stopped training at a step boundary after a resumable checkpoint was written."""
-
-    def __init__(self, signum, checkpoint):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; resume from {checkpoint}")
-        self.signum, self.checkpoint = signum, checkpoint
-
-
 class AboveTheBars(logging.StreamHandler):
     """The console's log handler: each line written with tqdm.write, which lifts the progress bars off the terminal,
     writes the line and redraws them, so a log line never lands in the middle of a bar."""
@@ -609,25 +600,3 @@ class TrainLog:
 
     def close(self):
         self.bar.close()
-
-
-class StopSignal:
-    """Remembers a SIGTERM/SIGINT (spot reclaim, Ctrl-C) so the loop can stop cleanly at the next step boundary;
-    held through the end of the run, so torchrun's SIGTERM after a crash cannot cut the cleanup short."""
-
-    def __enter__(self):
-        self.received = 0
-        self.previous = {signum: signal.signal(signum, self.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-    def handle(self, signum, frame):
-        # A second Ctrl-C means "now". A second SIGTERM does not: torchrun forwards the one every process of a
-        # container already got, and SIGKILLs 30 s later anyway.
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = self.received or signum
-        log.warning(f"{signal.Signals(signum).name} received: stopping at the end of this step")
