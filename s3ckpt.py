@@ -509,10 +509,11 @@ class CheckpointUploader:
         self._stop = threading.Event()
 
     def upload_to_s3_async(self, checkpoint_path, artifact_path=ARTIFACTS):
-        """Returns at once a Future of the remote URI. The file (and its .sha256) is snapshotted now, so a later
-        overwrite or local pruning cannot change or lose what gets uploaded. Never raises: a failure, even of the
-        snapshot, is the future's exception and is reported by wait(). A directory (a sharded checkpoint) goes up
-        whole under artifact_path/<its name>/, its trainer.pt last: the remote directory is whole once that is in."""
+        """Uploads to the run's artifact store (S3, or the local directory of the embedded default; the name is the
+        users' guide's). Returns at once a Future of the remote URI. The file (and its .sha256) is snapshotted now, so a
+        later overwrite or local pruning cannot change or lose what gets uploaded. Never raises: a failure, even of the
+        snapshot, is the future's exception and is reported by wait(). A directory (a sharded checkpoint) goes up whole
+        under artifact_path/<its name>/, its trainer.pt last: the remote directory is whole once that is in."""
         src, artifact_path = Path(checkpoint_path), artifact_path.strip("/")
         name = f"{artifact_path}/{src.name}"
         with self._lock:

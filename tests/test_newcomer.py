@@ -255,3 +255,26 @@ def test_chat_trains_on_the_assistant_turns_only_in_the_plain_fallback_and_the_m
                                                 b"<|end|>\n<|user|>2+2<|end|>\n<|assistant|>4<|end|>\n")
     trained = [t for t, label in zip(ids, labels) if label != -100]
     assert trained == [*b"3<|end|>\n", E, *b"4<|end|>\n", E]
+
+
+def test_the_terminal_leaves_the_upload_lines_to_training_log_unless_verbose(monkeypatch):
+    """console_logging: a checkpoint upload's INFO line is not shown on the terminal (training.log has it); its
+    warnings are, and --verbose shows everything."""
+    import logging
+    from wmtp.tracking import console_logging
+    for name in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):  # console_logging sets them
+        monkeypatch.delenv(name, raising=False)
+    root, uploads = logging.getLogger(), logging.getLogger("weighted_mtp.s3ckpt")
+    saved = root.handlers[:], root.level
+    try:
+        shown = {}
+        for verbose in (False, True):
+            root.handlers = []
+            console_logging(verbose)
+            (handler,) = root.handlers
+            records = [uploads.makeRecord(uploads.name, level, __file__, 1, "uploaded a -> b", (), None)
+                       for level in (logging.INFO, logging.WARNING)]
+            shown[verbose] = [r.levelname for r in records if handler.filter(r)]
+        assert shown == {False: ["WARNING"], True: ["INFO", "WARNING"]}
+    finally:
+        root.handlers, root.level = saved

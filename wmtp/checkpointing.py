@@ -21,7 +21,7 @@ from wmtp.config import tracking_uri, UserError
 from wmtp.parallel import (Preempted, all_gather, broadcast, files_to_read, full_state, is_sharded, load_optimizer,
                            load_optimizer_rows, load_sharded, own_files, save_sharded)
 from wmtp.pretrained import check_state, load_state, release_pages
-from wmtp.tracking import checkpoint_uploader, finished, newest_run
+from wmtp.tracking import checkpoint_uploader, finished_runs_filter, newest_run
 
 log = logging.getLogger("weighted_mtp")
 
@@ -33,7 +33,7 @@ def resolve_uri(mlflow, uri, pipeline_for_auto, name, cache_dir):
     uri_tracking = tracking_uri(mlflow.tracking_uri)
     if uri == "auto":
         from mlflow import MlflowClient
-        run = newest_run(MlflowClient(uri_tracking), mlflow.experiment, finished(pipeline_for_auto))
+        run = newest_run(MlflowClient(uri_tracking), mlflow.experiment, finished_runs_filter(pipeline_for_auto))
         if run is None:
             raise UserError(f"no finished run of pipeline '{pipeline_for_auto}' in experiment "
                             f"'{mlflow.experiment}': run the {pipeline_for_auto} pipeline first")

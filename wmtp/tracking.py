@@ -113,7 +113,8 @@ def newest_run(client, experiment, where):
     return runs[0] if runs else None
 
 
-def finished(pipeline):
+def finished_runs_filter(pipeline):
+    """The MLflow search filter for the finished runs of `pipeline` (its runs carry the tag pipeline=<name>)."""
     return f"tags.pipeline = '{pipeline}' and attributes.status = 'FINISHED'"
 
 
@@ -523,9 +524,12 @@ class OnlyWarnings(logging.Filter):
 def console_logging(verbose):
     """One line per event on the terminal: our log lines above the bars (AboveTheBars); MLflow's own INFO lines and
     artifact download bars off unless --verbose (MLflow reads both variables when it is imported, and its logger is
-    set here in case it was already); MLflow's remaining lines through the same handler."""
+    set here in case it was already); MLflow's remaining lines through the same handler. Each checkpoint upload's
+    INFO line (s3ckpt) goes to training.log only unless --verbose: the closing lines say where the checkpoints are."""
     handler = AboveTheBars(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    if not verbose:
+        handler.addFilter(lambda r: r.name != "weighted_mtp.s3ckpt" or r.levelno >= logging.WARNING)
     logging.basicConfig(level=logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING,
                         handlers=[handler])
     if not verbose:
