@@ -375,8 +375,7 @@ def load_reference(path, vocab_size, dtype, meta=False):
 
 def next_token_logits(model, tokens):
     """tokens [B,T] -> head 0's logits [B,T,V] in float32: the next-token distribution at every position."""
-    logits, _ = model(tokens.to(model.tok_embeddings.weight.device), n_heads=1)
-    return logits[:, :, 0].float()
+    return model.logits(tokens.to(model.tok_embeddings.weight.device), n_heads=1)[:, :, 0].float()
 
 
 def cast_frozen(model, dtype):
