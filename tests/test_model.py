@@ -7,7 +7,9 @@ import torch.nn.functional as F
 
 from wmtp.config import ROOT, UserError, load_config
 from wmtp.model import MTPTransformer, ModelArgs, ValueModel, apply_lora, apply_rope, generate, init_parts, rope_angles
-from wmtp.pretrained import ByteTokenizer, build_model, load_state, model_args_from_meta, save_meta
+from wmtp.memplan import config_plans, parameter_counts
+from wmtp.pretrained import (ByteTokenizer, build_model, load_state, model_args_from_meta, pretrained_args,
+                             save_byte_tokenizer, save_hf, save_meta)
 import weights as W
 from conftest import load_meta_weights
 
@@ -184,3 +186,23 @@ def test_the_constructor_draws_its_weights_as_init_parts_does():
     state = model.state_dict()
     assert list(state) == list(parts)  # the same names in the same order (the optimizer's and checkpoints' order)
     assert all(torch.equal(state[k], parts[k]) for k in state)
+
+
+def test_a_dir_with_both_config_json_and_params_json_is_planned_and_built_in_one_shape(tmp_path):
+    """dir_format's one precedence: config.json (d=64, 4 blocks, one head) over a params.json of another shape
+    (d=32, 2 blocks), for the memory plan (--dry-run) and the model training builds, whole or on the meta device.
+    Re-headed to H=4: 3 trunk blocks + 4 heads = 7 blocks of 4·64² + 2·2·32·64 (wq, wo; wk, wv at 2 kv heads of 16)
+    + 3·64·192 (SwiGLU, 170 rounded up to 32s) + 2·64 = 49,280 parameters, 2·259·64 embedding and output, 64 norm."""
+    torch.manual_seed(0)
+    save_hf(MTPTransformer(ModelArgs(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=259, multiple_of=32)),
+            tmp_path)
+    save_byte_tokenizer(tmp_path, ByteTokenizer())
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 32, "n_layers": 2, "n_heads": 2, "vocab_size": 259}))
+    cfg = load_config(ROOT / "configs/baseline/baseline_local.yaml", [f"model.path={tmp_path}"])
+    what, _ = config_plans(cfg, 1, use_micro=False)
+    assert what.startswith("baseline, 7 blocks (4 heads), d=64, V=259, 0.4M parameters")
+    assert parameter_counts(pretrained_args(tmp_path, 4), "baseline", 0) == (7 * 49_280 + 2 * 259 * 64 + 64, 0)
+    for meta in (False, True):
+        _, model = build_model(cfg, use_micro=False, value_head=False, meta=meta)
+        assert (model.args.dim, model.args.n_layers, model.args.n_future_tokens) == (64, 7, 4)
+        assert sum(p.numel() for p in model.parameters()) == 7 * 49_280 + 2 * 259 * 64 + 64 == 378_176
