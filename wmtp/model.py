@@ -311,7 +311,7 @@ class MTPTransformer(nn.Module):
         per token, Gloeckle et al.); else the naive reference, every head's logits kept for backward."""
         head_weights = lambda k, ce_k: head_columns(valid, weights, k, ce_k)
         if not states:  # no LM head asked for (the critic's values): nothing to score
-            return self.output.weight.new_zeros(()), torch.zeros(targets.shape, device=targets.device)
+            return torch.zeros((), device=targets.device), torch.zeros(targets.shape, device=targets.device)
         if self.memory_efficient_loss:
             return HeadsCrossEntropy.apply(self.output.weight, targets, head_weights, *map(self.norm, states))
         ce = torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2)
