@@ -220,7 +220,7 @@ def bare_step(model, optimizer, batch):
     """What a plain fine-tuning script does: logits, next-token cross-entropy, backward, AdamW (no clipping, no
     NaN guard)."""
     tokens, labels, _ = batch
-    logits, _ = model(tokens)  # [B, T, 1, V]
+    logits = model.logits(tokens)  # [B, T, 1, V]
     loss = F.cross_entropy(logits[:, :-1, 0].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
     loss.backward()
     optimizer.step()
@@ -344,7 +344,7 @@ def gen_kv_cache(S, prompt=32, new=256):
     def without_cache():
         tokens = torch.tensor(prompts)
         for _ in range(new):
-            logits, _ = model(tokens, n_heads=1)
+            logits = model.logits(tokens, n_heads=1)
             tokens = torch.cat([tokens, logits[:, -1, 0].argmax(-1, keepdim=True)], dim=1)
         return tokens[:, prompt:].tolist()
 

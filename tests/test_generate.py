@@ -23,7 +23,7 @@ def without_cache(model, prompt, eos_id, max_new):
     """The plain loop: the whole prefix through the model's forward for every new token, head 0's argmax."""
     ids = list(prompt)
     for _ in range(max_new):
-        logits, _ = model(torch.tensor([ids]), n_heads=1)
+        logits = model.logits(torch.tensor([ids]), n_heads=1)
         nxt = int(logits[0, -1, 0].argmax())
         if nxt == eos_id:
             break
@@ -102,12 +102,12 @@ def test_bf16_autocast_cache_gives_the_forwards_logits_within_bf16_rounding():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cache = KVCache(model, 2, width + 1, torch.bfloat16, "cpu")
         first = model.next_logits(tokens, torch.arange(width).expand(2, width), width, cache, lengths - 1)
-        reference = model(tokens, n_heads=1)[0][rows, lengths - 1, 0].float()
+        reference = model.logits(tokens, n_heads=1)[rows, lengths - 1, 0].float()
         torch.testing.assert_close(first, reference, atol=0.05, rtol=0.05)
         nxt = torch.tensor([65, 66])  # one decode step, each row at its own position
         second = model.next_logits(nxt[:, None], lengths[:, None], width + 1, cache, torch.zeros(2, dtype=torch.long))
         extended = [torch.tensor([p + [int(t)]]) for p, t in zip(prompts, nxt)]
-        reference = torch.cat([model(x, n_heads=1)[0][:, -1, 0].float() for x in extended])
+        reference = torch.cat([model.logits(x, n_heads=1)[:, -1, 0].float() for x in extended])
         torch.testing.assert_close(second, reference, atol=0.05, rtol=0.05)
         outs = generate(model, prompts, TOK.eos_id, TOK.pad_id, 6)
     assert cache.keys[0].dtype == torch.bfloat16 and all(len(o) == 6 for o in outs)

@@ -119,8 +119,8 @@ def test_rho1_selection_reads_each_heads_own_ce():
     tokens, labels, _ = data
     targets = W.shift_targets(labels, 3)
     with torch.no_grad():
-        ce, _ = model(tokens, targets)
-        ce_ref, _ = pipe.reference(tokens, W.shift_targets(labels, 1), n_heads=1)
+        _, ce, _ = model(tokens, targets)
+        _, ce_ref, _ = pipe.reference(tokens, W.shift_targets(labels, 1))
         excess = W.excess_loss(ce, W.reference_ce_to_heads(ce_ref[..., 0], 3))
         w = W.topk_weights(excess, targets != -100, pipe.t.k_percent)
     assert 0 < (w > 0).sum() < (targets != -100).sum()

@@ -157,7 +157,7 @@ def test_a_next_token_model_becomes_an_h4_policy_whose_head_0_is_the_original(hf
         assert all(torch.equal(extra[k], head0[k]) and extra[k].data_ptr() != head0[k].data_ptr() for k in head0)
     tokens = torch.randint(0, 262, (2, 9))
     assert torch.equal(wm.next_token_logits(policy, tokens), wm.next_token_logits(original, tokens))
-    logits, _ = policy(tokens)
+    logits = policy.logits(tokens)
     assert all(torch.equal(logits[:, :, k], logits[:, :, 0]) for k in range(4))   # copies, until trained
     _, back = wm.load_pretrained(hf_dir, n_future_tokens=1)   # and a rho1 reference stays one head
     assert len(back.extra_heads) == 0 and back.args.n_layers == 3

@@ -24,7 +24,8 @@ from wmtp.model import MTPTransformer, ModelArgs, apply_lora
 from wmtp.pretrained import ByteTokenizer, micro_args
 from wmtp.pipelines import PIPELINE_TYPES
 from wmtp import memplan
-from wmtp.memplan import block_shape, memory_plan, model_shape, parameter_counts
+from wmtp.memplan import block_shape, memory_plan, parameter_counts
+from wmtp.pretrained import pretrained_args
 from conftest import main_in_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -231,12 +232,12 @@ def test_dry_run_reads_a_hugging_face_config_and_the_rho1_reference(tmp_path):
                                                 "num_key_value_heads": 2, "vocab_size": 259,
                                                 "intermediate_size": 100, "rms_norm_eps": 1e-6}))
     ref = write_meta_dir(tmp_path / "ref", dim=32, n_layers=2, n_heads=2, vocab_size=259, multiple_of=32)
-    args = model_shape(hf, 4)
+    args = pretrained_args(hf, 4)
     assert (args.n_layers, args.n_future_tokens, args.n_kv_heads, block_shape(args)[2]) == (7, 4, 2, 100)
     r = dry_run("--config", "configs/rho1/rho1_local.yaml", "--override", f"model.path={hf}",
                 "--override", f"reference.path={ref}", "--override", "dataset.train=/nonexistent/train.jsonl")
     assert r.returncode == 0, r.stderr
-    reference = memory_plan(args, "rho1", reference=model_shape(ref, 1), batch_size=16, seq_len=256)["reference"]
+    reference = memory_plan(args, "rho1", reference=pretrained_args(ref, 1), batch_size=16, seq_len=256)["reference"]
     assert reference == 4 * (2 * (2 * 32 * 32 + 2 * 32 * 32 + 3 * 32 * 96 + 2 * 32) + 2 * 259 * 32 + 32)
     assert "# memory plan per GPU: rho1, 7 blocks (4 heads), d=64, V=259" in r.stdout
     assert f"#   reference.path      {ref}  found" in r.stdout

@@ -149,7 +149,7 @@ def test_head_loss_weights_scale_each_heads_loss(tmp_path):
     labels = tokens.clone()
     labels[:, :4] = -100
     loss = pipeline.loss(model, (tokens, labels, torch.ones(2)), Meter(torch.device("cpu")), 0)
-    ce, _ = model(tokens, W.shift_targets(labels, 3))
+    _, ce, _ = model(tokens, W.shift_targets(labels, 3))
     valid = W.shift_targets(labels, 3) != -100
     per_head = (ce * valid).sum(dim=(0, 1)) / valid.sum(dim=(0, 1))
     assert valid.sum(dim=(0, 1)).tolist() == [16, 16, 16]  # each head: the 8 answer tokens of each row

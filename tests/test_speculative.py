@@ -32,8 +32,7 @@ def train_briefly(args, steps=40, seed=0):
     tokens = torch.tensor([s + [TOK.pad_id] * (width - len(s)) for s in seqs])
     targets = W.shift_targets(torch.tensor([s + [-100] * (width - len(s)) for s in seqs]), args.n_future_tokens)
     for _ in range(steps):
-        ce, _ = model(tokens, targets)
-        loss = W.mtp_loss(ce, targets != -100)
+        loss, _, _ = model(tokens, targets)  # W.mtp_loss(ce, targets != -100)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -56,7 +55,7 @@ def without_cache(model, prompt, eos_id, max_new):
     """Greedy decoding the slow, obvious way: the whole prefix through forward for every token, head 0's argmax."""
     ids = list(prompt)
     for _ in range(max_new):
-        nxt = int(model(torch.tensor([ids]), n_heads=1)[0][0, -1, 0].argmax())
+        nxt = int(model.logits(torch.tensor([ids]), n_heads=1)[0, -1, 0].argmax())
         if nxt == eos_id:
             break
         ids.append(nxt)

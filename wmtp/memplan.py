@@ -9,7 +9,7 @@ import torch
 
 from wmtp.model import Block
 from wmtp.pipelines import PIPELINE_TYPES, Pipeline
-from wmtp.pretrained import ByteTokenizer, micro_args, model_args_from_hf, model_args_from_meta
+from wmtp.pretrained import ByteTokenizer, micro_args, pretrained_args
 
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -26,15 +26,6 @@ PLAN_ROWS = {"parameters": "trainable parameters (fp32 masters)", "gradients": "
              "activations": "activations saved for backward", "logits": "loss logits (one head at a time)",
              "peak": "peak", "validation": "validation: gathered weights + KV cache",
              "setup": "setup: host RAM per rank while loading"}
-
-
-def model_shape(path, n_future_tokens):
-    """ModelArgs of a Meta (params.json) or Hugging Face LLaMA (config.json) dir, no weight read, as the policy is
-    built from it: the checkpoint's n_layers − H_ckpt trunk blocks and `n_future_tokens` head blocks."""
-    d = Path(path)
-    args = model_args_from_meta(d) if (d / "params.json").exists() else model_args_from_hf(d)[0]
-    trunk = args.n_layers - args.n_future_tokens
-    return dataclasses.replace(args, n_layers=trunk + n_future_tokens, n_future_tokens=n_future_tokens)
 
 
 def block_shape(args):
@@ -149,7 +140,7 @@ def value_model_shape(spec, policy_args):
     if spec == "copy":
         return dataclasses.replace(policy_args, n_layers=policy_args.n_layers - policy_args.n_future_tokens + 1,
                                    n_future_tokens=1)
-    return model_shape(spec, 1) if Path(spec).is_dir() else None
+    return pretrained_args(spec, 1) if Path(spec).is_dir() else None
 
 
 def validation_and_setup(args, rows, static, weights, fsdp, act_bytes, decoded_tokens, N):
@@ -205,9 +196,9 @@ def config_plans(cfg, world, use_micro):
     elif not Path(m.path).is_dir():
         return f"model.path {m.path} is not on this machine: its params.json or config.json gives the shape", {}
     else:
-        args = model_shape(m.path, m.n_future_tokens)
+        args = pretrained_args(m.path, m.n_future_tokens)
     ref = cfg.reference.path
-    reference = model_shape(ref, 1) if kind.holds_reference and is_local_path(ref) and Path(ref).is_dir() else None
+    reference = pretrained_args(ref, 1) if kind.holds_reference and is_local_path(ref) and Path(ref).is_dir() else None
     kw = dict(pipeline=pipeline, lora_rank=m.lora.rank, parallel=parallel, world=world, frozen_dtype=frozen_dtype,
               batch_size=t.batch_size, seq_len=cfg.dataset.max_length, memory_efficient_loss=m.memory_efficient_loss,
               grad_accum=t.gradient_accumulation_steps, reference=reference, eval_batch_size=cfg.eval.batch_size,

@@ -34,6 +34,13 @@ class ModelArgs:
     tie_word_embeddings: bool = False  # the unembedding is the embedding matrix itself (HF's tied checkpoints)
 
 
+def rms_norm(x, eps):
+    """x / sqrt(mean(x²) + eps) over the last dim, computed in fp32 and returned in x's dtype: RMSNorm before its
+    weight (the blocks' RMSNorm and the stacked heads' share it)."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
@@ -41,8 +48,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        """rms_norm(x) · weight."""
+        return rms_norm(x, self.eps) * self.weight
 
 
 def rope_angles(head_dim, length, theta, device):
@@ -197,6 +204,10 @@ class MTPTransformer(nn.Module):
     the other H - 1. Head k at position t predicts the token at t+1+k. The optional value head is
     Linear(dim, 1) on the final-normed hidden state of head 0, read detached: value losses train the value head
     only, never the policy.
+
+    Methods of fixed return types: trunk_states (hidden, the one place the trunk runs), head_states, unembed
+    (logits), value (V); forward, training's one entry point, (loss, ce, V); logits for evaluation; next_logits and
+    heads_states through a KV cache.
     """
 
     def __init__(self, args, value_head=False, memory_efficient_loss=True):
@@ -205,12 +216,11 @@ class MTPTransformer(nn.Module):
         if args.n_layers - H < 1:
             raise UserError(f"model: n_layers={args.n_layers} leaves no shared trunk block for {H} heads")
         self.args, self.memory_efficient_loss = args, memory_efficient_loss
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers - H + 1))
-        self.extra_heads = nn.ModuleList(Block(args) for _ in range(H - 1))
-        self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.value_head = nn.Linear(args.dim, 1) if value_head else None
+        parts = dict(init_parts(args, value_head))  # drawn in init_parts' order, the one order of the random init
+        self.tok_embeddings = parts["tok_embeddings"]
+        self.layers = nn.ModuleList(m for name, m in parts.items() if name.startswith("layers."))
+        self.extra_heads = nn.ModuleList(m for name, m in parts.items() if name.startswith("extra_heads."))
+        self.norm, self.output, self.value_head = parts["norm"], parts["output"], parts.get("value_head")
         self.tie()
 
     def tie(self):
@@ -225,69 +235,83 @@ class MTPTransformer(nn.Module):
         self.tie()
         return self
 
-    def forward(self, tokens, targets=None, n_heads=None, values=False, weigh=None, heads=True):
-        """tokens [B,T] -> (logits [B,T,h,V], values) without targets; with targets [B,T,>=h] (-100 = none):
-        (ce [B,T,h], values) without weigh, (loss, ce [B,T,h] detached, values) with it. h = n_heads, default H
-        (a reference model or greedy decoding needs head 0 only); values [B,T] or None.
+    def rope(self, length, device):
+        """(cos, sin) [length, head_dim / 2] of positions 0..length-1."""
+        return rope_angles(self.args.dim // self.args.n_heads, length, self.args.rope_theta, device)
 
-        weigh(values) -> (valid, weights) is called once, after the value head (its output detached, or None) and
-        before any CE; loss = W.mtp_loss(ce, valid, weights). valid and weights (None = 1) are each a [B,T,h]
-        tensor or a function (k, ce_k) -> [B,T] of head k's detached CE [B,T] (see heads_loss).
-        heads=False: (None, values) from the trunk and head 0's block alone (the critic: no other head, no logits)."""
-        h_count = 1 if not heads else n_heads or self.args.n_future_tokens
-        cos, sin = rope_angles(self.args.dim // self.args.n_heads, tokens.shape[1], self.args.rope_theta, tokens.device)
+    def trunk_states(self, tokens, cos, sin, caches=None):
+        """hidden [B,T,d]: tokens [B,T] embedded and run through the shared blocks (all of `layers` but head 0's),
+        the one place the trunk runs. caches (generation): one (keys, values, where, mask) per block, as in
+        Attention.forward; None in training (causal attention over the tokens alone)."""
         h = self.tok_embeddings(tokens)
-        for layer in self.layers[:-1]:
-            h = layer(h, cos, sin)
-        states = [head(h, cos, sin) for head in [self.layers[-1], *self.extra_heads][:h_count]]
-        # .float(): the value head is trained, so fp32, while a frozen trunk may be bf16 (model.dtype)
-        vals = self.value_head(self.norm(states[0]).detach().float()).squeeze(-1) if values else None
-        if not heads:
-            return None, vals
-        if targets is None:
-            return torch.stack([self.output(self.norm(s)) for s in states], dim=2), vals
-        wants_grad = torch.is_grad_enabled() and (states[0].requires_grad or self.output.weight.requires_grad)
-        if weigh is None and self.memory_efficient_loss and not wants_grad:
-            # no gradient wanted (evaluation, the critic's frozen trunk, rho1's reference): the loss path's own CE, so
-            # that a policy and its frozen copy agree to the bit (rho1's excess loss starts at exactly 0, tied)
-            return self.heads_loss(states, targets[..., :h_count], targets[..., :h_count] != -100, None)[1], vals
-        if weigh is None:
-            return torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2), vals
-        valid, weights = weigh(None if vals is None else vals.detach())
-        return *self.heads_loss(states, targets[..., :h_count], valid, weights), vals
+        for i, layer in enumerate(self.layers[:-1]):
+            h = layer(h, cos, sin, None if caches is None else caches[i])
+        return h
+
+    def head_states(self, hidden, cos, sin, n_heads):
+        """[state [B,T,d] of head k for k < n_heads]: each head's block on the trunk's hidden state (no cache)."""
+        if n_heads > self.args.n_future_tokens:
+            raise ValueError(f"{n_heads} heads asked of a model of {self.args.n_future_tokens}")
+        return [head(hidden, cos, sin) for head in [self.layers[-1], *self.extra_heads][:n_heads]]
+
+    def unembed(self, state):
+        """logits [..., V] of a head's state [..., d]: the shared final norm, then the output matrix."""
+        return self.output(self.norm(state))
+
+    def value(self, state):
+        """V [B,T] fp32: the value head on head 0's final-normed state [B,T,d], read detached (a value loss trains
+        the value head alone). fp32: the value head trains while a frozen trunk may be bf16 (model.dtype)."""
+        return self.value_head(self.norm(state).detach().float()).squeeze(-1)
+
+    def forward(self, tokens, targets, weigh=None, values=False):
+        """Training's one entry point (DDP syncs gradients and FSDP gathers the root's weights on a call of the
+        wrapped module): tokens [B,T], targets [B,T,h] (-100 = none) for heads 0..h-1 (h <= H; 0: no LM head, the
+        critic's value alone) -> (loss, ce [B,T,h] detached, V [B,T] fp32 when `values`, else None).
+
+        loss = W.mtp_loss(ce, valid, weights) with (valid, weights) = weigh(V detached, or None), called once, after
+        the value head and before any CE; without weigh, valid = targets != -100 and weights = 1. valid and weights
+        (None = 1) are each a [B,T,h] tensor or a function (k, ce_k) -> [B,T] of head k's detached CE (heads_loss).
+        Only the heads with targets run (head 0 also for V): a reference model needs head 0 alone."""
+        cos, sin = self.rope(tokens.shape[1], tokens.device)
+        h = targets.shape[-1]
+        states = self.head_states(self.trunk_states(tokens, cos, sin), cos, sin, max(h, int(values)))
+        vals = self.value(states[0]) if values else None
+        valid, weights = (targets != -100, None) if weigh is None else weigh(None if vals is None else vals.detach())
+        loss, ce = self.heads_loss(states[:h], targets, valid, weights)
+        return loss, ce, vals
+
+    def logits(self, tokens, n_heads=None):
+        """tokens [B,T] -> logits [B,T,h,V] of heads 0..h-1, h = n_heads (default H): every head's at once, for
+        evaluation and tests (training's loss never holds them: forward)."""
+        cos, sin = self.rope(tokens.shape[1], tokens.device)
+        hidden = self.trunk_states(tokens, cos, sin)
+        states = self.head_states(hidden, cos, sin, n_heads or self.args.n_future_tokens)
+        return torch.stack([self.unembed(s) for s in states], dim=2)
 
     def next_logits(self, tokens, positions, width, cache, read):
         """Head 0's logits [B, V] (fp32) at column `read` [B] of each row, for tokens [B, T] at positions [B, T],
         through the KV cache: each token's keys and values go to the slot of its position, and a query at
         position p reads slots 0..p of its row (`width` = 1 + the largest position). Generation only."""
-        B = tokens.shape[0]
-        rows = torch.arange(B, device=tokens.device)
-        mask = (torch.arange(width, device=tokens.device) <= positions[..., None])[:, None]
-        cos, sin, where = cache.cos[positions], cache.sin[positions], (rows[:, None], positions)
-        h = self.tok_embeddings(tokens)
-        for layer, keys, values in zip(self.layers, cache.keys, cache.values):
-            h = layer(h, cos, sin, (keys, values, where, mask))
-        return self.output(self.norm(h[rows, read])).float()
+        cos, sin, caches = cache.at(positions, width)
+        h = self.layers[-1](self.trunk_states(tokens, cos, sin, caches), cos, sin, caches[-1])
+        return self.unembed(h[torch.arange(tokens.shape[0], device=tokens.device), read]).float()
 
     def heads_states(self, tokens, positions, width, cache, heads):
         """Speculative decoding's forward: (head 0's logits [B, T, V] fp32, every head's state [H, B, T, d]) for
         tokens [B, T] at positions [B, T], through a KVCache(..., heads=True): the trunk as in next_logits, then
         the H head blocks at once (heads: StackedHeads). A head attends over its own keys and values of the
         earlier positions, so every head writes its slots at every position, whichever head's logits are read."""
-        mask = (torch.arange(width, device=tokens.device) <= positions[..., None])[:, None]
-        cos, sin = cache.cos[positions], cache.sin[positions]
-        where = (torch.arange(tokens.shape[0], device=tokens.device)[:, None], positions)
-        h = self.tok_embeddings(tokens)
-        for layer, keys, values in zip(self.layers[:-1], cache.keys, cache.values):
-            h = layer(h, cos, sin, (keys, values, where, mask))
-        states = heads(h, cos, sin, (cache.head_keys, cache.head_values, where, mask))
-        return self.output(self.norm(states[0])).float(), states
+        cos, sin, caches = cache.at(positions, width)
+        states = heads(self.trunk_states(tokens, cos, sin, caches), cos, sin, caches[-1])
+        return self.unembed(states[0]).float(), states
 
     def heads_loss(self, states, targets, valid, weights):
         """(loss = W.mtp_loss(ce, valid, weights), ce [B,T,h] detached) of the heads' states [B,T,d] x h.
         memory_efficient_loss: HeadsCrossEntropy, one head's logits alive at a time and each computed once (O(V + d)
         per token, Gloeckle et al.); else the naive reference, every head's logits kept for backward."""
         head_weights = lambda k, ce_k: head_columns(valid, weights, k, ce_k)
+        if not states:  # no LM head asked for (the critic's values): nothing to score
+            return torch.zeros((), device=targets.device), torch.zeros(targets.shape, device=targets.device)
         if self.memory_efficient_loss:
             return HeadsCrossEntropy.apply(self.output.weight, targets, head_weights, *map(self.norm, states))
         ce = torch.stack([self._ce(s, targets[..., k]) for k, s in enumerate(states)], dim=2)
@@ -296,15 +320,15 @@ class MTPTransformer(nn.Module):
         return W.mtp_loss(ce, torch.stack([v for v, _ in cols], dim=-1), weights), ce.detach()
 
     def _ce(self, state, target):
-        logits = self.output(self.norm(state)).float()
+        logits = self.unembed(state).float()
         ce = F.cross_entropy(logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="none")
         return ce.view_as(target)
 
 
 def init_parts(args, value_head=False):
-    """(name, module) of MTPTransformer's parts, each built when asked for, in its constructor's order: the order
-    their random init draws from the RNG. A model built on the meta device gets the same weights from these a part
-    (at most a block) at a time (pretrained.initial_weights)."""
+    """(name, module) of MTPTransformer's parts, each built when asked for: the one statement of the parts and of
+    the order their random init draws from the RNG. MTPTransformer.__init__ builds itself from it, and a model built
+    on the meta device gets the same weights from it a part (at most a block) at a time (pretrained.initial_weights)."""
     H = args.n_future_tokens
     yield "tok_embeddings", nn.Embedding(args.vocab_size, args.dim)
     for i in range(args.n_layers - H + 1):
@@ -315,7 +339,6 @@ def init_parts(args, value_head=False):
     yield "output", nn.Linear(args.dim, args.vocab_size, bias=False)
     if value_head:
         yield "value_head", nn.Linear(args.dim, 1)
-
 
 
 class ValueModel(nn.Module):
@@ -337,14 +360,13 @@ class ValueModel(nn.Module):
         nn.init.zeros_(last.bias)    # log-probabilities that separate right from wrong) cannot show in val/auc
 
     def forward(self, tokens, labels):
+        """(score, V) [B,T] fp32 of tokens [B,T]; labels [B,T] (-100 off the answer) mark the answer for the
+        log-probability features."""
         t = self.trunk
         trains_trunk = torch.is_grad_enabled() and any(p.requires_grad for p in t.parameters())
         with torch.set_grad_enabled(trains_trunk):  # a frozen trunk keeps no activations
-            cos, sin = rope_angles(t.args.dim // t.args.n_heads, tokens.shape[1], t.args.rope_theta, tokens.device)
-            h = t.tok_embeddings(tokens)
-            for layer in t.layers:
-                h = layer(h, cos, sin)
-            h = t.norm(h)
+            cos, sin = t.rope(tokens.shape[1], tokens.device)
+            h = t.norm(t.head_states(t.trunk_states(tokens, cos, sin), cos, sin, 1)[0])
             features = h.float()
             if self.logprob:  # the one vocabulary projection: a feature, not a metric
                 lp = W.token_logprobs(t.output(h.detach()), tokens)
@@ -369,6 +391,17 @@ class KVCache:
             self.head_keys = torch.zeros((H, *shape), dtype=dtype, device=device)
             self.head_values = torch.zeros((H, *shape), dtype=dtype, device=device)
         self.cos, self.sin = rope_angles(shape[-1], length, a.rope_theta, device)
+        self.heads = heads
+
+    def at(self, positions, width):
+        """(cos, sin, caches) for tokens at positions [B, T] whose queries read the first `width` slots: caches
+        holds (keys, values, where, mask) as Attention.forward takes it for each trunk block, then for head 0
+        (heads=True: for the stacked heads); a query at position p reads slots 0..p of its row."""
+        rows = torch.arange(positions.shape[0], device=positions.device)
+        mask = (torch.arange(width, device=positions.device) <= positions[..., None])[:, None]
+        where = (rows[:, None], positions)
+        pairs = [*zip(self.keys, self.values), *([(self.head_keys, self.head_values)] if self.heads else [])]
+        return self.cos[positions], self.sin[positions], [(keys, values, where, mask) for keys, values in pairs]
 
 
 class StackedHeads:
@@ -389,17 +422,13 @@ class StackedHeads:
         self.eps, attention = blocks[0].attention_norm.eps, blocks[0].attention
         self.n_heads, self.n_kv_heads, self.head_dim = attention.n_heads, attention.n_kv_heads, attention.head_dim
 
-    def rms(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
-
     def __call__(self, h, cos, sin, cache):
         """Block.compute of every head on the same trunk output h [B, T, d] -> [H, B, T, d]; cache as in
         Attention.forward, with keys and values [H, B, S, n_kv_heads, head_dim]."""
         keys, values, (rows, positions), mask = cache
         H, (B, T, _) = len(self.wo), h.shape
         mm = lambda x, w: torch.bmm(x.reshape(H, B * T, -1), w).view(H, B, T, -1)  # head k's x times head k's w
-        x = self.rms(h)[None] * self.attention_norm
+        x = rms_norm(h, self.eps)[None] * self.attention_norm
         q, k, v = mm(x, self.wqkv).split([self.n_heads * self.head_dim, *[self.n_kv_heads * self.head_dim] * 2], -1)
         q = apply_rope(q.view(H, B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(H, B, T, self.n_kv_heads, self.head_dim), cos, sin)
@@ -411,7 +440,7 @@ class StackedHeads:
         y = F.scaled_dot_product_attention(q.flatten(0, 1).transpose(1, 2), k, v, attn_mask=mask.repeat(H, 1, 1, 1),
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         h = h[None] + mm(y.transpose(1, 2), self.wo)
-        gate, up = mm(self.rms(h) * self.ffn_norm, self.w13).chunk(2, -1)
+        gate, up = mm(rms_norm(h, self.eps) * self.ffn_norm, self.w13).chunk(2, -1)
         return h + mm(F.silu(gate) * up, self.w2)
 
 
@@ -577,7 +606,7 @@ def speculative_greedy(model, tokens, lengths, eos_id, max_new_tokens, stats=Non
     cache = KVCache(model, B, width + max_new_tokens + H, cache_dtype(model), device, heads=True)
     heads = StackedHeads(model, cache_dtype(model))
     rows, cols = torch.arange(B, device=device), torch.arange(H, device=device)
-    draft = lambda states, read: model.output(model.norm(states[1:, rows, read])).argmax(-1).T  # [B, H - 1]
+    draft = lambda states, read: model.unembed(states[1:, rows, read]).argmax(-1).T  # [B, H - 1]
     logits, states = model.heads_states(tokens, torch.arange(width, device=device).expand(B, width), width, cache,
                                         heads)
     pending, drafts = logits[rows, lengths - 1].argmax(-1), draft(states, lengths - 1)

@@ -17,10 +17,16 @@ from wmtp.parallel import all_reduce
 from wmtp.pretrained import DTYPES, build_value_model, cast_frozen, is_model_dir, load_reference, next_token_logits
 
 
-def policy_ce(model, tokens, labels, H, values=False):
+def policy_ce(model, tokens, labels, H):
+    """(ce [B,T,H] detached, valid [B,T,H]) of the policy's H heads on the answer tokens of `labels`."""
     targets = W.shift_targets(labels, H)
-    ce, vals = model(tokens, targets, values=values)
-    return ce, targets != -100, vals
+    _, ce, _ = model(tokens, targets)
+    return ce, targets != -100
+
+
+def policy_values(model, tokens):
+    """V [B,T] of the policy's value head: its forward with no LM head to score (targets [B,T,0])."""
+    return model(tokens, tokens.new_empty((*tokens.shape, 0)), values=True)[2]
 
 
 def starting_logprobs(policy, tokens):
@@ -182,7 +188,7 @@ class Pipeline:
 
     def val_step(self, model, batch, meter):
         tokens, labels, _ = batch
-        ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+        ce, valid = policy_ce(model, tokens, labels, self.H)
         log_head_losses(meter, "val", ce, valid)
 
     def val_end(self, out, world):
@@ -290,7 +296,7 @@ class Critic(Pipeline):
         """(score, V) [B,T] of the value model being trained."""
         tokens, labels, _ = batch
         if self.value_head_on_policy(self.cfg):
-            _, values = model(tokens, values=True, heads=False)
+            values = policy_values(model, tokens)
             return values, values
         return model(tokens, labels)
 
@@ -301,7 +307,7 @@ class Critic(Pipeline):
         meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())
         if self.value_head_on_policy(self.cfg) and (step + 1) % self.t.log_interval == 0:
             with torch.no_grad():  # the heads' CE only for the logged train/head_k_loss, 1 step in log_interval
-                ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+                ce, valid = policy_ce(model, tokens, labels, self.H)
             log_head_losses(meter, "train", ce, valid)
         return loss
 
@@ -311,7 +317,7 @@ class Critic(Pipeline):
     def val_step(self, model, batch, meter):
         tokens, labels, rewards = batch
         if self.value_head_on_policy(self.cfg):
-            ce, valid, _ = policy_ce(model, tokens, labels, self.H)
+            ce, valid = policy_ce(model, tokens, labels, self.H)
             log_head_losses(meter, "val", ce, valid)
         _, values = self.values(model, batch)
         targets, vmask = W.value_targets(values, rewards, labels != -100, self.t.gamma, self.t.critic_lambda)
@@ -437,7 +443,7 @@ class Verifiable(Pipeline):
         with torch.no_grad():
             if self.value_model is not None:
                 return self.value_model(tokens, labels)[1].float()
-            return model(tokens, values=True, heads=False)[1]
+            return policy_values(model, tokens)
 
     def weights(self, values, rewards, mask, lam, step, update_ema):
         """(td, w_tok) of values: GAE(λ) advantages, whitened by the all-reduced batch stats (then their EMA)."""
@@ -568,7 +574,7 @@ class Rho1(Pipeline):
         H, ratio = self.H, self.t.k_percent
         tokens, labels, _ = batch
         with torch.inference_mode():
-            ce_ref, _ = self.reference(tokens, W.shift_targets(labels, 1), n_heads=1)
+            _, ce_ref, _ = self.reference(tokens, W.shift_targets(labels, 1))
         ref = W.reference_ce_to_heads(ce_ref[..., 0].clone(), H)  # clone: inference tensors may not enter autograd
         targets = W.shift_targets(labels, H)
         valid = targets != -100

@@ -225,7 +225,8 @@ def rotary_to_hf(w, n_heads):
 
 
 def model_args_from_hf(model_dir):
-    """(ModelArgs of a one-head model, tie_word_embeddings) from config.json; what we cannot compute is an error."""
+    """ModelArgs of a one-head model (tie_word_embeddings included) from config.json; what we cannot compute is an
+    error."""
     path = Path(model_dir) / "config.json"
     c = read_json(path)
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}  # transformers >= 5 keeps rope_theta in there
@@ -250,7 +251,7 @@ def model_args_from_hf(model_dir):
     unsupported = [what for ok, what in checks if not ok]
     if unsupported:
         raise UserError(f"{path}: not a LLaMA this trainer computes exactly ({', '.join(unsupported)})")
-    return args, bool(c.get("tie_word_embeddings", False))
+    return args
 
 
 def hf_weight_files(model_dir):
@@ -276,9 +277,9 @@ def hf_weight_files(model_dir):
 def read_hf_dir(model_dir, dtype):
     """(args, state in Meta names) of a Hugging Face LLaMA dir (hf_tensors); a tied lm_head is the embedding itself
     (the model ties them: MTPTransformer.tie)."""
-    args, tied = model_args_from_hf(model_dir)
-    state = dict(hf_tensors(model_dir, args, tied, dtype))
-    if tied:
+    args = model_args_from_hf(model_dir)
+    state = dict(hf_tensors(model_dir, args, args.tie_word_embeddings, dtype))
+    if args.tie_word_embeddings:
         state["output.weight"] = state["tok_embeddings.weight"]
     return args, state
 
@@ -315,23 +316,33 @@ def hf_tensors(model_dir, args, tied, dtype=None):
             yield meta, w
 
 
+def reheaded(args, H):
+    """(ModelArgs, targets) of a checkpoint of shape `args` re-headed for H future tokens (Gloeckle et al.'s
+    fine-tuning setting): the trunk and head 0 stay; a head the checkpoint lacks starts as a copy of head 0's block
+    (the last of `layers`), so head 0 still gives the checkpoint's own logits; heads beyond H are dropped.
+    targets: {the checkpoint's tensor name: [the names it fills in the H-head model]}. The one re-heading: of a
+    state (with_heads), of a dir's tensors read one at a time (pretrained_weights) and of a shape alone."""
+    own, names = args.n_future_tokens, empty_model(args).state_dict()
+    head0 = f"layers.{args.n_layers - own}."
+    targets = {k: [] if k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1 else [k] for k in names}
+    for k in names:
+        if k.startswith(head0):
+            targets[k] += [f"extra_heads.{j}.{k[len(head0):]}" for j in range(own - 1, H - 1)]
+    return dataclasses.replace(args, n_layers=args.n_layers - own + H, n_future_tokens=H), targets
+
+
 def with_heads(args, state, H, source):
-    """Re-head a checkpoint for H future tokens (Gloeckle et al.'s fine-tuning setting): the trunk and head 0 stay;
-    a head the checkpoint lacks starts as a copy of head 0's block (the last of `layers`), so head 0 still gives
-    the checkpoint's own logits; heads beyond H are dropped."""
+    """(args, state) re-headed for H future tokens (reheaded): a head's copy of head 0 is a tensor of its own."""
     own = args.n_future_tokens
     if H == own:
         return args, state
+    args_h, targets = reheaded(args, H)
+    state = {name: v if name == k else v.clone() for k, v in state.items() for name in targets.get(k, [k])}
     n_blocks = args.n_layers - own + 1  # trunk + head 0
-    head0 = f"layers.{n_blocks - 1}."
-    state = {k: v for k, v in state.items() if not (k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1)}
-    for j in range(own - 1, H - 1):
-        block = {k[len(head0):]: v for k, v in state.items() if k.startswith(head0)}
-        state.update({f"extra_heads.{j}.{k}": v.clone() for k, v in block.items()})
-    change = (f"heads {own}..{H - 1} start as copies of head 0's block ({head0[:-1]})" if H > own
+    change = (f"heads {own}..{H - 1} start as copies of head 0's block (layers.{n_blocks - 1})" if H > own
               else f"heads {H}..{own - 1} dropped")
     log.info(f"{source}: a {own}-head checkpoint as a {H}-head model: the trunk keeps {n_blocks - 1} blocks, {change}")
-    return dataclasses.replace(args, n_layers=n_blocks + H - 1, n_future_tokens=H), state
+    return args_h, state
 
 
 def load_pretrained(path, n_future_tokens=None, dtype=torch.float32, value_head=False, memory_efficient_loss=True,
@@ -340,10 +351,9 @@ def load_pretrained(path, n_future_tokens=None, dtype=torch.float32, value_head=
     (a value head, when asked for, fresh and fp32). n_future_tokens=None keeps the checkpoint's own head count,
     another H re-heads it (with_heads). `tokenizer`: a file to use instead of the directory's own."""
     d = Path(path)
-    if not (d / "config.json").exists() and not (d / "params.json").exists():
-        raise UserError(f"{d}: not a model directory (no config.json for Hugging Face, no params.json for Meta)")
+    hf = dir_format(d) == "hf"  # first: a dir that is neither is an error before any tokenizer is read
     tok = load_tokenizer(tokenizer, d)
-    args, state = read_hf_dir(d, dtype) if (d / "config.json").exists() else read_meta_dir(d, dtype)
+    args, state = read_hf_dir(d, dtype) if hf else read_meta_dir(d, dtype)
     args, state = with_heads(args, state, n_future_tokens or args.n_future_tokens, d)
     if tok is not None and tok.vocab_size > args.vocab_size:
         raise UserError(f"{d}: its tokenizer has {tok.vocab_size} tokens, the model only {args.vocab_size}")
@@ -356,7 +366,24 @@ def load_pretrained(path, n_future_tokens=None, dtype=torch.float32, value_head=
 
 
 def is_model_dir(path):
+    """Whether `path` is a Meta (params.json) or Hugging Face (config.json) model dir."""
     return bool(path) and ((Path(path) / "params.json").exists() or (Path(path) / "config.json").exists())
+
+
+def dir_format(path):
+    """"hf" when the dir has a config.json, else "meta" when it has a params.json: the one precedence by which
+    every reader of a model dir (weights, shape, memory plan) reads a dir holding both."""
+    d = Path(path)
+    if (d / "config.json").exists():
+        return "hf"
+    if (d / "params.json").exists():
+        return "meta"
+    raise UserError(f"{d}: not a model directory (no config.json for Hugging Face, no params.json for Meta)")
+
+
+def dir_args(path):
+    """ModelArgs of a Meta or Hugging Face dir as stored (dir_format's precedence), read from its config alone."""
+    return model_args_from_hf(path) if dir_format(path) == "hf" else model_args_from_meta(path)
 
 
 def load_reference(path, vocab_size, dtype, meta=False):
@@ -375,8 +402,7 @@ def load_reference(path, vocab_size, dtype, meta=False):
 
 def next_token_logits(model, tokens):
     """tokens [B,T] -> head 0's logits [B,T,V] in float32: the next-token distribution at every position."""
-    logits, _ = model(tokens.to(model.tok_embeddings.weight.device), n_heads=1)
-    return logits[:, :, 0].float()
+    return model.logits(tokens.to(model.tok_embeddings.weight.device), n_heads=1)[:, :, 0].float()
 
 
 def cast_frozen(model, dtype):
@@ -465,16 +491,13 @@ def added_heads(cfg, use_micro):
     own is the directory's head count (1 for a Hugging Face dir); none for the micro model."""
     if use_micro or not cfg.model.path:
         return range(0)
-    d = Path(cfg.model.path)
-    own = (model_args_from_hf(d)[0] if (d / "config.json").exists() else model_args_from_meta(d)).n_future_tokens
-    return range(own, cfg.model.n_future_tokens)
+    return range(dir_args(cfg.model.path).n_future_tokens, cfg.model.n_future_tokens)
 
 
 def pretrained_args(path, H):
-    """ModelArgs of a Meta or HF dir re-headed to H heads (with_heads), from its params.json / config.json alone."""
-    d = Path(path)
-    args = model_args_from_hf(d)[0] if (d / "config.json").exists() else model_args_from_meta(d)
-    return dataclasses.replace(args, n_layers=args.n_layers - args.n_future_tokens + H, n_future_tokens=H)
+    """ModelArgs of a Meta or HF dir re-headed to H heads (reheaded), from its config alone (dir_args): the shape
+    training builds and the memory plan plans."""
+    return reheaded(dir_args(path), H)[0]
 
 
 def load_model_dir(mcfg, value_head, dtype=torch.float32, meta=False):
@@ -507,32 +530,19 @@ def release_pages(t):
     ctypes.CDLL(None).madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + t.nbytes - aligned), 4)
 
 
-def head_targets(args, H):
-    """{a checkpoint's tensor name: [the names it fills in an H-head model]}: with_heads without copying — head 0's
-    block also fills every head the checkpoint lacks, the heads beyond H fill nothing."""
-    own, names = args.n_future_tokens, empty_model(args).state_dict()
-    head0 = f"layers.{args.n_layers - own}."
-    targets = {k: [] if k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1 else [k] for k in names}
-    for k in names:
-        if k.startswith(head0):
-            targets[k] += [f"extra_heads.{j}.{k[len(head0):]}" for j in range(own - 1, H - 1)]
-    return targets
-
-
 def pretrained_weights(path, H):
     """A Meta or HF dir's weights for an H-head model as groups {name: tensor} of one checkpoint tensor each (as
-    stored; with the names it fills, head_targets): a Meta consolidated.pth memory-mapped, each tensor's pages
+    stored; with the names it fills, reheaded): a Meta consolidated.pth memory-mapped, each tensor's pages
     released once its group is consumed; a Hugging Face dir through hf_tensors."""
-    d = Path(path)
-    if (d / "config.json").exists():
-        args, tied = model_args_from_hf(d)
+    d, args = Path(path), dir_args(path)
+    tied = dir_format(d) == "hf" and args.tie_word_embeddings  # a Meta file holds output.weight itself
+    if dir_format(d) == "hf":
         tensors, mapped = hf_tensors(d, args, tied), False
     else:
-        args = model_args_from_meta(d)
         file, state = read_consolidated(d)
         check_state(empty_model(args), state, f"{file} (vs params.json)")
-        tensors, mapped, tied = state.items(), True, False
-    targets = head_targets(args, H)
+        tensors, mapped = state.items(), True
+    targets = reheaded(args, H)[1]
     if tied:
         targets["tok_embeddings.weight"].append("output.weight")
     for name, tensor in tensors:
