@@ -96,7 +96,7 @@ def test_help_and_usage_errors_come_back_before_torch_is_imported():
         r = subprocess.run([sys.executable, "-X", "importtime", "-m", "weighted_mtp", *args], cwd=ROOT,
                            capture_output=True, text=True)
         imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
-        assert r.returncode == code and "config" in imported and not {"torch", "mlflow", "numpy"} & imported, args
+        assert r.returncode == code and "wmtp.config" in imported and not {"torch", "mlflow", "numpy"} & imported, args
 
 
 def logged_run(uri, pipeline, **metrics):
