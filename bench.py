@@ -468,7 +468,8 @@ def fsdp_figures(S, tmp):
     def launch(kind, nproc=2):
         out = Path(tmp) / f"fsdp-{kind}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-               "--fsdp-worker", f"{kind}:{out}", "--threads", "1"] + (["--quick"] if S.quick else [])
+               "--fsdp-worker", f"{kind}:{out}", "--threads", "1", "--steps", str(S.steps)]
+        cmd += ["--quick"] if S.quick else []
         # glibc: every allocation of 64 KiB or more its own mapping, returned at free: RSS follows the live tensors
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
                "MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -761,13 +762,16 @@ def main():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     parser.add_argument("--checkpoint", help="a trained checkpoint (e.g. the demo's warm-up) for P9, speculative "
                         "decoding; without one P9 is skipped")
+    parser.add_argument("--steps", type=int, help="timed calls of each side per repeat (default 3); the test's "
+                        "smoke run uses 1: every figure still computed, over the same repeats")
     parser.add_argument("--fsdp-worker", metavar="OUT", help=argparse.SUPPRESS)  # fsdp_figures' torchrun processes
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    S = SimpleNamespace(**{**vars(QUICK if args.quick else FULL), **({"steps": args.steps} if args.steps else {})})
     if args.fsdp_worker:
-        return fsdp_worker(QUICK if args.quick else FULL, args.fsdp_worker)
+        return fsdp_worker(S, args.fsdp_worker)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
-    S, out, known = (QUICK if args.quick else FULL), Path(args.out), figures(args.checkpoint)
+    out, known = Path(args.out), figures(args.checkpoint)
     old = json.loads(out.read_text()) if out.exists() else {}
     if args.scaling:
         results = {**old, "scaling": scaling(torch.device("cuda" if torch.cuda.is_available() else "cpu"))}

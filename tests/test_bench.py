@@ -6,10 +6,11 @@ import math
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, torch_threads
 
 FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "P10", "P10_separate", "ckpt_stall", "upload_step",
            "log_overhead", "gen_kv_cache", "sandbox_throughput", "sandbox_isolation", "fsdp_step", "fsdp_memory",
@@ -18,9 +19,10 @@ FIGURES = ["P1", "P2", "P3", "P4", "P5", "P7", "P8", "P10", "P10_separate", "ckp
 
 def test_bench_quick_reports_every_figure(tmp_path):
     out = tmp_path / "results.json"
-    # one torch thread: on a busy 2-core machine two threads make every step wait for a descheduled one
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=1500)
+    # one torch thread: on a busy 2-core machine two threads make every step wait for a descheduled one; one timed
+    # call a side per repeat (--steps 1): each figure still computed from its two alternating repeats
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--steps", "1", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
     for name in FIGURES + (["P6"] if torch.cuda.is_available() else []):
@@ -38,22 +40,35 @@ def test_bench_quick_reports_every_figure(tmp_path):
         assert f"| {name} |" in proc.stdout  # and it is in the printed table
     assert ("P6" in results) == torch.cuda.is_available()
     assert results["P5"]["goal"] > 1.05  # computed from one head's share of the model FLOPs
+    assert len(results["P1"]["ratios"]) == 2 and len(results["fsdp_step"]["ratios"]) == 2  # --quick's 2 repeats
     assert results["meta"]["quick"] is True and results["meta"]["torch"] == torch.__version__
+    assert results["meta"]["sizes"]["steps"] == 1 and results["meta"]["sizes"]["repeats"] == 2
 
 
-def test_bench_only_runs_the_chosen_figures_and_keeps_the_others(tmp_path):
+def bench_in_process(capsys, *argv):
+    """bench.py *argv run in this process (bench.main, its CLI exactly, without a new interpreter's imports):
+    (exit code, stdout, stderr). bench.py --quick above keeps the one real process."""
+    import bench
+    with mock.patch.object(sys, "argv", ["bench.py", *argv]), torch_threads(torch.get_num_threads()):
+        try:
+            code = bench.main() or 0
+        except SystemExit as e:   # argparse's usage errors
+            code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_bench_only_runs_the_chosen_figures_and_keeps_the_others(tmp_path, capsys):
     out = tmp_path / "results.json"
     kept = {"median": 0.5, "min": 0.4, "max": 0.6, "goal": 1.1, "ok": True}
     out.write_text(json.dumps({"P1": kept}))
-    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--only", "P4", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    code, stdout, stderr = bench_in_process(capsys, "--quick", "--threads", "1", "--only", "P4", "--out", str(out))
+    assert code == 0, stdout[-3000:] + stderr[-3000:]
     results = json.loads(out.read_text())
     assert results["P1"] == kept and results["meta"]["figures"] == ["P4"]
     assert set(results) == {"P1", "P4", "meta"} and results["P4"]["min"] <= results["P4"]["median"]
-    bad = subprocess.run([sys.executable, "bench.py", "--only", "P4,P99", "--out", str(out)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--only: unknown figure(s) P99; known: P1, P2," in bad.stderr
+    code, _, stderr = bench_in_process(capsys, "--only", "P4,P99", "--out", str(out))
+    assert code == 2 and "--only: unknown figure(s) P99; known: P1, P2," in stderr
     assert json.loads(out.read_text()) == results  # nothing written
 
 

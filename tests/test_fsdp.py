@@ -67,7 +67,9 @@ def test_fsdp_trains_to_the_weights_of_ddp(tmp_path, pipeline, extra):
     assert any(not torch.equal(start["model"][k], ddp["model"][k]) for k in ddp["model"])  # it trained on
 
 
-MEMORY_WORKER = """
+# The per-rank state and the skipped step read one torchrun launch (WORKER): prepare() under DDP, then under FSDP,
+# then a fresh FSDP trainer whose embedding rank 0 poisons; each rank writes what it measured.
+WORKER = """
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
 import weighted_mtp as wm
@@ -75,31 +77,54 @@ from wmtp.config import load_config
 from wmtp.data import Batches, collate
 from wmtp.parallel import Meter, wrap_and_compile
 dist.init_process_group("gloo")
-rank, world, out = dist.get_rank(), dist.get_world_size(), {{}}
+rank, world, out = dist.get_rank(), dist.get_world_size(), {{"memory": {{}}}}
+local = lambda t: t.to_local() if hasattr(t, "to_local") else t
 for parallel in ("ddp", "fsdp"):
     cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=" + parallel])
     s = wm.prepare(cfg, True, rank, world, torch.device("cpu"))
     model = wrap_and_compile(s.model, cfg.model.compile, world)
     batch = Batches(s).take(1)
     wm.train_step(s.pipeline, model, s.optimizer, s.params, batch, Meter(s.device), 0)  # the optimizer's state
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
-    out[parallel] = {{
+    out["memory"][parallel] = {{
         "params": sum(local(p).numel() for p in s.model.parameters()),
         "moments": sum(local(v).numel() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"),
         "shapes": [list(p.shape) for p in s.model.parameters()]}}
+cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
+s = wm.prepare(cfg, True, rank, 2, torch.device("cpu"))
+ids = list(range(65, 85))
+batch = collate([(ids, [-100] * 5 + ids[5:], 1.0, {{}})] * 2, s.tok.pad_id, s.device)
+step = lambda stop=0: wm.train_step(s.pipeline, s.model, s.optimizer, s.params, [batch], Meter(s.device), 0, stop)
+shards = lambda: [p.detach().to_local().clone() for p in s.params]
+moments = lambda: [v.to_local().clone() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"]
+skip = out["skip"] = {{"first": step().tolist()}}
+weight = s.model.tok_embeddings.weight.to_local()
+if rank == 0:  # row 70 of 259 is in rank 0's shard of the embedding: the loss goes NaN on every rank
+    weight.data[70] = float("nan")
+before, state = shards(), moments()
+skip["skipped"] = step(stop=15).tolist()
+skip["unchanged"] = all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, shards()))
+skip["moments_unchanged"] = all(torch.equal(a, b) for a, b in zip(state, moments()))
+skip["steps"] = sorted({{st["step"].item() for st in s.optimizer.state.values()}})
 json.dump(out, open(f"{out_dir}/rank{{rank}}.json", "w"))
 dist.destroy_process_group()
 """
 
 
-def test_fsdp_holds_half_the_parameters_and_optimizer_state_per_rank(tmp_path):
-    """Measured: the numel of each rank's local tensors (the DTensor shards under FSDP) after one step."""
-    script = tmp_path / "memory.py"
-    script.write_text(MEMORY_WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp_path))
-    r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    """[rank 0's, rank 1's] {"memory": {ddp, fsdp: numels after one step}, "skip": the poisoned step's record}."""
+    tmp = tmp_path_factory.mktemp("fsdp-worker")
+    script = tmp / "worker.py"
+    script.write_text(WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp))
+    r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, workers_said(r.stderr)
-    ranks = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in range(2)]
+    return [json.loads((tmp / f"rank{k}.json").read_text()) for k in range(2)]
+
+
+def test_fsdp_holds_half_the_parameters_and_optimizer_state_per_rank(measured):
+    """Measured: the numel of each rank's local tensors (the DTensor shards under FSDP) after one step."""
+    ranks = [m["memory"] for m in measured]
     shapes = ranks[0]["ddp"]["shapes"]
     whole = sum(torch.Size(s).numel() for s in shapes)
     # dim-0 shards as torch.chunk cuts them: rank 0 ceil(rows / 2) rows, rank 1 the rest
@@ -111,6 +136,14 @@ def test_fsdp_holds_half_the_parameters_and_optimizer_state_per_rank(tmp_path):
         ratio = (rank["fsdp"]["params"] + rank["fsdp"]["moments"]) / (rank["ddp"]["params"] + rank["ddp"]["moments"])
         assert 0.45 < ratio < 0.55, ratio
     assert mine[0] + mine[1] == whole
+
+
+def test_a_non_finite_step_is_skipped_on_every_shard(measured):
+    """Fused AdamW's found_inf works on DTensor shards on the CPU: a NaN in one rank's shard skips the step on both
+    ranks (both see a NaN loss: flag 2), weights and moments untouched, the step count unchanged; stop flags sum."""
+    for k in range(2):
+        assert measured[k]["skip"] == {"first": [0.0, 0.0], "skipped": [2.0, 30.0], "unchanged": True,
+                                       "moments_unchanged": True, "steps": [1.0]}, (k, measured[k]["skip"])
 
 
 # -----------------------------------------------------------------------------
@@ -221,46 +254,3 @@ def test_sharded_checkpoints_are_saved_uploaded_pruned_and_resumed(preempted):
     downloaded = p.resumed.stderr.split(f", resumed at step {n} from ")[1].split("\n")[0]
     assert Path(downloaded).name == kept[-1] and Path(downloaded).is_relative_to(p.fresh / ".cache")
     assert_resumed_to_the_reference(p, preempted.reference)
-
-
-SKIP_WORKER = """
-import json, sys, torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import weighted_mtp as wm
-from wmtp.config import load_config
-from wmtp.data import collate
-from wmtp.parallel import Meter
-dist.init_process_group("gloo")
-cfg = load_config({config!r}, {tiny!r} + ["mlflow.enable_logging=false", "training.parallel=fsdp"])
-s = wm.prepare(cfg, True, dist.get_rank(), 2, torch.device("cpu"))
-ids = list(range(65, 85))
-batch = collate([(ids, [-100] * 5 + ids[5:], 1.0, {{}})] * 2, s.tok.pad_id, s.device)
-step = lambda stop=0: wm.train_step(s.pipeline, s.model, s.optimizer, s.params, [batch], Meter(s.device), 0, stop)
-local = lambda: [p.detach().to_local().clone() for p in s.params]
-moments = lambda: [v.to_local().clone() for st in s.optimizer.state.values() for k, v in st.items() if k != "step"]
-out = {{"first": step().tolist()}}
-weight = s.model.tok_embeddings.weight.to_local()
-if dist.get_rank() == 0:  # row 70 of 259 is in rank 0's shard of the embedding: the loss goes NaN on every rank
-    weight.data[70] = float("nan")
-before, state = local(), moments()
-out["skipped"] = step(stop=15).tolist()
-out["unchanged"] = all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, local()))
-out["moments_unchanged"] = all(torch.equal(a, b) for a, b in zip(state, moments()))
-out["steps"] = sorted({{st["step"].item() for st in s.optimizer.state.values()}})
-json.dump(out, open(f"{out_dir}/rank{{dist.get_rank()}}.json", "w"))
-dist.destroy_process_group()
-"""
-
-
-def test_a_non_finite_step_is_skipped_on_every_shard(tmp_path):
-    """Fused AdamW's found_inf works on DTensor shards on the CPU: a NaN in one rank's shard skips the step on both
-    ranks (both see a NaN loss: flag 2), weights and moments untouched, the step count unchanged; stop flags sum."""
-    script = tmp_path / "skip.py"
-    script.write_text(SKIP_WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp_path))
-    r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, workers_said(r.stderr)
-    for k in range(2):
-        out = json.loads((tmp_path / f"rank{k}.json").read_text())
-        assert out == {"first": [0.0, 0.0], "skipped": [2.0, 30.0], "unchanged": True, "moments_unchanged": True,
-                       "steps": [1.0]}, (k, out)

@@ -20,7 +20,8 @@ from wmtp import sandbox
 from wmtp import sandbox_harness as harness
 from wmtp.config import UserError, load_config
 from wmtp.report import pass_at_1_cell
-from test_sandbox_hostile import AS_ROOT, THROWAWAY_UID, as_root_with_setpriv, listener, run_evaluator  # noqa: F401
+from test_sandbox_hostile import (AS_ROOT, SANDBOX_FILES, THROWAWAY_UID, as_root_with_setpriv, listener,  # noqa: F401
+                                  run_evaluator)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ROOT / "configs" / "baseline" / "baseline_local.yaml"
@@ -147,7 +148,7 @@ def test_the_throwaway_uid_evaluator_runs_from_a_checkout_only_root_can_enter(mo
     try:
         checkout = hidden / "checkout"
         checkout.mkdir()
-        for name in ("sandbox.py", "sandbox_harness.py"):
+        for name in SANDBOX_FILES:
             shutil.copy(ROOT / "wmtp" / name, checkout / name)
         assert oct(hidden.stat().st_mode & 0o777) == "0o700"
         probe = subprocess.run(["setpriv", f"--reuid={THROWAWAY_UID}", f"--regid={THROWAWAY_UID}", "--clear-groups",

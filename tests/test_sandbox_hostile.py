@@ -481,7 +481,7 @@ def test_every_held_out_pyfunc_task_keeps_its_pass_at_k():
 DRIVER = """
 import ctypes, json, sys
 sys.path.insert(0, sys.argv[4])
-import sandbox  # sandbox.py and its harness, copied alone into sys.argv[4] (no package there)
+from wmtp import sandbox  # the package's __init__, sandbox.py and harness, copied into sys.argv[4]/wmtp
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 buf = ctypes.create_string_buffer(4096)
@@ -562,19 +562,23 @@ def memory():
     return int(info["MemAvailable"].split()[0]) >> 10, int(info["Shmem"].split()[0]) >> 10
 
 
+SANDBOX_FILES = ("__init__.py", "sandbox.py", "sandbox_harness.py")   # all `from wmtp import sandbox` reads
+
+
 def run_evaluator(user, mode, base, port, samples, source=ROOT / "wmtp"):
     """Runs the driver (the dataset path in its argv, 0644 secrets in its cwd and home, a planted variable, a key
-    in its session keyring) as root or as THROWAWAY_UID, with sandbox.py and its harness copied from source into
-    base (the other uid may not enter the checkout) -> (mode used, {name: result}, stderr, its keys before and after,
-    the host's largest drop of MemAvailable and rise of Shmem while it ran, MiB)."""
+    in its session keyring) as root or as THROWAWAY_UID, with the package wmtp's sandbox.py and its harness copied
+    from source into base/lib/wmtp (the other uid may not enter the checkout, and its system Python has no editable
+    install to find wmtp through) -> (mode used, {name: result}, stderr, its keys before and after, the host's
+    largest drop of MemAvailable and rise of Shmem while it ran, MiB)."""
     cwd, home, lib = base / "cwd", base / "home", base / "lib"
-    for d in (cwd, home, lib):
-        d.mkdir()
+    for d in (cwd, home, lib / "wmtp"):
+        d.mkdir(parents=True)
     for d in (cwd, home):
         (d / "secret.txt").write_text(FILE_TOKEN)
         (d / "secret.txt").chmod(0o644)
-    for name in ("sandbox.py", "sandbox_harness.py"):
-        shutil.copy(source / name, lib / name)
+    for name in SANDBOX_FILES:
+        shutil.copy(source / name, lib / "wmtp" / name)
     (base / "tasks.jsonl").write_text(json.dumps(ADD) + "\n" + json.dumps(SUM) + "\n")
     (base / "spec.json").write_text(json.dumps({"samples": [(t, c) for _, t, c in samples], "limits": LIMITS}))
     (base / "driver.py").write_text(DRIVER)
