@@ -262,7 +262,7 @@ def test_the_terminal_leaves_the_upload_lines_to_training_log_unless_verbose(mon
     warnings are, and --verbose shows everything."""
     import logging
     from wmtp.tracking import console_logging
-    for name in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):  # console_logging sets them
+    for name in ("MLFLOW_LOGGING_LEVEL", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_CONFIGURE_LOGGING"):
         monkeypatch.delenv(name, raising=False)
     root, uploads = logging.getLogger(), logging.getLogger("weighted_mtp.s3ckpt")
     saved = root.handlers[:], root.level
