@@ -76,7 +76,9 @@ def setup(kind=Baseline, H=4, dim=256, vocab=0, device=CPU, micro=()):
     return s, s.model, s.optimizer, s.params, Meter(device)
 
 
-def trainer_step(trainer, batch):
+def step_fn(trainer, batch):
+    """A function of no arguments that runs one wm.train_step of `trainer` (setup's tuple) on the one micro-batch
+    `batch`, at a step past the TD EMA's warm-up (the steady state); what compare and timed call."""
     s, model, optimizer, params, meter = trainer
     step = s.cfg.training.td_ema_warmup_steps  # past the EMA warm-up: the steady state
     return lambda: wm.train_step(s.pipeline, model, optimizer, params, [batch], meter, step)
@@ -93,6 +95,7 @@ def make_batch(B, T, vocab=BYTES, device=CPU):
 
 
 def timed(fn, device=CPU):
+    """Seconds one fn() takes (perf_counter), the CUDA queue synchronised before and after on a cuda `device`."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -141,6 +144,8 @@ def spare_core():
 
 
 def summary(ratios, goal, higher_is_better=False, **extra):
+    """A figure's result: {median, min, max, goal, ok, ratios (rounded to 4 places), **extra}; ok is median <= goal
+    (a cost), or >= goal with higher_is_better (a speed-up, an efficiency)."""
     med = statistics.median(ratios)
     return {"median": med, "min": min(ratios), "max": max(ratios), "goal": goal,
             "ok": med >= goal if higher_is_better else med <= goal, "ratios": [round(r, 4) for r in ratios], **extra}
@@ -187,14 +192,14 @@ def p1_verifiable(S):
     TD errors, GAE, whitening, EMA and the weighted loss."""
     batch = make_batch(S.batch, S.seq)
     base, ver = setup(Baseline, dim=S.dim), setup(Verifiable, dim=S.dim)
-    return summary(compare(trainer_step(base, batch), trainer_step(ver, batch), S), 1.10)
+    return summary(compare(step_fn(base, batch), step_fn(ver, batch), S), 1.10)
 
 
 def p2_rho1(S):
     """P2: rho1 train_step / baseline train_step; the extra is the frozen reference's forward and the top-k."""
     batch = make_batch(S.batch, S.seq)
     base, rho = setup(Baseline, dim=S.dim), setup(Rho1, dim=S.dim)
-    return summary(compare(trainer_step(base, batch), trainer_step(rho, batch), S), 1.40)
+    return summary(compare(step_fn(base, batch), step_fn(rho, batch), S), 1.40)
 
 
 POLICY_CRITIC = ["critic.model=policy", "critic.head=linear", "critic.features=hidden"]
@@ -212,8 +217,8 @@ def p10_critic(S):
                                                                 "critic.features=hidden"])
     for trainer in (policy, separate):  # a step that logs nothing: the steady state
         trainer[0].pipeline.t = dataclasses.replace(trainer[0].pipeline.t, log_interval=10**9)
-    return (summary(compare(trainer_step(base, batch), trainer_step(policy, batch), S), 0.15),
-            summary(compare(trainer_step(base, batch), trainer_step(separate, batch), S), 0.15))
+    return (summary(compare(step_fn(base, batch), step_fn(policy, batch), S), 0.15),
+            summary(compare(step_fn(base, batch), step_fn(separate, batch), S), 0.15))
 
 
 def bare_step(model, optimizer, batch):
@@ -232,7 +237,7 @@ def p3_overhead(S):
     batch = make_batch(S.batch, S.seq)
     trainer = setup(Baseline, H=1, dim=S.dim)
     model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0, fused=True)  # as train()
-    return summary(compare(lambda: bare_step(model, bare_opt, batch), trainer_step(trainer, batch), S), 1.05)
+    return summary(compare(lambda: bare_step(model, bare_opt, batch), step_fn(trainer, batch), S), 1.05)
 
 
 def p4_memory(S):
@@ -241,9 +246,9 @@ def p4_memory(S):
     peaks = {1: [], 4: []}
     for H in peaks:
         trainer = setup(Baseline, H=H, dim=S.dim, vocab=S.vocab)
-        trainer_step(trainer, tiny)()  # creates the optimizer state, cheaply
+        step_fn(trainer, tiny)()  # creates the optimizer state, cheaply
         for _ in range(2):  # deterministic: two repeats show it
-            peaks[H].append(peak_memory(trainer_step(trainer, batch), trainer[1], trainer[2], batch))
+            peaks[H].append(peak_memory(step_fn(trainer, batch), trainer[1], trainer[2], batch))
     return summary([b / a for a, b in zip(peaks[1], peaks[4])], 1.30,
                    peak_mib={f"H{H}": p[0] / 2**20 for H, p in peaks.items()},
                    method="CPU: weights + optimizer state + batch, plus the profiler's peak of tensor allocations "
@@ -257,7 +262,7 @@ def p5_heads(S):
     one, four = setup(Baseline, H=1, dim=S.dim), setup(Baseline, H=4, dim=S.dim)
     total, head = flops_per_token(one[1].args, S.seq)
     share = head / total
-    ratios = compare(trainer_step(one, batch), trainer_step(four, batch), S)
+    ratios = compare(step_fn(one, batch), step_fn(four, batch), S)
     return summary(ratios, 1 + 3 * share + 0.05, head_share=share)
 
 
@@ -302,7 +307,7 @@ def p7_peer(S):
         return {"skipped": "transformers is not installed (pip install -e '.[bench]')"}
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=3e-4, weight_decay=0.0, fused=True)
     assert sum(p.numel() for p in hf.parameters()) == sum(p.numel() for p in ours[1].parameters())  # same dims
-    return summary(compare(lambda: hf_step(hf, hf_opt, batch), trainer_step(ours, batch), S), 1.00, vocab=S.vocab)
+    return summary(compare(lambda: hf_step(hf, hf_opt, batch), step_fn(ours, batch), S), 1.00, vocab=S.vocab)
 
 
 def p8_efficient_loss(S):
@@ -311,7 +316,7 @@ def p8_efficient_loss(S):
     batch = make_batch(S.batch, S.seq, S.vocab)
     efficient, naive = peer(S, 4), peer(S, 4)
     efficient[1].memory_efficient_loss, naive[1].memory_efficient_loss = True, False
-    return summary(compare(trainer_step(naive, batch), trainer_step(efficient, batch), S), 1.03, vocab=S.vocab)
+    return summary(compare(step_fn(naive, batch), step_fn(efficient, batch), S), 1.03, vocab=S.vocab)
 
 
 def p6_mfu(S):
@@ -325,7 +330,7 @@ def p6_mfu(S):
         "model.micro.n_trunk_layers=16", "model.micro.n_heads=16", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
     args = trainer[1].args
-    step, T = trainer_step(trainer, make_batch(S.gpu_batch, 2048, 32000, device)), 2048
+    step, T = step_fn(trainer, make_batch(S.gpu_batch, 2048, 32000, device)), 2048
     for _ in range(3):
         step()
     mfus = [flops_per_token(args, T)[0] * S.gpu_batch * T / timed(step, device) / peak for _ in range(S.repeats)]
@@ -514,7 +519,7 @@ def fsdp_worker(S, job):
     if kind == "times":
         batch = make_batch(S.batch, S.seq)
         ddp, fsdp = (parallel_trainer(S, rank, world, p) for p in ("ddp", "fsdp"))
-        result = compare(trainer_step(ddp, batch), trainer_step(fsdp, batch), S)
+        result = compare(step_fn(ddp, batch), step_fn(fsdp, batch), S)
     elif kind == "setup":  # (peak RSS rise over prepare(), the whole model's fp32 bytes)
         import torch.distributed.checkpoint.state_dict, torch.distributed.fsdp, torch.distributed.tensor  # noqa
         big = SimpleNamespace(dim=512 if S.quick else 1024)
@@ -526,10 +531,10 @@ def fsdp_worker(S, job):
     else:
         small, before = make_batch(1, 64), rss_kib("VmRSS")
         trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
-        trainer_step(trainer, small)()  # creates the optimizer state
+        step_fn(trainer, small)()  # creates the optimizer state
         Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts: building the model is not training
         for _ in range(3):
-            trainer_step(trainer, small)()
+            step_fn(trainer, small)()
         result = (rss_kib("VmHWM") - before) * 1024
     if rank == 0:
         Path(out).write_text(json.dumps(result))
@@ -581,7 +586,7 @@ def s3_figures(S, tmp):
     uploads settle between calls. upload_step: train_step time while a checkpoint is being written and uploaded
     in the background (one saved every other step) / without."""
     trainer, batch = setup(Baseline, dim=S.dim), make_batch(S.batch, S.seq)
-    step = trainer_step(trainer, batch)
+    step = step_fn(trainer, batch)
     step(), step()
     state, run_dir, n = trainer_checkpoint(trainer), Path(tmp) / "run", [0]
     with s3_run(tmp) as uploader, spare_core() as threads:
@@ -613,6 +618,7 @@ def s3_figures(S, tmp):
 
 
 def up(url):
+    """Whether url answers HTTP 200 within 2 s (False on any connection error)."""
     try:
         return urllib.request.urlopen(url, timeout=2).status == 200
     except OSError:
@@ -651,7 +657,7 @@ def log_figure(S, tmp):
     from mlflow import MlflowClient
 
     def logged_step(metrics):
-        trainer_step(trainer, batch)()
+        step_fn(trainer, batch)()
         stats = {**meter.reduce(), "train/learning_rate": 3e-4, "train/tokens_per_sec": 1.0}
         stats.update({f"system/bench_{i}": float(i) for i in range(20 - len(stats))})
         if metrics:
@@ -689,8 +695,8 @@ def scaling(device):
         for H in (1, 2, 4, 8):
             trainer = setup(Baseline, H=H, dim=256, vocab=32000, device=device)
             batch = make_batch(1, T, 32000, device)
-            trainer_step(trainer, make_batch(1, 16, 32000, device))()  # creates the optimizer state, cheaply
-            step = trainer_step(trainer, batch)
+            step_fn(trainer, make_batch(1, 16, 32000, device))()  # creates the optimizer state, cheaply
+            step = step_fn(trainer, batch)
             t = min(timed(step, device) for _ in range(3))
             peak = peak_memory(step, *trainer[1:3], batch, device)
             rows.append({"seq": T, "H": H, "tokens_per_s": T / t, "peak_mib": peak / 2**20})
@@ -703,6 +709,8 @@ def scaling(device):
 
 
 def print_table(results):
+    """Prints results {figure: summary} as a Markdown table (a skipped figure with its reason; entries without a
+    median, such as meta and scaling, left out). Its ≥/≤ column names the figures whose goal is a floor."""
     print("\n| figure | median | min | max | goal | ok |\n|---|---|---|---|---|---|")
     for name, r in results.items():
         if "skipped" in r:
@@ -714,6 +722,7 @@ def print_table(results):
 
 
 def cpu_name():
+    """The CPU's model name from /proc/cpuinfo, else platform.processor(), else "cpu"."""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "cpu")
     return platform.processor() or "cpu"
@@ -753,6 +762,9 @@ def run_figures(S, chosen):
 
 
 def main():
+    """The CLI (see the module docstring): runs the chosen figures (--only, else all) and prints their table, or the
+    scaling grid alone, and writes --out: --only and --scaling merge into what it held, a full run keeps only its
+    scaling. --fsdp-worker: this process is one of fsdp_figures' torchrun workers."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats (CI)")
     parser.add_argument("--only", help="comma-separated figures, e.g. P7,P8,s3 (merged into --out); default all: "

@@ -285,6 +285,8 @@ class CheckpointWriter:
         self._pending = None
 
     def save(self, state, path):
+        """Waits for the previous write (raising its error), takes a CPU copy of state (cpu_copy) and returns: the
+        write to path, its upload and retention run in the background."""
         self.wait()
         self._pending = self._pool.submit(self._write, cpu_copy(state), Path(path))
 
@@ -372,6 +374,8 @@ class S3Store:
         return f"{self.prefix}/{name}".lstrip("/")
 
     def put(self, local_path, artifact_path):
+        """Uploads the file to <prefix>/<artifact_path>/<its name>; returns its s3:// URI. IOError when S3 holds
+        another size or (verify_etag) another ETag than the local file."""
         from boto3.s3.transfer import TransferConfig
         path = Path(local_path)
         key = self._key(f"{artifact_path}/{path.name}")
@@ -389,6 +393,7 @@ class S3Store:
         return f"s3://{self.bucket}/{key}"
 
     def list(self, artifact_path):
+        """The names directly under artifact_path/: objects as they are, sub-directories ending in "/"."""
         prefix, names = self._key(f"{artifact_path}/"), []
         for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/"):
             names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
@@ -396,6 +401,7 @@ class S3Store:
         return names
 
     def delete(self, name):
+        """Deletes the object `name`, or with a trailing "/" every object under it."""
         # one DeleteObject per key: DeleteObjects needs a Content-MD5/CRC that some S3-compatible stores reject
         keys = [self._key(name)]
         if name.endswith("/"):
@@ -416,6 +422,8 @@ class MlflowStore:
         self.local_root = Path(unquote(urlparse(uri).path)) if uri.startswith("file:") else None
 
     def put(self, local_path, artifact_path):
+        """The file into artifact_path/ (a hard link in a local store where one can be made, else a copy through
+        MLflow); returns <store URI>/<artifact_path>/<its name>."""
         if not (self.local_root and self.put_link(Path(local_path), self.local_root / artifact_path)):
             self.repo.log_artifact(str(local_path), artifact_path)
         return f"{self.uri}/{artifact_path}/{Path(local_path).name}"
@@ -439,9 +447,11 @@ class MlflowStore:
         return True
 
     def list(self, artifact_path):
+        """The names directly under artifact_path, a directory's ending in "/"."""
         return [Path(f.path).name + ("/" if f.is_dir else "") for f in self.repo.list_artifacts(artifact_path)]
 
     def delete(self, name):
+        """Deletes the artifact `name` (a directory's: everything under it); raises where the store cannot delete."""
         self.repo.delete_artifacts(name.rstrip("/"))
 
 
@@ -489,7 +499,8 @@ def _failure(fut):
 
 
 class CheckpointUploader:
-    """Uploads files into one MLflow run's artifacts (self.store) in background threads. Only rank 0 creates one.
+    """Uploads files into one MLflow run's artifacts (self.store) in background threads. Rank 0's Tracking
+    creates one; with sharded checkpoints every rank that uploads its own shards does too.
 
     Every upload works on a snapshot (hard link) taken when it is submitted and retries transient errors with
     exponential backoff for retry_budget_s. Uploads of the same name land in submission order; a job given to

@@ -437,9 +437,10 @@ def sample_records(records, n_samples, correct_ratio, seed):
 
 
 def encode_records(records, tok, max_length, on_overlong, source, template="alpaca", chat=None):
-    """[(ids, labels, reward, record)]: prefix prompt response [EOS], labels -100 on the prefix (the tokenizer's own
-    BOS rule: tok.prefix_ids) and the prompt; a chat record (or any record under dataset.template chat) by encode_chat
-    with the model's chat template `chat`."""
+    """([(ids, labels, reward, record)], how many were over max_length): prefix prompt response [EOS], labels -100 on
+    the prefix (the tokenizer's own BOS rule: tok.prefix_ids) and the prompt; a chat record (or any record under
+    dataset.template chat) by encode_chat with the model's chat template `chat`. An overlong one is cut, dropped
+    (on_overlong skip, or nothing of its response left) or a UserError (error); none left is a UserError."""
     examples, truncated = [], 0
     for record in records:
         if "messages" in record or template == "chat":
@@ -466,7 +467,8 @@ def encode_records(records, tok, max_length, on_overlong, source, template="alpa
 
 
 def collate(examples, pad_id, device):
-    """Right-pad to the longest sequence of the batch: tokens, labels (-100 on pads), rewards [B]."""
+    """examples [(ids, labels, reward, record)] right-padded to the longest, T: (tokens [B,T] with pad_id,
+    labels [B,T] with -100 on pads, rewards [B] float), on device."""
     T = max(len(e[0]) for e in examples)
     tokens = torch.full((len(examples), T), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
@@ -489,9 +491,9 @@ GROUP_WINDOW = 32  # batches per window that length grouping sorts: wide enough 
 
 
 def length_grouped(order, lengths, size, seed):
-    """The order cut into windows of GROUP_WINDOW·size examples, each window sorted by length and cut into batches,
-    the window's batches then shuffled (seeded): each batch holds examples of similar length, so little of it is
-    padding, while every window keeps the order's random mix of examples."""
+    """The order cut into windows of GROUP_WINDOW·size examples, each window sorted by length (stably, by the power
+    of two at or above it) and cut into batches, the window's batches then shuffled (seeded): each batch holds
+    examples of similar length, so little of it is padding, while every window keeps the order's random mix."""
     g = torch.Generator().manual_seed(seed)
     grouped = []
     for start in range(0, len(order), GROUP_WINDOW * size):
@@ -533,8 +535,9 @@ class Batches:
         return self.epoch_indices[1]
 
     def take(self, n):
-        """The next n micro-batches [tokens, labels, ...] on the device, moving the position on by n (past an epoch's
-        end, into the next epoch's order)."""
+        """The next n micro-batches, each collate's (tokens [B,T], labels [B,T], rewards [B]) on the device, moving
+        the position on by n (past an epoch's end, into the next epoch's order); tokens_seen counts their non-pad
+        tokens."""
         batches = []
         for _ in range(n):
             epoch, index = divmod(self.position, self.per_epoch)

@@ -185,15 +185,20 @@ class MetricLogger:
         self.thread.start()
 
     def log(self, metrics, step):
+        """Queues metrics {name: number} at `step`, stamped now; returns at once (a step the resumed run already
+        logged is dropped, see replay)."""
         now = int(time.time() * 1000)
         self.replay([(key, float(value), now, step) for key, value in metrics.items()])
 
     def replay(self, items):
+        """Queues (key, value, timestamp_ms, step) tuples as they are (a checkpoint's unsent ones keep their time),
+        except those of a step <= logged_through, which the run already has."""
         for item in items:
             if item[3] > self.logged_through:
                 self.queue.put(item)
 
     def unsent(self):
+        """The (key, value, timestamp_ms, step) tuples not yet accepted by the server, oldest first: a checkpoint's."""
         return list(self.pending) + list(self.queue.queue)
 
     def _loop(self):
@@ -248,6 +253,7 @@ def open_run_log(path):
 
 
 def close_run_log(handler):
+    """Closes open_run_log's handler and detaches it from both loggers: training.log is complete after this."""
     handler.close()
     log.removeHandler(handler)
     logging.getLogger("weighted_mtp.record").removeHandler(handler)
@@ -316,10 +322,12 @@ class Tracking:
         return monitor
 
     def log(self, metrics, step):
+        """metrics {name: number} at `step` to the run, off the training thread; nothing without a run (logging off)."""
         if self.metrics:
             self.metrics.log(metrics, step)
 
     def unsent(self):
+        """The metrics the server has not taken yet (MetricLogger.unsent), [] without a run: saved in checkpoints."""
         return self.metrics.unsent() if self.metrics else []
 
     def __exit__(self, exc_type, exc, tb):
@@ -399,9 +407,10 @@ class NoTracking:
         return self
 
     def log(self, metrics, step):
-        pass
+        """Nothing: only rank 0 sends metrics."""
 
     def unsent(self):
+        """[]: a rank other than 0 holds no metrics for a checkpoint."""
         return []
 
     def __exit__(self, exc_type, exc, tb):
@@ -509,6 +518,7 @@ class AboveTheBars(logging.StreamHandler):
     writes the line and redraws them, so a log line never lands in the middle of a bar."""
 
     def emit(self, record):
+        """Writes the formatted record through tqdm.write; an error goes to logging's handleError, never raised."""
         try:
             from tqdm import tqdm
             tqdm.write(self.format(record), file=self.stream)
@@ -517,7 +527,10 @@ class AboveTheBars(logging.StreamHandler):
 
 
 class OnlyWarnings(logging.Filter):
+    """A handler filter that passes WARNING and above (quiet_console)."""
+
     def filter(self, record):
+        """True (kept) for a record of level WARNING or above."""
         return record.levelno >= logging.WARNING
 
 
@@ -579,6 +592,9 @@ class TrainLog:
                         disable=not self.master or self.lines, dynamic_ncols=True)
 
     def step(self, done, lr, stop):
+        """After step `done` (of total) at learning rate lr: the bar moves on; every log_interval steps, at the last
+        one or when `stop`, the meter's means, lr and tokens/s are shown, recorded and sent. A collective (all_reduce):
+        every rank calls it at every step."""
         self.bar.update(1)
         if done % self.interval and done != self.total and not stop:
             return
@@ -598,6 +614,8 @@ class TrainLog:
         self.tracking.log(stats, done)
 
     def validation(self, done, val):
+        """The validation metrics {name: number} after step `done`: one line on stdout and training.log (rank 0),
+        sent to the run."""
         if self.master:
             line = f"step {done}: " + " ".join(f"{k}={v:.5g}" for k, v in sorted(val.items()))
             self.bar.write(line, file=sys.stdout)
@@ -605,4 +623,5 @@ class TrainLog:
         self.tracking.log(val, done)
 
     def close(self):
+        """Closes the progress bar (the closing summary follows on a clean line)."""
         self.bar.close()
