@@ -37,8 +37,8 @@ from wmtp.memplan import dry_run_report
 from wmtp.parallel import (Meter, Preempted, StopSignal, all_reduce, autocast_for, broadcast, gradient_sync,
                            setup_distributed, shard, shard_from_meta, transformer_blocks, wrap_and_compile)
 from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, WARMUP_CONFIG, Pipeline, policy_pipelines
-from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_weights, load_pretrained,
-                             next_token_logits, pretrained_weights)
+from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_params, load_pretrained,
+                             next_token_logits, pretrained_params)
 from wmtp.report import compare_rows, format_compare, list_configs, report, summarize_compare
 from wmtp.tracking import (NoTracking, Tracking, TrainLog, closing_summary, console_logging, doctor, experiment_id,
                            log_params, preflight, provenance_tags, quiet_console, run_description, run_url, source_tags,
@@ -184,11 +184,11 @@ def load_start(pipeline, model, fetch, fsdp):
 
 def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world, resume_path=None, resume=None):
     """FSDP: the policy, built on the meta device, sharded and filled with what DDP would load whole — its initial
-    weights (initial_weights), model.init_from / critic.checkpoint's (start_path), a full checkpoint resumed from
+    weights (initial_params), model.init_from / critic.checkpoint's (start_path), a full checkpoint resumed from
     (its memory-mapped state `resume`) — each rank reading its own rows only; rho1's frozen reference likewise from
     its reference_start (a model dir, a checkpoint, or the starting policy), or, already whole, just sharded."""
     def starting(m, path):
-        return [("initial weights", initial_weights(cfg, use_micro, m))] + (
+        return [("initial weights", initial_params(cfg, use_micro, m))] + (
             [checkpoint_weights(m, path)] if path else [])
     resumed = [checkpoint_weights(model, resume_path, resume)] if s3ckpt.checkpoint_part(resume or {}, "model") else []
     shard_from_meta(model, device, world, starting(model, start_path) + resumed)
@@ -200,7 +200,7 @@ def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world,
     if not reference.output.weight.is_meta:
         shard(reference, device, world)
     elif ref_start and Path(ref_start).is_dir():
-        shard_from_meta(reference, device, world, [("reference.path", pretrained_weights(ref_start, 1))])
+        shard_from_meta(reference, device, world, [("reference.path", pretrained_params(ref_start, 1))])
     else:
         shard_from_meta(reference, device, world, starting(reference, ref_start or start_path))
 

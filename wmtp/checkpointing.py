@@ -20,7 +20,7 @@ import torch.distributed as dist
 from wmtp.config import tracking_uri, UserError
 from wmtp.parallel import (Preempted, all_gather, broadcast, files_to_read, full_state, is_sharded, load_optimizer,
                            load_optimizer_rows, load_sharded, own_files, save_sharded)
-from wmtp.pretrained import check_state, load_state, release_pages
+from wmtp.pretrained import check_state, load_state
 from wmtp.tracking import checkpoint_uploader, finished_runs_filter, newest_run
 
 log = logging.getLogger("weighted_mtp")
@@ -164,7 +164,7 @@ def checkpoint_weights(model, path, state=None):
     def groups():
         for name, tensor in weights["model"].items():
             yield {name: tensor}
-            release_pages(tensor)
+            s3ckpt.release_pages(tensor)
     return str(path), groups()
 
 

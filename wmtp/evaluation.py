@@ -42,6 +42,7 @@ def progress(items, desc, leave=False):
 
 
 def batches_of(examples, size):
+    """examples cut into consecutive lists of `size`, the last one possibly shorter."""
     return [examples[i:i + size] for i in range(0, len(examples), size)]
 
 
@@ -72,10 +73,13 @@ class Validation:
                 raise UserError(str(err))
 
     def due(self, done, total):
+        """Whether to validate after step `done` of `total`: every eval_interval steps (0: never), and at the end."""
         return bool(self.interval and done % self.interval == 0) or done == total
 
     @torch.no_grad()
     def run(self, model, decode=True):
+        """{metric: value} over every rank's share: the pipeline's val_end of its val_step on each batch, and with
+        `decode` decoded_metrics for a decoding pipeline. Every rank must call it; model is left in train mode."""
         model.eval()
         meter, mine = Meter(self.device), self.examples[self.rank::self.world]
         self.pipeline.val_begin()
@@ -107,6 +111,8 @@ class Head0Watch:
             train_log.validation(0, heads)
 
     def check(self, done, val):
+        """After step `done`'s validation metrics `val`: a warning, or under head_0_on_rise stop a UserError, when
+        val/head_0_loss > start · (1 + head_0_max_rise); nothing when unwatched or val has no head 0 loss."""
         if self.start is None or "val/head_0_loss" not in val:
             return
         now, limit = val["val/head_0_loss"], self.start * (1 + self.t.head_0_max_rise)
@@ -133,6 +139,7 @@ def distinct_prompts(examples):
 
 
 def has_tests(record):
+    """Whether a record carries tests to run: a non-empty metadata.test or metadata.tests."""
     meta = record.get("metadata")
     return isinstance(meta, dict) and bool(meta.get("test") or meta.get("tests"))
 
@@ -180,6 +187,8 @@ class Decoding:
         self.speculative, self.measured = None if setting == "auto" else setting, {}  # None: not decided yet
 
     def generate(self, model, prompts, eos_id, pad_id, max_new_tokens, stats=None, stop=None, **sampling):
+        """model.generate's completions (id lists), speculative or plain as decided; sampling, or a one-head
+        model, decodes plain. Undecided (auto), this batch decodes both ways and `stats` gets the kept way's counts."""
         greedy = sampling.get("temperature", 0.0) == 0 and model.args.n_future_tokens > 1
         if self.speculative is not None or not greedy:
             self.measured["speculative"] = float(bool(self.speculative) and greedy)
@@ -282,16 +291,20 @@ class Progress:
         self.start, self.generated, self.ran = time.time(), 0, 0
 
     def tasks_generated(self, n):
+        """Counts and shows n more tasks generated; once all are, the programs' phase starts its clock."""
         self.generated += n
         self.show("tasks generated", n, self.generated, self.n_tasks, f" (then {self.n_samples} programs to run)")
         if self.generated >= self.n_tasks:
             self.start = time.time()
 
     def programs_run(self, n):
+        """Counts and shows n more programs run (sandbox.score's callback)."""
         self.ran += n
         self.show("programs run", n, self.ran, self.n_samples)
 
     def show(self, what, n, done, total, then=""):
+        """A log line `done`/`total` with the ETA from the phase's rate so far, or the bar moved by n (closed at
+        total)."""
         if self.terminal is None:
             rate = done / max(time.time() - self.start, 1e-9)
             log.info(f"evaluate: {done}/{total} {what}, ETA {f'{(total - done) / rate:.0f} s' if done else '?'}{then}")
@@ -343,6 +356,7 @@ class StopAt:
 
     @staticmethod
     def cut(text, stops):
+        """text before the earliest occurrence of any of `stops`; all of it when none occurs."""
         return text[:min([text.index(s) for s in stops if s in text], default=len(text))]
 
 

@@ -19,6 +19,8 @@ from wmtp.config import UserError
 
 @dataclasses.dataclass
 class ModelArgs:
+    """A LLaMA's shape: Meta's params.json fields plus what an HF config.json may state. n_layers counts the
+    trunk blocks and the H = n_future_tokens head blocks; n_kv_heads None means n_heads (no grouped-query)."""
     dim: int = 4096
     n_layers: int = 32  # trunk blocks + H head blocks
     n_heads: int = 32
@@ -42,6 +44,8 @@ def rms_norm(x, eps):
 
 
 class RMSNorm(nn.Module):
+    """rms_norm(x, eps) · weight, weight [dim] starting at 1."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps
@@ -53,6 +57,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_angles(head_dim, length, theta, device):
+    """(cos, sin) [length, head_dim / 2] fp32 of the angles p·θ_i, θ_i = theta^(-2i / head_dim), for positions
+    p = 0..length-1."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     angles = torch.outer(torch.arange(length, device=device).float(), freqs)
     return angles.cos(), angles.sin()
@@ -66,6 +72,9 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
+    """Multi-head attention with RoPE, x [B,T,dim] -> [B,T,dim]; keys and values have n_kv_heads heads, each
+    shared by n_heads / n_kv_heads query heads (grouped-query attention)."""
+
     def __init__(self, a):
         super().__init__()
         self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads or a.n_heads
@@ -96,6 +105,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) · w3 x). Hidden width: hidden_dim when given, else Meta's rule: 2/3 · 4 · dim, times
+    ffn_dim_multiplier, rounded up to a multiple of multiple_of."""
+
     def __init__(self, a):
         super().__init__()
         hidden = int(2 * 4 * a.dim / 3)
@@ -107,10 +119,13 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(a.dim, hidden, bias=False)
 
     def forward(self, x):
+        """[..., dim] -> [..., dim]."""
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 class Block(nn.Module):
+    """A pre-norm transformer block (compute), [B,T,dim] -> [B,T,dim]."""
+
     checkpointed = False  # training.activation_checkpointing: keep the block's input only, recompute in backward
 
     def __init__(self, a):
@@ -119,11 +134,13 @@ class Block(nn.Module):
         self.attention_norm, self.ffn_norm = RMSNorm(a.dim, a.norm_eps), RMSNorm(a.dim, a.norm_eps)
 
     def forward(self, x, cos, sin, cache=None):
+        """compute, under activation checkpointing when `checkpointed` and training (grad enabled, no cache)."""
         if self.checkpointed and torch.is_grad_enabled() and cache is None:
             return activation_checkpoint(self.compute, x, cos, sin, use_reentrant=False)
         return self.compute(x, cos, sin, cache)
 
     def compute(self, x, cos, sin, cache=None):
+        """h = x + attention(attention_norm(x)), then h + feed_forward(ffn_norm(h)); cache as in Attention.forward."""
         h = x + self.attention(self.attention_norm(x), cos, sin, cache)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -150,6 +167,8 @@ class HeadsCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight, targets, head_weights, *xs):
+        """(loss, a scalar, and ce [B,T,h] fp32, not differentiable) of the normed head states xs, h of [B,T,d], against
+        targets [B,T,h] and the unembedding weight [V,d]; the gradients are computed here and saved."""
         device = weight.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         need_weight, need_xs = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
@@ -193,6 +212,7 @@ class HeadsCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, grad_ce):  # ce is not differentiable: grad_ce is unused
+        """forward's saved gradients of weight and of each x, times grad_loss; None for targets and head_weights."""
         scaled = [None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors]
         return scaled[0], None, None, *scaled[1:]
 
@@ -328,7 +348,7 @@ class MTPTransformer(nn.Module):
 def init_parts(args, value_head=False):
     """(name, module) of MTPTransformer's parts, each built when asked for: the one statement of the parts and of
     the order their random init draws from the RNG. MTPTransformer.__init__ builds itself from it, and a model built
-    on the meta device gets the same weights from it a part (at most a block) at a time (pretrained.initial_weights)."""
+    on the meta device gets the same weights from it a part (at most a block) at a time (pretrained.initial_params)."""
     H = args.n_future_tokens
     yield "tok_embeddings", nn.Embedding(args.vocab_size, args.dim)
     for i in range(args.n_layers - H + 1):
@@ -463,10 +483,13 @@ class LoRALinear(nn.Module):
         self.scale = alpha / rank
 
     def forward(self, x):
+        """x [..., in] -> [..., out] as above, the adapters cast to x's dtype."""
         low_rank = F.linear(F.linear(x, self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         return F.linear(x, self.weight) + low_rank * self.scale
 
     def merged_weight(self):
+        """W + (α/r)·B A [out, in] in W's dtype, not detached: the plain weight this layer computes with (export,
+        StackedHeads)."""
         return self.weight + self.scale * (self.lora_b @ self.lora_a).to(self.weight.dtype)
 
 

@@ -10,13 +10,13 @@ import math
 import os
 import signal
 
+import s3ckpt
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from wmtp.config import UserError
 from wmtp.model import LoRALinear
-from wmtp.pretrained import release_pages
 
 log = logging.getLogger("weighted_mtp")
 
@@ -258,7 +258,7 @@ def load_optimizer_rows(model, optimizer, state):
                 entry[key] = torch.empty_like(p)
                 local, rows = local_rows(entry[key], value)
                 local.copy_(rows)
-                release_pages(value)
+                s3ckpt.release_pages(value)
             optimizer.state[p] = entry
 
 

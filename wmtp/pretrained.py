@@ -5,7 +5,6 @@ tensor (no rank ever makes a random full-size model first), the micro model, and
 """
 import contextlib
 import copy
-import ctypes
 import dataclasses
 import json
 import logging
@@ -31,9 +30,11 @@ class ByteTokenizer:
     prefix_ids, special_text = [256], {}
 
     def encode(self, text):
+        """text -> its UTF-8 bytes as ids 0..255; no BOS (the caller adds prefix_ids)."""
         return list(text.encode("utf-8"))
 
     def decode(self, ids):
+        """ids -> text: BOS/EOS/PAD (>= 256) dropped, invalid UTF-8 replaced by U+FFFD."""
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
@@ -51,9 +52,11 @@ class SentencePieceTokenizer:
         self.prefix_ids, self.special_text = [self.bos_id], {}  # Meta's rule: every text starts with BOS
 
     def encode(self, text):
+        """text -> ids; no BOS (the caller adds prefix_ids)."""
         return self.sp.encode(text)
 
     def decode(self, ids):
+        """ids -> text, by sentencepiece's own decode."""
         return self.sp.decode(list(ids))
 
 
@@ -77,13 +80,16 @@ class HFTokenizer:
                              "eos_token": self.tok.id_to_token(self.eos_id) or ""}
 
     def encode(self, text):
+        """text -> ids, no special token added (the caller adds prefix_ids)."""
         return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids):
+        """ids -> text, special tokens left out."""
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
 
 def read_json(path):
+    """The JSON value in the file at `path`; an unreadable file or bad JSON is a UserError naming it."""
     try:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -171,6 +177,7 @@ def empty_model(args, value_head=False, memory_efficient_loss=True):
 
 
 def model_args_from_meta(model_dir):
+    """ModelArgs from a Meta dir's params.json, its keys that ModelArgs lacks ignored; unreadable is a UserError."""
     path = Path(model_dir) / "params.json"
     params = read_json(path)
     known = {f.name for f in dataclasses.fields(ModelArgs)}
@@ -220,6 +227,7 @@ def rotary_to_meta(w, n_heads):
 
 
 def rotary_to_hf(w, n_heads):
+    """rotary_to_meta's inverse, for export: Meta row h·d + 2i + c is HF row h·d + c·d/2 + i."""
     d1, d2 = w.shape
     return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
 
@@ -321,7 +329,7 @@ def reheaded(args, H):
     fine-tuning setting): the trunk and head 0 stay; a head the checkpoint lacks starts as a copy of head 0's block
     (the last of `layers`), so head 0 still gives the checkpoint's own logits; heads beyond H are dropped.
     targets: {the checkpoint's tensor name: [the names it fills in the H-head model]}. The one re-heading: of a
-    state (with_heads), of a dir's tensors read one at a time (pretrained_weights) and of a shape alone."""
+    state (with_heads), of a dir's tensors read one at a time (pretrained_params) and of a shape alone."""
     own, names = args.n_future_tokens, empty_model(args).state_dict()
     head0 = f"layers.{args.n_layers - own}."
     targets = {k: [] if k.startswith("extra_heads.") and int(k.split(".")[1]) >= H - 1 else [k] for k in names}
@@ -388,7 +396,7 @@ def dir_args(path):
 
 def load_reference(path, vocab_size, dtype, meta=False):
     """rho1's reference from a Meta or HF dir: its own architecture and size, one head, frozen weights in dtype
-    (meta: its shape alone, on the meta device; pretrained_weights(path, 1) fills it)."""
+    (meta: its shape alone, on the meta device; pretrained_params(path, 1) fills it)."""
     if meta:
         reference = empty_model(pretrained_args(path, 1)).to(dtype)
     else:
@@ -450,6 +458,8 @@ def build_value_model(cfg, policy, tok):
 
 
 def micro_args(cfg, vocab_size):
+    """ModelArgs of the micro model: model.micro's shape with n_trunk_layers + H blocks (H = model.n_future_tokens),
+    its vocabulary model.micro.vocab_size, else `vocab_size` (the tokenizer's)."""
     m, H = cfg.model.micro, cfg.model.n_future_tokens
     return ModelArgs(dim=m.dim, n_layers=m.n_trunk_layers + H, n_heads=m.n_heads, n_kv_heads=m.n_kv_heads,
                      vocab_size=m.vocab_size or vocab_size, multiple_of=m.multiple_of, norm_eps=m.norm_eps,
@@ -469,7 +479,7 @@ def build_model(cfg, use_micro, value_head, meta=False):
     """(tokenizer, model): the micro model (random init from training.seed, byte tokenizer) or model.path (a Meta
     or HF dir, re-headed to model.n_future_tokens), with LoRA adapters when model.lora.rank > 0 — built before any
     checkpoint loads into it. Under LoRA the frozen base is held in model.dtype (read straight into it).
-    meta: the same model on the meta device, no weight read or drawn; initial_weights gives its weights."""
+    meta: the same model on the meta device, no weight read or drawn; initial_params gives its weights."""
     mcfg = cfg.model
     check_micro(cfg, use_micro)
     torch.manual_seed(cfg.training.seed)  # every rank builds the same initial weights
@@ -521,16 +531,7 @@ def load_model_dir(mcfg, value_head, dtype=torch.float32, meta=False):
     return tok, model
 
 
-def release_pages(t):
-    """Drops a memory-mapped tensor's pages from this process's resident memory (madvise MADV_DONTNEED; the mapping
-    is private and never written, so a page touched again is read from the file again): a file read a tensor at a
-    time then costs one tensor of RSS, not the whole file."""
-    page, start = os.sysconf("SC_PAGE_SIZE"), t.data_ptr()
-    aligned = start // page * page
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + t.nbytes - aligned), 4)
-
-
-def pretrained_weights(path, H):
+def pretrained_params(path, H):
     """A Meta or HF dir's weights for an H-head model as groups {name: tensor} of one checkpoint tensor each (as
     stored; with the names it fills, reheaded): a Meta consolidated.pth memory-mapped, each tensor's pages
     released once its group is consumed; a Hugging Face dir through hf_tensors."""
@@ -548,13 +549,13 @@ def pretrained_weights(path, H):
     for name, tensor in tensors:
         yield {target: tensor for target in targets[name]}
         if mapped:
-            release_pages(tensor)
+            s3ckpt.release_pages(tensor)
 
 
-def initial_weights(cfg, use_micro, model):
+def initial_params(cfg, use_micro, model):
     """The weights build_model(cfg, use_micro, ...) starts `model` (its twin on the meta device) with, as groups
     {name: full tensor} of at most one block: the micro model's random init drawn part by part in its
-    constructor's order (init_parts), or model.path's tensors (pretrained_weights); then the value head's and the
+    constructor's order (init_parts), or model.path's tensors (pretrained_params); then the value head's and the
     LoRA adapters' random init, drawn as build_model draws them. For parallel.fill_shards."""
     mcfg, value_head = cfg.model, model.value_head is not None
     torch.manual_seed(cfg.training.seed)
@@ -564,7 +565,7 @@ def initial_weights(cfg, use_micro, model):
             del part  # the next part is drawn once this one is gone (fill_shards drops its own references too)
             yield group
     else:
-        yield from pretrained_weights(mcfg.path, mcfg.n_future_tokens)
+        yield from pretrained_params(mcfg.path, mcfg.n_future_tokens)
         if value_head:
             yield {f"value_head.{k}": v for k, v in torch.nn.Linear(model.args.dim, 1).state_dict().items()}
     for name, m in model.named_modules():
