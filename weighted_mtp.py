@@ -28,7 +28,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from wmtp.checkpointing import (Checkpointer, LoopStart, checkpoint_on_node, checkpoint_weights, fetcher,
+from wmtp.checkpointing import (Checkpointer, LoopStart, checkpoint_on_node, checkpoint_tensors, fetcher,
                                 load_checkpoint_into, load_shards, read_resumed, resume_components, resume_from)
 from wmtp.config import CONFIGS, Config, UserError, load_config, redacted, tracking_uri
 from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_order, load_records, sample_records
@@ -189,8 +189,8 @@ def shard_from_start(cfg, use_micro, model, pipeline, start_path, device, world,
     its reference_start (a model dir, a checkpoint, or the starting policy), or, already whole, just sharded."""
     def starting(m, path):
         return [("initial weights", initial_params(cfg, use_micro, m))] + (
-            [checkpoint_weights(m, path)] if path else [])
-    resumed = [checkpoint_weights(model, resume_path, resume)] if s3ckpt.checkpoint_part(resume or {}, "model") else []
+            [checkpoint_tensors(m, path)] if path else [])
+    resumed = [checkpoint_tensors(model, resume_path, resume)] if s3ckpt.checkpoint_part(resume or {}, "model") else []
     shard_from_meta(model, device, world, starting(model, start_path) + resumed)
     if resumed:
         del resume["model"]  # its pages are released: the mapping goes with the last reference
@@ -260,6 +260,8 @@ class OneStepLate:
         return previous
 
     def read(self):
+        """The flags swap() queued, as a list, once their copy has landed (None when none are queued); empties the
+        slot."""
         if self.host is None:
             return None
         if self.ready is not None:
@@ -313,6 +315,8 @@ def validation_for_a_random_start(cfg, use_micro):
 
 
 def train(cfg, use_micro=False):
+    """Trains cfg on this process's rank -> {run_id, steps, the last validation's metrics}; a bad input is a
+    UserError before any run, a signal a Preempted after a resumable checkpoint."""
     cfg, val_note = validation_for_a_random_start(cfg, use_micro)
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
@@ -488,6 +492,8 @@ def compare(seeds, warmup_steps=0, overrides=(), pipelines=(), setting="demo", o
 
 
 def main(argv=None):
+    """The CLI: runs the command of argv (default sys.argv) -> the exit code: 0, 2 after a UserError's one line on
+    stderr, 128 + the signal when preempted (doctor, ls and report return their own)."""
     args = cli(__doc__).parse_args(argv)
     if args.command in ("train", "evaluate", "sample", "compare", "export"):
         console_logging(getattr(args, "verbose", False))

@@ -99,8 +99,8 @@ def test_weight_control_shuffled_moves_the_weights_across_the_batchs_answers():
     mask = torch.zeros(4, 9, dtype=torch.bool)
     mask[:, 3:8] = True
     rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    _, plain = Verifiable(cfg, 3).weights(values, rewards, mask, 0.95, 0, update_ema=True)
-    _, moved = Verifiable(shuffled_cfg, 3).weights(values, rewards, mask, 0.95, 0, update_ema=True)
+    _, plain = Verifiable(cfg, 3).token_weights(values, rewards, mask, 0.95, 0, update_ema=True)
+    _, moved = Verifiable(shuffled_cfg, 3).token_weights(values, rewards, mask, 0.95, 0, update_ema=True)
     assert sorted(moved[mask].tolist()) == pytest.approx(sorted(plain[mask].tolist()))  # the batch's weights
     assert any(sorted(moved[b][mask[b]].tolist()) != pytest.approx(sorted(plain[b][mask[b]].tolist()))
                for b in range(4))  # some of them on other answers

@@ -141,8 +141,8 @@ def load_checkpoint_into(model, path):
         state = s3ckpt.load_checkpoint(path)
     except s3ckpt.CheckpointError as e:
         raise UserError(str(e))
-    weights = s3ckpt.checkpoint_part(state, "model")
-    load_state(model, weights["model"], path, partial=weights.get("model_partial", False))
+    part = s3ckpt.checkpoint_part(state, "model")
+    load_state(model, part["model"], path, partial=part.get("model_partial", False))
     return state
 
 
@@ -154,15 +154,15 @@ def read_checkpoint(path):
         raise UserError(str(e))
 
 
-def checkpoint_weights(model, path, state=None):
-    """(path, groups) for parallel.fill_shards: a full checkpoint's model weights (`state`, else read from path,
+def checkpoint_tensors(model, path, state=None):
+    """(path, groups) for parallel.fill_shards: a full checkpoint's model tensors (`state`, else read from path,
     memory-mapped), checked against `model` (on the meta device), one tensor a group, whose pages leave this
     process once its rows are copied."""
-    weights = s3ckpt.checkpoint_part(state or read_checkpoint(path), "model")
-    check_state(model, weights["model"], path, partial=weights.get("model_partial", False))
+    part = s3ckpt.checkpoint_part(state or read_checkpoint(path), "model")
+    check_state(model, part["model"], path, partial=part.get("model_partial", False))
 
     def groups():
-        for name, tensor in weights["model"].items():
+        for name, tensor in part["model"].items():
             yield {name: tensor}
             s3ckpt.release_pages(tensor)
     return str(path), groups()
@@ -265,7 +265,7 @@ class LoopStart:
 def read_resumed(model, path, sharded, fsdp):
     """The checkpoint a run resumes from, read as the run is laid out: a sharded one's trainer.pt (its shards load
     once the optimizer exists: load_shards); with FSDP the whole file memory-mapped (each rank copies its own rows:
-    checkpoint_weights); else the whole file, its model weights loaded into `model` now."""
+    checkpoint_tensors); else the whole file, its model weights loaded into `model` now."""
     if sharded:
         return trainer_state(path)
     if fsdp:
@@ -380,6 +380,8 @@ class Checkpointer:
                 self.writer.wait()
 
     def wait_shards(self):
+        """Blocks until this rank's sharded save in flight (after_shards) is done, raising what it raised; returns at
+        once when none is."""
         shards, self.shards = self.shards, None
         if shards is not None:
             shards.result()

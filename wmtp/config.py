@@ -76,6 +76,8 @@ class UserError(Exception):
 
 
 def read_yaml(path):
+    """The YAML mapping in the file at `path` ({} for an empty file); an unreadable file, invalid YAML (with its line)
+    or a top level that is not a mapping is a UserError naming the file."""
     try:
         data = yaml.safe_load(Path(path).read_text())
     except OSError as e:
@@ -94,6 +96,7 @@ def read_yaml(path):
 
 
 def dotted_keys(tree, prefix=""):
+    """Yields the leaf keys of a nested dict as dotted paths ({'a': {'b': 1}} -> 'a.b'); an empty dict is a leaf."""
     for key, value in tree.items():
         if isinstance(value, dict) and value:
             yield from dotted_keys(value, f"{prefix}{key}.")
@@ -121,6 +124,8 @@ AUTO_OR = {"eval.speculative": bool, "eval.stop": list}
 
 
 def merge(base, update, source, defaults, prefix=""):
+    """Writes `update` into `base` in place, each value type-checked against `defaults` (checked_value); an unknown key
+    (with the closest known one as a hint) or a value where a section belongs is a UserError naming `source`."""
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in defaults:
@@ -136,6 +141,8 @@ def merge(base, update, source, defaults, prefix=""):
 
 
 def parse_override(text):
+    """'a.b=c' -> {'a': {'b': c}}, c read as YAML (the string itself where it is not YAML, '' when empty), ready for
+    merge(); text without '=' or a key is a UserError."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise UserError(f"--override {text}: expected key=value, e.g. training.learning_rate=1e-4")
@@ -165,6 +172,7 @@ frozen = dataclasses.dataclass(frozen=True)
 
 @frozen
 class ExperimentConfig:
+    """The `experiment` section: the run's name, its pipeline (one of PIPELINES) and a free-text description."""
     name: str
     pipeline: str = rule(lambda v: v in PIPELINES, lambda: "one of " + ", ".join(PIPELINES))
     description: str
@@ -172,6 +180,7 @@ class ExperimentConfig:
 
 @frozen
 class MicroConfig:
+    """`model.micro`: the shape of the small random-init model that --use-micro-model builds."""
     dim: int = rule(lambda v: v >= 2, ">= 2")
     n_trunk_layers: int = rule(lambda v: v >= 1, ">= 1 (a shared trunk)")
     n_heads: int = rule(*ONE_OR_MORE)
@@ -182,6 +191,8 @@ class MicroConfig:
     vocab_size: int = rule(*NON_NEGATIVE)
 
     def check(self, source):
+        """Raises UserError unless dim splits into n_heads heads of even size (RoPE rotates pairs) and n_heads is a
+        multiple of n_kv_heads (grouped-query attention)."""
         if self.dim % (2 * self.n_heads) or self.n_heads % self.n_kv_heads:
             raise UserError(f"{source}: 'model.micro.dim' ({self.dim}) must split into 'model.micro.n_heads' "
                             f"({self.n_heads}) heads of even size, and n_heads be a multiple of n_kv_heads "
@@ -190,12 +201,16 @@ class MicroConfig:
 
 @frozen
 class LoraConfig:
+    """A LoRA section (model.lora; critic.lora for critic.trunk lora): adapters of `rank` whose update is scaled by
+    alpha / rank; model.lora.rank 0 = no adapters."""
     rank: int = rule(*NON_NEGATIVE)
     alpha: float = rule(*POSITIVE)
 
 
 @frozen
 class ModelConfig:
+    """The `model` section: which weights and tokenizer, H = n_future_tokens heads, the frozen weights' dtype, the micro
+    model, LoRA, the starting checkpoint (init_from) and the loss and compile switches."""
     path: str
     tokenizer: str
     n_future_tokens: int = rule(*ONE_OR_MORE)
@@ -209,6 +224,8 @@ class ModelConfig:
 
 @frozen
 class DatasetConfig:
+    """The `dataset` section: the train and validation sources, max_length in tokens, what to do with a longer example,
+    and the prompt template."""
     train: str
     validation: str
     max_length: int = rule(lambda v: v >= 8, ">= 8")
@@ -218,6 +235,8 @@ class DatasetConfig:
 
 @frozen
 class DataSamplingConfig:
+    """The `data_sampling` section: how many training examples (0 = all) at which share of right answers, and how many
+    validation examples, drawn with `seed`."""
     n_samples: int = rule(*NON_NEGATIVE)
     correct_ratio: float = rule(*FRACTION)
     seed: int
@@ -226,6 +245,8 @@ class DataSamplingConfig:
 
 @frozen
 class TrainingConfig:
+    """The `training` section: the schedule and optimizer, the weighting's hyperparameters (γ, λ, β, clip range, EMA,
+    k_percent), parallelism and the heads' loss weights λ_k with their warm-up."""
     max_steps: int = rule(*NON_NEGATIVE)
     n_epochs: int = rule(*ONE_OR_MORE)
     batch_size: int = rule(*ONE_OR_MORE)
@@ -262,6 +283,7 @@ class TrainingConfig:
     head_0_on_rise: str = rule(lambda v: v in ("warn", "stop"), "warn or stop")
 
     def check(self, source):
+        """Raises UserError unless weight_clip_min < weight_clip_max."""
         if self.weight_clip_min >= self.weight_clip_max:
             raise UserError(f"{source}: 'training.weight_clip_min' ({self.weight_clip_min}) must be < "
                             f"'training.weight_clip_max' ({self.weight_clip_max})")
@@ -269,6 +291,8 @@ class TrainingConfig:
 
 @frozen
 class CheckpointConfig:
+    """The `checkpoint` section: where and how often checkpoints are written, how many are kept, the resume choice, the
+    upload's limits, the preemption grace and the format (full or sharded)."""
     dir: str
     save_every: int = rule(*NON_NEGATIVE)
     save_total_limit: int = rule(*NON_NEGATIVE)
@@ -282,6 +306,8 @@ class CheckpointConfig:
 
 @frozen
 class MlflowConfig:
+    """The `mlflow` section: the tracking server and experiment, the run's name and tags, the S3 artifact root, whether
+    to log at all and how often to sample system metrics."""
     tracking_uri: str
     experiment: str
     run_name: str
@@ -293,6 +319,8 @@ class MlflowConfig:
 
 @frozen
 class CriticConfig:
+    """The `critic` section: the trained critic that verifiable reads (checkpoint) and the value model's make: on the
+    policy, a copy of it or a model dir, its trunk, head, features and loss."""
     checkpoint: str
     model: str = rule(bool, "policy, copy or a model directory")
     trunk: str = rule(lambda v: v in ("frozen", "lora", "full"), "frozen, lora or full")
@@ -303,6 +331,8 @@ class CriticConfig:
     shuffle_labels: bool
 
     def check(self, source):
+        """Raises UserError for a make only a separate value model has (head mlp, hidden+logprob, a lora or full trunk,
+        loss bce or pairwise) on critic.model policy, and for hidden+logprob other than on a frozen copy."""
         separate = self.model != "policy"
         if not separate and (self.head, self.features, self.trunk, self.loss) != ("linear", "hidden", "frozen", "mse"):
             raise UserError(f"{source}: 'critic.head' {self.head}, 'critic.features' {self.features}, 'critic.trunk' "
@@ -316,11 +346,15 @@ class CriticConfig:
 
 @frozen
 class ReferenceConfig:
+    """The `reference` section: rho1's frozen next-token model (a checkpoint, a model dir, auto, or empty for a copy of
+    the starting policy)."""
     path: str
 
 
 @frozen
 class EvalConfig:
+    """The `eval` section: pass@k's tasks, sampling, sandbox and stop strings (python -m weighted_mtp evaluate and
+    sample)."""
     dataset: str
     max_tasks: int = rule(*NON_NEGATIVE)
     n_samples: int = rule(*ONE_OR_MORE)
@@ -342,6 +376,7 @@ class EvalConfig:
 
 @frozen
 class Config:
+    """The whole typed config (load_config, config_from_dict): one frozen section per top-level key of defaults.yaml."""
     experiment: ExperimentConfig
     model: ModelConfig
     dataset: DatasetConfig
@@ -354,6 +389,8 @@ class Config:
     eval: EvalConfig
 
     def to_dict(self):
+        """The config as a plain nested dict of defaults.yaml's shape, secrets included (redacted() or flatten() before
+        it is shown or logged)."""
         return dataclasses.asdict(self)
 
 

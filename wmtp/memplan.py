@@ -167,6 +167,8 @@ def plan_settings(cfg):
 
 
 def is_local_path(value):
+    """Whether a config value names a path on this machine: not empty, auto, builtin:, runs:/ or any other scheme://
+    URI."""
     return bool(value) and value != "auto" and not value.startswith(("builtin:", "runs:/")) and "://" not in value
 
 

@@ -375,6 +375,8 @@ class StopSignal:
     def handle(self, signum, frame):
         # A second Ctrl-C means "now". A second SIGTERM does not: torchrun forwards the one every process of a
         # container already got, and SIGKILLs 30 s later anyway.
+        """The SIGTERM/SIGINT handler: remembers the first signal in `received` (the loop stops at the step's end); a
+        second SIGINT after a SIGINT raises KeyboardInterrupt."""
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = self.received or signum

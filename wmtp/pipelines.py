@@ -36,6 +36,8 @@ def starting_logprobs(policy, tokens):
 
 
 def log_head_losses(meter, prefix, ce, valid):
+    """Adds `<prefix>/head_k_loss` for each head k to `meter`: the mean of ce [B,T,H] over the valid [B,T,H] tokens
+    (as sum and count, so the logged mean is per token over micro-batches and ranks)."""
     for k in range(ce.shape[-1]):
         meter.add(f"{prefix}/head_{k}_loss", (ce[..., k] * valid[..., k]).sum(), valid[..., k].sum())
 
@@ -62,7 +64,7 @@ class Pipeline:
     holds_reference = False  # a frozen next-token model beside the policy (memory plan row "reference")
     reference = None  # that model, once attach has built it
     reference_start = None  # what FSDP fills the meta-device reference with (weighted_mtp.shard_from_start)
-    on_policy = False  # compare --on-policy: it trains on the warm-up's own graded answers
+    on_policy = False  # compare (unless --gold or --control): it trains on the warm-up's own graded answers
     value_head = False  # a value head on the policy, when critic.model is policy (value_head_on_policy)
     decodes = True  # validation also decodes answers (val/accuracy) when the dataset has a checker
     watches_head_0 = True  # val/head_0_loss against its start (evaluation.Head0Watch): the LM heads train
@@ -89,6 +91,8 @@ class Pipeline:
         self.warmup_frozen = []  # the parameters the new-heads warm-up holds still (heads_added)
 
     def set_head_weights(self, spec):
+        """Sets λ [H] from a training.head_loss_weights spec (W.head_loss_weights: [], a decay [r] or one per head);
+        all ones is kept as None, so mtp_loss takes its unweighted path bit for bit."""
         lam = W.head_loss_weights(spec, self.H)
         self.head_weights = None if bool((lam == 1).all()) else lam  # None: mtp_loss's own path, bit for bit
 
@@ -125,6 +129,7 @@ class Pipeline:
 
     @classmethod
     def value_head_on_policy(cls, cfg):
+        """Whether the value head sits on the policy: the pipeline has one and critic.model is policy."""
         return cls.value_head and cfg.critic.model == "policy"
 
     @classmethod
@@ -170,6 +175,9 @@ class Pipeline:
         """Called once with the data: check what this pipeline needs of it, keep what it measures on."""
 
     def loss(self, model, batch, meter, step):
+        """The scalar loss of one micro-batch `batch` = (tokens [B,T], labels [B,T], rewards [B]) at step `step`, its
+        train/ metrics added to `meter`. Here mtp_loss(ce, valid, λ) = mean over heads k of λ_k · (head k's mean CE
+        over its answer tokens)."""
         tokens, labels, _ = batch
         targets = W.shift_targets(labels, self.H)
         valid = targets != -100
@@ -184,14 +192,17 @@ class Pipeline:
         """After the step's one collective: `skip` (a 0-d device bool) is set when the step was skipped."""
 
     def val_begin(self):
-        pass
+        """Before a validation pass: resets what val_step gathers beside the meter (nothing here)."""
 
     def val_step(self, model, batch, meter):
+        """One validation micro-batch: adds its val/ metrics to `meter` (here val/head_k_loss)."""
         tokens, labels, _ = batch
         ce, valid = policy_ce(model, tokens, labels, self.H)
         log_head_losses(meter, "val", ce, valid)
 
     def val_end(self, out, world):
+        """The pass's metrics `out` ({name: mean over all `world` ranks}) completed and returned: here val/loss = the
+        mean of the heads' val/head_k_loss."""
         heads = [v for k, v in out.items() if k.startswith("val/head_")]
         out["val/loss"] = sum(heads) / len(heads)
         return out
@@ -201,7 +212,7 @@ class Pipeline:
         return None
 
     def load_state_dict(self, state):
-        pass
+        """Restores what state_dict() returned into a checkpoint (None here: nothing)."""
 
 
 class Baseline(Pipeline):
@@ -292,8 +303,9 @@ class Critic(Pipeline):
                 raise UserError(f"{self.cfg.dataset.train}: critic.loss pairwise needs right and wrong answers to the "
                                 "same prompt, and no prompt has both")
 
-    def values(self, model, batch):
-        """(score, V) [B,T] of the value model being trained."""
+    def score_and_values(self, model, batch):
+        """(score, V), each [B,T], of the value model being trained: V twice for the policy's value head; a separate
+        value model's raw score, which bce and pairwise read (their V = σ(score))."""
         tokens, labels, _ = batch
         if self.value_head_on_policy(self.cfg):
             values = policy_values(model, tokens)
@@ -302,7 +314,7 @@ class Critic(Pipeline):
 
     def loss(self, model, batch, meter, step):
         tokens, labels, rewards = batch
-        score, values = self.values(model, batch)
+        score, values = self.score_and_values(model, batch)
         loss, _, value_mask = critic_loss(self.cfg.critic.loss, batch, score, values, self.t)
         meter.add("train/value_loss", loss.detach() * value_mask.sum(), value_mask.sum())
         if self.value_head_on_policy(self.cfg) and (step + 1) % self.t.log_interval == 0:
@@ -319,7 +331,7 @@ class Critic(Pipeline):
         if self.value_head_on_policy(self.cfg):
             ce, valid = policy_ce(model, tokens, labels, self.H)
             log_head_losses(meter, "val", ce, valid)
-        _, values = self.values(model, batch)
+        _, values = self.score_and_values(model, batch)
         targets, vmask = W.value_targets(values, rewards, labels != -100, self.t.gamma, self.t.critic_lambda)
         err = (targets - values) * vmask
         meter.add("val/loss", err.pow(2).sum(), vmask.sum())
@@ -445,8 +457,11 @@ class Verifiable(Pipeline):
                 return self.value_model(tokens, labels)[1].float()
             return policy_values(model, tokens)
 
-    def weights(self, values, rewards, mask, lam, step, update_ema):
-        """(td, w_tok) of values: GAE(λ) advantages, whitened by the all-reduced batch stats (then their EMA)."""
+    def token_weights(self, values, rewards, mask, lam, step, update_ema):
+        """(td [B,T], w_tok [B,T]) of V = values [B,T] on the answer tokens `mask` [B,T]: δ the TD errors (γ),
+        A = GAE(δ, lam), w_tok = clamp(exp(whiten(A)/β), w_min, w_max), 0 off the mask, whitened by the all-reduced
+        batch mean and std (by their EMA from training.td_ema_warmup_steps on; update_ema folds this batch into it);
+        training.weight_control shuffled permutes w_tok over the answer tokens."""
         t = self.t
         td = W.td_errors(values, rewards, mask, t.gamma)
         adv = W.gae(td, mask, t.gamma, lam)
@@ -474,8 +489,8 @@ class Verifiable(Pipeline):
         found = {}  # what weigh() computes, for the metrics
 
         def weigh(head_values):  # the model calls it with the value head's output (detached), before any CE
-            found["td"], found["w_tok"] = self.weights(frozen if separate else head_values, rewards, mask,
-                                                       t.td_lambda, step, update_ema=True)
+            found["td"], found["w_tok"] = self.token_weights(frozen if separate else head_values, rewards, mask,
+                                                             t.td_lambda, step, update_ema=True)
             return self.weighed(policy_valid, W.heads_from_tokens(found["w_tok"], H), head_targets)
 
         policy, ce, values = model(tokens, head_targets, values=not separate, weigh=weigh)
@@ -514,8 +529,8 @@ class Verifiable(Pipeline):
         # one batch, as in training: the same whitening for both sides, and a shuffle control pools them
         tokens, labels, rewards = collate([*rights, *wrongs], 0, device)
         mask = labels != -100
-        _, w = self.weights(self.frozen_values(model, tokens, labels), rewards, mask, 0.0,
-                            self.t.td_ema_warmup_steps, update_ema=False)
+        _, w = self.token_weights(self.frozen_values(model, tokens, labels), rewards, mask, 0.0,
+                                  self.t.td_ema_warmup_steps, update_ema=False)
         right_at, wrong_at = at_first_wrong(w, where)
         right_mask = mask[:len(where)]
         return {"val/token_credit": W.token_credit(right_at, wrong_at).item(),
