@@ -79,3 +79,29 @@ def test_files_functions_and_lines_fit_on_a_screen():
     if run_sh > 300:
         too_long.append(f"run.sh: {run_sh} lines > 300")
     assert too_long == []
+
+
+def undocumented(path):
+    """The public functions, classes and methods of `path` without a docstring; a method that overrides a
+    documented method of a base class in the same module has that method's contract and is not counted."""
+    tree, missing, documented = ast.parse(path.read_text()), [], {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            documented[node.name] = {n.name for n in node.body
+                                     if isinstance(n, ast.FunctionDef) and ast.get_docstring(n)}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_") \
+                and not ast.get_docstring(node):
+            missing.append(f"{path.name}:{node.lineno} {node.name}")
+        if isinstance(node, ast.ClassDef):
+            inherited = set().union(*(documented.get(getattr(b, "id", ""), set()) for b in node.bases))
+            missing += [f"{path.name}:{n.lineno} {node.name}.{n.name}" for n in node.body
+                        if isinstance(n, ast.FunctionDef) and not n.name.startswith("_") and not ast.get_docstring(n)
+                        and n.name not in inherited]
+    return missing
+
+
+def test_every_public_function_states_its_contract():
+    """Issue 33: a docstring on every public function, class and method of every module (weights.py included)."""
+    modules = [source(m) for m in LAYERS]
+    assert [line for path in modules for line in undocumented(path)] == []
