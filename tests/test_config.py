@@ -40,6 +40,16 @@ def test_bad_values_name_the_key(override, message):
     assert message in str(e.value)
 
 
+def test_a_lora_critic_trunk_without_adapters_is_refused_by_name():
+    """critic.trunk lora with critic.lora.rank 0 would divide alpha by 0 when the value model is built."""
+    with pytest.raises(UserError) as e:
+        load_config(LOCAL, ["critic.model=copy", "critic.features=hidden", "critic.trunk=lora", "critic.lora.rank=0"])
+    assert str(e.value).endswith("'critic.trunk' lora trains adapters of 'critic.lora.rank': set it to 1 or more "
+                                 "(or 'critic.trunk' frozen or full)")
+    fine = ["critic.model=copy", "critic.features=hidden", "critic.trunk=lora", "critic.lora.rank=2"]
+    assert load_config(LOCAL, fine).critic.lora.rank == 2
+
+
 def test_unknown_key_in_file_and_yaml_error_line(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("training:\n  batch_sise: 4\n")

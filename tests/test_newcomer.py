@@ -278,3 +278,18 @@ def test_the_terminal_leaves_the_upload_lines_to_training_log_unless_verbose(mon
         assert shown == {False: ["WARNING"], True: ["INFO", "WARNING"]}
     finally:
         root.handlers, root.level = saved
+
+
+def test_a_checkpoint_carries_no_password_of_the_tracking_uri(tmp_path):
+    """The config a checkpoint keeps (export and evaluate read it) is redacted: a tracking URI's user:password@
+    does not travel with a file that is uploaded and shared."""
+    import torch
+    import weighted_mtp as wm
+    from conftest import tiny_config
+    cfg = tiny_config("baseline", tmp_path, "training.max_steps=1", "mlflow.enable_logging=false",
+                      "mlflow.tracking_uri=http://alice:s3cr3t-pw@127.0.0.1:9/")
+    wm.train(cfg, use_micro=True)
+    (path,) = (tmp_path / "ckpt").glob("baseline-mtp/*/checkpoint_final.pt")
+    assert b"s3cr3t-pw" not in path.read_bytes() and b"alice" not in path.read_bytes()
+    kept = torch.load(path, weights_only=False)["config"]["mlflow"]["tracking_uri"]
+    assert kept == "http://127.0.0.1:9/"

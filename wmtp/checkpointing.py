@@ -17,7 +17,7 @@ import s3ckpt
 import torch
 import torch.distributed as dist
 
-from wmtp.config import tracking_uri, UserError
+from wmtp.config import redacted, tracking_uri, UserError
 from wmtp.parallel import (Preempted, all_gather, broadcast, files_to_read, full_state, is_sharded, load_optimizer,
                            load_optimizer_rows, load_sharded, own_files, save_sharded)
 from wmtp.pretrained import check_state, load_state
@@ -244,11 +244,12 @@ def newest_remote_checkpoint(mlflow, experiment_name, run_name, cache_dir):
 def training_parts(setup, step, position, run_id, best_val_loss, finished, unsent_metrics=()):
     """Each component's part of a checkpoint (s3ckpt.PARTS) but the model's and the optimizer's (full_state or the
     shards give those): the schedule's step (the learning rate is a function of it), the data position, the RNG,
-    the pipeline's statistics, the tracking ids, and what export and evaluate read (config, model_args)."""
+    the pipeline's statistics, the tracking ids, and what export and evaluate read (config, model_args). The config
+    goes in redacted: a checkpoint is uploaded and shared, and a URI's user:password@ must not travel with it."""
     return {"schedule": {"step": step}, "data": {"position": position}, "rng": {"rng": rng_state()},
             "pipeline": {"pipeline_state": setup.pipeline.state_dict()},
             "tracking": {"run_id": run_id, "best_val_loss": best_val_loss, "unsent_metrics": list(unsent_metrics)},
-            "about": {"config": setup.cfg.to_dict(), "pipeline": setup.pipeline.name, "finished": finished,
+            "about": {"config": redacted(setup.cfg.to_dict()), "pipeline": setup.pipeline.name, "finished": finished,
                       "model_args": dataclasses.asdict(setup.model.args)}}
 
 

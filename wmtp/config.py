@@ -332,7 +332,8 @@ class CriticConfig:
 
     def check(self, source):
         """Raises UserError for a make only a separate value model has (head mlp, hidden+logprob, a lora or full trunk,
-        loss bce or pairwise) on critic.model policy, and for hidden+logprob other than on a frozen copy."""
+        loss bce or pairwise) on critic.model policy, for hidden+logprob other than on a frozen copy, and for a lora
+        trunk without adapters (critic.lora.rank 0: alpha / rank has no value)."""
         separate = self.model != "policy"
         if not separate and (self.head, self.features, self.trunk, self.loss) != ("linear", "hidden", "frozen", "mse"):
             raise UserError(f"{source}: 'critic.head' {self.head}, 'critic.features' {self.features}, 'critic.trunk' "
@@ -342,6 +343,9 @@ class CriticConfig:
             raise UserError(f"{source}: 'critic.features' hidden+logprob reads the starting policy's "
                             "log-probabilities off a frozen copy of it: set 'critic.model' copy and 'critic.trunk' "
                             f"frozen (got {self.model!r}, {self.trunk!r})")
+        if self.trunk == "lora" and self.lora.rank == 0:
+            raise UserError(f"{source}: 'critic.trunk' lora trains adapters of 'critic.lora.rank': set it to 1 or more "
+                            "(or 'critic.trunk' frozen or full)")
 
 
 @frozen
