@@ -70,8 +70,8 @@ def test_a_non_editable_install_trains_from_another_directory(tmp_path):
     assert where.returncode == 0, where.stderr
     module, configs = where.stdout.split()
     assert module == str(Path(site) / "weighted_mtp.py") and configs == str(venv / "share" / "weighted-mtp" / "configs")
-    assert sorted(p.name for p in Path(configs).glob("*/*_local.yaml")) == sorted(
-        p.name for p in (ROOT / "configs").glob("*/*_local.yaml"))
+    assert sorted(p.relative_to(configs) for p in Path(configs).glob("*/*.yaml")) == sorted(
+        p.relative_to(ROOT / "configs") for p in (ROOT / "configs").glob("*/*.yaml"))  # compare --control's too
     helped, written = one_step(python, work, env, configs, tmp_path / "ckpt")
     assert "train" in helped and "evaluate" in helped and written == ["checkpoint_best.pt", "checkpoint_final.pt"]
     assert sorted(p.name for p in work.iterdir()) == planted  # nothing written into the working directory
