@@ -145,7 +145,7 @@ full = lambda m: get_model_state_dict(m, options=StateDictOptions(full_state_dic
 for case, (config, overrides) in {cases!r}.items():
     cfg = load_config(config, overrides + ["training.parallel=" + mode])
     s = wm.prepare(cfg, False, dist.get_rank() if world > 1 else 0, world, torch.device("cpu"))
-    state = {{"model": full(s.model), "reference": full(s.pipeline.reference) if hasattr(s.pipeline, "reference")
+    state = {{"model": full(s.model), "reference": full(s.pipeline.reference) if s.pipeline.reference is not None
              else {{}}, "dtypes": sorted({{str(p.dtype) for p in s.model.parameters()}})}}
     if world == 1 or dist.get_rank() == 0:
         torch.save(state, f"{{out}}/{{mode}}-{{case}}.pt")
