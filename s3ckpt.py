@@ -768,9 +768,11 @@ def fetch_shards(local_dir, uri, names, manifest, cache_dir, tracking_uri=None):
 def release_pages(t):
     """Drops a memory-mapped tensor's pages from this process's resident memory (madvise MADV_DONTNEED; the mapping
     is private and never written, so a page touched again is read from the file again): a file read a tensor at a
-    time then costs one tensor of RSS, not the whole file. Only for such tensors: on heap memory it zeroes the
-    pages, the tensor's and its neighbours' (the range is rounded down to a page)."""
+    time then costs one tensor of RSS, not the whole file. Only the pages that lie wholly inside the tensor are
+    released (at most two partial pages stay resident), so memory beside it is never touched: on heap memory, where
+    a released page reads back as zeros, only the tensor's own contents are lost, never a neighbour's or malloc's."""
     import ctypes  # here: nothing else in this file needs it
     page, start = os.sysconf("SC_PAGE_SIZE"), t.data_ptr()
-    aligned = start // page * page
-    ctypes.CDLL(None).madvise(ctypes.c_void_p(aligned), ctypes.c_size_t(start + t.nbytes - aligned), 4)
+    first, end = -(-start // page) * page, (start + t.nbytes) // page * page
+    if end > first:
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), 4)

@@ -402,3 +402,20 @@ def test_s3_etag_agrees_with_a_real_s3_server_for_a_multipart_upload(moto_s3, tm
                    Config=TransferConfig(multipart_threshold=part, multipart_chunksize=part))
     etag = s3.head_object(Bucket=BUCKET, Key="etag/probe")["ETag"].strip('"')
     assert etag.endswith("-3") and etag == s3ckpt.s3_etag(path, part)
+
+
+def test_release_pages_drops_only_the_tensors_own_pages(tmp_path):
+    """A memory-mapped tensor reads back the same after its pages are dropped (they come again from the file); on
+    heap memory only the pages wholly inside the tensor are dropped: its neighbours keep their bytes."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    torch.save({"w": torch.arange(4 * page, dtype=torch.float32)}, tmp_path / "w.pt")
+    mapped = torch.load(tmp_path / "w.pt", mmap=True, weights_only=True)["w"]
+    assert mapped.sum().item() == sum(range(4 * page))  # its pages are read in
+    s3ckpt.release_pages(mapped)
+    assert mapped.sum().item() == sum(range(4 * page))  # and read again from the file
+    heap = torch.ones(4 * page, dtype=torch.uint8)
+    offset = -heap.data_ptr() % page + page // 2  # from mid-page to mid-page, three pages later
+    inside = heap[offset:offset + 3 * page]
+    s3ckpt.release_pages(inside)
+    assert heap[:offset].eq(1).all() and heap[offset + 3 * page:].eq(1).all()  # the neighbours untouched
+    assert inside.eq(0).sum().item() == 2 * page  # the two pages wholly inside were dropped, the partial ends kept
