@@ -107,3 +107,49 @@ def test_sample_refuses_a_missing_directory_and_tasks_without_tests(sampled, tmp
     assert capsys.readouterr().err.strip() == f"error: {bare}:1 (task t): no tests to run (metadata.tests or " \
                                               "metadata.test)"
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_sample_auto_reads_the_newest_finished_run_and_names_the_checkpoint_it_read(tmp_path, tracking):
+    """./run.sh sample <p> --local's default, --checkpoint auto: the newest finished baseline-mtp run's final
+    checkpoint, and the provenance says which (runs:/<id>/..., its run and step), not "auto"."""
+    run_id = wm.train(tiny_config("baseline", tmp_path, "training.max_steps=2", "training.eval_interval=0",
+                                  "checkpoint.save_every=0"), use_micro=True)["run_id"]
+    tasks, out = tmp_path / "tasks.jsonl", tmp_path / "answers.jsonl"
+    tasks.write_text(json.dumps(ANYTHING) + "\n")
+    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"eval.dataset={tasks}", "eval.max_new_tokens=1",
+                 "eval.workers=1", "eval.timeout_s=5"]
+    assert wm.main(["sample", "--config", "configs/baseline/baseline_local.yaml", "--use-micro-model", "--out",
+                    str(out)] + [a for o in overrides for a in ("--override", o)]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    p = record["provenance"]
+    assert (p["checkpoint"], p["run_id"], p["step"]) == (f"runs:/{run_id}/checkpoints/checkpoint_final.pt", run_id, 2)
+    assert (record["task_id"], record["is_correct"], p["temperature"]) == ("anything", True, 0.0)   # greedy, n = 1
+
+
+def test_sample_prompts_a_chat_model_through_its_own_template_as_evaluate_does(tmp_path):
+    """eval.prompt chat with a model dir that has a chat template: the answers are greedy continuations of the
+    prompt transformers' apply_chat_template renders (what evaluate and training's dataset.template chat use), not
+    of the plain chat rendering the micro model gets."""
+    transformers = pytest.importorskip("transformers")
+    from test_hf import CHAT_JINJA, CONFIG, random_llama, write_hf
+    from wmtp.data import render_chat
+    from wmtp.evaluation import answer_code
+    from wmtp.model import generate
+    d = write_hf(tmp_path / "hf", CONFIG, random_llama(CONFIG))
+    (d / "chat_template.jinja").write_text(CHAT_JINJA)
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))  # transformers'
+    tasks, out = tmp_path / "tasks.jsonl", tmp_path / "answers.jsonl"
+    tasks.write_text(json.dumps(ANYTHING) + "\n")
+    overrides = [f"model.path={d}", "model.n_future_tokens=2", f"checkpoint.dir={tmp_path}/ckpt",
+                 f"eval.dataset={tasks}", "eval.prompt=chat", "eval.max_new_tokens=12", "eval.speculative=false",
+                 "eval.workers=1", "eval.timeout_s=5"]
+    assert wm.main(["sample", "--config", "configs/baseline/baseline_local.yaml", "--checkpoint", "none", "--out",
+                    str(out)] + [a for o in overrides for a in ("--override", o)]) == 0
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    tok, model = wm.load_pretrained(d, n_future_tokens=2)
+    hf = transformers.AutoTokenizer.from_pretrained(d)
+    theirs = hf.apply_chat_template([{"role": "user", "content": "say anything\n"}], add_generation_prompt=True)
+    theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+    plain = tok.prefix_ids + tok.encode(render_chat([{"role": "user", "content": "say anything\n"}], None, True))
+    answer = lambda prompt: answer_code(tok.decode(generate(model.eval(), [prompt], tok.eos_id, tok.pad_id, 12)[0]))
+    assert record["output"] == answer(theirs) != answer(plain)   # the template's prompt, and it matters here
