@@ -279,7 +279,8 @@ def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
         run_id = s3ckpt.checkpoint_part(state, "tracking")["run_id"]
         run_id = None if str(run_id).startswith("local-") else run_id
         step = s3ckpt.checkpoint_part(state, "schedule")["step"]
-        source = (found[1] or checkpoint) if found else checkpoint
+        if found and found[1]:  # rank 0: the URI it fetched (auto's runs:/<id>/...); a path stays as given
+            source = found[1]
     return tok, model.to(device).eval(), run_id, step, source
 
 
