@@ -381,7 +381,7 @@ def p9_speculative(S, checkpoint, device=CPU):
     cfg = config_from_dict(s3ckpt.checkpoint_part(s3ckpt.load_checkpoint(checkpoint), "about")["config"], checkpoint)
     cfg = config_from_dict({**cfg.to_dict(), "eval": {**cfg.to_dict()["eval"], "dataset": "builtin:pyfunc",
                                                       "n_samples": 1, "max_new_tokens": 32}}, checkpoint)
-    tok, model, _, _ = model_to_evaluate(cfg, not cfg.model.path, checkpoint, 0, device)
+    tok, model, _, _, _ = model_to_evaluate(cfg, not cfg.model.path, checkpoint, 0, device)
     tasks = eval_tasks("builtin:pyfunc")
     results = {}
     for name, batch, goal in (("P9", 1, 1.5), ("P9_b16", 16, 1.2)):

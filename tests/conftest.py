@@ -93,6 +93,7 @@ SLOW = {
     "test_firstday.py::test_run_sh_lists_the_configs_and_passes_export_through",       # real run.sh processes
     "test_sandbox_closed.py::test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for",
     "test_sample.py::test_the_trainer_reads_sampled_records_as_written",               # samples, then trains a critic
+    "test_sample.py::test_run_sh_sample_reads_the_newest_finished_run_and_names_the_checkpoint_it_read",  # run.sh
     "test_firstday.py::test_a_resumed_run_records_the_checkpoint_it_resumed_from",
     "test_firstday.py::test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size",
     "test_tiers.py::test_a_fast_tier_over_its_budget_fails_the_run_and_names_its_slowest_tests",  # pytest in pytest

@@ -37,6 +37,24 @@ def test_at_first_wrong_reads_each_pair_at_its_own_first_wrong_position():
     assert W.token_credit(right, wrong).item() == 0.5   # a win, a loss, a tie: (1 + 0 + ½) / 3
 
 
+def test_logprob_credit_compares_the_right_and_the_first_wrong_token_given_their_shared_prefix():
+    """val/token_credit_logprob on a random micro model, worked the slow way: each pair's prefix (prompt and the
+    answer's tokens before j) run alone, log p(right token) against log p(first wrong token) from its last logits."""
+    from test_generate import micro_model
+    from wmtp.pipelines import logprob_credit, near_miss_pairs
+    records = [r for r in sums_records("train") if r["task_id"] in {f"sums-{a}-{b}" for a in range(3) for b in (1, 5)}]
+    records += [{**r, "output": "1" + r["output"]} for r in records[:3]]  # 0+1: 11 vs 12, parting at the 2nd digit
+    pairs = near_miss_pairs(encode_records(records, TOK, 32, "error", "x", "plain")[0])
+    assert len(pairs) == 6 and {j for *_, j in pairs} == {5, 6}   # one pair per prompt, at its first wrong token
+    model, wins = micro_model(seed=1), []
+    for right, wrong, j in pairs:
+        lp = torch.log_softmax(wm.next_token_logits(model, torch.tensor([right[0][:j]]))[0, -1], -1)
+        r, w = lp[right[0][j]].item(), lp[wrong[0][j]].item()
+        wins.append(1.0 if r > w else 0.5 if r == w else 0.0)
+    assert wins == [0.0, 1.0, 0.0, 0.0, 0.0, 1.0]   # this model prefers the right token in 2 pairs of 6
+    assert logprob_credit(model, pairs) == pytest.approx(2 / 6, abs=1e-6)   # one batch, padded: the same
+
+
 @pytest.fixture(scope="module")
 def uniform_start(tmp_path_factory):
     """A tiny baseline's final checkpoint with its output layer zeroed: a starting policy whose every next-token

@@ -265,11 +265,12 @@ def read_samples(path, tasks):
 
 
 def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
-    """(tok, model, the training run to log into or None, its step): the model of the config, with a trainer
-    checkpoint loaded unless it is none (a path, s3://, runs:/, or auto = the newest finished run of the config's
-    pipeline)."""
+    """(tok, model, the training run to log into or None, its step, the checkpoint it read): the model of the config,
+    with a trainer checkpoint loaded unless it is none (a path, s3://, runs:/, or auto = the newest finished run of
+    the config's pipeline). The checkpoint it read is, on rank 0, the URI it was fetched from (auto's runs:/<id>/...)
+    or the path as given; else `checkpoint` as given."""
     tok, model = build_model(cfg, use_micro, value_head=True)  # so every pipeline's checkpoint loads strictly
-    run_id, step = None, 0
+    run_id, step, source = None, 0, checkpoint
     if checkpoint and checkpoint != "none":
         cache = Path(cfg.checkpoint.dir) / ".cache"
         found = (resolve_uri(cfg.mlflow, checkpoint, cfg.experiment.pipeline, s3ckpt.FINAL, cache)
@@ -278,7 +279,16 @@ def model_to_evaluate(cfg, use_micro, checkpoint, rank, device):
         run_id = s3ckpt.checkpoint_part(state, "tracking")["run_id"]
         run_id = None if str(run_id).startswith("local-") else run_id
         step = s3ckpt.checkpoint_part(state, "schedule")["step"]
-    return tok, model.to(device).eval(), run_id, step
+        if found and found[1]:  # rank 0: the URI it fetched (auto's runs:/<id>/...); a path stays as given
+            source = found[1]
+    return tok, model.to(device).eval(), run_id, step, source
+
+
+def prompt_chat(cfg, use_micro):
+    """The chat template that eval.prompt chat renders a task through (task_prompt): the model dir's own
+    (data.chat_template, as training's dataset.template chat uses it); None for the micro model, another eval.prompt,
+    or a dir without one (then PLAIN_CHAT)."""
+    return None if use_micro or cfg.eval.prompt != "chat" else chat_template(cfg.model.path)
 
 
 class Progress:
@@ -419,12 +429,11 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
             tasks = {tid: tasks[tid] for tid in dict(pairs)}  # pass@k over the tasks that have samples
             progress = Progress(len(tasks), len(pairs), terminal)
         else:
-            tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
+            tok, model, run_id, step, _ = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
             progress, n_heads = Progress(len(tasks), len(tasks) * e.n_samples, terminal), model.args.n_future_tokens
-            chat = None if use_micro or e.prompt != "chat" else chat_template(cfg.model.path)
             with torch.no_grad():
                 pairs, stats = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template,
-                                                  progress, chat)
+                                                  progress, prompt_chat(cfg, use_micro))
         if rank != 0:
             return None
         results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
@@ -503,15 +512,16 @@ def sample(cfg, use_micro=False, checkpoint="auto", out=None, tasks=None):
         tasks = tasks or eval_tasks(e.dataset, e.max_tasks)
         for record in tasks.values():
             sandbox.programs(record, "")  # a task without runnable tests fails here, before any generation
-        tok, model, run_id, step = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
+        tok, model, run_id, step, source = model_to_evaluate(cfg, use_micro, checkpoint, rank, device)
         progress = Progress(len(tasks), len(tasks) * e.n_samples, terminal)
         with torch.no_grad():
-            pairs, _ = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template, progress)
+            pairs, _ = sample_completions(model, tok, tasks, e, rank, world, device, cfg.dataset.template, progress,
+                                          prompt_chat(cfg, use_micro))
         if rank != 0:
             return None
         results = sandbox.score(tasks, pairs, sandbox.Limits.of(e), e.workers or os.cpu_count() or 1,
                                 progress.programs_run)
-        provenance = {"checkpoint": checkpoint, "run_id": run_id, "step": step, "n_samples": e.n_samples,
+        provenance = {"checkpoint": source, "run_id": run_id, "step": step, "n_samples": e.n_samples,
                       "temperature": e.temperature if e.n_samples > 1 else 0.0, "top_p": e.top_p, "seed": e.seed,
                       "max_new_tokens": e.max_new_tokens, "template": cfg.dataset.template,
                       "sandbox": sandbox.isolation().mode}
