@@ -219,6 +219,7 @@ def test_the_seccomp_program_decides_each_call_as_written(machine, calls):
     assert run_bpf(program, 0, 0x40000003) == KILL  # i386 on x86_64
 
 
+COLUMN = harness.ARCHES[os.uname().machine][0]
 LEAVER = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
@@ -236,24 +237,65 @@ for _ in range(1500):  # deeper than the recursion limit
     os.mkdir("d")
     os.chdir("d")
 os.chmod(".", 0)
-"""
+libc.syscall(KEYCTL, 1, None)                      # a session keyring of its own, as the harness gives a program
+persistent = libc.syscall(KEYCTL, 22, -1, -3)      # KEYCTL_GET_PERSISTENT, linked there (so it may write to it)
+for ring in (-4, -5, persistent):                 # user, user-session, persistent: they outlive the process
+    assert libc.syscall(ADD_KEY, b"user", b"wmtp-left", b"x", 1, ring) > 0
+""".replace("KEYCTL", str(harness.DENIED["keyctl"][COLUMN])).replace("ADD_KEY", str(harness.DENIED["add_key"][COLUMN]))
+KEYS_HELD = """
+import ctypes
+call = ctypes.CDLL(None).syscall
+call(KEYCTL, 1, None)                                     # a session keyring of its own, to link the persistent one
+rings = [call(KEYCTL, 22, -1, -3), -4, -5]
+print([call(KEYCTL, 11, ring, None, 0) for ring in rings])  # KEYCTL_READ: 4 bytes per key it holds
+""".replace("KEYCTL", str(harness.DENIED["keyctl"][COLUMN]))
+
+
+def as_uid(uid, code):
+    """code run by /usr/bin/python3 as uid (outside the sandbox: no filter, no Landlock) -> its stdout."""
+    done = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
+                           code], cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def key_owners():
+    return {line.split(":")[0].strip() for line in Path("/proc/key-users").read_text().splitlines()}
 
 
 @pytest.mark.skipif(not AS_ROOT, reason="the uid mode's sweep runs as root")
 def test_the_uid_sweep_removes_what_a_slot_uid_left_even_re_owned_or_1500_deep():
     """The second fence behind Landlock and the filter, tested with what they keep out: a SysV segment its uid made
-    and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep tree (a recursive cleanup dies on it)."""
+    and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep tree (a recursive cleanup dies on it), a
+    key in each keyring that outlives a process (user, user-session, persistent). A uid with no keys gets none."""
     uid = sandbox.UID_BASE + 4321
     sandbox._sweep(uid)  # what an interrupted run of this test left
-    made = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
-                           LEAVER], cwd="/", capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
-    segment = made.stdout.strip()
+    sandbox._drop_keys([uid], sandbox.isolation("uid"), wait_s=0.1)
+    segment = as_uid(uid, LEAVER)
     rows = Path("/proc/sysvipc/shm").read_text().splitlines()
     header = rows[0].split()
     [row] = [r.split() for r in rows[1:] if r.split()[1] == segment]
     assert (row[header.index("uid")], row[header.index("cuid")]) == ("0", str(uid))  # matched on owner: missed
     left = [Path(f"{d}/wmtp-left-{uid}") for d in ("/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)]
+    assert 0 not in json.loads(as_uid(uid, KEYS_HELD))  # a key in each (the user-session keyring may also link @u)
     sandbox._sweep(uid)
+    sandbox._drop_keys([uid], sandbox.isolation("uid"), wait_s=0.1)
     assert segment not in [r.split()[1] for r in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
     assert not [p for p in left if p.exists()] and not Path(f"/tmp/wmtp-deep-{uid}").exists()
+    assert as_uid(uid, KEYS_HELD) == "[0, 0, 0]"
+    fresh = sandbox.UID_BASE + 4322 + os.getpid() % 1000   # a uid that never ran anything
+    sandbox._drop_keys([fresh], sandbox.isolation("uid"), wait_s=0.1)
+    assert str(fresh) not in key_owners()  # looking up its keyrings would have made two
+
+
+def test_no_posix_message_queue_is_made_under_the_programs_rlimits():
+    """RLIMIT_MSGQUEUE 0 (the harness's limit()) stops mq_open even where the filter does not run: the same
+    call without it makes a queue (then removed)."""
+    code = ("import ctypes, os, sys; sys.path.insert(0, {lib!r}); import sandbox_harness as h; "
+            "libc = ctypes.CDLL(None, use_errno=True); {limit}"
+            "q = libc.mq_open(b'/wmtp-mq-%d' % os.getpid(), 0o102, 0o600, None); "   # O_CREAT | O_RDWR
+            "print(q >= 0, ctypes.get_errno()); q >= 0 and libc.mq_unlink(b'/wmtp-mq-%d' % os.getpid())")
+    said = [subprocess.run([sys.executable, "-I", "-c", code.format(lib=str(ROOT / "wmtp"), limit=limit)],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+            for limit in ("", "h.limit(256 << 20, 2, 0); ")]
+    assert said == [["True", "0"], ["False", "24"]]  # 24: EMFILE, the queue's bytes over RLIMIT_MSGQUEUE
