@@ -19,7 +19,9 @@ import pytest
 from wmtp import sandbox
 from wmtp import sandbox_harness as harness
 from wmtp.config import UserError, load_config
+from wmtp.evaluation import evaluate
 from wmtp.report import pass_at_1_cell
+from conftest import tiny_config
 from test_sandbox_hostile import (AS_ROOT, SANDBOX_FILES, THROWAWAY_UID, as_root_with_setpriv, listener,  # noqa: F401
                                   run_evaluator)
 
@@ -81,9 +83,10 @@ def test_an_exit_status_is_not_read_as_a_signal_or_a_timeout(mode):
     assert [r["status"] for r in results] == ["failed", "failed", "failed", "timeout", "passed", "failed"], results
 
 
-def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, monkeypatch):
-    """isolation(), score(), doctor's line and training's validation refuse with one line naming the fix; an
-    explicit mode (the caller's, or WMTP_SANDBOX through the config) runs and says which it is."""
+def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, monkeypatch, tmp_path):
+    """isolation(), score(), doctor's line, training's validation and evaluate (first: before it loads a model and
+    decodes) refuse with one line naming the fix; an explicit mode (the caller's, or WMTP_SANDBOX through the
+    config) runs and says which it is."""
     with pytest.raises(sandbox.SandboxUnavailable) as refused:
         sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], LIMITS)
     assert str(refused.value) == ("sandbox bwrap does not work here (bubblewrap (bwrap) is not installed): "
@@ -96,6 +99,9 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
         val=[(None, None, None, record)], checker=None), tok=None, model=None, cfg=cfg, rank=0, world=1, device="cpu")
     with pytest.raises(UserError, match="apt-get install bubblewrap"):
         Validation(setup, None)
+    with pytest.raises(UserError, match="apt-get install bubblewrap"):  # before looking for a model to decode with
+        evaluate(tiny_config("baseline", tmp_path, f"checkpoint.dir={tmp_path / 'none'}"), use_micro=True,
+                 checkpoint=str(tmp_path / "missing.pt"))
     weaker = "uid" if AS_ROOT else "none"
     monkeypatch.setenv("WMTP_SANDBOX", weaker)
     chosen = load_config(BASELINE).eval
@@ -105,9 +111,10 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
 
 
 @pytest.mark.skipif(not AS_ROOT or not shutil.which("unshare"), reason="hiding bwrap needs root (a mount namespace)")
-def test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for(tmp_path):
+def test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for(tmp_path, tracking):
     """The CLI where bwrap is not installed (hidden in a mount namespace of its own): exit 2, one line, no
-    traceback, no summary; WMTP_SANDBOX=uid: the summary and the printed line name the mode."""
+    traceback, no summary, no run; WMTP_SANDBOX=uid: the summary, the printed line and the run's tag name the mode."""
+    from mlflow import MlflowClient
     tasks, samples = tmp_path / "tasks.jsonl", tmp_path / "samples.jsonl"
     tasks.write_text(json.dumps({"instruction": "Write f.", "output": "", **DOUBLE}) + "\n")
     samples.write_text(json.dumps({"task_id": "double", "completion": "def f(x):\n    return 2 * x"}) + "\n")
@@ -115,18 +122,21 @@ def test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mo
             'mount --bind /dev/null "$(command -v bwrap)" && exec "$@"', "sh"]
     command = [*hide, sys.executable, "-m", "weighted_mtp", "evaluate", "--config", str(BASELINE), "--samples",
                str(samples), "--json", str(tmp_path / "out.json"), "--override", f"eval.dataset={tasks}",
-               "--override", "mlflow.enable_logging=false", "--override", "eval.workers=1"]
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+               "--override", "eval.workers=1"]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking}
     refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         f"error: sandbox bwrap does not work here (bubblewrap (bwrap) is not installed): {sandbox.FIX}"]
-    assert not (tmp_path / "out.json").exists()
+    client = MlflowClient(tracking)
+    assert not (tmp_path / "out.json").exists() and client.get_experiment_by_name("weighted-mtp/production") is None
     ran = subprocess.run(command, cwd=tmp_path, env={**env, "WMTP_SANDBOX": "uid"}, capture_output=True, text=True,
                          timeout=300)
     assert ran.returncode == 0, ran.stderr
     assert json.loads((tmp_path / "out.json").read_text()) == {"pass@1": 1.0, "n_tasks": 1, "n_samples": 1,
                                                                "timeouts": 0, "errors": 0, "sandbox": "uid"}
     assert "sandbox: uid (WEAKER" in ran.stdout
+    [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
+    assert (run.info.run_name, run.data.tags["sandbox.isolation"]) == ("evaluate", "uid")
 
 
 def test_report_marks_a_score_from_a_weaker_sandbox():
