@@ -717,9 +717,10 @@ def check_memory(mode, hog, drop):
     assert held["pipes"] <= 32 and held["heap"] < LIMITS["memory_mb"], held  # 29 here: the program holds 6 fds
     bound = LIMITS["memory_mb"] + 3 * 64 + 32
     # Shmem (tmpfs, memfd, SysV, the root) is exact: a route that gets through adds 512 MiB. MemAvailable moves with
-    # the rest of the machine: 1 GiB of slack, still failed by the forks (15 x 128 MiB) if they got through; a
-    # pipe's route is bounded by the kernel's per-user pipe pages too, so `held` is what catches NOFILE raised
-    assert drop[1] <= 3 * 64 + 32 and drop[0] <= bound + 1024, drop
+    # the rest of the machine (-1,434 MiB in a uid run at load 13-17): 1.5 GiB of slack, still failed by the forks
+    # if they got through (-2,554 MiB); a pipe's route is bounded by the kernel's per-user pipe pages too, so
+    # `held` is what catches NOFILE raised
+    assert drop[1] <= 3 * 64 + 32 and drop[0] <= bound + 1536, drop
 
 
 # --------------------------------------------------------------------------------- the evaluator's own files

@@ -99,10 +99,11 @@ def seccomp_program(machine):
 
 
 def confine(rules_fd, seccomp=True):
-    """Last step before untrusted code: a new anonymous session keyring (the evaluator's keys out of reach),
-    no-new-privs, with rules_fd >= 0 Landlock (files: read-only "r PATH" and read-write "w PATH" lines, nothing
-    else; with ABI 4 no TCP, with ABI 6 no signals or abstract sockets beyond the sandbox), then the seccomp
-    filter. Any step that fails raises: the program does not run."""
+    """Last step before untrusted code: a new anonymous session keyring where the kernel gives one (the
+    evaluator's keys out of reach; where it refuses, say an outer filter or the uid's key quota, the filter below
+    still denies every key call), no-new-privs, with rules_fd >= 0 Landlock (files: read-only "r PATH" and
+    read-write "w PATH" lines, nothing else; with ABI 4 no TCP, with ABI 6 no signals or abstract sockets beyond
+    the sandbox), then the seccomp filter. Any of those three that fails raises: the program does not run."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
