@@ -275,12 +275,14 @@ def key_owners():
 
 @pytest.mark.skipif(not AS_ROOT, reason="the uid mode's sweep runs as root")
 def test_the_uid_sweep_removes_what_a_slot_uid_left_even_re_owned_or_1500_deep():
-    """The second fence behind Landlock and the filter, tested with what they keep out: a SysV segment its uid made
-    and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep tree (a recursive cleanup dies on it), a
-    key in each keyring that outlives a process (user, user-session, persistent). A uid with no keys gets none."""
-    uid = sandbox.UID_BASE + 4321
-    sandbox._sweep(uid)  # what an interrupted run of this test left
-    sandbox._drop_keys([uid], sandbox.isolation("uid"), wait_s=0.1)
+    """The second fence behind Landlock and the filter, tested with what they keep out, left by slot 0's uid outside
+    the sandbox: a SysV segment its uid made and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep
+    tree (a recursive cleanup dies on it), a key in each keyring that outlives a process (user, user-session,
+    persistent). One score() in uid mode removes them all. A uid with no keys gets none."""
+    iso = sandbox.isolation("uid")._replace(uid=sandbox.UID_BASE + 4321)  # one uid for every run: keyrings stay
+    uid = iso.uid  # slot 0's
+    sandbox._sweep(uid)  # what an interrupted run left
+    sandbox._drop_keys([uid], iso, wait_s=0.1)
     segment = as_uid(uid, LEAVER)
     rows = Path("/proc/sysvipc/shm").read_text().splitlines()
     header = rows[0].split()
@@ -288,13 +290,13 @@ def test_the_uid_sweep_removes_what_a_slot_uid_left_even_re_owned_or_1500_deep()
     assert (row[header.index("uid")], row[header.index("cuid")]) == ("0", str(uid))  # matched on owner: missed
     left = [Path(f"{d}/wmtp-left-{uid}") for d in ("/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)]
     assert 0 not in json.loads(as_uid(uid, KEYS_HELD))  # a key in each (the user-session keyring may also link @u)
-    sandbox._sweep(uid)
-    sandbox._drop_keys([uid], sandbox.isolation("uid"), wait_s=0.1)
+    [result] = sandbox._score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], LIMITS, 1, iso)
+    assert result["passed"]
     assert segment not in [r.split()[1] for r in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
     assert not [p for p in left if p.exists()] and not Path(f"/tmp/wmtp-deep-{uid}").exists()
     assert as_uid(uid, KEYS_HELD) == "[0, 0, 0]"
     fresh = sandbox.UID_BASE + 4322 + os.getpid() % 1000   # a uid that never ran anything
-    sandbox._drop_keys([fresh], sandbox.isolation("uid"), wait_s=0.1)
+    sandbox._drop_keys([fresh], iso, wait_s=0.1)
     assert str(fresh) not in key_owners()  # looking up its keyrings would have made two
 
 
