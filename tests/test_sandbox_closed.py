@@ -19,7 +19,9 @@ import pytest
 from wmtp import sandbox
 from wmtp import sandbox_harness as harness
 from wmtp.config import UserError, load_config
+from wmtp.evaluation import evaluate
 from wmtp.report import pass_at_1_cell
+from conftest import tiny_config
 from test_sandbox_hostile import (AS_ROOT, SANDBOX_FILES, THROWAWAY_UID, as_root_with_setpriv, listener,  # noqa: F401
                                   run_evaluator)
 
@@ -81,9 +83,10 @@ def test_an_exit_status_is_not_read_as_a_signal_or_a_timeout(mode):
     assert [r["status"] for r in results] == ["failed", "failed", "failed", "timeout", "passed", "failed"], results
 
 
-def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, monkeypatch):
-    """isolation(), score(), doctor's line and training's validation refuse with one line naming the fix; an
-    explicit mode (the caller's, or WMTP_SANDBOX through the config) runs and says which it is."""
+def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, monkeypatch, tmp_path):
+    """isolation(), score(), doctor's line, training's validation and evaluate (first: before it loads a model and
+    decodes) refuse with one line naming the fix; an explicit mode (the caller's, or WMTP_SANDBOX through the
+    config) runs and says which it is."""
     with pytest.raises(sandbox.SandboxUnavailable) as refused:
         sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], LIMITS)
     assert str(refused.value) == ("sandbox bwrap does not work here (bubblewrap (bwrap) is not installed): "
@@ -96,6 +99,9 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
         val=[(None, None, None, record)], checker=None), tok=None, model=None, cfg=cfg, rank=0, world=1, device="cpu")
     with pytest.raises(UserError, match="apt-get install bubblewrap"):
         Validation(setup, None)
+    with pytest.raises(UserError, match="apt-get install bubblewrap"):  # before looking for a model to decode with
+        evaluate(tiny_config("baseline", tmp_path, f"checkpoint.dir={tmp_path / 'none'}"), use_micro=True,
+                 checkpoint=str(tmp_path / "missing.pt"))
     weaker = "uid" if AS_ROOT else "none"
     monkeypatch.setenv("WMTP_SANDBOX", weaker)
     chosen = load_config(BASELINE).eval
@@ -105,9 +111,10 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
 
 
 @pytest.mark.skipif(not AS_ROOT or not shutil.which("unshare"), reason="hiding bwrap needs root (a mount namespace)")
-def test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for(tmp_path):
+def test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for(tmp_path, tracking):
     """The CLI where bwrap is not installed (hidden in a mount namespace of its own): exit 2, one line, no
-    traceback, no summary; WMTP_SANDBOX=uid: the summary and the printed line name the mode."""
+    traceback, no summary, no run; WMTP_SANDBOX=uid: the summary, the printed line and the run's tag name the mode."""
+    from mlflow import MlflowClient
     tasks, samples = tmp_path / "tasks.jsonl", tmp_path / "samples.jsonl"
     tasks.write_text(json.dumps({"instruction": "Write f.", "output": "", **DOUBLE}) + "\n")
     samples.write_text(json.dumps({"task_id": "double", "completion": "def f(x):\n    return 2 * x"}) + "\n")
@@ -115,18 +122,21 @@ def test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mo
             'mount --bind /dev/null "$(command -v bwrap)" && exec "$@"', "sh"]
     command = [*hide, sys.executable, "-m", "weighted_mtp", "evaluate", "--config", str(BASELINE), "--samples",
                str(samples), "--json", str(tmp_path / "out.json"), "--override", f"eval.dataset={tasks}",
-               "--override", "mlflow.enable_logging=false", "--override", "eval.workers=1"]
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+               "--override", "eval.workers=1"]
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": tracking}
     refused = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
         f"error: sandbox bwrap does not work here (bubblewrap (bwrap) is not installed): {sandbox.FIX}"]
-    assert not (tmp_path / "out.json").exists()
+    client = MlflowClient(tracking)
+    assert not (tmp_path / "out.json").exists() and client.get_experiment_by_name("weighted-mtp/production") is None
     ran = subprocess.run(command, cwd=tmp_path, env={**env, "WMTP_SANDBOX": "uid"}, capture_output=True, text=True,
                          timeout=300)
     assert ran.returncode == 0, ran.stderr
     assert json.loads((tmp_path / "out.json").read_text()) == {"pass@1": 1.0, "n_tasks": 1, "n_samples": 1,
                                                                "timeouts": 0, "errors": 0, "sandbox": "uid"}
     assert "sandbox: uid (WEAKER" in ran.stdout
+    [run] = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id])
+    assert (run.info.run_name, run.data.tags["sandbox.isolation"]) == ("evaluate", "uid")
 
 
 def test_report_marks_a_score_from_a_weaker_sandbox():
@@ -219,6 +229,7 @@ def test_the_seccomp_program_decides_each_call_as_written(machine, calls):
     assert run_bpf(program, 0, 0x40000003) == KILL  # i386 on x86_64
 
 
+COLUMN = harness.ARCHES[os.uname().machine][0]
 LEAVER = """
 import ctypes, os
 libc = ctypes.CDLL(None, use_errno=True)
@@ -236,24 +247,67 @@ for _ in range(1500):  # deeper than the recursion limit
     os.mkdir("d")
     os.chdir("d")
 os.chmod(".", 0)
-"""
+libc.syscall(KEYCTL, 1, None)                      # a session keyring of its own, as the harness gives a program
+persistent = libc.syscall(KEYCTL, 22, -1, -3)      # KEYCTL_GET_PERSISTENT, linked there (so it may write to it)
+for ring in (-4, -5, persistent):                 # user, user-session, persistent: they outlive the process
+    assert libc.syscall(ADD_KEY, b"user", b"wmtp-left", b"x", 1, ring) > 0
+""".replace("KEYCTL", str(harness.DENIED["keyctl"][COLUMN])).replace("ADD_KEY", str(harness.DENIED["add_key"][COLUMN]))
+KEYS_HELD = """
+import ctypes
+call = ctypes.CDLL(None).syscall
+call(KEYCTL, 1, None)                                     # a session keyring of its own, to link the persistent one
+rings = [call(KEYCTL, 22, -1, -3), -4, -5]
+print([call(KEYCTL, 11, ring, None, 0) for ring in rings])  # KEYCTL_READ: 4 bytes per key it holds
+""".replace("KEYCTL", str(harness.DENIED["keyctl"][COLUMN]))
+
+
+def as_uid(uid, code):
+    """code run by /usr/bin/python3 as uid (outside the sandbox: no filter, no Landlock) -> its stdout."""
+    done = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
+                           code], cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def key_owners():
+    return {line.split(":")[0].strip() for line in Path("/proc/key-users").read_text().splitlines()}
 
 
 @pytest.mark.skipif(not AS_ROOT, reason="the uid mode's sweep runs as root")
 def test_the_uid_sweep_removes_what_a_slot_uid_left_even_re_owned_or_1500_deep():
-    """The second fence behind Landlock and the filter, tested with what they keep out: a SysV segment its uid made
-    and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep tree (a recursive cleanup dies on it)."""
-    uid = sandbox.UID_BASE + 4321
-    sandbox._sweep(uid)  # what an interrupted run of this test left
-    made = subprocess.run(["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "/usr/bin/python3", "-c",
-                           LEAVER], cwd="/", capture_output=True, text=True, timeout=60)
-    assert made.returncode == 0, made.stderr
-    segment = made.stdout.strip()
+    """The second fence behind Landlock and the filter, tested with what they keep out, left by slot 0's uid outside
+    the sandbox: a SysV segment its uid made and gave to root, files in /tmp, /dev/shm and /run/lock, a 1500-deep
+    tree (a recursive cleanup dies on it), a key in each keyring that outlives a process (user, user-session,
+    persistent). One score() in uid mode removes them all. A uid with no keys gets none."""
+    iso = sandbox.isolation("uid")._replace(uid=sandbox.UID_BASE + 4321)  # one uid for every run: keyrings stay
+    uid = iso.uid  # slot 0's
+    sandbox._sweep(uid)  # what an interrupted run left
+    sandbox._drop_keys([uid], iso, wait_s=0.1)
+    segment = as_uid(uid, LEAVER)
     rows = Path("/proc/sysvipc/shm").read_text().splitlines()
     header = rows[0].split()
     [row] = [r.split() for r in rows[1:] if r.split()[1] == segment]
     assert (row[header.index("uid")], row[header.index("cuid")]) == ("0", str(uid))  # matched on owner: missed
     left = [Path(f"{d}/wmtp-left-{uid}") for d in ("/tmp", "/dev/shm", "/run/lock") if os.path.isdir(d)]
-    sandbox._sweep(uid)
+    assert 0 not in json.loads(as_uid(uid, KEYS_HELD))  # a key in each (the user-session keyring may also link @u)
+    [result] = sandbox._score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], LIMITS, 1, iso)
+    assert result["passed"]
     assert segment not in [r.split()[1] for r in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]]
     assert not [p for p in left if p.exists()] and not Path(f"/tmp/wmtp-deep-{uid}").exists()
+    assert as_uid(uid, KEYS_HELD) == "[0, 0, 0]"
+    fresh = sandbox.UID_BASE + 4322 + os.getpid() % 1000   # a uid that never ran anything
+    sandbox._drop_keys([fresh], iso, wait_s=0.1)
+    assert str(fresh) not in key_owners()  # looking up its keyrings would have made two
+
+
+def test_no_posix_message_queue_is_made_under_the_programs_rlimits():
+    """RLIMIT_MSGQUEUE 0 (the harness's limit()) stops mq_open even where the filter does not run: the same
+    call without it makes a queue (then removed)."""
+    code = ("import ctypes, os, sys; sys.path.insert(0, {lib!r}); import sandbox_harness as h; "
+            "libc = ctypes.CDLL(None, use_errno=True); {limit}"
+            "q = libc.mq_open(b'/wmtp-mq-%d' % os.getpid(), 0o102, 0o600, None); "   # O_CREAT | O_RDWR
+            "print(q >= 0, ctypes.get_errno()); q >= 0 and libc.mq_unlink(b'/wmtp-mq-%d' % os.getpid())")
+    said = [subprocess.run([sys.executable, "-I", "-c", code.format(lib=str(ROOT / "wmtp"), limit=limit)],
+                           capture_output=True, text=True, timeout=60).stdout.split()
+            for limit in ("", "h.limit(256 << 20, 2, 0); ")]
+    assert said == [["True", "0"], ["False", "24"]]  # 24: EMFILE, the queue's bytes over RLIMIT_MSGQUEUE

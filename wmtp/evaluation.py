@@ -422,6 +422,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
+        sandbox.isolation(sandbox.Limits.of(e).mode)  # probed first: a refusal comes before any decoding
         tasks = eval_tasks(e.dataset, e.max_tasks)
         run_id, step, stats, n_heads = None, 0, {}, None
         if samples:

@@ -600,6 +600,26 @@ def _kill_all_of(uid, interpreter):
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
 
+def _drop_keys(uids, iso, wait_s=1.0):
+    """uid mode, once per score(): a slot uid that still owns keys once its programs' session keyrings are
+    collected (the kernel frees them a moment after the process; /proc/key-users lists a uid while it owns any
+    key) keeps them in keyrings that outlive a process: the harness, as that uid, empties them (drop_keys). The
+    filter denies every call that makes a key; this is the second fence. A uid with no keys is left alone
+    (looking up a uid's user keyring creates one)."""
+    deadline, owners = time.monotonic() + wait_s, set(map(str, uids))
+    while owners:
+        try:
+            owners &= {line.split(":")[0].strip() for line in Path("/proc/key-users").read_text().splitlines()}
+        except OSError:
+            return  # a kernel without keys
+        if not owners or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    for uid in map(int, owners):
+        subprocess.run([iso.interpreter, "-I", "-S", "-c", BOOT, iso.code, "drop_keys"], env={}, user=uid, group=uid,
+                       extra_groups=[], cwd="/", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+
+
 def _sweep(uid):
     """uid mode: what the program's uid left where every uid may write (Landlock and the filter already keep it
     out; this is the second fence): entries in the shared temp and lock directories and POSIX message queues,
@@ -734,12 +754,16 @@ def _score(tasks, samples, limits, workers, iso, scored=None):
                 "stderr": stderr}
 
     results, heard = [], 0
-    with Judges(iso, limits) as judges, cf.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
-        for result in pool.map(run_sample, range(len(samples))):
-            results.append(result)
-            if scored and len(results) in (heard + 4 * workers, len(samples)):
-                scored(len(results) - heard)
-                heard = len(results)
+    try:
+        with Judges(iso, limits) as judges, cf.ThreadPoolExecutor(workers, thread_name_prefix="sandbox") as pool:
+            for result in pool.map(run_sample, range(len(samples))):
+                results.append(result)
+                if scored and len(results) in (heard + 4 * workers, len(samples)):
+                    scored(len(results) - heard)
+                    heard = len(results)
+    finally:
+        if iso.mode == "uid":
+            _drop_keys([iso.uid + slot for slot in range(workers)], iso)
     return results
 
 

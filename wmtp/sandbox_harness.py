@@ -39,9 +39,11 @@ def quit_(code=None):
 
 def limit(memory, cpu, nproc):
     """rlimits this process and its children keep: no core files, at most NOFILE open files (pipes, sockets and
-    in-flight fds are kernel memory no other limit counts); address space and largest file, CPU seconds, processes
-    when > 0 (nproc 0: the evaluator's own uid, mode "none", whose other processes would count)."""
-    wanted = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, NOFILE, NOFILE)]
+    in-flight fds are kernel memory no other limit counts), no bytes of POSIX message queues (the filter denies
+    mq_open; this also stops a queue made as a file where an mqueue fs is mounted, and outlasts a filter that
+    failed); address space and largest file, CPU seconds, processes when > 0 (nproc 0: the evaluator's own uid,
+    mode "none", whose other processes would count)."""
+    wanted = [(resource.RLIMIT_CORE, 0, 0), (resource.RLIMIT_NOFILE, NOFILE, NOFILE), (resource.RLIMIT_MSGQUEUE, 0, 0)]
     for what, soft, hard in ((resource.RLIMIT_AS, memory, memory), (resource.RLIMIT_FSIZE, memory, memory),
                              (resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_NPROC, nproc, nproc)):
         if soft > 0:
@@ -97,10 +99,11 @@ def seccomp_program(machine):
 
 
 def confine(rules_fd, seccomp=True):
-    """Last step before untrusted code: a new anonymous session keyring (the evaluator's keys out of reach),
-    no-new-privs, with rules_fd >= 0 Landlock (files: read-only "r PATH" and read-write "w PATH" lines, nothing
-    else; with ABI 4 no TCP, with ABI 6 no signals or abstract sockets beyond the sandbox), then the seccomp
-    filter. Any step that fails raises: the program does not run."""
+    """Last step before untrusted code: a new anonymous session keyring where the kernel gives one (the
+    evaluator's keys out of reach; where it refuses, say an outer filter or the uid's key quota, the filter below
+    still denies every key call), no-new-privs, with rules_fd >= 0 Landlock (files: read-only "r PATH" and
+    read-write "w PATH" lines, nothing else; with ABI 4 no TCP, with ABI 6 no signals or abstract sockets beyond
+    the sandbox), then the seccomp filter. Any of those three that fails raises: the program does not run."""
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.syscall.restype = ctypes.c_long
@@ -472,8 +475,25 @@ def serve_judges(sock_fd, memory, cpu):
         os.close(fds[3])
 
 
+def drop_keys():
+    """Run as a slot uid (role "drop_keys", uid mode): its keyrings that outlive a process (persistent, user,
+    user-session) emptied. It joins a session keyring of its own first (not the evaluator's, which it inherits) and
+    links the persistent keyring there, so that it possesses it and may clear it."""
+    import ctypes
+    call = ctypes.CDLL(None).syscall
+    keyctl = DENIED["keyctl"][ARCHES[os.uname().machine][0]]
+    call(keyctl, 1, None)                               # KEYCTL_JOIN_SESSION_KEYRING, a new anonymous one
+    persistent = call(keyctl, 22, -1, -3)               # KEYCTL_GET_PERSISTENT, linked into it
+    for ring in (persistent, -4, -5):                   # and the user and user-session keyrings
+        if ring != -1:
+            call(keyctl, 7, ring)                       # KEYCTL_CLEAR
+
+
 def main(role, *numbers):
     """ROLE FD REQ RESP RULES MEMORY CPU NPROC ALLOW_EXIT (fds a role does not use: -1; RULES: Landlock's)."""
+    if role == "drop_keys":
+        drop_keys()
+        os._exit(0)
     fd, req, resp, rules, memory, cpu, nproc, allow_exit = [int(n) for n in numbers]
     if role == "judges":
         limit(0, 0, nproc)
