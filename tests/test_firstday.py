@@ -1,6 +1,8 @@
 """A researcher's first day: where each run started (read back from MLflow), links that open MLflow's
 model-training view, a terminal with one line per event (under a real pty), the listings, the README's quickstart."""
+import contextlib
 import fcntl
+import io
 import os
 from pathlib import Path
 import pty
@@ -26,18 +28,21 @@ FINAL, BEST = "checkpoints/checkpoint_final.pt", "checkpoints/checkpoint_best.pt
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """The local chain as the README runs it, one pipeline after another in one store: baseline, critic,
-    verifiable, rho1, each with its config's own starts (auto). -> (store URI, {pipeline: run id}, tmp dir)."""
+    verifiable, rho1, each with its config's own starts (auto). -> (store URI, {pipeline: run id}, tmp dir,
+    {pipeline: what it printed})."""
     tmp = tmp_path_factory.mktemp("chain")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    runs = {}
+    runs, printed = {}, {}
     for pipeline in ("baseline", "critic", "verifiable", "rho1"):
         cfg = tiny_config(pipeline, tmp, *LOCAL_CRITIC, f"mlflow.tracking_uri={uri}", "checkpoint.save_every=0")
-        runs[pipeline] = wm.train(cfg, use_micro=True)["run_id"]
-    return uri, runs, tmp
+        with contextlib.redirect_stdout(io.StringIO()) as out:   # the run's closing summary
+            runs[pipeline] = wm.train(cfg, use_micro=True)["run_id"]
+        printed[pipeline] = out.getvalue()
+    return uri, runs, tmp, printed
 
 
 def test_the_local_chain_records_where_each_run_started(chain):
-    uri, runs, tmp = chain
+    uri, runs, tmp, _ = chain
     client = MlflowClient(uri)
     tags = {p: client.get_run(run_id).data.tags for p, run_id in runs.items()}
     base, critic = runs["baseline"], runs["critic"]
@@ -69,7 +74,7 @@ def test_the_local_chain_records_where_each_run_started(chain):
 
 
 def test_report_shows_every_run_and_where_it_started_and_links_the_training_view(chain):
-    uri, runs, tmp = chain
+    uri, runs, tmp, _ = chain
     r = subprocess.run([sys.executable, "-m", "weighted_mtp", "report", "--all", "--tracking-uri", uri], cwd=tmp,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -84,6 +89,31 @@ def test_report_shows_every_run_and_where_it_started_and_links_the_training_view
     exp_id = MlflowClient(uri).get_experiment_by_name("weighted-mtp/production").experiment_id
     assert lines[-1] == (f"MLflow UI: http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
                          "   (start it with ./run.sh ui)")
+
+
+def test_each_continue_hint_names_the_key_the_next_pipeline_reads_and_that_key_takes_it(chain):
+    uri, runs, tmp, printed = chain
+    hints = {p: next(line for line in out.splitlines() if line.startswith("  continue:")) for p, out in printed.items()}
+    assert hints["baseline"] == (
+        f"  continue:    --override model.init_from=runs:/{runs['baseline']}/{FINAL}   (a policy or the critic starts "
+        "from it; rho1's reference: reference.path; a stopped run: --resume auto)")
+    assert hints["critic"] == (
+        f"  continue:    --override critic.checkpoint=runs:/{runs['critic']}/{BEST}   (verifiable reads its value model "
+        "from it; a stopped run: --resume auto)")
+    for p in ("verifiable", "rho1"):
+        assert hints[p] == (f"  continue:    --override model.init_from=runs:/{runs[p]}/{FINAL}   (a run starts from "
+                            "it; a stopped run: --resume auto)")
+    # the baseline's and the critic's hints, given to verifiable as printed, are what it starts from (in an
+    # experiment of its own, where `auto` would find nothing: the chain's stays as the other tests read it)
+    overrides = [hints["baseline"].split()[2], hints["critic"].split()[2]]
+    cfg = tiny_config("verifiable", tmp, *LOCAL_CRITIC, f"mlflow.tracking_uri={uri}", "checkpoint.save_every=0",
+                      "training.max_steps=1", "mlflow.experiment=hints", *overrides)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_id = wm.train(cfg, use_micro=True)["run_id"]
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["wmtp.started_from"] == (f"policy from runs:/{runs['baseline']}/{FINAL}; "
+                                         f"critic from runs:/{runs['critic']}/{BEST}")
+    assert (tags["wmtp.init_from.run"], tags["wmtp.critic.run"]) == (runs["baseline"], runs["critic"])
 
 
 def test_every_printed_link_opens_the_model_training_view():
