@@ -98,8 +98,8 @@ def test_each_continue_hint_names_the_key_the_next_pipeline_reads_and_that_key_t
         f"  continue:    --override model.init_from=runs:/{runs['baseline']}/{FINAL}   (a policy or the critic starts "
         "from it; rho1's reference: reference.path; a stopped run: --resume auto)")
     assert hints["critic"] == (
-        f"  continue:    --override critic.checkpoint=runs:/{runs['critic']}/{BEST}   (verifiable reads its value model "
-        "from it; a stopped run: --resume auto)")
+        f"  continue:    --override critic.checkpoint=runs:/{runs['critic']}/{BEST}   (verifiable reads its value "
+        "model from it; a stopped run: --resume auto)")
     for p in ("verifiable", "rho1"):
         assert hints[p] == (f"  continue:    --override model.init_from=runs:/{runs[p]}/{FINAL}   (a run starts from "
                             "it; a stopped run: --resume auto)")
@@ -165,6 +165,8 @@ def run_in_pty(argv, cwd, timeout=300, columns=100):
 
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
+# MLflow's INFO lines (in MLflow's own format they name their logger) and the uploads' lines: --verbose only
+MLFLOW_CHATTER = re.compile(r"INFO (mlflow|alembic)|system metrics|Context impl| INFO uploaded ")
 
 
 def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(tmp_path):
@@ -178,7 +180,7 @@ def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(t
     segments = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out))
     logged = [s for s in segments if LOG_LINE.search(s)]
     assert logged and all(LOG_LINE.match(s) for s in logged), [s for s in logged if not LOG_LINE.match(s)]
-    assert not [s for s in logged if " mlflow" in s or "alembic" in s or "Context impl" in s]
+    assert not [s for s in segments if MLFLOW_CHATTER.search(s)]   # in our format or MLflow's own
     assert "Downloading artifacts" not in out
     first = next(s for s in logged if " baseline: run " in s)   # the first line of the run says what it found
     assert first.endswith("; policy from random weights; --resume auto found nothing to resume (no unfinished "
@@ -191,7 +193,15 @@ def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(t
                             str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model",
                             *(a for o in [*overrides, "training.max_steps=2"] for a in ("--override", o))], tmp_path)
     assert code == 0 and "critic: run " in out and "model.init_from=auto" in out, out[-3000:]
-    assert "Downloading artifacts" not in out and " INFO mlflow" not in out and "%|" not in out.split("critic: run")[0]
+    assert "Downloading artifacts" not in out and not MLFLOW_CHATTER.search(out)
+    assert "%|" not in out.split("critic: run")[0]
+    # --verbose brings them back: MLflow's own INFO lines (its system-metrics monitor) and each upload's line
+    code, out = run_in_pty([sys.executable, "-m", "weighted_mtp", "train", "--config",
+                            str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model", "--verbose",
+                            *(a for o in [*overrides, "training.max_steps=2"] for a in ("--override", o))], tmp_path)
+    verbose = [s for s in re.split(r"[\r\n]", out) if LOG_LINE.match(s)]
+    assert code == 0 and [s for s in verbose if s.endswith(" INFO Started monitoring system metrics.")], out[-3000:]
+    assert len([s for s in verbose if " INFO uploaded " in s and "checkpoint_final.pt -> " in s]) == 1
 
 
 def test_listing_configs_and_bad_compare_rows_and_the_critic_evaluate(tmp_path, capsys):
