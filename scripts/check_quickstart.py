@@ -4,8 +4,9 @@ appended (tests/conftest.py's TINY, a 4-step warm-up), and say which one failed.
     .venv/bin/python scripts/check_quickstart.py [--keep]
 
 The clone is of the committed HEAD (commit first); it reuses this checkout's .venv (WMTP_VENV), so nothing is
-installed. `./run.sh ui` is started, its printed link fetched, and stopped. `train.jsonl` and `valid.jsonl`, the
-quickstart's "your data", are written into the clone first. Exit code 0 when every command exits 0.
+installed. `./run.sh ui` is started, its printed link fetched, its processes counted (MLflow's job runner off),
+and stopped. `train.jsonl` and `valid.jsonl`, the quickstart's "your data", are written into the clone first.
+Exit code 0 when every command exits 0.
 """
 import json
 import os
@@ -53,8 +54,23 @@ def write_data(clone):
         (clone / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+def processes_in_group(pgid):
+    """How many processes of process group `pgid` are alive (from /proc/<pid>/stat's 5th field)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            count += int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid
+        except (OSError, IndexError, ValueError):   # a process that ended meanwhile
+            pass
+    return count
+
+
+UI_PROCESSES = 2   # mlflow ui and its one uvicorn worker; MLflow's job runner, when on, adds about ten
+
+
 def run_ui(argv, clone, env):
-    """./run.sh ui on a free port: its printed link fetched (HTTP 200), then its process group stopped."""
+    """./run.sh ui on a free port: its printed link fetched (HTTP 200), the processes it started counted (no more
+    than UI_PROCESSES: no job runner), then its process group stopped."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -69,10 +85,18 @@ def run_ui(argv, clone, env):
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(link.group(1).split("#")[0], timeout=5) as r:
-                    return None if r.status == 200 else f"HTTP {r.status}"
+                    status = r.status
+                break
             except OSError:
                 time.sleep(1)
-        return "the UI never answered"
+        else:
+            return "the UI never answered"
+        time.sleep(5)   # MLflow's job runner, when on, starts its workers after the server answers
+        processes = processes_in_group(proc.pid)
+        print(f"     ./run.sh ui: {processes} processes", flush=True)
+        return (f"HTTP {status}" if status != 200 else
+                f"{processes} processes (more than {UI_PROCESSES}: MLflow's job runner?)" if processes > UI_PROCESSES
+                else None)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
