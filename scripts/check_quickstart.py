@@ -1,5 +1,6 @@
 """Run every command of the README's quickstart, as written, on a fresh clone, with the test suite's tiny settings
-appended (tests/conftest.py's TINY, a 4-step warm-up), and say which one failed.
+appended (tests/conftest.py's TINY; demo and compare: a 4-step warm-up and two tasks it answers both right and
+wrong), and say which one failed.
 
     .venv/bin/python scripts/check_quickstart.py [--keep]
 
@@ -37,8 +38,9 @@ def tiny_arguments(command):
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import TINY
     overrides = [a for o in TINY for a in ("--override", o)]
-    if command.startswith(("./run.sh demo", "./run.sh compare")):
-        return ["--warmup-steps", "4", *overrides]
+    if command.startswith(("./run.sh demo", "./run.sh compare")):   # a 4-step warm-up answers no real task right
+        return ["--warmup-steps", "4", *overrides, "--override", "eval.dataset=tasks.jsonl",
+                "--override", "eval.max_new_tokens=1"]
     if command.startswith("./run.sh evaluate"):
         return [*overrides, "--override", "eval.max_tasks=4"]
     if re.match(r"\./run\.sh (baseline|critic|verifiable|rho1)\b", command):
@@ -46,8 +48,17 @@ def tiny_arguments(command):
     return []
 
 
+# Two tasks that any one-token answer passes and fails: demo and compare train critic and verifiable on the warm-up's
+# own graded answers, which must hold right and wrong ones (tests/test_sample.py's ANYTHING and NEVER).
+TASKS = [{"task_id": task_id, "instruction": "say anything", "output": "",
+          "metadata": {"test": f"def check(f):\n    assert f() == {value}\n", "entry_point": "f",
+                       "code_prefix": "def f():\n    return 0  # "}} for task_id, value in (("anything", 0), ("never", 1))]
+
+
 def write_data(clone):
-    """The quickstart's own data: additions, right and wrong, as {instruction, output, is_correct} lines."""
+    """The quickstart's own data: additions, right and wrong, as {instruction, output, is_correct} lines; and the
+    tasks demo and compare are run with (TASKS)."""
+    (clone / "tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     for name, numbers in (("train.jsonl", range(0, 90)), ("valid.jsonl", range(90, 110))):
         lines = [{"instruction": f"{a}+{a % 7}", "output": str(a + a % 7 + (0 if ok else 1)), "is_correct": ok}
                  for a in numbers for ok in (True, False)]

@@ -279,6 +279,23 @@ def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link
                            f"{runs['compare-1-seeds']}?workflowType=machine_learning   (start the UI with ./run.sh ui)"]
 
 
+def test_a_demo_whose_warm_up_answers_nothing_right_says_so_in_one_line(tmp_path, capsys):
+    """The demo's critic and verifiable train on the warm-up's own graded answers: a warm-up too short to answer
+    anything right is told how to go on, not that dataset.max_length left no examples."""
+    import json
+    from test_sample import NEVER
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(NEVER) + "\n")   # no answer passes: assert f() == 1, f returns 0
+    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                 f"eval.dataset={tasks}", "eval.max_new_tokens=1", "eval.workers=1"]
+    argv = ["compare", "--seeds", "1", "--warmup-steps", "2", "--pipelines", "verifiable"]
+    assert wm.main([*argv, *(a for o in overrides for a in ("--override", o))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: compare: the warm-up answered none of {tasks}'s train tasks right, and critic and verifiable train "
+        "on its right and wrong answers: warm up longer (--warmup-steps) or train them on the written answers (--gold)")
+    assert not list((tmp_path / "ckpt").glob("critic-pretrain/*"))   # nothing trained on them
+
+
 def test_a_micro_model_from_random_weights_validates_on_64_records_and_says_so(tmp_path):
     from weighted_mtp import validation_for_a_random_start
     cfg = tiny_config("baseline", tmp_path, "data_sampling.val_samples=512")
