@@ -52,7 +52,8 @@ def tiny_arguments(command):
 # own graded answers, which must hold right and wrong ones (tests/test_sample.py's ANYTHING and NEVER).
 TASKS = [{"task_id": task_id, "instruction": "say anything", "output": "",
           "metadata": {"test": f"def check(f):\n    assert f() == {value}\n", "entry_point": "f",
-                       "code_prefix": "def f():\n    return 0  # "}} for task_id, value in (("anything", 0), ("never", 1))]
+                       "code_prefix": "def f():\n    return 0  # "}}
+         for task_id, value in (("anything", 0), ("never", 1))]
 
 
 def write_data(clone):
