@@ -405,7 +405,8 @@ def on_policy_data(warm, overrides):
     """The warm-up's own answers (sample: ON_POLICY_SAMPLING, graded in the sandbox) to eval.dataset's tasks,
     written beside its checkpoint `warm`: for training, the first ON_POLICY_TASKS (or eval.max_tasks) tasks of a
     built-in's training split; for validation, its held-out tasks (a JSONL eval.dataset: its tasks, both times).
-    -> the overrides [dataset.train=..., dataset.validation=...] that make critic and verifiable train on them."""
+    -> the overrides [dataset.train=..., dataset.validation=...] that make critic and verifiable train on them; a
+    UserError when a split's answers are all wrong (a short warm-up's) or all right: nothing for the critic to tell."""
     cfg = load_config(local_config("warmup"), [*overrides, *ON_POLICY_SAMPLING])
     spec, n = cfg.eval.dataset, cfg.eval.max_tasks or ON_POLICY_TASKS
     train_tasks = {}
@@ -415,7 +416,12 @@ def on_policy_data(warm, overrides):
     for split, tasks in (("train", dict(itertools.islice(train_tasks.items(), n)) or None),
                          ("validation", eval_tasks(spec, cfg.eval.max_tasks))):
         files[split] = warm.parent / f"on_policy_{split}.jsonl"
-        sample(cfg, True, str(warm), str(files[split]), tasks)
+        answers = sample(cfg, True, str(warm), str(files[split]), tasks)
+        n_right = sum(r["is_correct"] for r in answers)
+        if not 0 < n_right < len(answers):
+            raise UserError(f"compare: the warm-up answered {'none' if n_right == 0 else 'all'} of {spec}'s {split} "
+                            "tasks right, and critic and verifiable train on its right and wrong answers: warm up "
+                            "longer (--warmup-steps) or train them on the written answers (--gold)")
     return [f"dataset.train={files['train']}", f"dataset.validation={files['validation']}"]
 
 

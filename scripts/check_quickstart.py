@@ -1,11 +1,13 @@
 """Run every command of the README's quickstart, as written, on a fresh clone, with the test suite's tiny settings
-appended (tests/conftest.py's TINY, a 4-step warm-up), and say which one failed.
+appended (tests/conftest.py's TINY; demo and compare: a 4-step warm-up and two tasks it answers both right and
+wrong), and say which one failed.
 
     .venv/bin/python scripts/check_quickstart.py [--keep]
 
 The clone is of the committed HEAD (commit first); it reuses this checkout's .venv (WMTP_VENV), so nothing is
-installed. `./run.sh ui` is started, its printed link fetched, and stopped. `train.jsonl` and `valid.jsonl`, the
-quickstart's "your data", are written into the clone first. Exit code 0 when every command exits 0.
+installed. `./run.sh ui` is started, its printed link fetched, its processes counted (MLflow's job runner off),
+and stopped. `train.jsonl` and `valid.jsonl`, the quickstart's "your data", are written into the clone first.
+Exit code 0 when every command exits 0.
 """
 import json
 import os
@@ -36,8 +38,9 @@ def tiny_arguments(command):
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import TINY
     overrides = [a for o in TINY for a in ("--override", o)]
-    if command.startswith(("./run.sh demo", "./run.sh compare")):
-        return ["--warmup-steps", "4", *overrides]
+    if command.startswith(("./run.sh demo", "./run.sh compare")):   # a 4-step warm-up answers no real task right
+        return ["--warmup-steps", "4", *overrides, "--override", "eval.dataset=tasks.jsonl",
+                "--override", "eval.max_new_tokens=1"]
     if command.startswith("./run.sh evaluate"):
         return [*overrides, "--override", "eval.max_tasks=4"]
     if re.match(r"\./run\.sh (baseline|critic|verifiable|rho1)\b", command):
@@ -45,16 +48,41 @@ def tiny_arguments(command):
     return []
 
 
+# Two tasks that any one-token answer passes and fails: demo and compare train critic and verifiable on the warm-up's
+# own graded answers, which must hold right and wrong ones (tests/test_sample.py's ANYTHING and NEVER).
+TASKS = [{"task_id": task_id, "instruction": "say anything", "output": "",
+          "metadata": {"test": f"def check(f):\n    assert f() == {value}\n", "entry_point": "f",
+                       "code_prefix": "def f():\n    return 0  # "}}
+         for task_id, value in (("anything", 0), ("never", 1))]
+
+
 def write_data(clone):
-    """The quickstart's own data: additions, right and wrong, as {instruction, output, is_correct} lines."""
+    """The quickstart's own data: additions, right and wrong, as {instruction, output, is_correct} lines; and the
+    tasks demo and compare are run with (TASKS)."""
+    (clone / "tasks.jsonl").write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     for name, numbers in (("train.jsonl", range(0, 90)), ("valid.jsonl", range(90, 110))):
         lines = [{"instruction": f"{a}+{a % 7}", "output": str(a + a % 7 + (0 if ok else 1)), "is_correct": ok}
                  for a in numbers for ok in (True, False)]
         (clone / name).write_text("".join(json.dumps(x) + "\n" for x in lines))
 
 
+def processes_in_group(pgid):
+    """How many processes of process group `pgid` are alive (from /proc/<pid>/stat's 5th field)."""
+    count = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            count += int(stat.read_text().rsplit(")", 1)[1].split()[2]) == pgid
+        except (OSError, IndexError, ValueError):   # a process that ended meanwhile
+            pass
+    return count
+
+
+UI_PROCESSES = 2   # mlflow ui and its one uvicorn worker; MLflow's job runner, when on, adds about ten
+
+
 def run_ui(argv, clone, env):
-    """./run.sh ui on a free port: its printed link fetched (HTTP 200), then its process group stopped."""
+    """./run.sh ui on a free port: its printed link fetched (HTTP 200), the processes it started counted (no more
+    than UI_PROCESSES: no job runner), then its process group stopped."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -69,10 +97,18 @@ def run_ui(argv, clone, env):
         while time.monotonic() < deadline:
             try:
                 with urllib.request.urlopen(link.group(1).split("#")[0], timeout=5) as r:
-                    return None if r.status == 200 else f"HTTP {r.status}"
+                    status = r.status
+                break
             except OSError:
                 time.sleep(1)
-        return "the UI never answered"
+        else:
+            return "the UI never answered"
+        time.sleep(5)   # MLflow's job runner, when on, starts its workers after the server answers
+        processes = processes_in_group(proc.pid)
+        print(f"     ./run.sh ui: {processes} processes", flush=True)
+        return (f"HTTP {status}" if status != 200 else
+                f"{processes} processes (more than {UI_PROCESSES}: MLflow's job runner?)" if processes > UI_PROCESSES
+                else None)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)

@@ -88,7 +88,9 @@ SLOW = {
     "test_controls.py::test_critic_and_verifiable_log_their_no_training_baselines",
     "test_firstday.py::test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar",  # a real pty run
     "test_firstday.py::test_the_local_chain_records_where_each_run_started",
+    "test_firstday.py::test_each_continue_hint_names_the_key_the_next_pipeline_reads_and_that_key_takes_it",
     "test_firstday.py::test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link",
+    "test_firstday.py::test_a_demo_whose_warm_up_answers_nothing_right_says_so_in_one_line",   # a warm-up, sampled
     "test_firstday.py::test_report_shows_every_run_and_where_it_started_and_links_the_training_view",
     "test_firstday.py::test_run_sh_lists_the_configs_and_passes_export_through",       # real run.sh processes
     "test_sandbox_closed.py::test_evaluate_on_a_machine_without_bwrap_refuses_in_one_line_or_names_the_mode_asked_for",

@@ -1,6 +1,8 @@
 """A researcher's first day: where each run started (read back from MLflow), links that open MLflow's
 model-training view, a terminal with one line per event (under a real pty), the listings, the README's quickstart."""
+import contextlib
 import fcntl
+import io
 import os
 from pathlib import Path
 import pty
@@ -26,18 +28,21 @@ FINAL, BEST = "checkpoints/checkpoint_final.pt", "checkpoints/checkpoint_best.pt
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     """The local chain as the README runs it, one pipeline after another in one store: baseline, critic,
-    verifiable, rho1, each with its config's own starts (auto). -> (store URI, {pipeline: run id}, tmp dir)."""
+    verifiable, rho1, each with its config's own starts (auto). -> (store URI, {pipeline: run id}, tmp dir,
+    {pipeline: what it printed})."""
     tmp = tmp_path_factory.mktemp("chain")
     uri = f"sqlite:///{tmp}/mlflow.db"
-    runs = {}
+    runs, printed = {}, {}
     for pipeline in ("baseline", "critic", "verifiable", "rho1"):
         cfg = tiny_config(pipeline, tmp, *LOCAL_CRITIC, f"mlflow.tracking_uri={uri}", "checkpoint.save_every=0")
-        runs[pipeline] = wm.train(cfg, use_micro=True)["run_id"]
-    return uri, runs, tmp
+        with contextlib.redirect_stdout(io.StringIO()) as out:   # the run's closing summary
+            runs[pipeline] = wm.train(cfg, use_micro=True)["run_id"]
+        printed[pipeline] = out.getvalue()
+    return uri, runs, tmp, printed
 
 
 def test_the_local_chain_records_where_each_run_started(chain):
-    uri, runs, tmp = chain
+    uri, runs, tmp, _ = chain
     client = MlflowClient(uri)
     tags = {p: client.get_run(run_id).data.tags for p, run_id in runs.items()}
     base, critic = runs["baseline"], runs["critic"]
@@ -69,7 +74,7 @@ def test_the_local_chain_records_where_each_run_started(chain):
 
 
 def test_report_shows_every_run_and_where_it_started_and_links_the_training_view(chain):
-    uri, runs, tmp = chain
+    uri, runs, tmp, _ = chain
     r = subprocess.run([sys.executable, "-m", "weighted_mtp", "report", "--all", "--tracking-uri", uri], cwd=tmp,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
@@ -84,6 +89,31 @@ def test_report_shows_every_run_and_where_it_started_and_links_the_training_view
     exp_id = MlflowClient(uri).get_experiment_by_name("weighted-mtp/production").experiment_id
     assert lines[-1] == (f"MLflow UI: http://127.0.0.1:5000/#/experiments/{exp_id}/runs?workflowType=machine_learning"
                          "   (start it with ./run.sh ui)")
+
+
+def test_each_continue_hint_names_the_key_the_next_pipeline_reads_and_that_key_takes_it(chain):
+    uri, runs, tmp, printed = chain
+    hints = {p: next(line for line in out.splitlines() if line.startswith("  continue:")) for p, out in printed.items()}
+    assert hints["baseline"] == (
+        f"  continue:    --override model.init_from=runs:/{runs['baseline']}/{FINAL}   (a policy or the critic starts "
+        "from it; rho1's reference: reference.path; a stopped run: --resume auto)")
+    assert hints["critic"] == (
+        f"  continue:    --override critic.checkpoint=runs:/{runs['critic']}/{BEST}   (verifiable reads its value "
+        "model from it; a stopped run: --resume auto)")
+    for p in ("verifiable", "rho1"):
+        assert hints[p] == (f"  continue:    --override model.init_from=runs:/{runs[p]}/{FINAL}   (a run starts from "
+                            "it; a stopped run: --resume auto)")
+    # the baseline's and the critic's hints, given to verifiable as printed, are what it starts from (in an
+    # experiment of its own, where `auto` would find nothing: the chain's stays as the other tests read it)
+    overrides = [hints["baseline"].split()[2], hints["critic"].split()[2]]
+    cfg = tiny_config("verifiable", tmp, *LOCAL_CRITIC, f"mlflow.tracking_uri={uri}", "checkpoint.save_every=0",
+                      "training.max_steps=1", "mlflow.experiment=hints", *overrides)
+    with contextlib.redirect_stdout(io.StringIO()):
+        run_id = wm.train(cfg, use_micro=True)["run_id"]
+    tags = MlflowClient(uri).get_run(run_id).data.tags
+    assert tags["wmtp.started_from"] == (f"policy from runs:/{runs['baseline']}/{FINAL}; "
+                                         f"critic from runs:/{runs['critic']}/{BEST}")
+    assert (tags["wmtp.init_from.run"], tags["wmtp.critic.run"]) == (runs["baseline"], runs["critic"])
 
 
 def test_every_printed_link_opens_the_model_training_view():
@@ -135,6 +165,8 @@ def run_in_pty(argv, cwd, timeout=300, columns=100):
 
 
 LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ")
+# MLflow's INFO lines (in MLflow's own format they name their logger) and the uploads' lines: --verbose only
+MLFLOW_CHATTER = re.compile(r"INFO (mlflow|alembic)|system metrics|Context impl| INFO uploaded ")
 
 
 def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(tmp_path):
@@ -148,7 +180,7 @@ def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(t
     segments = re.split(r"[\r\n]", re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out))
     logged = [s for s in segments if LOG_LINE.search(s)]
     assert logged and all(LOG_LINE.match(s) for s in logged), [s for s in logged if not LOG_LINE.match(s)]
-    assert not [s for s in logged if " mlflow" in s or "alembic" in s or "Context impl" in s]
+    assert not [s for s in segments if MLFLOW_CHATTER.search(s)]   # in our format or MLflow's own
     assert "Downloading artifacts" not in out
     first = next(s for s in logged if " baseline: run " in s)   # the first line of the run says what it found
     assert first.endswith("; policy from random weights; --resume auto found nothing to resume (no unfinished "
@@ -161,7 +193,15 @@ def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(t
                             str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model",
                             *(a for o in [*overrides, "training.max_steps=2"] for a in ("--override", o))], tmp_path)
     assert code == 0 and "critic: run " in out and "model.init_from=auto" in out, out[-3000:]
-    assert "Downloading artifacts" not in out and " INFO mlflow" not in out and "%|" not in out.split("critic: run")[0]
+    assert "Downloading artifacts" not in out and not MLFLOW_CHATTER.search(out)
+    assert "%|" not in out.split("critic: run")[0]
+    # --verbose brings them back: MLflow's own INFO lines (its system-metrics monitor) and each upload's line
+    code, out = run_in_pty([sys.executable, "-m", "weighted_mtp", "train", "--config",
+                            str(ROOT / "configs/critic/critic_local.yaml"), "--use-micro-model", "--verbose",
+                            *(a for o in [*overrides, "training.max_steps=2"] for a in ("--override", o))], tmp_path)
+    verbose = [s for s in re.split(r"[\r\n]", out) if LOG_LINE.match(s)]
+    assert code == 0 and [s for s in verbose if s.endswith(" INFO Started monitoring system metrics.")], out[-3000:]
+    assert len([s for s in verbose if " INFO uploaded " in s and "checkpoint_final.pt -> " in s]) == 1
 
 
 def test_listing_configs_and_bad_compare_rows_and_the_critic_evaluate(tmp_path, capsys):
@@ -237,6 +277,23 @@ def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link
     assert out[3].split()[:3] == ["pipeline", "started", "from"] and out[4].startswith("baseline    warm-up")
     assert out[5:] == ["", f"parent run {runs['compare-1-seeds']}: http://127.0.0.1:5000/#/experiments/{exp_id}/runs/"
                            f"{runs['compare-1-seeds']}?workflowType=machine_learning   (start the UI with ./run.sh ui)"]
+
+
+def test_a_demo_whose_warm_up_answers_nothing_right_says_so_in_one_line(tmp_path, capsys):
+    """The demo's critic and verifiable train on the warm-up's own graded answers: a warm-up too short to answer
+    anything right is told how to go on, not that dataset.max_length left no examples."""
+    import json
+    from test_sample import NEVER
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(NEVER) + "\n")   # no answer passes: assert f() == 1, f returns 0
+    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+                 f"eval.dataset={tasks}", "eval.max_new_tokens=1", "eval.workers=1"]
+    argv = ["compare", "--seeds", "1", "--warmup-steps", "2", "--pipelines", "verifiable"]
+    assert wm.main([*argv, *(a for o in overrides for a in ("--override", o))]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: compare: the warm-up answered none of {tasks}'s train tasks right, and critic and verifiable train "
+        "on its right and wrong answers: warm up longer (--warmup-steps) or train them on the written answers (--gold)")
+    assert not list((tmp_path / "ckpt").glob("critic-pretrain/*"))   # nothing trained on them
 
 
 def test_a_micro_model_from_random_weights_validates_on_64_records_and_says_so(tmp_path):

@@ -1,6 +1,7 @@
 """The project's shape, read from the modules' ASTs: one room per concern, imports that go down only, files and
 functions that fit on a screen (README, "For the next engineer")."""
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,31 @@ def test_every_public_function_states_its_contract():
     """Issue 33: a docstring on every public function, class and method of every module (weights.py included)."""
     modules = [source(m) for m in LAYERS]
     assert [line for path in modules for line in undocumented(path)] == []
+
+
+def anchor(heading):
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation but '-' dropped, spaces as '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_a_users_guide_of_one_contents_list_and_at_most_400_lines():
+    """README.md: at most 400 lines; its Contents list is exactly its sections, in order; every page it links exists
+    (the internals and measurements live in docs/)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 400
+    sections = [anchor(h) for h in re.findall(r"^## (.+)$", readme, re.M) if h != "Contents"]
+    contents = readme.split("\n## Contents\n", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"^- \[[^\]]+\]\(#([^)]+)\)", contents, re.M) == sections
+    assert [p for p in re.findall(r"\]\(((?:docs/)?[\w./-]+\.md)\)", readme) if not (ROOT / p).exists()] == []
+
+
+# Words a user cannot place: the project's own issue numbers, goals and stops, the sessions that built it. A bug of
+# another project (pytorch#135712, mlflow/issues/24498) and pytest's session fixtures are fine.
+PRIVATE_WORDS = re.compile(r"\bissues? #?\d+|(?<![\w/])#\d+\b|\bgoals?\b|\bstop \d+\b|"
+                           r"\b(?:first|second|third|next|previous|this|that|other|later|earlier) sessions?\b", re.I)
+
+
+def test_no_page_a_user_reads_speaks_of_issues_goals_or_sessions():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert [f"{p.name}:{n}: {line}" for p in pages for n, line in enumerate(p.read_text().splitlines(), 1)
+            if PRIVATE_WORDS.search(line)] == []
