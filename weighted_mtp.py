@@ -565,7 +565,11 @@ def exit_worker(code):
 def entry():
     """`python -m weighted_mtp ...`: main(), and under torchrun the way out through exit_worker."""
     if "RANK" not in os.environ:
-        sys.exit(main())
+        try:
+            sys.exit(main())
+        except BrokenPipeError:  # `ls | head` closed the pipe: the reader has what it wanted (Python's own recipe)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            sys.exit(1)
     try:
         exit_code = main()
     except SystemExit as e:  # argparse

@@ -313,6 +313,9 @@ def test_run_sh_lists_the_configs_and_passes_export_through(tmp_path):
     r = subprocess.run([str(ROOT / "run.sh"), "ls"], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0 and len(r.stdout.splitlines()) == 1 + len(list((ROOT / "configs").glob("*/*.yaml")))
+    closed = subprocess.run(f"{sys.executable} -m weighted_mtp ls | true; echo $" + "{PIPESTATUS[0]}", shell=True,
+                            executable="/bin/bash", cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert (closed.stdout, closed.stderr) == ("1\n", "")  # a reader that closed early: exit 1, no traceback
     r = subprocess.run([str(ROOT / "run.sh"), "export", "--checkpoint", str(tmp_path / "none.pt"), "--format", "hf",
                         "--out", str(tmp_path / "hf")], cwd=tmp_path, env=env, capture_output=True, text=True,
                        timeout=300)
