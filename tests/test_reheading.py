@@ -197,3 +197,17 @@ def test_bad_head_loss_weights_are_one_line_errors(tmp_path, value, message):
     with pytest.raises(UserError) as bad:
         wm.prepare(tiny_config("baseline", tmp_path, f"training.head_loss_weights={value}"), use_micro=True)
     assert str(bad.value).endswith(message)
+
+
+def test_a_checkpoint_with_fewer_heads_says_where_heads_are_added(tmp_path):
+    """model.init_from (a trainer checkpoint) is loaded as it is: a one-head checkpoint under model.n_future_tokens 4
+    is a one-line error naming the file, both head counts and the way to re-head it (a model dir)."""
+    one_head = tiny_config("baseline", tmp_path / "one", "model.n_future_tokens=1", "training.max_steps=1",
+                           "training.eval_interval=0", "mlflow.enable_logging=false")
+    wm.train(one_head, use_micro=True)
+    final = next((tmp_path / "one" / "ckpt").rglob("checkpoint_final.pt"))
+    with pytest.raises(UserError) as fewer:
+        wm.prepare(tiny_config("baseline", tmp_path / "four", "model.n_future_tokens=4", f"model.init_from={final}",
+                               "mlflow.enable_logging=false"), use_micro=True)
+    assert str(fewer.value) == (f"{final}: has 1 head(s), model.n_future_tokens is 4: heads are added to a model "
+                                "dir's weights only (model.path; `export --format meta` writes one)")
