@@ -401,3 +401,18 @@ def test_an_export_generates_the_trainers_tokens_with_stock_transformers_tied_an
     assert tok.decode(train_ids) == ("<|im_start|>user\nWrite f.\n<|im_end|>\n<|im_start|>assistant\n"
                                      "def f(): pass<|im_end|>\n")
     assert train_ids[:len(ids)] == ids and train_ids[-1] == tok.eos_id
+
+
+def test_a_tied_model_written_as_a_meta_dir_reads_back_tied(tmp_path):
+    """params.json's tie_word_embeddings is honoured: the Meta dir of a tied model loads as one matrix (load_pretrained)
+    and the sharded path's tensors (pretrained_params) fill the embedding and the output from equal tensors."""
+    from wmtp.pretrained import pretrained_params, save_meta
+    config = {**CONFIG, "tie_word_embeddings": True}
+    _, tied = wm.load_pretrained(write_hf(tmp_path / "hf", config, random_llama(config)), n_future_tokens=2)
+    save_meta(tied, tmp_path / "meta")
+    assert json.loads((tmp_path / "meta" / "params.json").read_text())["tie_word_embeddings"] is True
+    _, back = wm.load_pretrained(tmp_path / "meta")
+    assert back.args.n_future_tokens == 2 and back.output.weight is back.tok_embeddings.weight
+    assert torch.equal(back.output.weight, tied.tok_embeddings.weight)
+    groups = {name: t for group in pretrained_params(tmp_path / "meta", 2) for name, t in group.items()}
+    assert torch.equal(groups["output.weight"], groups["tok_embeddings.weight"])

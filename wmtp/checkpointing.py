@@ -142,8 +142,20 @@ def load_checkpoint_into(model, path):
     except s3ckpt.CheckpointError as e:
         raise UserError(str(e))
     part = s3ckpt.checkpoint_part(state, "model")
+    check_heads(model, part, path)
     load_state(model, part["model"], path, partial=part.get("model_partial", False))
     return state
+
+
+def check_heads(model, part, path):
+    """A full checkpoint with fewer heads than `model` is a one-line UserError that says where heads are added:
+    re-heading (copies of head 0, the new-heads warm-up) starts from a model dir's weights, not a checkpoint's."""
+    if part.get("model_partial", False):
+        return  # adapters only: the heads come from the base model
+    heads = 1 + len({k.split(".")[1] for k in part["model"] if k.startswith("extra_heads.")})
+    if heads < model.args.n_future_tokens:
+        raise UserError(f"{path}: has {heads} head(s), model.n_future_tokens is {model.args.n_future_tokens}: heads "
+                        "are added to a model dir's weights only (model.path; `export --format meta` writes one)")
 
 
 def read_checkpoint(path):
@@ -159,6 +171,7 @@ def checkpoint_tensors(model, path, state=None):
     memory-mapped), checked against `model` (on the meta device), one tensor a group, whose pages leave this
     process once its rows are copied."""
     part = s3ckpt.checkpoint_part(state or read_checkpoint(path), "model")
+    check_heads(model, part, path)
     check_state(model, part["model"], path, partial=part.get("model_partial", False))
 
     def groups():

@@ -97,16 +97,20 @@ class Validation:
 
 class Head0Watch:
     """Next-token prediction against where it started: head k's val loss of the starting weights (logged as
-    val/head_k_loss at step 0; after a resume, those of the resumed weights, not logged again), then at every
+    val/head_k_loss at step 0; after a resume, those of the resumed weights, not logged again) in every pipeline that
+    trains the LM heads. Where heads were added to the starting weights (re-heading, Pipeline.new_heads), at every
     validation a warning, or with training.head_0_on_rise stop a failed run, once val/head_0_loss exceeds its start
-    by more than training.head_0_max_rise (a fraction). Pipelines that leave the LM heads alone are not watched."""
+    by more than training.head_0_max_rise (a fraction). Only there: the added heads' gradients through the trunk are
+    the harm it guards against, and a run that adds none may raise head 0's loss on purpose (verifiable and rho1
+    weigh the policy's own wrong answers down, and on-policy validation holds them)."""
 
     def __init__(self, setup, validation, train_log, start_step):
         self.t, self.start = setup.cfg.training, None
         if not setup.pipeline.watches_head_0:
             return
         heads = {k: v for k, v in validation.run(setup.model, decode=False).items() if k.startswith("val/head_")}
-        self.start, self.since = heads.get("val/head_0_loss"), f"step {start_step}"
+        if setup.pipeline.new_heads:
+            self.start, self.since = heads.get("val/head_0_loss"), f"step {start_step}"
         if start_step == 0:
             train_log.validation(0, heads)
 
