@@ -101,6 +101,7 @@ SLOW = {
     "test_firstday.py::test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size",
     "test_tiers.py::test_a_fast_tier_over_its_budget_fails_the_run_and_names_its_slowest_tests",  # pytest in pytest
     "test_tiers.py::test_fast_leaves_out_the_slow_tier",
+    "test_tiers.py::test_a_parallel_run_keeps_a_files_run_on_one_worker_and_an_alone_test_by_itself",
     # the end-to-end CLI processes (one per command and exit code): 4-5 s each of imports
     "test_newcomer.py::test_ui_url_opens_the_training_runs_view",
     "test_launch.py::test_dry_run_needs_no_credentials_and_keeps_the_users_nproc",
