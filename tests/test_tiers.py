@@ -171,6 +171,7 @@ def test_a_parallel_run_keeps_a_files_run_on_one_worker_and_an_alone_test_by_its
                         "."], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "PYTHONPATH": f"{TESTS}:{tmp_path}", "LOG": str(tmp_path / "log")})
     assert r.returncode == 0 and "9 passed" in r.stdout, r.stdout + r.stderr
+    assert "fast tier: 6 tests," in r.stdout   # the controller counts the workers' reports: test_weights.py's six
     ran = {name: (worker, threads, float(start), float(end)) for name, worker, threads, start, end
            in (line.split() for line in (tmp_path / "log").read_text().splitlines())}
     assert len({ran[f"w{i}"][0] for i in range(1, 7)}) == 1 and {ran["f1"][0], ran["f2"][0]} != {ran["w1"][0]}
