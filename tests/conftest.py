@@ -10,6 +10,10 @@ takes more than FAST_TIER_BUDGET_S (see fast_tier_seconds).
 
 Shared set-up: one migrated MLflow sqlite store per session (empty_store) that each test copies (tracking,
 new_store), instead of paying the schema migrations (seconds) in every test.
+
+A parallel run (`pytest -n N`, what `./run.sh test` with no arguments runs): a worker takes a file's run of tests at a
+time (pytest_xdist_make_scheduler), with cpu_count // N threads, and an ALONE test has the machine to itself
+(machine_share).
 """
 import contextlib
 import fcntl
@@ -175,7 +179,8 @@ def runs_of_one_file(nodeids):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """A parallel run's scheduler (-n N): xdist's by scope, a scope being a run of one file's tests (runs_of_one_file),
-    handed out in the collection's order: the fast tier first (each worker holds at most two units ahead)."""
+    handed out in the collection's order, the fast tier first (a worker gets its next unit when two or fewer of
+    its tests are left)."""
     from xdist.scheduler import LoadScopeScheduling
 
     class FileRuns(LoadScopeScheduling):
