@@ -10,20 +10,28 @@ takes more than FAST_TIER_BUDGET_S (see fast_tier_seconds).
 
 Shared set-up: one migrated MLflow sqlite store per session (empty_store) that each test copies (tracking,
 new_store), instead of paying the schema migrations (seconds) in every test.
+
+A parallel run (`pytest -n N`, what `./run.sh test` with no arguments runs): a worker takes a file's run of tests at a
+time (pytest_xdist_make_scheduler), with cpu_count // N threads, and an ALONE test has the machine to itself
+(machine_share).
 """
 import contextlib
+import fcntl
 import os
 import shutil
 import time
 from pathlib import Path
 
 _STARTED = time.monotonic()   # before torch's import: the fast tier's wall time counts the imports too
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))   # set in the workers of a parallel run (-n N)
+if WORKERS > 1:   # each worker its share of the cores, inherited by its torchrun ranks: none waits on a spinning one
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // WORKERS))
+os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 # ----------------------------------------------------------------------------------------------------- tiers
 # What makes a test slow: a real torchrun, the tracking stack (PostgreSQL + mlflow server), a moto S3 server with a
@@ -100,6 +108,7 @@ SLOW = {
     "test_firstday.py::test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size",
     "test_tiers.py::test_a_fast_tier_over_its_budget_fails_the_run_and_names_its_slowest_tests",  # pytest in pytest
     "test_tiers.py::test_fast_leaves_out_the_slow_tier",
+    "test_tiers.py::test_a_parallel_run_keeps_a_files_run_on_one_worker_and_an_alone_test_by_itself",
     # the end-to-end CLI processes (one per command and exit code): 4-5 s each of imports
     "test_newcomer.py::test_ui_url_opens_the_training_runs_view",
     "test_launch.py::test_dry_run_needs_no_credentials_and_keeps_the_users_nproc",
@@ -110,6 +119,10 @@ SLOW = {
     "test_hf.py::test_the_cli_rejects_a_bad_model_dir_and_a_bad_export_in_one_line",
 }
 SLOW_FIXTURES = {"moto_s3", "s3_server"}   # a test that starts moto's S3 server is slow, wherever it is
+# Slow tests that must have the machine to themselves in a parallel run (they run last, one at a time, while the
+# other workers wait): the hostile programs' run measures the host's free memory and looks for anything a sandbox
+# uid left in /tmp, which another worker's training or evaluation would move.
+ALONE = {"test_sandbox_hostile.py::test_an_evaluator_run_of_hostile_programs"}
 FAST_TIMEOUT_S = 300        # a fast test this long is hung (idle: seconds; a loaded 2-core machine: minutes)
 FAST_TIER_BUDGET_S = 120.0  # the fast tier's whole time on an idle 2-core machine; enforced with CI=true
 
@@ -120,12 +133,18 @@ def is_slow(path, name, fixtures=()):
     return file in SLOW or f"{file}::{name}" in SLOW or bool(SLOW_FIXTURES & set(fixtures))
 
 
+def is_alone(path, name):
+    """Whether the test function `name` of tests/<path> runs with no other test beside it (ALONE)."""
+    return f"{Path(path).name}::{name}" in ALONE
+
+
 def pytest_addoption(parser):
     parser.addoption("--fast", action="store_true", help="run the fast tier only (the tests not marked slow)")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: the slow tier (tests/conftest.py's SLOW): left out by --fast")
+    config.addinivalue_line("markers", "alone: in a parallel run, no other test runs beside it (ALONE)")
     if config.getoption("--fast"):
         expr = config.option.markexpr
         config.option.markexpr = f"({expr}) and not slow" if expr else "not slow"
@@ -134,13 +153,72 @@ def pytest_configure(config):
 @pytest.hookimpl(tryfirst=True)   # before -m reads the marks
 def pytest_collection_modifyitems(config, items):
     """Mark the slow tier, give the fast tier its timeout, and run the fast tier first (a plain run's first minutes
-    answer what --fast would; the fast tier's session fixtures are charged to it)."""
+    answer what --fast would; the fast tier's session fixtures are charged to it), the ALONE tests last."""
     for item in items:
-        if is_slow(item.path, getattr(item, "originalname", item.name), getattr(item, "fixturenames", ())):
+        name = getattr(item, "originalname", item.name)
+        slow = is_slow(item.path, name, getattr(item, "fixturenames", ()))
+        if slow:
             item.add_marker(pytest.mark.slow)
         elif item.get_closest_marker("timeout") is None:
             item.add_marker(pytest.mark.timeout(FAST_TIMEOUT_S))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)   # stable: file order kept in a tier
+        if is_alone(item.path, name):
+            item.add_marker(pytest.mark.alone)
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is not None,   # stable: file order kept in a tier
+                                 item.get_closest_marker("alone") is not None))
+
+
+def runs_of_one_file(nodeids):
+    """{nodeid: its unit of work in a parallel run}: each run of consecutive tests of one file in the collection's
+    order (the fast tier's tests of a file, its slow ones, its ALONE ones) is one unit, so that a worker builds a
+    module fixture once per run of its tests, as a plain run does."""
+    units, previous, n = {}, None, 0
+    for nodeid in nodeids:
+        file = nodeid.split("::")[0]
+        n += file != previous
+        units[nodeid], previous = f"{n}:{file}", file
+    return units
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """A parallel run's scheduler (-n N): xdist's by scope, a scope being a run of one file's tests (runs_of_one_file),
+    handed out in the collection's order, the fast tier first (a worker gets its next unit when two or fewer of
+    its tests are left)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileRuns(LoadScopeScheduling):
+        def _split_scope(self, nodeid):
+            if not hasattr(self, "units"):
+                self.units = runs_of_one_file(next(iter(self.registered_collections.values())))
+            return self.units[nodeid]
+
+    config.option.loadscopereorder = False   # xdist would hand out the biggest units first: keep conftest's order
+    return FileRuns(config, log)
+
+
+@contextlib.contextmanager
+def machine_share(directory, alone):
+    """Hold this worker's share of the machine for one test: alone, the whole of it (once the tests running
+    elsewhere end; tests started after it wait, then share it again). Two flock(2) files in `directory`, which all
+    workers of a run share: a waiting `alone` test holds the turnstile, so the other workers cannot keep it
+    waiting forever."""
+    with open(directory / "turnstile.lock", "a") as turnstile, open(directory / "machine.lock", "a") as machine:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        if not alone:
+            fcntl.flock(turnstile, fcntl.LOCK_UN)
+        fcntl.flock(machine, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """In a parallel run's workers, each test (its fixtures' set-up and teardown included) within machine_share."""
+    if WORKERS == 1:
+        return (yield)
+    run_dir = item.config._tmp_path_factory.getbasetemp().parent   # the controller's: one per run
+    with machine_share(run_dir, alone=item.get_closest_marker("alone") is not None):
+        return (yield)
 
 
 # ------------------------------------------------------------------------------------- the fast tier's budget
@@ -168,6 +246,12 @@ _CLOCK = {"collected": None, "durations": {}, "verdict": None}
 
 
 def pytest_collection_finish(session):
+    _CLOCK["collected"] = time.monotonic()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """A parallel run's controller collects nothing itself: its collection ends when its workers' does."""
     _CLOCK["collected"] = time.monotonic()
 
 

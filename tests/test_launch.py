@@ -140,7 +140,7 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
 
     log.write_text("")
     assert run_sh(["test"], env).returncode == 0
-    assert _calls(log) == ["-m pytest"]  # nothing re-installed: pyproject.toml unchanged
+    assert _calls(log) == ["-m pytest -n2"]  # nothing re-installed: pyproject.toml unchanged; the whole suite on 2
 
     log.write_text("")  # the plain install is satisfied too: dry-run goes straight to the trainer
     res = run_sh(["baseline", "--local", "--dry-run"], env)
@@ -151,18 +151,18 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     (venv / ".wmtp-installed-test").write_text("sha256-of-an-older-pyproject\n")
     log.write_text("pip install torch==2.13.0\n")  # torch is there by now
     assert run_sh(["test"], env).returncode == 0
-    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest"]
+    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest -n2"]
     assert (venv / ".wmtp-installed-test").read_text().strip() == sha
 
 
 def test_test_help_installs_nothing_and_fast_goes_to_pytest(tmp_path):
     """`./run.sh test --help` prints the command's usage with no venv, install or pytest; --fast is pytest's option
-    (tests/conftest.py: the fast tier), passed through as it is."""
+    (tests/conftest.py: the fast tier), passed through as it is; with no arguments, the whole suite on 2 workers."""
     venv, log = _fake_venv(tmp_path)
     env = base_env(tmp_path, WMTP_VENV=str(venv))
     res = run_sh(["test", "--help"], env)
     assert res.returncode == 0 and res.stdout.startswith("  test [--fast] [pytest args]"), res.stderr
-    assert "--fast: the fast tier only" in res.stdout and res.stderr == ""
+    assert "none: the whole suite on 2 workers; --fast: the fast tier" in res.stdout and res.stderr == ""
     assert _calls(log) == [] and not (venv / ".wmtp-installed-test").exists()
     no_venv = tmp_path / "no-venv"
     assert run_sh(["test", "-h"], base_env(tmp_path, WMTP_VENV=str(no_venv))).stdout == res.stdout
