@@ -148,14 +148,19 @@ def load_checkpoint_into(model, path):
 
 
 def check_heads(model, part, path):
-    """A full checkpoint with fewer heads than `model` is a one-line UserError that says where heads are added:
-    re-heading (copies of head 0, the new-heads warm-up) starts from a model dir's weights, not a checkpoint's."""
+    """A full checkpoint lacking heads that `model` has is a one-line UserError that says where heads are added:
+    re-heading (copies of head 0, the new-heads warm-up) starts from a model dir's weights, not a checkpoint's. Heads
+    are read off the keys (`...extra_heads.<i>.`), so a value model's trunk is checked like a policy."""
     if part.get("model_partial", False):
         return  # adapters only: the heads come from the base model
-    heads = 1 + len({k.split(".")[1] for k in part["model"] if k.startswith("extra_heads.")})
-    if heads < model.args.n_future_tokens:
-        raise UserError(f"{path}: has {heads} head(s), model.n_future_tokens is {model.args.n_future_tokens}: heads "
-                        "are added to a model dir's weights only (model.path; `export --format meta` writes one)")
+
+    def heads(keys):
+        return {k[:k.index("extra_heads.")] + k.split("extra_heads.")[1].split(".")[0] for k in keys
+                if "extra_heads." in k}
+    have = heads(part["model"])
+    if heads(model.state_dict()) - have:
+        raise UserError(f"{path}: has {1 + len(have)} head(s), model.n_future_tokens is {model.args.n_future_tokens}: "
+                        "heads are added to a model dir's weights only (model.path; `export --format meta` writes one)")
 
 
 def read_checkpoint(path):
