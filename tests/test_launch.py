@@ -102,7 +102,8 @@ def test_no_python_is_a_clear_error(tmp_path):
 
 # --------------------------------------------------------------------------------------- bootstrap
 def _fake_venv(tmp_path: Path) -> tuple[Path, Path]:
-    """A venv whose python logs each call: pip and pytest succeed, `import torch` only after torch was
+    """A venv whose python logs each call: pip succeeds, pytest too unless its arguments hold $FAKE_PYTEST_FAILS,
+    `import torch` only after torch was
     pip-installed, everything else (the stamp's sha256) runs on the real interpreter."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
@@ -112,7 +113,8 @@ def _fake_venv(tmp_path: Path) -> tuple[Path, Path]:
     py.write_text(f"""#!/bin/sh
 printf '%s\\n' "$*" >> {log}
 case "$1 $2" in
-  "-m pip"|"-m pytest"|"-m weighted_mtp") exit 0 ;;
+  "-m pytest") case "$*" in *"${{FAKE_PYTEST_FAILS:-no such argument}}"*) exit 1 ;; esac; exit 0 ;;
+  "-m pip"|"-m weighted_mtp") exit 0 ;;
   "-c import torch") grep -q 'pip install torch==2.13.0' {log}; exit $? ;;
 esac
 exec {sys.executable} "$@"
@@ -140,7 +142,7 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
 
     log.write_text("")
     assert run_sh(["test"], env).returncode == 0
-    assert _calls(log) == ["-m pytest -n2"]  # nothing re-installed: pyproject.toml unchanged; the whole suite on 2
+    assert _calls(log) == ["-m pytest --fast", "-m pytest -n2 -m slow"]  # nothing re-installed; fast, then slow on 2
 
     log.write_text("")  # the plain install is satisfied too: dry-run goes straight to the trainer
     res = run_sh(["baseline", "--local", "--dry-run"], env)
@@ -151,18 +153,20 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     (venv / ".wmtp-installed-test").write_text("sha256-of-an-older-pyproject\n")
     log.write_text("pip install torch==2.13.0\n")  # torch is there by now
     assert run_sh(["test"], env).returncode == 0
-    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest -n2"]
+    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest --fast",
+                                "-m pytest -n2 -m slow"]
     assert (venv / ".wmtp-installed-test").read_text().strip() == sha
 
 
 def test_test_help_installs_nothing_and_fast_goes_to_pytest(tmp_path):
     """`./run.sh test --help` prints the command's usage with no venv, install or pytest; --fast is pytest's option
-    (tests/conftest.py: the fast tier), passed through as it is; with no arguments, the whole suite on 2 workers."""
+    (tests/conftest.py: the fast tier), passed through as it is; with no arguments, the fast tier as --fast runs it,
+    then the slow tier on 2 workers, even when the fast tier failed, and a failure of either fails the command."""
     venv, log = _fake_venv(tmp_path)
     env = base_env(tmp_path, WMTP_VENV=str(venv))
     res = run_sh(["test", "--help"], env)
     assert res.returncode == 0 and res.stdout.startswith("  test [--fast] [pytest args]"), res.stderr
-    assert "none: the whole suite on 2 workers; --fast: the fast tier" in res.stdout and res.stderr == ""
+    assert "none: the fast tier, then the slow one on 2 workers" in res.stdout and res.stderr == ""
     assert _calls(log) == [] and not (venv / ".wmtp-installed-test").exists()
     no_venv = tmp_path / "no-venv"
     assert run_sh(["test", "-h"], base_env(tmp_path, WMTP_VENV=str(no_venv))).stdout == res.stdout
@@ -170,6 +174,10 @@ def test_test_help_installs_nothing_and_fast_goes_to_pytest(tmp_path):
     res = run_sh(["test", "--fast", "-x"], env)
     assert res.returncode == 0, res.stderr
     assert _calls(log)[-1] == "-m pytest --fast -x"
+    for fails in ("", "--fast", "-m slow"):
+        res = run_sh(["test"], {**env, "FAKE_PYTEST_FAILS": fails or "no such argument"})
+        assert res.returncode == (1 if fails else 0), res.stderr
+        assert _calls(log)[-2:] == ["-m pytest --fast", "-m pytest -n2 -m slow"]
 
 
 # ------------------------------------------------------------------------- system packages (./run.sh test)
