@@ -469,11 +469,12 @@ def fsdp_figures(S, tmp):
     fsdp_setup_memory: per-rank peak RSS over prepare() under FSDP (the model built on the meta device, sharded,
     each rank filling its own rows) ÷ the whole model's fp32 bytes, 4 processes, dim 1024, 16 blocks (--quick: dim
     512, 8 blocks); the torch.distributed modules are imported before the baseline, the data counts.
-    The processes run this file (--fsdp-worker); figures are rank 0's."""
-    def launch(kind, nproc=2):
-        out = Path(tmp) / f"fsdp-{kind}.json"
+    The processes run this file (--fsdp-worker); figures are rank 0's. Each measurement has a fresh torchrun launch
+    of its own; --quick, which checks the code paths and not the values, runs them all in one launch of 2."""
+    def launch(kinds, nproc=2):
+        out = Path(tmp) / f"fsdp-{'-'.join(kinds)}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", __file__,
-               "--fsdp-worker", f"{kind}:{out}", "--threads", "1", "--steps", str(S.steps)]
+               "--fsdp-worker", f"{','.join(kinds)}:{out}", "--threads", "1", "--steps", str(S.steps)]
         cmd += ["--quick"] if S.quick else []
         # glibc: every allocation of 64 KiB or more its own mapping, returned at free: RSS follows the live tensors
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536",
@@ -482,14 +483,18 @@ def fsdp_figures(S, tmp):
         if proc.returncode != 0:
             raise RuntimeError(f"fsdp worker failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
-    runs = 1 if S.quick else 2  # --quick (CI) checks the code paths; the full bench measures twice
-    times = launch("times")
-    peaks = {parallel: [launch(parallel) for _ in range(runs)] for parallel in ("ddp", "fsdp")}
-    setup = [launch("setup", nproc=4) for _ in range(runs)]
-    return {"fsdp_step": summary(times, 1.3, processes=2),
+    kinds = ("times", "ddp", "fsdp", "setup")
+    if S.quick:
+        one = launch(kinds)
+        got = {kind: [one[kind]] for kind in kinds}
+    else:  # times: its repeats alternate inside one launch; each memory figure from two launches
+        got = {kind: [launch([kind], 4 if kind == "setup" else 2)[kind] for _ in range(1 if kind == "times" else 2)]
+               for kind in kinds}
+    peaks, setup = {p: got[p] for p in ("ddp", "fsdp")}, got["setup"]
+    return {"fsdp_step": summary(got["times"][0], 1.3, processes=2),
             "fsdp_memory": summary([f / d for d, f in zip(peaks["ddp"], peaks["fsdp"])], 0.6, batch="1 x 64",
                                    blocks=16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()}),
-            "fsdp_setup_memory": summary([peak / model for peak, model in setup], 0.5, processes=4,
+            "fsdp_setup_memory": summary([peak / model for peak, model in setup], 0.5, processes=2 if S.quick else 4,
                                          model_mib=setup[0][1] / 2**20, peak_mib=setup[0][0] / 2**20)}
 
 
@@ -509,36 +514,39 @@ def rss_kib(field):
 
 
 def fsdp_worker(S, job):
-    """One of fsdp_figures' processes. times: DDP and FSDP steps alternating in lockstep -> the ratios;
-    ddp or fsdp: the rise of peak RSS over preparing that trainer and 3 steps -> bytes; setup: (the rise of peak
-    RSS over preparing a deeper FSDP trainer, its model's bytes)."""
+    """fsdp_figures' processes: job "kind,kind,...:out" -> {kind: its result}, each measured in turn (fsdp_measure)."""
     import torch.distributed as dist
-    kind, out = job.split(":", 1)
+    kinds, out = job.split(":", 1)
     dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    results = {kind: fsdp_measure(S, kind, dist.get_rank(), dist.get_world_size()) for kind in kinds.split(",")}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def fsdp_measure(S, kind, rank, world):
+    """times: DDP and FSDP steps alternating in lockstep -> the ratios; ddp or fsdp: the rise of peak RSS over
+    preparing that trainer and 3 steps -> bytes; setup: (the rise of peak RSS over preparing a deeper FSDP trainer,
+    its model's bytes). What it built is freed when it returns."""
     if kind == "times":
         batch = make_batch(S.batch, S.seq)
         ddp, fsdp = (parallel_trainer(S, rank, world, p) for p in ("ddp", "fsdp"))
-        result = compare(step_fn(ddp, batch), step_fn(fsdp, batch), S)
-    elif kind == "setup":  # (peak RSS rise over prepare(), the whole model's fp32 bytes)
+        return compare(step_fn(ddp, batch), step_fn(fsdp, batch), S)
+    if kind == "setup":  # (peak RSS rise over prepare(), the whole model's fp32 bytes)
         import torch.distributed.checkpoint.state_dict, torch.distributed.fsdp, torch.distributed.tensor  # noqa
         big = SimpleNamespace(dim=512 if S.quick else 1024)
         before = rss_kib("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")
         s = parallel_trainer(big, rank, world, "fsdp", f"model.micro.n_trunk_layers={4 if S.quick else 12}",
                              "model.micro.n_heads=8", "model.micro.n_kv_heads=8", "model.micro.multiple_of=256")[0]
-        result = ((rss_kib("VmHWM") - before) * 1024, 4 * sum(p.numel() for p in s.model.parameters()))
-    else:
-        small, before = make_batch(1, 64), rss_kib("VmRSS")
-        trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
-        step_fn(trainer, small)()  # creates the optimizer state
-        Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts: building the model is not training
-        for _ in range(3):
-            step_fn(trainer, small)()
-        result = (rss_kib("VmHWM") - before) * 1024
-    if rank == 0:
-        Path(out).write_text(json.dumps(result))
-    dist.destroy_process_group()
+        return (rss_kib("VmHWM") - before) * 1024, 4 * sum(p.numel() for p in s.model.parameters())
+    small, before = make_batch(1, 64), rss_kib("VmRSS")
+    trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
+    step_fn(trainer, small)()  # creates the optimizer state
+    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts: building the model is not training
+    for _ in range(3):
+        step_fn(trainer, small)()
+    return (rss_kib("VmHWM") - before) * 1024
 
 
 def trainer_checkpoint(trainer):

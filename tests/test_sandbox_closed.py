@@ -46,6 +46,25 @@ def no_bwrap(monkeypatch):
     sandbox.isolation.cache_clear()
 
 
+def test_a_program_that_ended_poisons_the_link_with_one_text_whether_the_write_or_the_read_finds_it():
+    """Which of EPIPE on the request or EOF on the reply the judge meets first is a race; the verdict's stderr (kept
+    in the samples file) must not depend on it."""
+    said = []
+    for broken in ("request", "reply"):
+        req_r, req_w = os.pipe()
+        resp_r, resp_w = os.pipe()
+        os.close(resp_w)  # the program's end of the reply: gone
+        if broken == "request":
+            os.close(req_r)  # ... and of the request: the judge's write fails first
+        link = harness.Link(req_w, resp_r)
+        with pytest.raises(harness.Gone) as e:
+            link.bind({}, "check")
+        said.append(str(e.value))
+        for fd in (req_w, resp_r) + ((req_r,) if broken == "reply" else ()):
+            os.close(fd)
+    assert said == ["looking up check: the other side closed its pipe"] * 2
+
+
 def test_a_stop_iteration_from_the_candidate_cannot_end_the_tests_loop():
     """all(map(lambda x: f(x) == ..., xs)) stops early, and passes, when f raises StopIteration inside map: the
     judge gets a RuntimeError instead. A ValueError still arrives as ValueError (tests expect it)."""

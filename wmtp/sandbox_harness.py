@@ -345,6 +345,8 @@ class Link:
                 raise Gone("a malformed reply")
             return reply[0], reply[1:]
         except (Gone, NotPlain, OSError) as e:
+            if isinstance(e, BrokenPipeError):  # a program that ended: its EOF or this, whichever comes first, alike
+                e = Gone("the other side closed its pipe")
             self.poison = self.poison or "%s: %s" % (what, e if str(e) else type(e).__name__)
             raise Gone(self.poison)
 
