@@ -5,7 +5,7 @@
 #                         critic -> verifiable (on the warm-up's own graded answers) and rho1 from it; the summary table
 #   compare [args]        the same over --seeds N (3): mean ± 95 % intervals, plot; --control, --gold: docs/compare.md
 #   test [--fast] [pytest args]   install what the selected tests lack (Debian packages as root, the test extras),
-#                         then pytest; none: the fast tier, then the slow one on 2 workers (docs/testing.md)
+#                         then pytest; none: the fast tier, then the slow one, each on 2 workers (docs/testing.md)
 #   ui | report | ls      mlflow ui on ./mlflow.db, :$PORT (5000), printing its URL (no job runner unless MLFLOW_SERVER_
 #   export [args]         ENABLE_JOB_EXECUTION=true) | newest run per pipeline (--all) | the configs | a model dir
 #   <pipeline> [--local | --fsdp] [--dry-run] [trainer args]
@@ -262,8 +262,8 @@ cmd_test() {   # --help: this usage, installing nothing; --fast is pytest's (tes
   case " $* " in *" -h "* | *" --help "*) usage | sed -n '/^  test /,/^  ui /{/^  ui /!p;}'; exit 0 ;; esac
   "$BASH" "$ROOT/scripts/system_packages.sh" "$PYTHON" "$@" || exit 1   # $BASH: works with an empty PATH too
   bootstrap test
-  local rc=0 slow=0   # no arguments: the fast tier as --fast runs it (its budget), the slow one on 2 workers
-  [ $# -gt 0 ] || { "$PYTHON" -m pytest --fast || rc=$?; set -- -n2 -m slow; }   # (docs/testing.md)
+  local rc=0 slow=0   # no arguments: the fast tier on 2 workers (its budget, its own wall), then the slow one
+  [ $# -gt 0 ] || { "$PYTHON" -m pytest --fast -n2 || rc=$?; set -- -n2 -m slow; }   # (docs/testing.md)
   "$PYTHON" -m pytest "$@" || slow=$?; [ "$rc" != 0 ] || rc=$slow
   [ "$rc" != 5 ] || die "pytest collected no tests (exit 5): that is a failure here"; exit "$rc"
 }

@@ -142,7 +142,7 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
 
     log.write_text("")
     assert run_sh(["test"], env).returncode == 0
-    assert _calls(log) == ["-m pytest --fast", "-m pytest -n2 -m slow"]  # nothing re-installed; fast, then slow on 2
+    assert _calls(log) == ["-m pytest --fast -n2", "-m pytest -n2 -m slow"]  # nothing re-installed; fast, then slow
 
     log.write_text("")  # the plain install is satisfied too: dry-run goes straight to the trainer
     res = run_sh(["baseline", "--local", "--dry-run"], env)
@@ -153,20 +153,20 @@ def test_bootstrap_installs_torch_pin_first_then_only_when_pyproject_changes(tmp
     (venv / ".wmtp-installed-test").write_text("sha256-of-an-older-pyproject\n")
     log.write_text("pip install torch==2.13.0\n")  # torch is there by now
     assert run_sh(["test"], env).returncode == 0
-    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest --fast",
+    assert _calls(log)[1:] == ["-c import torch", f"-m pip install -e {ROOT}[test]", "-m pytest --fast -n2",
                                 "-m pytest -n2 -m slow"]
     assert (venv / ".wmtp-installed-test").read_text().strip() == sha
 
 
 def test_test_help_installs_nothing_and_fast_goes_to_pytest(tmp_path):
     """`./run.sh test --help` prints the command's usage with no venv, install or pytest; --fast is pytest's option
-    (tests/conftest.py: the fast tier), passed through as it is; with no arguments, the fast tier as --fast runs it,
+    (tests/conftest.py: the fast tier), passed through as it is; with no arguments, the fast tier on 2 workers,
     then the slow tier on 2 workers, even when the fast tier failed, and a failure of either fails the command."""
     venv, log = _fake_venv(tmp_path)
     env = base_env(tmp_path, WMTP_VENV=str(venv))
     res = run_sh(["test", "--help"], env)
     assert res.returncode == 0 and res.stdout.startswith("  test [--fast] [pytest args]"), res.stderr
-    assert "none: the fast tier, then the slow one on 2 workers" in res.stdout and res.stderr == ""
+    assert "none: the fast tier, then the slow one, each on 2 workers" in res.stdout and res.stderr == ""
     assert _calls(log) == [] and not (venv / ".wmtp-installed-test").exists()
     no_venv = tmp_path / "no-venv"
     assert run_sh(["test", "-h"], base_env(tmp_path, WMTP_VENV=str(no_venv))).stdout == res.stdout
@@ -177,7 +177,7 @@ def test_test_help_installs_nothing_and_fast_goes_to_pytest(tmp_path):
     for fails in ("", "--fast", "-m slow"):
         res = run_sh(["test"], {**env, "FAKE_PYTEST_FAILS": fails or "no such argument"})
         assert res.returncode == (1 if fails else 0), res.stderr
-        assert _calls(log)[-2:] == ["-m pytest --fast", "-m pytest -n2 -m slow"]
+        assert _calls(log)[-2:] == ["-m pytest --fast -n2", "-m pytest -n2 -m slow"]
 
 
 # ------------------------------------------------------------------------- system packages (./run.sh test)
