@@ -76,15 +76,18 @@ def test_a_stop_iteration_from_the_candidate_cannot_end_the_tests_loop():
 
 
 def test_a_stdin_stdout_task_has_one_deadline_for_all_its_tests():
-    """Six tests of 0.7 s each fit a 2 s limit one by one, not together: the task times out within its deadline
-    and the grace, not after 4.2 s (the deadline was per test)."""
+    """Six tests of 0.7 s each fit a 2 s limit one by one, not together: the task times out at its third test at
+    the latest (idle: after two passed), within its deadline and the grace, not after 4.2 s (a per-test deadline)."""
     limits = sandbox.Limits(timeout_s=2.0, memory_mb=256, cpu_s=2)
     task = {"task_id": "slow", "metadata": {"tests": [{"input": f"{i}\n", "output": f"{i + 1}\n"} for i in range(6)]}}
     start = time.monotonic()
     [result] = sandbox.score({"slow": task}, [("slow", "import time\ntime.sleep(0.7)\nprint(int(input()) + 1)")],
                              limits)
     elapsed = time.monotonic() - start
-    assert result["status"] == "timeout" and result["tests"] == ["passed", "passed", "timeout"], result
+    # three sleeps (2.1 s) overrun the one 2 s deadline; how many passed before it depends on the machine's load
+    passed = result["tests"][:-1]
+    assert result["status"] == "timeout" and result["tests"][-1] == "timeout", result
+    assert passed == ["passed"] * len(passed) and len(passed) <= 2, result
     assert elapsed < limits.timeout_s + sandbox.GRACE_S + 1.0, elapsed
 
 
