@@ -4,6 +4,7 @@ from the candidate cannot end a test's loop; a stdin/stdout task has one deadlin
 exit status is never read as a signal or a timeout; the throwaway-uid evaluator runs from a checkout that only root
 can enter."""
 import json
+import logging
 import os
 import shutil
 import struct
@@ -105,7 +106,7 @@ def test_an_exit_status_is_not_read_as_a_signal_or_a_timeout(mode):
     assert [r["status"] for r in results] == ["failed", "failed", "failed", "timeout", "passed", "failed"], results
 
 
-def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, monkeypatch, tmp_path):
+def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, monkeypatch, tmp_path, caplog):
     """isolation(), score(), doctor's line, training's validation and evaluate (first: before it loads a model and
     decodes) refuse with one line naming the fix; an explicit mode (the caller's, or WMTP_SANDBOX through the
     config) runs and says which it is."""
@@ -127,7 +128,11 @@ def test_without_bwrap_nothing_runs_unless_a_weaker_mode_is_asked_for(no_bwrap, 
     weaker = "uid" if AS_ROOT else "none"
     monkeypatch.setenv("WMTP_SANDBOX", weaker)
     chosen = load_config(BASELINE).eval
-    assert chosen.sandbox == weaker and sandbox.check(chosen.sandbox)[0] is None  # doctor: a WARN, not a FAIL
+    with caplog.at_level(logging.DEBUG, logger=sandbox.log.name):
+        assert chosen.sandbox == weaker and sandbox.check(chosen.sandbox)[0] is None  # doctor: a WARN, not a FAIL
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]  # its own WARN line, not a second
+        sandbox.isolation(chosen.sandbox)  # where programs run, the weaker mode is a logged warning
+        assert [r.levelname for r in caplog.records if "WEAKER" in r.getMessage()] == ["DEBUG", "WARNING"]
     results = sandbox.score({"double": DOUBLE}, [("double", "def f(x):\n    return 2 * x")], sandbox.Limits.of(chosen))
     assert results[0]["passed"] and f"{weaker} (WEAKER, opted in" in sandbox.describe(sandbox.isolation(weaker))
 

@@ -289,10 +289,10 @@ FIX = ("install bubblewrap (apt-get install bubblewrap), or where user namespace
 
 
 @functools.lru_cache(maxsize=None)
-def isolation(mode=None):
+def isolation(mode=None, quiet=False):
     """The Isolation programs run under: `mode`, else WMTP_SANDBOX's, else bwrap — never a weaker mode than the one
     asked for. The first interpreter whose probe passes; SandboxUnavailable (one line naming the fix) when none
-    does. Cached."""
+    does. A weaker mode is logged as a warning unless `quiet` (doctor prints its own WARN line). Cached."""
     want = mode or os.environ.get("WMTP_SANDBOX", "").strip() or "bwrap"
     if want not in MODES:
         raise SandboxUnavailable(f"eval.sandbox (or WMTP_SANDBOX) must be one of {', '.join(MODES)}; got {want!r}")
@@ -300,7 +300,7 @@ def isolation(mode=None):
     for iso, why in _options(want):
         why = why or _probe(iso)
         if not why:
-            (log.debug if want == "bwrap" else log.warning)("sandbox: %s", describe(iso))
+            (log.debug if want == "bwrap" or quiet else log.warning)("sandbox: %s", describe(iso))
             return iso
         failures.append(why if iso is None else f"{iso.interpreter}: {why}")
     fix = FIX if want == "bwrap" else "choose another mode (eval.sandbox: bwrap | uid | none)"
@@ -328,7 +328,7 @@ def check(mode=None):
     """doctor's line on the sandbox: (True, its description) for bwrap; (None, the description: a warning) for a
     weaker mode opted in to; (False, the one-line reason naming the fix) when the chosen mode does not work."""
     try:
-        iso = isolation(mode)
+        iso = isolation(mode, quiet=True)
     except SandboxUnavailable as e:
         return False, f"sandbox: {e}"
     return (True if iso.mode == "bwrap" else None), f"sandbox: {describe(iso)}"
