@@ -15,13 +15,13 @@
 #   4. the export round trip: the trained policy exported as a Hugging Face dir, then transformers' stock
 #      AutoTokenizer + AutoModelForCausalLM.generate against the trainer's greedy tokens.
 # Exit status 0 when every "must" line holds. Environment: PYTHON (the project's interpreter; default
-# .venv/bin/python, else python3), STEPS (12), WARMUP (4: the short warm-up of run "warmup"), MAX_LENGTH (256),
-# NEW_TOKENS (256: HumanEval's max_new_tokens), THREADS (2).
+# .venv/bin/python, else python3), STEPS (40: past the defaults' 30-step warm-up), WARMUP (10: the short warm-up of
+# run "warmup"), MAX_LENGTH (256), NEW_TOKENS (256: HumanEval's max_new_tokens), THREADS (2).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mkdir -p "${1:-${TMPDIR:-/tmp}/wmtp-real-model}" && cd "${1:-${TMPDIR:-/tmp}/wmtp-real-model}" && pwd)
 PROJECT_PY=${PYTHON:-$( [ -x "$ROOT/.venv/bin/python" ] && echo "$ROOT/.venv/bin/python" || echo python3 )}
-STEPS=${STEPS:-12} WARMUP=${WARMUP:-4} MAX_LENGTH=${MAX_LENGTH:-256} NEW_TOKENS=${NEW_TOKENS:-256}
+STEPS=${STEPS:-40} WARMUP=${WARMUP:-10} MAX_LENGTH=${MAX_LENGTH:-256} NEW_TOKENS=${NEW_TOKENS:-256}
 export OMP_NUM_THREADS=${THREADS:-2} MLFLOW_TRACKING_URI="sqlite:///$WORK/mlflow.db" PYTHONDONTWRITEBYTECODE=1
 export WORK STEPS WARMUP ROOT
 START=$(date +%s)
