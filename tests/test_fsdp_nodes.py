@@ -1,7 +1,9 @@
 """Sharded checkpoints across nodes without a shared disk: two torchrun agents (2 processes each) rendezvous as two
 nodes on this machine, each in its own directory with a relative checkpoint.dir, so neither sees the other's files.
-Every rank uploads the shard files it wrote into the run's artifacts on a real (moto) S3 server, rank 0 trainer.pt
-last; a resume on two empty disks fetches on each node what its ranks read, checked against trainer.pt's manifest.
+The job starts from a first run's checkpoint (model.init_from=auto): rank 0 resolves it, each node downloads the same
+S3 object into its own cache. Every rank uploads the shard files it wrote into the run's artifacts on a real (moto)
+S3 server, rank 0 trainer.pt last; a resume on two empty disks fetches on each node what its ranks read, checked
+against trainer.pt's manifest.
 """
 import shutil
 import subprocess
@@ -18,6 +20,9 @@ from test_reliability import two_nodes as launch_two_nodes
 SHARDED = ["training.parallel=fsdp", "checkpoint.format=sharded", "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts",
            "mlflow.system_metrics_interval_s=0", "training.eval_interval=0",
            "training.max_steps=3"]
+# the job's starting checkpoint: one process, whole-file checkpoints, MLflow's artifacts in S3 (what auto finds)
+FIRST = ["mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts", "mlflow.system_metrics_interval_s=0",
+         "training.eval_interval=0", "training.max_steps=2"]
 STEP = "checkpoint_step_2"  # 3 steps, a step checkpoint every 2 (TINY)
 
 
@@ -39,20 +44,36 @@ def final_weights(directory, pattern):
 
 def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store):  # noqa: F811
     s3 = MotoS3().start()
-    reference = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-         *train_args(tmp_path / "reference", *SHARDED, "mlflow.enable_logging=false")],
-        cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
+    reference = None
     try:
         uri = store(empty_store, tmp_path)
         env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
+        # the starting checkpoint: a one-process run's checkpoint_final.pt, uploaded to its artifacts in S3
+        first = subprocess.run([sys.executable, *train_args(tmp_path / "first", *FIRST)], cwd=tmp_path, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr[-3000:]
+        _, (baseline,) = runs_of(uri)
+        (start,) = (tmp_path / "first").glob(f"baseline-mtp/{baseline.info.run_id}/checkpoint_final.pt")
+        # the uninterrupted reference: one node of 4 processes, from the same file (read where the first run wrote it)
+        reference = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
+             *train_args(tmp_path / "reference", *SHARDED, "mlflow.enable_logging=false", f"model.init_from={start}")],
+            cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"), stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
         # rank 0 crashes after step 3: step 2's checkpoint is the newest, its upload finished by the failing run
-        crashed = two_nodes(tmp_path, {**env, "WMTP_TEST_FAULT": "0:3"}, trainer=FAULTY)
+        crashed = two_nodes(tmp_path, {**env, "WMTP_TEST_FAULT": "0:3"}, "model.init_from=auto", trainer=FAULTY)
         assert [rc for rc, _ in crashed] != [0, 0]
         assert any("WMTP_TEST_FAULT: rank 0 fails once at step 3" in err for _, err in crashed), crashed[0][1][-3000:]
-        _, (run,) = runs_of(uri)
-        assert run.info.status == "FAILED"
+        key = (f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/"
+               "checkpoint_final.pt")
+        remote_start = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+        assert remote_start == start.read_bytes()
+        for name in ("node_a", "node_b"):  # rank 0's node and the other: each has its own copy of the start
+            assert (tmp_path / name / "ckpt" / ".cache" / "s3" / BUCKET / key).read_bytes() == remote_start, name
+        _, runs = runs_of(uri)
+        assert len(runs) == 2 and baseline.info.run_id in [r.info.run_id for r in runs]  # the first run, the job's
+        (run,) = [r for r in runs if r.info.run_id != baseline.info.run_id]
+        assert run.info.status == "FAILED" and run.data.tags["wmtp.init_from.run"] == baseline.info.run_id
         prefix = f"mlflow-artifacts/weighted-mtp-production/{run.info.run_id}/artifacts/checkpoints/{STEP}/"
         remote = s3_objects(s3, prefix)
         shards = [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
@@ -73,10 +94,13 @@ def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_st
         # both disks lost: --resume auto finds the run's step 2 in S3 and each node fetches what its ranks read
         for name in ("node_a", "node_b"):
             shutil.rmtree(tmp_path / name / "ckpt")
-        resumed = two_nodes(tmp_path, env, "checkpoint.resume=auto")
+        resumed = two_nodes(tmp_path, env, "model.init_from=auto", "checkpoint.resume=auto")
         assert [rc for rc, _ in resumed] == [0, 0], "\n".join(err[-3000:] for _, err in resumed)
         log = "".join(err for _, err in resumed)
         assert ", resumed at step 2 from " in log and f"/.cache/s3/{BUCKET}/{prefix}".rstrip("/") in log, log[-3000:]
+        _, runs = runs_of(uri)
+        assert sorted(r.info.run_id for r in runs) == sorted([baseline.info.run_id, run.info.run_id])  # continued
+        assert all(r.info.status == "FINISHED" for r in runs)
         _, ref_err = reference.communicate(timeout=180)
         assert reference.returncode == 0, ref_err[-3000:]
         ours, theirs = final_weights(tmp_path, "node_*/ckpt"), final_weights(tmp_path, "reference")
@@ -85,7 +109,8 @@ def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_st
         assert worst <= 1e-6, worst  # as tests/test_fsdp.py: the same world, the same reductions
 
     finally:
-        reference.kill()
+        if reference is not None:
+            reference.kill()
         s3.stop()
 
 
