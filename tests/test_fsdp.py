@@ -1,6 +1,12 @@
 """training.parallel: fsdp on real torchrun processes (2 workers, gloo, CPU): the same weights as DDP, half the
 per-rank state, preemption and resume from S3 on an empty disk, sharded checkpoints saved, uploaded, pruned, resumed.
 
+The preemption story (`preempted`) is told once, under FSDP, for both parallel modes: a SIGTERM to torchrun's agent
+ends the run KILLED with a resumable checkpoint on disk and in S3, and --resume auto on an empty disk finishes the
+same MLflow run, with one continuous metric history, at the weights of an uninterrupted run. A full-format FSDP
+checkpoint is the file DDP writes (test_fsdp_trains_to_the_weights_of_ddp); DDP's own SIGTERM and resumes are
+test_reliability's (the signal to every process, --max_restarts) and test_s3_training's (SIGKILL, then resume).
+
 Tolerance of the DDP comparison: 1e-5 absolute on every weight after 4 AdamW steps. Both runs see the same batches
 and compute the same per-rank gradients; only the reductions differ (DDP all-reduces whole gradient buckets, FSDP
 reduce-scatters per block and computes the clipping norm from per-shard partial sums), so gradients agree to fp32
@@ -9,6 +15,7 @@ sync, the accumulation scaled wrong, a per-shard clip, a lost optimizer state) m
 step (the local configs' learning rate): 65 times the tolerance.
 """
 import json
+import re
 import signal
 import subprocess
 import types
@@ -20,7 +27,7 @@ import torch
 import s3ckpt
 from conftest import ROOT, TINY, workers_said
 from s3server import BUCKET, CREDENTIALS, MotoS3
-from test_reliability import TORCHRUN, environment, logged_steps, runs_of, store, train_args, wait_until
+from test_reliability import TORCHRUN, environment, logged_steps, runs_of, steps, store, train_args, wait_until
 
 CONFIGS = {p: str(ROOT / "configs" / p / f"{p}_local.yaml") for p in ("baseline", "verifiable", "rho1")}
 
@@ -149,7 +156,9 @@ def test_a_non_finite_step_is_skipped_on_every_shard(measured):
 # -----------------------------------------------------------------------------
 # SIGTERM mid-run, then --resume auto on an empty disk; full and sharded checkpoints
 
-# as test_reliability's PREEMPT, plus a step checkpoint every 3 steps (sharded: pruned to the newest 2)
+# log_interval=1 so that "one continuous history" is exactly the steps 1..STEPS, whatever step the signal lands on;
+# eval_interval=0 and, in the full format, save_every=0 so that the only step checkpoint is the preemption's (the
+# sharded format's: every 3 steps, pruned to the newest 2)
 STEPS = 40  # room after the SIGTERM, which lands a step or two after the 10th logged one
 PREEMPT = [f"training.max_steps={STEPS}", "training.log_interval=1", "training.eval_interval=0",
            "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts", "training.parallel=fsdp",
@@ -169,6 +178,7 @@ def preempt_and_resume(tmp, uri, s3, name, overrides, after_steps):
         proc.kill()
     client, runs = runs_of(uri)
     (killed,) = [r for r in runs if r.info.status != "FINISHED"]  # an earlier run of this module was resumed to its end
+    killed, stopped_history = client.get_run(killed.info.run_id), steps(client, killed.info.run_id)
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])
             if f"/{killed.info.run_id}/" in o["Key"]]
     s3_objects = {k: s3.client().get_object(Bucket=BUCKET, Key=k)["Body"].read() for k in keys}
@@ -178,13 +188,19 @@ def preempt_and_resume(tmp, uri, s3, name, overrides, after_steps):
     resumed = subprocess.run(TORCHRUN + train_args(fresh, *PREEMPT, *overrides, resume="auto"), cwd=tmp, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=300)
     return types.SimpleNamespace(rc=proc.returncode, stderr=err, killed=killed, s3=s3_objects, local=local,
-                                 snapshot=snapshot, ckpt=ckpt, fresh=fresh, resumed=resumed)
+                                 snapshot=snapshot, ckpt=ckpt, fresh=fresh, resumed=resumed,
+                                 stopped_history=stopped_history, runs=runs_of(uri)[1])
 
 
 @pytest.fixture(scope="module")
 def preempted(tmp_path_factory, empty_store):
     """An uninterrupted reference run (own dir, MLflow off) beside a full-format and a sharded-format run, each
-    SIGTERMed mid-training and resumed with --resume auto on an empty checkpoint dir from S3 alone."""
+    SIGTERMed mid-training and resumed with --resume auto on an empty checkpoint dir (as on the new machine a spot
+    reclaim leaves) from S3 alone.
+
+    How the signal arrives: on Kubernetes (VESSL) the kubelet sends SIGTERM to the container's main process only,
+    and run.sh execs torchrun, so torchrun's agent receives it and forwards it to its workers (which torchrun starts
+    in their own sessions: nothing else reaches them); it SIGKILLs them 30 s later."""
     tmp = tmp_path_factory.mktemp("fsdp-preempt")
     s3 = MotoS3().start()
     reference = subprocess.Popen(TORCHRUN + train_args(tmp / "reference", *PREEMPT, "mlflow.enable_logging=false"),
@@ -217,30 +233,66 @@ def assert_resumed_to_the_reference(p, reference):
     assert worst <= 1e-6, worst
 
 
-def test_fsdp_sigterm_writes_the_full_checkpoint_to_s3_and_resume_on_an_empty_disk_reaches_the_same_weights(preempted):
+def test_fsdp_sigterm_writes_a_full_checkpoint_to_disk_and_s3_and_ends_the_run_killed(preempted):
     p = preempted.full
-    assert p.rc != 0 and p.killed.info.status == "KILLED", p.stderr[-3000:]
-    (name,) = p.local
-    n = stopped_at(p)
-    assert name == f"checkpoint_step_{n}.pt" and 3 < n < STEPS
-    assert p.stderr.count(f"preempted: stopped by SIGTERM; resume from {p.local[name]}\n") == 2, p.stderr[-3000:]
-    prefix = f"mlflow-artifacts/weighted-mtp-production/{p.killed.info.run_id}/artifacts/checkpoints"
-    assert p.s3[f"{prefix}/{name}"] == p.local[name].read_bytes()  # one file, gathered on rank 0, as DDP writes it
-    saved = torch.load(p.local[name], weights_only=False)
-    assert saved["step"] == n and not saved["finished"] and sorted(saved["optimizer"]["state"])[-1] == 38
-    assert f", resumed at step {n} from " in p.resumed.stderr
+    assert p.rc != 0, p.stderr[-3000:]
+    assert p.killed.info.status == "KILLED", p.stderr[-3000:]
+    run_id = p.killed.info.run_id
+    (name,) = p.local  # the preemption's checkpoint, the only step checkpoint of this config
+    local, n = p.local[name], stopped_at(p)
+    assert name == f"checkpoint_step_{n}.pt" and local.parent == p.ckpt / "baseline-mtp" / run_id and 3 < n < STEPS
+    assert p.killed.data.tags["resume_from"] == f"runs:/{run_id}/checkpoints/{name} ({local})"
+    assert p.killed.data.tags["wmtp.steps"] == str(STEPS) and "checkpoints_local_only" not in p.killed.data.tags
+    # every rank says why it stopped and where to resume from
+    assert p.stderr.count(f"preempted: stopped by SIGTERM; resume from {local}\n") == 2, p.stderr[-3000:]
+    # in S3, under the run's own artifact prefix, byte for byte what is on disk: one file, gathered on rank 0, as DDP
+    # writes it
+    prefix = f"mlflow-artifacts/weighted-mtp-production/{run_id}/artifacts"
+    assert p.killed.info.artifact_uri == f"s3://{BUCKET}/{prefix}"
+    assert p.s3[f"{prefix}/checkpoints/{name}"] == local.read_bytes()
+    assert p.s3[f"{prefix}/checkpoints/{name}.sha256"] == Path(f"{local}.sha256").read_bytes()
+    assert b"SIGTERM received: stopping at the end of this step" in p.s3[f"{prefix}/logs/training.log"]
+    saved = torch.load(local, weights_only=False)
+    assert saved["step"] == n and saved["position"] == 2 * n and saved["run_id"] == run_id and not saved["finished"]
+    assert sorted(saved["optimizer"]["state"])[-1] == 38
+
+
+def test_resume_auto_on_an_empty_disk_finishes_the_same_run_from_s3_with_the_weights_of_an_uninterrupted_run(
+        preempted):
+    p = preempted.full
     assert_resumed_to_the_reference(p, preempted.reference)
+    assert [r.info.run_id for r in p.runs] == [p.killed.info.run_id]  # the same run continued: exactly one
+    run = p.runs[0]
+    assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == str(STEPS)
+    name = f"checkpoint_step_{stopped_at(p)}.pt"
+    (downloaded,) = re.findall(rf", resumed at step {stopped_at(p)} from (\S+)\n", p.resumed.stderr)
+    assert Path(downloaded).name == name and Path(downloaded).is_relative_to(p.fresh / ".cache")
+    assert Path(downloaded).read_bytes() == p.local[name].read_bytes()  # the preemption's checkpoint, back from S3
+
+
+def test_preempted_and_resumed_run_has_one_continuous_metric_history(preempted):
+    p = preempted.full
+    client, _ = runs_of(preempted.uri)
+    assert p.stopped_history == list(range(1, stopped_at(p) + 1))  # up to the checkpoint, the stop step included
+    assert steps(client, p.killed.info.run_id) == list(range(1, STEPS + 1))  # then the rest: no gap, no duplicate
 
 
 def test_sharded_checkpoints_are_saved_uploaded_pruned_and_resumed(preempted):
-    p = preempted.sharded
+    """The preemption story of the full format (the tests above), told for a sharded checkpoint directory."""
+    p, run_id = preempted.sharded, preempted.sharded.killed.info.run_id
     assert p.rc != 0 and p.killed.info.status == "KILLED", p.stderr[-3000:]
     n = stopped_at(p)
     saved = [*range(3, n, 3), n]  # every 3 steps, then the preemption's
     kept = [f"checkpoint_step_{k}" for k in saved[-2:]]  # checkpoint.save_total_limit=2, by step number
     assert n >= 10 and sorted(p.local) == sorted(kept)
-    run_dir = p.ckpt / "baseline-mtp" / p.killed.info.run_id
-    prefix = f"mlflow-artifacts/weighted-mtp-production/{p.killed.info.run_id}/artifacts/checkpoints"
+    run_dir = p.ckpt / "baseline-mtp" / run_id
+    assert p.stderr.count(f"preempted: stopped by SIGTERM; resume from {run_dir / kept[-1]}\n") == 2, p.stderr[-3000:]
+    assert p.killed.data.tags["resume_from"] == f"runs:/{run_id}/checkpoints/{kept[-1]} ({run_dir / kept[-1]})"
+    assert p.killed.data.tags["wmtp.steps"] == str(STEPS) and "checkpoints_local_only" not in p.killed.data.tags
+    artifacts = f"mlflow-artifacts/weighted-mtp-production/{run_id}/artifacts"
+    assert p.killed.info.artifact_uri == f"s3://{BUCKET}/{artifacts}"
+    assert b"SIGTERM received: stopping at the end of this step" in p.s3[f"{artifacts}/logs/training.log"]
+    prefix = f"{artifacts}/checkpoints"
     for name in kept:  # a torch.distributed.checkpoint directory: both ranks' shards, its metadata, trainer.pt
         files = sorted(f.name for f in (run_dir / name).iterdir())
         assert files == [".metadata", "__0_0.distcp", "__1_0.distcp", "trainer.pt", "trainer.pt.sha256"], files
@@ -250,7 +302,12 @@ def test_sharded_checkpoints_are_saved_uploaded_pruned_and_resumed(preempted):
     assert remote == sorted(kept)  # the older ones pruned remotely too
     trainer = torch.load(run_dir / kept[-1] / "trainer.pt", weights_only=False)
     assert trainer["step"] == n and trainer["position"] == 2 * n and "model" not in trainer
-    assert f", resumed at step {n} from " in p.resumed.stderr
-    downloaded = p.resumed.stderr.split(f", resumed at step {n} from ")[1].split("\n")[0]
-    assert Path(downloaded).name == kept[-1] and Path(downloaded).is_relative_to(p.fresh / ".cache")
+    assert trainer["run_id"] == run_id and not trainer["finished"]
     assert_resumed_to_the_reference(p, preempted.reference)
+    (downloaded,) = re.findall(rf", resumed at step {n} from (\S+)\n", p.resumed.stderr)
+    assert Path(downloaded).name == kept[-1] and Path(downloaded).is_relative_to(p.fresh / ".cache")
+    # the same run continued (the module's other run is the full format's), to the end, with no gap in its history
+    assert sorted(r.info.run_id for r in p.runs) == sorted([preempted.full.killed.info.run_id, run_id])
+    assert all(r.info.status == "FINISHED" for r in p.runs)
+    assert p.stopped_history == list(range(1, n + 1))
+    assert steps(runs_of(preempted.uri)[0], run_id) == list(range(1, STEPS + 1))

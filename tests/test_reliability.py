@@ -1,7 +1,11 @@
 """Never lose a run: SIGTERM (spot reclaim), elastic restarts, a crashing rank, NaN losses.
 
 Real processes only: `torchrun` (gloo, CPU, 2 workers) or `python -m weighted_mtp`, a sqlite MLflow store in a tmp
-dir, and for the preemption test a moto S3 server reached over HTTP, exactly as a run reaches MinIO or AWS.
+dir, and where a test needs S3 a moto S3 server reached over HTTP, exactly as a run reaches MinIO or AWS.
+
+A SIGTERM to torchrun's agent, then --resume auto on an empty disk from S3 to the weights of an uninterrupted run,
+is told once for both parallel modes: in test_fsdp.py (FSDP, full format: the file DDP writes). Here DDP's SIGTERM
+reaching every process, and its restarts and crashes.
 """
 import os
 import re
@@ -10,11 +14,8 @@ import socket
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
-import pytest
-import torch
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, new_store
@@ -90,11 +91,6 @@ def artifact_files(client, run_id, path=""):
     return sorted(out)
 
 
-def final_model(ckpt_dir):
-    (path,) = Path(ckpt_dir).glob("baseline-mtp/*/checkpoint_final.pt")
-    return torch.load(path, weights_only=False)["model"]
-
-
 def wait_until(predicate, timeout, proc=None, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -113,106 +109,11 @@ def logged_steps(ckpt_dir):
 
 
 # -----------------------------------------------------------------------------
-# SIGTERM mid-run, then --resume auto
+# SIGTERM mid-run
 
-# 150 steps of ~30 ms: the signal lands well inside training. log_interval=1 so that "one continuous history" is
-# exactly the steps 1..150, whatever step the signal lands on; save_every=0 and eval_interval=0 so that the only
-# step checkpoint is the one the preemption writes.
-PREEMPT = ["training.max_steps=150", "training.log_interval=1", "training.eval_interval=0", "checkpoint.save_every=0",
-           "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts"]
-
-
-@pytest.fixture(scope="module")
-def preempted(tmp_path_factory, empty_store):
-    """A 2-process run SIGTERMed mid-training, the same run resumed with --resume auto on an empty checkpoint dir
-    (as on the new machine a spot reclaim leaves), and an uninterrupted reference run with the same seed (its own
-    checkpoint dir, MLflow off; it runs beside the first one)."""
-    tmp = tmp_path_factory.mktemp("preempt")
-    s3 = MotoS3().start()
-    ref_dir = tmp / "reference"
-    reference = subprocess.Popen(TORCHRUN + train_args(ref_dir, *PREEMPT, "mlflow.enable_logging=false"),
-                                 cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        uri, ckpt = store(empty_store, tmp), tmp / "ckpt"
-        env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
-        # How the signal arrives: on Kubernetes (VESSL) the kubelet sends SIGTERM to the container's main process
-        # only, and run.sh execs torchrun, so torchrun's agent receives it and forwards it to its workers (which
-        # torchrun starts in their own sessions: nothing else reaches them); it SIGKILLs them 30 s later.
-        proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT), cwd=tmp, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        try:
-            wait_until(lambda: logged_steps(ckpt) >= 3, 90, proc, "training to log 3 steps")
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=90)
-        finally:
-            proc.kill()
-        client, runs = runs_of(uri)
-        killed = client.get_run(runs[0].info.run_id) if len(runs) == 1 else None
-        local = sorted(ckpt.glob("baseline-mtp/*/checkpoint_step_*.pt"))
-        s3_objects = {o["Key"]: s3.client().get_object(Bucket=BUCKET, Key=o["Key"])["Body"].read()
-                      for o in s3.client().list_objects_v2(Bucket=BUCKET).get("Contents", [])}
-        stopped_history = steps(client, killed.info.run_id) if killed else []
-
-        # a spot reclaim takes the disk with it: the resume starts on an empty checkpoint.dir, from S3 alone
-        fresh = tmp / "fresh"
-        resumed = subprocess.run(TORCHRUN + train_args(fresh, *PREEMPT, resume="auto"), cwd=tmp, env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=120)
-        reference.communicate(timeout=120)
-        yield types.SimpleNamespace(uri=uri, ckpt=ckpt, fresh=fresh, rc=proc.returncode, stderr=err, killed=killed,
-                                    local=local, s3=s3_objects, stopped_history=stopped_history, resumed=resumed,
-                                    reference=reference, ref_dir=ref_dir)
-    finally:
-        reference.kill()
-        s3.stop()
-
-
-def test_sigterm_writes_a_checkpoint_to_disk_and_s3_and_ends_the_run_killed(preempted):
-    p = preempted
-    assert p.rc != 0, p.stderr[-3000:]
-    assert p.killed is not None and p.killed.info.status == "KILLED", p.stderr[-3000:]
-    run_id = p.killed.info.run_id
-    (local,) = p.local  # the preemption's checkpoint, the only step checkpoint of this config
-    n = int(local.stem.rsplit("_", 1)[1])
-    assert local.parent == p.ckpt / "baseline-mtp" / run_id and 3 < n < 150
-    assert p.killed.data.tags["resume_from"] == f"runs:/{run_id}/checkpoints/checkpoint_step_{n}.pt ({local})"
-    assert p.killed.data.tags["wmtp.steps"] == "150" and "checkpoints_local_only" not in p.killed.data.tags
-    # every rank says why it stopped and where to resume from
-    assert p.stderr.count(f"preempted: stopped by SIGTERM; resume from {local}\n") == 2, p.stderr[-3000:]
-    # in S3, under the run's own artifact prefix, byte for byte what is on disk
-    prefix = f"mlflow-artifacts/weighted-mtp-production/{run_id}/artifacts"
-    assert p.killed.info.artifact_uri == f"s3://{BUCKET}/{prefix}"
-    assert p.s3[f"{prefix}/checkpoints/checkpoint_step_{n}.pt"] == local.read_bytes()
-    assert p.s3[f"{prefix}/checkpoints/checkpoint_step_{n}.pt.sha256"] == Path(f"{local}.sha256").read_bytes()
-    assert b"SIGTERM received: stopping at the end of this step" in p.s3[f"{prefix}/logs/training.log"]
-    saved = torch.load(local, weights_only=False)
-    assert saved["step"] == n and saved["position"] == n and saved["run_id"] == run_id and not saved["finished"]
-
-
-def test_resume_auto_on_an_empty_disk_finishes_the_same_run_from_s3_with_the_weights_of_an_uninterrupted_run(preempted):
-    p = preempted
-    assert p.resumed.returncode == 0, p.resumed.stderr[-3000:]
-    assert p.reference.returncode == 0
-    client, runs = runs_of(p.uri)
-    assert [r.info.run_id for r in runs] == [p.killed.info.run_id]  # the same run continued: exactly one
-    run = runs[0]
-    assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "150"
-    n = int(p.local[0].stem.rsplit("_", 1)[1])
-    (downloaded,) = re.findall(rf", resumed at step {n} from (\S+)\n", p.resumed.stderr)
-    assert Path(downloaded).name == p.local[0].name and Path(downloaded).is_relative_to(p.fresh / ".cache")
-    assert Path(downloaded).read_bytes() == p.local[0].read_bytes()  # the preemption's checkpoint, back from S3
-    resumed, reference = final_model(p.fresh), final_model(p.ref_dir)
-    assert sorted(resumed) == sorted(reference)
-    worst = max((resumed[k].double() - reference[k].double()).abs().max().item() for k in reference)
-    assert worst <= 1e-6, worst
-
-
-def test_preempted_and_resumed_run_has_one_continuous_metric_history(preempted):
-    p = preempted
-    client, runs = runs_of(p.uri)
-    n = int(p.local[0].stem.rsplit("_", 1)[1])
-    assert p.stopped_history == list(range(1, n + 1))  # everything up to the checkpoint, the stop step included
-    assert steps(client, runs[0].info.run_id) == list(range(1, 151))  # then the rest: no gap, no duplicate
+# 150 steps of ~30 ms: the signal lands well inside training. save_every=0 and eval_interval=0 so that the only step
+# checkpoint is the one the preemption writes.
+PREEMPT = ["training.max_steps=150", "training.log_interval=1", "training.eval_interval=0", "checkpoint.save_every=0"]
 
 
 # -----------------------------------------------------------------------------
@@ -346,7 +247,7 @@ def worker_pids(agent_pid):
 
 def test_sigterm_to_every_process_still_checkpoints_and_ends_killed(tmp_path, empty_store):
     uri, ckpt = store(empty_store, tmp_path), tmp_path / "ckpt"
-    proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT[:-1]), cwd=tmp_path, env=environment(uri),
+    proc = subprocess.Popen(TORCHRUN + train_args(ckpt, *PREEMPT), cwd=tmp_path, env=environment(uri),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: logged_steps(ckpt) >= 3, 90, proc, "training to log 3 steps")
