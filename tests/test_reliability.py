@@ -1,7 +1,8 @@
 """Never lose a run: SIGTERM (spot reclaim), elastic restarts, a crashing rank, NaN losses.
 
-Real processes only: `torchrun` (gloo, CPU, 2 workers) or `python -m weighted_mtp`, a sqlite MLflow store in a tmp
-dir, and where a test needs S3 a moto S3 server reached over HTTP, exactly as a run reaches MinIO or AWS.
+Real processes only: `torchrun` (gloo, CPU, 2 workers) or `python -m weighted_mtp`, and a sqlite MLflow store in a
+tmp dir. two_nodes (two torchrun agents as two nodes, each in a directory of its own) serves test_fsdp_nodes.py, whose
+two-node job, started from a first run's checkpoint, also checks that each node fetches that checkpoint from S3.
 
 A SIGTERM to torchrun's agent, then --resume auto on an empty disk from S3 to the weights of an uninterrupted run,
 is told once for both parallel modes: in test_fsdp.py (FSDP, full format: the file DDP writes). Here DDP's SIGTERM
@@ -19,7 +20,6 @@ from pathlib import Path
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, new_store
-from s3server import BUCKET, CREDENTIALS, MotoS3
 
 EXPERIMENT = "weighted-mtp/production"
 BASELINE = str(ROOT / "configs" / "baseline" / "baseline_local.yaml")
@@ -114,36 +114,6 @@ def logged_steps(ckpt_dir):
 # 150 steps of ~30 ms: the signal lands well inside training. save_every=0 and eval_interval=0 so that the only step
 # checkpoint is the one the preemption writes.
 PREEMPT = ["training.max_steps=150", "training.log_interval=1", "training.eval_interval=0", "checkpoint.save_every=0"]
-
-
-# -----------------------------------------------------------------------------
-# two nodes, two disks
-
-
-def test_two_nodes_with_their_own_disks_each_fetch_the_starting_checkpoint(tmp_path, empty_store):
-    """Two torchrun agents (one process each) rendezvous as two nodes; each runs in its own directory with a relative
-    checkpoint.dir, so neither sees the other's files. model.init_from=auto is resolved by rank 0; the other node
-    downloads the same S3 object into its own cache instead of opening a path that exists only on rank 0's node."""
-    s3 = MotoS3().start()
-    try:
-        uri = store(empty_store, tmp_path)
-        env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
-        s3_root = "mlflow.s3_artifacts=s3://wmtp/mlflow-artifacts"
-        first = subprocess.run([sys.executable, *train_args(tmp_path / "first", s3_root)], cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=120)
-        assert first.returncode == 0, first.stderr[-3000:]
-        _, (baseline,) = runs_of(uri)
-        nodes = two_nodes(tmp_path, env, train_args("ckpt", s3_root, "model.init_from=auto"))
-        assert [rc for rc, _ in nodes] == [0, 0], "\n".join(err[-3000:] for _, err in nodes)
-        key = (f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/"
-               "checkpoint_final.pt")
-        remote = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
-        for name in ("node_a", "node_b"):  # rank 0's node and the other: each has its own copy
-            assert (tmp_path / name / "ckpt" / ".cache" / "s3" / BUCKET / key).read_bytes() == remote, name
-        _, runs = runs_of(uri)
-        assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)  # the first run, and one for the job
-    finally:
-        s3.stop()
 
 
 # -----------------------------------------------------------------------------
