@@ -35,7 +35,8 @@ from wmtp.data import Batches, Examples, chat_template, encode_records, epoch_or
 from wmtp.evaluation import Head0Watch, Validation, eval_tasks, evaluate, sample
 from wmtp.memplan import dry_run_report
 from wmtp.parallel import (Meter, Preempted, StopSignal, all_reduce, autocast_for, broadcast, gradient_sync,
-                           setup_distributed, shard, shard_from_meta, transformer_blocks, wrap_and_compile)
+                           end_distributed, setup_distributed, shard, shard_from_meta, transformer_blocks,
+                           wrap_and_compile)
 from wmtp.pipelines import CONTROL_ROWS, PIPELINE_TYPES, WARMUP_CONFIG, Pipeline, policy_pipelines
 from wmtp.pretrained import (added_heads, build_model, check_micro, export, initial_params, load_pretrained,
                              next_token_logits, pretrained_params)
@@ -318,6 +319,7 @@ def train(cfg, use_micro=False):
     """Trains cfg on this process's rank -> {run_id, steps, the last validation's metrics}; a bad input is a
     UserError before any run, a signal a Preempted after a resumable checkpoint."""
     cfg, val_note = validation_for_a_random_start(cfg, use_micro)
+    owned = not dist.is_initialized()  # a process group the caller made is left to it
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
@@ -369,8 +371,7 @@ def train(cfg, use_micro=False):
                                   s.pipeline.continued_by), flush=True)
         return {"run_id": run_id, "steps": s.total_steps, **val}
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed(owned)
 
 
 def local_config(pipeline, setting="demo"):

@@ -4,8 +4,13 @@ per-rank state, preemption and resume from S3 on an empty disk, sharded checkpoi
 The preemption story (`preempted`) is told once, under FSDP, for both parallel modes: a SIGTERM to torchrun's agent
 ends the run KILLED with a resumable checkpoint on disk and in S3, and --resume auto on an empty disk finishes the
 same MLflow run, with one continuous metric history, at the weights of an uninterrupted run. A full-format FSDP
-checkpoint is the file DDP writes (test_fsdp_trains_to_the_weights_of_ddp); DDP's own SIGTERM and resumes are
-test_reliability's (the signal to every process, --max_restarts) and test_s3_training's (SIGKILL, then resume).
+checkpoint is the file DDP writes (test_fsdp_trains_to_the_weights_of_ddp). DDP's own SIGTERM: test_reliability's
+signal to every process (KILLED, resume_from, the checkpoint in the run); a DDP resume: its --max_restarts (from the
+local disk, into the same run); a resume to the weights of an uninterrupted run: test_s3_training's SIGKILL (one
+process).
+
+The six DDP and FSDP trainings of the comparison and the per-rank measurements share one torchrun launch (WORKER):
+train() runs in the process group the worker made.
 
 Tolerance of the DDP comparison: 1e-5 absolute on every weight after 4 AdamW steps. Both runs see the same batches
 and compute the same per-rank gradients; only the reductions differ (DDP all-reduces whole gradient buckets, FSDP
@@ -37,45 +42,18 @@ def final_checkpoint(ckpt_dir):
     return torch.load(path, weights_only=False)
 
 
-def torchrun(tmp_path, config, parallel, *overrides):
-    """A 2-process torchrun training of `config` under `parallel`, MLflow off; its final checkpoint."""
-    ckpt = tmp_path / parallel / "ckpt"
-    args = ["-m", "weighted_mtp", "train", "--config", config, "--use-micro-model"]
-    for o in [*TINY, f"checkpoint.dir={ckpt}", f"training.parallel={parallel}", "mlflow.enable_logging=false",
-              *overrides]:
-        args += ["--override", o]
-    r = subprocess.run(TORCHRUN + args, cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, workers_said(r.stderr)
-    return final_checkpoint(ckpt)
-
-
-@pytest.mark.parametrize("pipeline, extra", [
+# Every DDP and FSDP training of test_fsdp_trains_to_the_weights_of_ddp and every measurement of the two tests after
+# it read one torchrun launch (WORKER): two processes start and import torch once, not seven times. The process group
+# is made once; train() uses a group its caller made and leaves it to the caller (no second group on torchrun's
+# store, pytorch#135712). In it: prepare() under DDP, then under FSDP (the per-rank state), then a fresh FSDP
+# trainer whose embedding rank 0 poisons (the skipped step), each rank writing what it measured; then for each
+# pipeline a DDP and an FSDP training, each into a checkpoint dir of its own.
+TRAININGS = [
     ("baseline", []),
     ("verifiable", ["critic.checkpoint="]),
     # LoRA (frozen base and trainable adapters in one FSDP unit), block recomputation, the sharded frozen reference
     ("rho1", ["reference.path=", "model.lora.rank=2", "training.activation_checkpointing=true"]),
-])
-def test_fsdp_trains_to_the_weights_of_ddp(tmp_path, pipeline, extra):
-    overrides = [*extra, "training.gradient_accumulation_steps=2"]
-    ddp = torchrun(tmp_path, CONFIGS[pipeline], "ddp", *overrides)
-    fsdp = torchrun(tmp_path, CONFIGS[pipeline], "fsdp", *overrides)
-    # the same file: the same keys, the optimizer state keyed by parameter index as optimizer.state_dict() keys it
-    assert sorted(fsdp) == sorted(ddp) and sorted(fsdp["model"]) == sorted(ddp["model"])
-    assert fsdp["model_partial"] == ddp["model_partial"] == (pipeline == "rho1")
-    assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
-    assert sorted(fsdp["optimizer"]["state"]) == sorted(ddp["optimizer"]["state"]) == list(range(len(ddp["model"])))
-    for key in ddp["model"]:
-        torch.testing.assert_close(fsdp["model"][key], ddp["model"][key], atol=1e-5, rtol=0, msg=key)
-    for index, state in ddp["optimizer"]["state"].items():
-        assert state["step"].item() == fsdp["optimizer"]["state"][index]["step"].item() == 4
-        torch.testing.assert_close(fsdp["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], atol=1e-5, rtol=0)
-    start = torch.load(next((tmp_path / "ddp" / "ckpt").glob("*/*/checkpoint_step_2.pt")), weights_only=False)
-    assert any(not torch.equal(start["model"][k], ddp["model"][k]) for k in ddp["model"])  # it trained on
-
-
-# The per-rank state and the skipped step read one torchrun launch (WORKER): prepare() under DDP, then under FSDP,
-# then a fresh FSDP trainer whose embedding rank 0 poisons; each rank writes what it measured.
+]
 WORKER = """
 import json, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
@@ -113,20 +91,52 @@ skip["unchanged"] = all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in 
 skip["moments_unchanged"] = all(torch.equal(a, b) for a, b in zip(state, moments()))
 skip["steps"] = sorted({{st["step"].item() for st in s.optimizer.state.values()}})
 json.dump(out, open(f"{out_dir}/rank{{rank}}.json", "w"))
+for pipeline, extra in {trainings!r}:
+    for parallel in ("ddp", "fsdp"):
+        wm.train(load_config({configs!r}[pipeline], {tiny!r} + [
+            f"checkpoint.dir={out_dir}/{{pipeline}}/{{parallel}}/ckpt", "training.parallel=" + parallel,
+            "mlflow.enable_logging=false", *extra, "training.gradient_accumulation_steps=2"]), use_micro=True)
 dist.destroy_process_group()
+wm.exit_worker(0)  # as the CLI's torchrun workers leave: gloo's threads can abort Python's finalisation
 """
 
 
 @pytest.fixture(scope="module")
-def measured(tmp_path_factory):
-    """[rank 0's, rank 1's] {"memory": {ddp, fsdp: numels after one step}, "skip": the poisoned step's record}."""
+def launched(tmp_path_factory):
+    """The directory of WORKER's one launch: rank<k>.json of each rank, <pipeline>/<ddp|fsdp>/ckpt of each training."""
     tmp = tmp_path_factory.mktemp("fsdp-worker")
     script = tmp / "worker.py"
-    script.write_text(WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], tiny=TINY, out_dir=tmp))
+    script.write_text(WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], configs=CONFIGS, tiny=TINY,
+                                    trainings=TRAININGS, out_dir=tmp))
     r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, workers_said(r.stderr)
-    return [json.loads((tmp / f"rank{k}.json").read_text()) for k in range(2)]
+    return tmp
+
+
+@pytest.mark.parametrize("pipeline, extra", TRAININGS)
+def test_fsdp_trains_to_the_weights_of_ddp(launched, pipeline, extra):
+    ddp = final_checkpoint(launched / pipeline / "ddp" / "ckpt")
+    fsdp = final_checkpoint(launched / pipeline / "fsdp" / "ckpt")
+    # the same file: the same keys, the optimizer state keyed by parameter index as optimizer.state_dict() keys it
+    assert sorted(fsdp) == sorted(ddp) and sorted(fsdp["model"]) == sorted(ddp["model"])
+    assert fsdp["model_partial"] == ddp["model_partial"] == (pipeline == "rho1")
+    assert fsdp["optimizer"]["param_groups"] == ddp["optimizer"]["param_groups"]
+    assert sorted(fsdp["optimizer"]["state"]) == sorted(ddp["optimizer"]["state"]) == list(range(len(ddp["model"])))
+    for key in ddp["model"]:
+        torch.testing.assert_close(fsdp["model"][key], ddp["model"][key], atol=1e-5, rtol=0, msg=key)
+    for index, state in ddp["optimizer"]["state"].items():
+        assert state["step"].item() == fsdp["optimizer"]["state"][index]["step"].item() == 4
+        torch.testing.assert_close(fsdp["optimizer"]["state"][index]["exp_avg"], state["exp_avg"], atol=1e-5, rtol=0)
+    start = torch.load(next((launched / pipeline / "ddp" / "ckpt").glob("*/*/checkpoint_step_2.pt")),
+                       weights_only=False)
+    assert any(not torch.equal(start["model"][k], ddp["model"][k]) for k in ddp["model"])  # it trained on
+
+
+@pytest.fixture(scope="module")
+def measured(launched):
+    """[rank 0's, rank 1's] {"memory": {ddp, fsdp: numels after one step}, "skip": the poisoned step's record}."""
+    return [json.loads((launched / f"rank{k}.json").read_text()) for k in range(2)]
 
 
 def test_fsdp_holds_half_the_parameters_and_optimizer_state_per_rank(measured):

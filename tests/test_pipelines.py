@@ -6,6 +6,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.distributed as dist
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
@@ -177,6 +178,21 @@ def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tm
     initial = build_model(cfg, True, True)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
+
+
+def test_train_in_the_callers_process_group_uses_it_and_leaves_it_to_the_caller(tmp_path):
+    """A launcher or a notebook that owns the process group (here world 1 over a FileStore) runs train() in it, twice:
+    train() makes no group of its own (a second init_process_group would raise) and leaves the caller's standing."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        world = dist.group.WORLD
+        for k in range(2):
+            cfg = tiny_config("baseline", tmp_path / f"run{k}", "mlflow.enable_logging=false",
+                              "training.eval_interval=0")
+            assert wm.train(cfg, use_micro=True)["steps"] == 4
+            assert dist.is_initialized() and dist.group.WORLD is world
+    finally:
+        dist.destroy_process_group()
 
 
 # The two loss paths differ only in the order of float sums (their gradients agree to 1e-6: tests/test_heads.py).

@@ -25,7 +25,8 @@ from wmtp.checkpointing import load_checkpoint_into, on_this_node, resolve_uri
 from wmtp.config import flatten, tracking_uri, UserError
 from wmtp.data import chat_template, collate, eval_records, json_rows, render_chat, render_prompt
 from wmtp.model import add_stats, decode_stats, generate
-from wmtp.parallel import Meter, all_reduce, autocast_for, gathered, is_sharded, setup_distributed
+from wmtp.parallel import (Meter, all_reduce, autocast_for, end_distributed, gathered, is_sharded,
+                           setup_distributed)
 from wmtp.pretrained import build_model
 from wmtp.tracking import experiment_id, log_params, metric_name
 log = logging.getLogger("weighted_mtp")
@@ -423,6 +424,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     eval/tokens_per_forward and eval/accept_head_{k} (model.decode_stats), and eval.speculative auto's choice."""
     from wmtp import sandbox
     e = cfg.eval
+    owned = not dist.is_initialized()  # a process group the caller made is left to it
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
@@ -449,8 +451,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
         raise UserError(str(err))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed(owned)
     print(sandbox.format_summary(summary), flush=True)
     if json_out:
         sandbox.write_atomic(json_out, json.dumps(summary, indent=2) + "\n")  # random temp name: no planted link
@@ -509,6 +510,7 @@ def sample(cfg, use_micro=False, checkpoint="auto", out=None, tasks=None):
     (sampled_records): critic, verifiable and rho1 train on it as it is. Returns the records."""
     from wmtp import sandbox
     e = cfg.eval
+    owned = not dist.is_initialized()  # a process group the caller made is left to it
     rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
@@ -533,8 +535,7 @@ def sample(cfg, use_micro=False, checkpoint="auto", out=None, tasks=None):
     except (sandbox.TaskError, sandbox.SandboxUnavailable) as err:
         raise UserError(str(err))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        end_distributed(owned)
     records = sampled_records(tasks, results, provenance)
     if out:
         sandbox.write_atomic(out, "".join(json.dumps(r) + "\n" for r in records))

@@ -22,8 +22,10 @@ log = logging.getLogger("weighted_mtp")
 
 
 def setup_distributed(timeout_s):
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python -m` is rank 0 of 1."""
-    if "RANK" not in os.environ:
+    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python -m` is rank 0 of 1. A process
+    group the caller already initialized (a launcher's, a notebook's, several trainings in one process) is used as it
+    is, and stays the caller's to destroy (end_distributed)."""
+    if "RANK" not in os.environ and not dist.is_initialized():
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
@@ -31,8 +33,16 @@ def setup_distributed(timeout_s):
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def end_distributed(owned):
+    """Destroys the process group if this call's setup_distributed made it (owned: no group before it), so a caller's
+    group outlives the training, evaluation or sampling run in it."""
+    if owned and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def all_reduce(t, op=None):
