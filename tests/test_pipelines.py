@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from wmtp.data import collate
 from wmtp.parallel import Meter
 from wmtp.checkpointing import load_checkpoint_into
 from wmtp.pipelines import PIPELINE_TYPES
-from conftest import train_keeping_setup, ROOT, TINY, tiny_config
+from conftest import new_store, train_keeping_setup, ROOT, TINY, tiny_config
 
 COMMON = ["train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec", "val/loss",
           *[f"{split}/head_{k}_loss" for split in ("train", "val") for k in range(3)]]
@@ -148,33 +149,54 @@ def test_train_step_skips_a_non_finite_step_on_the_device(tmp_path, pipeline):
     assert finite_log["train/grad_norm"] > 0 and 0 < finite_log["train/loss"] < 10
 
 
-def torchrun_train(tmp_path, tracking, config, overrides, nproc=2):
-    """Train under `torchrun --nproc_per_node=nproc` (gloo); returns each rank's final state dict."""
+def torchrun_trainings(tmp_path, trainings, nproc=2):
+    """One `torchrun --nproc_per_node=nproc` launch (gloo) that trains each (config, overrides, tracking URI) of
+    `trainings` in turn, in the launch's one process group (train() runs in a caller's group and leaves it standing: a
+    second group on torchrun's store would hang, pytorch#135712) -> per training, each rank's final state dict."""
     out = tmp_path / "ranks"
     out.mkdir(parents=True, exist_ok=True)
+    runs = [(str(ROOT / config), [*TINY, f"checkpoint.dir={tmp_path}/ckpt{k}", f"mlflow.tracking_uri={uri}", *overrides])
+            for k, (config, overrides, uri) in enumerate(trainings)]
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
-        import os, sys, torch
+        import os, sys, torch, torch.distributed as dist
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
         from wmtp.config import load_config
         from conftest import train_keeping_setup
-        cfg = load_config({str(ROOT / config)!r}, {TINY + [f"checkpoint.dir={tmp_path}/ckpt"] + overrides!r})
-        model = train_keeping_setup(cfg, use_micro=True)[1].model
-        torch.save(model.state_dict(), f"{out}/rank{{os.environ['RANK']}}.pt")
+        dist.init_process_group("gloo")
+        for k, (config, overrides) in enumerate({runs!r}):
+            model = train_keeping_setup(load_config(config, overrides), use_micro=True)[1].model
+            torch.save(model.state_dict(), f"{out}/training{{k}}-rank{{os.environ['RANK']}}.pt")
+        dist.destroy_process_group()
     """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_TRACKING_URI": tracking}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                         str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+    return [[torch.load(out / f"training{k}-rank{r}.pt") for r in range(nproc)] for k in range(len(trainings))]
 
 
-def test_two_process_torchrun_makes_one_run_with_identical_replicas(tracking, tmp_path):
-    a, b = torchrun_train(tmp_path, tracking, "configs/verifiable/verifiable_local.yaml",
-                          ["critic.checkpoint=", "training.gradient_accumulation_steps=2"])
-    run = only_run(MlflowClient(tracking), "verifiable-wmtp")
+VERIFIABLE = "configs/verifiable/verifiable_local.yaml"
+
+
+@pytest.fixture(scope="module")
+def ddp_trained(tmp_path_factory, empty_store):
+    """One 2-process launch, three verifiable trainings: accumulating over 2 micro-batches (a store of its own), then
+    the memory-efficient loss and the naive one (a second store)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    replicas_uri, loss_uri = new_store(empty_store, tmp / "replicas"), new_store(empty_store, tmp / "loss")
+    replicas, efficient, naive = torchrun_trainings(tmp, [
+        (VERIFIABLE, ["critic.checkpoint=", "training.gradient_accumulation_steps=2"], replicas_uri),
+        (VERIFIABLE, ["critic.checkpoint="], loss_uri),
+        (VERIFIABLE, ["critic.checkpoint=", "model.memory_efficient_loss=false"], loss_uri)])
+    return types.SimpleNamespace(replicas_uri=replicas_uri, replicas=replicas, efficient=efficient, naive=naive)
+
+
+def test_two_process_torchrun_makes_one_run_with_identical_replicas(ddp_trained):
+    a, b = ddp_trained.replicas
+    run = only_run(MlflowClient(ddp_trained.replicas_uri), "verifiable-wmtp")
     assert run.info.status == "FINISHED" and run.data.tags["wmtp.steps"] == "4"
-    cfg = load_config(ROOT / "configs/verifiable/verifiable_local.yaml", TINY)
+    cfg = load_config(ROOT / VERIFIABLE, TINY)
     initial = build_model(cfg, True, True)[1].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["output.weight"], initial["output.weight"])   # they trained, identically
@@ -202,11 +224,9 @@ def test_train_in_the_callers_process_group_uses_it_and_leaves_it_to_the_caller(
 WEIGHTS_TOL = {"atol": 1e-3, "rtol": 0}
 
 
-def test_memory_efficient_loss_trains_like_the_naive_one_under_ddp(tracking, tmp_path):
-    extra = ["critic.checkpoint="]
-    efficient = torchrun_train(tmp_path / "a", tracking, "configs/verifiable/verifiable_local.yaml", extra)[0]
-    naive = torchrun_train(tmp_path / "b", tracking, "configs/verifiable/verifiable_local.yaml",
-                           extra + ["model.memory_efficient_loss=false"])[0]
+def test_memory_efficient_loss_trains_like_the_naive_one_under_ddp(ddp_trained):
+    efficient, naive = ddp_trained.efficient[0], ddp_trained.naive[0]
+    assert sorted(efficient) == sorted(naive)
     for key in efficient:
         torch.testing.assert_close(efficient[key], naive[key], **WEIGHTS_TOL, msg=key)
 
