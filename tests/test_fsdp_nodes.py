@@ -42,6 +42,28 @@ def final_weights(directory, pattern):
     return torch.load(path, weights_only=False)["model"]
 
 
+def assert_each_disk_holds_its_nodes_shards_and_s3_all(tmp_path, s3, run_id):
+    """Step 2's sharded checkpoint of the run: each node's disk holds its two ranks' shards, S3 all of them byte for
+    byte and trainer.pt's manifest of their sizes -> the checkpoint's S3 prefix."""
+    prefix = f"mlflow-artifacts/weighted-mtp-production/{run_id}/artifacts/checkpoints/{STEP}/"
+    remote = s3_objects(s3, prefix)
+    shards = [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
+    assert sorted(remote) == sorted([*shards, "trainer.pt", "trainer.pt.sha256"])
+    local = {}
+    for name in ("node_a", "node_b"):  # each disk holds its own node's two ranks' shards only
+        (step_dir,) = (tmp_path / name / "ckpt").glob(f"baseline-mtp/{run_id}/{STEP}")
+        files = {f.name: f.read_bytes() for f in step_dir.iterdir() if f.is_file()}
+        assert len([f for f in files if f.endswith(".distcp")]) == 2, (name, sorted(files))
+        local.update(files)
+    assert sorted(local) == sorted(remote) and all(remote[f] == local[f] for f in local)  # byte for byte
+    trainer = s3.client().get_object(Bucket=BUCKET, Key=prefix + "trainer.pt")["Body"]
+    (tmp_path / "trainer.pt").write_bytes(trainer.read())
+    manifest = torch.load(tmp_path / "trainer.pt", weights_only=False)["shards"]
+    assert sorted(manifest) == shards
+    assert all(manifest[f][0] == len(remote[f]) for f in shards)
+    return prefix
+
+
 def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store):  # noqa: F811
     s3 = MotoS3().start()
     reference = None
@@ -74,22 +96,7 @@ def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_st
         assert len(runs) == 2 and baseline.info.run_id in [r.info.run_id for r in runs]  # the first run, the job's
         (run,) = [r for r in runs if r.info.run_id != baseline.info.run_id]
         assert run.info.status == "FAILED" and run.data.tags["wmtp.init_from.run"] == baseline.info.run_id
-        prefix = f"mlflow-artifacts/weighted-mtp-production/{run.info.run_id}/artifacts/checkpoints/{STEP}/"
-        remote = s3_objects(s3, prefix)
-        shards = [".metadata", "__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp"]
-        assert sorted(remote) == sorted([*shards, "trainer.pt", "trainer.pt.sha256"])
-        local = {}
-        for name in ("node_a", "node_b"):  # each disk holds its own node's two ranks' shards only
-            (step_dir,) = (tmp_path / name / "ckpt").glob(f"baseline-mtp/{run.info.run_id}/{STEP}")
-            files = {f.name: f.read_bytes() for f in step_dir.iterdir() if f.is_file()}
-            assert len([f for f in files if f.endswith(".distcp")]) == 2, (name, sorted(files))
-            local.update(files)
-        assert sorted(local) == sorted(remote) and all(remote[f] == local[f] for f in local)  # byte for byte
-        trainer = s3.client().get_object(Bucket=BUCKET, Key=prefix + "trainer.pt")["Body"]
-        (tmp_path / "trainer.pt").write_bytes(trainer.read())
-        manifest = torch.load(tmp_path / "trainer.pt", weights_only=False)["shards"]
-        assert sorted(manifest) == shards
-        assert all(manifest[f][0] == len(remote[f]) for f in shards)
+        prefix = assert_each_disk_holds_its_nodes_shards_and_s3_all(tmp_path, s3, run.info.run_id)
 
         # both disks lost: --resume auto finds the run's step 2 in S3 and each node fetches what its ranks read
         for name in ("node_a", "node_b"):

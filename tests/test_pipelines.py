@@ -155,8 +155,8 @@ def torchrun_trainings(tmp_path, trainings, nproc=2):
     second group on torchrun's store would hang, pytorch#135712) -> per training, each rank's final state dict."""
     out = tmp_path / "ranks"
     out.mkdir(parents=True, exist_ok=True)
-    runs = [(str(ROOT / config), [*TINY, f"checkpoint.dir={tmp_path}/ckpt{k}", f"mlflow.tracking_uri={uri}", *overrides])
-            for k, (config, overrides, uri) in enumerate(trainings)]
+    runs = [(str(ROOT / config), [*TINY, f"checkpoint.dir={tmp_path}/ckpt{k}", f"mlflow.tracking_uri={uri}",
+                                  *overrides]) for k, (config, overrides, uri) in enumerate(trainings)]
     script = tmp_path / "ddp_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist
