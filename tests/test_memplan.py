@@ -32,53 +32,64 @@ ROOT = Path(__file__).resolve().parent.parent
 GiB = 2**30
 
 MEASURE = textwrap.dedent("""
-    import json, os, sys, tempfile
+    import json, os, socket, sys, tempfile
     from pathlib import Path
-    import torch, torch.distributed as dist
-    sys.path.insert(0, {root!r})
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    import torch._dynamo  # torch.optim imports it on first use (2 s): once here, not in every rank (no tensor in it)
+    sys.path.insert(0, sys.argv[1])
     import weighted_mtp as wm
     from wmtp.config import load_config
     from wmtp.parallel import Meter, setup_distributed
 
-    cfg = load_config({config!r}, {overrides!r})
-    parallel, checkpointing, B, T = {parallel!r}, {checkpointing!r}, {batch!r}, {seq!r}
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        rank, world, device = setup_distributed(120)
-        s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=device)
-        model, s.optimizer = s.model, None  # the optimizer is built again after wrapping
-        if checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-            for blocks in (model.layers, model.extra_heads):
-                for i, block in enumerate(blocks):
-                    blocks[i] = checkpoint_wrapper(block)
-        if parallel == "fsdp":
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
-            mesh = init_device_mesh("cpu", (world,))
-            for block in [*model.layers, *model.extra_heads]:
-                fully_shard(block, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-        elif world > 1:
-            model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=parallel == "ddp")
-        tokens = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(rank))
-        labels = tokens.clone()
-        labels[:, :T // 4] = -100
-        batch, meter = (tokens, labels, (torch.arange(B) % 2).float()), Meter(device)
-        for step in range(2):  # the second step has the optimizer state
-            for _ in range(cfg.training.gradient_accumulation_steps):
-                s.pipeline.loss(model, batch, meter, 100).backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        prof.export_chrome_trace(tmp + "/trace.json")
-        events = json.loads(Path(tmp + "/trace.json").read_text())["traceEvents"]
-    peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
-    Path({out!r}).joinpath(f"rank{{rank}}.json").write_text(json.dumps({{"peak": peak}}))
-    if dist.is_initialized():
+
+    def measure(rank, nproc, port, out, config, overrides, parallel, checkpointing, B, T):
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))  # what torchrun gives a worker
+        cfg = load_config(config, overrides)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            rank, world, device = setup_distributed(120)
+            s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=device)
+            model, s.optimizer = s.model, None  # the optimizer is built again after wrapping
+            if checkpointing:
+                from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+                for blocks in (model.layers, model.extra_heads):
+                    for i, block in enumerate(blocks):
+                        blocks[i] = checkpoint_wrapper(block)
+            if parallel == "fsdp":
+                from torch.distributed.device_mesh import init_device_mesh
+                from torch.distributed.fsdp import fully_shard
+                mesh = init_device_mesh("cpu", (world,))
+                for block in [*model.layers, *model.extra_heads]:
+                    fully_shard(block, mesh=mesh)
+                fully_shard(model, mesh=mesh)
+            elif world > 1:
+                model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = torch.optim.AdamW(params, lr=1e-4, fused=parallel == "ddp")
+            tokens = torch.randint(0, 256, (B, T), generator=torch.Generator().manual_seed(rank))
+            labels = tokens.clone()
+            labels[:, :T // 4] = -100
+            batch, meter = (tokens, labels, (torch.arange(B) % 2).float()), Meter(device)
+            for step in range(2):  # the second step has the optimizer state
+                for _ in range(cfg.training.gradient_accumulation_steps):
+                    s.pipeline.loss(model, batch, meter, 100).backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            prof.export_chrome_trace(tmp + "/trace.json")
+            events = json.loads(Path(tmp + "/trace.json").read_text())["traceEvents"]
+        peak = max(e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]")
+        Path(out).joinpath(f"rank{rank}.json").write_text(json.dumps({"peak": peak}))
         dist.destroy_process_group()
+
+
+    # each case's ranks are processes forked from this one, which imported the modules and measured nothing
+    for nproc, *case in json.loads(sys.argv[2]):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.start_processes(measure, (nproc, port, *case), nprocs=nproc, start_method="fork")
 """)
 
 # (pipeline, processes, parallel, activation checkpointing, overrides): micro model, batch 4 x 64 tokens
@@ -88,28 +99,48 @@ MEASURED = {
     "baseline-fsdp-2-checkpointing": ("baseline", 2, "fsdp", True, []),
     "rho1-lora-accum-1": ("rho1", 1, "ddp", False, ["model.lora.rank=4", "training.gradient_accumulation_steps=2"]),
 }
+B, T = 4, 64
+
+
+def measured_config(case):
+    """(config path, overrides) of a MEASURED case."""
+    pipeline, extra = MEASURED[case][0], MEASURED[case][4]
+    return str(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml"), [
+        "mlflow.enable_logging=false", "critic.checkpoint=", "reference.path=", "model.init_from=",
+        f"training.batch_size={B}", "data_sampling.n_samples=64", *extra]
+
+
+@pytest.fixture(scope="module")
+def measurements(tmp_path_factory):
+    """Every MEASURED case, measured by MEASURE in one interpreter: (its CompletedProcess, the folder holding each
+    case's rank<r>.json). Each rank is a process of its own, forked for that case alone from one that imported torch
+    and the trainer and ran nothing: its profile starts where a torchrun worker's did, after the same imports, so its
+    peak is still one process's own, with no allocator state or cache of another case in it. A torchrun launch per
+    case cost its agent and its interpreters' imports, none of it inside a profile."""
+    tmp = tmp_path_factory.mktemp("memplan")
+    cases = [[MEASURED[case][1], str(tmp / case), *measured_config(case), *MEASURED[case][2:4], B, T]
+             for case in MEASURED]
+    for case in MEASURED:
+        (tmp / case).mkdir()
+    (tmp / "measure.py").write_text(MEASURE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KINETO_LOG_LEVEL": "99"}
+    r = subprocess.run([sys.executable, str(tmp / "measure.py"), str(ROOT), json.dumps(cases)], cwd=tmp, env=env,
+                       capture_output=True, text=True, timeout=600)
+    return r, tmp
 
 
 @pytest.mark.parametrize("case", MEASURED)
-def test_plan_is_within_25_percent_of_the_measured_peak(case, tmp_path):
-    pipeline, nproc, parallel, checkpointing, extra = MEASURED[case]
-    B, T = 4, 64
-    config = str(ROOT / "configs" / pipeline / f"{pipeline}_local.yaml")
-    overrides = ["mlflow.enable_logging=false", "critic.checkpoint=", "reference.path=", "model.init_from=",
-                 f"training.batch_size={B}", "data_sampling.n_samples=64", *extra]
-    script = tmp_path / "measure.py"
-    script.write_text(MEASURE.format(root=str(ROOT), config=config, overrides=overrides, parallel=parallel,
-                                     checkpointing=checkpointing, batch=B, seq=T, out=str(tmp_path)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "KINETO_LOG_LEVEL": "99"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                        str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+def test_plan_is_within_25_percent_of_the_measured_peak(case, measurements):
+    pipeline, nproc, parallel, checkpointing, _ = MEASURED[case]
+    r, out = measurements
     assert r.returncode == 0, r.stderr[-3000:]
+    config, overrides = measured_config(case)
     cfg = load_config(config, overrides)
     plan = memory_plan(micro_args(cfg, ByteTokenizer.vocab_size), pipeline, cfg.model.lora.rank, parallel,
                           nproc, batch_size=B, seq_len=T, activation_checkpointing=checkpointing,
                           grad_accum=cfg.training.gradient_accumulation_steps, device="cpu")
     for rank in range(nproc):
-        measured = json.loads((tmp_path / f"rank{rank}.json").read_text())["peak"]
+        measured = json.loads((out / case / f"rank{rank}.json").read_text())["peak"]
         assert abs(plan["peak"] / measured - 1) <= 0.25, (rank, plan, measured)
 
 
@@ -302,16 +333,20 @@ def test_gpu_check_cpu_dry_runs_every_step(tmp_path):
 
 
 def test_gpu_check_stops_loudly_at_the_first_broken_step(tmp_path):
-    """A venv whose python runs `-m weighted_mtp` as tests/faults.py: the trainer's rank 0 raises at step 2."""
+    """A venv whose python runs `-m weighted_mtp` as tests/faults.py: the trainer's rank 0 raises at step 2. The
+    steps before it (device, step: `python -` programs, run for real by the dry run above) pass at once."""
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     (venv / "bin" / "python").write_text(
-        f'#!/bin/sh\nif [ "$1 $2" = "-m weighted_mtp" ]; then shift 2; set -- {ROOT / "tests" / "faults.py"} "$@"; fi\n'
+        '#!/bin/sh\nif [ "$1" = - ]; then echo "RESULT stand-in"; exit 0; fi\n'
+        f'if [ "$1 $2" = "-m weighted_mtp" ]; then shift 2; set -- {ROOT / "tests" / "faults.py"} "$@"; fi\n'
         f'exec {sys.executable} "$@"\n')
     (venv / "bin" / "python").chmod(0o755)
     r = gpu_check(tmp_path, "--cpu-dry", WMTP_TEST_FAULT="0:2", WMTP_VENV=str(venv))
     assert r.returncode == 1
     lines = (tmp_path / "summary.txt").read_text().splitlines()
+    assert [line.split()[:2] for line in lines[1:3]] == [["PASS", "device"], ["PASS", "step"]]
+    assert all(line.endswith("stand-in ") for line in lines[1:3])  # WMTP_VENV's python ran them
     assert lines[-1].startswith("FAIL pipeline-baseline (exit 1")
     assert "WMTP_TEST_FAULT: rank 0 fails once at step 2" in r.stderr
     assert "gpu_check.sh: step 'pipeline-baseline' failed (exit 1)" in r.stderr
