@@ -53,25 +53,28 @@ BYTES = ByteTokenizer.vocab_size
 PEAK_BF16 = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
              ("L4", 121e12), ("A10G", 70e12)]  # dense bf16 FLOP/s by GPU name, first match wins
 FULL = SimpleNamespace(dim=256, seq=256, batch=8, repeats=5, steps=3, block=6, mem_batch=4, gpu_batch=4, quick=False,
-                       vocab=32000)
-# --quick checks that every figure runs, not its value: smaller everything, vocab 4096 where a figure says 32000
+                       vocab=32000, data=(), warmup=2)
+# --quick checks that every figure runs, not its value: smaller everything, vocab 4096 where a figure says 32000,
+# setup()'s trainers 64 training and 8 validation records (only prepare() reads them: the figures time make_batch's
+# batches; the FSDP figures keep theirs, the data counts in their peak RSS), one untimed call a side before the timed
+# ones (which are still past the first, the one that creates the optimizer state)
 QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=2, steps=3, block=4, mem_batch=2, gpu_batch=1, quick=True,
-                        vocab=4096)
+                        vocab=4096, data=("data_sampling.n_samples=64", "data_sampling.val_samples=8"), warmup=1)
 
 # -----------------------------------------------------------------------------
 # the trainer, set up as train() sets it up, and timing
 
 
-def setup(kind=Baseline, H=4, dim=256, vocab=0, device=CPU, micro=()):
+def setup(kind=Baseline, H=4, dim=256, vocab=0, device=CPU, micro=(), data=()):
     """The trainer of pipeline class `kind` as train() prepares it (wm.prepare, no run): (setup, model, optimizer,
-    params, meter), from its local config (kind.local_config()). Nothing to
+    params, meter), from its local config (kind.local_config()) with the overrides `data` (S.data). Nothing to
     start from: verifiable starts from fresh weights with its value head on the policy (the production configs'
     critic.model), rho1's reference is a frozen copy of the starting policy."""
     cfg = load_config(kind.local_config(),
                          [f"experiment.pipeline={kind.name}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
                           f"model.micro.vocab_size={vocab}", "critic.checkpoint=", "reference.path=",
                           "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
-                          *POLICY_CRITIC, *micro])
+                          *POLICY_CRITIC, *data, *micro])
     s = wm.prepare(cfg, use_micro=True, device=device)
     return s, s.model, s.optimizer, s.params, Meter(device)
 
@@ -104,10 +107,11 @@ def timed(fn, device=CPU):
     return time.perf_counter() - t0
 
 
-def compare(a, b, S, settle=lambda: None, warmup=2):
+def compare(a, b, S, settle=lambda: None, warmup=None):
     """time(b) / time(a) per repeat: S.steps calls of each, alternating (A B, B A, ...), each side's time the median
-    of its calls (robust to other processes on a shared machine). settle() runs untimed after every call."""
-    for _ in range(warmup):
+    of its calls (robust to other processes on a shared machine), after `warmup` untimed calls of each (default
+    S.warmup). settle() runs untimed after every call."""
+    for _ in range(S.warmup if warmup is None else warmup):
         a(), settle(), b(), settle()
     ratios = []
     for r in range(S.repeats):
@@ -191,14 +195,14 @@ def p1_verifiable(S):
     """P1: verifiable train_step / baseline train_step: same weights, batch and H; the extra is the value head,
     TD errors, GAE, whitening, EMA and the weighted loss."""
     batch = make_batch(S.batch, S.seq)
-    base, ver = setup(Baseline, dim=S.dim), setup(Verifiable, dim=S.dim)
+    base, ver = setup(Baseline, dim=S.dim, data=S.data), setup(Verifiable, dim=S.dim, data=S.data)
     return summary(compare(step_fn(base, batch), step_fn(ver, batch), S), 1.10)
 
 
 def p2_rho1(S):
     """P2: rho1 train_step / baseline train_step; the extra is the frozen reference's forward and the top-k."""
     batch = make_batch(S.batch, S.seq)
-    base, rho = setup(Baseline, dim=S.dim), setup(Rho1, dim=S.dim)
+    base, rho = setup(Baseline, dim=S.dim, data=S.data), setup(Rho1, dim=S.dim, data=S.data)
     return summary(compare(step_fn(base, batch), step_fn(rho, batch), S), 1.40)
 
 
@@ -211,10 +215,10 @@ def p10_critic(S):
     head: P10_separate). The critic runs the trunk and head 0 alone, no logits (on log steps only the heads' CE, for
     train/head_k_loss: not timed here, 1 step in log_interval). Goal 0.15 each (before: 0.53)."""
     batch, vocab = make_batch(S.batch, S.seq, S.vocab), S.vocab
-    base = setup(Baseline, dim=S.dim, vocab=vocab)
-    policy = setup(Critic, dim=S.dim, vocab=vocab, micro=POLICY_CRITIC)
-    separate = setup(Critic, dim=S.dim, vocab=vocab, micro=["critic.model=copy", "critic.head=mlp",
-                                                                "critic.features=hidden"])
+    base = setup(Baseline, dim=S.dim, vocab=vocab, data=S.data)
+    policy = setup(Critic, dim=S.dim, vocab=vocab, micro=POLICY_CRITIC, data=S.data)
+    separate = setup(Critic, dim=S.dim, vocab=vocab, data=S.data, micro=["critic.model=copy", "critic.head=mlp",
+                                                                             "critic.features=hidden"])
     for trainer in (policy, separate):  # a step that logs nothing: the steady state
         trainer[0].pipeline.t = dataclasses.replace(trainer[0].pipeline.t, log_interval=10**9)
     return (summary(compare(step_fn(base, batch), step_fn(policy, batch), S), 0.15),
@@ -235,7 +239,7 @@ def bare_step(model, optimizer, batch):
 def p3_overhead(S):
     """P3: baseline train_step with H=1 / a bare PyTorch loop on the same model (own AdamW): the trainer's own cost."""
     batch = make_batch(S.batch, S.seq)
-    trainer = setup(Baseline, H=1, dim=S.dim)
+    trainer = setup(Baseline, H=1, dim=S.dim, data=S.data)
     model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0, fused=True)  # as train()
     return summary(compare(lambda: bare_step(model, bare_opt, batch), step_fn(trainer, batch), S), 1.05)
 
@@ -245,7 +249,7 @@ def p4_memory(S):
     batch, tiny = make_batch(S.mem_batch, S.seq, S.vocab), make_batch(1, 16, S.vocab)
     peaks = {1: [], 4: []}
     for H in peaks:
-        trainer = setup(Baseline, H=H, dim=S.dim, vocab=S.vocab)
+        trainer = setup(Baseline, H=H, dim=S.dim, vocab=S.vocab, data=S.data)
         step_fn(trainer, tiny)()  # creates the optimizer state, cheaply
         for _ in range(2):  # deterministic: two repeats show it
             peaks[H].append(peak_memory(step_fn(trainer, batch), trainer[1], trainer[2], batch))
@@ -259,7 +263,7 @@ def p5_heads(S):
     """P5: baseline train_step, H=4 / H=1 (same trunk and batch). Goal 1 + 3·share + 0.05, share = model FLOPs of
     one head (block + unembedding) per token / those of the whole H=1 model."""
     batch = make_batch(S.batch, S.seq)
-    one, four = setup(Baseline, H=1, dim=S.dim), setup(Baseline, H=4, dim=S.dim)
+    one, four = setup(Baseline, H=1, dim=S.dim, data=S.data), setup(Baseline, H=4, dim=S.dim, data=S.data)
     total, head = flops_per_token(one[1].args, S.seq)
     share = head / total
     ratios = compare(step_fn(one, batch), step_fn(four, batch), S)
@@ -269,7 +273,7 @@ def p5_heads(S):
 def peer(S, H):
     """The P7/P8 model, set up as the trainer does: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face
     peer), 8 attention heads, vocab 32000 (where the unembedding dominates a small model's step)."""
-    return setup(Baseline, H=H, dim=S.dim, vocab=S.vocab, micro=(
+    return setup(Baseline, H=H, dim=S.dim, vocab=S.vocab, data=S.data, micro=(
         "model.micro.n_trunk_layers=3", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
 
@@ -326,7 +330,7 @@ def p6_mfu(S):
     peak = next((v for key, v in PEAK_BF16 if key in name), None)
     if peak is None:
         return {"skipped": f"no peak bf16 FLOP/s known for {name}"}
-    trainer = setup(Baseline, dim=2048, vocab=32000, device=device, micro=(
+    trainer = setup(Baseline, dim=2048, vocab=32000, device=device, data=S.data, micro=(
         "model.micro.n_trunk_layers=16", "model.micro.n_heads=16", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
     args = trainer[1].args
@@ -340,9 +344,11 @@ def p6_mfu(S):
 
 def gen_kv_cache(S, prompt=32, new=256):
     """gen_kv_cache: generation tokens/s with model.generate's KV cache / re-running the whole prefix for
-    every token (what the trainer did before): greedy, 256 new tokens for 4 random 32-token prompts (1 in --quick,
-    where the uncached side would take most of the minute), micro model."""
-    model, batch = setup(Baseline, dim=S.dim)[1].eval(), 1 if S.quick else 4
+    every token (what the trainer did before): greedy, 256 new tokens for 4 random 32-token prompts, micro model
+    (--quick: 1 prompt and 64 tokens, the same cache and loop; the uncached side's cost grows with the square of the
+    tokens, and would take most of the minute)."""
+    model, batch = setup(Baseline, dim=S.dim, data=S.data)[1].eval(), 1 if S.quick else 4
+    new = 64 if S.quick else new
     prompts = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
 
     @torch.no_grad()
@@ -433,7 +439,7 @@ def isolation_rates(workers, n_programs=64, repeats=3, start=0):
 def sandbox_throughput(S):
     """sandbox_throughput: programs/s with eval.workers = the CPU cores / with one worker — each program a sandboxed
     subprocess (sandbox.py) running a small function's asserts; goal 0.8 x cores. Alternating repeats."""
-    cores, n = os.cpu_count() or 1, 8 if S.quick else 32
+    cores, n = os.cpu_count() or 1, 4 if S.quick else 32
     ratios = []
     for r in range(S.repeats):
         sides = [1, cores] if r % 2 == 0 else [cores, 1]
@@ -450,7 +456,7 @@ def sandbox_isolation(S):
         sandbox.isolation("bwrap")
     except sandbox.SandboxUnavailable as e:
         return {"skipped": str(e)}
-    cores, n = os.cpu_count() or 1, 8 if S.quick else 32
+    cores, n = os.cpu_count() or 1, 4 if S.quick else 32
     runs = [isolation_rates(cores, n * cores, repeats=1, start=r) for r in range(S.repeats)]
     return summary([r["ratio"] for r in runs], 0.5, higher_is_better=True, fallback=runs[0]["mode"],
                    bwrap_per_s=statistics.median(r["bwrap"] for r in runs),
@@ -463,9 +469,10 @@ def fsdp_figures(S, tmp):
     under torchrun (gloo), batch S.batch x S.seq; on the CPU nothing overlaps the all-gathers with compute.
     fsdp_memory: per-rank peak memory FSDP / DDP: each process's peak RSS over 3 steps (VmHWM, reset after the
     first step: building the whole model before sharding it is not training) less its RSS before prepare(), DDP and
-    FSDP in separate torchrun jobs; a deeper model (16 blocks, dim 2·S.dim) at batch 1 x 64, where weights,
-    gradients and AdamW state dominate as in a full fine-tune of a 7B model. The data and the Python heap count on
-    both sides. (peak_memory()'s profiler count misses FSDP2's frees of gathered weights: it resizes storages.)
+    FSDP in separate torchrun jobs; a deeper model (16 blocks, dim 2·S.dim; --quick: 8 blocks, one step after the
+    first) at batch 1 x 64, where weights, gradients and AdamW state dominate as in a full fine-tune of a 7B model.
+    The data and the Python heap count on both sides. (peak_memory()'s profiler count misses FSDP2's frees of
+    gathered weights: it resizes storages.)
     fsdp_setup_memory: per-rank peak RSS over prepare() under FSDP (the model built on the meta device, sharded,
     each rank filling its own rows) ÷ the whole model's fp32 bytes, 4 processes, dim 1024, 16 blocks (--quick: dim
     512, 8 blocks); the torch.distributed modules are imported before the baseline, the data counts.
@@ -493,7 +500,7 @@ def fsdp_figures(S, tmp):
     peaks, setup = {p: got[p] for p in ("ddp", "fsdp")}, got["setup"]
     return {"fsdp_step": summary(got["times"][0], 1.3, processes=2),
             "fsdp_memory": summary([f / d for d, f in zip(peaks["ddp"], peaks["fsdp"])], 0.6, batch="1 x 64",
-                                   blocks=16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()}),
+                                   blocks=8 if S.quick else 16, peak_mib={k: v[0] / 2**20 for k, v in peaks.items()}),
             "fsdp_setup_memory": summary([peak / model for peak, model in setup], 0.5, processes=2 if S.quick else 4,
                                          model_mib=setup[0][1] / 2**20, peak_mib=setup[0][0] / 2**20)}
 
@@ -541,10 +548,11 @@ def fsdp_measure(S, kind, rank, world):
                              "model.micro.n_heads=8", "model.micro.n_kv_heads=8", "model.micro.multiple_of=256")[0]
         return (rss_kib("VmHWM") - before) * 1024, 4 * sum(p.numel() for p in s.model.parameters())
     small, before = make_batch(1, 64), rss_kib("VmRSS")
-    trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind, "model.micro.n_trunk_layers=12")
+    trainer = parallel_trainer(SimpleNamespace(dim=2 * S.dim), rank, world, kind,
+                               f"model.micro.n_trunk_layers={4 if S.quick else 12}")
     step_fn(trainer, small)()  # creates the optimizer state
     Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts: building the model is not training
-    for _ in range(3):
+    for _ in range(1 if S.quick else 3):
         step_fn(trainer, small)()
     return (rss_kib("VmHWM") - before) * 1024
 
@@ -593,7 +601,7 @@ def s3_figures(S, tmp):
     write, upload and retention run in the background) / a plain local torch.save of the same state; writes and
     uploads settle between calls. upload_step: train_step time while a checkpoint is being written and uploaded
     in the background (one saved every other step) / without."""
-    trainer, batch = setup(Baseline, dim=S.dim), make_batch(S.batch, S.seq)
+    trainer, batch = setup(Baseline, dim=S.dim, data=S.data), make_batch(S.batch, S.seq)
     step = step_fn(trainer, batch)
     step(), step()
     state, run_dir, n = trainer_checkpoint(trainer), Path(tmp) / "run", [0]
@@ -660,7 +668,7 @@ def mlflow_server(tmp):
 def log_figure(S, tmp):
     """log_overhead: verifiable train_step + Meter.reduce + MetricLogger.log of 20 metrics every step / the same
     with logging off. The logger sends in a background thread; blocks long enough for several flushes."""
-    trainer, batch = setup(Verifiable, dim=S.dim), make_batch(S.batch, S.seq)
+    trainer, batch = setup(Verifiable, dim=S.dim, data=S.data), make_batch(S.batch, S.seq)
     meter, step_no = trainer[4], [0]
     from mlflow import MlflowClient
 
