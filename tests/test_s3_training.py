@@ -25,6 +25,7 @@ from mlflow import MlflowClient
 
 import s3ckpt
 import weighted_mtp as wm
+from wmtp.config import load_config
 from wmtp.pretrained import build_model
 from conftest import ROOT, TINY, new_store, tiny_config, torch_threads
 from s3server import BUCKET, moto_s3  # noqa: F401  (fixture)
@@ -387,10 +388,12 @@ def test_outage_longer_than_the_retry_budget_ends_the_run_naming_the_local_check
 RESUME = [*TINY, "training.max_steps=8", "checkpoint.save_every=2", "training.log_interval=2"]
 
 
+BASELINE = str(ROOT / "configs/baseline/baseline_local.yaml")
+
+
 def trainer(ckpt_dir, uri, *extra):
     """A `python -m weighted_mtp train` process (micro model, deterministic CPU), its own tracking store."""
-    cmd = [sys.executable, "-m", "weighted_mtp", "train", "--config",
-           str(ROOT / "configs/baseline/baseline_local.yaml"), "--use-micro-model"]
+    cmd = [sys.executable, "-m", "weighted_mtp", "train", "--config", BASELINE, "--use-micro-model"]
     for o in [*RESUME, f"checkpoint.dir={ckpt_dir}"]:
         cmd += ["--override", o]
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -417,8 +420,9 @@ def final_weights(ckpt_dir, run_id):
 @pytest.fixture(scope="module")
 def killed_and_resumed(empty_store, tmp_path_factory):
     """One scenario, two tests read it. A run is SIGKILLed as soon as its step-4 checkpoint exists, then the same
-    command with --resume auto runs it to the end; beside it the same command runs uninterrupted (its own checkpoint
-    dir and tracking store) as the reference.
+    command with --resume auto runs it to the end; beside it the same config trains uninterrupted (its own checkpoint
+    dir and tracking store) as the reference, in this process (one thread, as the trainers): a third trainer
+    process would add only its ~7 s of imports.
 
     From the killed run's first log line to the kill, the tracking store is write-locked (a real sqlite
     BEGIN EXCLUSIVE, as a busy or unreachable tracking server): the metric thread keeps steps 2 and 4 queued, and
@@ -429,8 +433,7 @@ def killed_and_resumed(empty_store, tmp_path_factory):
     ckpt_dir, uri = tmp / "killed" / "ckpt", new_store(empty_store, tmp / "killed")
     straight_dir.mkdir(parents=True)
     ckpt_dir.mkdir(parents=True)
-    straight = trainer(straight_dir, straight_uri)
-    killed, lock = trainer(ckpt_dir, uri), None
+    killed, resumed, lock = trainer(ckpt_dir, uri), None, None
     try:
         assert wait_for(lambda: any(" baseline: run " in p.read_text()
                                     for p in ckpt_dir.glob("baseline-mtp/*/training.log")), 120, 0.002)
@@ -446,13 +449,16 @@ def killed_and_resumed(empty_store, tmp_path_factory):
         assert killed.returncode == -signal.SIGKILL
         assert not any(ckpt_dir.glob("baseline-mtp/*/checkpoint_final.pt"))  # killed mid-run, not after it
         (killed_run_dir,) = (ckpt_dir / "baseline-mtp").iterdir()
-        finish(trainer(ckpt_dir, uri, "--resume", "auto"))
-        finish(straight)
+        resumed = trainer(ckpt_dir, uri, "--resume", "auto")
+        with torch_threads(1):  # the reference while the resume runs
+            wm.train(load_config(BASELINE, [*RESUME, f"checkpoint.dir={straight_dir}",
+                                            f"mlflow.tracking_uri={straight_uri}"]), use_micro=True)
+        finish(resumed)
     finally:
         if lock:
             lock.close()
-        for proc in (killed, straight):
-            if proc.poll() is None:
+        for proc in (killed, resumed):
+            if proc and proc.poll() is None:
                 proc.kill()
                 proc.wait()
     return {"uri": uri, "ckpt_dir": ckpt_dir, "killed_run_id": killed_run_dir.name,
