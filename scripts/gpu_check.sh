@@ -188,12 +188,8 @@ dist.destroy_process_group()
 wm.exit_worker(0)
 EOF
 step fsdp2 180 env CKPT="$WORK/ckpt-fsdp2" "${TORCHRUN[@]}" "$WORK/fsdp.py"
-if "$PYTHON" -c 'import sys, weighted_mtp as wm; sys.exit("parallel" not in wm.DEFAULTS["training"])'; then
-  step trainer-fsdp 180 "${TORCHRUN[@]}" -m weighted_mtp train --config configs/baseline/baseline_local.yaml "${MICRO[@]}" \
-    --override training.parallel=fsdp --override "checkpoint.dir=$WORK/ckpt-fsdp"
-else
-  echo "SKIP trainer-fsdp (this trainer has no training.parallel yet)" >>"$SUMMARY"
-fi
+step trainer-fsdp 180 "${TORCHRUN[@]}" -m weighted_mtp train --config configs/baseline/baseline_local.yaml "${MICRO[@]}" \
+  --override training.parallel=fsdp --override "checkpoint.dir=$WORK/ckpt-fsdp"
 
 if [ "$CPU_DRY" = 1 ]; then
   echo "SKIP bench-p6 (CUDA only)" >>"$SUMMARY"

@@ -329,6 +329,7 @@ def test_gpu_check_cpu_dry_runs_every_step(tmp_path):
         "ddp-replicas", "fsdp2", "trainer-fsdp", "bench-p6"]
     assert all(line.startswith(("PASS", "SKIP")) for line in lines[1:-1]) and lines[-1] == "ALL PASSED"
     assert "found_inf skip ok" in lines[2] and "2 replica(s) identical" in lines[8] and "(gloo)" in lines[9]
+    assert lines[10].startswith("PASS trainer-fsdp")   # the trainer itself under FSDP2: run, never skipped
     assert [p.name for p in tmp_path.iterdir()] == ["summary.txt"]  # its work dir is gone
 
 
