@@ -1,6 +1,12 @@
-"""`./run.sh server` for real: MLflow with basic auth on PostgreSQL, artifacts in S3 (moto), as the guide describes."""
+"""`./run.sh server` for real: MLflow with basic auth on PostgreSQL, artifacts in S3 (moto), as the guide describes.
+
+One stack for the whole file (tracking_stack here, not stack.py's): the tests use it, then the last one stops it with
+SIGTERM and checks that nothing of it is left. The stop a user makes with Ctrl-C (SIGINT) is stack.py's fixture's
+teardown, asserted where it serves test_tracking_stack_training.py.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import uuid
@@ -12,9 +18,20 @@ import requests
 from mlflow.tracking import MlflowClient
 
 import stack
-from stack import running_stack, tracking_stack  # noqa: F401  (fixture)
+from stack import running_stack
 
 EXPERIMENT = "weighted-mtp/production"
+
+
+@pytest.fixture(scope="module")
+def tracking_stack():
+    """stack.py's .env values, pids, dirs and ports, plus "stop": stops the stack with SIGTERM (running_stack's exit
+    and its assertions), at the latest when the module ends (a second stop does nothing). A stack costs ~15 s of
+    CPU to start: the SIGTERM test stops this one instead of starting its own."""
+    with contextlib.ExitStack() as stop:
+        info = stop.enter_context(running_stack(stop_signal=signal.SIGTERM))
+        info["stop"] = stop.close
+        yield info
 
 
 @pytest.fixture
@@ -104,14 +121,16 @@ def test_wrong_password_fails_in_the_client(tracking_stack, monkeypatch):
         MlflowClient(tracking_uri=tracking_stack["MLFLOW_TRACKING_URI"]).search_experiments(max_results=1)
 
 
-def test_sigterm_stops_every_process_and_removes_dirs():
-    """A second stack, stopped with SIGTERM: run.sh's trap stops all it started, within 20 s."""
-    with running_stack(stop_signal=signal.SIGTERM) as info:
-        tree = stack.process_tree(info["pids"].values())
-        assert len(tree) >= 4  # postgres + its backends/workers, moto, mlflow + its uvicorn worker
-        ports = dict(info["ports"])
-        assert all(stack.port_open(p) for p in ports.values())
-        dirs = list(info["dirs"])
+def test_sigterm_stops_every_process_and_removes_dirs(tracking_stack):
+    """The file's stack, after the tests above used it, stopped with SIGTERM: run.sh's trap stops all it started,
+    within 20 s. The file's last test: it ends the stack."""
+    info = tracking_stack
+    tree = stack.process_tree(info["pids"].values())
+    assert len(tree) >= 4  # postgres + its backends/workers, moto, mlflow + its uvicorn worker
+    ports = dict(info["ports"])
+    assert all(stack.port_open(p) for p in ports.values())
+    dirs = list(info["dirs"])
+    info["stop"]()
     # running_stack already asserted this on exit; check it here on its own terms as well
     assert info["stopped_in_s"] < stack.STOP_TIMEOUT_S
     assert [p for p in tree if stack.process_alive(p)] == []
