@@ -1,6 +1,6 @@
 """The benchmarks' own protocol in `evaluate`: stop sequences end generation early (plain and speculative, batched),
 eval.speculative auto keeps plain decoding for freshly copied heads and speculative for trained ones (the same
-tokens), HumanEval's prompt exactly as the dataset gives it with the Codex stops (the canonical solutions untouched),
+tokens; timed on a clock of the forwards' work, see work_clock), HumanEval's prompt exactly as the dataset gives it with the Codex stops (the canonical solutions untouched),
 chat prompting through the model's own template as transformers renders it with the fenced code taken out, and
 every evaluation's completions kept apart (MLflow, or a local file) with no metric left from an earlier one."""
 import copy
@@ -12,6 +12,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from wmtp import evaluation
 from wmtp.data import HUMANEVAL_STOP
 from wmtp.evaluation import Decoding, StopAt, answer_code, eval_tasks, evaluate, task_prompt, task_stops
 from wmtp.model import generate
@@ -55,8 +56,27 @@ def test_generation_ends_at_a_stop_sequence_in_plain_and_speculative_decoding_ba
         [want[0]] + full[1:]
 
 
-def test_auto_decodes_plain_with_freshly_copied_heads_and_speculative_with_trained_ones(trained, caplog):
+def work_clock(monkeypatch, *models, per_forward=1.0, per_position=0.25):
+    """evaluation.decode_clock as the work the models' forwards do: each call of next_logits (a plain step) or
+    heads_states (prefill, draft and verify) costs per_forward + per_position x its positions. On the dim-32 micro
+    model a forward is nearly all overhead, so a 4-position verify costs about a 1-token step and copied heads'
+    ~1.07 tokens per forward make the process clock a coin flip (a clean-clone run once measured 0.07 s speculative
+    against 0.08 s plain); on a model whose forward is compute, a verify costs more than a step, which this clock
+    says deterministically (a 4-position verify 1.6x a step), so auto's choice is tested, not the machine's noise."""
+    spent = [0.0]
+    for model in models:
+        for name in ("next_logits", "heads_states"):
+            def counted(tokens, *args, _forward=getattr(model, name), **kwargs):
+                spent[0] += per_forward + per_position * tokens.shape[1]
+                return _forward(tokens, *args, **kwargs)
+            monkeypatch.setattr(model, name, counted)
+    monkeypatch.setattr(evaluation, "decode_clock", lambda model: spent[0])
+
+
+def test_auto_decodes_plain_with_freshly_copied_heads_and_speculative_with_trained_ones(trained, caplog, monkeypatch):
     plain = generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40)
+    copied = fresh_heads(trained)
+    work_clock(monkeypatch, trained, copied)
     with caplog.at_level(logging.INFO, logger="weighted_mtp"):
         auto, stats = Decoding("auto"), {}
         assert auto.generate(trained, PROMPTS, TOK.eos_id, TOK.pad_id, 40, stats) == plain
@@ -65,7 +85,6 @@ def test_auto_decodes_plain_with_freshly_copied_heads_and_speculative_with_train
         later = {}  # the choice holds for the rest of the run: no more timing
         assert auto.generate(trained, PROMPTS[:3], TOK.eos_id, TOK.pad_id, 40, later) == plain[:3]
         assert later["verified"] > 0 and auto.measured["speculative"] == 1.0
-        copied = fresh_heads(trained)
         assert generate(copied, PROMPTS, TOK.eos_id, TOK.pad_id, 40) == plain  # head 0 is the same
         auto, stats = Decoding("auto"), {}
         assert auto.generate(copied, PROMPTS, TOK.eos_id, TOK.pad_id, 40, stats) == plain
