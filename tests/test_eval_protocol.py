@@ -1,8 +1,9 @@
 """The benchmarks' own protocol in `evaluate`: stop sequences end generation early (plain and speculative, batched),
 eval.speculative auto keeps plain decoding for freshly copied heads and speculative for trained ones (the same
-tokens; timed on a clock of the forwards' work, see work_clock), HumanEval's prompt exactly as the dataset gives
-it with the Codex stops (the canonical solutions untouched), chat prompting through the model's own template as transformers renders it with the fenced code taken out, and
-every evaluation's completions kept apart (MLflow, or a local file) with no metric left from an earlier one."""
+tokens; timed on a clock of the forwards' work, see work_clock), HumanEval's prompt exactly as the dataset gives it
+with the Codex stops (the canonical solutions untouched), chat prompting through the model's own template as
+transformers renders it with the fenced code taken out, and every evaluation's completions kept apart (MLflow, or a
+local file) with no metric left from an earlier one."""
 import copy
 import json
 import logging
