@@ -44,7 +44,7 @@ SLOW = {
     "test_packaging.py",                # a venv and a pip install of the checkout
     "test_stack.py",                    # PostgreSQL + moto + mlflow server with basic auth
     "test_tracking_stack_training.py",  # training against that stack
-    "test_reliability.py",              # torchrun: SIGTERM, elastic restarts, crashes, two nodes
+    "test_reliability.py",              # torchrun: SIGTERM to every process, elastic restarts, crashes, NaN
     "test_s3_training.py",              # training runs against moto S3 behind a slow / failing proxy
     "test_fsdp.py", "test_fsdp_memory.py", "test_fsdp_nodes.py", "test_fsdp_shards.py",   # torchrun, FSDP2
     "test_fsdp_launch.py",              # ./run.sh --fsdp: a real trainer dry run per pipeline
