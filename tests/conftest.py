@@ -50,7 +50,7 @@ SLOW = {
     "test_fsdp_launch.py",              # ./run.sh --fsdp: a real trainer dry run per pipeline
     "test_sandbox_hostile.py",          # hostile programs as root and as a throwaway uid, under every isolation
     # single tests of fast files
-    "test_bench.py::test_bench_quick_reports_every_figure",   # bench.py --quick: every figure runs (~2 min)
+    "test_bench.py::test_bench_quick_reports_every_figure",   # bench.py --quick: every figure runs (~1 min)
     "test_bench.py::test_bench_only_runs_the_chosen_figures_and_keeps_the_others",
     "test_pipelines.py::test_four_pipelines_chain_and_log_everything",
     "test_pipelines.py::test_baseline_loss_decreases_over_100_steps",
