@@ -24,7 +24,6 @@ if __name__ == "__main__":  # the arguments first: --help and a usage error come
 
 import s3ckpt
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
@@ -319,8 +318,7 @@ def train(cfg, use_micro=False):
     """Trains cfg on this process's rank -> {run_id, steps, the last validation's metrics}; a bad input is a
     UserError before any run, a signal a Preempted after a resumable checkpoint."""
     cfg, val_note = validation_for_a_random_start(cfg, use_micro)
-    owned = not dist.is_initialized()  # a process group the caller made is left to it
-    rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    rank, world, device, owned = setup_distributed(cfg.training.collective_timeout_s)
     log.setLevel(logging.INFO if rank == 0 else logging.WARNING)
     try:
         s = prepare(cfg, use_micro, rank, world, device)

@@ -47,7 +47,7 @@ MEASURE = textwrap.dedent("""
                           MASTER_PORT=str(port))  # what torchrun gives a worker
         cfg = load_config(config, overrides)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            rank, world, device = setup_distributed(120)
+            rank, world, device, _ = setup_distributed(120)
             s = wm.prepare(cfg, use_micro=True, rank=rank, world=world, device=device)
             model, s.optimizer = s.model, None  # the optimizer is built again after wrapping
             if checkpointing:

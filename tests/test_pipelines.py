@@ -161,6 +161,7 @@ def torchrun_trainings(tmp_path, trainings, nproc=2):
     script.write_text(textwrap.dedent(f"""
         import os, sys, torch, torch.distributed as dist
         sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+        import weighted_mtp as wm
         from wmtp.config import load_config
         from conftest import train_keeping_setup
         dist.init_process_group("gloo")
@@ -168,6 +169,7 @@ def torchrun_trainings(tmp_path, trainings, nproc=2):
             model = train_keeping_setup(load_config(config, overrides), use_micro=True)[1].model
             torch.save(model.state_dict(), f"{out}/training{{k}}-rank{{os.environ['RANK']}}.pt")
         dist.destroy_process_group()
+        wm.exit_worker(0)  # as the CLI's workers leave: a gloo thread can abort Python's finalisation after DDP
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -424,8 +424,7 @@ def evaluate(cfg, use_micro=False, checkpoint=None, samples=None, json_out=None)
     eval/tokens_per_forward and eval/accept_head_{k} (model.decode_stats), and eval.speculative auto's choice."""
     from wmtp import sandbox
     e = cfg.eval
-    owned = not dist.is_initialized()  # a process group the caller made is left to it
-    rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    rank, world, device, owned = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
         sandbox.isolation(sandbox.Limits.of(e).mode)  # probed first: a refusal comes before any decoding
@@ -510,8 +509,7 @@ def sample(cfg, use_micro=False, checkpoint="auto", out=None, tasks=None):
     (sampled_records): critic, verifiable and rho1 train on it as it is. Returns the records."""
     from wmtp import sandbox
     e = cfg.eval
-    owned = not dist.is_initialized()  # a process group the caller made is left to it
-    rank, world, device = setup_distributed(cfg.training.collective_timeout_s)
+    rank, world, device, owned = setup_distributed(cfg.training.collective_timeout_s)
     terminal = sys.stdout if sys.stdout.isatty() and rank == 0 else None
     try:
         if out and not Path(out).parent.is_dir():

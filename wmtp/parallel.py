@@ -22,25 +22,26 @@ log = logging.getLogger("weighted_mtp")
 
 
 def setup_distributed(timeout_s):
-    """(rank, world, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python -m` is rank 0 of 1. A process
-    group the caller already initialized (a launcher's, a notebook's, several trainings in one process) is used as it
-    is, and stays the caller's to destroy (end_distributed)."""
-    if "RANK" not in os.environ and not dist.is_initialized():
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """(rank, world, device, owned). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; a plain `python -m` is rank 0 of 1. A
+    process group the caller already initialized (a launcher's, a notebook's, several trainings in one process) is
+    used as it is and stays the caller's to destroy; owned: this call made the group (end_distributed destroys it)."""
+    owned = not dist.is_initialized()
+    if "RANK" not in os.environ and owned:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu"), owned
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
+    if owned:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device, owned
 
 
 def end_distributed(owned):
-    """Destroys the process group if this call's setup_distributed made it (owned: no group before it), so a caller's
-    group outlives the training, evaluation or sampling run in it."""
+    """Destroys the process group if the run's setup_distributed made it (its `owned`), so a caller's group outlives
+    the training, evaluation or sampling run in it."""
     if owned and dist.is_initialized():
         dist.destroy_process_group()
 
