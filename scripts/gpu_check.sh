@@ -85,12 +85,9 @@ EOF
 step step 120 "${PY[@]}" <<'EOF'
 import os, torch
 import weighted_mtp as wm
-import weights as W
 from wmtp.config import load_config
 from wmtp.data import Batches
-from wmtp.model import MTPTransformer
-from wmtp.parallel import Meter, autocast_for, setup_distributed
-from wmtp.pretrained import micro_args
+from wmtp.parallel import Meter, autocast_for
 device = torch.device(os.environ["CHECK_DEVICE"])
 cfg = load_config("configs/verifiable/verifiable_local.yaml",
                   ["mlflow.enable_logging=false", "critic.checkpoint=", "data_sampling.n_samples=64",
@@ -128,12 +125,7 @@ done
 cat >"$WORK/ddp.py" <<'EOF'
 import os, torch
 import weighted_mtp as wm
-import weights as W
 from wmtp.config import load_config
-from wmtp.data import Batches
-from wmtp.model import MTPTransformer
-from wmtp.parallel import Meter, autocast_for, setup_distributed
-from wmtp.pretrained import micro_args
 cfg = load_config("configs/baseline/baseline_local.yaml", [
     "mlflow.enable_logging=false", "training.max_steps=4", "data_sampling.n_samples=64", "training.batch_size=4",
     "training.eval_interval=4", "data_sampling.val_samples=8", f"checkpoint.dir={os.environ['CKPT']}"])
@@ -162,7 +154,7 @@ from wmtp.config import load_config
 from wmtp.data import Batches
 from wmtp.parallel import Meter, is_sharded, setup_distributed
 rss = lambda f: int(next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(f)).split()[1])
-rank, world, device = setup_distributed(120)
+rank, world, device, _ = setup_distributed(120)
 big = ["model.micro.dim=1024", "model.micro.n_trunk_layers=4", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
        "model.micro.multiple_of=256"] if device.type == "cuda" else []  # 103M parameters, as tests/test_fsdp_memory
 cfg = load_config("configs/baseline/baseline_local.yaml", big + [
