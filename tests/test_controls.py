@@ -14,7 +14,7 @@ from wmtp.data import encode_records, load_records, sample_records, sums_records
 from wmtp.pipelines import at_first_wrong, auc
 from wmtp.pretrained import ByteTokenizer
 from wmtp.report import format_compare
-from conftest import TINY, tiny_config
+from conftest import TINY, new_store, tiny_config
 
 TOK = ByteTokenizer()
 
@@ -56,12 +56,12 @@ def test_logprob_credit_compares_the_right_and_the_first_wrong_token_given_their
 
 
 @pytest.fixture(scope="module")
-def uniform_start(tmp_path_factory):
+def uniform_start(tmp_path_factory, empty_store):
     """A tiny baseline's final checkpoint with its output layer zeroed: a starting policy whose every next-token
     distribution is uniform over the 259 byte-tokenizer ids, so each answer token's log-probability is −ln 259."""
     tmp = tmp_path_factory.mktemp("uniform")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        mp.setenv("MLFLOW_TRACKING_URI", new_store(empty_store, tmp))
         run_id = wm.train(tiny_config("baseline", tmp, "training.max_steps=2", "training.eval_interval=0",
                                       "checkpoint.save_every=0"), use_micro=True)["run_id"]
     state = torch.load(tmp / "ckpt" / "baseline-mtp" / run_id / "checkpoint_final.pt", weights_only=False)
@@ -106,22 +106,24 @@ def test_sums_teach_one_mistake_two_times_in_three_and_its_tests_reject_it():
     assert checker({**seven[0], "_source": "builtin:sums"}, "type('E', (), {'__eq__': lambda s, o: True})()") is False
 
 
-def compare_in(tmp, *args, **kwargs):
+def compare_in(tmp, empty_store, *args, **kwargs):
     """wm.compare in an sqlite store of its own under tmp -> (summary, {run name: run}, parent run)."""
+    uri = new_store(empty_store, tmp)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
         mp.chdir(tmp)
         summary = wm.compare(*args, **kwargs)
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("weighted-mtp/production").experiment_id],
                               max_results=100)
     [parent] = [r for r in runs if r.data.tags.get("pipeline") == "compare"]
     return summary, {r.info.run_name: r for r in runs}, parent
 
 
-def test_compare_control_trains_floor_ceiling_weighted_and_shuffled_rows_from_the_control_configs(tmp_path):
+def test_compare_control_trains_floor_ceiling_weighted_and_shuffled_rows_from_the_control_configs(tmp_path,
+                                                                                                     empty_store):
     overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "eval.max_tasks=3", "eval.workers=2"]
-    summary, runs, parent = compare_in(tmp_path, 1, 2, overrides, wm.CONTROL_ROWS, setting="control")
+    summary, runs, parent = compare_in(tmp_path, empty_store, 1, 2, overrides, wm.CONTROL_ROWS, setting="control")
     assert parent.info.run_name == "control-1-seeds" and parent.data.params["setting"] == "control"
     assert list(summary) == ["baseline", "baseline:filtered", "critic", "verifiable", "verifiable:shuffled"]
     params = lambda name, key: runs[name].data.params[key]
@@ -138,7 +140,7 @@ def test_compare_control_trains_floor_ceiling_weighted_and_shuffled_rows_from_th
     assert {"val/auc", "val/auc_logprob", "val/token_credit", "val/token_credit_logprob"} <= set(head)
 
 
-def test_compare_on_policy_trains_critic_and_verifiable_on_the_warm_ups_own_graded_answers(tmp_path):
+def test_compare_on_policy_trains_critic_and_verifiable_on_the_warm_ups_own_graded_answers(tmp_path, empty_store):
     """eval.dataset: two tasks on one prompt, which any one-token answer passes ("anything") or fails ("never"),
     so the warm-up's 4 sampled answers to each are graded right and wrong whatever it writes."""
     from test_sample import ANYTHING, NEVER
@@ -146,7 +148,7 @@ def test_compare_on_policy_trains_critic_and_verifiable_on_the_warm_ups_own_grad
     tasks.write_text("".join(json.dumps(t) + "\n" for t in (ANYTHING, NEVER)))
     overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"eval.dataset={tasks}", "eval.max_new_tokens=1",
                  "eval.workers=2"]
-    summary, runs, parent = compare_in(tmp_path, 1, 2, overrides, ["verifiable"], on_policy=True)
+    summary, runs, parent = compare_in(tmp_path, empty_store, 1, 2, overrides, ["verifiable"], on_policy=True)
     assert list(summary) == ["critic", "verifiable"] and parent.data.params["on_policy"] == "True"
     warm = tmp_path / "ckpt" / "warmup" / runs["warmup"].info.run_id
     for name in ("critic-pretrain", "verifiable-wmtp"):

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 
 import weighted_mtp as wm
 from wmtp.config import UserError
-from conftest import ROOT, TINY, tiny_config
+from conftest import ROOT, TINY, new_store, tiny_config
 
 # The local configs' own critic (a separate value model copied from the baseline) instead of TINY's value head.
 LOCAL_CRITIC = ["critic.model=copy", "critic.head=mlp", "critic.features=hidden+logprob"]
@@ -26,12 +26,12 @@ FINAL, BEST = "checkpoints/checkpoint_final.pt", "checkpoints/checkpoint_best.pt
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory):
+def chain(tmp_path_factory, empty_store):
     """The local chain as the README runs it, one pipeline after another in one store: baseline, critic,
     verifiable, rho1, each with its config's own starts (auto). -> (store URI, {pipeline: run id}, tmp dir,
     {pipeline: what it printed})."""
     tmp = tmp_path_factory.mktemp("chain")
-    uri = f"sqlite:///{tmp}/mlflow.db"
+    uri = new_store(empty_store, tmp)
     runs, printed = {}, {}
     for pipeline in ("baseline", "critic", "verifiable", "rho1"):
         cfg = tiny_config(pipeline, tmp, *LOCAL_CRITIC, f"mlflow.tracking_uri={uri}", "checkpoint.save_every=0")
@@ -169,9 +169,9 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR
 MLFLOW_CHATTER = re.compile(r"INFO (mlflow|alembic)|system metrics|Context impl| INFO uploaded ")
 
 
-def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(tmp_path):
+def test_a_terminal_shows_no_mlflow_info_and_no_log_line_inside_a_progress_bar(tmp_path, empty_store):
     overrides = [*TINY, "training.max_steps=12", "checkpoint.save_every=1", "training.eval_interval=6",
-                 f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db"]
+                 f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri={new_store(empty_store, tmp_path)}"]
     code, out = run_in_pty([sys.executable, "-m", "weighted_mtp", "train", "--config",
                             str(ROOT / "configs/baseline/baseline_local.yaml"), "--use-micro-model", "--resume", "auto",
                             *(a for o in overrides for a in ("--override", o))], tmp_path)
@@ -233,10 +233,10 @@ def test_the_readme_quickstart_is_commands_the_check_script_runs():
         "./run.sh ui"]
 
 
-def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size(tmp_path):
+def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_size(tmp_path, empty_store):
     import struct as st
     from wmtp.report import plot_compare
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient(new_store(empty_store, tmp_path))
     exp_id = client.create_experiment("plot", artifact_location=(tmp_path / "artifacts").as_uri())
     runs = {}
     for row, points in (("baseline", [(2, 2.5)]), ("critic", [(1, 0.25), (2, 0.2)]), ("verifiable", [(2, 2.4)])):
@@ -261,8 +261,8 @@ def test_the_compare_plot_has_markers_the_critic_on_its_own_axes_and_a_readable_
                       "critic: train/loss (value MSE)": [("critic", "o", [1, 2])], "critic: val/auc": []}
 
 
-def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link(tmp_path, capsys):
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link(tmp_path, capsys, empty_store):
+    uri = new_store(empty_store, tmp_path)
     overrides = [a for o in [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri={uri}"]
                  for a in ("--override", o)]
     assert wm.main(["compare", "--seeds", "1", "--warmup-steps", "2", "--pipelines", "baseline", *overrides]) == 0
@@ -279,14 +279,14 @@ def test_compare_prints_one_line_per_run_then_the_table_and_the_parent_runs_link
                            f"{runs['compare-1-seeds']}?workflowType=machine_learning   (start the UI with ./run.sh ui)"]
 
 
-def test_a_demo_whose_warm_up_answers_nothing_right_says_so_in_one_line(tmp_path, capsys):
+def test_a_demo_whose_warm_up_answers_nothing_right_says_so_in_one_line(tmp_path, capsys, empty_store):
     """The demo's critic and verifiable train on the warm-up's own graded answers: a warm-up too short to answer
     anything right is told how to go on, not that dataset.max_length left no examples."""
     import json
     from test_sample import NEVER
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text(json.dumps(NEVER) + "\n")   # no answer passes: assert f() == 1, f returns 0
-    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+    overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", f"mlflow.tracking_uri={new_store(empty_store, tmp_path)}",
                  f"eval.dataset={tasks}", "eval.max_new_tokens=1", "eval.workers=1"]
     argv = ["compare", "--seeds", "1", "--warmup-steps", "2", "--pipelines", "verifiable"]
     assert wm.main([*argv, *(a for o in overrides for a in ("--override", o))]) == 2

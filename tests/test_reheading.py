@@ -17,7 +17,7 @@ from wmtp.data import arith_records
 from wmtp.parallel import Meter
 from wmtp.pipelines import PIPELINE_TYPES
 from wmtp.pretrained import build_model, export
-from conftest import tiny_config, train_keeping_setup
+from conftest import new_store, tiny_config, train_keeping_setup
 from test_hf import CONFIG, random_llama, write_hf
 
 ARITH = ["data_sampling.n_samples=0", "data_sampling.val_samples=64", "training.batch_size=16",
@@ -30,12 +30,12 @@ OLD = ["training.head_loss_weights=[1.0]", "training.new_heads_warmup_steps=0"] 
 
 
 @pytest.fixture(scope="module")
-def ntp(tmp_path_factory):
+def ntp(tmp_path_factory, empty_store):
     """(a next-token model's HF dir, its val/head_0_loss, the MLflow URI, the data's overrides): a tiny random
     LLaMA trained for 300 steps as a one-head model on two-digit additions (a JSONL copy of builtin:arith: no
     checker, so validation measures losses and decodes nothing), exported."""
     root = tmp_path_factory.mktemp("reheading")
-    uri = f"sqlite:///{root}/mlflow.db"
+    uri = new_store(empty_store, root)
     for split in ("train", "validation"):
         (root / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in arith_records(split)))
     data = [f"dataset.train={root / 'train.jsonl'}", f"dataset.validation={root / 'validation.jsonl'}"]

@@ -176,10 +176,10 @@ def test_policy_pipelines_start_from_identical_weights(compared):
             f"/baseline-mtp/{of_seed['baseline-mtp'].info.run_id}/checkpoint_final.pt")
 
 
-def test_compare_control_rows_train_the_critic_their_variant_asks_for(tmp_path, monkeypatch):
+def test_compare_control_rows_train_the_critic_their_variant_asks_for(tmp_path, monkeypatch, empty_store):
     """verifiable:shuffled changes only verifiable's weights: it uses the plain critic; verifiable:shuffled-critic
     (critic.shuffle_labels) gets a critic of its own, a row of its own."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = new_store(empty_store, tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     overrides = [*TINY, f"checkpoint.dir={tmp_path}/ckpt", "eval.max_tasks=2", "eval.max_new_tokens=4",
