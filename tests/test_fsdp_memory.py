@@ -106,6 +106,7 @@ if rank == 0:  # the DDP reference on one process, after the measurements: with 
     s = wm.prepare(cfg("training.parallel=ddp"), True, 0, 1, torch.device("cpu"))
     steps(s, batch, 2)
     torch.save({{k: v.detach() for k, v in s.model.state_dict().items()}}, out_dir / "ddp.pt")
+wm.exit_worker(0)  # as the CLI's torchrun workers leave: gloo's threads can abort Python's finalisation
 """
 
 
@@ -176,6 +177,7 @@ load_all("fsdp", rank, 2)
 dist.destroy_process_group()
 if rank == 0:  # DDP's whole loads on one process, the group gone (no process of its own)
     load_all("ddp", 0, 1)
+wm.exit_worker(0)
 """
 
 

@@ -56,6 +56,7 @@ for name, copy in copies.items():
         errors[str(copy)] = str(e)
 json.dump({{"codes": codes, "errors": errors}}, open("{tmp}/rank" + str(rank) + ".json", "w"))
 dist.destroy_process_group()
+wm.exit_worker(0)  # as the CLI's torchrun workers leave: gloo's threads can abort Python's finalisation
 """
 
 

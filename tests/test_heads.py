@@ -211,6 +211,7 @@ for pipeline in ("baseline", "critic", "verifiable", "rho1"):
     out[pipeline, "local"] = th.loss_and_grads(pipe, model, mine, True)[:2]  # no DDP: this rank's gradient alone
 torch.save(out, os.path.join({out!r}, f"rank{{rank}}.pt"))
 dist.destroy_process_group()
+wm.exit_worker(0)  # as the CLI's torchrun workers leave: a gloo thread can abort Python's finalisation after DDP
 """
 
 
