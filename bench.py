@@ -65,16 +65,17 @@ QUICK = SimpleNamespace(dim=128, seq=128, batch=4, repeats=2, steps=3, block=4, 
 # the trainer, set up as train() sets it up, and timing
 
 
-def setup(kind=Baseline, H=4, dim=256, vocab=0, device=CPU, micro=(), data=()):
+def setup(S, kind=Baseline, H=4, dim=None, vocab=0, device=CPU, micro=()):
     """The trainer of pipeline class `kind` as train() prepares it (wm.prepare, no run): (setup, model, optimizer,
-    params, meter), from its local config (kind.local_config()) with the overrides `data` (S.data). Nothing to
-    start from: verifiable starts from fresh weights with its value head on the policy (the production configs'
-    critic.model), rho1's reference is a frozen copy of the starting policy."""
+    params, meter), from its local config (kind.local_config()) with the sizes' data overrides (S.data), at width
+    `dim` (default S.dim). Nothing to start from: verifiable starts from fresh weights with its value head on the
+    policy (the production configs' critic.model), rho1's reference is a frozen copy of the starting policy."""
     cfg = load_config(kind.local_config(),
-                         [f"experiment.pipeline={kind.name}", f"model.n_future_tokens={H}", f"model.micro.dim={dim}",
-                          f"model.micro.vocab_size={vocab}", "critic.checkpoint=", "reference.path=",
-                          "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
-                          *POLICY_CRITIC, *data, *micro])
+                      [f"experiment.pipeline={kind.name}", f"model.n_future_tokens={H}",
+                       f"model.micro.dim={dim or S.dim}", f"model.micro.vocab_size={vocab}", "critic.checkpoint=",
+                       "reference.path=",
+                       "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
+                       *POLICY_CRITIC, *S.data, *micro])
     s = wm.prepare(cfg, use_micro=True, device=device)
     return s, s.model, s.optimizer, s.params, Meter(device)
 
@@ -195,14 +196,14 @@ def p1_verifiable(S):
     """P1: verifiable train_step / baseline train_step: same weights, batch and H; the extra is the value head,
     TD errors, GAE, whitening, EMA and the weighted loss."""
     batch = make_batch(S.batch, S.seq)
-    base, ver = setup(Baseline, dim=S.dim, data=S.data), setup(Verifiable, dim=S.dim, data=S.data)
+    base, ver = setup(S, Baseline), setup(S, Verifiable)
     return summary(compare(step_fn(base, batch), step_fn(ver, batch), S), 1.10)
 
 
 def p2_rho1(S):
     """P2: rho1 train_step / baseline train_step; the extra is the frozen reference's forward and the top-k."""
     batch = make_batch(S.batch, S.seq)
-    base, rho = setup(Baseline, dim=S.dim, data=S.data), setup(Rho1, dim=S.dim, data=S.data)
+    base, rho = setup(S, Baseline), setup(S, Rho1)
     return summary(compare(step_fn(base, batch), step_fn(rho, batch), S), 1.40)
 
 
@@ -215,10 +216,9 @@ def p10_critic(S):
     head: P10_separate). The critic runs the trunk and head 0 alone, no logits (on log steps only the heads' CE, for
     train/head_k_loss: not timed here, 1 step in log_interval). Goal 0.15 each (before: 0.53)."""
     batch, vocab = make_batch(S.batch, S.seq, S.vocab), S.vocab
-    base = setup(Baseline, dim=S.dim, vocab=vocab, data=S.data)
-    policy = setup(Critic, dim=S.dim, vocab=vocab, micro=POLICY_CRITIC, data=S.data)
-    separate = setup(Critic, dim=S.dim, vocab=vocab, data=S.data, micro=["critic.model=copy", "critic.head=mlp",
-                                                                             "critic.features=hidden"])
+    base = setup(S, Baseline, vocab=vocab)
+    policy = setup(S, Critic, vocab=vocab, micro=POLICY_CRITIC)
+    separate = setup(S, Critic, vocab=vocab, micro=["critic.model=copy", "critic.head=mlp", "critic.features=hidden"])
     for trainer in (policy, separate):  # a step that logs nothing: the steady state
         trainer[0].pipeline.t = dataclasses.replace(trainer[0].pipeline.t, log_interval=10**9)
     return (summary(compare(step_fn(base, batch), step_fn(policy, batch), S), 0.15),
@@ -239,7 +239,7 @@ def bare_step(model, optimizer, batch):
 def p3_overhead(S):
     """P3: baseline train_step with H=1 / a bare PyTorch loop on the same model (own AdamW): the trainer's own cost."""
     batch = make_batch(S.batch, S.seq)
-    trainer = setup(Baseline, H=1, dim=S.dim, data=S.data)
+    trainer = setup(S, Baseline, H=1)
     model, bare_opt = trainer[1], torch.optim.AdamW(trainer[3], lr=3e-4, weight_decay=0.0, fused=True)  # as train()
     return summary(compare(lambda: bare_step(model, bare_opt, batch), step_fn(trainer, batch), S), 1.05)
 
@@ -249,7 +249,7 @@ def p4_memory(S):
     batch, tiny = make_batch(S.mem_batch, S.seq, S.vocab), make_batch(1, 16, S.vocab)
     peaks = {1: [], 4: []}
     for H in peaks:
-        trainer = setup(Baseline, H=H, dim=S.dim, vocab=S.vocab, data=S.data)
+        trainer = setup(S, Baseline, H=H, vocab=S.vocab)
         step_fn(trainer, tiny)()  # creates the optimizer state, cheaply
         for _ in range(2):  # deterministic: two repeats show it
             peaks[H].append(peak_memory(step_fn(trainer, batch), trainer[1], trainer[2], batch))
@@ -263,7 +263,7 @@ def p5_heads(S):
     """P5: baseline train_step, H=4 / H=1 (same trunk and batch). Goal 1 + 3·share + 0.05, share = model FLOPs of
     one head (block + unembedding) per token / those of the whole H=1 model."""
     batch = make_batch(S.batch, S.seq)
-    one, four = setup(Baseline, H=1, dim=S.dim, data=S.data), setup(Baseline, H=4, dim=S.dim, data=S.data)
+    one, four = setup(S, Baseline, H=1), setup(S, Baseline, H=4)
     total, head = flops_per_token(one[1].args, S.seq)
     share = head / total
     ratios = compare(step_fn(one, batch), step_fn(four, batch), S)
@@ -273,7 +273,7 @@ def p5_heads(S):
 def peer(S, H):
     """The P7/P8 model, set up as the trainer does: 3 trunk blocks + H heads (H=1: 4 blocks, as the Hugging Face
     peer), 8 attention heads, vocab 32000 (where the unembedding dominates a small model's step)."""
-    return setup(Baseline, H=H, dim=S.dim, vocab=S.vocab, data=S.data, micro=(
+    return setup(S, Baseline, H=H, vocab=S.vocab, micro=(
         "model.micro.n_trunk_layers=3", "model.micro.n_heads=8", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
 
@@ -330,7 +330,7 @@ def p6_mfu(S):
     peak = next((v for key, v in PEAK_BF16 if key in name), None)
     if peak is None:
         return {"skipped": f"no peak bf16 FLOP/s known for {name}"}
-    trainer = setup(Baseline, dim=2048, vocab=32000, device=device, data=S.data, micro=(
+    trainer = setup(S, Baseline, dim=2048, vocab=32000, device=device, micro=(
         "model.micro.n_trunk_layers=16", "model.micro.n_heads=16", "model.micro.n_kv_heads=8",
         "model.micro.multiple_of=256"))
     args = trainer[1].args
@@ -342,13 +342,13 @@ def p6_mfu(S):
                    batch=S.gpu_batch, seq=T)
 
 
-def gen_kv_cache(S, prompt=32, new=256):
+def gen_kv_cache(S):
     """gen_kv_cache: generation tokens/s with model.generate's KV cache / re-running the whole prefix for
     every token (what the trainer did before): greedy, 256 new tokens for 4 random 32-token prompts, micro model
     (--quick: 1 prompt and 64 tokens, the same cache and loop; the uncached side's cost grows with the square of the
     tokens, and would take most of the minute)."""
-    model, batch = setup(Baseline, dim=S.dim, data=S.data)[1].eval(), 1 if S.quick else 4
-    new = 64 if S.quick else new
+    model, batch = setup(S, Baseline)[1].eval(), 1 if S.quick else 4
+    prompt, new = 32, 64 if S.quick else 256
     prompts = torch.randint(0, 256, (batch, prompt), generator=torch.Generator().manual_seed(0)).tolist()
 
     @torch.no_grad()
@@ -601,7 +601,7 @@ def s3_figures(S, tmp):
     write, upload and retention run in the background) / a plain local torch.save of the same state; writes and
     uploads settle between calls. upload_step: train_step time while a checkpoint is being written and uploaded
     in the background (one saved every other step) / without."""
-    trainer, batch = setup(Baseline, dim=S.dim, data=S.data), make_batch(S.batch, S.seq)
+    trainer, batch = setup(S, Baseline), make_batch(S.batch, S.seq)
     step = step_fn(trainer, batch)
     step(), step()
     state, run_dir, n = trainer_checkpoint(trainer), Path(tmp) / "run", [0]
@@ -668,7 +668,7 @@ def mlflow_server(tmp):
 def log_figure(S, tmp):
     """log_overhead: verifiable train_step + Meter.reduce + MetricLogger.log of 20 metrics every step / the same
     with logging off. The logger sends in a background thread; blocks long enough for several flushes."""
-    trainer, batch = setup(Verifiable, dim=S.dim, data=S.data), make_batch(S.batch, S.seq)
+    trainer, batch = setup(S, Verifiable), make_batch(S.batch, S.seq)
     meter, step_no = trainer[4], [0]
     from mlflow import MlflowClient
 
@@ -709,7 +709,7 @@ def scaling(device):
     rows = []
     for T in (256, 512, 1024, 2048):
         for H in (1, 2, 4, 8):
-            trainer = setup(Baseline, H=H, dim=256, vocab=32000, device=device)
+            trainer = setup(FULL, Baseline, H=H, vocab=32000, device=device)
             batch = make_batch(1, T, 32000, device)
             step_fn(trainer, make_batch(1, 16, 32000, device))()  # creates the optimizer state, cheaply
             step = step_fn(trainer, batch)

@@ -17,7 +17,6 @@ import pytest
 from mlflow import MlflowClient
 
 import weighted_mtp as wm
-from wmtp.config import UserError
 from conftest import ROOT, TINY, new_store, tiny_config
 
 # The local configs' own critic (a separate value model copied from the baseline) instead of TINY's value head.
