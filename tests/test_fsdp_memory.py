@@ -2,13 +2,16 @@
 model at dim 1024 with 8 blocks (4 trunk + 4 heads), fp32, 103.3M parameters = 413 MB. Each rank's peak RSS rise
 (VmHWM after resetting it, less VmRSS before) over prepare() — the model built on the meta device, sharded, each
 rank filling its own rows — and over a resume from a full checkpoint (memory-mapped, each rank reading its rows of
-weights and AdamW moments). While measuring, glibc returns every allocation of 64 KiB or more at free
-(MALLOC_MMAP_THRESHOLD_, set from the start; malloc_trim first returns what earlier phases freed into the heap), so
-RSS follows the live tensors. Between the measurements (the steps, the checkpoint) the threshold is glibc's own
-ceiling, 32 MiB: a mapping and its page faults for every tensor there cost ~15 s of CPU; the rises come out as with
-64 KiB throughout (to 2 MiB). Lower bounds keep the measurement honest: each rise is at least what the rank then
-holds (its quarter of the weights; after the resume its whole own state), which a measurement reusing memory freed
-before it would miss (one that kept glibc's heap between the phases measured 262 MiB against 296).
+weights and AdamW moments). While measuring, glibc returns every allocation of 64 KiB or more at free, and its
+heap's top beyond 64 KiB (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_, set from the start; malloc_trim first
+returns what earlier phases freed into the heap), so RSS follows the live tensors. Between the measurements (the
+steps, the checkpoint) the thresholds are glibc's own ceiling, 32 MiB, and twice it: a mapping and its page faults
+for every tensor freed there cost ~15 s of CPU a rank, a heap trimmed and refilled at every step ~40 s in all; the
+rises come out as with 64 KiB throughout (to 5 MiB). One malloc arena (MALLOC_ARENA_MAX=1): malloc_trim trims the top
+of the main arena only, so memory that a thread's own arena kept would be reused unseen. Lower bounds keep the
+measurement honest: each rise is at least what the rank then holds (its quarter of the weights; after the resume its
+whole own state), which a measurement reusing memory freed before it would miss (with the threads' arenas kept, the
+resume measured 277 MiB against 296).
 
 Bounds: setup <= 0.5 x the model's bytes + 2 blocks (what the rank keeps is a quarter; the rest is one part being
 drawn or read); resume <= the rank's own training state (its quarter of the weights and of the two moments:
@@ -47,10 +50,11 @@ def rss(field):
     return int(line.split()[1]) * 1024
 
 libc = ctypes.CDLL("libc.so.6")
-M_MMAP_THRESHOLD = -3  # malloc.h
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
 
 def measured_prepare(cfg, world):
     assert libc.mallopt(M_MMAP_THRESHOLD, 65536) == 1  # MALLOC_MMAP_THRESHOLD_'s, as the process started
+    assert libc.mallopt(M_TRIM_THRESHOLD, 65536) == 1  # MALLOC_TRIM_THRESHOLD_'s
     gc.collect()
     libc.malloc_trim(0)  # what the unmeasured phases freed into the heap goes back: not reused unseen below
     before = rss("VmRSS")
@@ -58,6 +62,7 @@ def measured_prepare(cfg, world):
     s = wm.prepare(cfg, True, dist.get_rank(), world, torch.device("cpu"))
     rise = rss("VmHWM") - before
     assert libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1  # until the next measurement: glibc's own ceiling
+    assert libc.mallopt(M_TRIM_THRESHOLD, 64 << 20) == 1  # and its trim threshold (2 x the mmap one)
     return s, rise
 
 def steps(s, batch, n):
@@ -121,7 +126,7 @@ def test_fsdp_loads_and_resumes_a_half_gigabyte_model_in_a_fraction_of_it_per_ra
     script = tmp_path / "memory.py"
     script.write_text(WORKER.format(root=str(ROOT), config=str(ROOT / "configs/baseline/baseline_local.yaml"),
                                     big=BIG, out_dir=str(tmp_path)))
-    env = environment(f"sqlite:///{tmp_path}/unused.db", MALLOC_MMAP_THRESHOLD_="65536",
+    env = environment(f"sqlite:///{tmp_path}/unused.db", MALLOC_MMAP_THRESHOLD_="65536", MALLOC_ARENA_MAX="1",
                       MALLOC_TRIM_THRESHOLD_="65536")
     run = lambda: subprocess.run(TORCHRUN4 + [str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                  timeout=1200)
