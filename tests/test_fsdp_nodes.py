@@ -3,16 +3,17 @@ nodes on this machine, each in its own directory with a relative checkpoint.dir,
 The job starts from a first run's checkpoint (model.init_from=auto): rank 0 resolves it, each node downloads the same
 S3 object into its own cache. Every rank uploads the shard files it wrote into the run's artifacts on a real (moto)
 S3 server, rank 0 trainer.pt last; a resume on two empty disks fetches on each node what its ranks read, checked
-against trainer.pt's manifest.
+against trainer.pt's manifest, and ends at the weights the crashed job had reached at the step it failed after
+(tests/faults.py gathers them from every rank first): an uninterrupted job's, with no second job to compare with.
 """
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import s3ckpt
+import weighted_mtp as wm
+from conftest import tiny_config
 from s3server import BUCKET, CREDENTIALS, MotoS3, moto_s3  # noqa: F401 (a fixture)
 from test_reliability import FAULTY, environment, runs_of, store, train_args
 from test_reliability import two_nodes as launch_two_nodes
@@ -37,11 +38,6 @@ def s3_objects(s3, prefix):
             for o in listed}
 
 
-def final_weights(directory, pattern):
-    (path,) = directory.glob(f"{pattern}/baseline-mtp/*/checkpoint_final.pt")  # rank 0's node has it
-    return torch.load(path, weights_only=False)["model"]
-
-
 def assert_each_disk_holds_its_nodes_shards_and_s3_all(tmp_path, s3, run_id):
     """Step 2's sharded checkpoint of the run: each node's disk holds its two ranks' shards, S3 all of them byte for
     byte and trainer.pt's manifest of their sizes -> the checkpoint's S3 prefix."""
@@ -64,38 +60,36 @@ def assert_each_disk_holds_its_nodes_shards_and_s3_all(tmp_path, s3, run_id):
     return prefix
 
 
-def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store):  # noqa: F811
+def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store, monkeypatch):  # noqa: F811
     s3 = MotoS3().start()
-    reference = None
     try:
         uri = store(empty_store, tmp_path)
         env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
-        # the starting checkpoint: a one-process run's checkpoint_final.pt, uploaded to its artifacts in S3
-        first = subprocess.run([sys.executable, *train_args(tmp_path / "first", *FIRST)], cwd=tmp_path, env=env,
-                               capture_output=True, text=True, timeout=120)
-        assert first.returncode == 0, first.stderr[-3000:]
-        _, (baseline,) = runs_of(uri)
-        (start,) = (tmp_path / "first").glob(f"baseline-mtp/{baseline.info.run_id}/checkpoint_final.pt")
-        # the uninterrupted reference: one node of 4 processes, from the same file (read where the first run wrote it)
-        reference = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=4",
-             *train_args(tmp_path / "reference", *SHARDED, "mlflow.enable_logging=false", f"model.init_from={start}")],
-            cwd=tmp_path, env=environment(f"sqlite:///{tmp_path}/unused.db"), stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, text=True)
-        # rank 0 crashes after step 3: step 2's checkpoint is the newest, its upload finished by the failing run
-        crashed = two_nodes(tmp_path, {**env, "WMTP_TEST_FAULT": "0:3"}, "model.init_from=auto", trainer=FAULTY)
+        # the starting checkpoint: a one-process run's checkpoint_final.pt, uploaded to its artifacts in S3 (trained
+        # here, in the test's process, with the jobs' environment)
+        for key in ("MLFLOW_TRACKING_URI", *CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL"):
+            monkeypatch.setenv(key, env[key])
+        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+            monkeypatch.delenv(key, raising=False)
+        baseline = wm.train(tiny_config("baseline", tmp_path / "first", *FIRST), use_micro=True)["run_id"]
+        (start,) = (tmp_path / "first").glob(f"ckpt/baseline-mtp/{baseline}/checkpoint_final.pt")
+        # rank 0 crashes after step 3: step 2's checkpoint is the newest, its upload finished by the failing run; the
+        # weights of step 3, gathered from every rank just before, are what an uninterrupted job ends with
+        snapshot = tmp_path / "step3.pt"
+        crashed = two_nodes(tmp_path, {**env, "WMTP_TEST_FAULT": "0:3", "WMTP_TEST_SNAPSHOT": str(snapshot)},
+                            "model.init_from=auto", trainer=FAULTY)
         assert [rc for rc, _ in crashed] != [0, 0]
         assert any("WMTP_TEST_FAULT: rank 0 fails once at step 3" in err for _, err in crashed), crashed[0][1][-3000:]
-        key = (f"mlflow-artifacts/weighted-mtp-production/{baseline.info.run_id}/artifacts/checkpoints/"
+        key = (f"mlflow-artifacts/weighted-mtp-production/{baseline}/artifacts/checkpoints/"
                "checkpoint_final.pt")
         remote_start = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
         assert remote_start == start.read_bytes()
         for name in ("node_a", "node_b"):  # rank 0's node and the other: each has its own copy of the start
             assert (tmp_path / name / "ckpt" / ".cache" / "s3" / BUCKET / key).read_bytes() == remote_start, name
         _, runs = runs_of(uri)
-        assert len(runs) == 2 and baseline.info.run_id in [r.info.run_id for r in runs]  # the first run, the job's
-        (run,) = [r for r in runs if r.info.run_id != baseline.info.run_id]
-        assert run.info.status == "FAILED" and run.data.tags["wmtp.init_from.run"] == baseline.info.run_id
+        assert len(runs) == 2 and baseline in [r.info.run_id for r in runs]  # the first run, the job's
+        (run,) = [r for r in runs if r.info.run_id != baseline]
+        assert run.info.status == "FAILED" and run.data.tags["wmtp.init_from.run"] == baseline
         prefix = assert_each_disk_holds_its_nodes_shards_and_s3_all(tmp_path, s3, run.info.run_id)
 
         # both disks lost: --resume auto finds the run's step 2 in S3 and each node fetches what its ranks read
@@ -106,18 +100,15 @@ def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_st
         log = "".join(err for _, err in resumed)
         assert ", resumed at step 2 from " in log and f"/.cache/s3/{BUCKET}/{prefix}".rstrip("/") in log, log[-3000:]
         _, runs = runs_of(uri)
-        assert sorted(r.info.run_id for r in runs) == sorted([baseline.info.run_id, run.info.run_id])  # continued
+        assert sorted(r.info.run_id for r in runs) == sorted([baseline, run.info.run_id])  # continued
         assert all(r.info.status == "FINISHED" for r in runs)
-        _, ref_err = reference.communicate(timeout=180)
-        assert reference.returncode == 0, ref_err[-3000:]
-        ours, theirs = final_weights(tmp_path, "node_*/ckpt"), final_weights(tmp_path, "reference")
+        (final,) = tmp_path.glob("node_*/ckpt/baseline-mtp/*/checkpoint_final.pt")  # rank 0's node has it
+        ours, theirs = torch.load(final, weights_only=False)["model"], torch.load(snapshot)
         assert sorted(ours) == sorted(theirs)
         worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs)
-        assert worst <= 1e-6, worst  # as tests/test_fsdp.py: the same world, the same reductions
+        assert worst <= 1e-6, worst  # the same world, the same reductions: as tests/test_fsdp.py
 
     finally:
-        if reference is not None:
-            reference.kill()
         s3.stop()
 
 
