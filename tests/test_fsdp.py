@@ -43,11 +43,12 @@ def final_checkpoint(ckpt_dir):
 
 
 # Every DDP and FSDP training of test_fsdp_trains_to_the_weights_of_ddp and every measurement of the two tests after
-# it read one torchrun launch (WORKER): two processes start and import torch once, not seven times. The process group
-# is made once; train() uses a group its caller made and leaves it to the caller (no second group on torchrun's
-# store, pytorch#135712). In it: prepare() under DDP, then under FSDP (the per-rank state), then a fresh FSDP
-# trainer whose embedding rank 0 poisons (the skipped step), each rank writing what it measured; then for each
-# pipeline a DDP and an FSDP training, each into a checkpoint dir of its own.
+# it, and the uninterrupted reference of the preemption story, read one torchrun launch (WORKER): two processes start
+# and import torch once, not eight times. The process group is made once; train() uses a group its caller made and
+# leaves it to the caller (no second group on torchrun's store, pytorch#135712). In it: prepare() under DDP, then
+# under FSDP (the per-rank state), then a fresh FSDP trainer whose embedding rank 0 poisons (the skipped step), each
+# rank writing what it measured; then for each pipeline a DDP and an FSDP training, each into a checkpoint dir of its
+# own; then the reference, as the preempted runs' command line would train it with MLflow off.
 TRAININGS = [
     ("baseline", []),
     ("verifiable", ["critic.checkpoint="]),
@@ -96,6 +97,8 @@ for pipeline, extra in {trainings!r}:
         wm.train(load_config({configs!r}[pipeline], {tiny!r} + [
             f"checkpoint.dir={out_dir}/{{pipeline}}/{{parallel}}/ckpt", "training.parallel=" + parallel,
             "mlflow.enable_logging=false", *extra, "training.gradient_accumulation_steps=2"]), use_micro=True)
+wm.train(load_config({configs!r}["baseline"], {tiny!r} + [
+    f"checkpoint.dir={out_dir}/reference", *{preempt!r}, "mlflow.enable_logging=false"]), use_micro=True)
 dist.destroy_process_group()
 wm.exit_worker(0)  # as the CLI's torchrun workers leave: gloo's threads can abort Python's finalisation
 """
@@ -103,11 +106,12 @@ wm.exit_worker(0)  # as the CLI's torchrun workers leave: gloo's threads can abo
 
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory):
-    """The directory of WORKER's one launch: rank<k>.json of each rank, <pipeline>/<ddp|fsdp>/ckpt of each training."""
+    """The directory of WORKER's one launch: rank<k>.json of each rank, <pipeline>/<ddp|fsdp>/ckpt of each training,
+    reference/ of the preemption story's."""
     tmp = tmp_path_factory.mktemp("fsdp-worker")
     script = tmp / "worker.py"
     script.write_text(WORKER.format(root=str(ROOT), config=CONFIGS["baseline"], configs=CONFIGS, tiny=TINY,
-                                    trainings=TRAININGS, out_dir=tmp))
+                                    trainings=TRAININGS, preempt=PREEMPT, out_dir=tmp))
     r = subprocess.run(TORCHRUN + [str(script)], cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, workers_said(r.stderr)
@@ -203,8 +207,8 @@ def preempt_and_resume(tmp, uri, s3, name, overrides, after_steps):
 
 
 @pytest.fixture(scope="module")
-def preempted(tmp_path_factory, empty_store):
-    """An uninterrupted reference run (own dir, MLflow off) beside a full-format and a sharded-format run, each
+def preempted(tmp_path_factory, empty_store, launched):
+    """An uninterrupted reference run (WORKER's last training) and a full-format and a sharded-format run, each
     SIGTERMed mid-training and resumed with --resume auto on an empty checkpoint dir (as on the new machine a spot
     reclaim leaves) from S3 alone.
 
@@ -213,19 +217,14 @@ def preempted(tmp_path_factory, empty_store):
     in their own sessions: nothing else reaches them); it SIGKILLs them 30 s later."""
     tmp = tmp_path_factory.mktemp("fsdp-preempt")
     s3 = MotoS3().start()
-    reference = subprocess.Popen(TORCHRUN + train_args(tmp / "reference", *PREEMPT, "mlflow.enable_logging=false"),
-                                 cwd=tmp, env=environment(f"sqlite:///{tmp}/unused.db"),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         uri = store(empty_store, tmp)
         full = preempt_and_resume(tmp, uri, s3, "full", ["checkpoint.format=full", "checkpoint.save_every=0"], 3)
         sharded = preempt_and_resume(tmp, uri, s3, "sharded", ["checkpoint.format=sharded", "checkpoint.save_every=3",
                                                                "checkpoint.save_total_limit=2"], 7)
-        _, ref_err = reference.communicate(timeout=300)
-        assert reference.returncode == 0, ref_err[-3000:]
-        yield types.SimpleNamespace(uri=uri, full=full, sharded=sharded, reference=final_checkpoint(tmp / "reference"))
+        yield types.SimpleNamespace(uri=uri, full=full, sharded=sharded,
+                                    reference=final_checkpoint(launched / "reference"))
     finally:
-        reference.kill()
         s3.stop()
 
 
