@@ -152,13 +152,20 @@ def _result_or_error(f, value):
         return e
 
 
+@functools.cache
+def pyfunc_tasks():
+    """Every template's tasks, in template order: built once a process (~0.2 s: each evaluates its bodies), however
+    many splits, mixtures and evaluations read them."""
+    return tuple(pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5])))
+
+
 def pyfunc_records(split):
     """Small Python functions from templates (x plus 7, the first 3 characters of s, ...) with assert tests
     (metadata.test, entry_point f); the answer is the expression after metadata.code_prefix (def f(x): return ).
     Each task once with its right solution (is_correct) and once with a wrong one
     that its tests reject. The 872 tasks are shuffled with a fixed seed: the first 64 are held out (validation,
     eval; few, since evaluating runs each of them)."""
-    tasks = [pyfunc_task(t, i) for t in PYFUNC_TEMPLATES for i in range(len(t[5]))]
+    tasks = list(pyfunc_tasks())
     rng = random.Random(1234)
     rng.shuffle(tasks)
     cut = 64
