@@ -233,6 +233,7 @@ def stopped_at(p):
 
 
 def assert_resumed_to_the_reference(p, reference):
+    assert reference["step"] == STEPS and reference["finished"]  # WORKER's reference ran its 20 steps to the end
     assert p.resumed.returncode == 0, p.resumed.stderr[-3000:]
     resumed = final_checkpoint(p.fresh)
     assert resumed["run_id"] == p.killed.info.run_id and resumed["step"] == STEPS

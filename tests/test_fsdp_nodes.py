@@ -72,6 +72,8 @@ def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_st
         for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
             monkeypatch.delenv(key, raising=False)
         baseline = wm.train(tiny_config("baseline", tmp_path / "first", *FIRST), use_micro=True)["run_id"]
+        _, (first,) = runs_of(uri)  # the store's one run so far
+        assert first.info.run_id == baseline and first.info.status == "FINISHED"
         (start,) = (tmp_path / "first").glob(f"ckpt/baseline-mtp/{baseline}/checkpoint_final.pt")
         # rank 0 crashes after step 3: step 2's checkpoint is the newest, its upload finished by the failing run; the
         # weights of step 3, gathered from every rank just before, are what an uninterrupted job ends with
@@ -105,6 +107,8 @@ def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_st
         (final,) = tmp_path.glob("node_*/ckpt/baseline-mtp/*/checkpoint_final.pt")  # rank 0's node has it
         ours, theirs = torch.load(final, weights_only=False)["model"], torch.load(snapshot)
         assert sorted(ours) == sorted(theirs)
+        begun = torch.load(start, weights_only=False)["model"]
+        assert any(not torch.equal(theirs[k], begun[k]) for k in begun)  # the snapshot is of weights that trained
         worst = max((ours[k].double() - theirs[k].double()).abs().max().item() for k in theirs)
         assert worst <= 1e-6, worst  # the same world, the same reductions: as tests/test_fsdp.py
 
