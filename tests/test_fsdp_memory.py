@@ -6,12 +6,13 @@ weights and AdamW moments). While measuring, glibc returns every allocation of 6
 heap's top beyond 64 KiB (MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_, set from the start; malloc_trim first
 returns what earlier phases freed into the heap), so RSS follows the live tensors. Between the measurements (the
 steps, the checkpoint) the thresholds are glibc's own ceiling, 32 MiB, and twice it: a mapping and its page faults
-for every tensor freed there cost ~15 s of CPU a rank, a heap trimmed and refilled at every step ~40 s in all; the
-rises come out as with 64 KiB throughout (to 5 MiB). One malloc arena (MALLOC_ARENA_MAX=1): malloc_trim trims the top
-of the main arena only, so memory that a thread's own arena kept would be reused unseen. Lower bounds keep the
-measurement honest: each rise is at least what the rank then holds (its quarter of the weights; after the resume its
-whole own state), which a measurement reusing memory freed before it would miss (with the threads' arenas kept, the
-resume measured 277 MiB against 296).
+for every tensor freed there cost ~15 s of CPU a rank, a heap trimmed and refilled at every step ~10 s in all (most
+of the rest of the ranks' system time is gloo's TCP: an FSDP step moves ~0.9 GB a rank through loopback sockets);
+the rises come out as with 64 KiB throughout (to 5 MiB). One malloc arena (MALLOC_ARENA_MAX=1): malloc_trim trims
+the top of the main arena only, so memory that a thread's own arena kept would be reused unseen. Lower bounds keep
+the measurement honest: each rise is at least what the rank then holds (its quarter of the weights; after the resume
+its whole own state), which a measurement reusing memory freed before it would miss (with the threads' arenas kept,
+the resume measured 277 MiB against 296).
 
 Bounds: setup <= 0.5 x the model's bytes + 2 blocks (what the rank keeps is a quarter; the rest is one part being
 drawn or read); resume <= the rank's own training state (its quarter of the weights and of the two moments:
