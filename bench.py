@@ -73,8 +73,7 @@ def setup(S, kind=Baseline, H=4, dim=None, vocab=0, device=CPU, micro=()):
     cfg = load_config(kind.local_config(),
                       [f"experiment.pipeline={kind.name}", f"model.n_future_tokens={H}",
                        f"model.micro.dim={dim or S.dim}", f"model.micro.vocab_size={vocab}", "critic.checkpoint=",
-                       "reference.path=",
-                       "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
+                       "reference.path=", "model.init_from=", "checkpoint.resume=never", "mlflow.enable_logging=false",
                        *POLICY_CRITIC, *S.data, *micro])
     s = wm.prepare(cfg, use_micro=True, device=device)
     return s, s.model, s.optimizer, s.params, Meter(device)
