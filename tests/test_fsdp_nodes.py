@@ -6,7 +6,9 @@ S3 server, rank 0 trainer.pt last; a resume on two empty disks fetches on each n
 against trainer.pt's manifest, and ends at the weights the crashed job had reached at the step it failed after
 (tests/faults.py gathers them from every rank first): an uninterrupted job's, with no second job to compare with.
 """
+import os
 import shutil
+from unittest import mock
 
 import pytest
 import torch
@@ -60,18 +62,15 @@ def assert_each_disk_holds_its_nodes_shards_and_s3_all(tmp_path, s3, run_id):
     return prefix
 
 
-def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store, monkeypatch):  # noqa: F811
+def test_two_nodes_without_a_shared_disk_resume_from_s3_alone(tmp_path, empty_store):  # noqa: F811
     s3 = MotoS3().start()
     try:
         uri = store(empty_store, tmp_path)
         env = environment(uri, **CREDENTIALS, MLFLOW_S3_ENDPOINT_URL=s3.url)
         # the starting checkpoint: a one-process run's checkpoint_final.pt, uploaded to its artifacts in S3 (trained
         # here, in the test's process, with the jobs' environment)
-        for key in ("MLFLOW_TRACKING_URI", *CREDENTIALS, "MLFLOW_S3_ENDPOINT_URL"):
-            monkeypatch.setenv(key, env[key])
-        for key in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
-            monkeypatch.delenv(key, raising=False)
-        baseline = wm.train(tiny_config("baseline", tmp_path / "first", *FIRST), use_micro=True)["run_id"]
+        with mock.patch.dict(os.environ, env, clear=True):
+            baseline = wm.train(tiny_config("baseline", tmp_path / "first", *FIRST), use_micro=True)["run_id"]
         _, (first,) = runs_of(uri)  # the store's one run so far
         assert first.info.run_id == baseline and first.info.status == "FINISHED"
         (start,) = (tmp_path / "first").glob(f"ckpt/baseline-mtp/{baseline}/checkpoint_final.pt")
