@@ -245,7 +245,7 @@ libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
 MB, chunk, held, kept = 1 << 20, b"x" * (1 << 20), {}, []
 def hold(route, write):
-    n = 0
+    n, start = 0, time.monotonic()
     try:
         while n < TRY:
             write(n)
@@ -253,6 +253,7 @@ def hold(route, write):
     except (OSError, MemoryError):
         pass
     held[route] = n
+    print(f"ROUTE {route} {n} MiB {time.monotonic() - start:.1f} s", file=sys.stderr, flush=True)  # if killed: where
 def memfd(n):
     if n % 64 == 0:
         kept.append(os.memfd_create("hog"))
@@ -267,7 +268,7 @@ for where in ("/", "/dev", "/tmp", "/dev/shm", "."):              # a tmpfs unde
     def write(n, where=where, files=files):
         if n % 64 == 0:                                             # 64 MiB a file: under the largest file
             files[-1:] = [open(f"{where}/hog-{n}", "wb", buffering=0)]
-        files[-1].write(chunk)
+        os.posix_fallocate(files[-1].fileno(), n % 64 * MB, MB)     # a tmpfs's pages as a write's; a disk's at once
     hold(where, write)
 def pipe(n):
     r, w = os.pipe()
@@ -708,6 +709,7 @@ def check_memory(mode, hog, drop):
     """The hog tried HOG_MB through each route no rlimit counts (and 16 forks of 128 MiB): it held at most memory_mb
     plus its tmpfs plus NOFILE pipes, also in the host's accounting. The figures are the sandbox's as written (three
     64 MiB tmpfs, 64 open files: at most 32 pipes), not read from its constants: raising one fails here."""
+    assert "HELD: " in hog["stderr"], (hog["status"], hog["stderr"])  # killed before it said: the routes it finished
     held = json.loads(hog["stderr"].split("HELD: ")[1].splitlines()[0])
     print(f"{mode}: MiB held per route {held}")
     tmpfs = ("/tmp", "/dev/shm", ".") if mode == "bwrap" else ()  # elsewhere "." is the work dir, on disk here
