@@ -265,11 +265,11 @@ if segment >= 0:
 held["sysv"] = TRY if segment >= 0 else 0
 for where in ("/", "/dev", "/tmp", "/dev/shm", "."):              # a tmpfs under bwrap; "." on disk elsewhere
     files = []
-    def write(n, where=where, files=files):
+    def claim(n, where=where, files=files):
         if n % 64 == 0:                                             # 64 MiB a file: under the largest file
             files[-1:] = [open(f"{where}/hog-{n}", "wb", buffering=0)]
         os.posix_fallocate(files[-1].fileno(), n % 64 * MB, MB)     # a tmpfs's pages as a write's; a disk's at once
-    hold(where, write)
+    hold(where, claim)
 def pipe(n):
     r, w = os.pipe()
     kept.append((r, w))
